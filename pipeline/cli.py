@@ -1,0 +1,257 @@
+"""``featcache`` — the command line, a thin layer over the Python API.
+
+Heavy modules (TensorFlow, h5py, scikit-learn) are imported inside the commands, so ``featcache --help``
+is instant. Every user error ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from .errors import FeatcacheError
+
+EXIT_USAGE = 2
+DEFAULT_CONFIG_HINT = "configs/default.toml"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file (every key can be overridden below)")
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override any config key, e.g. --set data.val_fraction=0.2",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# flag → dotted config key, per command; argparse dest names are derived from the flag
+_EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--data": (
+        "data.source",
+        {
+            "metavar": "PATH",
+            "help": "folder (one sub-folder per class), .csv of path,label, .npz, or fashion_mnist",
+        },
+    ),
+    "--limit": ("data.limit", {"type": int, "metavar": "N", "help": "use a stable subset of N samples"}),
+    "--on-error": (
+        "data.on_error",
+        {"choices": ["skip", "fail"], "help": "unreadable images: skip (quarantine) or fail"},
+    ),
+    "--backbone": (
+        "backbone.name",
+        {"metavar": "NAME", "help": "efficientnet_lite0 (default), vgg16, resnet50, mobilenet_v2, ..."},
+    ),
+    "--weights": ("backbone.weights", {"metavar": "imagenet|none|PATH"}),
+    "--layer": (
+        "backbone.layers",
+        {
+            "action": "append",
+            "metavar": "NAME",
+            "help": "cut at this layer (repeatable: several layers in one pass)",
+        },
+    ),
+    "--pooling": ("backbone.pooling", {"choices": ["avg", "max", "flatten", "none"]}),
+    "--image-size": ("backbone.image_size", {"type": int, "metavar": "N"}),
+    "--resize": ("backbone.resize", {"choices": ["stretch", "crop", "pad"]}),
+    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+    "--batch-size": ("extract.batch_size", {"type": int, "metavar": "N"}),
+    "--dtype": ("extract.dtype", {"choices": ["float32", "float16"]}),
+    "--compression": ("extract.compression", {"choices": ["none", "gzip", "lzf"]}),
+    "--threads": (
+        "extract.threads",
+        {"type": int, "metavar": "N", "help": "CPU threads for the backbone (0 = all cores)"},
+    ),
+}
+_TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--cache": (
+        "train.cache",
+        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
+    ),
+    "--layer": ("train.layer", {"metavar": "NAME", "help": "which cached layer to train on"}),
+    "--head": ("train.head", {"metavar": "NAME"}),
+    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+    "--data": ("data.source", {"metavar": "PATH"}),
+    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+}
+
+
+def _add_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    for flag, (_, kwargs) in flags.items():
+        p.add_argument(flag, dest="opt_" + flag[2:].replace("-", "_"), default=None, **kwargs)
+
+
+def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    from .config import parse_assignments
+
+    out: dict[str, Any] = parse_assignments(args.set)
+    for flag, (key, _) in flags.items():
+        value = getattr(args, "opt_" + flag[2:].replace("-", "_"), None)
+        if value is not None:
+            out[key] = value
+    if args.quiet:
+        out["extract.progress"] = False
+    return out
+
+
+def _load(args, flags):
+    from .config import load_config
+
+    return load_config(args.config, _overrides(args, flags))
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def cmd_extract(args) -> int:
+    from .extract import extract
+
+    cfg = _load(args, _EXTRACT_FLAGS)
+    result = extract(cfg, rebuild=args.rebuild)
+    print(result.summary())
+    for key, reason in result.problems[:10]:
+        print(f"  skipped {key}: {reason}")
+    if len(result.problems) > 10:
+        print(f"  ... and {len(result.problems) - 10} more (see {result.quarantine})")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_cache_ls(args) -> int:
+    from .config import load_config
+    from .store import list_caches
+
+    cfg = load_config(args.config, {"extract.cache_dir": args.cache_dir} if args.cache_dir else {})
+    infos = list_caches(cfg.extract.cache_dir)
+    if not infos:
+        print(f"no caches in {cfg.extract.cache_dir}")
+        return 0
+    print(f"{'status':<10} {'rows':>8} {'size':>9}  {'backbone':<20} {'dataset':<16} path")
+    for i in infos:
+        print(
+            f"{i['status']:<10} {i['rows']:>8} {_human(i['size']):>9}  {str(i.get('backbone') or '?'):<20} {str(i.get('dataset') or '?'):<16} {i['path']}"
+        )
+    return 0
+
+
+def cmd_cache_info(args) -> int:
+    from .store import FeatureCache
+
+    with FeatureCache(args.file) as c:
+        info = {
+            "path": str(c.path),
+            "rows": c.n_rows,
+            "layers": {layer: list(c.dataset(layer).shape) for layer in c.layers},
+            "classes": c.class_names,
+            "split_counts": {
+                name: int((c.split == i).sum()) for i, name in enumerate(("train", "val", "test"))
+            },
+            **{k: v for k, v in c.meta.items() if k not in ("complete",)},
+        }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for k, v in info.items():
+            print(f"{k:>15}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = _load(args, _TRAIN_FLAGS)
+    params = _parse_params(args.param)
+    if params:
+        cfg.train.params = {**cfg.train.params, **params}
+    run = train(cfg)
+    print(run.summary())
+    return 0
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    from .config import parse_assignments
+
+    out: dict[str, Any] = {}
+    for k, v in parse_assignments(items, "--param").items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featcache",
+        description="Run a frozen pretrained backbone once, cache its features, train heads on the cache.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="run the backbone over a dataset and cache the features")
+    _common(p)
+    _add_flags(p, _EXTRACT_FLAGS)
+    p.add_argument("--rebuild", action="store_true", help="ignore and replace an existing (or damaged) cache")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("cache", help="inspect caches")
+    csub = p.add_subparsers(dest="cache_command", metavar="ls|info")
+    q = csub.add_parser("ls", help="list caches: backbone, dataset, rows, size, complete or not")
+    q.add_argument("--config", metavar="FILE")
+    q.add_argument("--cache-dir", metavar="DIR")
+    q.set_defaults(func=cmd_cache_ls)
+    q = csub.add_parser("info", help="print one cache's metadata")
+    q.add_argument("file", metavar="FILE")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_cache_info)
+
+    p = sub.add_parser("train", help="fit a head on cached features")
+    _common(p)
+    _add_flags(p, _TRAIN_FLAGS)
+    p.add_argument(
+        "--param",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="head hyperparameter, e.g. --param C=0.5",
+    )
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault(
+        "TF_CPP_MIN_LOG_LEVEL", "2"
+    )  # TensorFlow's C++ start-up chatter is not ours to print
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except FeatcacheError as e:
+        print(f"featcache: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("featcache: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
