@@ -196,12 +196,19 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) rather than the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="featcache",
         description="Run a frozen pretrained backbone once, cache its features, train heads on the cache.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("extract", help="run the backbone over a dataset and cache the features")
     _common(p)
@@ -235,14 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault(
-        "TF_CPP_MIN_LOG_LEVEL", "2"
-    )  # TensorFlow's C++ start-up chatter is not ours to print
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    if argv is None:  # a real process, not a call from Python code: we own its file descriptors
+        from ._quiet import filter_native_stderr
+
+        filter_native_stderr()
     try:
         return args.func(args)
     except FeatcacheError as e:

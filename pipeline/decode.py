@@ -55,7 +55,7 @@ class DecodeError(Exception):
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _os_reason(err: OSError) -> str:
+def os_error_reason(err: OSError) -> str:
     """Readable reason for an OSError from stat/open/read."""
     reasons = {
         errno.ENOENT: "file not found",
@@ -84,7 +84,7 @@ def _open_file(path: str | bytes | os.PathLike) -> BinaryIO:
             raise DecodeError("empty file (0 bytes)")
         return open(path, "rb")  # callers use it as a context manager
     except OSError as e:
-        raise DecodeError(_os_reason(e)) from e
+        raise DecodeError(os_error_reason(e)) from e
 
 
 def read_bytes(path: str | bytes | os.PathLike) -> bytes:
@@ -93,7 +93,7 @@ def read_bytes(path: str | bytes | os.PathLike) -> bytes:
         try:
             data = f.read()
         except OSError as e:
-            raise DecodeError(_os_reason(e)) from e
+            raise DecodeError(os_error_reason(e)) from e
     if not data:  # emptied between stat and read
         raise DecodeError("empty file (0 bytes)")
     return data

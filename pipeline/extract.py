@@ -51,6 +51,7 @@ class ExtractResult:
     removed: int = 0  # were cached, no longer in the dataset
     ignored: int = 0  # non-image or hidden files seen while scanning
     batches: int = 0  # backbone forward passes
+    engine: str = ""  # which runtime ran the backbone in this run (empty: none ran)
     seconds: float = 0.0
     backbone_seconds: float = 0.0
     quarantine: Path | None = None
@@ -103,7 +104,7 @@ def _stat(path: str | None) -> tuple[int, int]:
 
 def _digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
     """Content digest of every sample; files whose size and mtime match the cache are not re-read."""
-    from .decode import DecodeError
+    from .decode import DecodeError, os_error_reason
 
     out: dict[str, tuple[str, int, int]] = {}
     bad: list[tuple[Sample, str, str]] = []
@@ -122,7 +123,7 @@ def _digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
         except DecodeError as e:
             bad.append((s, "", str(e)))
         except OSError as e:
-            bad.append((s, "", e.strerror or type(e).__name__))
+            bad.append((s, "", os_error_reason(e)))
     return out, bad
 
 
@@ -210,7 +211,7 @@ def make_image_dataset(ds: Dataset, samples: list[Sample], size: int, policy: st
     """tf.data: parallel decode → the shared resize → batch → prefetch; yields (index, images, ok, why)."""
     import tensorflow as tf
 
-    from .decode import DecodeError, decode_image
+    from .decode import DecodeError, decode_image, os_error_reason
     from .preprocess import resize_images
 
     failed = np.zeros((1, 1, 3), np.uint8)
@@ -224,7 +225,7 @@ def make_image_dataset(ds: Dataset, samples: list[Sample], size: int, policy: st
         except DecodeError as e:
             return failed, False, str(e).encode()
         except OSError as e:
-            return failed, False, (e.strerror or type(e).__name__).encode()
+            return failed, False, os_error_reason(e).encode()
 
     def load_tf(i):
         img, ok, why = tf.numpy_function(load, [i], [tf.uint8, tf.bool, tf.string], stateful=False)
@@ -277,15 +278,18 @@ def _run_backbone(
 ):
     import tensorflow as tf
 
+    from .engines import make_engine
+
     dtype = np.dtype(cfg.extract.dtype)
     data = make_image_dataset(ds, pending, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size)
-    infer = tf.function(lambda x: fm.model(x, training=False), reduce_retracing=True)
+    engine = make_engine(fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir)
+    result.engine = engine.name
     progress = _progress(len(pending), cfg.extract.progress)
     bg = _BackgroundWriter(writer)
     t0 = time.perf_counter()
     try:
         for idx, images, ok, why in data:
-            out = infer(images)
+            out = engine(images)
             result.batches += 1
             ok = ok.numpy()
             idx = idx.numpy()
@@ -298,7 +302,7 @@ def _run_backbone(
             keep = np.flatnonzero(ok)
             if len(keep):
                 ids = [digests[pending[int(idx[i])].key][0] for i in keep]
-                bg.put(ids, {layer: out[layer].numpy()[keep].astype(dtype) for layer in fm.layers})
+                bg.put(ids, {layer: out[layer][keep].astype(dtype, copy=False) for layer in fm.layers})
                 result.extracted += len(keep)
             progress.update(len(idx))
     finally:
@@ -492,7 +496,8 @@ def _update(
         "resize": b.resize,
         "preprocess": key["preprocess"],
         "dtype": cfg.extract.dtype,
-        "engine": "tensorflow",
+        "engine": result.engine
+        or (old.meta.get("engine", "tensorflow") if old is not None else "tensorflow"),
         "dataset": ds.name,
         "source": os.path.abspath(ds.source) if ds.is_files or Path(ds.source).exists() else ds.source,
         "versions": _versions(),
