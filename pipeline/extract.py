@@ -276,7 +276,6 @@ def _run_backbone(
     result: ExtractResult,
     bad,
 ):
-    import tensorflow as tf
 
     from .engines import make_engine
 
@@ -324,10 +323,10 @@ def _progress(total: int, enabled: bool):
 # ----------------------------------------------------------------------------------------------- API
 
 
-def resolve_cache_path(cfg: Config) -> tuple[Path, dict[str, Any], Dataset]:
+def resolve_cache_path(cfg: Config, ds: Dataset | None = None) -> tuple[Path, dict[str, Any], Dataset]:
     """Where ``cfg``'s cache lives (building nothing when the weights digest is known without the model)."""
     spec = get_spec(cfg.backbone.name)
-    ds = load_dataset(cfg.data)
+    ds = ds if ds is not None else load_dataset(cfg.data)
     digest = weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, cfg.extract.cache_dir)
     if digest is None:
         from .backbones.build import build_feature_model
@@ -339,12 +338,19 @@ def resolve_cache_path(cfg: Config) -> tuple[Path, dict[str, Any], Dataset]:
 
 
 def extract(
-    config: Config | str | Path | None = None, *, rebuild: bool = False, **overrides: Any
+    config: Config | str | Path | None = None,
+    *,
+    rebuild: bool = False,
+    dataset: Dataset | None = None,
+    keep_missing: bool = False,
+    **overrides: Any,
 ) -> ExtractResult:
     """Bring the cache for ``config`` up to date and return what was done.
 
     ``config`` is a :class:`Config`, a TOML path or None (defaults); ``overrides`` use dotted keys with
-    ``.`` written as ``__`` (``extract(data__source="photos/", backbone__name="vgg16")``).
+    ``.`` written as ``__`` (``extract(data__source="photos/", backbone__name="vgg16")``). ``dataset``
+    replaces ``[data]``'s source; ``keep_missing`` keeps cached rows that are not in it (an accumulating
+    cache, as the scikit-learn transformer uses) instead of dropping them.
     """
     t_start = time.perf_counter()
     if not isinstance(config, Config):
@@ -361,7 +367,7 @@ def extract(
     if not os.access(cache_dir, os.W_OK):
         raise FeatcacheError(f"cache_dir {cache_dir}: not writable")
 
-    final, key, ds = resolve_cache_path(cfg)
+    final, key, ds = resolve_cache_path(cfg, dataset)
     fp = fingerprint(key)
     result = ExtractResult(final, ignored=len(ds.ignored))
     quiet = not cfg.extract.progress
@@ -376,7 +382,7 @@ def extract(
         if rebuild:
             clear_partial(final)
         try:
-            return _update(cfg, ds, final, key, fp, old, result, t_start, quiet)
+            return _update(cfg, ds, final, key, fp, old, result, t_start, keep_missing)
         finally:
             if old is not None:
                 old.close()
@@ -391,7 +397,7 @@ def _update(
     old,
     result: ExtractResult,
     t_start: float,
-    quiet: bool,
+    keep_missing: bool,
 ):
     known = {}
     if old is not None:
@@ -452,9 +458,11 @@ def _update(
     bad_keys = {s.key for s, _, _ in bad}
     label_of = ds.label_index()
     rows: list[Row] = []
+    added: set[str] = set()
     for s in ds.samples:
-        if s.key in bad_keys or s.key not in digests:
+        if s.key in bad_keys or s.key not in digests or s.key in added:
             continue
+        added.add(s.key)
         d, size, mtime = digests[s.key]
         if d not in cached and d not in parts:
             continue  # failed during decode in this run (already in ``bad``)
@@ -466,6 +474,20 @@ def _update(
             test_fraction=cfg.data.test_fraction,
         )
         rows.append(Row(s.key, d, label_of[s.label], SPLIT_CODES[split], size, mtime))
+    if keep_missing and old is not None:
+        current = {r.key for r in rows}
+        for i, k in enumerate(old.keys):
+            if k not in current:
+                rows.append(
+                    Row(
+                        k,
+                        old.ids[i],
+                        int(old.labels[i]),
+                        int(old.split[i]),
+                        int(old.sizes[i]),
+                        int(old.mtimes[i]),
+                    )
+                )
     if not rows:
         raise FeatcacheError(f"{ds.source}: no readable images ({len(bad)} unreadable; see the list above)")
 

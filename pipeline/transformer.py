@@ -1,0 +1,108 @@
+"""A scikit-learn transformer from images to (cached) backbone features.
+
+    Pipeline([("features", FeatureExtractor()), ("clf", LogisticRegression())]).fit(paths, y)
+
+Images are keyed by content, so features computed once, by this transformer or by ``featcache extract``
+with the same backbone settings, are never computed again: ``transform`` runs the backbone only on
+images it has not seen. The cache accumulates (``<cache_dir>/transform-<backbone>-<fingerprint>.h5``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from .config import load_config
+from .errors import FeatcacheError
+from .sources import Dataset, Sample, storable_key
+
+
+class FeatureExtractor(TransformerMixin, BaseEstimator):
+    """Image paths, or an N×H×W[×C] uint8 array, → N×D features of a frozen pretrained backbone.
+
+    Stateless: ``fit`` learns nothing (the backbone is frozen), so the transformer is safe inside
+    cross-validation and ``clone``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        weights: str = "imagenet",
+        layer: str | None = None,
+        pooling: str = "avg",
+        image_size: int = 0,
+        resize: str = "stretch",
+        cache_dir: str = "cache",
+        batch_size: int = 32,
+        engine: str = "tensorflow",
+        progress: bool = False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.layer = layer
+        self.pooling = pooling
+        self.image_size = image_size
+        self.resize = resize
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self.engine = engine
+        self.progress = progress
+
+    def fit(self, X, y=None):
+        return self
+
+    def _config(self):
+        return load_config(
+            None,
+            {
+                "backbone.name": self.backbone,
+                "backbone.weights": self.weights,
+                "backbone.layers": [self.layer] if self.layer else [],
+                "backbone.pooling": self.pooling,
+                "backbone.image_size": self.image_size,
+                "backbone.resize": self.resize,
+                "extract.cache_dir": self.cache_dir,
+                "extract.batch_size": self.batch_size,
+                "extract.engine": self.engine,
+                "extract.progress": self.progress,
+                "data.on_error": "fail",  # a transformer must return one row per input
+            },
+        )
+
+    def transform(self, X) -> np.ndarray:
+        from .extract import extract
+        from .store import FeatureCache
+
+        ds = _as_dataset(X)
+        result = extract(self._config(), dataset=ds, keep_missing=True)
+        with FeatureCache(result.path) as cache:
+            row_of = {k: i for i, k in enumerate(cache.keys)}
+            rows = np.asarray([row_of[s.key] for s in ds.samples])
+            return cache.features(self.layer or None, rows)
+
+
+def _as_dataset(X) -> Dataset:
+    """Inputs become a one-class dataset keyed by absolute path (files) or by content (arrays)."""
+    if isinstance(X, np.ndarray) and X.dtype != object:
+        if X.ndim not in (3, 4):
+            raise FeatcacheError(f"FeatureExtractor: expected N×H×W or N×H×W×C images, got shape {X.shape}")
+        from .sources import digest_bytes
+
+        arrays = np.asarray(X)
+        if arrays.dtype != np.uint8:
+            arrays = np.clip(np.rint(arrays), 0, 255).astype(np.uint8)
+        samples = [
+            Sample(f"array/{digest_bytes(a.tobytes() + repr(a.shape).encode())}", "", index=i)
+            for i, a in enumerate(arrays)
+        ]
+        return Dataset("transform", "<array>", samples, [""], arrays=arrays)
+    samples = []
+    for p in X:
+        full = os.path.abspath(os.fspath(p))
+        if not Path(full).is_file():
+            raise FeatcacheError(f"FeatureExtractor: image not found: {p}")
+        samples.append(Sample(storable_key(full), "", path=full))
+    return Dataset("transform", "<paths>", samples, [""])
