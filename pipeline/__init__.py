@@ -26,6 +26,12 @@ _LAZY = {
     "load_dataset": "sources",
     "FeatureExtractor": "transformer",
     "build_feature_model": "backbones.build",
+    "train": "train",
+    "TrainRun": "train",
+    "search": "search",
+    "SearchRun": "search",
+    "load_run": "runs",
+    "load_model": "runs",
 }
 
 

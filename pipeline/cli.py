@@ -181,6 +181,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+_SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--cache": ("train.cache", {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"}),
+    "--layer": ("train.layer", {"metavar": "NAME", "help": "layer for spaces that do not list layers"}),
+    "--space": ("search.space", {"metavar": "FILE", "help": "search space TOML (default: the built-in pipeline/configs/search_space.toml)"}),
+    "--strategy": ("search.strategy", {"choices": ["grid", "random", "halving"]}),
+    "--n-trials": ("search.n_trials", {"type": int, "metavar": "N", "help": "candidates for random and halving"}),
+    "--n-jobs": ("search.n_jobs", {"type": int, "metavar": "N", "help": "parallel trials (-1 = all cores)"}),
+    "--cv": ("search.cv", {"type": int, "metavar": "K", "help": "K-fold CV on train+val (default 0: the val split)"}),
+    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+    "--data": ("data.source", {"metavar": "PATH"}),
+    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+}
+
+
+def cmd_search(args) -> int:
+    from .search import search
+
+    cfg = _load(args, _SEARCH_FLAGS)
+    run = search(cfg, fresh=args.fresh)
+    print(run.summary())
+    return 0
+
+
 def _parse_params(items: list[str]) -> dict[str, Any]:
     from .config import parse_assignments
 
@@ -238,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="head hyperparameter, e.g. --param C=0.5",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="search heads and hyperparameters on the val split; resumable")
+    _common(p)
+    _add_flags(p, _SEARCH_FLAGS)
+    p.add_argument("--fresh", action="store_true", help="forget finished trials of this search and start over")
+    p.set_defaults(func=cmd_search)
     return parser
 
 
@@ -256,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FeatcacheError as e:
         print(f"featcache: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # disk full, permission denied, read-only folder...: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"featcache: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("featcache: interrupted", file=sys.stderr)

@@ -50,9 +50,13 @@ def parse_transforms(specs: Sequence[str]) -> list[TransformSpec]:
             try:
                 value: float | int = float(arg) if "." in arg else int(arg)
             except ValueError:
-                raise FeatcacheError(f"transform {raw!r}: expected pca:K with K an integer or a fraction in (0, 1)") from None
+                raise FeatcacheError(
+                    f"transform {raw!r}: expected pca:K with K an integer or a fraction in (0, 1)"
+                ) from None
             if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value < 1):
-                raise FeatcacheError(f"transform {raw!r}: K must be >= 1 components or a variance fraction in (0, 1)")
+                raise FeatcacheError(
+                    f"transform {raw!r}: K must be >= 1 components or a variance fraction in (0, 1)"
+                )
             out.append(TransformSpec("pca", value))
         else:
             raise FeatcacheError(f"unknown transform {raw!r} (known: {', '.join(TRANSFORMS)})")
@@ -60,7 +64,12 @@ def parse_transforms(specs: Sequence[str]) -> list[TransformSpec]:
 
 
 def build_transforms(
-    specs: Sequence[str], *, streaming: bool = False, n_samples: int | None = None, n_features: int | None = None, seed: int = 0
+    specs: Sequence[str],
+    *,
+    streaming: bool = False,
+    n_samples: int | None = None,
+    n_features: int | None = None,
+    seed: int = 0,
 ) -> list[tuple[str, Any]]:
     """Pipeline steps for ``specs``. Streaming uses estimators that learn from chunks (IncrementalPCA)."""
     from sklearn.decomposition import PCA, IncrementalPCA
@@ -79,11 +88,19 @@ def build_transforms(
             k = t.arg
             if isinstance(k, float):
                 if streaming:
-                    raise FeatcacheError(f"transform {t}: a variance fraction needs the whole matrix; use pca:K when streaming")
+                    raise FeatcacheError(
+                        f"transform {t}: a variance fraction needs the whole matrix; use pca:K when streaming"
+                    )
                 steps.append((name, PCA(n_components=k, svd_solver="full", random_state=seed)))
                 continue
-            limit = min(x for x in (n_samples, n_features, k) if x)  # never more components than rows or columns
-            steps.append((name, IncrementalPCA(n_components=limit) if streaming else PCA(n_components=limit, random_state=seed)))
+            # never more components than rows or columns
+            limit = min(x for x in (n_samples, n_features, k) if x)
+            pca = (
+                IncrementalPCA(n_components=limit)
+                if streaming
+                else PCA(n_components=limit, random_state=seed)
+            )
+            steps.append((name, pca))
     return steps
 
 
@@ -91,7 +108,11 @@ def describe_transforms(steps: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     """What stage 3 needs to rebuild the chain without the cache: class and effective parameters."""
     out = []
     for name, est in steps:
-        params = {k: v for k, v in est.get_params(deep=False).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        params = {
+            k: v
+            for k, v in est.get_params(deep=False).items()
+            if isinstance(v, (int, float, str, bool, type(None)))
+        }
         out.append({"step": name, "class": type(est).__name__, "params": params})
     return out
 
@@ -182,7 +203,9 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         inputs = keras.Input((n_features,), name="features")
         x = inputs
         for i, units in enumerate(self.hidden):
-            x = keras.layers.Dense(int(units), activation="relu", kernel_regularizer=reg, name=f"hidden_{i}")(x)
+            x = keras.layers.Dense(int(units), activation="relu", kernel_regularizer=reg, name=f"hidden_{i}")(
+                x
+            )
         rate = (0.2 if binary else 0.0) if self.dropout is None else float(self.dropout)
         if rate > 0:
             x = keras.layers.Dropout(rate, name="dropout")(x)
@@ -203,7 +226,11 @@ class KerasHead(ClassifierMixin, BaseEstimator):
 
         if not has_val or self.patience <= 0:
             return []
-        return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(self.patience), restore_best_weights=True)]
+        return [
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=int(self.patience), restore_best_weights=True
+            )
+        ]
 
     def _finish(self, history) -> KerasHead:
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
@@ -213,7 +240,9 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         return self
 
     # -- fitting
-    def fit(self, X, y, validation_data: tuple[np.ndarray, np.ndarray] | None = None, sample_weight=None) -> KerasHead:
+    def fit(
+        self, X, y, validation_data: tuple[np.ndarray, np.ndarray] | None = None, sample_weight=None
+    ) -> KerasHead:
         """Fit in memory; ``validation_data`` (the val split, raw labels) drives early stopping."""
         self._check_params()
         X = np.asarray(X, dtype=np.float32)
@@ -229,8 +258,9 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             w = w * np.asarray([weights[i] for i in yi], np.float32)
         val = None
         if validation_data is not None:
-            Xv, yv = validation_data
-            val = (np.asarray(Xv, np.float32), _encode(self.classes_, np.asarray(yv)))
+            Xv, yv = np.asarray(validation_data[0], np.float32), np.asarray(validation_data[1])
+            seen = np.isin(yv, self.classes_)  # a class absent from training cannot be scored by this head
+            val = (Xv[seen], _encode(self.classes_, yv[seen])) if seen.any() else None
         elif self.validation_fraction > 0 and len(y) >= 20:
             rng = np.random.default_rng(int(self.random_state))
             perm = rng.permutation(len(y))
@@ -243,7 +273,9 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             X,
             yi.astype(np.float32) if len(self.classes_) == 2 else yi,
             sample_weight=w,
-            validation_data=None if val is None else (val[0], val[1].astype(np.float32) if len(self.classes_) == 2 else val[1]),
+            validation_data=None
+            if val is None
+            else (val[0], val[1].astype(np.float32) if len(self.classes_) == 2 else val[1]),
             epochs=int(self.epochs),
             batch_size=int(self.batch_size),
             shuffle=True,
@@ -266,7 +298,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         weights = class_weights(self.classes_, y_all, self.class_weight)
         train = _encoded_dataset(batches, self.classes_, weights)
         val = _encoded_dataset(val_batches, self.classes_, None) if val_batches is not None else None
-        n_features = int(getattr(batches, "n_features", 0) or np.asarray(batches[0][0]).shape[1])
+        n_features = int(np.asarray(batches[0][0]).shape[1])  # after any transforms the sequence applies
         self.n_features_in_ = n_features
         self.model_ = self._build(n_features, len(self.classes_))
         history = self.model_.fit(
@@ -295,7 +327,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
 
     # -- pickling (joblib, clone of a fitted head): the Keras model travels as .keras bytes
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: popping must not touch the live object
         model = state.pop("model_", None)
         if model is not None:
             with tempfile.TemporaryDirectory() as d:
@@ -361,8 +393,10 @@ class Head:
     streaming: bool = False
     epochs: int = 1  # passes of partial_fit over the chunks (streaming scikit-learn heads)
     ignored: list[str] = field(default_factory=list)  # params that do not apply in this mode
-    val_kwargs: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None  # how the val split reaches fit
+    # how the val split reaches ``fit`` (Keras: validation_data; HistGradientBoosting: X_val, y_val)
+    val_kwargs: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None
     class_weight: Any = None  # applied by the fitting loop as sample weights (partial_fit heads, mlp)
+    auto_step: bool = False  # SGD step size to be set from the data's scale (see ``sgd_step``)
 
 
 @dataclass(frozen=True)
@@ -375,7 +409,7 @@ class HeadSpec:
     stream_only: frozenset[str] = frozenset()  # e.g. ``epochs`` of a partial_fit head
     memory_only: frozenset[str] = frozenset()
     aliases: tuple[tuple[str, str], ...] = ()  # (short name, estimator parameter)
-    stream_epochs: int = 10
+    stream_epochs: int = 20
 
 
 def _set(est, params: dict[str, Any], head: str):
@@ -384,7 +418,9 @@ def _set(est, params: dict[str, Any], head: str):
     except ValueError:
         known = sorted(est.get_params(deep=False))
         bad = [k for k in params if k not in known]
-        raise FeatcacheError(f"head {head!r}: unknown parameter {', '.join(map(repr, bad))} (known: {', '.join(known)})") from None
+        raise FeatcacheError(
+            f"head {head!r}: unknown parameter {', '.join(map(repr, bad))} (known: {', '.join(known)})"
+        ) from None
 
 
 def _logistic(p, seed):
@@ -399,10 +435,15 @@ def _sgd(loss: str, head: str):
         from sklearn.linear_model import SGDClassifier
 
         p = dict(p)
-        c = float(p.pop("C", 1.0))
+        try:
+            c = float(p.pop("C", 1.0))
+        except (TypeError, ValueError):
+            raise FeatcacheError(f"head {head!r}: C must be a number") from None
         if c <= 0:
             raise FeatcacheError(f"head {head!r}: C must be > 0, got {c}")
-        est = SGDClassifier(loss=loss, alpha=1.0 / (c * max(n_train, 1)), average=True, random_state=seed)
+        est = SGDClassifier(
+            loss=loss, alpha=1.0 / (c * max(n_train, 1)), learning_rate="constant", random_state=seed
+        )
         return _set(est, p, head)
 
     return build
@@ -434,7 +475,9 @@ def _mlp(early_stopping: bool):
         if "hidden_layer_sizes" in p:
             h = p["hidden_layer_sizes"]
             p["hidden_layer_sizes"] = tuple(int(v) for v in (h if isinstance(h, (list, tuple)) else [h]))
-        est = MLPClassifier(hidden_layer_sizes=(256,), early_stopping=early_stopping, max_iter=200, random_state=seed)
+        est = MLPClassifier(
+            hidden_layer_sizes=(256,), early_stopping=early_stopping, max_iter=200, random_state=seed
+        )
         return _set(est, p, "mlp")
 
     return build
@@ -443,7 +486,9 @@ def _mlp(early_stopping: bool):
 def _hgb(p, seed):
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    return _set(HistGradientBoostingClassifier(max_iter=100, early_stopping=True, random_state=seed), p, "hgb")
+    return _set(
+        HistGradientBoostingClassifier(max_iter=100, early_stopping=True, random_state=seed), p, "hgb"
+    )
 
 
 def _keras(hidden: tuple[int, ...], head: str):
@@ -493,7 +538,14 @@ def can_stream(name: str) -> bool:
     return get_head_spec(name).build_stream is not None
 
 
-def make_head(name: str, params: dict[str, Any] | None = None, *, seed: int = 0, streaming: bool = False, n_train: int = 0) -> Head:
+def make_head(
+    name: str,
+    params: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    streaming: bool = False,
+    n_train: int = 0,
+) -> Head:
     """Build head ``name`` with ``params``; unknown heads and parameters raise :class:`FeatcacheError`."""
     spec = get_head_spec(name)
     p = _clean(dict(params or {}))
@@ -508,7 +560,9 @@ def make_head(name: str, params: dict[str, Any] | None = None, *, seed: int = 0,
     if streaming:
         if spec.build_stream is None:
             streamable = ", ".join(n for n, s in HEADS.items() if s.build_stream is not None)
-            raise FeatcacheError(f"head {name!r} cannot learn from chunks; streaming works with: {streamable}")
+            raise FeatcacheError(
+                f"head {name!r} cannot learn from chunks; streaming works with: {streamable}"
+            )
         if spec.kind == "sklearn":
             epochs = int(p.pop("epochs", spec.stream_epochs))
             if epochs < 1:
@@ -518,12 +572,13 @@ def make_head(name: str, params: dict[str, Any] | None = None, *, seed: int = 0,
         est = spec.build(p, seed)
     if cw_given:
         cw = _place_class_weight(name, est, cw, native=spec.kind == "keras" or not streaming)
+    auto_step = streaming and name in ("logistic", "linear_svm") and not {"learning_rate", "eta0"} & set(p)
     val_kwargs = None
     if spec.kind == "keras":
         val_kwargs = _keras_val
     elif name == "hgb" and est.get_params().get("early_stopping") is True:
         val_kwargs = _hgb_val
-    return Head(name, spec.kind, est, streaming, epochs, ignored, val_kwargs, cw)
+    return Head(name, spec.kind, est, streaming, epochs, ignored, val_kwargs, cw, auto_step)
 
 
 def _place_class_weight(name: str, est, cw, native: bool):
@@ -535,8 +590,16 @@ def _place_class_weight(name: str, est, cw, native: bool):
         return None
     fit = getattr(est, "partial_fit", None) or est.fit
     if "sample_weight" not in inspect.signature(fit).parameters:
-        raise FeatcacheError(f"head {name!r}: unknown parameter 'class_weight' (this head cannot weight samples)")
+        raise FeatcacheError(
+            f"head {name!r}: unknown parameter 'class_weight' (this head cannot weight samples)"
+        )
     return cw
+
+
+def sgd_step(X: np.ndarray) -> float:
+    """A constant SGD step of 0.5 / mean ||x||²: stable whatever the feature scale (standardized or unit)."""
+    ms = float(np.mean(np.sum(np.asarray(X, np.float64) ** 2, axis=1))) if len(X) else 1.0
+    return 0.5 / max(ms, 1e-12)
 
 
 def _keras_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:

@@ -91,7 +91,13 @@ def write_manifest(run_dir: Path, kind: str, model_files: Sequence[str]) -> dict
     for p in sorted(run_dir.iterdir()):
         if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
             files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    manifest = {"format": RUN_FORMAT, "kind": kind, "model_files": list(model_files), "files": files, "created": time.time()}
+    manifest = {
+        "format": RUN_FORMAT,
+        "kind": kind,
+        "model_files": list(model_files),
+        "files": files,
+        "created": time.time(),
+    }
     write_json(run_dir / MANIFEST, manifest)
     return manifest
 
@@ -105,7 +111,9 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FeatcacheError(f"{run_dir}: no {MANIFEST}; the run did not finish or is not a featcache run") from None
+        raise FeatcacheError(
+            f"{run_dir}: no {MANIFEST}; the run did not finish or is not a featcache run"
+        ) from None
     except (OSError, ValueError) as e:
         raise FeatcacheError(f"{path}: unreadable manifest ({e}); refusing to load this run") from None
     if manifest.get("format") != RUN_FORMAT or not isinstance(manifest.get("files"), dict):
@@ -116,9 +124,13 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
             raise FeatcacheError(f"{p}: listed in the manifest but missing; refusing to load this run")
         size = p.stat().st_size
         if size != info.get("bytes"):
-            raise FeatcacheError(f"{p}: {size} bytes, manifest says {info.get('bytes')} (truncated or replaced); refusing to load")
+            raise FeatcacheError(
+                f"{p}: {size} bytes, manifest says {info.get('bytes')} (truncated or replaced); refusing to load"
+            )
         if sha256_file(p) != info.get("sha256"):
-            raise FeatcacheError(f"{p}: sha256 differs from the manifest (file modified or corrupted); refusing to load")
+            raise FeatcacheError(
+                f"{p}: sha256 differs from the manifest (file modified or corrupted); refusing to load"
+            )
     for name in manifest.get("model_files", []):
         if name not in manifest["files"]:
             raise FeatcacheError(f"{path}: model file {name} is not covered by the manifest")
@@ -168,7 +180,9 @@ def load_model(run_dir: str | Path):
     except FeatcacheError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable artifact is one clear user-facing error
-        raise FeatcacheError(f"{run_dir}: cannot load the model ({type(e).__name__}: {str(e)[:200]})") from None
+        raise FeatcacheError(
+            f"{run_dir}: cannot load the model ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
 
 
 def _load_keras(run_dir: Path):
@@ -248,7 +262,15 @@ def plot_confusion(path: Path, cm: Sequence[Sequence[int]], class_names: Sequenc
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if cm[i, j] > hi / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if cm[i, j] > hi / 2 else "black",
+                    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -272,7 +294,14 @@ def plot_learning_curves(path: Path, history: dict[str, list[float]], title: str
     plt.close(fig)
 
 
-def write_misclassified(path: Path, keys: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, prob: np.ndarray, class_names: Sequence[str]) -> int:
+def write_misclassified(
+    path: Path,
+    keys: Sequence[str],
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    prob: np.ndarray,
+    class_names: Sequence[str],
+) -> int:
     """One row per wrong test prediction, most confident mistakes first: where to look at the data."""
     wrong = np.flatnonzero(y_true != y_pred)
     wrong = wrong[np.argsort(-prob[wrong], kind="stable")]

@@ -1,0 +1,277 @@
+"""Search on a real cache: grid/random/halving, k-fold CV, a real SIGKILL mid-search and a resume that
+re-runs nothing finished, best.toml feeding ``featcache train``, and the test split kept out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import FeatcacheError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """This machine is shared: OpenBLAS threads spin-waiting on a busy core make small fits 20× slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> Path:
+    """The same real cache as test_train.py (same folder: a second extract is a cache hit)."""
+    from sklearn.datasets import load_digits
+
+    from pipeline.extract import extract
+
+    root = tmp_path_factory.getbasetemp() / "featcache-digits"
+    root.mkdir(parents=True, exist_ok=True)
+    npz = root / "digits.npz"
+    if not npz.exists():
+        d = load_digits()
+        np.savez(npz, images=np.clip(d.images * 16, 0, 255).astype(np.uint8), labels=d.target)
+    overrides = {
+        "data.source": str(npz),
+        "extract.cache_dir": str(root / "cache"),
+        "backbone.image_size": "64",
+        "extract.progress": "false",
+    }
+    return Path(extract(load_config(None, overrides)).path)
+
+
+def search_cfg(cache: Path, runs: Path, space: Path | None, **search):
+    overrides = {"train.cache": str(cache), "train.runs_dir": str(runs), "extract.progress": "false"}
+    overrides.update({f"search.{k}": str(v) for k, v in search.items()})
+    if space is not None:
+        overrides["search.space"] = str(space)
+    return load_config(None, overrides)
+
+
+def write_space(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    """Whole journal records; a line torn by the kill is skipped, as the search itself does."""
+    out = []
+    for x in path.read_text().splitlines():
+        try:
+            out.append(json.loads(x))
+        except ValueError:
+            continue
+    return out
+
+
+# 13 real candidates, including a Keras one (it runs in a joblib worker on resume).
+RESUME_SPACE = """
+transforms = [["standardize", "pca:64"]]
+[[heads]]
+name = "logistic"
+params = { C = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0] }
+[[heads]]
+name = "ridge"
+params = { alpha = [100.0, 1000.0] }
+[[heads]]
+name = "keras_linear"
+params = { epochs = 5, learning_rate = 0.01, batch_size = 128 }
+"""
+TOTAL = 13
+
+
+def test_search_resumes_after_sigkill_without_rerunning_finished_trials(digits_cache, tmp_path):
+    space = write_space(tmp_path / "space.toml", RESUME_SPACE)
+    runs = tmp_path / "runs"
+    args = [
+        "search",
+        "--cache",
+        str(digits_cache),
+        "--space",
+        str(space),
+        "--set",
+        f"train.runs_dir={runs}",
+        "--quiet",
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OPENBLAS_NUM_THREADS": "1"}
+    script = Path(sys.executable).with_name("featcache")  # the installed console script
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline"]
+    proc = subprocess.Popen(
+        [*command, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    journal = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(runs.glob("search-*/trials.jsonl"))
+            if found and len(found[0].read_text().splitlines()) >= 3:
+                journal = found[0]
+                break
+            time.sleep(0.01)
+        assert journal is not None, (
+            f"no trials appeared: {proc.poll()} {proc.stderr.read().decode() if proc.poll() is not None else ''}"
+        )
+        proc.send_signal(signal.SIGKILL)  # a real kill: no cleanup, no flush, no finally
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = lines(journal)
+    assert 3 <= len(before) < TOTAL, "the kill must land mid-search"
+    first_pids = {r["pid"] for r in before}
+
+    from pipeline.cli import main
+
+    assert main([*args[:-1], "--n-jobs", "2", "--quiet"]) == 0  # resume, in parallel this time
+    after = lines(journal)
+    assert len(after) == TOTAL and len({r["key"] for r in after}) == TOTAL, "no trial ran twice"
+    assert after[: len(before)] == before
+    summary = json.loads((journal.parent / "search.json").read_text())
+    assert summary["n_reused"] == len(before) and summary["n_run"] == TOTAL - len(before)
+    assert not first_pids & {r["pid"] for r in after[len(before) :]}
+    board = list(csv.DictReader(open(journal.parent / "leaderboard.csv")))
+    assert len(board) == TOTAL and all(r["status"] == "ok" for r in board)
+    assert {r["head"] for r in board} == {"logistic", "ridge", "keras_linear"}
+    scores = [float(r["score"]) for r in board]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.85
+
+    # a third run is a no-op; --fresh starts over
+    from pipeline.search import search
+
+    again = search(search_cfg(digits_cache, runs, space))
+    assert again.n_run == 0 and again.n_reused == TOTAL and again.dir == journal.parent
+
+
+def test_best_toml_is_a_config_that_train_picks_up(digits_cache, tmp_path):
+    from pipeline.search import search
+    from pipeline.train import train
+
+    space = write_space(
+        tmp_path / "s.toml",
+        """
+[[heads]]
+name = "knn"
+transforms = [["l2"]]
+params = { n_neighbors = [1, 3, 9, 27], weights = ["distance"] }
+[[heads]]
+name = "linear_svm"
+transforms = [["l2"]]
+params = { C = [10.0], class_weight = ["none"] }
+""",
+    )
+    run = search(search_cfg(digits_cache, tmp_path, space))
+    assert run.n_candidates == 5 and run.n_run == 5
+    best = tomllib.loads(run.best_toml.read_text())["train"]
+    assert best["head"] == run.best["head"] and best["layer"] == "top_activation"
+    cfg = load_config(run.best_toml, {"train.runs_dir": str(tmp_path / "final")})
+    assert cfg.train.head == best["head"] and cfg.train.params == json.loads(run.best["params"])
+    final = train(cfg)
+    assert final.metrics["val"]["accuracy"] == pytest.approx(run.best["score"])  # same fit, same val rows
+    assert final.metrics["test"]["accuracy"] > 0.85
+    out = run.summary()
+    assert "best:" in out and str(run.best_toml) in out and out.count("\n") >= 8
+
+
+def test_halving_random_and_cv_never_touch_the_test_split(digits_cache, tmp_path):
+    from pipeline.search import _plan, search
+    from pipeline.store import FeatureCache
+
+    with FeatureCache(digits_cache) as c:
+        test_rows = set(c.rows("test").tolist())
+        for cv in (0, 3):
+            plan, rows, _ = _plan(c, cv, 0)
+            assert not test_rows & set(rows.tolist())
+            for fit_rows, eval_rows, _ in plan.folds:
+                assert not test_rows & (set(fit_rows.tolist()) | set(eval_rows.tolist()))
+                assert not set(fit_rows.tolist()) & set(eval_rows.tolist())
+
+    space = write_space(
+        tmp_path / "h.toml",
+        """
+[[heads]]
+name = "ridge"
+params = { alpha = [0.1, 1.0, 10.0, 100.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0] }
+""",
+    )
+    halving = search(search_cfg(digits_cache, tmp_path, space, strategy="halving"))
+    rungs = sorted({r["resource"] for r in halving.leaderboard})
+    assert rungs == pytest.approx([1 / 9, 1 / 3, 1.0])
+    per_rung = [sum(1 for r in halving.leaderboard if r["resource"] >= f) for f in rungs]
+    assert per_rung == [9, 3, 1] and halving.n_run == 9 + 3 + 1
+    assert halving.leaderboard[0]["resource"] == 1.0
+
+    ranges = write_space(
+        tmp_path / "r.toml",
+        """
+[[heads]]
+name = "logistic"
+transforms = [["standardize", "pca:32"]]
+params = { C = { loguniform = [0.01, 10.0] } }
+""",
+    )
+    rnd = search(search_cfg(digits_cache, tmp_path, ranges, strategy="random", n_trials=3, cv=3))
+    assert rnd.n_run == 3 and all(r["status"] == "ok" for r in rnd.leaderboard)
+    recs = lines(rnd.dir / "trials.jsonl")
+    assert all(r["folds"] == 3 and r["cv"] == 3 for r in recs) and len({r["params"]["C"] for r in recs}) == 3
+    with pytest.raises(FeatcacheError, match="grid search needs a list"):
+        search(search_cfg(digits_cache, tmp_path, ranges, strategy="grid"))
+
+
+def test_bad_spaces_are_refused_before_any_trial(digits_cache, tmp_path):
+    from pipeline.search import search
+
+    cases = {
+        'name = "nope"': "unknown head 'nope'",
+        'name = "knn"\nparams = { gamma = [1] }': "head 'knn': unknown parameter 'gamma'",
+        'name = "knn"\ntransforms = [["whiten"]]': "unknown transform 'whiten'",
+        'name = "knn"\nlayers = ["block9"]': "no layer 'block9'",
+    }
+    for i, (body, message) in enumerate(cases.items()):
+        space = write_space(tmp_path / f"bad{i}.toml", f"[[heads]]\n{body}\n")
+        with pytest.raises(FeatcacheError, match=message):
+            search(search_cfg(digits_cache, tmp_path, space))
+    assert not list(tmp_path.glob("search-*/trials.jsonl"))
+
+
+def test_builtin_space_is_about_24_mixed_configurations():
+    from pipeline.search import default_space_path, grid_candidates, load_space
+
+    space = load_space(None, "top_activation")
+    assert Path(space.source) == default_space_path() == REPO / "pipeline" / "configs" / "search_space.toml"
+    cands = grid_candidates(space)
+    assert 20 <= len(cands) <= 28
+    assert {"logistic", "linear_svm", "ridge", "knn", "mlp", "hgb", "keras_linear", "keras_mlp"} == {
+        c.head for c in cands
+    }
+
+
+def test_a_torn_journal_line_is_ignored(tmp_path):
+    from pipeline.search import append_trial, read_trials
+
+    journal = tmp_path / "trials.jsonl"
+    append_trial(journal, {"key": "a", "score": 1.0})
+    with open(journal, "a") as f:
+        f.write('{"key": "b", "sco')  # killed mid-write
+    append_trial(journal, {"key": "c", "score": 0.5})
+    assert set(read_trials(journal)) == {"a", "c"}
