@@ -1,0 +1,87 @@
+"""``make bench``: run every benchmark, write JSON to benchmarks/out/ and the tables to benchmarks/RESULTS.md.
+
+Each figure is a ratio or a comparison measured in the same run, so it holds on a noisy machine.
+``python -m benchmarks --quick`` is a smoke run with small sizes; ``--only cache,engines`` picks sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = {
+    "engines": (
+        "benchmarks.bench_engines",
+        "Extraction vs the backbone's limit, per engine (items 1 and issue 7)",
+    ),
+    "training": (
+        "benchmarks.bench_training",
+        "Cached training vs the notebook way, and search vs one pass (items 2-4)",
+    ),
+    "cache": ("benchmarks.bench_cache", "Cache behaviour, extraction memory and start-up (items 4-6)"),
+}
+
+
+def machine() -> str:
+    import numpy as np
+
+    try:
+        import tensorflow as tf
+
+        tf_version = tf.__version__
+    except ImportError:  # pragma: no cover
+        tf_version = "?"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, TensorFlow {tf_version}, NumPy {np.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    args = ap.parse_args(argv)
+    out_dir = REPO / "benchmarks" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = [s for s in (args.only.split(",") if args.only else SECTIONS) if s]
+    results, tables = {}, []
+    for name in chosen:
+        module_name, title = SECTIONS[name]
+        print(f"== {name}: {title}", flush=True)
+        t0 = time.perf_counter()
+        module = importlib.import_module(module_name)
+        results[name] = module.run(out_dir, args.quick)
+        table = module.markdown(results[name])
+        print(table, flush=True)
+        tables.append(f"## {title}\n\n{table}\n\n_{time.perf_counter() - t0:.0f} s_")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    (out_dir / "results.json").write_text(
+        json.dumps({"machine": machine(), "when": stamp, "quick": args.quick, **results}, indent=2)
+    )
+    header = (
+        f"# Benchmark results\n\nMeasured {stamp} on: {machine()}{' (quick run)' if args.quick else ''}.\n"
+    )
+    header += "Regenerate with `make bench` (full) or `python -m benchmarks --quick`.\n"
+    if not args.quick and set(chosen) == set(SECTIONS):
+        (REPO / "benchmarks" / "RESULTS.md").write_text(header + "\n" + "\n\n".join(tables) + "\n")
+    else:
+        (out_dir / "RESULTS.partial.md").write_text(header + "\n" + "\n\n".join(tables) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

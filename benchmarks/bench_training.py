@@ -1,0 +1,267 @@
+"""Why cache: the cached way vs the notebook way, a head search vs one backbone pass, streaming memory.
+
+Item 2 trains the *same* head (Dense softmax, Adam 1e-3, batch 32, 10 epochs, no early stopping) twice on
+the same Fashion-MNIST rows: (a) featcache — one extraction, then the head on the cached features;
+(b) the classic notebook model — frozen backbone + the head, trained end to end on images for 10 epochs.
+Item 3 runs the built-in 24-configuration search on the cache and compares it with one extraction pass.
+Item 4 trains a streaming head on a feature file several times larger than the memory budget.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.peak_rss import peak_rss
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 10
+
+
+def _cfg(cache_dir: Path, limit: int, size: int, engine: str, **extra):
+    from pipeline.config import load_config
+
+    return load_config(
+        None,
+        {
+            "data.source": "fashion_mnist",
+            "data.limit": limit,
+            "backbone.image_size": size,
+            "extract.cache_dir": str(cache_dir),
+            "extract.engine": engine,
+            "extract.progress": False,
+            **extra,
+        },
+    )
+
+
+def _notebook_way(cache_path: Path, size: int) -> tuple[float, float]:
+    """Frozen backbone + Dense head, fit end to end on the images for EPOCHS epochs (timed), test accuracy."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.backbones.build import build_feature_model
+    from pipeline.config import BackboneConfig
+    from pipeline.extract import to_rgb
+    from pipeline.preprocess import resize_images
+    from pipeline.sources import load_dataset
+    from pipeline.store import FeatureCache
+
+    with FeatureCache(cache_path) as c:
+        data_cfg = c.meta["config"]["data"]
+        keys, labels, split, n_classes = c.keys, c.labels, c.split, len(c.class_names)
+    from pipeline.config import DataConfig
+
+    ds = load_dataset(DataConfig(**data_cfg))
+    index = {s.key: s.index for s in ds.samples}
+    rows = {name: np.flatnonzero(split == code) for code, name in enumerate(("train", "val", "test"))}
+
+    def images(r):
+        x = np.stack([to_rgb(ds.arrays[index[keys[i]]]) for i in r])
+        return tf.data.Dataset.from_tensor_slices((x, labels[r])).map(
+            lambda im, y: (resize_images(im, size), y)
+        )
+
+    fm = build_feature_model(BackboneConfig(image_size=size))
+    fm.base.trainable = False
+    inp = keras.Input((size, size, 3))
+    feats = fm.model(inp)[fm.layers[0]]
+    out = keras.layers.Dense(n_classes, activation="softmax")(feats)
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    train = images(rows["train"]).shuffle(4096, seed=0).batch(32).prefetch(2)
+    val = images(rows["val"]).batch(32).prefetch(2)
+    t0 = time.perf_counter()
+    model.fit(train, validation_data=val, epochs=EPOCHS, verbose=0)
+    seconds = time.perf_counter() - t0
+    _, acc = model.evaluate(images(rows["test"]).batch(64), verbose=0)
+    return seconds, float(acc)
+
+
+def bench_cached_vs_notebook(work: Path, limit: int, size: int, engine: str) -> dict[str, Any]:
+    from pipeline.extract import extract
+    from pipeline.train import train
+
+    cache_dir = work / f"train_cache_{engine}"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cfg = _cfg(cache_dir, limit, size, engine)
+    t0 = time.perf_counter()
+    r = extract(cfg)
+    t_extract = time.perf_counter() - t0
+    cfg.train.head = "keras_linear"
+    cfg.train.params = {"epochs": EPOCHS, "patience": 0, "batch_size": 32, "learning_rate": 1e-3}
+    cfg.train.transforms = []
+    t0 = time.perf_counter()
+    run = train(cfg)
+    t_train = time.perf_counter() - t0
+    t_nb, acc_nb = _notebook_way(r.path, size)
+    cached = t_extract + t_train
+    return {
+        "images": limit,
+        "image_size": size,
+        "engine": r.engine or engine,
+        "epochs": EPOCHS,
+        "cached": {
+            "extract_s": round(t_extract, 1),
+            "train_s": round(t_train, 1),
+            "total_s": round(cached, 1),
+            "test_acc": round(run.test_accuracy, 4),
+        },
+        "notebook": {"total_s": round(t_nb, 1), "test_acc": round(acc_nb, 4)},
+        "speedup": round(t_nb / cached, 2),
+        "acc_delta_points": round(100 * (run.test_accuracy - acc_nb), 2),
+        "goal": ">= 10x faster, accuracy within 1 point",
+        "met": t_nb / cached >= 10 and abs(run.test_accuracy - acc_nb) <= 0.01,
+        "cache_path": str(r.path),
+        "extract_seconds": t_extract,
+    }
+
+
+def bench_search(cache_path: Path, extract_seconds: float, n_jobs: int) -> dict[str, Any]:
+    from pipeline.config import load_config
+    from pipeline.search import search
+
+    cfg = load_config(None, {"train.cache": str(cache_path), "search.n_jobs": n_jobs})
+    t0 = time.perf_counter()
+    s = search(cfg, fresh=True)
+    secs = time.perf_counter() - t0
+    return {
+        "configs": len(s.leaderboard),
+        "n_jobs": n_jobs,
+        "search_s": round(secs, 1),
+        "one_extraction_s": round(extract_seconds, 1),
+        "ratio": round(secs / extract_seconds, 2),
+        "best": s.best.get("head") if isinstance(s.best, dict) else str(s.best),
+        "goal": "search faster than one extraction pass",
+        "met": secs < extract_seconds,
+    }
+
+
+def _big_cache(small: Path, out: Path, rows: int) -> Path:
+    """A real featcache file of ``rows`` rows, written by the store's own writer from tiled real features."""
+    from pipeline.store import FeatureCache, PartWriter, Row, scan_parts, write_cache
+
+    with FeatureCache(small) as c:
+        feats, labels, layer = c.features(), c.labels, c.default_layer()
+        meta = {
+            k: c.meta[k]
+            for k in ("fingerprint", "feature_key", "backbone", "layers", "pooling", "image_size", "resize")
+        }
+        class_names = c.class_names
+    final = out / f"big-{rows}.h5"
+    if final.exists():
+        return final
+    writer = PartWriter(
+        final, {"fingerprint": meta["fingerprint"], "backbone": meta["backbone"], "dataset": "big"}
+    )
+    rng = np.random.default_rng(0)
+    all_rows = []
+    for start in range(0, rows, 4096):
+        idx = rng.integers(0, len(feats), min(4096, rows - start))
+        block = feats[idx] + rng.normal(0, 0.01, (len(idx), feats.shape[1])).astype(np.float32)
+        ids = [f"{start + j:032x}" for j in range(len(idx))]
+        writer.write(ids, {layer: block})
+        all_rows += [
+            Row(f"r{start + j}", ids[j], int(labels[i]), [0, 0, 0, 1, 2][j % 5], -1, -1)
+            for j, i in enumerate(idx)
+        ]
+    write_cache(
+        final,
+        all_rows,
+        class_names,
+        {layer: feats.shape[1]},
+        {**meta, "dataset": "big"},
+        None,
+        scan_parts(final, meta["fingerprint"]),
+    )
+    shutil.rmtree(final.with_name(final.stem + ".partial"), ignore_errors=True)
+    return final
+
+
+def bench_streaming(work: Path, small_cache: Path, rows: list[int], budget_mb: int) -> dict[str, Any]:
+    out = {"budget_mib": budget_mb, "runs": []}
+    for n in rows:
+        big = _big_cache(small_cache, work, n)
+        args = [
+            "train",
+            "--cache",
+            str(big),
+            "--head",
+            "logistic",
+            "--set",
+            f"train.runs_dir={work / 'big_runs'}",
+        ]
+        t0 = time.perf_counter()
+        rss, stdout, _ = peak_rss(args, env={"FEATCACHE_MEMORY_BUDGET": str(budget_mb << 20)}, cwd=REPO)
+        out["runs"].append(
+            {
+                "rows": n,
+                "file_mib": round(big.stat().st_size / 2**20, 1),
+                "peak_rss_mib": round(rss, 1),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "streamed": "stream" in stdout.lower(),
+            }
+        )
+    first, last = out["runs"][0], out["runs"][-1]
+    out["rss_growth"] = round(last["peak_rss_mib"] / first["peak_rss_mib"] - 1, 3)
+    out["goal"] = "RSS bounded (does not grow with the file, stays below the file size)"
+    out["met"] = out["rss_growth"] <= 0.10 and last["peak_rss_mib"] < last["file_mib"]
+    return out
+
+
+def run(out_dir: Path, quick: bool) -> dict[str, Any]:
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    limit, size = (600, 96) if quick else (2500, 160)
+    result: dict[str, Any] = {"cached_vs_notebook": {}}
+    for engine in ("tensorflow", "auto"):
+        result["cached_vs_notebook"][engine] = bench_cached_vs_notebook(work, limit, size, engine)
+    ref = result["cached_vs_notebook"]["tensorflow"]
+    result["search"] = bench_search(Path(ref["cache_path"]), ref["extract_seconds"], n_jobs=2)
+    result["streaming"] = bench_streaming(
+        work, Path(ref["cache_path"]), [20_000, 40_000] if quick else [60_000, 120_000], 64
+    )
+    (out_dir / "training.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "| engine | images (px) | cached: extract + train | notebook: 10 epochs on images | speed-up | test acc cached / notebook | goal met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for engine, c in r["cached_vs_notebook"].items():
+        lines.append(
+            f"| {engine} → {c['engine']} | {c['images']} ({c['image_size']}) | {c['cached']['extract_s']} + {c['cached']['train_s']} = "
+            f"{c['cached']['total_s']} s | {c['notebook']['total_s']} s | {c['speedup']}× | {c['cached']['test_acc']:.3f} / "
+            f"{c['notebook']['test_acc']:.3f} ({c['acc_delta_points']:+.1f} pt) | {'yes' if c['met'] else 'no'} |"
+        )
+    s = r["search"]
+    lines += [
+        "",
+        "| search | configs | time | one extraction pass | ratio | goal met |",
+        "|---|---|---|---|---|---|",
+        f"| grid, n_jobs={s['n_jobs']} | {s['configs']} | {s['search_s']} s | {s['one_extraction_s']} s | {s['ratio']} | {'yes' if s['met'] else 'no'} |",
+        "",
+        f"| streaming train (logistic, budget {r['streaming']['budget_mib']} MiB) | file | peak RSS | time |",
+        "|---|---|---|---|",
+    ]
+    for run_ in r["streaming"]["runs"]:
+        lines.append(
+            f"| {run_['rows']} rows | {run_['file_mib']} MiB | {run_['peak_rss_mib']} MiB | {run_['seconds']} s |"
+        )
+    lines.append(
+        f"\nRSS growth from the smaller to the larger file: {r['streaming']['rss_growth'] * 100:+.1f} % ({'bounded' if r['streaming']['met'] else 'NOT bounded'})."
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    res = run(REPO / "benchmarks" / "out", quick="--quick" in sys.argv)
+    print(markdown(res))
