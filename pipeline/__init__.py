@@ -32,6 +32,10 @@ _LAZY = {
     "SearchRun": "search",
     "load_run": "runs",
     "load_model": "runs",
+    "rebuild": "rebuild",
+    "finetune": "finetune",
+    "predict": "predict",
+    "export": "export",
 }
 
 

@@ -20,7 +20,9 @@ _NOISE = re.compile(
     rb"|[IW]\d{4} [\d:.]+\s+\d+ \S+:\d+\]"
     rb"|E\d{4} .*(cuInit|cuda|CUDA)"
     rb"|To enable the following instructions:"
-    rb"|This TensorFlow binary is optimized)"
+    rb"|This TensorFlow binary is optimized"
+    rb"|INFO: Created TensorFlow Lite XNNPACK delegate"
+    rb"|fully_quantize: )"
 )
 
 

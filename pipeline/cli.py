@@ -90,13 +90,14 @@ def _add_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[str, dict[str,
 def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     from .config import parse_assignments
 
-    out: dict[str, Any] = parse_assignments(args.set)
+    out: dict[str, Any] = {}
     for flag, (key, _) in flags.items():
         value = getattr(args, "opt_" + flag[2:].replace("-", "_"), None)
         if value is not None:
             out[key] = value
     if args.quiet:
         out["extract.progress"] = False
+    out.update(parse_assignments(args.set))  # --set overrides anything, flags included
     return out
 
 
@@ -204,6 +205,77 @@ def cmd_search(args) -> int:
     return 0
 
 
+_FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--run": ("finetune.run", {"metavar": "RUN", "help": "stage-2 run folder or id (default: the latest)"}),
+    "--epochs": ("finetune.epochs", {"type": int, "metavar": "N"}),
+    "--unfreeze": (
+        "finetune.unfreeze",
+        {"metavar": "none|all|top:N", "help": "backbone layers to train (BatchNorm stays frozen)"},
+    ),
+    "--learning-rate": (
+        "finetune.learning_rate",
+        {"type": float, "metavar": "LR", "help": "Adam learning rate (default 1e-5)"},
+    ),
+    "--batch-size": ("finetune.batch_size", {"type": int, "metavar": "N"}),
+    "--patience": (
+        "finetune.patience",
+        {"type": int, "metavar": "N", "help": "early stopping on val loss (0 = off)"},
+    ),
+    "--augment": (
+        "finetune.augment",
+        {"metavar": "LIST", "help": "comma-separated: flip,rotation,zoom,translation,contrast or none"},
+    ),
+    "--cache": ("train.cache", {"metavar": "FILE"}),
+    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+    "--data": ("data.source", {"metavar": "PATH"}),
+    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+}
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    cfg = _load(args, _FINETUNE_FLAGS)
+    print(finetune(cfg).summary())
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import format_csv, format_json, format_table, predict
+
+    _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    fmt = format_json if args.json else format_csv if args.csv else format_table
+    text = fmt(results)
+    print(text, end="" if text.endswith("\n") else "\n")
+    failed = [r for r in results if r.error]
+    if failed:
+        print(
+            f"featcache: error: {len(failed)} of {len(results)} image(s) could not be read", file=sys.stderr
+        )
+        return EXIT_USAGE
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export, format_report, resolve_model_run
+
+    cfg = _load(args, _EXPORT_FLAGS)
+    run = resolve_model_run(cfg, args.run)
+    report = export(
+        run, args.format, args.out, calibration=args.calibration, progress=not args.quiet and not args.json
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--cache": ("train.cache", {"metavar": "FILE"}),
+    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+    "--data": ("data.source", {"metavar": "PATH"}),
+    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+}
+
+
 def _parse_params(items: list[str]) -> dict[str, Any]:
     from .config import parse_assignments
 
@@ -267,6 +339,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(p, _SEARCH_FLAGS)
     p.add_argument("--fresh", action="store_true", help="forget finished trials of this search and start over")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "finetune", help="rebuild a run's head end to end and fine-tune it on the images; resumable"
+    )
+    _common(p)
+    _add_flags(p, _FINETUNE_FLAGS)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "predict", help="top-k classes of images from a run, a fine-tuned or an exported model"
+    )
+    p.add_argument(
+        "--model", required=True, metavar="RUN_OR_FILE", help="run folder, .keras, saved_model/ or .tflite"
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--top-k", type=int, default=5, metavar="K")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="JSON instead of a table")
+    out.add_argument("--csv", action="store_true", help="CSV (one row per image and rank) instead of a table")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export", help="export .keras, SavedModel and TFLite (float, dynamic, int8), each checked"
+    )
+    _common(p)
+    _add_flags(p, _EXPORT_FLAGS)
+    p.add_argument("--run", metavar="RUN", help="fine-tuned or stage-2 run folder (default: the newest)")
+    p.add_argument(
+        "--format",
+        default="all",
+        metavar="LIST",
+        help="keras,savedmodel,tflite,tflite-dynamic,tflite-int8 or all",
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/export)")
+    p.add_argument(
+        "--calibration", type=int, default=100, metavar="N", help="training images for int8 calibration"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -66,6 +66,7 @@ class ExtractConfig:
     threads: int = 0  # 0 = all cores
     lock_timeout: float = -1  # seconds to wait for another run on the same cache; -1 = wait forever
     progress: bool = True
+    augment_views: int = 0  # K > 0: also cache K augmented views (finetune.augment) of every train image
 
 
 @dataclass
@@ -169,6 +170,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _validate(cfg: Config) -> None:
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if any(
+                "\x00" in v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)
+            ):
+                raise FeatcacheError(f"config: {section.name}.{f.name} must not contain a NUL character")
+    for key in ("data.source", "extract.cache_dir"):  # "" would silently mean the current folder
+        section, name = key.split(".")
+        if not getattr(getattr(cfg, section), name).strip():
+            raise FeatcacheError(f"config: {key} must not be empty")
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

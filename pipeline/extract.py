@@ -10,6 +10,7 @@ interrupted run resumes from its last written batch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import queue
@@ -38,6 +39,7 @@ from .store import (
     remove_stale_temps,
     scan_parts,
     write_cache,
+    write_error,
 )
 
 
@@ -136,17 +138,22 @@ def _read_quarantine(path: Path) -> dict[str, str]:
 
 
 def _write_quarantine(path: Path, bad: list[tuple[Sample, str, str]]) -> Path | None:
-    if not bad:
-        if path.exists():
-            path.unlink()
-        return None
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "digest", "reason"])
-        for s, digest, reason in bad:
-            w.writerow([s.key, digest, reason])
-    os.replace(tmp, path)
+    try:
+        if not bad:
+            if path.exists():
+                path.unlink()
+            return None
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["key", "digest", "reason"])
+            for s, digest, reason in bad:
+                w.writerow([s.key, digest, reason])
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_error(path, e) from None
     return path
 
 
@@ -172,6 +179,14 @@ class _Lock:
         self.final, self.timeout, self.quiet = final, timeout, quiet
 
     def __enter__(self):
+        try:
+            return self._acquire()
+        except OSError as e:  # the lock file cannot be created: read-only or forbidden folder, disk full
+            raise FeatcacheError(
+                f"cannot lock {self.final} ({self.final.name}.lock: {e.strerror or e}); is the cache folder writable?"
+            ) from None
+
+    def _acquire(self):
         try:
             self._lock.acquire(timeout=0)
         except self._timeout_exc:
@@ -333,7 +348,7 @@ def resolve_cache_path(cfg: Config, ds: Dataset | None = None) -> tuple[Path, di
 
         digest = build_feature_model(cfg.backbone).weights_digest()
         remember_weights_digest(spec, cfg.backbone.layers, cfg.extract.cache_dir, digest)
-    key = feature_key(cfg, spec, digest)
+    key = _views_key(cfg, feature_key(cfg, spec, digest))  # augment_views > 0 changes the rows
     return Path(cfg.extract.cache_dir) / (cache_stem(ds.name, spec.name, fingerprint(key)) + ".h5"), key, ds
 
 
@@ -490,6 +505,7 @@ def _update(
                 )
     if not rows:
         raise FeatcacheError(f"{ds.source}: no readable images ({len(bad)} unreadable; see the list above)")
+    rows, parts = _augmented_views(cfg, ds, final, fp, key, rows, old, parts, result)
 
     result.rows = len(rows)
     result.skipped = len(bad)
@@ -557,3 +573,118 @@ def _same_rows(old: FeatureCache, rows: list[Row], class_names: list[str]) -> bo
 
 
 __all__ = ["ExtractResult", "extract", "resolve_cache_path", "make_image_dataset", "to_rgb"]
+
+
+# ----------------------------------------------------------------------------------------------- augmented views
+# ``extract.augment_views = K``: K augmented versions of every *train* image are cached as extra train rows
+# (key ``<key>#aug<v>``, id = a digest of (image digest, v, recipe)), so every stage-2 head learns from
+# augmentation with no change to training code, while val/test rows stay the plain images. The views are
+# drawn with Keras' random layers (``finetune.augment``, the fine-tuning recipe) seeded by (digest, v): a
+# rerun computes the same views and finds them cached. K and the recipe are in the fingerprint, so a cache
+# with views never mixes with one without. Views go through the same parts as other rows (crash-safe,
+# resumable) and are only computed for train images that have none yet.
+
+VIEWS_RECIPE = 1  # bump when the augmentation factors in pipeline.rebuild.augmentation_layers change
+VIEW_SUFFIX = "#aug"  # in the key of a view row; such rows have no image of their own
+
+
+def _views_key(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:
+    k = int(cfg.extract.augment_views)
+    if k < 0:
+        raise FeatcacheError(f"config: extract.augment_views must be >= 0, got {k}")
+    if k == 0:
+        return key  # caches without views keep their fingerprint
+    augment = [a.strip().lower() for a in cfg.finetune.augment if a.strip().lower() not in ("", "none")]
+    if not augment:
+        raise FeatcacheError("extract.augment_views needs at least one augmentation in finetune.augment")
+    return {**key, "augment_views": {"k": k, "augment": augment, "recipe": VIEWS_RECIPE}}
+
+
+def _augmented_views(
+    cfg: Config, ds: Dataset, final: Path, fp: str, key, rows: list[Row], old, parts, result
+):
+    """``rows`` plus the view rows of every train row; views not cached yet run through the backbone now."""
+    spec = key.get("augment_views")
+    if not spec:
+        return rows, parts
+    import hashlib
+    import json
+
+    tag = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    by_key = {s.key: s for s in ds.samples}
+    have = {r.key for r in rows}
+    views: list[tuple[Row, Sample, int]] = []
+    for r in rows:
+        if r.split != SPLIT_CODES["train"] or VIEW_SUFFIX in r.key or r.key not in by_key:
+            continue
+        for v in range(1, spec["k"] + 1):
+            vkey = f"{r.key}{VIEW_SUFFIX}{v}"
+            if vkey not in have:
+                vid = digest_bytes(f"{r.digest}:view{v}:{tag}".encode())
+                views.append((Row(vkey, vid, r.label, r.split, r.size, r.mtime), by_key[r.key], v))
+    cached = set(old.ids) if old is not None else set()
+    todo = [x for x in views if x[0].digest not in cached and x[0].digest not in parts]
+    if todo:
+        _extract_views(cfg, ds, final, fp, key, todo, spec, result)
+        parts = scan_parts(final, fp)
+    kept = [row for row, _, _ in views if row.digest in cached or row.digest in parts]
+    return rows + kept, parts
+
+
+def _extract_views(cfg: Config, ds: Dataset, final: Path, fp: str, key, todo, spec, result) -> None:
+    from .backbones.build import build_feature_model
+    from .engines import make_engine
+    from .rebuild import augmentation_layers
+
+    _configure_threads(cfg.extract.threads)
+    fm = build_feature_model(cfg.backbone)
+    layers = augmentation_layers(spec["augment"])
+    manifest = {
+        "fingerprint": fp,
+        "feature_key": key,
+        "backbone": fm.spec.name,
+        "dataset": ds.name,
+        "layers": fm.dims,
+    }
+    writer = PartWriter(final, manifest)
+    engine = make_engine(fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir)
+    samples = [s for _, s, _ in todo]
+    data = make_image_dataset(ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size)
+    dtype = np.dtype(cfg.extract.dtype)
+    progress = _progress(len(todo), cfg.extract.progress)
+    t0 = time.perf_counter()
+    try:
+        for idx, images, ok, _ in data:
+            idx, ok, x = idx.numpy(), np.reshape(ok.numpy(), -1), images.numpy()
+            keep = np.flatnonzero(ok)
+            if len(keep):
+                batch = np.stack([_augment_one(layers, x[i], todo[int(idx[i])]) for i in keep])
+                out = engine(batch)
+                ids = [todo[int(idx[i])][0].digest for i in keep]
+                writer.write(ids, {layer: out[layer].astype(dtype, copy=False) for layer in fm.layers})
+                result.extracted += len(keep)
+                result.batches += 1
+            progress.update(len(idx))
+    except KeyboardInterrupt:
+        raise FeatcacheError(
+            f"interrupted: {writer.rows_written} augmented views kept in {writer.dir}; run the same command again to resume"
+        ) from None
+    finally:
+        progress.close()
+        result.backbone_seconds += time.perf_counter() - t0
+
+
+def _augment_one(layers, image: np.ndarray, item) -> np.ndarray:
+    """One view, the same whatever the batch: every random draw is seeded by (image digest, view)."""
+    row, _, v = item
+    seed = int(row.digest[:8], 16)
+    x = image[None]
+    for j, layer in enumerate(layers):
+        t = layer.get_random_transformation(x, training=True, seed=(seed + 7919 * j + v) & 0x7FFFFFFF)
+        x = layer.transform_images(x, t, training=True)
+    return np.asarray(x[0], np.float32)
+
+
+from ._callable import callable_module  # noqa: E402
+
+callable_module(__name__, "extract")

@@ -746,3 +746,8 @@ def _write_outputs(
         "notes": run.notes,
     }
     write_json(run.dir / "search.json", summary)
+
+
+from ._callable import callable_module  # noqa: E402
+
+callable_module(__name__, "search")

@@ -21,6 +21,7 @@ old complete cache plus whole parts, so the next run resumes, or the new complet
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -85,8 +86,17 @@ class FeatureCache:
             ) from None
         try:
             a = self._f.attrs
+            digest = a.get("attrs_sha256")
+            checksummed = digest is not None or ("ids" in self._f and self._f["ids"].fletcher32)
+            if checksummed and digest != _attrs_digest(a):
+                raise FeatcacheError(
+                    f"{self.path}: damaged cache (metadata checksum); re-extract with --rebuild"
+                )
             if a.get("format") != FORMAT:
-                raise FeatcacheError(f"{self.path}: not a featcache cache (format {a.get('format')!r})")
+                raise FeatcacheError(
+                    f"{self.path}: not a featcache cache (format {a.get('format')!r}); delete it or re-extract"
+                    " with --rebuild"
+                )
             if not bool(a.get("complete", False)):
                 raise FeatcacheError(
                     f"{self.path}: cache is incomplete; run `featcache extract` again to finish it"
@@ -111,7 +121,7 @@ class FeatureCache:
         except FeatcacheError:
             self._f.close()
             raise
-        except (KeyError, OSError, ValueError) as e:
+        except (KeyError, OSError, ValueError, RuntimeError) as e:  # h5py raises any of these on damage
             self._f.close()
             raise FeatcacheError(
                 f"{self.path}: damaged cache ({_short(e)}); re-extract with --rebuild"
@@ -151,15 +161,21 @@ class FeatureCache:
         self, layer: str | None = None, rows: np.ndarray | None = None, dtype=np.float32
     ) -> np.ndarray:
         ds = self.dataset(layer)
-        if rows is None:
-            return ds[()].astype(dtype, copy=False)
-        rows = np.asarray(rows)
-        if rows.size == 0:
-            return np.zeros((0, ds.shape[1]), dtype)
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), ds.shape[1]), dtype)
-        out[order] = ds[rows[order]]  # h5py wants increasing indices
-        return out
+        try:
+            if rows is None:
+                return ds[()].astype(dtype, copy=False)
+            rows = np.asarray(rows)
+            if rows.size == 0:
+                return np.zeros((0, ds.shape[1]), dtype)
+            order = np.argsort(rows, kind="stable")
+            out = np.empty((len(rows), ds.shape[1]), dtype)
+            out[order] = ds[rows[order]]  # h5py wants increasing indices
+            return out
+        except OSError as e:  # a failed checksum, a cut-off chunk...
+            raise self._damaged(e) from None
+
+    def _damaged(self, e: Exception) -> FeatcacheError:
+        return FeatcacheError(f"{self.path}: damaged cache ({_short(e)}); re-extract with --rebuild")
 
     def iter_batches(
         self, layer: str | None = None, rows: np.ndarray | None = None, batch_size: int = 1024
@@ -169,7 +185,11 @@ class FeatureCache:
         ds = self.dataset(layer)
         for i in range(0, len(rows), batch_size):
             r = rows[i : i + batch_size]
-            yield ds[r].astype(np.float32, copy=False), self.labels[r]
+            try:
+                block = ds[r].astype(np.float32, copy=False)
+            except OSError as e:
+                raise self._damaged(e) from None
+            yield block, self.labels[r]
 
     def close(self) -> None:
         self._f.close()
@@ -264,7 +284,10 @@ class PartWriter:
 
     def __init__(self, final: Path, manifest: dict[str, Any]):
         self.dir = partial_dir(final)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.dir, e) from None
         self.manifest = dict(manifest)
         existing = sorted(self.dir.glob("part-*.npz"))
         self._next = 1 + max((int(p.stem.split("-")[1]) for p in existing), default=0)
@@ -274,17 +297,29 @@ class PartWriter:
     def _write_manifest(self) -> None:
         m = {**self.manifest, "rows_written": self.rows_written, "updated": time.time()}
         tmp = self.dir / f"manifest.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(m))
-        os.replace(tmp, self.dir / "manifest.json")
+        try:
+            tmp.write_text(json.dumps(m))
+            os.replace(tmp, self.dir / "manifest.json")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise write_error(self.dir, e) from None
 
     def write(self, ids: list[str], features: dict[str, np.ndarray]) -> Path:
         name = self.dir / f"part-{self._next:07d}.npz"
         tmp = self.dir / f".part-{self._next:07d}.{os.getpid()}.tmp.npz"
         arrays = {f"f_{i}": v for i, v in enumerate(features.values())}
-        np.savez(
-            tmp, ids=np.asarray(ids, dtype="U32"), layers=np.asarray(list(features), dtype=str), **arrays
-        )
-        os.replace(tmp, name)
+        try:
+            np.savez(
+                tmp, ids=np.asarray(ids, dtype="U32"), layers=np.asarray(list(features), dtype=str), **arrays
+            )
+            os.replace(tmp, name)
+        except BaseException as e:  # a part exists whole or not at all, and no temp file is left behind
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(e, OSError):
+                raise write_error(self.dir, e) from None
+            raise
         self._next += 1
         self.rows_written += len(ids)
         self._write_manifest()
@@ -323,7 +358,10 @@ def clear_partial(final: Path) -> None:
 
 def remove_stale_temps(final: Path) -> None:
     """Leftovers of runs killed while writing; only ours, matched by name."""
-    for p in final.parent.glob(final.name + ".tmp-*"):
+    for p in [
+        *final.parent.glob(final.name + ".tmp-*"),
+        *final.parent.glob(quarantine_path(final).name + ".*.tmp"),
+    ]:
         with contextlib.suppress(OSError):
             p.unlink()
     d = partial_dir(final)
@@ -382,10 +420,15 @@ def write_cache(
     reader = _PartReader()
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     n = len(rows)
+    guard = None
     try:
-        with h5py.File(tmp, "w") as f:
+        guard = _GuardedFile(tmp)
+        # v1.10 formats checksum all metadata, and fletcher32 every chunk of data: a garbled file is
+        # detected when read, never served (HDF5 >= 1.10 reads it)
+        with h5py.File(guard, "w", libver=("v110", "v110")) as f:
             g = f.create_group("features")
-            comp = {} if compression == "none" else {"compression": compression}
+            ck = {"fletcher32": True} if n else {}
+            comp = ck if compression == "none" else {"compression": compression, **ck}
             for layer, dim in layer_dims.items():
                 per_chunk = max(1, min(n, (1 << 20) // max(1, dim * np.dtype(dtype).itemsize)))
                 g.create_dataset(
@@ -402,36 +445,156 @@ def write_cache(
                         js, idx = map(np.asarray, zip(*from_old, strict=True))
                         order = np.argsort(idx)
                         uniq, inverse = np.unique(idx[order], return_inverse=True)
-                        data = old.dataset(layer)[uniq]
+                        data = old.features(layer, uniq, dtype)
                         block[js[order]] = data[inverse]
                     for j, r in enumerate(chunk):
                         if r.digest not in old_index:
                             block[j] = reader.get(parts[r.digest], layer)
                     g[layer][start : start + len(chunk)] = block
-            f.create_dataset("labels", data=np.asarray([r.label for r in rows], np.int32))
-            f.create_dataset("split", data=np.asarray([r.split for r in rows], np.uint8)).attrs["names"] = (
-                ",".join(SPLIT_NAMES)
-            )
-            f.create_dataset("keys", data=np.asarray([r.key for r in rows], dtype=object), dtype=_str_dtype())
-            f.create_dataset(
-                "ids", data=np.asarray([r.digest for r in rows], dtype=object), dtype=_str_dtype()
-            )
-            f.create_dataset("sizes", data=np.asarray([r.size for r in rows], np.int64))
-            f.create_dataset("mtimes", data=np.asarray([r.mtime for r in rows], np.int64))
-            f.create_dataset("class_names", data=np.asarray(class_names, dtype=object), dtype=_str_dtype())
+                guard.check()  # a failed write stops the rebuild at once
+            f.create_dataset("labels", data=np.asarray([r.label for r in rows], np.int32), **ck)
+            f.create_dataset("split", data=np.asarray([r.split for r in rows], np.uint8), **ck).attrs[
+                "names"
+            ] = ",".join(SPLIT_NAMES)
+            f.create_dataset("keys", **_fixed_strings([r.key for r in rows]), **ck)
+            f.create_dataset("ids", **_fixed_strings([r.digest for r in rows]), **ck)
+            f.create_dataset("sizes", data=np.asarray([r.size for r in rows], np.int64), **ck)
+            f.create_dataset("mtimes", data=np.asarray([r.mtime for r in rows], np.int64), **ck)
+            f.create_dataset("class_names", **_fixed_strings(class_names), **ck)
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
             f.attrs["format"] = FORMAT
             f.attrs["n_rows"] = n
             f.attrs["complete"] = True  # written last: a file without it is never served
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+            # HDF5 keeps many attributes in a heap it does not checksum: our own digest covers them
+            f.attrs["attrs_sha256"] = _attrs_digest(f.attrs)
+        guard.close()  # fsync, and raise the first failed write, if any
         os.replace(tmp, final)
         with contextlib.suppress(OSError):
             dfd = os.open(final.parent, os.O_RDONLY)
             os.fsync(dfd)
             os.close(dfd)
-    except BaseException:
+    except BaseException as e:
+        if guard is not None:
+            guard.discard()
+            e = guard.error or e
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.strerror:  # the file system's, not one of HDF5's own errors
+            raise write_error(final, e) from None
         raise
+
+
+def write_error(path: Path, e: BaseException) -> FeatcacheError:
+    """A failed write (disk full, permission denied, read-only folder...) as one clear line."""
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    else:  # HDF5: "... errno = 28, error message = 'No space left on device', ..."
+        m = re.search(r"error message = '([^']*)'", str(e))
+        reason = m.group(1) if m else _short(e)
+    return FeatcacheError(
+        f"cannot write {path}: {reason} (any previous complete cache is untouched; fix this and run again)"
+    )
+
+
+def _attrs_digest(attrs) -> str:
+    h = hashlib.sha256()
+    for k in sorted(attrs):
+        if k != "attrs_sha256":
+            h.update(f"{k}\0{_attr(attrs[k])!r}\0".encode())
+    return h.hexdigest()
+
+
+def _fixed_strings(values: list[str]) -> dict[str, Any]:
+    """Fixed-length UTF-8: stored in the dataset itself, so its checksum covers it (a variable-length
+    string lives in an unchecksummed global heap)."""
+    encoded = [v.encode("utf-8") for v in values]
+    width = max(1, *map(len, encoded)) if encoded else 1
+    return {"data": np.asarray(encoded, dtype=f"S{width}").astype(_h5().string_dtype("utf-8", width))}
+
+
+class _GuardedFile:
+    """The temporary cache file as HDF5 sees it (h5py's file-object driver).
+
+    HDF5 must never see a failed write: it then keeps its dirty metadata, retries the flush on every later
+    close and at exit, and can crash the interpreter (h5py#914). So the first failure (disk full, I/O
+    error...) is remembered in ``error`` and HDF5 is told the write went through; what it writes from then
+    on goes to a small in-memory overlay (reads see it), which lets it close cleanly. :meth:`check` and
+    :meth:`close` raise the remembered error; the caller deletes the file.
+    """
+
+    def __init__(self, path: Path):
+        self._f = open(path, "w+b", buffering=0)  # closed by close() or discard()
+        self.error: OSError | None = None
+        self._overlay: dict[int, bytes] = {}
+        self._pos = self._size = 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                self._f.seek(self._pos)
+                done = 0
+                while done < len(view):
+                    done += self._f.write(view[done:])
+            except OSError as e:
+                self.error = e
+        if self.error is not None:
+            self._overlay.pop(self._pos, None)  # re-inserted last: later writes win when patches overlap
+            self._overlay[self._pos] = bytes(view)
+        self._pos += len(view)
+        self._size = max(self._size, self._pos)
+        return len(view)
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n, start = len(view), self._pos
+        self._f.seek(start)
+        got = self._f.readinto(view) or 0
+        view[got:] = bytes(n - got)
+        for off, data in self._overlay.items():
+            lo, hi = max(off, start), min(off + len(data), start + n)
+            if lo < hi:
+                view[lo - start : hi - start] = data[lo - off : hi - off]
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        buf = bytearray(max(0, self._size - self._pos) if size is None or size < 0 else size)
+        self.readinto(buf)
+        return bytes(buf)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                self._f.truncate(size)
+            except OSError as e:
+                self.error = e
+        self._size = size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.check()
+        try:
+            os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()

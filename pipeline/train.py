@@ -681,3 +681,8 @@ def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Pre
     )
     write_json(run_dir / "metrics.json", metrics)
     write_manifest(run_dir, kind, model_files)
+
+
+from ._callable import callable_module  # noqa: E402
+
+callable_module(__name__, "train")

@@ -1,0 +1,149 @@
+"""Stage 3: exports agree with the Keras model, and `featcache predict` works on new images.
+
+Shares the real cache of ``test_finetune.py`` (two classes of real photo crops, 64 px, Lite0 weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, write_photo_folder
+from test_finetune import TOL, finetune_overrides, stage3_setup
+
+from pipeline.config import load_config
+
+
+@pytest.fixture(scope="module")
+def stage3(tmp_path_factory) -> dict:
+    return stage3_setup(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def finetuned(stage3) -> Path:
+    """A quick fine-tuned run: 1 epoch, head only (what export and predict need is the model file)."""
+    from pipeline.finetune import finetune
+
+    ov = finetune_overrides(
+        stage3, **{"finetune.epochs": "1", "finetune.unfreeze": "none", "finetune.augment": "none"}
+    )
+    return finetune(load_config(None, ov)).run_dir
+
+
+@pytest.fixture(scope="module")
+def new_images(tmp_path_factory) -> Path:
+    """Crops the cache has never seen, plus a file that is not an image."""
+    root = tmp_path_factory.mktemp("new-images")
+    write_photo_folder(root, per_class=2, seed=123, start=500)
+    (root / "notes.jpg").write_bytes(b"this is not a JPEG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(finetuned, tmp_path_factory) -> dict:
+    from pipeline.export import export
+
+    out = tmp_path_factory.mktemp("export")
+    return export(finetuned, "all", out)
+
+
+def test_every_export_matches_keras(exported):
+    r = exported
+    assert r["ok"], json.dumps(r["formats"], indent=1)
+    assert set(r["formats"]) == {"keras", "savedmodel", "tflite", "tflite-dynamic", "tflite-int8"}
+    assert r["eval_split"] == "val" and r["eval_images"] >= 5 and r["keras_accuracy"] is not None
+    f = r["formats"]
+    assert f["keras"]["max_abs_diff"] <= 1e-6 and f["keras"]["max_abs_diff_raw_size"] <= 1e-6
+    assert f["savedmodel"]["max_abs_diff"] <= 1e-5 and f["savedmodel"]["max_abs_diff_raw_size"] <= 1e-5
+    assert f["tflite"]["max_abs_diff"] <= 1e-4
+    for e in f.values():  # each re-scored on the val split, next to the Keras accuracy
+        assert Path(e["path"]).exists() and e["bytes"] > 0
+        assert e["accuracy"] is not None and e["keras_accuracy"] == r["keras_accuracy"]
+        assert e["accuracy_delta"] == pytest.approx(e["accuracy"] - e["keras_accuracy"])
+    # quantized files are smaller; int8 calibrated on cache training images still classifies
+    assert f["tflite-dynamic"]["bytes"] < f["tflite"]["bytes"] / 2
+    assert f["tflite-int8"]["bytes"] < f["tflite"]["bytes"] / 2
+    assert f["tflite-int8"]["accuracy"] >= r["keras_accuracy"] - max(0.05, 1 / r["eval_images"]) - 1e-9
+    saved = json.loads((Path(f["keras"]["path"]).parent / "export.json").read_text())
+    assert saved["class_names"] == ["china", "flower"] and saved["image_size"] == 64
+
+
+def test_stage2_run_exports_through_the_rebuilt_model(stage3, tmp_path):
+    """A stage-2 run is rebuilt and exported; its TFLite file reproduces the stage-2 head end to end."""
+    from pipeline.export import export
+
+    r = export(stage3["run"], "tflite", tmp_path)
+    assert r["run_kind"] == "stage2" and r["ok"] and r["formats"]["tflite"]["max_abs_diff"] <= 1e-4
+
+
+def test_predict_new_images_with_a_stage2_run(stage3, new_images):
+    """CLI: new images get features computed, a cached image is read from the cache, a bad file is a row."""
+    from pipeline.rebuild import rebuild
+
+    cached = sorted((stage3["photos"] / "flower").glob("*.jpg"))[0]
+    r = run_cli(
+        "predict", "--model", str(stage3["run"]), str(new_images), str(cached), "--json", "--top-k", "2"
+    )
+    assert r.returncode == 2, r.stderr  # one image could not be read
+    assert "1 of 6 image(s) could not be read" in r.stderr
+    rows = {Path(x["image"]).name: x for x in json.loads(r.stdout)}
+    new = sorted(p.name for p in new_images.rglob("*_5*.*"))
+    assert len(new) == 4 and set(rows) == {*new, "notes.jpg", cached.name}
+    assert rows["notes.jpg"]["error"] and not rows["notes.jpg"]["predictions"]
+    assert rows[cached.name]["features"] == "cache"
+    for name in new:
+        preds = rows[name]["predictions"]
+        assert rows[name]["features"] == "computed" and len(preds) == 2
+        assert {p["class"] for p in preds} == {"china", "flower"}
+        assert sum(p["probability"] for p in preds) == pytest.approx(1.0, abs=1e-6)
+        assert preds[0]["class"] == name.split("_")[0]  # real photo crops: the head knows them apart
+
+    # the on-the-fly features give what the rebuilt end-to-end model gives on the same files
+    from pipeline.predict import predict
+
+    _, results = predict(stage3["run"], [str(new_images / "china"), str(new_images / "flower")], top_k=2)
+    rb = rebuild(stage3["run"])
+    from pipeline.decode import decode_image
+
+    for res in results:
+        p = rb.model(np.asarray(decode_image(res.image), np.float32)[None]).numpy()[0]
+        got = dict((i, prob) for i, _, prob in res.top)
+        assert max(abs(got[i] - p[i]) for i in got) <= TOL
+
+
+def test_predict_with_finetuned_and_exported_models(finetuned, exported, new_images):
+    from pipeline.predict import predict
+
+    images = [str(new_images / "china"), str(new_images / "flower")]
+    outputs = {}
+    for fmt, model in {
+        "run": finetuned,
+        "keras": exported["formats"]["keras"]["path"],
+        "savedmodel": exported["formats"]["savedmodel"]["path"],
+        "tflite": exported["formats"]["tflite"]["path"],
+    }.items():
+        predictor, results = predict(model, images, top_k=2)
+        assert predictor.class_names == ["china", "flower"]
+        assert all(r.error is None and r.source == "model" for r in results)
+        outputs[fmt] = np.array([[dict((i, p) for i, _, p in r.top)[k] for k in (0, 1)] for r in results])
+    for fmt in ("keras", "savedmodel", "tflite"):
+        assert np.abs(outputs[fmt] - outputs["run"]).max() <= 1e-4, fmt
+
+    from pipeline.predict import format_csv
+
+    _, results = predict(exported["formats"]["tflite-int8"]["path"], images[:1], top_k=1)
+    lines = format_csv(results).strip().splitlines()
+    assert lines[0] == "image,rank,class,index,probability,features,error" and len(lines) == 3
+
+
+def test_predict_and_export_errors_are_one_line(stage3, tmp_path):
+    r = run_cli("predict", "--model", str(stage3["run"]), str(tmp_path / "missing.jpg"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "featcache: error: image not found"
+    )
+    r = run_cli("predict", "--model", str(tmp_path / "nope"), str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run_cli("export", "--run", str(stage3["run"]), "--format", "onnx")
+    assert r.returncode == 2 and "unknown format 'onnx'" in r.stderr and "Traceback" not in r.stderr
