@@ -183,13 +183,28 @@ def cmd_train(args) -> int:
 
 
 _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": ("train.cache", {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"}),
+    "--cache": (
+        "train.cache",
+        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
+    ),
     "--layer": ("train.layer", {"metavar": "NAME", "help": "layer for spaces that do not list layers"}),
-    "--space": ("search.space", {"metavar": "FILE", "help": "search space TOML (default: the built-in pipeline/configs/search_space.toml)"}),
+    "--space": (
+        "search.space",
+        {
+            "metavar": "FILE",
+            "help": "search space TOML (default: the built-in pipeline/configs/search_space.toml)",
+        },
+    ),
     "--strategy": ("search.strategy", {"choices": ["grid", "random", "halving"]}),
-    "--n-trials": ("search.n_trials", {"type": int, "metavar": "N", "help": "candidates for random and halving"}),
+    "--n-trials": (
+        "search.n_trials",
+        {"type": int, "metavar": "N", "help": "candidates for random and halving"},
+    ),
     "--n-jobs": ("search.n_jobs", {"type": int, "metavar": "N", "help": "parallel trials (-1 = all cores)"}),
-    "--cv": ("search.cv", {"type": int, "metavar": "K", "help": "K-fold CV on train+val (default 0: the val split)"}),
+    "--cv": (
+        "search.cv",
+        {"type": int, "metavar": "K", "help": "K-fold CV on train+val (default 0: the val split)"},
+    ),
     "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
     "--data": ("data.source", {"metavar": "PATH"}),
     "--backbone": ("backbone.name", {"metavar": "NAME"}),
@@ -337,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="search heads and hyperparameters on the val split; resumable")
     _common(p)
     _add_flags(p, _SEARCH_FLAGS)
-    p.add_argument("--fresh", action="store_true", help="forget finished trials of this search and start over")
+    p.add_argument(
+        "--fresh", action="store_true", help="forget finished trials of this search and start over"
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(

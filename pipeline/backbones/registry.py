@@ -42,8 +42,8 @@ _SPECS = [
     _k("inception_resnet_v2", "inception_resnet_v2", "InceptionResNetV2", "tf", 299),
     _k("mobilenet", "mobilenet", "MobileNet", "tf", 224),
     _k("mobilenet_v2", "mobilenet_v2", "MobileNetV2", "tf", 224),
-    _k("mobilenet_v3_small", "mobilenet_v3", "MobileNetV3Small", "none", 224),
-    _k("mobilenet_v3_large", "mobilenet_v3", "MobileNetV3Large", "none", 224),
+    BackboneSpec("mobilenet_v3_small", "keras.applications", "MobileNetV3Small", "none", 224),
+    BackboneSpec("mobilenet_v3_large", "keras.applications", "MobileNetV3Large", "none", 224),
     _k("densenet121", "densenet", "DenseNet121", "torch", 224),
     _k("densenet169", "densenet", "DenseNet169", "torch", 224),
     _k("densenet201", "densenet", "DenseNet201", "torch", 224),
@@ -58,7 +58,13 @@ _SPECS = [
         for v, s in (("b0", 224), ("b1", 240), ("b2", 260), ("b3", 300), ("s", 384), ("m", 480), ("l", 480))
     ],
     *[
-        _k(f"convnext_{v}", "convnext", f"ConvNeXt{v.capitalize()}", "none", 224)
+        _k(
+            f"convnext_{v}",
+            "convnext",
+            "ConvNeXtXLarge" if v == "xlarge" else f"ConvNeXt{v.capitalize()}",
+            "none",
+            224,
+        )
         for v in ("tiny", "small", "base", "large", "xlarge")
     ],
 ]
