@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -72,3 +74,29 @@ def small_config(cache_dir: Path, source: str | Path, **extra) -> dict:
         "extract.progress": False,
         **extra,
     }
+
+
+def make_digits_cache(base: Path) -> Path:
+    """The shared real cache: ~1800 digits, 64 px, default backbone; idempotent (a rerun is a cache hit)."""
+    from sklearn.datasets import load_digits
+
+    from pipeline.extract import extract
+
+    root = base / "featcache-digits"
+    root.mkdir(parents=True, exist_ok=True)
+    npz = root / "digits.npz"
+    if not npz.exists():
+        d = load_digits()
+        np.savez(npz, images=np.clip(d.images * 16, 0, 255).astype(np.uint8), labels=d.target)
+    overrides = {
+        "data.source": str(npz),
+        "extract.cache_dir": str(root / "cache"),
+        "backbone.image_size": "64",
+        "extract.progress": "false",
+    }
+    return Path(extract(load_config(None, overrides)).path)
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> Path:
+    return make_digits_cache(tmp_path_factory.getbasetemp())

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipeline.config import load_config
@@ -33,28 +32,6 @@ def one_blas_thread():
 
     with threadpool_limits(1):
         yield
-
-
-@pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory) -> Path:
-    """The same real cache as test_train.py (same folder: a second extract is a cache hit)."""
-    from sklearn.datasets import load_digits
-
-    from pipeline.extract import extract
-
-    root = tmp_path_factory.getbasetemp() / "featcache-digits"
-    root.mkdir(parents=True, exist_ok=True)
-    npz = root / "digits.npz"
-    if not npz.exists():
-        d = load_digits()
-        np.savez(npz, images=np.clip(d.images * 16, 0, 255).astype(np.uint8), labels=d.target)
-    overrides = {
-        "data.source": str(npz),
-        "extract.cache_dir": str(root / "cache"),
-        "backbone.image_size": "64",
-        "extract.progress": "false",
-    }
-    return Path(extract(load_config(None, overrides)).path)
 
 
 def search_cfg(cache: Path, runs: Path, space: Path | None, **search):

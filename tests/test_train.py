@@ -34,32 +34,6 @@ def one_blas_thread():
         yield
 
 
-def make_digits_cache(base: Path) -> Path:
-    """The shared real cache: ~1800 digits, 64 px, default backbone; idempotent (a rerun is a cache hit)."""
-    from sklearn.datasets import load_digits
-
-    from pipeline.extract import extract
-
-    root = base / "featcache-digits"
-    root.mkdir(parents=True, exist_ok=True)
-    npz = root / "digits.npz"
-    if not npz.exists():
-        d = load_digits()
-        np.savez(npz, images=np.clip(d.images * 16, 0, 255).astype(np.uint8), labels=d.target)
-    overrides = {
-        "data.source": str(npz),
-        "extract.cache_dir": str(root / "cache"),
-        "backbone.image_size": "64",
-        "extract.progress": "false",
-    }
-    return Path(extract(load_config(None, overrides)).path)
-
-
-@pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory) -> Path:
-    return make_digits_cache(tmp_path_factory.getbasetemp())
-
-
 def train_cfg(
     cache: Path,
     runs: Path,
