@@ -530,20 +530,18 @@ def _acc(split: dict | None):
 
 
 def _write(run_dir: Path, rb, metrics, test_part: SplitImages, p_test, ok_test, keys: list[str]) -> None:
-    from .runs import plot_confusion, plot_learning_curves, write_json, write_manifest, write_misclassified
+    from .runs import (
+        plot_learning_curves,
+        plot_split_confusions,
+        write_json,
+        write_manifest,
+        write_misclassified,
+    )
 
     tmp = run_dir / f".model.{os.getpid()}.tmp.keras"
     rb.model.save(tmp)
     os.replace(tmp, run_dir / "model.keras")
-    for split in ("val", "test"):
-        cm = metrics[split].get("confusion_matrix")
-        if cm:
-            plot_confusion(
-                run_dir / f"confusion_{split}.png",
-                cm,
-                rb.class_names,
-                f"fine-tuned {metrics['head']} · {split} · acc {metrics[split]['accuracy']:.3f}",
-            )
+    plot_split_confusions(run_dir, metrics, rb.class_names, "fine-tuned ")
     if metrics["history"].get("loss"):
         plot_learning_curves(
             run_dir / "learning_curves.png", metrics["history"], "fine-tuning learning curves"

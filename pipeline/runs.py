@@ -276,6 +276,17 @@ def plot_confusion(path: Path, cm: Sequence[Sequence[int]], class_names: Sequenc
     plt.close(fig)
 
 
+def plot_split_confusions(
+    run_dir: Path, metrics: dict[str, Any], class_names: Sequence[str], title: str = ""
+) -> None:
+    """``confusion_val.png`` and ``confusion_test.png`` of a run, titled with the split's accuracy."""
+    for split in ("val", "test"):
+        cm = metrics[split].get("confusion_matrix")
+        if cm:
+            label = f"{title}{metrics['head']} · {split} · acc {metrics[split]['accuracy']:.3f}"
+            plot_confusion(run_dir / f"confusion_{split}.png", cm, class_names, label)
+
+
 def plot_learning_curves(path: Path, history: dict[str, list[float]], title: str) -> None:
     plt = _plt()
     metrics = [m for m in ("loss", "accuracy") if m in history]

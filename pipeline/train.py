@@ -652,8 +652,8 @@ def _metrics(
 
 def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Predictions, cache) -> None:
     from .runs import (
-        plot_confusion,
         plot_learning_curves,
+        plot_split_confusions,
         save_model,
         write_json,
         write_manifest,
@@ -661,15 +661,7 @@ def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Pre
     )
 
     kind, model_files = save_model(run_dir, fitted.model)
-    for split in ("val", "test"):
-        cm = metrics[split].get("confusion_matrix")
-        if cm:
-            plot_confusion(
-                run_dir / f"confusion_{split}.png",
-                cm,
-                cache.class_names,
-                f"{metrics['head']} · {split} · acc {metrics[split]['accuracy']:.3f}",
-            )
+    plot_split_confusions(run_dir, metrics, cache.class_names)
     if fitted.history:
         plot_learning_curves(
             run_dir / "learning_curves.png", fitted.history, f"{metrics['head']} learning curves"
