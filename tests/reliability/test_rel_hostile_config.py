@@ -189,6 +189,8 @@ def bad_assignment(draw) -> tuple[list[str], tuple[str, ...]]:
         return [item], ("--set",)
     val = draw(st.floats(0.01, 0.99))
     test = draw(st.floats(max(0.0, 1.0 - val), 0.999))
+    if val + test < 1.0:  # 1.0 - val can round so that val + test lands just below 1: a valid config
+        test = 0.999
     return ["data.val_fraction=" + repr(val), "data.test_fraction=" + repr(test)], ("val_fraction",)
 
 
