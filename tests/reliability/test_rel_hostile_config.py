@@ -168,7 +168,8 @@ def bad_assignment(draw) -> tuple[list[str], tuple[str, ...]]:
                 st.sampled_from(sorted(FIELDS)).map(lambda k: k + "x"),
             )
         )
-        return [f"{key}=1"], (key.strip(),)
+        # argparse reads a value that starts with "-" as an option: its error names --set instead
+        return [f"{key}=1"], (key.strip(), "argument --set") if key.startswith("-") else (key.strip(),)
     if kind == "type":
         key = draw(st.sampled_from(NUMERIC))
         value = draw(not_int if FIELDS[key] is int else not_float)
@@ -186,7 +187,7 @@ def bad_assignment(draw) -> tuple[list[str], tuple[str, ...]]:
         )
     if kind == "malformed":
         item = draw(st.one_of(printable.filter(lambda s: "=" not in s), printable.map(lambda v: "=" + v)))
-        return [item], ("--set",)
+        return [item], ("--set",)  # also covers items starting with "-"
     val = draw(st.floats(0.01, 0.99))
     test = draw(st.floats(max(0.0, 1.0 - val), 0.999))
     if val + test < 1.0:  # 1.0 - val can round so that val + test lands just below 1: a valid config
