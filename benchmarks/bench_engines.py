@@ -27,7 +27,6 @@ default. Results go to ``benchmarks/out/engines.json``; a markdown table is prin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -180,37 +179,11 @@ def _decode(source: str, limit: int, fm) -> dict[str, float]:
 
     ds = load_dataset(DataConfig(source=source, limit=limit))
     data = make_image_dataset(ds, ds.samples[:512], fm.image_size, "stretch", BATCH)
-    it = iter(data)  # kept alive past the timing: see _no_autotune
+    it = iter(data)  # kept alive past the timing (its teardown is not what we measure)
     with Meter() as m:
         n = sum(int(images.shape[0]) for _, images, _, _ in it)
     del it
     return m.result(n)
-
-
-@contextlib.contextmanager
-def _no_autotune():
-    """What-if: extraction's tf.data pipeline with autotuning off.
-
-    Destroying a tf.data iterator waits for the autotune thread's next wake-up, and that thread sleeps
-    for exponentially growing periods (…, 2.56, 5.12, 10.24 s, …): a for-loop over the dataset ends up to
-    ~2× later than its last batch. This patch shows what extraction would do without that stall.
-    """
-    import tensorflow as tf
-
-    from pipeline import extract as ex
-
-    original = ex.make_image_dataset
-
-    def patched(*a, **kw):
-        opts = tf.data.Options()
-        opts.autotune.enabled = False
-        return original(*a, **kw).with_options(opts)
-
-    ex.make_image_dataset = patched
-    try:
-        yield
-    finally:
-        ex.make_image_dataset = original
 
 
 def _extract(source: str, limit: int, engine: str, threads: int, engines_cache: Path) -> dict[str, Any]:
@@ -251,7 +224,6 @@ PATHS = [
     ("featcache extract", "tensorflow"),
     ("featcache extract", "tflite"),
     ("featcache extract", "auto"),
-    ("extract, tf.data autotune off (what-if)", "auto"),
 ]
 
 
@@ -281,9 +253,6 @@ def bench_dataset(
                 r = _forward(tf_engine if engine == "tensorflow" else lite, batches)
             elif kind.startswith("decode"):
                 r = _decode(source, limit, fm)
-            elif "what-if" in kind:
-                with _no_autotune():
-                    r = _extract(source, limit, engine, threads, engines_cache)
             else:
                 r = _extract(source, limit, engine, threads, engines_cache)
             runs[path].append(r)
@@ -309,6 +278,9 @@ def bench_dataset(
             "cpu_ms_per_image": _median([r["cpu_ms_per_image"] for r in rs]),
             "foreign_cores": _median([r["foreign_cores"] for r in rs]),
         }
+        if kind == "featcache extract":  # issue 5 item 1: ÷ the bare forward of the engine extract used
+            bare = _median([r["images_per_s"] for r in runs[("bare forward", rs[-1]["used"])]])
+            row["ratio_same_engine"] = rate / bare
         if "end_to_end_images_per_s" in rs[0]:
             e2e = _median([r["end_to_end_images_per_s"] for r in rs])
             row.update(end_to_end_images_per_s=e2e, end_to_end_ratio=e2e / base)
@@ -469,16 +441,17 @@ def markdown(result: dict) -> str:
         f"({d0['forward_images']} decoded images in memory). `extract` images/s is what extract reports (its "
         "decode→backbone→write loop); end-to-end divides by the whole call (model build, digests, final HDF5).",
         "",
-        "| dataset | path | engine | images/s | ratio | end-to-end images/s | ratio | CPU ms/image | other load |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| dataset | path | engine | images/s | ratio | ÷ same engine bare | end-to-end images/s | ratio | CPU ms/image | other load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for d in result["datasets"]:
         for r in d["rows"]:
             e2e = r.get("end_to_end_images_per_s")
             e2e_cells = " | " if e2e is None else f"{e2e:.0f} | {r['end_to_end_ratio']:.2f}×"
+            same = f"{r['ratio_same_engine']:.2f}" if "ratio_same_engine" in r else ""
             lines.append(
                 f"| {d['dataset']} ({d['images']}) | {r['path']} | {r['engine']} | {r['images_per_s']:.0f} | "
-                f"{r['ratio']:.2f}× | {e2e_cells} | {r['cpu_ms_per_image']:.1f} | {r['foreign_cores']:.2f} cores |"
+                f"{r['ratio']:.2f}× | {same} | {e2e_cells} | {r['cpu_ms_per_image']:.1f} | {r['foreign_cores']:.2f} cores |"
             )
     c = result["conversion"]
     lines += [

@@ -84,7 +84,8 @@ def _notebook_way(cache_path: Path, size: int) -> tuple[float, float]:
     return seconds, float(acc)
 
 
-def bench_cached_vs_notebook(work: Path, limit: int, size: int, engine: str) -> dict[str, Any]:
+def bench_cached(work: Path, limit: int, size: int, engine: str) -> dict[str, Any]:
+    """(a) featcache: one extraction into a fresh cache dir (a first TFLite conversion included), then the head."""
     from pipeline.extract import extract
     from pipeline.train import train
 
@@ -100,30 +101,44 @@ def bench_cached_vs_notebook(work: Path, limit: int, size: int, engine: str) -> 
     t0 = time.perf_counter()
     run = train(cfg)
     t_train = time.perf_counter() - t0
-    t_nb, acc_nb = _notebook_way(r.path, size)
-    cached = t_extract + t_train
     return {
-        "images": limit,
-        "image_size": size,
         "engine": r.engine or engine,
-        "epochs": EPOCHS,
-        "cached": {
-            "extract_s": round(t_extract, 1),
-            "train_s": round(t_train, 1),
-            "total_s": round(cached, 1),
-            "test_acc": round(run.test_accuracy, 4),
-        },
-        "notebook": {"total_s": round(t_nb, 1), "test_acc": round(acc_nb, 4)},
-        "speedup": round(t_nb / cached, 2),
-        "acc_delta_points": round(100 * (run.test_accuracy - acc_nb), 2),
-        "goal": ">= 10x faster, accuracy within 1 point",
-        "met": t_nb / cached >= 10 and abs(run.test_accuracy - acc_nb) <= 0.01,
+        "extract_s": round(t_extract, 1),
+        "train_s": round(t_train, 1),
+        "total_s": round(t_extract + t_train, 1),
+        "test_acc": round(run.test_accuracy, 4),
         "cache_path": str(r.path),
-        "extract_seconds": t_extract,
     }
 
 
-def bench_search(cache_path: Path, extract_seconds: float, n_jobs: int) -> dict[str, Any]:
+def bench_cached_vs_notebook(
+    work: Path, limit: int, size: int, engines=("tensorflow", "auto")
+) -> dict[str, Any]:
+    """Item 2: the cached way with each engine, and the notebook way once (it does not depend on the engine)."""
+    cached = {e: bench_cached(work, limit, size, e) for e in engines}
+    t_nb, acc_nb = _notebook_way(Path(cached[engines[0]]["cache_path"]), size)
+    rows = {}
+    for e, c in cached.items():
+        speedup = t_nb / c["total_s"]
+        delta = 100 * (c["test_acc"] - acc_nb)
+        rows[e] = {
+            **c,
+            "speedup": round(speedup, 2),
+            "acc_delta_points": round(delta, 2),
+            "met": speedup >= 10 and abs(delta) <= 1.0,
+        }
+    return {
+        "images": limit,
+        "image_size": size,
+        "epochs": EPOCHS,
+        "notebook": {"total_s": round(t_nb, 1), "test_acc": round(acc_nb, 4)},
+        "cached": rows,
+        "goal": ">= 10x faster, accuracy within 1 point",
+    }
+
+
+def bench_search(cache_path: Path, passes: dict[str, float], n_jobs: int) -> dict[str, Any]:
+    """Item 3: the built-in 24-configuration search on the cache vs one extraction pass with each engine."""
     from pipeline.config import load_config
     from pipeline.search import search
 
@@ -135,11 +150,11 @@ def bench_search(cache_path: Path, extract_seconds: float, n_jobs: int) -> dict[
         "configs": len(s.leaderboard),
         "n_jobs": n_jobs,
         "search_s": round(secs, 1),
-        "one_extraction_s": round(extract_seconds, 1),
-        "ratio": round(secs / extract_seconds, 2),
+        "one_extraction_s": passes,
+        "ratio": {e: round(secs / p, 2) for e, p in passes.items()},
         "best": s.best.get("head") if isinstance(s.best, dict) else str(s.best),
         "goal": "search faster than one extraction pass",
-        "met": secs < extract_seconds,
+        "met": {e: secs < p for e, p in passes.items()},
     }
 
 
@@ -218,12 +233,12 @@ def bench_streaming(work: Path, small_cache: Path, rows: list[int], budget_mb: i
 def run(out_dir: Path, quick: bool) -> dict[str, Any]:
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
-    limit, size = (600, 96) if quick else (2500, 160)
-    result: dict[str, Any] = {"cached_vs_notebook": {}}
-    for engine in ("tensorflow", "auto"):
-        result["cached_vs_notebook"][engine] = bench_cached_vs_notebook(work, limit, size, engine)
-    ref = result["cached_vs_notebook"]["tensorflow"]
-    result["search"] = bench_search(Path(ref["cache_path"]), ref["extract_seconds"], n_jobs=2)
+    limit, size = (600, 96) if quick else (4000, 224)
+    result: dict[str, Any] = {"cached_vs_notebook": bench_cached_vs_notebook(work, limit, size)}
+    cached = result["cached_vs_notebook"]["cached"]
+    ref = cached["tensorflow"]
+    passes = {e: c["extract_s"] for e, c in cached.items()}
+    result["search"] = bench_search(Path(ref["cache_path"]), passes, n_jobs=2)
     result["streaming"] = bench_streaming(
         work, Path(ref["cache_path"]), [20_000, 40_000] if quick else [60_000, 120_000], 64
     )
@@ -232,22 +247,34 @@ def run(out_dir: Path, quick: bool) -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    cv = r["cached_vs_notebook"]
+    nb = cv["notebook"]
     lines = [
-        "| engine | images (px) | cached: extract + train | notebook: 10 epochs on images | speed-up | test acc cached / notebook | goal met |",
-        "|---|---|---|---|---|---|---|",
+        f"Fashion-MNIST, {cv['images']} images at {cv['image_size']} px; the same Dense softmax head, Adam 1e-3, "
+        f"batch 32, {cv['epochs']} epochs both ways. Cached = extraction into a fresh cache dir (any first TFLite "
+        "conversion included) + `train`; notebook = frozen backbone + head, `fit` on the images.",
+        "",
+        f"| engine | cached: extract + train | notebook: {cv['epochs']} epochs on images | speed-up | test acc cached / notebook | goal met |",
+        "|---|---|---|---|---|---|",
     ]
-    for engine, c in r["cached_vs_notebook"].items():
+    for engine, c in cv["cached"].items():
         lines.append(
-            f"| {engine} → {c['engine']} | {c['images']} ({c['image_size']}) | {c['cached']['extract_s']} + {c['cached']['train_s']} = "
-            f"{c['cached']['total_s']} s | {c['notebook']['total_s']} s | {c['speedup']}× | {c['cached']['test_acc']:.3f} / "
-            f"{c['notebook']['test_acc']:.3f} ({c['acc_delta_points']:+.1f} pt) | {'yes' if c['met'] else 'no'} |"
+            f"| {engine} → {c['engine']} | {c['extract_s']} + {c['train_s']} = {c['total_s']} s | {nb['total_s']} s | "
+            f"{c['speedup']}× | {c['test_acc']:.3f} / {nb['test_acc']:.3f} ({c['acc_delta_points']:+.1f} pt) | "
+            f"{'yes' if c['met'] else 'no'} |"
         )
     s = r["search"]
     lines += [
         "",
         "| search | configs | time | one extraction pass | ratio | goal met |",
         "|---|---|---|---|---|---|",
-        f"| grid, n_jobs={s['n_jobs']} | {s['configs']} | {s['search_s']} s | {s['one_extraction_s']} s | {s['ratio']} | {'yes' if s['met'] else 'no'} |",
+    ]
+    for e, p in s["one_extraction_s"].items():
+        lines.append(
+            f"| grid, n_jobs={s['n_jobs']} | {s['configs']} | {s['search_s']} s | {p} s ({e}) | {s['ratio'][e]} | "
+            f"{'yes' if s['met'][e] else 'no'} |"
+        )
+    lines += [
         "",
         f"| streaming train (logistic, budget {r['streaming']['budget_mib']} MiB) | file | peak RSS | time |",
         "|---|---|---|---|",
@@ -257,7 +284,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {run_['rows']} rows | {run_['file_mib']} MiB | {run_['peak_rss_mib']} MiB | {run_['seconds']} s |"
         )
     lines.append(
-        f"\nRSS growth from the smaller to the larger file: {r['streaming']['rss_growth'] * 100:+.1f} % ({'bounded' if r['streaming']['met'] else 'NOT bounded'})."
+        f"\nRSS growth from the smaller to the larger file: {r['streaming']['rss_growth'] * 100:+.1f} % "
+        f"({'bounded' if r['streaming']['met'] else 'NOT bounded'})."
     )
     return "\n".join(lines)
 

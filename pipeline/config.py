@@ -62,7 +62,7 @@ class ExtractConfig:
     batch_size: int = 32
     dtype: str = "float32"
     compression: str = "none"
-    engine: str = "tensorflow"
+    engine: str = "auto"  # auto | tensorflow | tflite: auto converts to TFLite once when that is faster
     threads: int = 0  # 0 = all cores
     lock_timeout: float = -1  # seconds to wait for another run on the same cache; -1 = wait forever
     progress: bool = True

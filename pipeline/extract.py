@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import os
 import queue
 import sys
@@ -308,6 +309,9 @@ def _run_backbone(
     progress = _progress(len(pending), cfg.extract.progress)
     bg = _BackgroundWriter(writer)
     t0 = time.perf_counter()
+    # Everything alive now (TF, Keras, the model) is permanent: without this the cyclic GC keeps
+    # re-scanning that huge object graph as the loop allocates, ~6 % of extraction's CPU.
+    gc.freeze()
     try:
         for idx, images, ok, why in data:
             out = engine(images)
@@ -327,6 +331,7 @@ def _run_backbone(
                 result.extracted += len(keep)
             progress.update(len(idx))
     finally:
+        gc.unfreeze()
         try:
             bg.close()
         finally:

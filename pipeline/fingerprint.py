@@ -17,7 +17,7 @@ from .backbones.registry import BackboneSpec
 from .config import Config
 from .errors import FeatcacheError
 
-FORMAT_VERSION = 1  # bump when the meaning of stored features changes
+FORMAT_VERSION = 2  # bump when the meaning of stored features changes (2: area resize for shrinking)
 
 
 def file_sha256(path: str | Path) -> str:

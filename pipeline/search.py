@@ -550,6 +550,9 @@ class _Runner:
         if not todo:
             return results
         total, finished = len(cands), len(results)
+        # Keras trials first: they are the longest (TensorFlow's import, then fit), so the short
+        # scikit-learn trials fill in around them instead of leaving one worker idle at the end.
+        todo.sort(key=lambda c: not _is_keras(c))
         jobs = (
             self._delayed(_trial_job)(self.data[c.layer], c, self.plan, fraction, self.seed) for c in todo
         )
@@ -588,8 +591,31 @@ class _Runner:
         self.n_run += 1
 
 
+def _is_keras(cand: Candidate) -> bool:
+    from .heads import HEADS
+
+    spec = HEADS.get(cand.head)
+    return spec is not None and spec.kind == "keras"
+
+
 def _trial_job(data, cand: Candidate, plan: Plan, fraction: float, seed: int):
+    if _is_keras(cand):
+        _keep_worker_after_tensorflow_import()
     return cand, run_trial(data, cand, plan, fraction, seed)
+
+
+def _keep_worker_after_tensorflow_import() -> None:
+    """Stop loky from recycling this worker for TensorFlow's one-time import.
+
+    loky restarts a worker whose memory grew 300 MB past its size after its first task, taking that for
+    a leak. Importing TensorFlow alone grows it more, so every Keras trial landed in a fresh worker and
+    paid the ~4 s import again. A real leak is still caught, above 4 GiB.
+    """
+    try:
+        from joblib.externals.loky import process_executor
+    except ImportError:  # pragma: no cover - joblib without its vendored loky
+        return
+    process_executor._MAX_MEMORY_LEAK_SIZE = max(process_executor._MAX_MEMORY_LEAK_SIZE, 4 << 30)
 
 
 def _halving(runner: _Runner, cands: list[Candidate], n_train: int, n_classes: int, notes: list[str]):

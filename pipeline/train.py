@@ -206,7 +206,10 @@ class ChunkSequence:
             return self.data.X[self.data._positions(seg)]
         ds = _open_cache(self.data.path).dataset(self.data.layer)
         lo, hi = int(seg[0]), int(seg[-1]) + 1
-        return np.asarray(ds[lo:hi], dtype=np.float32)[seg - lo]  # one slice; the rows between are skipped
+        if hi - lo <= 2 * len(seg):  # dense: one slice, the few rows between are dropped
+            return np.asarray(ds[lo:hi], dtype=np.float32)[seg - lo]
+        # sparse (e.g. val rows spread over the file): read only these rows, so memory stays at one batch
+        return np.asarray(ds[seg], dtype=np.float32)
 
     def __iter__(self):
         for i in range(len(self)):

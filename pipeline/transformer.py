@@ -37,7 +37,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         resize: str = "stretch",
         cache_dir: str = "cache",
         batch_size: int = 32,
-        engine: str = "tensorflow",
+        engine: str = "auto",
         progress: bool = False,
     ):
         self.backbone = backbone
