@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in (args.only.split(",") if args.only else SECTIONS) if s]
+    sections = out_dir / "sections"
+    sections.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results, tables = {}, []
     for name in chosen:
         module_name, title = SECTIONS[name]
@@ -67,19 +70,24 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = module.run(out_dir, args.quick)
         table = module.markdown(results[name])
         print(table, flush=True)
-        tables.append(f"## {title}\n\n{table}\n\n_{time.perf_counter() - t0:.0f} s_")
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        text = f"## {title}\n\nMeasured {stamp}.\n\n{table}\n\n_{time.perf_counter() - t0:.0f} s_"
+        tables.append(text)
+        if not args.quick:  # a full run of one section refreshes that section of RESULTS.md
+            (sections / f"{name}.md").write_text(text)
     (out_dir / "results.json").write_text(
         json.dumps({"machine": machine(), "when": stamp, "quick": args.quick, **results}, indent=2)
     )
-    header = (
-        f"# Benchmark results\n\nMeasured {stamp} on: {machine()}{' (quick run)' if args.quick else ''}.\n"
+    header = f"# Benchmark results\n\nMachine: {machine()}.\n"
+    header += (
+        "Regenerate with `make bench` (full, every section) or `make bench ARGS='--only engines'` (one).\n"
     )
-    header += "Regenerate with `make bench` (full) or `python -m benchmarks --quick`.\n"
-    if not args.quick and set(chosen) == set(SECTIONS):
-        (REPO / "benchmarks" / "RESULTS.md").write_text(header + "\n" + "\n\n".join(tables) + "\n")
+    if args.quick:
+        (out_dir / "RESULTS.partial.md").write_text(header + "(quick run)\n\n" + "\n\n".join(tables) + "\n")
     else:
-        (out_dir / "RESULTS.partial.md").write_text(header + "\n" + "\n\n".join(tables) + "\n")
+        full = [sections / f"{n}.md" for n in SECTIONS if (sections / f"{n}.md").is_file()]
+        (REPO / "benchmarks" / "RESULTS.md").write_text(
+            header + "\n" + "\n\n".join(f.read_text() for f in full) + "\n"
+        )
     return 0
 
 

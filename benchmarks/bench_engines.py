@@ -217,6 +217,11 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def _ratio(runs: list[dict], bare: list[float], key: str = "images_per_s") -> float:
+    """Median over repetitions of this path's rate ÷ the bare rate of the same repetition."""
+    return _median([r[key] / b for r, b in zip(runs, bare, strict=True)])
+
+
 PATHS = [
     ("bare forward", "tensorflow"),
     ("bare forward", "tflite"),
@@ -266,7 +271,9 @@ def bench_dataset(
             file=sys.stderr,
             flush=True,
         )
-    base = _median([r["images_per_s"] for r in runs[("bare forward", "tensorflow")]])
+    # Ratios are medians of per-repetition ratios: each divides by the bare pass measured moments before,
+    # so a machine that slows down for a while shifts both sides alike.
+    bare_tf = [r["images_per_s"] for r in runs[("bare forward", "tensorflow")]]
     rows = []
     for (kind, engine), rs in runs.items():
         rate = _median([r["images_per_s"] for r in rs])
@@ -274,16 +281,17 @@ def bench_dataset(
             "path": kind,
             "engine": engine if engine != "auto" else f"auto → {rs[-1]['used']}",
             "images_per_s": rate,
-            "ratio": rate / base,
+            "ratio": _ratio(rs, bare_tf),
             "cpu_ms_per_image": _median([r["cpu_ms_per_image"] for r in rs]),
             "foreign_cores": _median([r["foreign_cores"] for r in rs]),
         }
         if kind == "featcache extract":  # issue 5 item 1: ÷ the bare forward of the engine extract used
-            bare = _median([r["images_per_s"] for r in runs[("bare forward", rs[-1]["used"])]])
-            row["ratio_same_engine"] = rate / bare
+            bare = [r["images_per_s"] for r in runs[("bare forward", rs[-1]["used"])]]
+            row["ratio_same_engine"] = _ratio(rs, bare)
         if "end_to_end_images_per_s" in rs[0]:
             e2e = _median([r["end_to_end_images_per_s"] for r in rs])
-            row.update(end_to_end_images_per_s=e2e, end_to_end_ratio=e2e / base)
+            e2e_ratio = _ratio(rs, bare_tf, "end_to_end_images_per_s")
+            row.update(end_to_end_images_per_s=e2e, end_to_end_ratio=e2e_ratio)
         rows.append(row)
     return {
         "dataset": label,
@@ -359,8 +367,8 @@ def run(out_dir: Path, quick: bool) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
     n = 256 if quick else 2000
-    reps = 1 if quick else 3
-    forward_batches = 4 if quick else 8
+    reps = 1 if quick else 5
+    forward_batches = 4 if quick else 24  # 768 images: a bare pass long enough to average out noise
     quiet = Quiet(0 if quick else 60)  # a shared machine: give other people's jobs a moment to finish
     threads = default_threads()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -437,7 +445,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Engines: {result['backbone']} at {result['image_size']} px, batch {result['batch_size']}, "
         f"{result['threads']} threads, {'quick' if result['quick'] else 'full'} run, median of "
-        f"{d0['repetitions']}; ratio = ÷ the bare TensorFlow forward pass on the same dataset "
+        f"{d0['repetitions']}; ratio = median over repetitions of ÷ the bare TensorFlow forward pass on the same dataset "
         f"({d0['forward_images']} decoded images in memory). `extract` images/s is what extract reports (its "
         "decode→backbone→write loop); end-to-end divides by the whole call (model build, digests, final HDF5).",
         "",

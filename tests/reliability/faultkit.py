@@ -89,6 +89,16 @@ def featcache_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", *map(str, args)]
 
 
+def extract_args(data: Path, cache_dir: Path, *extra: str, name: str = "", batch_size: int = 0) -> list[str]:
+    """``featcache extract`` arguments at 64 px, the size every reliability test uses; ``extra`` last."""
+    args = ["extract", "--data", str(data), "--image-size", "64", "--cache-dir", str(cache_dir)]
+    if batch_size:
+        args += ["--batch-size", str(batch_size)]
+    if name:
+        args += ["--set", f"data.name={name}"]
+    return args + list(extra)
+
+
 def run(*args, env: dict | None = None, timeout: float = 300, cwd: Path | None = None):
     """``featcache ARGS`` as a real subprocess."""
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_photo_folder
-from faultkit import fault_env, one_line_error, run, the_cache
+from faultkit import extract_args, fault_env, one_line_error, run, the_cache
 from zoo import OK, ZOO_CASES, make_zoo
 
 from pipeline.sources import storable_key
@@ -27,20 +27,6 @@ from pipeline.store import FeatureCache, quarantine_path
 
 EXTRA_BAD = {"pipe.jpg": "not a regular file", "locked.jpg": "permission denied"}
 EXTRA_IGNORED = {"notes.txt"}
-
-
-def _args(data: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return [
-        "extract",
-        "--data",
-        str(data),
-        "--image-size",
-        "64",
-        "--quiet",
-        "--cache-dir",
-        str(cache_dir),
-        *extra,
-    ]
 
 
 def build_zoo(root: Path) -> tuple[Path, dict[str, str]]:
@@ -82,7 +68,7 @@ def _classify(zoo: Path, expected: dict[str, str]):
 def test_the_zoo_is_decoded_or_reported_by_name_and_counted(tmp_path):
     zoo, expected = build_zoo(tmp_path / "photos")
     bad, ok, ignored = _classify(zoo, expected)
-    res = run(*_args(tmp_path / "photos", tmp_path / "c"), env=_locked(zoo))
+    res = run(*extract_args(tmp_path / "photos", tmp_path / "c", "--quiet"), env=_locked(zoo))
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     out = res.stdout
     cache = the_cache(tmp_path / "c")
@@ -106,7 +92,7 @@ def test_the_zoo_is_decoded_or_reported_by_name_and_counted(tmp_path):
     print(f"bad inputs tried: {len(bad)} reported, {len(ok)} decoded, {len(ignored)} ignored")
 
     # a rerun does not decode them again, and still reports them all
-    again = run(*_args(tmp_path / "photos", tmp_path / "c"), env=_locked(zoo))
+    again = run(*extract_args(tmp_path / "photos", tmp_path / "c", "--quiet"), env=_locked(zoo))
     assert again.returncode == 0 and f" {len(bad)} skipped " in again.stdout and "0 extracted" in again.stdout
 
 
@@ -121,7 +107,7 @@ def _on_error_fail(tmp_path: Path, name: str) -> None:
     for other in list(zoo.iterdir()):
         if other.name not in keep:
             shutil.rmtree(other) if other.is_dir() and not other.is_symlink() else other.unlink()
-    res = run(*_args(root, tmp_path / f"c-{name}", "--on-error", "fail"), env=_locked(zoo))
+    res = run(*extract_args(root, tmp_path / f"c-{name}", "--quiet", "--on-error", "fail"), env=_locked(zoo))
     one_line_error(res, "loop_" if name.startswith("loop_") else name, expected[name])
 
 
@@ -145,7 +131,7 @@ def test_an_empty_class_folder_is_named(tmp_path):
     write_photo_folder(root, per_class=2)
     (root / "empty_class").mkdir()
     (root / "empty_class" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden files do not count
-    res = run(*_args(root, tmp_path / "c"))
+    res = run(*extract_args(root, tmp_path / "c", "--quiet"))
     one_line_error(res, "class folder has no images", "empty_class")
 
 
@@ -162,7 +148,7 @@ def test_the_zoo_listed_in_a_csv(tmp_path):
     rows += [f'"zoo/{n}",zoo' for n in expected if "\udce9" not in n and not (zoo / n).is_dir()]
     rows += ["zoo/missing.jpg,zoo"]
     (tmp_path / "photos" / "list.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    res = run(*_args(tmp_path / "photos" / "list.csv", tmp_path / "c"), env=_locked(zoo))
+    res = run(*extract_args(tmp_path / "photos" / "list.csv", tmp_path / "c", "--quiet"), env=_locked(zoo))
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     with open(quarantine_path(the_cache(tmp_path / "c")), newline="", encoding="utf-8") as f:
         listed = {row["key"]: row["reason"] for row in csv.DictReader(f)}

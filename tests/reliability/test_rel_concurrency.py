@@ -18,6 +18,7 @@ import pytest
 from faultkit import (
     cache_content,
     digits_npz,
+    extract_args,
     fault_env,
     leftovers,
     one_line_error,
@@ -31,23 +32,6 @@ from faultkit import (
 
 from pipeline.sources import digest_bytes
 from pipeline.store import partial_dir
-
-
-def _extract_args(npz: Path, cache_dir: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "extract",
-        "--data",
-        str(npz),
-        "--image-size",
-        "64",
-        "--batch-size",
-        "32",
-        "--set",
-        f"data.name={name}",
-        "--cache-dir",
-        str(cache_dir),
-        *extra,
-    ]
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
@@ -80,17 +64,21 @@ def test_two_extracts_on_one_cache_take_turns_and_an_impatient_third_is_told(tmp
     npz = digits_npz(tmp_path / "digits.npz", 800)
     d = tmp_path / "cache"
     a = start(
-        *_extract_args(npz, d, "digits", "--quiet"),
+        *extract_args(npz, d, "--quiet", name="digits", batch_size=32),
         env=fault_env(d, action="stop", match="part-", after_bytes=1),
     )
     wait_stopped(a)
     b_err = tmp_path / "b.stderr"
     with open(b_err, "w") as err_file:
-        b = start(*_extract_args(npz, d, "digits"), stderr=err_file)  # not --quiet: it says it waits
+        b = start(
+            *extract_args(npz, d, name="digits", batch_size=32), stderr=err_file
+        )  # not --quiet: it says it waits
         wait_for(
             lambda: "waiting for another featcache run" in b_err.read_text(), what="B to wait for the lock"
         )
-        c = run(*_extract_args(npz, d, "digits", "--quiet", "--set", "extract.lock_timeout=0"))
+        c = run(
+            *extract_args(npz, d, "--quiet", "--set", "extract.lock_timeout=0", name="digits", batch_size=32)
+        )
         one_line_error(c, "another featcache run is extracting into this cache")
         assert b.poll() is None, "B went ahead while A held the lock"
         resume(a)
@@ -115,13 +103,13 @@ def test_train_reads_one_cache_while_extract_writes_another(tmp_path):
     """extract is frozen half-way through writing its new HDF5 file beside the cache train reads."""
     d = tmp_path / "cache"
     small = digits_npz(tmp_path / "small" / "digits.npz", 300)
-    res = run(*_extract_args(small, d, "small", "--quiet"))
+    res = run(*extract_args(small, d, "--quiet", name="small", batch_size=32))
     assert res.returncode == 0, res.stderr
     trained_on = the_cache(d)
     before = cache_content(trained_on)
     big = digits_npz(tmp_path / "big" / "digits.npz", 600)
     writer = start(
-        *_extract_args(big, d, "big", "--quiet"),
+        *extract_args(big, d, "--quiet", name="big", batch_size=32),
         env=fault_env(d, action="stop", match=".h5.tmp-", after_bytes=1_000_000),
     )
     wait_stopped(writer)
@@ -148,14 +136,14 @@ def test_train_reads_a_cache_while_extract_replaces_it(tmp_path):
     d = tmp_path / "cache"
     small = digits_npz(tmp_path / "a" / "digits.npz", 300)
     full = digits_npz(tmp_path / "b" / "digits.npz", 600)
-    res = run(*_extract_args(small, d, "digits", "--quiet"))
+    res = run(*extract_args(small, d, "--quiet", name="digits", batch_size=32))
     assert res.returncode == 0, res.stderr
     path = the_cache(d)
     r = rng("replace")
     for i in range(6):
         src = full if i % 2 == 0 else small
         writer = start(
-            *_extract_args(src, d, "digits", "--quiet"),
+            *extract_args(src, d, "--quiet", name="digits", batch_size=32),
             env=fault_env(d, action="stop", match=".h5.tmp-", after_bytes=r.randrange(1, 1_000_000)),
         )
         wait_stopped(writer)

@@ -31,6 +31,7 @@ from faultkit import (
     assert_same_cache,
     cache_content,
     digits_npz,
+    extract_args,
     fault_env,
     kill9_after,
     leftovers,
@@ -46,23 +47,6 @@ N_ALL, N_OLD = 1797, 1200
 CALIBRATE = {"ops": "write,rename,unlink,mkdir", "after_bytes": 10**15, "after_ops": 10**12}
 
 
-def _args(npz: Path, cache_dir: Path) -> list[str]:
-    return [
-        "extract",
-        "--data",
-        str(npz),
-        "--image-size",
-        "64",
-        "--batch-size",
-        "32",
-        "--quiet",
-        "--set",
-        "data.name=digits",
-        "--cache-dir",
-        str(cache_dir),
-    ]
-
-
 class World:
     """The data, the old cache of the ``update`` scenario, and each scenario's uninterrupted run."""
 
@@ -71,7 +55,7 @@ class World:
         self.npz = digits_npz(root / "all" / "digits.npz")
         old_npz = digits_npz(root / "old" / "digits.npz", N_OLD)
         self.old_dir = root / "old-cache"
-        res = run(*_args(old_npz, self.old_dir))
+        res = run(*extract_args(old_npz, self.old_dir, "--quiet", name="digits", batch_size=32))
         assert res.returncode == 0, res.stderr
         self.old = cache_content(next(self.old_dir.glob("*.h5")))
         self.calibration: dict[str, dict] = {}
@@ -79,7 +63,10 @@ class World:
             d = self.prepare(scenario, f"reference-{scenario}")
             log = root / f"calibrate-{scenario}.log"
             t0 = time.monotonic()
-            res = run(*_args(self.npz, d), env=fault_env(d, log=log, **CALIBRATE))
+            res = run(
+                *extract_args(self.npz, d, "--quiet", name="digits", batch_size=32),
+                env=fault_env(d, log=log, **CALIBRATE),
+            )
             seconds = time.monotonic() - t0
             assert res.returncode == 0, res.stderr
             parts = -(-(N_ALL - (N_OLD if scenario == "update" else 0)) // 32)
@@ -129,7 +116,7 @@ def crash_point(world: World, index: int, kind: str, scenario: str) -> str:
     r = rng("crash", index, kind, scenario)
     cal = world.calibration[scenario]
     d = world.prepare(scenario, f"point-{index}-{kind}-{scenario}")
-    args = _args(world.npz, d)
+    args = extract_args(world.npz, d, "--quiet", name="digits", batch_size=32)
     if kind == "signal":
         proc = start(*args)
         if not kill9_after(proc, r.uniform(0.05, 0.8) * cal["seconds"]):

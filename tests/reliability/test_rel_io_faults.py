@@ -23,6 +23,7 @@ from faultkit import (
     LIBC_ERRNO_TEXT,
     assert_same_cache,
     cache_content,
+    extract_args,
     fault_env,
     leftovers,
     one_line_error,
@@ -37,22 +38,6 @@ from pipeline.errors import FeatcacheError
 from pipeline.store import FeatureCache, list_caches
 
 
-def _args(data: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return [
-        "extract",
-        "--data",
-        str(data),
-        "--image-size",
-        "64",
-        "--quiet",
-        "--set",
-        "data.name=photos",
-        "--cache-dir",
-        str(cache_dir),
-        *extra,
-    ]
-
-
 class Scene:
     def __init__(self, root: Path):
         self.root = root
@@ -63,12 +48,15 @@ class Scene:
         write_photo_folder(self.more, per_class=5, seed=1, start=10)
         (self.more / "china" / "broken.jpg").write_bytes(b"")  # lands in the quarantine list
         self.base = root / "base"
-        res = run(*_args(self.photos, self.base))
+        res = run(*extract_args(self.photos, self.base, "--quiet", name="photos"))
         assert res.returncode == 0, res.stderr
         self.base_sha = sha256(the_cache(self.base))
         ref = self.copy_base("reference")
         log = root / "reference.log"
-        res = run(*_args(self.more, ref), env=fault_env(ref, log=log, after_bytes=10**15))
+        res = run(
+            *extract_args(self.more, ref, "--quiet", name="photos"),
+            env=fault_env(ref, log=log, after_bytes=10**15),
+        )
         assert res.returncode == 0, res.stderr
         self.total_bytes = read_log(log)["bytes"]
         self.reference = cache_content(the_cache(ref))
@@ -77,7 +65,7 @@ class Scene:
         # a rerun goes straight to the consolidation (no backbone, no TensorFlow: the fast way to fault it)
         self.pending = self.copy_base("pending")
         res = run(
-            *_args(self.more, self.pending),
+            *extract_args(self.more, self.pending, "--quiet", name="photos"),
             env=fault_env(self.pending, ops="open", match=".h5.tmp-", action="kill"),
         )
         assert res.returncode == -9 and len(list(self.pending.glob("*.partial/part-*.npz"))) == 1, res.stderr
@@ -89,7 +77,7 @@ class Scene:
 
     def inject(self, name: str, pending: bool = False, **fault) -> tuple[Path, object]:
         d = self.copy_base(name, self.pending if pending else None)
-        res = run(*_args(self.more, d), env=fault_env(d, **fault))
+        res = run(*extract_args(self.more, d, "--quiet", name="photos"), env=fault_env(d, **fault))
         return d, res
 
     def check_failed_cleanly(self, d: Path, res, reason: str, where: str) -> str:
@@ -99,7 +87,7 @@ class Scene:
         return err
 
     def check_recovers(self, d: Path) -> None:
-        res = run(*_args(self.more, d))
+        res = run(*extract_args(self.more, d, "--quiet", name="photos"))
         assert res.returncode == 0, res.stderr
         assert_same_cache(the_cache(d), self.reference)
         assert leftovers(d) == []
@@ -273,12 +261,12 @@ def test_damaged_cache_is_reported_by_the_cli_and_rebuilt_on_request(scene, dama
         path.write_bytes(data[: len(data) * 2 // 3])
     else:
         path.write_bytes(data[:8] + bytes(range(40)) + data[48:])  # the superblock, after the signature
-    res = run(*_args(scene.photos, d))
+    res = run(*extract_args(scene.photos, d, "--quiet", name="photos"))
     one_line_error(res, path.name, "--rebuild")
     assert [c["status"] for c in list_caches(d)] == ["damaged"]
     res = run("cache", "info", str(path))
     one_line_error(res, path.name, "--rebuild")
-    res = run(*_args(scene.photos, d, "--rebuild"))
+    res = run(*extract_args(scene.photos, d, "--quiet", "--rebuild", name="photos"))
     assert res.returncode == 0, res.stderr
     assert_same_cache(path, the_cache(scene.base))
     assert leftovers(d) == []
