@@ -113,6 +113,8 @@ def test_invalid_flag_values(ground, data):
     strategy, names = FLAG_CASES[flag]
     value = data.draw(strategy)
     argv = ["extract", "--data", ground["data"], "--cache-dir", ground["cache"], "--quiet", flag, value]
+    if str(value).startswith("-"):  # argparse reads it as another option and names the flag left without a value
+        names = (*names, f"argument {flag}")
     assert_clean_failure(*call(argv), *names)
     COUNTS["flags"] = COUNTS.get("flags", 0) + 1
 
@@ -333,6 +335,11 @@ token = st.one_of(
 )
 
 
+def _asks_help(word: str) -> bool:
+    """``-h``, ``-hx`` or an abbreviation of ``--help``: argparse rightly prints help and exits 0."""
+    return word.startswith("-h") or (word.startswith("--h") and "--help".startswith(word.split("=", 1)[0]))
+
+
 @PROFILE
 @given(data=st.data())
 def test_argv_soup_never_crashes(ground, data):
@@ -340,7 +347,7 @@ def test_argv_soup_never_crashes(ground, data):
     start, so the only acceptable outcome is one line and exit 2."""
     command = data.draw(st.sampled_from(sorted(VOCAB)))
     words = data.draw(st.lists(st.one_of(st.sampled_from(VOCAB[command]), token), max_size=8))
-    words = [w for w in words if "cache_dir" not in w and "runs_dir" not in w]
+    words = [w for w in words if "cache_dir" not in w and "runs_dir" not in w and not _asks_help(w)]
     tail = ["--data", "/no/such/dir"] if command == "extract" else ["--cache", "/no/such/cache.h5"]
     argv = [command, *words, "--cache-dir", ground["cache"], *tail]
     code, out, err = call(argv)
