@@ -19,7 +19,7 @@ PAD_VALUE = 127.0  # letterbox with mid-gray: it maps to ~0 under every mode, un
 
 
 def _resize(x: tf.Tensor, h, w) -> tf.Tensor:
-    """N×H×W×C float → N×h×w×C, antialiased both ways.
+    """N×H×W×C (uint8 or float) → N×h×w×C float32, antialiased both ways.
 
     Shrinking on both axes uses area averaging (a box filter as wide as the scale: no aliasing, and a
     third of the cost of ``tf.image.resize(antialias=True)``, the largest CPU cost of extraction after
@@ -31,8 +31,8 @@ def _resize(x: tf.Tensor, h, w) -> tf.Tensor:
     size = tf.stack([h, w])
     return tf.cond(
         shrink,
-        lambda: tf.image.resize(x, size, method="area"),
-        lambda: tf.image.resize(x, size, method="bilinear", antialias=True),
+        lambda: tf.image.resize(x, size, method="area"),  # reads uint8 as is: no full-size float copy
+        lambda: tf.image.resize(tf.cast(x, tf.float32), size, method="bilinear", antialias=True),
     )
 
 
@@ -42,8 +42,8 @@ def resize_images(images: tf.Tensor, size: int, policy: str = "stretch") -> tf.T
     ``stretch`` ignores the aspect ratio, ``crop`` takes the central square, ``pad`` letterboxes.
     Antialiased (see :func:`_resize`), so downscaling large photos does not alias.
     """
-    x = tf.cast(images, tf.float32)
-    batched = x.shape.rank == 4
+    x = tf.convert_to_tensor(images)  # cast to float only after shrinking (bit-identical, cheaper)
+    batched, channels = x.shape.rank == 4, x.shape[-1]
     if not batched:
         x = x[None]
     shape = tf.shape(x)
@@ -65,7 +65,7 @@ def resize_images(images: tf.Tensor, size: int, policy: str = "stretch") -> tf.T
         x = _resize(x, size, size)
     else:
         raise ValueError(f"unknown resize policy {policy!r}")
-    x = tf.ensure_shape(x, [None, size, size, images.shape[-1]])
+    x = tf.ensure_shape(x, [None, size, size, channels])
     return x if batched else x[0]
 
 

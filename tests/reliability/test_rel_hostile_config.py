@@ -113,7 +113,8 @@ def test_invalid_flag_values(ground, data):
     strategy, names = FLAG_CASES[flag]
     value = data.draw(strategy)
     argv = ["extract", "--data", ground["data"], "--cache-dir", ground["cache"], "--quiet", flag, value]
-    if str(value).startswith("-"):  # argparse reads it as another option and names the flag left without a value
+    # A value starting with "-" is read by argparse as another option; it then names the bare flag.
+    if str(value).startswith("-"):
         names = (*names, f"argument {flag}")
     assert_clean_failure(*call(argv), *names)
     COUNTS["flags"] = COUNTS.get("flags", 0) + 1
