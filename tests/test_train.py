@@ -377,3 +377,18 @@ def test_cli_bad_param_exit_2(digits_cache, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown parameter 'nonsense'" in err[0]
+
+
+def test_streamed_chunks_read_exactly_the_requested_rows(digits_cache):
+    """Dense runs are read as one slice, rows spread over the file one by one: both give the same rows."""
+    from pipeline.store import FeatureCache
+    from pipeline.train import Data
+
+    with FeatureCache(digits_cache) as c:
+        layer, n = c.default_layer(), c.n_rows
+        everything = c.features(layer)
+        data = Data.from_cache(c, layer, np.arange(n), streamed=True)
+        for rows in (np.arange(10, 200), np.arange(0, n, 7), np.concatenate([np.arange(5), [n - 1]])):
+            seq = data.chunks(rows, batch_size=64)
+            got = np.concatenate([seq[i][0] for i in range(len(seq))])
+            assert np.array_equal(got, everything[np.sort(rows)])
