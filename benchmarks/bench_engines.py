@@ -391,28 +391,11 @@ def run(out_dir: Path, quick: bool) -> dict:
     }
     try:
         datasets = [
-            bench_dataset(
-                "natural JPEGs ~500×375",
-                str(photos),
-                n,
-                reps,
-                fm,
-                threads,
-                engines_cache,
-                forward_batches,
-                quiet,
-            ),
-            bench_dataset(
-                "fashion_mnist (demo)",
-                "fashion_mnist",
-                n,
-                reps,
-                fm,
-                threads,
-                engines_cache,
-                forward_batches,
-                quiet,
-            ),
+            bench_dataset(label, source, n, reps, fm, threads, engines_cache, forward_batches, quiet)
+            for label, source in (
+                ("natural JPEGs ~500×375", str(photos)),
+                ("fashion_mnist (demo)", "fashion_mnist"),
+            )
         ]
         precision = bench_precision(fm, 512 if quick else 2000, threads, engines_cache)
     finally:

@@ -247,15 +247,22 @@ static int do_open_common(int dirfd, const char *path, int flags, int *blocked) 
     return aff;
 }
 
+/* open(2)'s optional third argument, only passed when a file may be created. va_start must run in the
+ * variadic function itself, hence a macro. */
+#define READ_OPEN_MODE(flags, mode)             \
+    do {                                        \
+        if ((flags) & (O_CREAT | O_TMPFILE)) {  \
+            va_list ap_;                        \
+            va_start(ap_, flags);               \
+            (mode) = va_arg(ap_, mode_t);       \
+            va_end(ap_);                        \
+        }                                       \
+    } while (0)
+
 int open(const char *path, int flags, ...) {
     load_open();
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    READ_OPEN_MODE(flags, mode);
     int blocked, aff = do_open_common(AT_FDCWD, path, flags, &blocked);
     if (blocked) return fail_with();
     int fd = real_open(path, flags, mode);
@@ -266,12 +273,7 @@ int open(const char *path, int flags, ...) {
 int open64(const char *path, int flags, ...) {
     load_open64();
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    READ_OPEN_MODE(flags, mode);
     int blocked, aff = do_open_common(AT_FDCWD, path, flags, &blocked);
     if (blocked) return fail_with();
     int fd = real_open64(path, flags, mode);
@@ -282,12 +284,7 @@ int open64(const char *path, int flags, ...) {
 int openat(int dirfd, const char *path, int flags, ...) {
     load_openat();
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    READ_OPEN_MODE(flags, mode);
     int blocked, aff = do_open_common(dirfd, path, flags, &blocked);
     if (blocked) return fail_with();
     int fd = real_openat(dirfd, path, flags, mode);
@@ -298,12 +295,7 @@ int openat(int dirfd, const char *path, int flags, ...) {
 int openat64(int dirfd, const char *path, int flags, ...) {
     load_openat64();
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    READ_OPEN_MODE(flags, mode);
     int blocked, aff = do_open_common(dirfd, path, flags, &blocked);
     if (blocked) return fail_with();
     int fd = real_openat64(dirfd, path, flags, mode);
