@@ -277,6 +277,26 @@ def test_auto_falls_back_when_features_differ(mnv2, tmp_path, monkeypatch, capsy
     assert not list((tmp_path / "engines").glob("*.tflite"))  # a model that failed the check is not kept
 
 
+def test_a_conversion_that_would_not_fit_in_memory_is_refused_not_attempted(
+    mnv2, tmp_path, monkeypatch, capsys
+):
+    avail = engines.available_memory()
+    assert avail is not None and 0 < avail <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert engines.weight_bytes(mnv2) == 4 * mnv2.model.count_params()
+    # A backbone whose conversion needs more than this machine has (ConvNeXt-XLarge: ~34 GB).
+    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", 2 * avail / engines.weight_bytes(mnv2))
+    before = engines.conversions
+    assert make_engine(mnv2, "auto", 0, str(tmp_path)).name == "tensorflow"
+    err = capsys.readouterr().err.strip()
+    assert "engine auto: using tensorflow (converting mobilenet_v2 to TFLite needs about" in err
+    assert "GiB is available" in err and len(err.splitlines()) == 1
+    with pytest.raises(EngineUnavailable, match="needs about .* GiB of memory"):
+        make_engine(mnv2, "tflite", 0, str(tmp_path))
+    assert engines.conversions == before and not (tmp_path / "engines").exists()  # nothing recorded
+    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", 24)  # memory freed later: converts then
+    assert make_engine(mnv2, "tflite", 0, str(tmp_path)).name == "tflite"
+
+
 def test_unknown_engine_and_tensorflow_engine(mnv2):
     fm = mnv2
     with pytest.raises(FeatcacheError, match="extract.engine must be one of"):
