@@ -239,13 +239,16 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
         why = [""] * n
         todo = [i for i in range(n) if not have[i]]
         if todo:
-            fm = _feature_model(src)
-            from .rebuild import compiled
+            from .engines import make_engine
 
-            fn = compiled(fm.model)
+            fm = _feature_model(src)
+            # The extraction engine, ``auto``: a TFLite model extraction already converted is reused (and
+            # validated against TensorFlow when it was converted), so new images cost what extraction does.
+            cache_dir = src.cache_path.parent if src.cache_path is not None else None
+            engine = make_engine(fm, "auto", 0, cache_dir, images=len(todo))
             part = [samples[i] for i in todo]
             feats, ok_t, why_t = _batched(
-                ds, part, src.image_size, src.resize, batch_size, lambda x: fn(x)[src.layer]
+                ds, part, src.image_size, src.resize, batch_size, lambda x: engine(x)[src.layer]
             )
             for j, i in enumerate(todo):
                 ok[i], why[i] = bool(ok_t[j]), why_t[j]

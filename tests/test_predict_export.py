@@ -80,7 +80,6 @@ def test_stage2_run_exports_through_the_rebuilt_model(stage3, tmp_path):
 
 def test_predict_new_images_with_a_stage2_run(stage3, new_images):
     """CLI: new images get features computed, a cached image is read from the cache, a bad file is a row."""
-    from pipeline.rebuild import rebuild
 
     cached = sorted((stage3["photos"] / "flower").glob("*.jpg"))[0]
     r = run_cli(
@@ -104,13 +103,40 @@ def test_predict_new_images_with_a_stage2_run(stage3, new_images):
     from pipeline.predict import predict
 
     _, results = predict(stage3["run"], [str(new_images / "china"), str(new_images / "flower")], top_k=2)
-    rb = rebuild(stage3["run"])
-    from pipeline.decode import decode_image
+    assert_matches_rebuilt_model(stage3["run"], results)
 
+
+def assert_matches_rebuilt_model(run: Path, results) -> None:
+    from pipeline.decode import decode_image
+    from pipeline.rebuild import rebuild
+
+    rb = rebuild(run)
     for res in results:
         p = rb.model(np.asarray(decode_image(res.image), np.float32)[None]).numpy()[0]
         got = dict((i, prob) for i, _, prob in res.top)
         assert max(abs(got[i] - p[i]) for i in got) <= TOL
+
+
+def test_predict_reuses_the_tflite_model_extraction_converted(stage3, new_images, monkeypatch):
+    """New images run on the engine extraction uses: a converted backbone in the cache is reused, not redone."""
+    from pipeline import engines
+    from pipeline.predict import _feature_model, predict
+    from pipeline.rebuild import run_source
+    from pipeline.runs import load_run
+
+    src = run_source(load_run(stage3["run"]).metrics)
+    engines.load_or_convert(_feature_model(src), 0, src.cache_path.parent, verbose=False)
+    monkeypatch.setattr(engines, "AUTO_MIN_SPEEDUP", 0.0)  # whatever the probe measured on this machine
+    calls: list[int] = []
+    run_tflite = engines.TFLiteEngine.__call__
+    monkeypatch.setattr(
+        engines.TFLiteEngine, "__call__", lambda self, x: calls.append(len(x)) or run_tflite(self, x)
+    )
+    before = engines.conversions
+    _, results = predict(stage3["run"], [str(new_images / "china"), str(new_images / "flower")], top_k=2)
+    assert engines.conversions == before and sum(calls) == 4  # the 4 new photos, on the cached model
+    assert [r.source for r in results] == ["computed"] * 4
+    assert_matches_rebuilt_model(stage3["run"], results)
 
 
 def test_predict_with_finetuned_and_exported_models(finetuned, exported, new_images):
