@@ -73,7 +73,8 @@ class ExtractResult:
         ]
         if self.extracted:
             lines.append(
-                f"speed: {self.images_per_second:.1f} images/s ({self.batches} batches, {self.seconds:.1f} s total)"
+                f"speed: {self.images_per_second:.1f} images/s on {self.engine or '?'} "
+                f"({self.batches} batches, {self.seconds:.1f} s total)"
             )
         else:
             lines.append(f"no backbone work ({self.seconds:.2f} s)")

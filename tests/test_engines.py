@@ -201,6 +201,7 @@ def test_extract_with_tflite_matches_tensorflow_and_reuses_the_conversion(photo_
     before = engines.conversions
     lite = run(tmp_path / "lite", "tflite")
     assert (ref.engine, lite.engine) == ("tensorflow", "tflite")
+    assert "images/s on tflite (" in lite.summary() and "images/s on tensorflow (" in ref.summary()
     assert lite.path.name == ref.path.name  # the engine is not in the fingerprint: same cache identity
     assert engines.conversions == before + 1
     with FeatureCache(ref.path) as a, FeatureCache(lite.path) as b:
