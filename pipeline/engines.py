@@ -56,7 +56,7 @@ MICRO_BATCH = 4
 PROBE_IMAGES = 16
 #: Converting takes about this many times the model's float32 weights in extra memory (peak RSS above the
 #: built model, measured: ResNet50 94 MB → +2.3 GB, ConvNeXt-Base 350 MB → +7.4 GB). ConvNeXt-XLarge's
-#: 1.4 GB would need ~34 GB: the kernel's OOM killer, not an error message, unless refused up front.
+#: 1.4 GB would need ~31 GiB: the kernel's OOM killer, not an error message, unless refused up front.
 CONVERT_MEMORY_FACTOR = 24
 
 ENGINE_NAMES = ("auto", "tensorflow", "tflite")
