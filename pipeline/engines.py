@@ -254,9 +254,9 @@ def convert(fm, quantize: str = "none") -> tuple[bytes, dict[str, str]]:
     return blob, dict(zip(names, layers, strict=True))
 
 
-def weight_bytes(fm) -> int:
-    """Bytes of the feature model's weights as float32, which is what the converter freezes into the file."""
-    return int(sum(int(np.prod(w.shape)) for w in fm.model.weights) * 4)
+def weight_bytes(model) -> int:
+    """Bytes of a Keras model's weights as float32, which is what the converter freezes into the file."""
+    return int(sum(int(np.prod(w.shape)) for w in model.weights) * 4)
 
 
 def available_memory() -> int | None:
@@ -289,12 +289,12 @@ def available_memory() -> int | None:
     return avail
 
 
-def check_conversion_memory(fm) -> None:
-    """Refuse (EngineUnavailable) a conversion that would run this machine out of memory."""
-    need, avail = CONVERT_MEMORY_FACTOR * weight_bytes(fm), available_memory()
+def check_conversion_memory(what: str, model) -> None:
+    """Refuse (EngineUnavailable) converting ``model`` when that would run this machine out of memory."""
+    need, avail = CONVERT_MEMORY_FACTOR * weight_bytes(model), available_memory()
     if avail is not None and need > avail:
         raise EngineUnavailable(
-            f"converting {fm.spec.name} to TFLite needs about {need / 2**30:.1f} GiB of memory, "
+            f"converting {what} to TFLite needs about {need / 2**30:.1f} GiB of memory, "
             f"{max(avail, 0) / 2**30:.1f} GiB is available"
         )
 
@@ -447,7 +447,7 @@ def load_or_convert(
         model_path = meta_path = None
         key = engine_key(fm, quantize)
 
-    check_conversion_memory(fm)
+    check_conversion_memory(fm.spec.name, fm.model)
     meta: dict[str, Any] = {"key": key, "ok": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     t0 = time.perf_counter()
     try:

@@ -162,9 +162,10 @@ def tflite_convert(core, image_size: int, mode: str, representative=None) -> byt
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from .engines import _quiet_absl
+    from .engines import _quiet_absl, check_conversion_memory
     from .rebuild import quantizable
 
+    check_conversion_memory("the model", core)  # a clear error, not the kernel's OOM killer
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="image")
 
     @tf.function(input_signature=[spec])

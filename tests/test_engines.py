@@ -283,9 +283,10 @@ def test_a_conversion_that_would_not_fit_in_memory_is_refused_not_attempted(
 ):
     avail = engines.available_memory()
     assert avail is not None and 0 < avail <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert engines.weight_bytes(mnv2) == 4 * mnv2.model.count_params()
-    # A backbone whose conversion needs more than this machine has (ConvNeXt-XLarge: ~34 GB).
-    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", 2 * avail / engines.weight_bytes(mnv2))
+    assert engines.weight_bytes(mnv2.model) == 4 * mnv2.model.count_params()
+    # A backbone whose conversion needs more than this machine has (ConvNeXt-XLarge: ~31 GiB).
+    factor = engines.CONVERT_MEMORY_FACTOR
+    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", 2 * avail / engines.weight_bytes(mnv2.model))
     before = engines.conversions
     assert make_engine(mnv2, "auto", 0, str(tmp_path)).name == "tensorflow"
     err = capsys.readouterr().err.strip()
@@ -294,7 +295,7 @@ def test_a_conversion_that_would_not_fit_in_memory_is_refused_not_attempted(
     with pytest.raises(EngineUnavailable, match="needs about .* GiB of memory"):
         make_engine(mnv2, "tflite", 0, str(tmp_path))
     assert engines.conversions == before and not (tmp_path / "engines").exists()  # nothing recorded
-    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", 24)  # memory freed later: converts then
+    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", factor)  # memory freed later: converts then
     assert make_engine(mnv2, "tflite", 0, str(tmp_path)).name == "tflite"
 
 

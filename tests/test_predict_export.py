@@ -173,3 +173,14 @@ def test_predict_and_export_errors_are_one_line(stage3, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run_cli("export", "--run", str(stage3["run"]), "--format", "onnx")
     assert r.returncode == 2 and "unknown format 'onnx'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_refuses_a_conversion_that_would_not_fit_in_memory(stage3, tmp_path, monkeypatch):
+    from pipeline import engines
+    from pipeline.errors import FeatcacheError
+    from pipeline.export import export
+
+    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", 1e9)  # more memory than any machine has
+    with pytest.raises(FeatcacheError, match=r"converting the model to TFLite needs about .* GiB of memory"):
+        export(stage3["run"], "tflite", tmp_path)
+    assert not list(tmp_path.rglob("*.tflite"))
