@@ -49,6 +49,16 @@ ENGINES = ("tensorflow", "tflite", "auto")
 # ----------------------------------------------------------------------------------------------- data
 
 
+def _complete(root: Path, n: int) -> bool:
+    """Whether ``root`` holds a finished set of ``n`` generated photos; if not, clears what is there."""
+    done = root / ".complete"
+    if done.is_file() and done.read_text().strip() == str(n):
+        return True
+    if root.exists():
+        shutil.rmtree(root)
+    return False
+
+
 def make_photos(root: Path, n: int, seed: int = 0) -> Path:
     """``n`` natural JPEG photos (~500×375, q=90) in two class folders, from sklearn's sample photos.
 
@@ -59,11 +69,8 @@ def make_photos(root: Path, n: int, seed: int = 0) -> Path:
     from PIL import Image, ImageEnhance
     from sklearn.datasets import load_sample_images
 
-    done = root / ".complete"
-    if done.is_file() and done.read_text().strip() == str(n):
+    if _complete(root, n):
         return root
-    if root.exists():
-        shutil.rmtree(root)
     sample = load_sample_images()
     names = [Path(f).stem for f in sample.filenames]  # china, flower
     rng = np.random.default_rng(seed)
@@ -86,7 +93,7 @@ def make_photos(root: Path, n: int, seed: int = 0) -> Path:
         d = root / names[c]
         d.mkdir(parents=True, exist_ok=True)
         im.save(d / f"{i:05d}.jpg", quality=90)
-    done.write_text(str(n))
+    (root / ".complete").write_text(str(n))
     return root
 
 
@@ -314,11 +321,8 @@ def make_large_photos(root: Path, n: int, seed: int = 1) -> Path:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    done = root / ".complete"
-    if done.is_file() and done.read_text().strip() == str(n):
+    if _complete(root, n):
         return root
-    if root.exists():
-        shutil.rmtree(root)
     sample = load_sample_images()
     names = [Path(f).stem for f in sample.filenames]
     rng = np.random.default_rng(seed)
@@ -334,7 +338,7 @@ def make_large_photos(root: Path, n: int, seed: int = 1) -> Path:
         img.crop((left, top, left + cw, top + ch)).resize(LARGE, Image.Resampling.BICUBIC).save(
             d / f"{i:05d}.jpg", quality=90
         )
-    done.write_text(str(n))
+    (root / ".complete").write_text(str(n))
     return root
 
 
