@@ -256,7 +256,7 @@ def convert(fm, quantize: str = "none") -> tuple[bytes, dict[str, str]]:
 
 def weight_bytes(model) -> int:
     """Bytes of a Keras model's weights as float32, which is what the converter freezes into the file."""
-    return int(sum(int(np.prod(w.shape)) for w in model.weights) * 4)
+    return 4 * int(model.count_params())
 
 
 def available_memory() -> int | None:
