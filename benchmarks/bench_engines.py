@@ -13,7 +13,7 @@ every repetition so machine load hits all columns alike:
   same batch size: the reference every ratio divides by;
 * ``bare tflite``: the converted model on the same in-memory batches;
 * ``decode only``: the extraction input pipeline (read, decode, resize, batch) with no backbone;
-* ``extract <engine>``: the full :func:`pipeline.extract.extract` path (digests, decode, resize, backbone,
+* ``extract <engine>``: the full :func:`pipeline.stages.extract.extract` path (digests, decode, resize, backbone,
   background HDF5/part writes, final cache) into a fresh cache dir, progress off. ``stream`` is the
   rate extract reports (images / time of the decode→backbone→write loop); ``end-to-end`` divides by the
   whole call (model build and the final HDF5 included). Converted models are reused from a warm engine
@@ -99,9 +99,9 @@ def make_photos(root: Path, n: int, seed: int = 0) -> Path:
 
 def _decoded_batches(source: str, limit: int, fm, batches: int) -> list:
     """The first ``batches`` batches of the extraction input pipeline, decoded and resized, in memory."""
-    from pipeline.config import DataConfig
-    from pipeline.extract import make_image_dataset
-    from pipeline.sources import load_dataset
+    from pipeline.data.images import make_image_dataset
+    from pipeline.data.sources import load_dataset
+    from pipeline.utils.config import DataConfig
 
     ds = load_dataset(DataConfig(source=source, limit=limit))
     samples = ds.samples[: batches * BATCH]
@@ -180,9 +180,9 @@ def _forward(engine, batches) -> dict[str, float]:
 
 def _decode(source: str, limit: int, fm) -> dict[str, float]:
     """The input pipeline alone (read, decode, resize, batch, prefetch) on up to 512 images, no backbone."""
-    from pipeline.config import DataConfig
-    from pipeline.extract import make_image_dataset
-    from pipeline.sources import load_dataset
+    from pipeline.data.images import make_image_dataset
+    from pipeline.data.sources import load_dataset
+    from pipeline.utils.config import DataConfig
 
     ds = load_dataset(DataConfig(source=source, limit=limit))
     data = make_image_dataset(ds, ds.samples[:512], fm.image_size, "stretch", BATCH)
@@ -194,7 +194,7 @@ def _decode(source: str, limit: int, fm) -> dict[str, float]:
 
 
 def _extract(source: str, limit: int, engine: str, threads: int, engines_cache: Path) -> dict[str, Any]:
-    from pipeline.extract import extract
+    from pipeline.stages.extract import extract
 
     with tempfile.TemporaryDirectory(prefix="bench-engines-", dir=OUT) as tmp:
         (Path(tmp) / "engines").symlink_to(engines_cache, target_is_directory=True)
@@ -250,7 +250,7 @@ def bench_dataset(
     forward_batches: int,
     quiet: Quiet | None = None,
 ) -> dict[str, Any]:
-    from pipeline.engines import TensorFlowEngine, load_or_convert
+    from pipeline.features.engines import TensorFlowEngine, load_or_convert
 
     lite, _ = load_or_convert(fm, threads, engines_cache.parent, verbose=False)
     tf_engine = TensorFlowEngine(fm)
@@ -354,8 +354,8 @@ def bench_large_photos(fm, n: int, threads: int, engines_cache: Path) -> dict[st
     import tensorflow as tf
     from PIL import Image
 
-    from pipeline.decode import decode_image
-    from pipeline.preprocess import resize_images
+    from pipeline.data.decode import decode_image
+    from pipeline.data.preprocess import resize_images
 
     root = make_large_photos(OUT / f"photos-12mp-{n}", n)
     files = sorted(root.rglob("*.jpg"))
@@ -408,10 +408,10 @@ def bench_precision(fm, limit: int, threads: int, engines_cache: Path) -> dict[s
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.config import DataConfig
-    from pipeline.engines import load_or_convert, max_relative_diff
-    from pipeline.extract import make_image_dataset
-    from pipeline.sources import load_dataset
+    from pipeline.data.images import make_image_dataset
+    from pipeline.data.sources import load_dataset
+    from pipeline.features.engines import load_or_convert, max_relative_diff
+    from pipeline.utils.config import DataConfig
 
     f32, _ = load_or_convert(fm, threads, engines_cache.parent, verbose=False)
     i8, meta = load_or_convert(fm, threads, engines_cache.parent, quantize="dynamic-int8", verbose=False)
@@ -455,9 +455,9 @@ def run(out_dir: Path, quick: bool) -> dict:
     """Benchmark every engine on both datasets; returns (and ``__main__`` writes) the results."""
     import tensorflow as tf
 
-    from pipeline.backbones.build import build_feature_model
-    from pipeline.config import BackboneConfig
-    from pipeline.engines import default_threads, load_or_convert
+    from pipeline.features.backbones.build import build_feature_model
+    from pipeline.features.engines import default_threads, load_or_convert
+    from pipeline.utils.config import BackboneConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -582,9 +582,9 @@ def markdown(result: dict) -> str:
 
 def sweep_one(name: str, size: int, cache_dir: str) -> dict[str, Any]:
     """Convert one backbone (random weights) and validate it; the record ``load_or_convert`` keeps."""
-    from pipeline.backbones.build import build_feature_model
-    from pipeline.config import BackboneConfig
-    from pipeline.engines import EngineUnavailable, load_or_convert
+    from pipeline.features.backbones.build import build_feature_model
+    from pipeline.features.engines import EngineUnavailable, load_or_convert
+    from pipeline.utils.config import BackboneConfig
 
     t = time.perf_counter()
     try:
@@ -611,7 +611,7 @@ def sweep(out_dir: Path, size: int = 96, names: list[str] | None = None) -> dict
     """Every registered backbone through the TFLite engine (random weights, ``size`` px), one process each."""
     import subprocess
 
-    from pipeline.backbones.registry import BACKBONES
+    from pipeline.features.backbones.registry import BACKBONES
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

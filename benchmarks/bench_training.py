@@ -25,7 +25,7 @@ EPOCHS = 10
 
 
 def _cfg(cache_dir: Path, limit: int, size: int, engine: str, **extra):
-    from pipeline.config import load_config
+    from pipeline.utils.config import load_config
 
     return load_config(
         None,
@@ -46,17 +46,17 @@ def _notebook_way(cache_path: Path, size: int) -> tuple[float, float]:
     import keras
     import tensorflow as tf
 
-    from pipeline.backbones.build import build_feature_model
-    from pipeline.config import BackboneConfig
-    from pipeline.extract import to_rgb
-    from pipeline.preprocess import resize_images
-    from pipeline.sources import load_dataset
-    from pipeline.store import FeatureCache
+    from pipeline.cache.store import FeatureCache
+    from pipeline.data.images import to_rgb
+    from pipeline.data.preprocess import resize_images
+    from pipeline.data.sources import load_dataset
+    from pipeline.features.backbones.build import build_feature_model
+    from pipeline.utils.config import BackboneConfig
 
     with FeatureCache(cache_path) as c:
         data_cfg = c.meta["config"]["data"]
         keys, labels, split, n_classes = c.keys, c.labels, c.split, len(c.class_names)
-    from pipeline.config import DataConfig
+    from pipeline.utils.config import DataConfig
 
     ds = load_dataset(DataConfig(**data_cfg))
     index = {s.key: s.index for s in ds.samples}
@@ -86,8 +86,8 @@ def _notebook_way(cache_path: Path, size: int) -> tuple[float, float]:
 
 def bench_cached(work: Path, limit: int, size: int, engine: str) -> dict[str, Any]:
     """(a) featcache: one extraction into a fresh cache dir (a first TFLite conversion included), then the head."""
-    from pipeline.extract import extract
-    from pipeline.train import train
+    from pipeline.stages.extract import extract
+    from pipeline.stages.train import train
 
     cache_dir = work / f"train_cache_{engine}"
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -139,8 +139,8 @@ def bench_cached_vs_notebook(
 
 def bench_search(cache_path: Path, passes: dict[str, float], n_jobs: int) -> dict[str, Any]:
     """Item 3: the built-in 24-configuration search on the cache vs one extraction pass with each engine."""
-    from pipeline.config import load_config
-    from pipeline.search import search
+    from pipeline.stages.search import search
+    from pipeline.utils.config import load_config
 
     cfg = load_config(None, {"train.cache": str(cache_path), "search.n_jobs": n_jobs})
     t0 = time.perf_counter()
@@ -160,7 +160,8 @@ def bench_search(cache_path: Path, passes: dict[str, float], n_jobs: int) -> dic
 
 def _big_cache(small: Path, out: Path, rows: int) -> Path:
     """A real featcache file of ``rows`` rows, written by the store's own writer from tiled real features."""
-    from pipeline.store import FeatureCache, PartWriter, Row, scan_parts, write_cache
+    from pipeline.cache.store import FeatureCache
+    from pipeline.cache.write import PartWriter, Row, scan_parts, write_cache
 
     with FeatureCache(small) as c:
         feats, labels, layer = c.features(), c.labels, c.default_layer()

@@ -12,9 +12,11 @@ import os
 import sys
 from typing import Any
 
-from .errors import FeatcacheError
+from pipeline.utils.errors import FeatcacheError
 
 EXIT_USAGE = 2
+
+
 DEFAULT_CONFIG_HINT = "configs/default.toml"
 
 
@@ -69,6 +71,8 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {"type": int, "metavar": "N", "help": "CPU threads for the backbone (0 = all cores)"},
     ),
 }
+
+
 _TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--cache": (
         "train.cache",
@@ -88,7 +92,7 @@ def _add_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[str, dict[str,
 
 
 def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    from .config import parse_assignments
+    from pipeline.utils.config import parse_assignments
 
     out: dict[str, Any] = {}
     for flag, (key, _) in flags.items():
@@ -102,16 +106,13 @@ def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, A
 
 
 def _load(args, flags):
-    from .config import load_config
+    from pipeline.utils.config import load_config
 
     return load_config(args.config, _overrides(args, flags))
 
 
-# ----------------------------------------------------------------------------------------------- commands
-
-
 def cmd_extract(args) -> int:
-    from .extract import extract
+    from pipeline.stages.extract import extract
 
     cfg = _load(args, _EXTRACT_FLAGS)
     result = extract(cfg, rebuild=args.rebuild)
@@ -132,8 +133,8 @@ def _human(n: float) -> str:
 
 
 def cmd_cache_ls(args) -> int:
-    from .config import load_config
-    from .store import list_caches
+    from pipeline.cache.store import list_caches
+    from pipeline.utils.config import load_config
 
     cfg = load_config(args.config, {"extract.cache_dir": args.cache_dir} if args.cache_dir else {})
     infos = list_caches(cfg.extract.cache_dir)
@@ -149,7 +150,7 @@ def cmd_cache_ls(args) -> int:
 
 
 def cmd_cache_info(args) -> int:
-    from .store import FeatureCache
+    from pipeline.cache.store import FeatureCache
 
     with FeatureCache(args.file) as c:
         info = {
@@ -171,7 +172,7 @@ def cmd_cache_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from pipeline.stages.train import train
 
     cfg = _load(args, _TRAIN_FLAGS)
     params = _parse_params(args.param)
@@ -212,7 +213,7 @@ _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def cmd_search(args) -> int:
-    from .search import search
+    from pipeline.stages.search import search
 
     cfg = _load(args, _SEARCH_FLAGS)
     run = search(cfg, fresh=args.fresh)
@@ -248,7 +249,7 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def cmd_finetune(args) -> int:
-    from .finetune import finetune
+    from pipeline.stages.finetune import finetune
 
     cfg = _load(args, _FINETUNE_FLAGS)
     print(finetune(cfg).summary())
@@ -256,7 +257,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import format_csv, format_json, format_table, predict
+    from pipeline.stages.predict import format_csv, format_json, format_table, predict
 
     _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
     fmt = format_json if args.json else format_csv if args.csv else format_table
@@ -272,7 +273,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export, format_report, resolve_model_run
+    from pipeline.cache.locate import resolve_model_run
+    from pipeline.stages.export import export, format_report
 
     cfg = _load(args, _EXPORT_FLAGS)
     run = resolve_model_run(cfg, args.run)
@@ -292,7 +294,7 @@ _EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
-    from .config import parse_assignments
+    from pipeline.utils.config import parse_assignments
 
     out: dict[str, Any] = {}
     for k, v in parse_assignments(items, "--param").items():
@@ -303,9 +305,6 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- parser
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit 2) rather than the whole usage block."""
 
@@ -313,19 +312,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="featcache",
-        description="Run a frozen pretrained backbone once, cache its features, train heads on the cache.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
+def _add_extract(sub) -> None:
     p = sub.add_parser("extract", help="run the backbone over a dataset and cache the features")
     _common(p)
     _add_flags(p, _EXTRACT_FLAGS)
     p.add_argument("--rebuild", action="store_true", help="ignore and replace an existing (or damaged) cache")
     p.set_defaults(func=cmd_extract)
 
+
+def _add_cache(sub) -> None:
     p = sub.add_parser("cache", help="inspect caches")
     csub = p.add_subparsers(dest="cache_command", metavar="ls|info")
     q = csub.add_parser("ls", help="list caches: backbone, dataset, rows, size, complete or not")
@@ -337,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_cache_info)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fit a head on cached features")
     _common(p)
     _add_flags(p, _TRAIN_FLAGS)
@@ -349,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _add_search(sub) -> None:
     p = sub.add_parser("search", help="search heads and hyperparameters on the val split; resumable")
     _common(p)
     _add_flags(p, _SEARCH_FLAGS)
@@ -357,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_search)
 
+
+def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune", help="rebuild a run's head end to end and fine-tune it on the images; resumable"
     )
@@ -364,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(p, _FINETUNE_FLAGS)
     p.set_defaults(func=cmd_finetune)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict", help="top-k classes of images from a run, a fine-tuned or an exported model"
     )
@@ -378,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", action="store_true", help="CSV (one row per image and rank) instead of a table")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", help="export .keras, SavedModel and TFLite (float, dynamic, int8), each checked"
     )
@@ -396,6 +401,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_export)
+
+
+COMMANDS = (
+    _add_extract,
+    _add_cache,
+    _add_train,
+    _add_search,
+    _add_finetune,
+    _add_predict,
+    _add_export,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="featcache",
+        description="Run a frozen pretrained backbone once, cache its features, train heads on the cache.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -407,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if argv is None:  # a real process, not a call from Python code: we own its file descriptors
-        from ._quiet import filter_native_stderr
+        from pipeline.utils.quiet import filter_native_stderr
 
         filter_native_stderr()
     try:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from .config import load_config
-from .errors import FeatcacheError
-from .sources import Dataset, Sample, storable_key
+from pipeline.data.sources import Dataset, Sample, storable_key
+from pipeline.utils.config import load_config
+from pipeline.utils.errors import FeatcacheError
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
@@ -73,8 +73,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         )
 
     def transform(self, X) -> np.ndarray:
-        from .extract import extract
-        from .store import FeatureCache
+        from pipeline.cache.store import FeatureCache
+        from pipeline.stages.extract import extract
 
         ds = _as_dataset(X)
         result = extract(self._config(), dataset=ds, keep_missing=True)
@@ -89,7 +89,7 @@ def _as_dataset(X) -> Dataset:
     if isinstance(X, np.ndarray) and X.dtype != object:
         if X.ndim not in (3, 4):
             raise FeatcacheError(f"FeatureExtractor: expected N×H×W or N×H×W×C images, got shape {X.shape}")
-        from .sources import digest_bytes
+        from pipeline.data.sources import digest_bytes
 
         arrays = np.asarray(X)
         if arrays.dtype != np.uint8:

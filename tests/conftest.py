@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -80,7 +80,7 @@ def make_digits_cache(base: Path) -> Path:
     """The shared real cache: ~1800 digits, 64 px, default backbone; idempotent (a rerun is a cache hit)."""
     from sklearn.datasets import load_digits
 
-    from pipeline.extract import extract
+    from pipeline.stages.extract import extract
 
     root = base / "featcache-digits"
     root.mkdir(parents=True, exist_ok=True)

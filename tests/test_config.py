@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
-from pipeline.config import Config, load_config, parse_assignments
-from pipeline.errors import FeatcacheError
+from pipeline.utils.config import Config, load_config, parse_assignments
+from pipeline.utils.errors import FeatcacheError
 
 
 def test_documented_default_toml_equals_the_dataclass_defaults():

@@ -22,13 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
 from zoo import OK, ZOO_CASES, make_zoo  # noqa: E402
 
-from pipeline.decode import (  # noqa: E402
-    IMAGE_EXTENSIONS,
-    MAX_PIXELS,
-    DecodeError,
-    decode_image,
-    read_bytes,
-)
+from pipeline.data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, DecodeError, decode_image, read_bytes
 
 JPEG_TOLERANCE = 8
 

@@ -19,13 +19,13 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.backbones.efficientnet_lite import (
+from pipeline.features.backbones.efficientnet_lite import (
     DEFAULT_IMAGE_SIZE,
     build_efficientnet_lite0,
     preprocess,
     weights_file,
 )
-from pipeline.backbones.torch_checkpoint import load_state_dict
+from pipeline.features.backbones.torch_checkpoint import load_state_dict
 
 LOGIT_TOLERANCE = 1e-4
 

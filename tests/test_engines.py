@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from pipeline import engines
-from pipeline.backbones.build import build_feature_model
-from pipeline.config import BackboneConfig, load_config
-from pipeline.engines import (
+from pipeline.cache.store import FeatureCache
+from pipeline.features import engines, tflite
+from pipeline.features.backbones.build import build_feature_model
+from pipeline.features.engines import (
     FEATURE_TOLERANCE,
     EngineUnavailable,
     TensorFlowEngine,
@@ -27,16 +27,16 @@ from pipeline.engines import (
     make_engine,
     max_relative_diff,
 )
-from pipeline.errors import FeatcacheError
-from pipeline.extract import extract
-from pipeline.store import FeatureCache
+from pipeline.stages.extract import extract
+from pipeline.utils.config import BackboneConfig, load_config
+from pipeline.utils.errors import FeatcacheError
 
 
 def real_crops(size: int, n: int = 6, seed: int = 1) -> np.ndarray:
     """``n`` random crops of the two sample photos, resized with the pipeline's own resize (raw 0..255)."""
     from sklearn.datasets import load_sample_images
 
-    from pipeline.preprocess import resize_images
+    from pipeline.data.preprocess import resize_images
 
     rng = np.random.default_rng(seed)
     photos = load_sample_images().images
@@ -133,7 +133,7 @@ def test_any_batch_size_gives_the_same_features(mnv2, mnv2_engine):
 
 def test_invoke_releases_the_gil(mnv2_engine):
     """Decode (tf.data) and the HDF5 writer thread can run while the interpreter computes."""
-    engine = TFLiteEngine(mnv2_engine.source, mnv2_engine._layers, mnv2_engine.output_names, threads=1)
+    engine = TFLiteEngine(mnv2_engine.source, mnv2_engine.layers, mnv2_engine.output_names, threads=1)
     x = np.repeat(real_crops(64, n=2), 32, axis=0)
     engine(x)
     ticks, stop = [0], threading.Event()
@@ -159,9 +159,9 @@ def test_invoke_releases_the_gil(mnv2_engine):
 
 def test_threads_default_to_all_cores_and_are_configurable(mnv2, mnv2_engine, engine_cache):
     fm = mnv2
-    assert make_engine(fm, "tflite", 0, str(engine_cache)).threads == engines.default_threads()
+    assert make_engine(fm, "tflite", 0, str(engine_cache)).threads == tflite.default_threads()
     assert make_engine(fm, "tflite", 1, str(engine_cache)).threads == 1
-    assert engines.default_threads() == len(os.sched_getaffinity(0))
+    assert tflite.default_threads() == len(os.sched_getaffinity(0))
 
 
 def test_converted_model_is_cached_and_keyed_by_the_feature_model(mnv2, tmp_path, capsys):
@@ -185,7 +185,7 @@ def test_converted_model_is_cached_and_keyed_by_the_feature_model(mnv2, tmp_path
             build_feature_model(BackboneConfig(**{**vars(cfg), **change})), tmp_path
         )[0]
         assert other != path, change
-    assert not list((tmp_path / "engines").glob("*.tmp"))
+    assert not list((tmp_path / "engines").glob("*.tmp*"))
     path.write_bytes(b"not a flatbuffer")  # a damaged cached model is replaced, not trusted
     e3, _ = load_or_convert(fm, 0, tmp_path, verbose=False)
     assert engines.conversions == before + 2
@@ -281,13 +281,13 @@ def test_auto_falls_back_when_features_differ(mnv2, tmp_path, monkeypatch, capsy
 def test_a_conversion_that_would_not_fit_in_memory_is_refused_not_attempted(
     mnv2, tmp_path, monkeypatch, capsys
 ):
-    avail = engines.available_memory()
+    avail = tflite.available_memory()
     assert avail is not None and 0 < avail <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     # every weight counts, the BatchNorm statistics too: they are frozen into the file as well
-    assert engines.weight_bytes(mnv2.model) == 4 * sum(int(np.prod(w.shape)) for w in mnv2.model.weights)
+    assert tflite.weight_bytes(mnv2.model) == 4 * sum(int(np.prod(w.shape)) for w in mnv2.model.weights)
     # A backbone whose conversion needs more than this machine has (ConvNeXt-XLarge: ~31 GiB).
-    factor = engines.CONVERT_MEMORY_FACTOR
-    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", 2 * avail / engines.weight_bytes(mnv2.model))
+    factor = tflite.CONVERT_MEMORY_FACTOR
+    monkeypatch.setattr(tflite, "CONVERT_MEMORY_FACTOR", 2 * avail / tflite.weight_bytes(mnv2.model))
     before = engines.conversions
     assert make_engine(mnv2, "auto", 0, str(tmp_path)).name == "tensorflow"
     err = capsys.readouterr().err.strip()
@@ -296,7 +296,7 @@ def test_a_conversion_that_would_not_fit_in_memory_is_refused_not_attempted(
     with pytest.raises(EngineUnavailable, match="needs about .* GiB of memory"):
         make_engine(mnv2, "tflite", 0, str(tmp_path))
     assert engines.conversions == before and not (tmp_path / "engines").exists()  # nothing recorded
-    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", factor)  # memory freed later: converts then
+    monkeypatch.setattr(tflite, "CONVERT_MEMORY_FACTOR", factor)  # memory freed later: converts then
     assert make_engine(mnv2, "tflite", 0, str(tmp_path)).name == "tflite"
 
 

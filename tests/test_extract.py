@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli, small_config, write_photo_folder
 
-from pipeline.config import load_config
-from pipeline.errors import FeatcacheError
-from pipeline.extract import extract
-from pipeline.store import FeatureCache, partial_dir, quarantine_path
+from pipeline.cache.quarantine import quarantine_path
+from pipeline.cache.store import FeatureCache, partial_dir
+from pipeline.stages.extract import extract
+from pipeline.utils.config import load_config
+from pipeline.utils.errors import FeatcacheError
 
 
 def _extract(cache_dir, source, **extra):
@@ -30,9 +31,9 @@ def test_cached_features_equal_plain_keras_predict(photo_folder, tmp_path):
     """The cache equals ``keras.Model.predict`` of the same backbone on the same decoded, resized images."""
     import keras
 
-    from pipeline.backbones.efficientnet_lite import build_efficientnet_lite0, preprocess
-    from pipeline.decode import decode_image
-    from pipeline.preprocess import resize_images
+    from pipeline.data.decode import decode_image
+    from pipeline.data.preprocess import resize_images
+    from pipeline.features.backbones.efficientnet_lite import build_efficientnet_lite0, preprocess
 
     r = _extract(tmp_path / "c", photo_folder, **{"backbone.image_size": 224, "extract.batch_size": 7})
     with FeatureCache(r.path) as c:
@@ -79,7 +80,7 @@ def test_noop_rerun_does_no_backbone_work_and_imports_no_tensorflow(photo_folder
     assert first.extracted == 20 and first.batches > 0
     mtime = first.path.stat().st_mtime_ns
     code = (
-        "import sys, json; from pipeline.extract import extract; from pipeline.config import load_config;"
+        "import sys, json; from pipeline.stages.extract import extract; from pipeline.utils.config import load_config;"
         f"r = extract(load_config(None, json.loads({json.dumps(json.dumps(small_config(cache, photo_folder)))})));"
         "print(json.dumps([r.batches, r.extracted, r.reused, 'tensorflow' in sys.modules]))"
     )
@@ -409,8 +410,8 @@ def test_csv_and_npz_sources(tmp_path, photo_folder):
 
 
 def test_fashion_mnist_builtin_demo_and_stable_splits():
-    from pipeline.config import DataConfig
-    from pipeline.sources import load_dataset
+    from pipeline.data.sources import load_dataset
+    from pipeline.utils.config import DataConfig
 
     ds = load_dataset(DataConfig())
     assert len(ds.samples) == 70000 and ds.arrays.shape == (70000, 28, 28) and len(ds.class_names) == 10

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from conftest import REPO, small_config, write_photo_folder
 
-from pipeline.config import load_config
-from pipeline.errors import FeatcacheError
+from pipeline.utils.config import load_config
+from pipeline.utils.errors import FeatcacheError
 
 TOL = 1e-4  # the issue's bar: max |Δ probability| between the rebuilt model and the stage-2 head
 
@@ -30,8 +30,8 @@ def _quiet_env():
 
 def stage3_setup(base: Path) -> dict:
     """Idempotent: photos → cache (24 images, 64 px) → a logistic run. Later calls reuse all of it."""
-    from pipeline.extract import extract
-    from pipeline.train import train
+    from pipeline.stages.extract import extract
+    from pipeline.stages.train import train
 
     root = base / "featcache-stage3"
     photos = root / "photos"
@@ -67,7 +67,7 @@ def stage3(tmp_path_factory) -> dict:
 
 
 def _train(setup: dict, head: str, transforms: str) -> Path:
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     cfg = load_config(None, {**setup["overrides"], "train.head": head, "train.transforms": transforms})
     return train(cfg).run_dir
@@ -105,7 +105,8 @@ def test_every_linear_head_converts_exactly(n_classes):
 
     from sklearn.pipeline import Pipeline
 
-    from pipeline.rebuild import build_head_model, quantizable, stage2_scores
+    from pipeline.model.convert import build_head_model, stage2_scores
+    from pipeline.model.layers import quantizable
 
     rng = np.random.default_rng(n_classes)
     centers = rng.normal(0, 3, (n_classes, 12))
@@ -136,8 +137,8 @@ def test_keras_heads_and_missing_classes_convert_exactly():
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.heads import KerasHead
-    from pipeline.rebuild import build_head_model, stage2_scores
+    from pipeline.heads.keras_head import KerasHead
+    from pipeline.model.convert import build_head_model, stage2_scores
 
     rng = np.random.default_rng(0)
     X = rng.normal(0, 1, (120, 8)).astype(np.float32)
@@ -162,7 +163,7 @@ def test_keras_heads_and_missing_classes_convert_exactly():
 
 def test_rebuilt_model_equals_stage2_head_on_val_images(stage3):
     """Before any fine-tuning: images → rebuilt model == cached features → stage-2 head (max |Δp| ≤ 1e-4)."""
-    from pipeline.rebuild import equivalence, rebuild
+    from pipeline.model.rebuild import equivalence, rebuild
 
     rb = rebuild(stage3["run"])  # logistic on standardized features (Keras heads: see the unit tests above)
     eq = equivalence(rb, "val")
@@ -170,11 +171,11 @@ def test_rebuilt_model_equals_stage2_head_on_val_images(stage3):
     assert eq["max_abs_diff"] <= TOL, eq
     assert eq["same_predictions"] == eq["n"]
     # raw images of their own size: the shared resize inside the model gives the same answer
-    from pipeline.decode import decode_image
+    from pipeline.data.decode import decode_image
 
     img = decode_image(next((stage3["photos"] / "china").glob("*.jpg")))
     raw = np.asarray(img, np.float32)[None]
-    from pipeline.preprocess import resize_images
+    from pipeline.data.preprocess import resize_images
 
     resized = resize_images(raw, rb.image_size, rb.resize).numpy()
     assert np.abs(rb.model(raw).numpy() - rb.model(resized).numpy()).max() <= 1e-6
@@ -186,14 +187,15 @@ def test_rebuilt_model_equals_stage2_head_on_val_images(stage3):
 @pytest.mark.parametrize("policy", ["stretch", "crop", "pad"])
 def test_shared_resize_of_an_SxS_image_is_the_identity(policy):
     """Why the fine-tuning pipeline (already S×S) and TFLite (S×S in) see the pixels extraction saw."""
-    from pipeline.preprocess import resize_images
+    from pipeline.data.preprocess import resize_images
 
     x = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.float32)
     assert np.array_equal(resize_images(x, 64, policy).numpy(), x)
 
 
 def test_unconvertible_head_is_refused_with_a_suggestion(stage3):
-    from pipeline.rebuild import NotConvertible, rebuild
+    from pipeline.model.convert import NotConvertible
+    from pipeline.model.rebuild import rebuild
 
     run = _train(stage3, "knn", "standardize")
     with pytest.raises(NotConvertible) as e:
@@ -203,7 +205,7 @@ def test_unconvertible_head_is_refused_with_a_suggestion(stage3):
 
 
 def test_bad_unfreeze_is_one_clear_error(stage3):
-    from pipeline.finetune import finetune
+    from pipeline.stages.finetune import finetune
 
     cfg = load_config(None, finetune_overrides(stage3, **{"finetune.unfreeze": "top:x"}))
     with pytest.raises(FeatcacheError, match="top:N"):
@@ -219,9 +221,10 @@ def test_finetune_resumes_after_sigkill_and_keeps_frozen_weights(stage3):
     unfrozen layers and the head, and wrote before/after metrics in the stage-2 format."""
     import keras
 
-    from pipeline.finetune import finetune, finetune_dir
-    from pipeline.rebuild import load_keras, rebuild
-    from pipeline.runs import verify_run
+    from pipeline.model.rebuild import rebuild
+    from pipeline.model.runners import load_keras
+    from pipeline.stages.finetune import finetune, finetune_dir
+    from pipeline.utils.runs import verify_run
 
     epochs = 3
     ov = finetune_overrides(stage3, **{"finetune.unfreeze": "top:3", "finetune.augment": "flip,contrast"})
@@ -302,9 +305,9 @@ def test_finetune_resumes_after_sigkill_and_keeps_frozen_weights(stage3):
 def test_augmented_views_are_cached_train_rows(stage3, tmp_path):
     """extract.augment_views=K: K deterministic views of each train image become train rows of a separate
     cache (its fingerprint includes K and the recipe); val/test stay the plain images; stage 2 uses them."""
-    from pipeline.extract import extract
-    from pipeline.store import FeatureCache
-    from pipeline.train import train
+    from pipeline.cache.store import FeatureCache
+    from pipeline.stages.extract import extract
+    from pipeline.stages.train import train
 
     ov = {**stage3["overrides"], "extract.cache_dir": str(tmp_path / "cache"), "extract.augment_views": "1"}
     cfg = load_config(None, ov)

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli, write_photo_folder
 from test_finetune import TOL, finetune_overrides, stage3_setup
 
-from pipeline.config import load_config
+from pipeline.utils.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def stage3(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def finetuned(stage3) -> Path:
     """A quick fine-tuned run: 1 epoch, head only (what export and predict need is the model file)."""
-    from pipeline.finetune import finetune
+    from pipeline.stages.finetune import finetune
 
     ov = finetune_overrides(
         stage3, **{"finetune.epochs": "1", "finetune.unfreeze": "none", "finetune.augment": "none"}
@@ -43,7 +43,7 @@ def new_images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(finetuned, tmp_path_factory) -> dict:
-    from pipeline.export import export
+    from pipeline.stages.export import export
 
     out = tmp_path_factory.mktemp("export")
     return export(finetuned, "all", out)
@@ -72,7 +72,7 @@ def test_every_export_matches_keras(exported):
 
 def test_stage2_run_exports_through_the_rebuilt_model(stage3, tmp_path):
     """A stage-2 run is rebuilt and exported; its TFLite file reproduces the stage-2 head end to end."""
-    from pipeline.export import export
+    from pipeline.stages.export import export
 
     r = export(stage3["run"], "tflite", tmp_path)
     assert r["run_kind"] == "stage2" and r["ok"] and r["formats"]["tflite"]["max_abs_diff"] <= 1e-4
@@ -100,15 +100,15 @@ def test_predict_new_images_with_a_stage2_run(stage3, new_images):
         assert preds[0]["class"] == name.split("_")[0]  # real photo crops: the head knows them apart
 
     # the on-the-fly features give what the rebuilt end-to-end model gives on the same files
-    from pipeline.predict import predict
+    from pipeline.stages.predict import predict
 
     _, results = predict(stage3["run"], [str(new_images / "china"), str(new_images / "flower")], top_k=2)
     assert_matches_rebuilt_model(stage3["run"], results)
 
 
 def assert_matches_rebuilt_model(run: Path, results) -> None:
-    from pipeline.decode import decode_image
-    from pipeline.rebuild import rebuild
+    from pipeline.data.decode import decode_image
+    from pipeline.model.rebuild import rebuild
 
     rb = rebuild(run)
     for res in results:
@@ -119,10 +119,10 @@ def assert_matches_rebuilt_model(run: Path, results) -> None:
 
 def test_predict_reuses_the_tflite_model_extraction_converted(stage3, new_images, monkeypatch):
     """New images run on the engine extraction uses: a converted backbone in the cache is reused, not redone."""
-    from pipeline import engines
-    from pipeline.predict import _feature_model, predict
-    from pipeline.rebuild import run_source
-    from pipeline.runs import load_run
+    from pipeline.features import engines
+    from pipeline.heads.persist import load_run
+    from pipeline.model.rebuild import run_source
+    from pipeline.stages.predict import _feature_model, predict
 
     src = run_source(load_run(stage3["run"]).metrics)
     engines.load_or_convert(_feature_model(src), 0, src.cache_path.parent, verbose=False)
@@ -140,7 +140,7 @@ def test_predict_reuses_the_tflite_model_extraction_converted(stage3, new_images
 
 
 def test_predict_with_finetuned_and_exported_models(finetuned, exported, new_images):
-    from pipeline.predict import predict
+    from pipeline.stages.predict import predict
 
     images = [str(new_images / "china"), str(new_images / "flower")]
     outputs = {}
@@ -157,7 +157,7 @@ def test_predict_with_finetuned_and_exported_models(finetuned, exported, new_ima
     for fmt in ("keras", "savedmodel", "tflite"):
         assert np.abs(outputs[fmt] - outputs["run"]).max() <= 1e-4, fmt
 
-    from pipeline.predict import format_csv
+    from pipeline.stages.predict import format_csv
 
     _, results = predict(exported["formats"]["tflite-int8"]["path"], images[:1], top_k=1)
     lines = format_csv(results).strip().splitlines()
@@ -176,11 +176,11 @@ def test_predict_and_export_errors_are_one_line(stage3, tmp_path):
 
 
 def test_export_refuses_a_conversion_that_would_not_fit_in_memory(stage3, tmp_path, monkeypatch):
-    from pipeline import engines
-    from pipeline.errors import FeatcacheError
-    from pipeline.export import export
+    from pipeline.features import tflite
+    from pipeline.stages.export import export
+    from pipeline.utils.errors import FeatcacheError
 
-    monkeypatch.setattr(engines, "CONVERT_MEMORY_FACTOR", 1e9)  # more memory than any machine has
+    monkeypatch.setattr(tflite, "CONVERT_MEMORY_FACTOR", 1e9)  # more memory than any machine has
     with pytest.raises(FeatcacheError, match=r"converting the model to TFLite needs about .* GiB of memory"):
         export(stage3["run"], "tflite", tmp_path)
     assert not list(tmp_path.rglob("*.tflite"))

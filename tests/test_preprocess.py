@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.preprocess import resize_images
+from pipeline.data.preprocess import resize_images
 
 
 def _checkerboard(h: int, w: int) -> np.ndarray:

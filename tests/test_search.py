@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import FeatcacheError
+from pipeline.utils.config import load_config
+from pipeline.utils.errors import FeatcacheError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -134,15 +134,15 @@ def test_search_resumes_after_sigkill_without_rerunning_finished_trials(digits_c
     assert scores == sorted(scores, reverse=True) and scores[0] > 0.85
 
     # a third run is a no-op; --fresh starts over
-    from pipeline.search import search
+    from pipeline.stages.search import search
 
     again = search(search_cfg(digits_cache, runs, space))
     assert again.n_run == 0 and again.n_reused == TOTAL and again.dir == journal.parent
 
 
 def test_best_toml_is_a_config_that_train_picks_up(digits_cache, tmp_path):
-    from pipeline.search import search
-    from pipeline.train import train
+    from pipeline.stages.search import search
+    from pipeline.stages.train import train
 
     space = write_space(
         tmp_path / "s.toml",
@@ -171,8 +171,8 @@ params = { C = [10.0], class_weight = ["none"] }
 
 
 def test_halving_random_and_cv_never_touch_the_test_split(digits_cache, tmp_path):
-    from pipeline.search import _plan, search
-    from pipeline.store import FeatureCache
+    from pipeline.cache.store import FeatureCache
+    from pipeline.stages.search import _plan, search
 
     with FeatureCache(digits_cache) as c:
         test_rows = set(c.rows("test").tolist())
@@ -216,7 +216,7 @@ params = { C = { loguniform = [0.01, 10.0] } }
 
 
 def test_bad_spaces_are_refused_before_any_trial(digits_cache, tmp_path):
-    from pipeline.search import search
+    from pipeline.stages.search import search
 
     cases = {
         'name = "nope"': "unknown head 'nope'",
@@ -232,7 +232,7 @@ def test_bad_spaces_are_refused_before_any_trial(digits_cache, tmp_path):
 
 
 def test_builtin_space_is_about_24_mixed_configurations():
-    from pipeline.search import default_space_path, grid_candidates, load_space
+    from pipeline.stages.search import default_space_path, grid_candidates, load_space
 
     space = load_space(None, "top_activation")
     assert Path(space.source) == default_space_path() == REPO / "pipeline" / "configs" / "search_space.toml"
@@ -244,7 +244,7 @@ def test_builtin_space_is_about_24_mixed_configurations():
 
 
 def test_a_torn_journal_line_is_ignored(tmp_path):
-    from pipeline.search import append_trial, read_trials
+    from pipeline.stages.search import append_trial, read_trials
 
     journal = tmp_path / "trials.jsonl"
     append_trial(journal, {"key": "a", "score": 1.0})

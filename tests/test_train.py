@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import FeatcacheError
+from pipeline.utils.config import load_config
+from pipeline.utils.errors import FeatcacheError
 
 REPO = Path(__file__).resolve().parents[1]
 CHANCE = 0.10  # ten digit classes
@@ -72,7 +72,7 @@ FAST = {
 @pytest.fixture(scope="module")
 def runs(digits_cache, tmp_path_factory):
     """One real run per head, trained once and inspected by several tests."""
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     root = tmp_path_factory.mktemp("runs")
     return {
@@ -129,8 +129,8 @@ def test_probabilities_are_real_or_declared(runs):
 
 
 def test_sklearn_run_round_trips_and_refuses_tampering(runs, digits_cache, tmp_path):
-    from pipeline.runs import load_model, load_run
-    from pipeline.store import FeatureCache
+    from pipeline.cache.store import FeatureCache
+    from pipeline.heads.persist import load_model, load_run
 
     run = runs["logistic"]
     with FeatureCache(digits_cache) as c:
@@ -169,9 +169,9 @@ def test_sklearn_run_round_trips_and_refuses_tampering(runs, digits_cache, tmp_p
 
 
 def test_keras_run_round_trips_and_refuses_tampering(runs, digits_cache, tmp_path):
-    from pipeline.heads import KerasHead
-    from pipeline.runs import load_model
-    from pipeline.store import FeatureCache
+    from pipeline.cache.store import FeatureCache
+    from pipeline.heads.keras_head import KerasHead
+    from pipeline.heads.persist import load_model
 
     run = runs["keras_mlp"]
     with FeatureCache(digits_cache) as c:
@@ -193,7 +193,7 @@ def test_keras_run_round_trips_and_refuses_tampering(runs, digits_cache, tmp_pat
 def test_streaming_matches_memory_and_really_streams(runs, digits_cache, tmp_path, monkeypatch):
     from sklearn.linear_model import SGDClassifier
 
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     memory = runs["logistic"]
     monkeypatch.setenv("FEATCACHE_MEMORY_BUDGET", "1000")  # 1 kB: "auto" must choose streaming
@@ -213,7 +213,7 @@ def test_streaming_matches_memory_and_really_streams(runs, digits_cache, tmp_pat
 def test_keras_streams_through_a_generator_with_incremental_pca(runs, digits_cache, tmp_path):
     from sklearn.decomposition import IncrementalPCA
 
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     params, _ = FAST["keras_linear"]
     run = train(
@@ -231,7 +231,7 @@ def test_keras_streams_through_a_generator_with_incremental_pca(runs, digits_cac
 
 
 def test_heads_without_partial_fit_refuse_to_stream(digits_cache, tmp_path):
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     with pytest.raises(FeatcacheError, match=r"head 'knn' cannot learn from chunks"):
         train(train_cfg(digits_cache, tmp_path, "knn", streaming="stream"))
@@ -239,8 +239,9 @@ def test_heads_without_partial_fit_refuse_to_stream(digits_cache, tmp_path):
 
 def test_binary_heads_and_class_weights(digits_cache):
     """Odd vs even digits: Keras builds Dropout + Dense(1) logit; weights rebalance a skewed task."""
-    from pipeline.store import FeatureCache
-    from pipeline.train import Data, fit_model, predict_rows
+    from pipeline.cache.reader import Data
+    from pipeline.cache.store import FeatureCache
+    from pipeline.heads.fitting import fit_model, predict_rows
 
     with FeatureCache(digits_cache) as c:
         data = Data.from_cache(c, c.default_layer(), np.arange(c.n_rows), streamed=False)
@@ -268,8 +269,8 @@ def test_keras_head_is_a_scikit_learn_estimator(digits_cache):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.heads import KerasHead
-    from pipeline.store import FeatureCache
+    from pipeline.cache.store import FeatureCache
+    from pipeline.heads.keras_head import KerasHead
 
     head = KerasHead(hidden=(32,), epochs=5, learning_rate=0.01, batch_size=128)
     twin = clone(head).set_params(dropout=0.1)
@@ -288,7 +289,7 @@ def test_keras_head_is_a_scikit_learn_estimator(digits_cache):
 
 
 def test_bad_names_fail_fast_naming_them(digits_cache, tmp_path):
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     with pytest.raises(FeatcacheError, match=r"unknown head 'nope'"):
         train(train_cfg(digits_cache, tmp_path, "nope"))
@@ -304,7 +305,7 @@ def test_bad_names_fail_fast_naming_them(digits_cache, tmp_path):
 
 
 def test_memory_budget_decides_the_path():
-    from pipeline.train import memory_budget, use_streaming
+    from pipeline.cache.reader import memory_budget, use_streaming
 
     assert use_streaming("auto", 10, budget=100) is False
     assert use_streaming("auto", 1000, budget=100) is True
@@ -381,8 +382,8 @@ def test_cli_bad_param_exit_2(digits_cache, tmp_path, capsys):
 
 def test_streamed_chunks_read_exactly_the_requested_rows(digits_cache):
     """Dense runs are read as one slice, rows spread over the file one by one: both give the same rows."""
-    from pipeline.store import FeatureCache
-    from pipeline.train import Data
+    from pipeline.cache.reader import Data
+    from pipeline.cache.store import FeatureCache
 
     with FeatureCache(digits_cache) as c:
         layer, n = c.default_layer(), c.n_rows

@@ -7,7 +7,7 @@ from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
-from pipeline.store import FeatureCache
+from pipeline.cache.store import FeatureCache
 from pipeline.transformer import FeatureExtractor
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from pipeline.store import FeatureCache
+from pipeline.cache.store import FeatureCache
 
 HERE = Path(__file__).resolve().parent
 SEED = int(os.environ.get("FEATCACHE_RELIABILITY_SEED", "20240611"))

@@ -22,8 +22,9 @@ from conftest import write_photo_folder
 from faultkit import extract_args, fault_env, one_line_error, run, the_cache
 from zoo import OK, ZOO_CASES, make_zoo
 
-from pipeline.sources import storable_key
-from pipeline.store import FeatureCache, quarantine_path
+from pipeline.cache.quarantine import quarantine_path
+from pipeline.cache.store import FeatureCache
+from pipeline.data.sources import storable_key
 
 EXTRA_BAD = {"pipe.jpg": "not a regular file", "locked.jpg": "permission denied"}
 EXTRA_IGNORED = {"notes.txt"}

@@ -30,8 +30,8 @@ from faultkit import (
     wait_stopped,
 )
 
-from pipeline.sources import digest_bytes
-from pipeline.store import partial_dir
+from pipeline.cache.store import partial_dir
+from pipeline.data.sources import digest_bytes
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "") -> None:

@@ -41,7 +41,7 @@ from faultkit import (
     start,
 )
 
-from pipeline.store import FeatureCache, partial_dir
+from pipeline.cache.store import FeatureCache, partial_dir
 
 N_ALL, N_OLD = 1797, 1200
 CALIBRATE = {"ops": "write,rename,unlink,mkdir", "after_bytes": 10**15, "after_ops": 10**12}

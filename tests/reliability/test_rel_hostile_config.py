@@ -21,9 +21,9 @@ from faultkit import one_line_error, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.backbones.registry import BACKBONES, normalize_name
 from pipeline.cli import main
-from pipeline.config import Config
+from pipeline.features.backbones.registry import BACKBONES, normalize_name
+from pipeline.utils.config import Config
 
 PROFILE = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -24,14 +24,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.backbones.lite0_weights import weights_file
-from pipeline.backbones.registry import get_spec
-from pipeline.config import load_config
-from pipeline.extract import _digests, extract, resolve_cache_path
-from pipeline.fingerprint import fingerprint
-from pipeline.sources import Dataset, Sample
-from pipeline.splits import SPLIT_NAMES, assign_split
-from pipeline.store import FeatureCache
+from pipeline.cache.fingerprint import fingerprint
+from pipeline.cache.locate import resolve_cache_path
+from pipeline.cache.store import FeatureCache
+from pipeline.data.sources import Dataset, Sample
+from pipeline.data.splits import SPLIT_NAMES, assign_split
+from pipeline.features.backbones.lite0_weights import weights_file
+from pipeline.features.backbones.registry import get_spec
+from pipeline.stages.extract import _digests, extract
+from pipeline.utils.config import load_config
 
 FIXTURE_OK = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -116,7 +117,7 @@ FEATURE_KEYS = [
 
 
 def _effective(values: dict, weights: dict[str, Path]) -> tuple:
-    """What a feature actually depends on, worked out independently of pipeline.fingerprint."""
+    """What a feature actually depends on, worked out independently of pipeline.cache.fingerprint."""
     spec = get_spec(values["backbone.name"])
     layers = tuple(values["backbone.layers"])
     w = values["backbone.weights"]

@@ -34,8 +34,8 @@ from faultkit import (
     the_cache,
 )
 
-from pipeline.errors import FeatcacheError
-from pipeline.store import FeatureCache, list_caches
+from pipeline.cache.store import FeatureCache, list_caches
+from pipeline.utils.errors import FeatcacheError
 
 
 class Scene:

@@ -1,0 +1,98 @@
+"""The cache key: a digest of everything that changes a feature, computed without importing TensorFlow.
+
+Sample content is keyed separately (one digest per row, see :mod:`pipeline.data.sources`); this module covers
+the extractor side: backbone, the *content* of its weights, layers, pooling, input size, resize policy,
+preprocessing and stored dtype. Anything not listed here cannot change a feature value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.augment import VIEWS_RECIPE
+from pipeline.features.backbones.registry import BackboneSpec
+from pipeline.utils.config import Config
+from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.io import atomic_write, sha256_file
+
+FORMAT_VERSION = 2  # bump when the meaning of stored features changes (2: area resize for shrinking)
+
+
+def _memo_path(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / ".weights-digests.json"
+
+
+def _memo_key(spec: BackboneSpec, layers: list[str]) -> str:
+    return f"{spec.name}:imagenet:{','.join(layers)}"
+
+
+def weights_digest(spec: BackboneSpec, weights: str, layers: list[str], cache_dir: str | Path) -> str | None:
+    """Content digest of the weights, or None when only building the model can tell (Keras downloads).
+
+    Files are hashed directly; a Keras ImageNet download is hashed once after the model is built (see
+    :func:`remember_weights_digest`) and remembered beside the caches.
+    """
+    if weights == "none":
+        return "none:seed0"
+    if weights == "imagenet":
+        if spec.name == "efficientnet_lite0":
+            from pipeline.features.backbones.lite0_weights import weights_file
+
+            return "sha256:" + sha256_file(weights_file())
+        try:
+            memo = json.loads(_memo_path(cache_dir).read_text())
+        except (OSError, ValueError):
+            return None
+        return memo.get(_memo_key(spec, layers))
+    p = Path(weights).expanduser()
+    if not p.is_file():
+        raise FeatcacheError(f"--weights: file not found: {weights} (use imagenet, none, or a weights file)")
+    return "sha256:" + sha256_file(p)
+
+
+def remember_weights_digest(
+    spec: BackboneSpec, layers: list[str], cache_dir: str | Path, digest: str
+) -> None:
+    path = _memo_path(cache_dir)
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    memo[_memo_key(spec, layers)] = digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(memo, indent=1, sort_keys=True))
+
+
+def feature_key(cfg: Config, spec: BackboneSpec, digest: str) -> dict[str, Any]:
+    """The fields the fingerprint hashes, kept readable so ``cache info`` can show them."""
+    b = cfg.backbone
+    return {
+        "format": FORMAT_VERSION,
+        "backbone": spec.name,
+        "weights_digest": digest,
+        "layers": list(b.layers),
+        "pooling": b.pooling,
+        "image_size": b.image_size or spec.default_size,
+        "resize": b.resize,
+        "preprocess": spec.preprocess,
+        "dtype": cfg.extract.dtype,
+    }
+
+
+def fingerprint(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def views_key(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:
+    k = int(cfg.extract.augment_views)
+    if k < 0:
+        raise FeatcacheError(f"config: extract.augment_views must be >= 0, got {k}")
+    if k == 0:
+        return key  # caches without views keep their fingerprint
+    augment = [a.strip().lower() for a in cfg.finetune.augment if a.strip().lower() not in ("", "none")]
+    if not augment:
+        raise FeatcacheError("extract.augment_views needs at least one augmentation in finetune.augment")
+    return {**key, "augment_views": {"k": k, "augment": augment, "recipe": VIEWS_RECIPE}}

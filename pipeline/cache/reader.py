@@ -1,0 +1,197 @@
+"""Streaming reads of cached features: in memory when they fit the budget, else in bounded chunks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.utils.errors import FeatcacheError
+
+MEMORY_FRACTION = 0.25  # of the RAM available now: room for the copy transforms make, and for the head
+
+
+def memory_budget() -> int:
+    """Bytes the features may take in memory: ``$FEATCACHE_MEMORY_BUDGET`` or 25 % of available RAM."""
+    env = os.environ.get("FEATCACHE_MEMORY_BUDGET")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise FeatcacheError(f"FEATCACHE_MEMORY_BUDGET must be a number of bytes, got {env!r}") from None
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover - psutil is a dev dependency
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * MEMORY_FRACTION)
+
+
+def use_streaming(mode: str, n_bytes: int, budget: int | None = None) -> bool:
+    """``memory``/``stream`` force the path; ``auto`` streams when the features exceed the budget."""
+    if mode == "memory":
+        return False
+    if mode == "stream":
+        return True
+    if mode != "auto":
+        raise FeatcacheError(f"train.streaming must be auto, memory or stream, got {mode!r}")
+    return n_bytes > (memory_budget() if budget is None else budget)
+
+
+_OPEN: dict[tuple[int, str], Any] = {}  # (pid, path) → FeatureCache: one handle per process
+
+
+def _open_cache(path: str):
+    from pipeline.cache.store import FeatureCache
+
+    key = (os.getpid(), path)
+    if key not in _OPEN:
+        _OPEN[key] = FeatureCache(path)
+    return _OPEN[key]
+
+
+def close_cache(path: str | Path) -> None:
+    """Close this process's streaming handle on ``path``, if any."""
+    handle = _OPEN.pop((os.getpid(), str(path)), None)
+    if handle is not None:
+        handle.close()
+
+
+@dataclass
+class Data:
+    """Features of one cached layer for a set of rows: an array in memory, or HDF5 read on demand.
+
+    Only ``rows`` are reachable, so a search built without the test rows cannot read them. It pickles
+    small (path + rows; joblib memory-maps ``X``), which is how search trials reach their workers.
+    """
+
+    path: str
+    layer: str
+    labels: np.ndarray  # labels of every cache row (always in memory: one int per row)
+    n_features: int
+    rows: np.ndarray  # sorted rows this object may serve
+    X: np.ndarray | None = None  # features of ``rows`` when in memory; None = streamed
+
+    @property
+    def streamed(self) -> bool:
+        return self.X is None
+
+    @classmethod
+    def from_cache(cls, cache, layer: str, rows: np.ndarray, streamed: bool) -> Data:
+        rows = np.sort(np.asarray(rows))
+        n_features = int(cache.dataset(layer).shape[1])
+        X = None if streamed else cache.features(layer, rows)
+        return cls(str(cache.path), layer, cache.labels, n_features, rows, X)
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.rows, rows)
+        pos = np.clip(pos, 0, max(len(self.rows) - 1, 0))
+        if len(rows) and (len(self.rows) == 0 or not np.array_equal(self.rows[pos], rows)):
+            raise FeatcacheError("internal: rows outside this data view were requested")
+        return pos
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Features of ``rows`` (in that order), from memory or from HDF5."""
+        rows = np.asarray(rows)
+        pos = self.positions(rows)
+        if self.X is not None:
+            return self.X[pos]
+        return _open_cache(self.path).features(self.layer, rows)
+
+    def chunks(
+        self,
+        rows: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        transform=None,
+        min_rows: int = 1,
+    ) -> ChunkSequence:
+        self.positions(np.sort(np.asarray(rows)))
+        return ChunkSequence(
+            self, rows, batch_size, shuffle=shuffle, seed=seed, transform=transform, min_rows=min_rows
+        )
+
+
+class ChunkSequence:
+    """(X, y) batches of ``rows`` read as contiguous HDF5 slices; memory stays at one batch.
+
+    Rows are cut into short runs (``segment``) and each batch joins several runs from different places, so
+    a shuffled epoch mixes classes even when the cache is sorted by class, while every read stays a slice.
+    Supports ``len``/``[i]``/iteration and ``on_epoch_end`` (reshuffles), so Keras can use it as is.
+    """
+
+    def __init__(
+        self,
+        data: Data,
+        rows: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        transform=None,
+        min_rows: int = 1,
+    ):
+        self.data = data
+        rows = np.sort(np.asarray(rows))
+        self.batch_size = max(int(batch_size), 1)
+        seg = max(1, min(self.batch_size, max(8, self.batch_size // 8))) if shuffle else self.batch_size
+        self.segments = [rows[i : i + seg] for i in range(0, len(rows), seg)]
+        self.per_batch = max(1, self.batch_size // seg)
+        self.shuffle, self.transform, self.min_rows = shuffle, transform, max(1, int(min_rows))
+        self.rng = np.random.default_rng(seed)
+        self.n_features = data.n_features
+        self.reads = 0
+        self._order = np.arange(len(self.segments))
+        if shuffle:
+            self.rng.shuffle(self._order)
+        self._group()
+
+    def _group(self) -> None:
+        groups = [
+            list(self._order[i : i + self.per_batch]) for i in range(0, len(self._order), self.per_batch)
+        ]
+        if len(groups) > 1 and sum(len(self.segments[s]) for s in groups[-1]) < self.min_rows:
+            groups[-2].extend(groups.pop())  # IncrementalPCA needs >= n_components rows per batch
+        self._groups = groups
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def rows_of(self, i: int) -> np.ndarray:
+        return np.concatenate([self.segments[s] for s in self._groups[i]])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= i < len(self._groups):
+            raise IndexError(i)
+        parts = [self._read(self.segments[s]) for s in self._groups[i]]
+        X = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        y = self.data.labels[self.rows_of(i)]
+        if self.transform is not None:
+            X = self.transform(X)
+        return X, y
+
+    def _read(self, seg: np.ndarray) -> np.ndarray:
+        self.reads += 1
+        if self.data.X is not None:
+            return self.data.X[self.data.positions(seg)]
+        ds = _open_cache(self.data.path).dataset(self.data.layer)
+        lo, hi = int(seg[0]), int(seg[-1]) + 1
+        if hi - lo <= 2 * len(seg):  # dense: one slice, the few rows between are dropped
+            return np.asarray(ds[lo:hi], dtype=np.float32)[seg - lo]
+        # sparse (e.g. val rows spread over the file): read only these rows, so memory stays at one batch
+        return np.asarray(ds[seg], dtype=np.float32)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self.rng.shuffle(self._order)
+            self._group()

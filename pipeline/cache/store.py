@@ -1,0 +1,221 @@
+"""The HDF5 feature cache: crash-safe writing, validated reading.
+
+Layout of a complete cache ``<name>.h5`` (readable with plain h5py or ``h5dump``)::
+
+    /features/<layer>   N×D float32|float16, chunked   one dataset per extracted layer
+    /labels             N int32                         index into /class_names
+    /class_names        C str
+    /split              N uint8                         0 train, 1 val, 2 test (attr ``names``)
+    /keys               N str                           sample path relative to the dataset root
+    /ids                N str                           content digest of the sample
+    /sizes, /mtimes     N int64                         file stat, so a rerun need not re-read files
+    attrs: format, complete, fingerprint, feature_key, backbone, weights, layers, pooling, image_size,
+           resize, dtype, engine, dataset, source, versions, config, created
+
+Writing never touches a complete cache in place. Extracted batches go to ``<name>.partial/part-*.npz``
+(each written to a temp name, then renamed: a part exists whole or not at all), and the complete file is
+rebuilt as ``<name>.h5.tmp-*`` and renamed over the old one. ``kill -9`` at any moment leaves either the
+old complete cache plus whole parts, so the next run resumes, or the new complete cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache.h5 import attr_value, attrs_digest, h5py_module, short_error, to_str
+from pipeline.data.splits import SPLIT_NAMES
+from pipeline.utils.errors import FeatcacheError
+
+FORMAT = "featcache/1"
+
+
+def cache_stem(dataset: str, backbone: str, fingerprint: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("._") or "data"
+    return f"{safe}-{backbone}-{fingerprint[:12]}"
+
+
+def partial_dir(final: Path) -> Path:
+    return final.with_name(final.stem + ".partial")
+
+
+class FeatureCache:
+    """A complete cache opened read-only. Small columns load eagerly; features stay on disk until asked."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        h5py = h5py_module()
+        if not self.path.is_file():
+            raise FeatcacheError(f"cache not found: {self.path}")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise FeatcacheError(
+                f"{self.path}: not a readable HDF5 cache ({short_error(e)}); delete it or re-extract with --rebuild"
+            ) from None
+        try:
+            a = self._f.attrs
+            digest = a.get("attrs_sha256")
+            checksummed = digest is not None or ("ids" in self._f and self._f["ids"].fletcher32)
+            if checksummed and digest != attrs_digest(a):
+                raise FeatcacheError(
+                    f"{self.path}: damaged cache (metadata checksum); re-extract with --rebuild"
+                )
+            if a.get("format") != FORMAT:
+                raise FeatcacheError(
+                    f"{self.path}: not a featcache cache (format {a.get('format')!r}); delete it or re-extract"
+                    " with --rebuild"
+                )
+            if not bool(a.get("complete", False)):
+                raise FeatcacheError(
+                    f"{self.path}: cache is incomplete; run `featcache extract` again to finish it"
+                )
+            self.meta: dict[str, Any] = {k: attr_value(v) for k, v in a.items()}
+            self.layers: list[str] = list(self._f["features"].keys())
+            self.class_names = [to_str(c) for c in self._f["class_names"][()]]
+            self.labels = self._f["labels"][()].astype(np.int64)
+            self.split = self._f["split"][()]
+            self.keys = [to_str(k) for k in self._f["keys"][()]]
+            self.ids = [to_str(k) for k in self._f["ids"][()]]
+            self.sizes = self._f["sizes"][()]
+            self.mtimes = self._f["mtimes"][()]
+            n = len(self.keys)
+            for layer in self.layers:
+                if self._f["features"][layer].shape[0] != n:
+                    raise FeatcacheError(
+                        f"{self.path}: features/{layer} has {self._f['features'][layer].shape[0]} rows, expected {n}"
+                    )
+            if not (len(self.labels) == len(self.split) == len(self.ids) == n):
+                raise FeatcacheError(f"{self.path}: columns disagree in length; the file is damaged")
+        except FeatcacheError:
+            self._f.close()
+            raise
+        except (KeyError, OSError, ValueError, RuntimeError) as e:  # h5py raises any of these on damage
+            self._f.close()
+            raise FeatcacheError(
+                f"{self.path}: damaged cache ({short_error(e)}); re-extract with --rebuild"
+            ) from None
+
+    # -- small, convenient accessors
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.keys)
+
+    def default_layer(self) -> str:
+        return self.layers[0]
+
+    def layer_name(self, layer: str | None) -> str:
+        if not layer:
+            return self.default_layer()
+        if layer not in self.layers:
+            raise FeatcacheError(
+                f"{self.path}: no layer {layer!r} in this cache (has {', '.join(self.layers)})"
+            )
+        return layer
+
+    def dataset(self, layer: str | None = None):
+        """The h5py dataset itself, for streaming readers."""
+        return self._f["features"][self.layer_name(layer)]
+
+    def rows(self, split: str | None = None) -> np.ndarray:
+        if split is None:
+            return np.arange(self.n_rows)
+        return np.flatnonzero(self.split == SPLIT_NAMES.index(split))
+
+    def features(
+        self, layer: str | None = None, rows: np.ndarray | None = None, dtype=np.float32
+    ) -> np.ndarray:
+        ds = self.dataset(layer)
+        try:
+            if rows is None:
+                return ds[()].astype(dtype, copy=False)
+            rows = np.asarray(rows)
+            if rows.size == 0:
+                return np.zeros((0, ds.shape[1]), dtype)
+            order = np.argsort(rows, kind="stable")
+            out = np.empty((len(rows), ds.shape[1]), dtype)
+            out[order] = ds[rows[order]]  # h5py wants increasing indices
+            return out
+        except OSError as e:  # a failed checksum, a cut-off chunk...
+            raise self._damaged(e) from None
+
+    def _damaged(self, e: Exception) -> FeatcacheError:
+        return FeatcacheError(f"{self.path}: damaged cache ({short_error(e)}); re-extract with --rebuild")
+
+    def iter_batches(
+        self, layer: str | None = None, rows: np.ndarray | None = None, batch_size: int = 1024
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(features, labels) in chunks: memory stays bounded by ``batch_size`` rows."""
+        rows = np.arange(self.n_rows) if rows is None else np.sort(np.asarray(rows))
+        ds = self.dataset(layer)
+        for i in range(0, len(rows), batch_size):
+            r = rows[i : i + batch_size]
+            try:
+                block = ds[r].astype(np.float32, copy=False)
+            except OSError as e:
+                raise self._damaged(e) from None
+            yield block, self.labels[r]
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.path)!r}, rows={self.n_rows}, layers={self.layers})"
+
+
+def open_cache(path: str | Path) -> FeatureCache:
+    return FeatureCache(path)
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """One line's worth of facts about a cache file or a partial one, never raising."""
+    info: dict[str, Any] = {"path": str(path), "size": 0, "status": "?", "rows": 0}
+    if path.suffix == ".partial":
+        parts = sorted(path.glob("part-*.npz"))
+        info.update(status="partial", size=sum(p.stat().st_size for p in parts))
+        man = path / "manifest.json"
+        with contextlib.suppress(OSError, ValueError):
+            m = json.loads(man.read_text())
+            info.update(backbone=m.get("backbone"), dataset=m.get("dataset"), rows=m.get("rows_written", 0))
+        return info
+    info["size"] = path.stat().st_size
+    try:
+        with FeatureCache(path) as c:
+            info.update(
+                status="complete",
+                rows=c.n_rows,
+                backbone=c.meta.get("backbone"),
+                dataset=c.meta.get("dataset"),
+                layers=c.layers,
+            )
+    except FeatcacheError as e:
+        info.update(
+            status="damaged" if "damaged" in str(e) or "not a readable" in str(e) else "incomplete",
+            error=str(e),
+        )
+    return info
+
+
+def list_caches(cache_dir: str | Path) -> list[dict[str, Any]]:
+    d = Path(cache_dir)
+    if not d.is_dir():
+        return []
+    out = [describe(p) for p in sorted(d.glob("*.h5"))]
+    out += [describe(p) for p in sorted(d.glob("*.partial")) if p.is_dir() and any(p.glob("part-*.npz"))]
+    return out

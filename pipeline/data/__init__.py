@@ -1,0 +1,1 @@
+"""Images in: sources, decoding, content-hashed splits, preprocessing, the tf.data pipeline, augmentation."""

@@ -1,0 +1,103 @@
+"""The image pipeline every stage reads pixels through: decode, the shared resize, tf.data batches."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.augment import is_view_key
+from pipeline.data.sources import Dataset, Sample
+
+
+def to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Array samples (gray, gray+1, RGB, RGBA) → H×W×3 uint8, alpha over white like decoded files."""
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] == 1:
+        return np.repeat(a, 3, axis=-1)
+    if a.shape[-1] == 4:
+        alpha = a[..., 3:4].astype(np.float32) / 255.0
+        return np.rint(a[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return a
+
+
+def make_image_dataset(ds: Dataset, samples: list[Sample], size: int, policy: str, batch_size: int):
+    """tf.data: parallel decode → the shared resize → batch → prefetch; yields (index, images, ok, why)."""
+    import tensorflow as tf
+
+    from pipeline.data.decode import DecodeError, decode_image, os_error_reason
+    from pipeline.data.preprocess import resize_images
+
+    failed = np.zeros((1, 1, 3), np.uint8)
+
+    def load(i):
+        s = samples[int(i)]
+        try:
+            raw = ds.read(s)
+            img = decode_image(raw) if isinstance(raw, bytes) else to_rgb(raw)
+            return img, True, b""
+        except DecodeError as e:
+            return failed, False, str(e).encode()
+        except OSError as e:
+            return failed, False, os_error_reason(e).encode()
+
+    def load_tf(i):
+        img, ok, why = tf.numpy_function(load, [i], [tf.uint8, tf.bool, tf.string], stateful=False)
+        img = tf.ensure_shape(img, [None, None, 3])
+        return i, resize_images(img, size, policy), ok, why
+
+    # Fixed parallelism, autotune off: tearing down an autotuned iterator waits out the tuner's sleep
+    # (runs ended on 10.24 s / 20.48 s boundaries), and on 2 cores the tuner finds nothing better.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    d = tf.data.Dataset.range(len(samples)).map(
+        load_tf, num_parallel_calls=os.cpu_count() or 2, deterministic=True
+    )
+    return d.batch(batch_size).prefetch(2).with_options(options)
+
+
+def samples_for_rows(cache, ds, rows: np.ndarray):
+    """(rows kept, their samples, keys missing from the dataset); augmented-view rows are never images."""
+    by_key = {s.key: s for s in ds.samples}
+    kept, samples, missing = [], [], []
+    for r in np.asarray(rows):
+        key = cache.keys[int(r)]
+        if is_view_key(key):
+            continue
+        s = by_key.get(key)
+        if s is None:
+            missing.append(key)
+            continue
+        kept.append(int(r))
+        samples.append(s)
+    return np.asarray(kept, np.int64), samples, missing
+
+
+def image_batches(ds, samples, size: int, policy: str, batch_size: int):
+    """tf.data of (index, S×S images, ok, why): :func:`pipeline.stages.extract.make_image_dataset`, the same pixels
+    extraction fed the backbone."""
+
+    return make_image_dataset(ds, samples, size, policy, batch_size)
+
+
+@dataclass
+class SplitImages:
+    rows: np.ndarray  # cache rows
+    samples: list
+    labels: np.ndarray
+
+
+def split_images(cache, ds, split: str) -> SplitImages:
+    from pipeline.data.images import samples_for_rows
+
+    rows, samples, missing = samples_for_rows(cache, ds, cache.rows(split))
+    if missing:
+        print(
+            f"note: {len(missing)} {split} image(s) of the cache are no longer in the dataset (e.g. {missing[0]}); skipped",
+            file=sys.stderr,
+        )
+    return SplitImages(rows, samples, cache.labels[rows] if len(rows) else np.zeros(0, np.int64))

@@ -1,0 +1,289 @@
+"""Data sources: turn a folder, a CSV, an ``.npz`` or the built-in demo into a list of samples.
+
+A source only *lists* samples and reads their raw content; decoding, resizing and the backbone come later.
+Every sample has a stable ``key`` (its path relative to the dataset root, or its row for arrays), a class
+label, and a content digest computed lazily, so the cache can tell "same image" from "changed image" no
+matter where the folder lives.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.decode import IMAGE_EXTENSIONS
+from pipeline.utils.config import SPLITS, DataConfig
+from pipeline.utils.errors import FeatcacheError
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def fashion_mnist_dirs() -> list[Path]:
+    """Where Fashion-MNIST is looked for: Keras' own download cache first, then Debian's package."""
+    dirs = []
+    if os.environ.get("FEATCACHE_FASHION_MNIST"):
+        dirs.append(Path(os.environ["FEATCACHE_FASHION_MNIST"]))
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    dirs += [keras_home / "datasets" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
+    return dirs
+
+
+def digest_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def storable_key(path: str) -> str:
+    """A key that survives HDF5's UTF-8 strings: undecodable file-name bytes become ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # stable within the dataset: relative path, or "<part>/<row>" for arrays
+    label: str
+    split: str | None = None  # fixed by the layout: train | val | test | trainval; None = hashed
+    group: str | None = None  # samples of one group always share a split
+    path: str | None = None  # file to read (file sources)
+    index: int = -1  # row in ``Dataset.arrays`` (array sources)
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str
+    samples: list[Sample]
+    class_names: list[str]
+    arrays: np.ndarray | None = None  # N×H×W[×C] uint8 for array sources
+    ignored: list[str] = field(default_factory=list)  # non-image or hidden files seen while scanning
+
+    @property
+    def is_files(self) -> bool:
+        return self.arrays is None
+
+    def read(self, sample: Sample) -> bytes | np.ndarray:
+        """Raw content: file bytes (decoded later) or a uint8 array."""
+        if self.arrays is not None:
+            return self.arrays[sample.index]
+        from pipeline.data.decode import read_bytes
+
+        return read_bytes(sample.path)
+
+    def label_index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.class_names)}
+
+
+def _check_classes(name: str, class_names: list[str]) -> None:
+    if len(class_names) < 2:
+        found = f"only {class_names[0]!r}" if class_names else "none"
+        raise FeatcacheError(f"{name}: need at least 2 classes to train a classifier, found {found}")
+
+
+def _group_of(rel: str, pattern: re.Pattern[str] | None) -> str | None:
+    if pattern is None:
+        return None
+    m = pattern.search(rel)
+    if not m:
+        return None
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def _scan_class_folders(root: Path, split: str | None, pattern, samples, ignored, empty) -> set[str]:
+    classes = set()
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        n_before = len(samples)
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                full = os.path.join(dirpath, fn)
+                rel = os.path.relpath(full, root.parent if split else root)
+                if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
+                    ignored.append(storable_key(rel))
+                    continue
+                key = storable_key(rel)
+                samples.append(Sample(key, class_dir.name, split, _group_of(key, pattern), full))
+        if len(samples) == n_before:
+            empty.append(str(class_dir))
+        classes.add(class_dir.name)
+    return classes
+
+
+def _folder(root: Path, cfg: DataConfig) -> Dataset:
+    pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
+    samples: list[Sample] = []
+    ignored: list[str] = []
+    empty: list[str] = []
+    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+    classes: set[str] = set()
+    if split_dirs:
+        for d in split_dirs:
+            classes |= _scan_class_folders(d, d.name, pattern, samples, ignored, empty)
+    else:
+        classes = _scan_class_folders(root, None, pattern, samples, ignored, empty)
+    if empty:
+        raise FeatcacheError(
+            f"class folder has no images: {empty[0]}"
+            + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+        )
+    if not samples:
+        raise FeatcacheError(
+            f"{root}: no images found (expected one sub-folder per class, e.g. {root}/cats/*.jpg)"
+        )
+    class_names = sorted(classes)
+    _check_classes(str(root), class_names)
+    return Dataset(cfg.name or root.name, str(root), samples, class_names, ignored=ignored)
+
+
+def _csv(path: Path, cfg: DataConfig) -> Dataset:
+    pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
+    base = path.parent
+    samples = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = set(reader.fieldnames or [])
+        if not {"path", "label"} <= fields:
+            raise FeatcacheError(
+                f"{path}: CSV needs a header with 'path' and 'label' columns, got {sorted(fields)}"
+            )
+        for lineno, row in enumerate(reader, start=2):
+            rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            if not rel or not label:
+                raise FeatcacheError(f"{path}:{lineno}: empty path or label")
+            split = (row.get("split") or "").strip() or None
+            if split is not None and split not in SPLITS:
+                raise FeatcacheError(
+                    f"{path}:{lineno}: split must be one of {', '.join(SPLITS)}, got {split!r}"
+                )
+            group = (row.get("group") or "").strip() or _group_of(rel, pattern)
+            full = rel if os.path.isabs(rel) else str(base / rel)
+            samples.append(Sample(storable_key(rel), label, split, group, full))
+    if not samples:
+        raise FeatcacheError(f"{path}: CSV has no rows")
+    class_names = sorted({s.label for s in samples})
+    _check_classes(str(path), class_names)
+    return Dataset(cfg.name or path.stem, str(path), samples, class_names)
+
+
+def _npz(path: Path, cfg: DataConfig) -> Dataset:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable archive is a user error
+        raise FeatcacheError(f"{path}: cannot read .npz ({e})") from None
+    with z:
+        img_key = next((k for k in ("images", "x", "X") if k in z.files), None)
+        lab_key = next((k for k in ("labels", "y", "Y") if k in z.files), None)
+        if img_key is None or lab_key is None:
+            raise FeatcacheError(f"{path}: .npz needs 'images' and 'labels' arrays, has {z.files}")
+        images, labels = z[img_key], z[lab_key]
+        names = [str(c) for c in z["class_names"]] if "class_names" in z.files else None
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise FeatcacheError(
+            f"{path}: images must be N×H×W or N×H×W×C (C in 1, 3, 4), got shape {images.shape}"
+        )
+    if len(labels) != len(images):
+        raise FeatcacheError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if images.dtype != np.uint8:
+        if images.dtype.kind == "f" and images.size and float(images.max()) <= 1.0:
+            images = images * 255.0
+        images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    if labels.dtype.kind in "iu":
+        class_names = names or [str(i) for i in range(int(labels.max()) + 1)]
+        if labels.min() < 0 or labels.max() >= len(class_names):
+            raise FeatcacheError(f"{path}: labels must lie in [0, {len(class_names)})")
+        label_str = [class_names[int(i)] for i in labels]
+    else:
+        label_str = [str(v) for v in labels]
+        class_names = names or sorted(set(label_str))
+    used = sorted(set(label_str), key=class_names.index)
+    _check_classes(str(path), used)
+    width = len(str(len(images)))
+    samples = [Sample(f"{i:0{width}d}", lab, None, None, None, i) for i, lab in enumerate(label_str)]
+    return Dataset(cfg.name or path.stem, str(path), samples, class_names, arrays=images)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist(cfg: DataConfig) -> Dataset:
+    for d in fashion_mnist_dirs():
+        if all((d / f).is_file() for pair in FASHION_MNIST_FILES.values() for f in pair):
+            break
+    else:
+        raise FeatcacheError(
+            "Fashion-MNIST not found in "
+            + ", ".join(str(d) for d in fashion_mnist_dirs())
+            + ": install the Debian package dataset-fashion-mnist (`make install` does) or run"
+            " keras.datasets.fashion_mnist.load_data() once while online"
+        )
+    parts, samples = [], []
+    offset = 0
+    for split, (img_file, lab_file) in FASHION_MNIST_FILES.items():
+        images, labels = _read_idx(d / img_file), _read_idx(d / lab_file)
+        parts.append(images)
+        # The official test set stays the test set; the official training set is split into train/val.
+        fixed = "test" if split == "test" else "trainval"
+        samples += [
+            Sample(f"{split}/{i:05d}", FASHION_MNIST_CLASSES[int(lab)], fixed, None, None, offset + i)
+            for i, lab in enumerate(labels)
+        ]
+        offset += len(images)
+    return Dataset(
+        cfg.name or "fashion_mnist",
+        str(d),
+        samples,
+        list(FASHION_MNIST_CLASSES),
+        arrays=np.concatenate(parts),
+    )
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Resolve ``cfg.source`` to a :class:`Dataset`, with one clear error for anything unusable."""
+    src = cfg.source.strip()
+    if src in ("fashion_mnist", "fashion-mnist"):
+        ds = _fashion_mnist(cfg)
+    else:
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise FeatcacheError(f"data source not found: {src}")
+        if p.is_dir():
+            ds = _folder(p, cfg)
+        elif p.suffix.lower() == ".csv":
+            ds = _csv(p, cfg)
+        elif p.suffix.lower() == ".npz":
+            ds = _npz(p, cfg)
+        else:
+            raise FeatcacheError(f"data source {src}: expected a folder, a .csv, a .npz or 'fashion_mnist'")
+    if cfg.limit and cfg.limit < len(ds.samples):
+        # A stable subset: the samples whose key hashes lowest, so raising the limit only adds samples.
+        ranked = sorted(ds.samples, key=lambda s: hashlib.blake2b(s.key.encode(), digest_size=8).digest())
+        keep = {s.key for s in ranked[: cfg.limit]}
+        ds.samples = [s for s in ds.samples if s.key in keep]
+    return ds

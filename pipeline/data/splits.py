@@ -1,0 +1,37 @@
+"""Deterministic, stable train/val/test assignment.
+
+A sample's split is a pure function of its content digest (or of its group id, so related images stay
+together) and the fractions: no shuffle, no path, no seed. Adding images, removing others or moving the
+folder never moves an existing image to another split, and identical images can never straddle splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def unit_hash(text: str) -> float:
+    """A uniform number in [0, 1) from ``text``."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2.0**64
+
+
+def assign_split(
+    digest: str, *, fixed: str | None, group: str | None, val_fraction: float, test_fraction: float
+) -> str:
+    """``fixed`` is the layout's word: train/val/test, or trainval (only the test set is given, so the
+    rest is split into train and val with ``val_fraction`` of it going to val)."""
+    if fixed in SPLIT_CODES:
+        return fixed
+    u = unit_hash(group if group is not None else digest)
+    if fixed == "trainval":
+        return "val" if u < val_fraction else "train"
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"

@@ -1,9 +1,0 @@
-"""User-facing errors.
-
-Anything the user can fix (a bad option, a missing folder, an unreadable cache) raises
-:class:`FeatcacheError`; the CLI prints it as one line and exits with code 2.
-"""
-
-
-class FeatcacheError(Exception):
-    """A user-facing error: the CLI prints it as one line and exits with code 2."""

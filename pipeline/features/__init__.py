@@ -1,0 +1,1 @@
+"""From pixels to features: the backbones, and the engines (TensorFlow, TFLite) that run them."""

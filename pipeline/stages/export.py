@@ -1,0 +1,374 @@
+"""Export an end-to-end model (a fine-tuned run, or a stage-2 run rebuilt) and prove each export.
+
+Formats (``--format``, comma-separated):
+
+==================  ===========================================  =============================================
+format              file                                         input
+==================  ===========================================  =============================================
+``keras``           ``model.keras``                              N×H×W×3 float32 raw RGB 0..255, any size
+``savedmodel``      ``saved_model/`` (endpoint ``serve``)        N×H×W×3 float32 raw RGB 0..255, any size
+``tflite``          ``model.tflite`` (float32)                   N×S×S×3 float32 raw RGB 0..255
+``tflite-dynamic``  ``model-dynamic.tflite`` (int8 weights)      N×S×S×3 float32 raw RGB 0..255
+``tflite-int8``     ``model-int8.tflite`` (int8 weights and      N×S×S×3 float32 raw RGB 0..255
+                    activations, float32 in/out)
+==================  ===========================================  =============================================
+
+Preprocessing (and, for Keras/SavedModel, the shared resize) is inside every export: they take raw pixels.
+TFLite has no builtin for the antialiased resize, so TFLite files take S×S images: resize with
+:func:`pipeline.data.preprocess.resize_images` first (an S×S image needs nothing: that resize is the identity).
+
+Every export is checked twice: its outputs against the Keras model's on sample images (max |Δ probability|),
+and its accuracy on the whole validation split next to the Keras model's. :data:`TOLERANCES` says what
+passes; full-int8 calibrates on decoded *training* images drawn from the cache (``--calibration N``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.features.tflite import TFLiteRunner, check_conversion_memory, convert_frozen, freeze
+from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.io import atomic_path, atomic_write
+
+FORMATS = ("keras", "savedmodel", "tflite", "tflite-dynamic", "tflite-int8")
+
+
+FILES = {
+    "keras": "model.keras",
+    "savedmodel": "saved_model",
+    "tflite": "model.tflite",
+    "tflite-dynamic": "model-dynamic.tflite",
+    "tflite-int8": "model-int8.tflite",
+}
+
+
+#: What an export must meet. ``max_abs_diff``: max |Δ probability| vs Keras on the sample images.
+#: ``accuracy_drop``: Keras val accuracy − export val accuracy, at most this (or one val image, if more).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "keras": {"max_abs_diff": 1e-6},
+    "savedmodel": {"max_abs_diff": 1e-5},
+    "tflite": {"max_abs_diff": 1e-4},
+    "tflite-dynamic": {"accuracy_drop": 0.02},
+    "tflite-int8": {"accuracy_drop": 0.05},
+}
+
+
+SAMPLE_IMAGES = 16
+
+
+def parse_formats(spec: str | list[str]) -> list[str]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for raw in items:
+        f = raw.strip().lower()
+        if not f:
+            continue
+        if f == "all":
+            out += [x for x in FORMATS if x not in out]
+            continue
+        if f not in FORMATS:
+            raise FeatcacheError(f"--format: unknown format {raw!r} (known: {', '.join(FORMATS)}, all)")
+        if f not in out:
+            out.append(f)
+    if not out:
+        raise FeatcacheError("--format: no format given")
+    return out
+
+
+@dataclass
+class Exportable:
+    """An end-to-end model plus what is needed to check it: its run's metrics and cache."""
+
+    model: Any  # keras.Model, raw images (any size) → probabilities
+    core: Any  # keras.Model, N×S×S×3 raw pixels → probabilities
+    run_dir: Path
+    kind: str  # "finetune" | "stage2"
+    metrics: dict[str, Any]
+    class_names: list[str]
+    image_size: int
+    resize: str
+    cache_path: Path | None
+
+
+def load_exportable(run_dir: str | Path) -> Exportable:
+    """A fine-tuned run's ``model.keras``, or a stage-2 run rebuilt end to end (verified by its manifest)."""
+    from pipeline.model.rebuild import rebuild, run_source
+    from pipeline.model.runners import load_keras
+    from pipeline.utils.runs import verify_run
+
+    run_dir = Path(run_dir)
+    manifest = verify_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    if manifest.get("kind") == "finetune":
+        model = load_keras(run_dir / "model.keras")
+        cache = Path((metrics.get("cache") or {}).get("path", ""))
+        return Exportable(
+            model, model.get_layer("core"), run_dir, "finetune", metrics, list(metrics["class_names"]),
+            int(metrics["image_size"]), str(metrics["resize"]), cache if cache.is_file() else None,
+        )  # fmt: skip
+    rb = rebuild(run_dir)
+    src = run_source(metrics)
+    return Exportable(
+        rb.model,
+        rb.core,
+        run_dir,
+        "stage2",
+        metrics,
+        rb.class_names,
+        rb.image_size,
+        rb.resize,
+        src.cache_path,
+    )
+
+
+def tflite_convert(core, image_size: int, mode: str, representative=None) -> bytes:
+    """Convert the S×S core model; ``mode``: float | dynamic | int8 (float32 input and output)."""
+    from pipeline.model.layers import quantizable
+
+    check_conversion_memory("the model", core)  # a clear error, not the kernel's OOM killer
+    # quantized files trace the int8-friendly form of the head's transforms (same function, see quantizable)
+    with quantizable(core) if mode != "float" else contextlib.nullcontext():
+        frozen = freeze(lambda x: core(x, training=False), image_size)
+    try:
+        return convert_frozen(frozen, mode, representative)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the converter raises many types
+        raise FeatcacheError(f"TFLite conversion ({mode}) failed: {str(e).splitlines()[0][:300]}") from None
+
+
+def _images(ds, samples, size: int, policy: str, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded + shared-resized S×S images (as extraction made them) and which ones could be read."""
+    from pipeline.data.images import image_batches
+
+    imgs = np.zeros((len(samples), size, size, 3), np.float32)
+    ok_all = np.zeros(len(samples), bool)
+    for idx, x, ok, _ in image_batches(ds, samples, size, policy, batch_size):
+        imgs[idx.numpy()] = x.numpy()
+        ok_all[idx.numpy()] = np.reshape(ok.numpy(), -1)
+    return imgs, ok_all
+
+
+def _accuracy(
+    run, images: np.ndarray, labels: np.ndarray, batch: int = 64
+) -> tuple[float | None, np.ndarray]:
+    if not len(images):
+        return None, np.zeros((0, 0))
+    proba = np.concatenate([run(images[i : i + batch]) for i in range(0, len(images), batch)])
+    return float((proba.argmax(1) == labels).mean()), proba
+
+
+@dataclass
+class _Evaluation:
+    """What every format is checked on: the eval images, the Keras model's outputs on them, a few raw ones."""
+
+    ds: Any
+    train: Any
+    split: str
+    images: np.ndarray
+    labels: np.ndarray
+    raw_sample: list[np.ndarray]
+    keras_run: Any
+    keras_accuracy: float | None
+    keras_proba: np.ndarray
+
+    @property
+    def sample(self) -> np.ndarray:
+        return self.images[:SAMPLE_IMAGES]
+
+
+def export(
+    run_dir: str | Path,
+    formats: list[str] | str = FORMATS,
+    out: str | Path | None = None,
+    *,
+    calibration: int = 100,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write each format under ``out`` (default ``<run>/export``), check it, write ``export.json``; return it."""
+    from pipeline.utils.io import write_json
+
+    formats = parse_formats(formats)
+    src = load_exportable(run_dir)
+    if src.cache_path is None:
+        raise FeatcacheError(f"the cache of {src.run_dir} is gone: export checks each format on its images")
+    out = Path(out) if out else src.run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    ev = _evaluation(src, say)
+    report: dict[str, Any] = {
+        "run": str(src.run_dir.resolve()),
+        "run_kind": src.kind,
+        "class_names": src.class_names,
+        "image_size": src.image_size,
+        "resize": src.resize,
+        "eval_split": ev.split,
+        "eval_images": int(len(ev.images)),
+        "sample_images": int(len(ev.sample)),
+        "keras_accuracy": ev.keras_accuracy,
+        "tolerances": {f: TOLERANCES[f] for f in formats},
+        "formats": {},
+    }
+    rng = np.random.default_rng(seed)
+    for fmt in formats:
+        t0 = time.perf_counter()
+        say(f"exporting {fmt} ...")
+        path = out / FILES[fmt]
+        run, raw_diff = _write_format(fmt, src, path, ev, calibration, rng)
+        entry = _check(fmt, path, run, raw_diff, ev, src.image_size)
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        report["formats"][fmt] = entry
+    report["ok"] = all(e["ok"] for e in report["formats"].values())
+    write_json(out / "export.json", report)
+    return report
+
+
+def _evaluation(src: Exportable, say) -> _Evaluation:
+    """Read the eval split's images (val, else train) once and run the Keras model on them."""
+    from pipeline.cache.store import FeatureCache
+    from pipeline.data.images import split_images
+    from pipeline.model.rebuild import cache_dataset
+
+    with FeatureCache(src.cache_path) as cache:
+        ds = cache_dataset(cache.meta)
+        val = split_images(cache, ds, "val")
+        train = split_images(cache, ds, "train")
+    part, split = (val, "val") if len(val.rows) else (train, "train")
+    say(f"reading {len(part.samples)} {split} images ...")
+    images, ok = _images(ds, part.samples, src.image_size, src.resize)
+    from pipeline.model.runners import keras_runner
+
+    keras_run = keras_runner(src.model)
+    acc, proba = _accuracy(keras_run, images[ok], part.labels[ok])
+    raw = _raw_images(ds, part.samples[:3])
+    return _Evaluation(ds, train, split, images[ok], part.labels[ok], raw, keras_run, acc, proba)
+
+
+def _write_format(fmt: str, src: Exportable, path: Path, ev: _Evaluation, calibration: int, rng):
+    """Write one format atomically; return a runner over the written file and its raw-size difference."""
+    from pipeline.model.runners import keras_runner, load_keras, savedmodel_runner
+
+    if fmt in ("keras", "savedmodel"):
+        with atomic_path(path) as tmp:
+            if fmt == "keras":
+                src.model.save(tmp)
+            else:
+                src.model.export(str(tmp), format="tf_saved_model", verbose=False)
+        run = keras_runner(load_keras(path)) if fmt == "keras" else savedmodel_runner(path)
+        diffs = (float(np.abs(run(r[None]) - ev.keras_run(r[None])).max()) for r in ev.raw_sample)
+        return run, max(diffs, default=None)
+    mode = {"tflite": "float", "tflite-dynamic": "dynamic", "tflite-int8": "int8"}[fmt]
+    rep = None
+    if mode == "int8":
+        rep = _representative(ev.ds, ev.train, src.image_size, src.resize, calibration, rng)
+    atomic_write(path, tflite_convert(src.core, src.image_size, mode, rep))
+    return TFLiteRunner(path), None
+
+
+def _check(fmt: str, path: Path, run, raw_diff, ev: _Evaluation, S: int) -> dict[str, Any]:
+    """One format's entry in ``export.json``: its outputs and accuracy against the Keras model's."""
+    acc, _ = _accuracy(run, ev.images, ev.labels)
+    sample = ev.sample
+    diff = float(np.abs(run(sample) - ev.keras_proba[: len(sample)]).max()) if len(sample) else None
+    entry = {
+        "path": str(path),
+        "bytes": _size(path),
+        "input": "N×H×W×3 float32 raw RGB 0..255, any size"
+        if fmt in ("keras", "savedmodel")
+        else f"N×{S}×{S}×3 float32 raw RGB 0..255 (resize with pipeline.data.preprocess.resize_images first)",
+        "max_abs_diff": diff,
+        "max_abs_diff_raw_size": raw_diff,
+        "accuracy": acc,
+        "keras_accuracy": ev.keras_accuracy,
+        "accuracy_delta": None if acc is None or ev.keras_accuracy is None else acc - ev.keras_accuracy,
+    }
+    entry["ok"] = _passes(fmt, entry, len(ev.images))
+    return entry
+
+
+def _passes(fmt: str, e: dict[str, Any], n: int) -> bool:
+    tol = TOLERANCES[fmt]
+    if "max_abs_diff" in tol:
+        diffs = [d for d in (e["max_abs_diff"], e["max_abs_diff_raw_size"]) if d is not None]
+        return all(d <= tol["max_abs_diff"] for d in diffs)
+    if e["accuracy_delta"] is None:
+        return True
+    allowed = max(tol["accuracy_drop"], 1.0 / max(n, 1)) + 1e-9
+    return -e["accuracy_delta"] <= allowed
+
+
+def _raw_images(ds, samples) -> list[np.ndarray]:
+    """A few images at their own size (decoded exactly as extraction decodes them)."""
+    from pipeline.data.decode import decode_image
+    from pipeline.data.images import to_rgb
+
+    out = []
+    for s in samples:
+        with contextlib.suppress(Exception):
+            raw = ds.read(s)
+            out.append(np.asarray(decode_image(raw) if isinstance(raw, bytes) else to_rgb(raw), np.float32))
+    return out
+
+
+def _representative(ds, train, S: int, policy: str, n: int, rng):
+    """Calibration for full int8: ``n`` decoded training images drawn at random from the cache's train rows."""
+    pick = (
+        rng.choice(len(train.samples), size=min(n, len(train.samples)), replace=False)
+        if len(train.samples)
+        else []
+    )
+    images, ok = _images(ds, [train.samples[int(i)] for i in pick], S, policy)
+    images = images[ok]
+    if not len(images):
+        raise FeatcacheError("tflite-int8: no readable training images to calibrate on")
+
+    def gen():
+        for img in images:
+            yield [img[None]]
+
+    return gen
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"exported {report['run']} ({report['run_kind']}) · input {report['image_size']} px, resize {report['resize']}",
+        f"checked on {report['sample_images']} sample images and {report['eval_images']} {report['eval_split']} images"
+        f" (Keras accuracy {_pct(report['keras_accuracy'])})",
+        "",
+        f"{'format':<15} {'size':>10} {'max|Δp|':>10} {'accuracy':>9} {'Δacc':>7}  tolerance            ok",
+    ]
+    for fmt, e in report["formats"].items():
+        tol = report["tolerances"][fmt]
+        t = (
+            f"|Δp| ≤ {tol['max_abs_diff']:g}"
+            if "max_abs_diff" in tol
+            else f"acc drop ≤ {tol['accuracy_drop']:g}"
+        )
+        d = "-" if e["max_abs_diff"] is None else f"{e['max_abs_diff']:.1e}"
+        delta = "-" if e["accuracy_delta"] is None else f"{e['accuracy_delta']:+.3f}"
+        lines.append(
+            f"{fmt:<15} {e['bytes'] / 1e6:>8.1f}MB {d:>10} {_pct(e['accuracy']):>9} {delta:>7}  {t:<20} {'yes' if e['ok'] else 'NO'}"
+        )
+    lines.append("")
+    lines.append(
+        f"files: {Path(next(iter(report['formats'].values()))['path']).parent}  (export.json has the details)"
+    )
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.4f}"

@@ -1,0 +1,507 @@
+"""Stage 3: fine-tune a rebuilt end-to-end model on the images, resumably.
+
+    stage-2 run ─► rebuild (exact) ─► freeze: BatchNorm always, backbone except the top N layers (or all)
+               ─► recompile (Adam, low learning rate) ─► epochs on augmented images, val each epoch
+               ─► checkpoint every epoch (weights + optimizer + epoch, atomically) ─► best-on-val weights
+               ─► model.keras + metrics.json (before/after, stage-2 format) + plots + manifest.json
+
+The run folder is ``<runs>/finetune/<source run>-ft-<unfreeze>-<hash>/``, the hash covering every setting
+that changes the result, so rerunning the same command finds the same folder: an interrupted run (Ctrl-C,
+``kill -9``, a crash) resumes from its last finished epoch, and a finished one is reported without work.
+Images are read exactly as extraction read them (:func:`pipeline.stages.extract.make_image_dataset`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache.locate import resolve_source_run
+from pipeline.data.images import SplitImages, split_images
+from pipeline.utils.config import Config
+from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.io import atomic_path, file_lock, json_default
+
+FORMAT = 1  # bump when the checkpoint layout or the recipe changes
+
+
+def parse_unfreeze(spec: str) -> tuple[str, int]:
+    """``none`` | ``all`` | ``top:N`` → (mode, N)."""
+    s = str(spec).strip().lower()
+    if s in ("none", "all"):
+        return s, 0
+    mode, _, n = s.partition(":")
+    if mode == "top" and n.isdigit() and int(n) >= 1:
+        return "top", int(n)
+    raise FeatcacheError(f"finetune.unfreeze must be none, all or top:N (N >= 1), got {spec!r}")
+
+
+def trainable_candidates(backbone) -> list:
+    """Backbone layers that may be unfrozen, bottom to top: those with weights, BatchNorm excluded."""
+    import keras
+
+    return [
+        layer
+        for layer in backbone.layers
+        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def set_trainable(rebuilt, spec: str) -> dict[str, Any]:
+    """Freeze the backbone except the layers ``spec`` names; BatchNorm stays frozen; the head trains."""
+    import keras
+
+    mode, n = parse_unfreeze(spec)
+    cands = trainable_candidates(rebuilt.backbone)
+    chosen = [] if mode == "none" else cands if mode == "all" else cands[-n:]
+    for layer in rebuilt.backbone.layers:
+        layer.trainable = False
+    for layer in chosen:
+        layer.trainable = True
+    bn = 0
+    for layer in rebuilt.backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            bn += 1
+    for layer in rebuilt.head.layers:
+        layer.trainable = True
+    return {
+        "unfreeze": spec,
+        "unfrozen_layers": [layer.name for layer in chosen],
+        "backbone_layers_with_weights": len(cands),
+        "batchnorm_frozen": bn,
+        "trainable_params": int(sum(np.prod(w.shape) for w in rebuilt.train_model.trainable_weights)),
+    }
+
+
+def compile_model(rebuilt, learning_rate: float) -> None:
+    """(Re)compile after changing ``trainable``: outputs are probabilities, labels are class indices."""
+    import keras
+
+    rebuilt.train_model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=float(learning_rate)),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+
+def labelled_dataset(
+    ds, part: SplitImages, size: int, policy: str, batch_size: int, shuffle_seed: int | None
+):
+    """tf.data of (images, labels, weights) batches in a seeded order; an image that cannot be read any more
+    (it was quarantined at extraction) gets weight 0, so every batch keeps its known size."""
+    import tensorflow as tf
+
+    from pipeline.data.images import image_batches
+
+    order = np.arange(len(part.samples))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(order))
+    samples = [part.samples[i] for i in order]
+    labels = tf.constant(part.labels[order].astype(np.int64))
+
+    @tf.autograph.experimental.do_not_convert
+    def with_labels(idx, images, ok, why):
+        return images, tf.gather(labels, idx), tf.reshape(tf.cast(ok, tf.float32), [-1])
+
+    return image_batches(ds, samples, size, policy, batch_size).map(with_labels)
+
+
+def evaluate(model, ds, part: SplitImages, rebuilt, batch_size: int, calibrated: bool):
+    """(stage-2-format metrics, probabilities) of ``model`` on a split's images."""
+    from pipeline.heads.fitting import Predictions
+    from pipeline.heads.metrics import classification_metrics
+    from pipeline.model.runners import predict_images
+
+    if not len(part.rows):
+        return {"n": 0}, np.zeros((0, rebuilt.n_classes)), np.zeros(0, bool)
+    proba, ok = predict_images(model, ds, part.samples, rebuilt.image_size, rebuilt.resize, batch_size)
+    pred = Predictions(part.rows[ok], part.labels[ok], proba[ok].argmax(1), proba[ok], calibrated)
+    return classification_metrics(pred, rebuilt.class_names), proba, ok
+
+
+class Checkpoint:
+    """``checkpoint/state.json`` names the files of the last finished epoch; every file is written under a
+    temporary name and renamed, and state.json last, so a kill at any moment leaves a consistent checkpoint."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir / "checkpoint"
+        self.state_path = self.dir / "state.json"
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise FeatcacheError(
+                f"{self.state_path}: unreadable checkpoint ({e}); delete {self.dir} to restart"
+            ) from None
+        for key in ("weights", "optimizer", "best_weights"):
+            name = state.get(key)
+            if name and not (self.dir / name).is_file():
+                raise FeatcacheError(
+                    f"{self.dir / name}: checkpoint file missing; delete {self.dir} to restart"
+                )
+        return state
+
+    def _atomic(self, name: str, write) -> None:
+        # the temporary name keeps the whole name at its end: Keras insists on ``.weights.h5``
+        with atomic_path(self.dir / name, self.dir / f".tmp-{os.getpid()}-{name}") as tmp:
+            write(tmp)
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._atomic("state.json", lambda p: p.write_text(json.dumps(state, indent=1, default=json_default)))
+
+    def save_epoch(self, state: dict[str, Any], train_model, improved: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        e = state["epoch"]
+        weights, opt = f"epoch-{e}.weights.h5", f"epoch-{e}.optimizer.npz"
+        self._atomic(weights, lambda p: train_model.save_weights(str(p)))
+        variables = [np.asarray(v.numpy()) for v in train_model.optimizer.variables]
+
+        def write_opt(p):
+            with open(p, "wb") as f:
+                np.savez(f, *variables)
+
+        self._atomic(opt, write_opt)
+        state["weights"], state["optimizer"] = weights, opt
+        if improved:
+            state["best_weights"] = weights
+        self.write_state(state)
+        keep = {"state.json", state["weights"], state["optimizer"], state.get("best_weights")}
+        for p in self.dir.iterdir():
+            if p.name not in keep and not p.name.startswith(".tmp-"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    def restore(self, state: dict[str, Any], train_model) -> None:
+        train_model.load_weights(str(self.dir / state["weights"]))
+        opt = train_model.optimizer
+        if not opt.built:
+            opt.build(train_model.trainable_variables)
+        with np.load(self.dir / state["optimizer"]) as z:
+            values = [z[f"arr_{i}"] for i in range(len(z.files))]
+        if len(values) != len(opt.variables) or any(
+            tuple(v.shape) != tuple(a.shape) for v, a in zip(opt.variables, values, strict=True)
+        ):
+            raise FeatcacheError(f"{self.dir}: checkpoint does not match this model; delete it to restart")
+        for v, a in zip(opt.variables, values, strict=True):
+            v.assign(a)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class FinetuneRun:
+    run_dir: Path
+    metrics: dict[str, Any]
+    already_done: bool = False
+    resumed_from: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        m = self.metrics
+        ft = m["finetune"]
+        eq = m.get("equivalence") or {}
+        lines = [
+            f"fine-tuned {m['source_run']} · unfreeze {ft['unfreeze']} ({len(ft['unfrozen_layers'])} backbone layers,"
+            f" {ft['trainable_params']:,} trainable params) · Adam {ft['learning_rate']:g}",
+            f"epochs: {m['fit']['epochs']} (best {m['fit'].get('best_epoch') or '-'})"
+            + (" · stopped early" if m["fit"].get("stopped_early") else "")
+            + (f" · resumed after epoch {self.resumed_from}" if self.resumed_from else "")
+            + f" · train {m['fit']['train_seconds']:.1f} s · total {m['fit']['seconds']:.1f} s",
+            "",
+            f"{'split':<6} {'n':>6} {'before':>9} {'after':>9}   (accuracy)",
+        ]
+        for split in ("val", "test"):
+            b, a = m["before"].get(split) or {}, m.get(split) or {}
+            if not a.get("n"):
+                lines.append(f"{split:<6} {0:>6} {'-':>9} {'-':>9}")
+                continue
+            lines.append(
+                f"{split:<6} {a['n']:>6} {b.get('accuracy', float('nan')):>9.4f} {a['accuracy']:>9.4f}"
+            )
+        if eq.get("max_abs_diff") is not None:
+            lines.append("")
+            lines.append(
+                f"before fine-tuning, end to end vs stage 2 on {eq['n']} val images: max |Δ probability| {eq['max_abs_diff']:.2e}"
+            )
+        for note in self.notes + m.get("notes", []):
+            lines.append(f"note: {note}")
+        if self.already_done:
+            lines.append(
+                "already finished (same settings); delete the folder or change a setting to train again"
+            )
+        lines.append(f"run: {self.run_dir}")
+        return "\n".join(lines)
+
+
+def finetune_dir(source: Path, cfg: Config) -> Path:
+    """Same source run + same settings → same folder: what makes rerunning the command resume it."""
+    from pipeline.utils.io import sha256_file
+
+    f = cfg.finetune
+    settings = {
+        "format": FORMAT,
+        "source": source.resolve().name,
+        "source_manifest": sha256_file(source / "manifest.json")
+        if (source / "manifest.json").is_file()
+        else "",
+        "unfreeze": f.unfreeze.strip().lower(),
+        "learning_rate": float(f.learning_rate),
+        "epochs": int(f.epochs),
+        "batch_size": int(f.batch_size),
+        "patience": int(f.patience),
+        "augment": [a.strip().lower() for a in f.augment],
+        "seed": int(cfg.train.seed),
+    }
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    tag = settings["unfreeze"].replace(":", "")
+    return source.resolve().parent / "finetune" / f"{source.resolve().name}-ft-{tag}-{h}"
+
+
+def finetune(cfg: Config, *, run: str | Path | None = None) -> FinetuneRun:
+    """Fine-tune the head of a stage-2 run end to end; resumable, see the module docstring."""
+    parse_unfreeze(cfg.finetune.unfreeze)
+    if cfg.finetune.epochs < 1:
+        raise FeatcacheError(f"finetune.epochs must be >= 1, got {cfg.finetune.epochs}")
+    if cfg.finetune.patience < 0:
+        raise FeatcacheError(
+            f"finetune.patience must be >= 0 (0 = no early stopping), got {cfg.finetune.patience}"
+        )
+    from pipeline.data.augment import augmentation_layers
+
+    augmentation_layers(cfg.finetune.augment)  # unknown names fail before any work
+    source = resolve_source_run(cfg, str(run) if run else None)
+    run_dir = finetune_dir(source, cfg)
+    if (run_dir / "manifest.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        return FinetuneRun(run_dir, metrics, already_done=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(str(run_dir) + ".lock", f"{run_dir}: another featcache finetune is running on it"):
+            return _finetune(cfg, source, run_dir)
+    except KeyboardInterrupt:
+        raise FeatcacheError(
+            f"interrupted: finished epochs are kept in {run_dir / 'checkpoint'}; run the same command again to resume"
+        ) from None
+
+
+def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
+    import keras
+
+    from pipeline.cache.store import FeatureCache
+    from pipeline.model.rebuild import cache_dataset, rebuild
+
+    t_start = time.perf_counter()
+    f = cfg.finetune
+    keras.utils.set_random_seed(int(cfg.train.seed))
+    rb = rebuild(source, augment=f.augment)
+    if rb.source.cache_path is None:
+        raise FeatcacheError(f"the cache of {source} is gone: fine-tuning needs its split and its images")
+    trainable = set_trainable(rb, f.unfreeze)
+    compile_model(rb, f.learning_rate)
+    ckpt = Checkpoint(run_dir)
+    state = ckpt.load()
+    notes: list[str] = []
+    with FeatureCache(rb.source.cache_path) as cache:
+        ds = cache_dataset(cache.meta)
+        parts = {s: split_images(cache, ds, s) for s in ("train", "val", "test")}
+        val_X = cache.features(rb.source.layer, parts["val"].rows) if len(parts["val"].rows) else None
+    if not len(parts["train"].rows):
+        raise FeatcacheError("no training images: the cache's train split is empty or its images are gone")
+
+    resumed_from = 0
+    if state is None:  # before: the rebuilt model end to end, and its equivalence with stage 2
+        state = _initial_state(rb, ds, parts, val_X, int(f.batch_size), t_start)
+        ckpt.write_state(state)
+    else:
+        resumed_from = int(state["epoch"])
+        if resumed_from:
+            ckpt.restore(state, rb.train_model)
+        print(f"resuming {run_dir.name} after epoch {resumed_from} of {f.epochs}", file=sys.stderr)
+    if not len(parts["val"].rows):
+        notes.append("the val split is empty: no early stopping, the last epoch is kept")
+    _train_epochs(cfg, rb, ds, parts, state, ckpt)
+
+    t_after = time.perf_counter()
+    if state.get("best_weights"):
+        rb.train_model.load_weights(str(ckpt.dir / state["best_weights"]))
+    bs = int(f.batch_size)
+    after_val, _, _ = evaluate(rb.model, ds, parts["val"], rb, bs, True)
+    after_test, p_test, ok_test = evaluate(rb.model, ds, parts["test"], rb, bs, True)
+    state["after_seconds"] = time.perf_counter() - t_after
+    metrics = _record(cfg, rb, source, run_dir, state, trainable, after_val, after_test, notes, t_start)
+    _write(run_dir, rb, metrics, parts["test"], p_test, ok_test, cache_keys(rb))
+    ckpt.remove()
+    return FinetuneRun(run_dir, metrics, resumed_from=resumed_from)
+
+
+def _initial_state(rb, ds, parts, val_X, bs: int, t_start: float) -> dict[str, Any]:
+    """The checkpoint state before epoch 1: the rebuilt model's metrics and its equivalence with stage 2."""
+    from pipeline.model.convert import stage2_scores
+
+    before_val, p_val, ok_val = evaluate(rb.model, ds, parts["val"], rb, bs, rb.calibrated)
+    before_test, _, _ = evaluate(rb.model, ds, parts["test"], rb, bs, rb.calibrated)
+    eq = {"split": "val", "n": 0, "max_abs_diff": None}
+    if val_X is not None and ok_val.any():
+        want, _ = stage2_scores(rb.pipeline, val_X, rb.n_classes)
+        eq = {
+            "split": "val",
+            "n": int(ok_val.sum()),
+            "max_abs_diff": float(np.abs(p_val[ok_val] - want[ok_val]).max()),
+        }
+    return {
+        "format": FORMAT,
+        "epoch": 0,
+        "history": {},
+        "best_val_loss": None,
+        "best_epoch": 0,
+        "wait": 0,
+        "stopped_early": False,
+        "train_seconds": 0.0,
+        "epoch_seconds": [],
+        "before": {"val": before_val, "test": before_test},
+        "equivalence": eq,
+        "before_seconds": time.perf_counter() - t_start,
+    }
+
+
+def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Checkpoint) -> None:
+    """Epochs until ``finetune.epochs`` or early stopping; each one checkpointed as it ends."""
+    f, bs = cfg.finetune, int(cfg.finetune.batch_size)
+    has_val = len(parts["val"].rows) > 0
+    val_ds = labelled_dataset(ds, parts["val"], rb.image_size, rb.resize, bs, None) if has_val else None
+    while state["epoch"] < f.epochs and not state["stopped_early"]:
+        e = state["epoch"]
+        train_ds = labelled_dataset(ds, parts["train"], rb.image_size, rb.resize, bs, int(cfg.train.seed) + e)
+        t0 = time.perf_counter()
+        h = rb.train_model.fit(
+            train_ds, validation_data=val_ds, epochs=e + 1, initial_epoch=e, shuffle=False, verbose=0
+        ).history
+        dt = time.perf_counter() - t0
+        if cfg.extract.progress:
+            shown = " · ".join(f"{k} {v[-1]:.4f}" for k, v in h.items())
+            print(f"epoch {e + 1}/{f.epochs}: {shown} · {dt:.1f} s", file=sys.stderr, flush=True)
+        for k, v in h.items():
+            state["history"].setdefault(k, []).append(float(v[-1]))
+        state["epoch"] = e + 1
+        state["train_seconds"] += dt
+        state["epoch_seconds"].append(round(dt, 3))
+        improved = True
+        if has_val:
+            vl = float(h["val_loss"][-1])
+            improved = state["best_val_loss"] is None or vl < state["best_val_loss"]
+            if improved:
+                state["best_val_loss"], state["best_epoch"], state["wait"] = vl, e + 1, 0
+            else:
+                state["wait"] += 1
+                if f.patience > 0 and state["wait"] >= f.patience and e + 1 < f.epochs:
+                    state["stopped_early"] = True
+        else:
+            state["best_epoch"] = e + 1
+        ckpt.save_epoch(state, rb.train_model, improved)
+
+
+def cache_keys(rb) -> list[str]:
+    from pipeline.cache.store import FeatureCache
+
+    with FeatureCache(rb.source.cache_path) as c:
+        return list(c.keys)
+
+
+def _record(
+    cfg, rb, source, run_dir, state, trainable, after_val, after_test, notes, t_start
+) -> dict[str, Any]:
+    src = rb.metrics
+    history = state["history"]
+    return {
+        "run_id": run_dir.name,
+        "kind": "finetune",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source_run": str(source.resolve()),
+        "head": src.get("head"),
+        "head_kind": src.get("head_kind"),
+        "params": src.get("params"),
+        "layer": rb.source.layer,
+        "transforms": src.get("transforms"),
+        "class_names": rb.class_names,
+        "n_features": src.get("n_features"),
+        "probabilities": "softmax (fine-tuned end to end with log loss)",
+        "image_size": rb.image_size,
+        "resize": rb.resize,
+        "cache": src.get("cache"),
+        "finetune": {
+            **trainable,
+            "learning_rate": float(cfg.finetune.learning_rate),
+            "optimizer": "Adam",
+            "epochs": int(cfg.finetune.epochs),
+            "batch_size": int(cfg.finetune.batch_size),
+            "patience": int(cfg.finetune.patience),
+            "augment": list(cfg.finetune.augment),
+        },
+        "fit": {
+            "epochs": int(state["epoch"]),
+            "best_epoch": int(state["best_epoch"]) or None,
+            "stopped_early": bool(state["stopped_early"]),
+            "train_seconds": round(float(state["train_seconds"]), 3),
+            "epoch_seconds": state["epoch_seconds"],
+            # rebuild + before-metrics + epochs + after-metrics, summed over resumed processes
+            "seconds": round(float(state["before_seconds"]) + float(state["train_seconds"]) + float(state["after_seconds"]), 3),
+            "wall_seconds_this_process": round(time.perf_counter() - t_start, 3),
+        },
+        "head_alone": {"fit_seconds": (src.get("fit") or {}).get("seconds"), "val": _acc(src.get("val")),
+                       "test": _acc(src.get("test"))},
+        "equivalence": state["equivalence"],
+        "before": state["before"],
+        "val": after_val,
+        "test": after_test,
+        "history": history,
+        "notes": notes,
+        "config": cfg.to_dict(),
+    }  # fmt: skip
+
+
+def _acc(split: dict | None):
+    return (split or {}).get("accuracy")
+
+
+def _write(run_dir: Path, rb, metrics, test_part: SplitImages, p_test, ok_test, keys: list[str]) -> None:
+    from pipeline.utils.io import write_json
+    from pipeline.utils.plots import plot_learning_curves, plot_split_confusions, write_misclassified
+    from pipeline.utils.runs import write_manifest
+
+    with atomic_path(run_dir / "model.keras") as tmp:
+        rb.model.save(tmp)
+    plot_split_confusions(run_dir, metrics, rb.class_names, "fine-tuned ")
+    if metrics["history"].get("loss"):
+        plot_learning_curves(
+            run_dir / "learning_curves.png", metrics["history"], "fine-tuning learning curves"
+        )
+    if len(test_part.rows):
+        ok = ok_test
+        y_true, proba = test_part.labels[ok], p_test[ok]
+        y_pred = proba.argmax(1)
+        metrics["test"]["misclassified"] = write_misclassified(
+            run_dir / "misclassified.csv",
+            [keys[int(r)] for r in test_part.rows[ok]],
+            y_true,
+            y_pred,
+            proba[np.arange(len(y_pred)), y_pred],
+            rb.class_names,
+        )
+    write_json(run_dir / "metrics.json", metrics)
+    write_manifest(run_dir, "finetune", ["model.keras"])

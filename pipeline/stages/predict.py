@@ -1,0 +1,333 @@
+"""``featcache predict``: top-k classes of images, from a stage-2 run or an end-to-end model.
+
+Models (``--model``):
+
+* a stage-2 run folder: the image's content digest is looked up in the run's cache (its features are read
+  from there), else the features are computed by the same backbone, cut and pooling; then the fitted head.
+  Any head works, including those that cannot be exported (kNN, gradient boosting).
+* a fine-tuned run folder (``<runs>/finetune/<id>``), or an exported ``.keras`` file, ``saved_model/``
+  folder or ``.tflite`` file (class names from ``export.json`` or ``metrics.json`` beside it).
+
+Images are decoded and resized exactly as extraction does (:func:`pipeline.stages.extract.make_image_dataset`).
+A path that does not exist is an error before any work; an image that cannot be decoded gets an error row
+and makes the command exit with status 2 after printing the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.utils.errors import FeatcacheError
+
+
+@dataclass
+class ImageResult:
+    image: str
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (class index, name, probability)
+    source: str = ""  # cache | computed | model
+    error: str | None = None
+
+
+@dataclass
+class Predictor:
+    kind: str  # stage2 | keras | savedmodel | tflite
+    class_names: list[str]
+    image_size: int
+    resize: str
+    path: Path
+    predict: Any = None  # (paths, samples, ds) → (proba N×C, ok, why, sources)
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given; folders walked recursively for image files (hidden ones skipped), sorted."""
+    from pipeline.data.decode import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for raw in items:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [
+                    Path(dirpath) / f
+                    for f in sorted(filenames)
+                    if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+                ]
+            if not found:
+                raise FeatcacheError(f"{raw}: no image files in this folder")
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FeatcacheError(f"image not found: {raw}")
+    if not out:
+        raise FeatcacheError("no images given")
+    return out
+
+
+def _dataset(paths: list[Path]):
+    from pipeline.data.sources import Dataset, Sample, storable_key
+
+    samples = [Sample(storable_key(str(p)), "", path=str(p)) for p in paths]
+    return Dataset("predict", "<paths>", samples, [""]), samples
+
+
+def _class_names_near(path: Path, n: int) -> list[str]:
+    for d in (path.parent if path.is_file() else path, (path.parent if path.is_file() else path).parent):
+        for name in ("export.json", "metrics.json"):
+            f = d / name
+            if f.is_file():
+                try:
+                    names = json.loads(f.read_text(encoding="utf-8")).get("class_names")
+                except (OSError, ValueError):
+                    continue
+                if isinstance(names, list) and len(names) == n:
+                    return [str(x) for x in names]
+    return [str(i) for i in range(n)]
+
+
+def load_predictor(model: str | Path, batch_size: int = 32) -> Predictor:
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FeatcacheError(f"--model: not found: {model}")
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from pipeline.utils.runs import verify_run
+
+        manifest = verify_run(path)
+        if manifest.get("kind") == "finetune":
+            return _keras_predictor(path / "model.keras", batch_size, names_from=path / "metrics.json")
+        return _stage2_predictor(path, batch_size)
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return _savedmodel_predictor(path, batch_size)
+    if path.suffix == ".keras":
+        return _keras_predictor(path, batch_size)
+    if path.suffix == ".tflite":
+        return _tflite_predictor(path, batch_size)
+    raise FeatcacheError(
+        f"--model {model}: expected a run folder, a .keras file, a SavedModel folder or a .tflite file"
+    )
+
+
+def _batched(ds, samples, size: int, policy: str, batch_size: int, run):
+    """Decode + shared resize in tf.data, ``run`` on each S×S batch; (proba, ok, why)."""
+    from pipeline.data.images import image_batches
+
+    n = len(samples)
+    proba = None
+    ok_all, why_all = np.zeros(n, bool), [""] * n
+    for idx, x, ok, why in image_batches(ds, samples, size, policy, batch_size):
+        idx, ok, why = idx.numpy(), np.reshape(ok.numpy(), -1), np.reshape(why.numpy(), -1)
+        keep = np.flatnonzero(ok)
+        if len(keep):
+            p = np.asarray(run(x.numpy()[keep]), np.float64)
+            if proba is None:
+                proba = np.zeros((n, p.shape[1]))
+            proba[idx[keep]] = p
+        for j in np.flatnonzero(~ok):
+            why_all[int(idx[j])] = why[j].decode("utf-8", "replace")
+        ok_all[idx] = ok
+    return proba, ok_all, why_all
+
+
+def _keras_predictor(path: Path, batch_size: int, names_from: Path | None = None) -> Predictor:
+    from pipeline.model.runners import keras_runner, load_keras, model_input
+
+    model = load_keras(path)
+    size, policy = model_input(model)
+    if size is None:
+        raise FeatcacheError(f"{path}: not a featcache model (no input size)")
+    n = int(model.outputs[0].shape[-1])
+    names = _class_names_near(names_from or path, n)
+    run = keras_runner(model)
+    p = Predictor("keras", names, size, policy, path)
+    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    return p
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    d = path.parent if path.is_file() else path
+    for f in (d / "export.json", d.parent / "export.json"):
+        if f.is_file():
+            return json.loads(f.read_text(encoding="utf-8"))
+    return {}
+
+
+def _savedmodel_predictor(path: Path, batch_size: int) -> Predictor:
+    from pipeline.model.runners import savedmodel_runner
+
+    info = _sidecar(path)
+    if not info.get("image_size"):
+        raise FeatcacheError(
+            f"{path}: no export.json beside it (needed for the input size and the class names)"
+        )
+    run = savedmodel_runner(path)
+    size, policy = int(info["image_size"]), str(info.get("resize", "stretch"))
+    p = Predictor("savedmodel", list(info["class_names"]), size, policy, path)
+    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    return p
+
+
+def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
+    from pipeline.features.tflite import TFLiteRunner
+
+    run = TFLiteRunner(path)
+    info = _sidecar(path)
+    size, policy = run.image_size, str(info.get("resize", "stretch"))
+    n = run.n_outputs
+    names = (
+        list(info["class_names"]) if len(info.get("class_names") or []) == n else [str(i) for i in range(n)]
+    )
+    p = Predictor("tflite", names, size, policy, path)
+    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    return p
+
+
+def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
+    from pipeline.heads.persist import load_run
+    from pipeline.model.convert import stage2_scores
+    from pipeline.model.rebuild import run_source
+
+    loaded = load_run(run_dir)
+    metrics = loaded.metrics
+    src = run_source(metrics)
+    names = list(metrics["class_names"])
+    p = Predictor("stage2", names, src.image_size, src.resize, run_dir)
+
+    def predict(ds, samples):
+        from pipeline.data.decode import DecodeError, read_bytes
+        from pipeline.data.sources import digest_bytes
+
+        n = len(samples)
+        X = np.zeros((n, int(metrics["n_features"])), np.float32)
+        have = np.zeros(n, bool)
+        sources = ["computed"] * n
+        if src.cache_path is not None:
+            from pipeline.cache.store import FeatureCache
+
+            with FeatureCache(src.cache_path) as c:
+                row_of = {d: i for i, d in enumerate(c.ids)}
+                hits = {}
+                for i, s in enumerate(samples):
+                    try:
+                        d = digest_bytes(read_bytes(s.path))
+                    except (DecodeError, OSError):
+                        continue  # reported by the decoding pass below
+                    if d in row_of:
+                        hits[i] = row_of[d]
+                if hits:
+                    idx = np.asarray(list(hits))
+                    X[idx] = c.features(src.layer, np.asarray([hits[i] for i in idx]))
+                    have[idx] = True
+                    for i in idx:
+                        sources[int(i)] = "cache"
+        ok = have.copy()
+        why = [""] * n
+        todo = [i for i in range(n) if not have[i]]
+        if todo:
+            from pipeline.features.engines import make_engine
+
+            fm = _feature_model(src)
+            # The extraction engine, ``auto``: a TFLite model extraction already converted is reused (and
+            # validated against TensorFlow when it was converted), so new images cost what extraction does.
+            cache_dir = src.cache_path.parent if src.cache_path is not None else None
+            engine = make_engine(fm, "auto", 0, cache_dir, images=len(todo))
+            part = [samples[i] for i in todo]
+            feats, ok_t, why_t = _batched(
+                ds, part, src.image_size, src.resize, batch_size, lambda x: engine(x)[src.layer]
+            )
+            for j, i in enumerate(todo):
+                ok[i], why[i] = bool(ok_t[j]), why_t[j]
+                if ok_t[j]:
+                    X[i] = feats[j]
+        proba = np.zeros((n, len(names)))
+        if ok.any():
+            proba[ok], _ = stage2_scores(loaded.model, X[ok], len(names))
+        return proba, ok, why, sources
+
+    p.predict = predict
+    return p
+
+
+def _feature_model(src):
+    from pipeline.features.backbones.build import build_feature_model
+    from pipeline.model.rebuild import known_fields
+    from pipeline.utils.config import BackboneConfig
+
+    cfg = BackboneConfig(**known_fields(BackboneConfig, {**src.backbone, "layers": [src.layer]}))
+    cfg.image_size = src.image_size
+    return build_feature_model(cfg)
+
+
+def predict(
+    model: str | Path, images: list[str], top_k: int = 5, batch_size: int = 32
+) -> tuple[Predictor, list[ImageResult]]:
+    """Top-``top_k`` (class index, name, probability) per image; unreadable images get an ``error``."""
+    if top_k < 1:
+        raise FeatcacheError(f"--top-k must be >= 1, got {top_k}")
+    paths = expand_inputs(images)
+    predictor = load_predictor(model, batch_size)
+    ds, samples = _dataset([p.resolve() for p in paths])
+    proba, ok, why, sources = predictor.predict(ds, samples)
+    if isinstance(sources, str):
+        sources = [sources] * len(samples)
+    results = []
+    for i, p in enumerate(paths):
+        if not ok[i]:
+            results.append(ImageResult(str(p), error=why[i] or "cannot read"))
+            continue
+        order = np.argsort(-proba[i], kind="stable")[:top_k]
+        top = [(int(j), predictor.class_names[int(j)], float(proba[i, j])) for j in order]
+        results.append(ImageResult(str(p), top, sources[i]))
+    return predictor, results
+
+
+def format_table(results: list[ImageResult]) -> str:
+    width = min(60, max((len(r.image) for r in results), default=5))
+    cw = max([5] + [len(name) for r in results for _, name, _ in r.top])
+    lines = [f"{'image':<{width}}  {'#':>2}  {'class':<{cw}}  {'probability':>11}  features"]
+    for r in results:
+        name = r.image if len(r.image) <= width else "…" + r.image[-(width - 1) :]
+        if r.error:
+            lines.append(f"{name:<{width}}   -  error: {r.error}")
+            continue
+        for k, (_, cls, prob) in enumerate(r.top, 1):
+            lines.append(
+                f"{name if k == 1 else '':<{width}}  {k:>2}  {cls:<{cw}}  {prob:>11.4f}  {r.source if k == 1 else ''}".rstrip()
+            )
+    return "\n".join(lines)
+
+
+def format_json(results: list[ImageResult]) -> str:
+    return json.dumps(
+        [
+            {
+                "image": r.image,
+                "predictions": [{"class": c, "index": i, "probability": p} for i, c, p in r.top],
+                "features": r.source or None,
+                "error": r.error,
+            }
+            for r in results
+        ],
+        indent=2,
+    )
+
+
+def format_csv(results: list[ImageResult]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["image", "rank", "class", "index", "probability", "features", "error"])
+    for r in results:
+        if r.error:
+            w.writerow([r.image, "", "", "", "", "", r.error])
+        for k, (i, c, p) in enumerate(r.top, 1):
+            w.writerow([r.image, k, c, i, f"{p:.6f}", r.source, ""])
+    return buf.getvalue()

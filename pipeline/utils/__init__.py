@@ -1,0 +1,1 @@
+"""Shared ground: configuration, errors, run folders, durable file I/O. Imports nothing above it."""

@@ -1,0 +1,11 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad option, a missing folder, an unreadable cache) raises
+:class:`FeatcacheError`; the CLI prints it as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class FeatcacheError(Exception):
+    """A user-facing error: the CLI prints it as one line and exits with code 2."""

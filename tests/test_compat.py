@@ -1,0 +1,66 @@
+"""Caches and run folders written by earlier releases keep working: no re-extraction, no retraining.
+
+``tests/fixtures/v0.1/`` was written by featcache 0.1 (before the layered package layout): a tiny cache,
+a scikit-learn run and a Keras-head run, the probabilities both gave on the cached features, and the
+fingerprint of the default configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache.fingerprint import feature_key, fingerprint, weights_digest
+from pipeline.cache.locate import resolve_cache_path
+from pipeline.cache.store import FeatureCache
+from pipeline.features.backbones.registry import get_spec
+from pipeline.heads.persist import load_run
+from pipeline.utils.config import load_config
+
+FIXTURE = Path(__file__).parent / "fixtures" / "v0.1"
+
+
+@pytest.fixture
+def old_tree(tmp_path) -> Path:
+    shutil.copytree(FIXTURE, tmp_path / "v0.1")
+    return tmp_path / "v0.1"
+
+
+def test_the_default_configuration_keeps_its_fingerprint():
+    want = json.loads((FIXTURE / "default_fingerprint.json").read_text())
+    cfg = load_config(None, None)
+    spec = get_spec(cfg.backbone.name)
+    key = feature_key(cfg, spec, weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, "cache"))
+    assert key == want["key"]
+    assert fingerprint(key) == want["fingerprint"]
+
+
+def test_an_old_cache_is_found_and_reused_not_re_extracted(old_tree):
+    overrides = {
+        "data.source": str(old_tree / "tiny.npz"),
+        "extract.cache_dir": str(old_tree / "cache"),
+        "backbone.image_size": "32",
+    }
+    path, _, _ = resolve_cache_path(load_config(None, overrides))
+    assert path.is_file() and path.name == "tiny-efficientnet_lite0-9b4e57aab9c5.h5"
+    with FeatureCache(path) as c:
+        assert c.fingerprint.startswith("9b4e57aab9c5") and c.n_rows == 40
+    from pipeline.stages.extract import extract
+
+    result = extract(load_config(None, {**overrides, "extract.progress": "false"}))
+    assert (result.extracted, result.reused) == (0, 40)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "keras_linear"])
+def test_an_old_run_folder_loads_and_predicts_as_before(old_tree, kind):
+    (run_dir,) = (old_tree / "cache" / "runs").glob(f"*-{kind}-*")
+    expected = np.load(FIXTURE / "expected_proba.npz")[run_dir.name]
+    run = load_run(run_dir)
+    with FeatureCache(next((old_tree / "cache").glob("*.h5"))) as c:
+        X = c.features()
+    np.testing.assert_allclose(run.model.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
+    assert run.class_names == ["dark", "light"]
