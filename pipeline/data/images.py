@@ -78,7 +78,7 @@ def samples_for_rows(cache, ds, rows: np.ndarray):
 
 
 def image_batches(ds, samples, size: int, policy: str, batch_size: int):
-    """tf.data of (index, S×S images, ok, why): :func:`pipeline.stages.extract.make_image_dataset`, the same pixels
+    """tf.data of (index, S×S images, ok, why): :func:`pipeline.data.images.make_image_dataset`, the same pixels
     extraction fed the backbone."""
 
     return make_image_dataset(ds, samples, size, policy, batch_size)

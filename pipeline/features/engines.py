@@ -394,7 +394,7 @@ def make_engine(
     """The engine called ``name`` for feature model ``fm``; ``auto`` picks the fastest that works.
 
     ``threads`` (0 = all cores) sizes the TFLite interpreter's thread pool; TensorFlow's pools are set by
-    the caller (:func:`pipeline.stages.extract._configure_threads`) before TensorFlow starts. ``images``, when
+    the caller (the extract stage) before TensorFlow starts. ``images``, when
     the caller knows how many images will run, lets ``auto`` skip a first conversion that a job smaller
     than :data:`AUTO_MIN_IMAGES` would not pay back (a model converted earlier is always used).
     """

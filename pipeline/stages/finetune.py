@@ -8,7 +8,7 @@
 The run folder is ``<runs>/finetune/<source run>-ft-<unfreeze>-<hash>/``, the hash covering every setting
 that changes the result, so rerunning the same command finds the same folder: an interrupted run (Ctrl-C,
 ``kill -9``, a crash) resumes from its last finished epoch, and a finished one is reported without work.
-Images are read exactly as extraction read them (:func:`pipeline.stages.extract.make_image_dataset`).
+Images are read exactly as extraction read them (:func:`pipeline.data.images.make_image_dataset`).
 """
 
 from __future__ import annotations

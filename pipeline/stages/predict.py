@@ -8,7 +8,7 @@ Models (``--model``):
 * a fine-tuned run folder (``<runs>/finetune/<id>``), or an exported ``.keras`` file, ``saved_model/``
   folder or ``.tflite`` file (class names from ``export.json`` or ``metrics.json`` beside it).
 
-Images are decoded and resized exactly as extraction does (:func:`pipeline.stages.extract.make_image_dataset`).
+Images are decoded and resized exactly as extraction does (:func:`pipeline.data.images.make_image_dataset`).
 A path that does not exist is an error before any work; an image that cannot be decoded gets an error row
 and makes the command exit with status 2 after printing the rest.
 """
