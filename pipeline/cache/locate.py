@@ -50,7 +50,7 @@ def resolve_model_run(cfg, name: str | None) -> Path:
 def resolve_cache_path(cfg: Config, ds: Dataset | None = None) -> tuple[Path, dict[str, Any], Dataset]:
     """Where ``cfg``'s cache lives (building nothing when the weights digest is known without the model)."""
     spec = get_spec(cfg.backbone.name)
-    ds = ds if ds is not None else load_dataset(cfg.data)
+    ds = ds if ds is not None else load_dataset(cfg.data, Path(cfg.extract.cache_dir) / "shards")
     digest = weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, cfg.extract.cache_dir)
     if digest is None:
         from pipeline.features.backbones.build import build_feature_model

@@ -237,6 +237,10 @@ def cache_dataset(meta: dict[str, Any]):
     ):
         data["source"] = meta["source"]  # absolute: the cache may be used from another working directory
     data["on_error"] = "skip"
+    options = data.get("storage_options") or {}
+    data["storage_options"] = {
+        k: v for k, v in options.items() if v != "***"
+    }  # secrets: from the environment
     return load_dataset(DataConfig(**data))
 
 

@@ -37,6 +37,7 @@ from pipeline.data.augment import VIEW_SUFFIX
 from pipeline.data.images import make_image_dataset
 from pipeline.data.sources import Dataset, Sample, digest_bytes
 from pipeline.data.splits import SPLIT_CODES, assign_split
+from pipeline.data.storage import is_url, redact_options
 from pipeline.features.backbones.registry import get_spec
 from pipeline.utils.config import Config, load_config
 from pipeline.utils.errors import FeatcacheError
@@ -82,35 +83,41 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def _stat(path: str | None) -> tuple[int, int]:
-    if path is None:
+def _stat(s: Sample) -> tuple[int, int]:
+    if s.stamp is not None:
+        return s.stamp
+    if s.path is None or s.member or s.index >= 0 or is_url(s.path):
         return -1, -1
-    st = os.stat(path)
+    st = os.stat(s.path)
     return st.st_size, st.st_mtime_ns
 
 
 def _digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
-    """Content digest of every sample; files whose size and mtime match the cache are not re-read."""
+    """Content digest of every sample; files whose size and mtime match the cache are not re-read, shard
+    members come with the digest their listing computed, samples the listing found unusable are ``bad``."""
     from pipeline.data.decode import DecodeError, os_error_reason
 
     out: dict[str, tuple[str, int, int]] = {}
-    bad: list[tuple[Sample, str, str]] = []
+    bad: list[tuple[Sample, str, str]] = [(s, "", reason) for s, reason in ds.problems]
     for s in ds.samples:
         if ds.arrays is not None:
             a = ds.arrays[s.index]
             out[s.key] = (digest_bytes(a.tobytes() + repr(a.shape).encode()), -1, -1)
             continue
+        if s.digest:
+            out[s.key] = (s.digest, -1, -1)
+            continue
         try:
-            size, mtime = _stat(s.path)
+            size, mtime = _stat(s)
             hit = known.get(s.key)
-            if hit and hit[0] == size and hit[1] == mtime:
+            if hit and size >= 0 and hit[0] == size and hit[1] == mtime:
                 out[s.key] = (hit[2], size, mtime)
                 continue
             out[s.key] = (digest_bytes(ds.read(s)), size, mtime)
         except DecodeError as e:
             bad.append((s, "", str(e)))
         except OSError as e:
-            bad.append((s, "", os_error_reason(e)))
+            bad.append((s, "", os_error_reason(e) if e.errno else str(e)))
     return out, bad
 
 
@@ -313,9 +320,12 @@ def _update(
     cached = set(old.ids) if old is not None else set()
     parts = scan_parts(final, fp)
     pending = _pending(cfg, ds, final, digests, cached, parts, bad)
-    layer_dims, map_shapes, parts = _run_pending(
-        cfg, ds, final, key, fp, old, pending, digests, parts, result, bad
-    )
+    try:
+        layer_dims, map_shapes, parts = _run_pending(
+            cfg, ds, final, key, fp, old, pending, digests, parts, result, bad
+        )
+    finally:
+        ds.close()  # shard readers: their streams end with this pass
     rows = _rows(cfg, ds, digests, bad, cached, parts, old if keep_missing else None)
     if not rows:
         raise FeatcacheError(f"{ds.source}: no readable images ({len(bad)} unreadable; see the list above)")
@@ -455,9 +465,15 @@ def _cache_attrs(
         "engine": result.engine
         or (old.meta.get("engine", "tensorflow") if old is not None else "tensorflow"),
         "dataset": ds.name,
-        "source": os.path.abspath(ds.source) if ds.is_files or Path(ds.source).exists() else ds.source,
+        "source": ds.source
+        if is_url(ds.source) or not (ds.is_files or Path(ds.source).exists())
+        else os.path.abspath(ds.source),
         "versions": _versions(),
-        "config": {"data": vars(cfg.data), "backbone": vars(cfg.backbone), "extract": vars(cfg.extract)},
+        "config": {
+            "data": {**vars(cfg.data), "storage_options": redact_options(cfg.data.storage_options)},
+            "backbone": vars(cfg.backbone),
+            "extract": vars(cfg.extract),
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -48,13 +48,16 @@ ENGINES = ("auto", "tensorflow", "tflite")
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    source: str = "fashion_mnist"  # built-in demo, a folder, a .csv of path,label, or a .npz
+    source: str = (
+        "fashion_mnist"  # built-in demo, a folder, a .csv, a .npz, .tar shards or .parquet; or a URL
+    )
     name: str = ""  # dataset name used in the cache file name; derived from the source when empty
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     group_pattern: str = ""  # regex on the relative path; its first group keeps related images in one split
     limit: int = 0  # 0 = all; else a stable, content-hashed subset of this many samples
     on_error: str = "skip"  # what an unreadable image does: skip (quarantine it) or fail the run
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for URL sources
 
 
 @dataclass
