@@ -37,8 +37,10 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--data": (
         "data.source",
         {
-            "metavar": "PATH",
-            "help": "folder (one sub-folder per class), .csv of path,label, .npz, or fashion_mnist",
+            "metavar": "PATH|URL",
+            "help": "folder (one sub-folder per class), .csv of path,label, .npz, WebDataset .tar shards"
+            " (shards/train-{0000..0099}.tar or a glob), Parquet (Hugging Face layout: file, glob or folder),"
+            " or fashion_mnist; folders, CSVs and shards may be fsspec URLs (s3://, gs://, az://, https://)",
         },
     ),
     "--limit": ("data.limit", {"type": int, "metavar": "N", "help": "use a stable subset of N samples"}),

@@ -296,6 +296,37 @@ def test_missing_backend_and_credentials_name_the_fix(s3_server, monkeypatch, tm
         load_dataset(DataConfig(source="s3://nobucket/train-{0000..0001}.tar", storage_options=options))
 
 
+def test_folders_and_csvs_behind_an_s3_url(s3_server, tmp_path, images, monkeypatch):
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    write_folder(tmp_path / "photos", images)
+    (tmp_path / "photos" / "notes.md").write_text("not an image")
+    rows = [f"{cls}/{name},{cls}" for cls in CLASSES for name, _ in images[cls]]
+    (tmp_path / "photos" / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    fs = _s3(s3_server)
+    fs.mkdir("remote")
+    fs.put(str(tmp_path / "photos") + "/", "remote/photos/", recursive=True)
+    options = {"endpoint_url": s3_server}
+    want = {digest_bytes(d): cls for cls in CLASSES for _, d in images[cls]}
+    for src in ("s3://remote/photos/", "s3://remote/photos/labels.csv"):
+        ds = load_dataset(DataConfig(source=src, storage_options=options))
+        assert ds.class_names == list(CLASSES)
+        assert {digest_bytes(ds.read(s)): s.label for s in ds.samples} == want
+    assert all(
+        s.stamp is not None
+        for s in load_dataset(DataConfig("s3://remote/photos/", storage_options=options)).samples
+    )
+    # an endpoint nobody listens on: one line naming the URL, quickly
+    dead = {
+        "endpoint_url": f"http://127.0.0.1:{_free_port()}",
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    }
+    t0 = time.monotonic()
+    with pytest.raises(FeatcacheError, match=r"s3://remote/x-0000\.tar: unreachable"):
+        load_dataset(DataConfig(source="s3://remote/x-{0000..0001}.tar", storage_options=dead))
+    assert time.monotonic() - t0 < 30
+
+
 # ----------------------------------------------------------------------------- end to end (real backbone)
 
 
@@ -307,6 +338,7 @@ def _features(path) -> dict[str, tuple[np.ndarray, str, int]]:
         return {d: (x[i], c.class_names[int(c.labels[i])], int(c.split[i])) for i, d in enumerate(c.ids)}
 
 
+@pytest.mark.slow
 def test_folder_tar_parquet_and_s3_give_identical_features(tmp_path, images, s3_server, monkeypatch):
     from pipeline.stages.extract import extract
 
@@ -329,7 +361,9 @@ def test_folder_tar_parquet_and_s3_give_identical_features(tmp_path, images, s3_
     }
     caches, results = {}, {}
     for name, src in sources.items():  # one cache folder: one weights digest, one engine choice
-        cfg = load_config(None, small_config(tmp_path / "cache", src, **{"data.name": name}))
+        cfg = load_config(
+            None, small_config(tmp_path / "cache", src, **{"data.name": name, "extract.batch_size": 16})
+        )
         results[name] = extract(cfg)
         caches[name] = _features(results[name].path)
     ref = caches["folder"]

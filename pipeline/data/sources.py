@@ -261,8 +261,7 @@ def _load(src: str, cfg: DataConfig, index_dir) -> Dataset:
             )
         raise FeatcacheError(f"data source not found: {src}")
     if p.is_dir():
-        fs, path = filesystem(str(p))
-        if _parquet_folder(fs, path):
+        if any(next(p.glob("*/" * depth + "*.parquet"), None) for depth in range(3)):
             return load_shards(cfg, "parquet", index_dir, str(p))
         return _folder(p, cfg)
     if p.suffix.lower() == ".csv":

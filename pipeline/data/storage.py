@@ -140,12 +140,14 @@ def expand(src: str, storage_options: dict | None = None) -> tuple[Any, list[str
         try:
             if any(c in path for c in "*?["):
                 paths += sorted(fs.glob(path))
-            elif fs.exists(path):
-                paths.append(path)
             else:
-                raise FeatcacheError(f"data source not found: {pattern}")
-        except FeatcacheError:
-            raise
+                fs.info(path)  # not exists(): some back-ends answer False for a connection error
+                paths.append(path)
+        except FileNotFoundError as e:
+            cause = e.__cause__  # fsspec's HTTP back-end reports a refused connection as "not found"
+            if cause is not None and not isinstance(cause, FileNotFoundError):
+                raise storage_error(pattern, cause) from None
+            raise FeatcacheError(f"data source not found: {pattern}") from None
         except Exception as e:  # noqa: BLE001 - listing failures (credentials, network) are the user's to fix
             raise storage_error(pattern, e) from None
     if not paths:

@@ -203,7 +203,7 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
     p = Predictor("stage2", names, src.image_size, src.resize, run_dir)
 
     def predict(ds, samples):
-        from pipeline.data.decode import DecodeError, read_bytes
+        from pipeline.data.decode import DecodeError
         from pipeline.data.sources import digest_bytes
 
         n = len(samples)
@@ -218,7 +218,7 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
                 hits = {}
                 for i, s in enumerate(samples):
                     try:
-                        d = digest_bytes(read_bytes(s.path))
+                        d = s.digest or digest_bytes(ds.read(s))
                     except (DecodeError, OSError):
                         continue  # reported by the decoding pass below
                     if d in row_of:
