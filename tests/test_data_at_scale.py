@@ -267,6 +267,34 @@ def test_bad_input_is_named(tmp_path, images):
         load_dataset(DataConfig(source=str(tmp_path / "nothing-*.tar")))
 
 
+def test_a_shard_streams_in_bounded_memory(tmp_path):
+    """Listing keeps digests, not bytes; reading back holds at most the look-ahead buffer."""
+    import tracemalloc
+
+    from pipeline.data import webdataset
+
+    rng = np.random.default_rng(0)
+    p = tmp_path / "big.tar"
+    n, size = 48, 1 << 20
+    with tarfile.open(p, "w") as tar:
+        for i in range(n):
+            _add(tar, f"s{i:03d}.png", rng.bytes(size))
+            _add(tar, f"s{i:03d}.cls", str(i % 2).encode())
+    tracemalloc.start()
+    try:
+        ds = load_dataset(DataConfig(source=str(p)))
+        _, listing_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        assert all(digest_bytes(ds.read(s)) == s.digest for s in ds.samples)
+        _, reading_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        ds.close()
+    assert len(ds.samples) == n
+    assert listing_peak < 4 * size  # one member at a time, of a 48 MB shard
+    assert reading_peak < webdataset.BUFFER_BYTES + 4 * size
+
+
 def test_unchanged_shards_are_not_read_again(tmp_path, images):
     paths = write_shards(tmp_path / "shards", images, n=2)
     cfg = DataConfig(source=str(tmp_path / "shards" / "train-{0000..0001}.tar"))

@@ -102,7 +102,7 @@ def load_shards(cfg: DataConfig, kind: str, index_dir=None, src: str | None = No
     if kind == "parquet" and len(paths) == 1 and fs.isdir(paths[0]):
         fs, paths = expand(posixpath.join(join_url(fs, paths[0]), "**", "*.parquet"), options)
     pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
-    index = ShardIndex(index_dir)
+    index = ShardIndex(index_dir, options)
     samples: list[Sample] = []
     problems: list[tuple[Sample, str]] = []
     entries = []

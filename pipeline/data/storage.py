@@ -199,13 +199,16 @@ def redact_options(options: dict) -> dict:
 class ShardIndex:
     """Samples and digests per shard URL and signature, as small JSON files in ``folder`` (None: in memory)."""
 
-    def __init__(self, folder: str | Path | None):
+    def __init__(self, folder: str | Path | None, storage_options: dict | None = None):
         self.folder = Path(folder) if folder else None
+        # the same URL on another endpoint is another object
+        self.scope = json.dumps(redact_options(storage_options or {}), sort_keys=True, default=str)
 
     def _file(self, url: str) -> Path | None:
         if self.folder is None:
             return None
-        return self.folder / (hashlib.blake2b(url.encode(), digest_size=12).hexdigest() + ".json")
+        name = hashlib.blake2b(f"{url}\n{self.scope}".encode(), digest_size=12).hexdigest()
+        return self.folder / (name + ".json")
 
     def get(self, url: str, sig: str | None) -> dict | None:
         f = self._file(url)

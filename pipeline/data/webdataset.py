@@ -25,8 +25,10 @@ from pipeline.data.storage import digest_bytes, open_file, storage_reason
 
 _NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 LABEL_EXTENSIONS = ("cls", "json", "txt")
-#: Images held for out-of-order requests per open shard; beyond this the oldest are dropped (and reread).
+#: Images (and bytes) held per open shard for requests that arrive out of order or twice; beyond either
+#: bound the oldest are dropped (and a later request for one of them streams the shard again from its start).
 BUFFER = 64
+BUFFER_BYTES = 32 << 20
 #: Shards kept open at once per process.
 OPEN_SHARDS = 8
 
@@ -146,6 +148,7 @@ class _Cursor:
         self.lock = threading.Lock()
         self.file = self.tar = self.members = None
         self.buffer: OrderedDict[str, bytes] = OrderedDict()
+        self.held = 0  # bytes in ``buffer``
 
     def close(self) -> None:
         for handle in (self.tar, self.file):
@@ -158,14 +161,21 @@ class _Cursor:
 
     def read(self, member: str) -> bytes:
         with self.lock:
-            if member in self.buffer:
-                return self.buffer.pop(member)
+            if member in self.buffer:  # passed over, or served just before (augmented views ask again)
+                self.buffer.move_to_end(member)
+                return self.buffer[member]
             for _ in range(2):  # forward from here; if it is behind us, once more from the start
                 found = self._advance_to(member)
                 if found is not None:
                     return found
                 self.close()
             raise DecodeError(f"member {member} not found in {self.url}")
+
+    def _keep(self, name: str, data: bytes) -> None:
+        self.buffer[name] = data
+        self.held += len(data)
+        while len(self.buffer) > 1 and (len(self.buffer) > BUFFER or self.held > BUFFER_BYTES):
+            self.held -= len(self.buffer.popitem(last=False)[1])
 
     def _advance_to(self, member: str) -> bytes | None:
         try:
@@ -178,11 +188,9 @@ class _Cursor:
                 if parts is None or not is_image_ext(parts[1]):
                     continue
                 data = self.tar.extractfile(ti).read()
+                self._keep(ti.name, data)
                 if ti.name == member:
                     return data
-                self.buffer[ti.name] = data
-                if len(self.buffer) > BUFFER:
-                    self.buffer.popitem(last=False)
         except (tarfile.TarError, EOFError) as e:
             self.close()
             raise DecodeError(f"truncated or corrupt tar shard ({e})") from None
@@ -219,6 +227,7 @@ def close_readers() -> None:
             with cursor.lock:
                 cursor.close()
                 cursor.buffer.clear()
+                cursor.held = 0
 
 
 def _forget_after_fork() -> None:

@@ -83,6 +83,11 @@ class ExtractResult:
         return "\n".join(lines)
 
 
+def _where(s: Sample) -> str:
+    """How an error names a sample: its file, or its key when it lives inside a shard or an array."""
+    return s.key if (s.member or s.index >= 0 or s.digest or not s.label) else (s.path or s.key)
+
+
 def _stat(s: Sample) -> tuple[int, int]:
     if s.stamp is not None:
         return s.stamp
@@ -219,7 +224,7 @@ def _run_backbone(
                 s = pending[int(idx[i])]
                 reason = why.numpy()[i].decode("utf-8", "replace")
                 if cfg.data.on_error == "fail":
-                    raise FeatcacheError(f"cannot read {s.path or s.key}: {reason}")
+                    raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
                 bad.append((s, digests[s.key][0], reason))
             keep = np.flatnonzero(ok)
             if len(keep):
@@ -316,7 +321,7 @@ def _update(
     digests, bad = _digests(ds, known)
     if bad and cfg.data.on_error == "fail":
         s, _, reason = bad[0]
-        raise FeatcacheError(f"cannot read {s.path or s.key}: {reason}")
+        raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
     cached = set(old.ids) if old is not None else set()
     parts = scan_parts(final, fp)
     pending = _pending(cfg, ds, final, digests, cached, parts, bad)
@@ -374,7 +379,7 @@ def _pending(cfg: Config, ds: Dataset, final: Path, digests, cached: set, parts,
             continue
         if d in failed_before:
             if cfg.data.on_error == "fail":
-                raise FeatcacheError(f"cannot read {s.path or s.key}: {failed_before[d]}")
+                raise FeatcacheError(f"cannot read {_where(s)}: {failed_before[d]}")
             bad.append((s, d, failed_before[d]))
             continue
         seen.add(d)
