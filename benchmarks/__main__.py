@@ -26,6 +26,7 @@ SECTIONS = {
         "Cached training vs the notebook way, and search vs one pass (items 2-4)",
     ),
     "cache": ("benchmarks.bench_cache", "Cache behaviour, extraction memory and start-up (items 4-6)"),
+    "shards": ("benchmarks.bench_shards", "Data at scale: folder vs tar shards vs Parquet (issue 14)"),
 }
 
 

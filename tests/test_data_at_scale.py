@@ -256,6 +256,22 @@ def test_bad_input_is_named(tmp_path, images):
         "x-0001.tar/a",
         "x-0001.tar/c",
     }
+    # Parquet rows without image bytes or label are quarantined; the rest are samples
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": good, "path": "a.jpg"}, {"bytes": None, "path": "elsewhere.jpg"}, None]
+    cells += [{"bytes": images["flower"][0][1], "path": None}, {"bytes": images["flower"][1][1], "path": None}]
+    table = pa.table({"image": pa.array(cells, type=struct), "label": [0, 1, 1, None, 1]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    ds = load_dataset(DataConfig(source=str(tmp_path / "rows.parquet")))
+    assert [(s.key, r.split(" (")[0]) for s, r in ds.problems] == [
+        ("rows.parquet/1", "image has no bytes"),
+        ("rows.parquet/2", "no image"),
+        ("rows.parquet/3", "no label"),
+    ]
+    assert [s.key for s in ds.samples] == ["rows.parquet/0", "rows.parquet/4"]
     # the whole source unusable: one clear error
     with pytest.raises(FeatcacheError, match="no 'label' column"):
         load_dataset(
