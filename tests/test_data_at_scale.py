@@ -262,7 +262,10 @@ def test_bad_input_is_named(tmp_path, images):
 
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     cells = [{"bytes": good, "path": "a.jpg"}, {"bytes": None, "path": "elsewhere.jpg"}, None]
-    cells += [{"bytes": images["flower"][0][1], "path": None}, {"bytes": images["flower"][1][1], "path": None}]
+    cells += [
+        {"bytes": images["flower"][0][1], "path": None},
+        {"bytes": images["flower"][1][1], "path": None},
+    ]
     table = pa.table({"image": pa.array(cells, type=struct), "label": [0, 1, 1, None, 1]})
     pq.write_table(table, tmp_path / "rows.parquet")
     ds = load_dataset(DataConfig(source=str(tmp_path / "rows.parquet")))
