@@ -238,10 +238,11 @@ def cache_dataset(meta: dict[str, Any]):
         data["source"] = meta["source"]  # absolute: the cache may be used from another working directory
     data["on_error"] = "skip"
     options = data.get("storage_options") or {}
-    data["storage_options"] = {
-        k: v for k, v in options.items() if v != "***"
-    }  # secrets: from the environment
-    return load_dataset(DataConfig(**data))
+    # secrets were not stored (redacted): they come from the environment
+    data["storage_options"] = {k: v for k, v in options.items() if v != "***"}
+    cache_dir = Path(((meta.get("config") or {}).get("extract") or {}).get("cache_dir") or "")
+    index = cache_dir / "shards" if str(cache_dir) != "." and cache_dir.is_dir() else None
+    return load_dataset(DataConfig(**data), index)  # unchanged shards are not listed again
 
 
 def equivalence(rebuilt: Rebuilt, split: str = "val", batch_size: int = 32, limit: int = 0) -> dict[str, Any]:
