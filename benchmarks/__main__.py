@@ -26,6 +26,10 @@ SECTIONS = {
         "Cached training vs the notebook way, and search vs one pass (items 2-4)",
     ),
     "cache": ("benchmarks.bench_cache", "Cache behaviour, extraction memory and start-up (items 4-6)"),
+    "audit": (
+        "benchmarks.bench_audit",
+        "Audit from the cache: planted label errors and near-duplicates (issue 18)",
+    ),
 }
 
 
