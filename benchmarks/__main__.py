@@ -27,6 +27,10 @@ SECTIONS = {
     ),
     "cache": ("benchmarks.bench_cache", "Cache behaviour, extraction memory and start-up (items 4-6)"),
     "shards": ("benchmarks.bench_shards", "Data at scale: folder vs tar shards vs Parquet (issue 14)"),
+    "audit": (
+        "benchmarks.bench_audit",
+        "Audit from the cache: planted label errors and near-duplicates (issue 18)",
+    ),
 }
 
 

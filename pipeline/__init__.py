@@ -36,6 +36,8 @@ _LAZY = {
     "finetune": "stages.finetune",
     "predict": "stages.predict",
     "export": "stages.export",
+    "audit": "stages.audit",
+    "AuditResult": "stages.audit",
 }
 
 

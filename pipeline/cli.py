@@ -295,6 +295,36 @@ _EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+_AUDIT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--cache": (
+        "train.cache",
+        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
+    ),
+    "--layer": ("train.layer", {"metavar": "NAME", "help": "which cached layer to audit"}),
+    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+    "--data": ("data.source", {"metavar": "PATH"}),
+    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+}
+
+
+def cmd_audit(args) -> int:
+    from pipeline.stages.audit import audit
+
+    if args.top < 0:
+        raise FeatcacheError(f"--top must be >= 0, got {args.top}")
+    cfg = _load(args, _AUDIT_FLAGS)
+    result = audit(
+        cfg,
+        folds=args.folds,
+        threshold=args.threshold,
+        margin=args.margin,
+        exact=args.exact,
+        filter_by=args.filter_by,
+    )
+    print(json.dumps(result.to_json()) if args.json else result.table(args.top))
+    return 0
+
+
 def _parse_params(items: list[str]) -> dict[str, Any]:
     from pipeline.utils.config import parse_assignments
 
@@ -405,6 +435,53 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_audit(sub) -> None:
+    from pipeline.stages.audit import EXACT, FOLDS, MARGIN, THRESHOLD
+
+    p = sub.add_parser(
+        "audit", help="likely label errors and near-duplicates (within and across splits), from the cache"
+    )
+    _common(p)
+    _add_flags(p, _AUDIT_FLAGS)
+    p.add_argument(
+        "--top", type=int, default=20, metavar="N", help="rows of each list in the table (default 20)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help='print one JSON object: {"label_issues", "near_duplicates"}'
+    )
+    p.add_argument(
+        "--folds", type=int, default=FOLDS, metavar="K", help=f"k-fold over train+val (default {FOLDS})"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=THRESHOLD,
+        metavar="COS",
+        help=f"near-duplicates: mutual nearest neighbours at or above this cosine (default {THRESHOLD})",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=MARGIN,
+        metavar="COS",
+        help=f"...that beat either one's next neighbour by this much (default {MARGIN})",
+    )
+    p.add_argument(
+        "--exact",
+        type=float,
+        default=EXACT,
+        metavar="COS",
+        help=f"near-duplicates: any pair at or above this cosine (default {EXACT})",
+    )
+    p.add_argument(
+        "--filter-by",
+        default="low_self_confidence",
+        choices=["low_self_confidence", "prune_by_noise_rate"],
+        help="confident learning's filter for label issues (default low_self_confidence)",
+    )
+    p.set_defaults(func=cmd_audit)
+
+
 COMMANDS = (
     _add_extract,
     _add_cache,
@@ -413,6 +490,7 @@ COMMANDS = (
     _add_finetune,
     _add_predict,
     _add_export,
+    _add_audit,
 )
 
 
