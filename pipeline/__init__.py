@@ -36,6 +36,9 @@ _LAZY = {
     "finetune": "stages.finetune",
     "predict": "stages.predict",
     "export": "stages.export",
+    "report": "stages.report",
+    "Report": "stages.report",
+    "list_runs": "utils.runs",
 }
 
 

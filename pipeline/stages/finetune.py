@@ -390,7 +390,13 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
         train_ds = labelled_dataset(ds, parts["train"], rb.image_size, rb.resize, bs, int(cfg.train.seed) + e)
         t0 = time.perf_counter()
         h = rb.train_model.fit(
-            train_ds, validation_data=val_ds, epochs=e + 1, initial_epoch=e, shuffle=False, verbose=0
+            train_ds,
+            validation_data=val_ds,
+            epochs=e + 1,
+            initial_epoch=e,
+            shuffle=False,
+            verbose=0,
+            callbacks=tensorboard_callbacks(cfg, ckpt.dir.parent),
         ).history
         dt = time.perf_counter() - t0
         if cfg.extract.progress:
@@ -414,6 +420,16 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
         else:
             state["best_epoch"] = e + 1
         ckpt.save_epoch(state, rb.train_model, improved)
+
+
+def tensorboard_callbacks(cfg: Config, run_dir: Path) -> list:
+    """Keras' own TensorBoard callback when ``finetune.tensorboard`` is on: ``<run>/tensorboard/{train,validation}``,
+    one point per epoch (epoch numbers continue across resumed processes)."""
+    if not cfg.finetune.tensorboard:
+        return []
+    import keras
+
+    return [keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False)]
 
 
 def cache_keys(rb) -> list[str]:
