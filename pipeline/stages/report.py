@@ -389,7 +389,11 @@ def _run_section(
         if s.get("confusion_matrix"):
             title = f"{m.get('head')} · {split} · acc {s['accuracy']:.3f}"
             imgs.append(
-                _img(_plot(plot_confusion, s["confusion_matrix"], names, title), f"confusion matrix, {split}")
+                _img(
+                    _plot(plot_confusion, s["confusion_matrix"], names, title),
+                    f"confusion, {split}",
+                    "plot half",
+                )
             )
     if imgs:
         parts.append("<h3>Confusion matrices</h3>" + "".join(imgs))
@@ -498,6 +502,7 @@ def _feature_map(
     """PCA of up to ``map_rows`` cached rows and t-SNE of the first ``tsne_rows`` of them, as one PNG."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     from pipeline.data.augment import is_view_key
     from pipeline.utils.plots import plot_feature_map
@@ -516,7 +521,9 @@ def _feature_map(
     if k >= 10:
         Xt = PCA(n_components=min(50, k, X.shape[1]), random_state=seed).fit_transform(X[:k])
         tsne = TSNE(n_components=2, perplexity=min(30.0, (k - 1) / 3), init="pca", random_state=seed)
-        maps["t-SNE"] = (tsne.fit_transform(Xt), y[:k], ("t-SNE 1", "t-SNE 2"))
+        # one OpenMP thread: on a busy machine the Barnes-Hut threads spin-wait (200 rows took 118 s, not 6)
+        with threadpool_limits(limits=1):
+            maps["t-SNE"] = (tsne.fit_transform(Xt), y[:k], ("t-SNE 1", "t-SNE 2"))
     title = f"cached features of {layer}, coloured by class"
     png = _plot(plot_feature_map, maps, list(cache.class_names), title)
     return png, (len(rows), k if "t-SNE" in maps else 0)
