@@ -285,6 +285,7 @@ def finetune(cfg: Config, *, run: str | Path | None = None) -> FinetuneRun:
     from pipeline.data.augment import augmentation_layers
 
     augmentation_layers(cfg.finetune.augment)  # unknown names fail before any work
+    tensorboard_available(cfg)
     source = resolve_source_run(cfg, str(run) if run else None)
     run_dir = finetune_dir(source, cfg)
     if (run_dir / "manifest.json").is_file():
@@ -420,6 +421,16 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
         else:
             state["best_epoch"] = e + 1
         ckpt.save_epoch(state, rb.train_model, improved)
+
+
+def tensorboard_available(cfg: Config) -> None:
+    """``finetune.tensorboard`` needs the ``tensorboard`` package (tf.summary's writer): say so before any work."""
+    import importlib.util
+
+    if cfg.finetune.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise FeatcacheError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or featcache[tensorboard])"
+        )
 
 
 def tensorboard_callbacks(cfg: Config, run_dir: Path) -> list:

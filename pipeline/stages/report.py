@@ -144,6 +144,7 @@ def report(
         sections.append(html_)
         shown += n
     sections.append(_map_section(fmap, layer, n_map))
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, _page(f"featcache report · {cache_path.stem}", sections))
     return Report(
         out, cache_path, board, [d.name for d in detail], best["id"] if best else None, shown, n_map,
