@@ -38,6 +38,9 @@ _LAZY = {
     "export": "stages.export",
     "audit": "stages.audit",
     "AuditResult": "stages.audit",
+    "report": "stages.report",
+    "Report": "stages.report",
+    "list_runs": "utils.runs",
 }
 
 

@@ -243,6 +243,13 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "finetune.augment",
         {"metavar": "LIST", "help": "comma-separated: flip,rotation,zoom,translation,contrast or none"},
     ),
+    "--tensorboard": (
+        "finetune.tensorboard",
+        {
+            "action": "store_true",
+            "help": "write TensorBoard logs to <run>/tensorboard (keras.callbacks.TensorBoard)",
+        },
+    ),
     "--cache": ("train.cache", {"metavar": "FILE"}),
     "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
     "--data": ("data.source", {"metavar": "PATH"}),
@@ -255,6 +262,59 @@ def cmd_finetune(args) -> int:
 
     cfg = _load(args, _FINETUNE_FLAGS)
     print(finetune(cfg).summary())
+    return 0
+
+
+_SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--cache": (
+        "train.cache",
+        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
+    ),
+    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+    "--data": ("data.source", {"metavar": "PATH"}),
+    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+}
+
+
+def cmd_report(args) -> int:
+    from pipeline.stages.report import report
+
+    cfg = _load(args, _SELECT_FLAGS)
+    print(report(cfg, out=args.out, run=args.run).summary())
+    return 0
+
+
+def _runs_root(args):
+    from pipeline.cache.locate import resolve_cache, runs_root
+    from pipeline.cache.store import FeatureCache
+
+    cfg = _load(args, _SELECT_FLAGS)
+    cache_path = resolve_cache(cfg)
+    with FeatureCache(cache_path) as cache:
+        return runs_root(cfg, cache_path), cache.fingerprint
+
+
+def cmd_runs_ls(args) -> int:
+    from pipeline.utils.runs import format_runs, list_runs
+
+    root, fingerprint = _runs_root(args)
+    rows = list_runs(root, fingerprint)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    elif not rows:
+        print(f"no runs in {root}: run `featcache train` first")
+    else:
+        print(format_runs(rows))
+    return 0
+
+
+def cmd_runs_show(args) -> int:
+    from pipeline.cache.locate import find_run
+    from pipeline.utils.runs import describe_run, format_run
+
+    root, _ = _runs_root(args)
+    info = describe_run(find_run(root, args.run))
+    print(json.dumps(info, indent=2, default=str) if args.json else format_run(info))
     return 0
 
 
@@ -482,6 +542,36 @@ def _add_audit(sub) -> None:
     p.set_defaults(func=cmd_audit)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page: the cache, a leaderboard of every run, the best run in detail",
+    )
+    _common(p)
+    _add_flags(p, _SELECT_FLAGS)
+    p.add_argument(
+        "--out", metavar="FILE", help="where to write it (default: <cache>.report.html beside the cache)"
+    )
+    p.add_argument("--run", metavar="RUN", help="also show this run in detail (id, id prefix or folder)")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_runs(sub) -> None:
+    p = sub.add_parser("runs", help="list the runs, fine-tuned runs and searches of a cache, or show one")
+    rsub = p.add_subparsers(dest="runs_command", metavar="ls|show")
+    q = rsub.add_parser("ls", help="one line a run: id, kind, head, val/test accuracy, created")
+    _common(q)
+    _add_flags(q, _SELECT_FLAGS)
+    q.add_argument("--json", action="store_true", help="print the rows as JSON")
+    q.set_defaults(func=cmd_runs_ls)
+    q = rsub.add_parser("show", help="one run's settings, metrics, per-class scores and files")
+    q.add_argument("run", metavar="RUN", help="run id, a unique prefix of it, or a run folder")
+    _common(q)
+    _add_flags(q, _SELECT_FLAGS)
+    q.add_argument("--json", action="store_true", help="print everything as JSON")
+    q.set_defaults(func=cmd_runs_show)
+
+
 COMMANDS = (
     _add_extract,
     _add_cache,
@@ -491,6 +581,8 @@ COMMANDS = (
     _add_predict,
     _add_export,
     _add_audit,
+    _add_report,
+    _add_runs,
 )
 
 

@@ -91,3 +91,22 @@ def resolve_cache(cfg: Config) -> Path:
 def runs_root(cfg: Config, cache_path: Path) -> Path:
     """``train.runs_dir``, else ``runs/`` next to the cache file."""
     return Path(cfg.train.runs_dir) if cfg.train.runs_dir else Path(cache_path).parent / "runs"
+
+
+def find_run(root: Path, name: str) -> Path:
+    """A run, fine-tuned run or search by folder, by id under ``root`` (or ``root/finetune``), or by a unique
+    prefix of its id."""
+    from pipeline.utils.runs import run_folders
+
+    if Path(name).is_dir():
+        return Path(name)
+    for cand in (root / name, root / "finetune" / name):
+        if cand.is_dir():
+            return cand
+    matches = [p for p in run_folders(root) if p.name.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = ", ".join(p.name for p in matches[:4]) + (", ..." if len(matches) > 4 else "")
+        raise FeatcacheError(f"run {name!r} is ambiguous: {len(matches)} runs start with it ({shown})")
+    raise FeatcacheError(f"run not found: {name} (in {root}; `featcache runs ls` lists them)")

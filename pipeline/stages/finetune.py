@@ -285,6 +285,7 @@ def finetune(cfg: Config, *, run: str | Path | None = None) -> FinetuneRun:
     from pipeline.data.augment import augmentation_layers
 
     augmentation_layers(cfg.finetune.augment)  # unknown names fail before any work
+    tensorboard_available(cfg)
     source = resolve_source_run(cfg, str(run) if run else None)
     run_dir = finetune_dir(source, cfg)
     if (run_dir / "manifest.json").is_file():
@@ -390,7 +391,13 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
         train_ds = labelled_dataset(ds, parts["train"], rb.image_size, rb.resize, bs, int(cfg.train.seed) + e)
         t0 = time.perf_counter()
         h = rb.train_model.fit(
-            train_ds, validation_data=val_ds, epochs=e + 1, initial_epoch=e, shuffle=False, verbose=0
+            train_ds,
+            validation_data=val_ds,
+            epochs=e + 1,
+            initial_epoch=e,
+            shuffle=False,
+            verbose=0,
+            callbacks=tensorboard_callbacks(cfg, ckpt.dir.parent),
         ).history
         dt = time.perf_counter() - t0
         if cfg.extract.progress:
@@ -414,6 +421,26 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
         else:
             state["best_epoch"] = e + 1
         ckpt.save_epoch(state, rb.train_model, improved)
+
+
+def tensorboard_available(cfg: Config) -> None:
+    """``finetune.tensorboard`` needs the ``tensorboard`` package (tf.summary's writer): say so before any work."""
+    import importlib.util
+
+    if cfg.finetune.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise FeatcacheError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or featcache[tensorboard])"
+        )
+
+
+def tensorboard_callbacks(cfg: Config, run_dir: Path) -> list:
+    """Keras' own TensorBoard callback when ``finetune.tensorboard`` is on: ``<run>/tensorboard/{train,validation}``,
+    one point per epoch (epoch numbers continue across resumed processes)."""
+    if not cfg.finetune.tensorboard:
+        return []
+    import keras
+
+    return [keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False)]
 
 
 def cache_keys(rb) -> list[str]:

@@ -30,6 +30,7 @@ from pipeline.heads.metrics import balanced_accuracy, macro_f1
 from pipeline.utils.config import Config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, atomic_write, file_lock, write_json
+from pipeline.utils.runs import TRIALS_FILE, read_trials
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,9 +42,6 @@ HALVING_FACTOR = 3
 
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
-
-
-TRIALS_FILE = "trials.jsonl"
 
 
 @dataclass(frozen=True)
@@ -306,21 +304,6 @@ def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> 
         "seconds": time.perf_counter() - t0,
         "pid": os.getpid(),
     }
-
-
-def read_trials(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished trials by key; a torn last line (killed mid-write) is ignored."""
-    out: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "key" in rec:
-            out.setdefault(rec["key"], rec)
-    return out
 
 
 def append_trial(path: Path, record: dict[str, Any]) -> None:

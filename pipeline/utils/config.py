@@ -117,6 +117,7 @@ class FinetuneConfig:
     augment: list[str] = field(
         default_factory=lambda: ["flip", "rotation", "zoom", "translation", "contrast"]
     )
+    tensorboard: bool = False  # write TensorBoard logs (Keras' callback) to <run>/tensorboard
 
 
 @dataclass

@@ -1,11 +1,13 @@
-"""Run reports drawn with matplotlib (imported lazily): confusion matrices, learning curves, misclassified rows."""
+"""Run reports drawn with matplotlib (imported lazily): confusion matrices, learning curves, misclassified rows,
+the 2-D map of cached features. Every plot writes to a path or to a binary file object (the HTML report
+keeps its pictures in memory)."""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -19,7 +21,15 @@ def _plt():
     return plt
 
 
-def plot_confusion(path: Path, cm: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> None:
+def _save(fig, path: Path | BinaryIO) -> None:
+    # no "Software: ... https://matplotlib.org" chunk: a report must not name any web address
+    fig.savefig(path, dpi=100, format="png", metadata={"Software": None})
+    _plt().close(fig)
+
+
+def plot_confusion(
+    path: Path | BinaryIO, cm: Sequence[Sequence[int]], class_names: Sequence[str], title: str
+) -> None:
     plt = _plt()
     cm = np.asarray(cm)
     n = len(class_names)
@@ -47,8 +57,7 @@ def plot_confusion(path: Path, cm: Sequence[Sequence[int]], class_names: Sequenc
                         color="white" if cm[i, j] > hi / 2 else "black",
                     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_split_confusions(
@@ -62,7 +71,7 @@ def plot_split_confusions(
             plot_confusion(run_dir / f"confusion_{split}.png", cm, class_names, label)
 
 
-def plot_learning_curves(path: Path, history: dict[str, list[float]], title: str) -> None:
+def plot_learning_curves(path: Path | BinaryIO, history: dict[str, list[float]], title: str) -> None:
     plt = _plt()
     metrics = [m for m in ("loss", "accuracy") if m in history]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
@@ -76,8 +85,38 @@ def plot_learning_curves(path: Path, history: dict[str, list[float]], title: str
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def plot_feature_map(
+    path: Path | BinaryIO,
+    maps: dict[str, tuple[np.ndarray, np.ndarray, tuple[str, str]]],
+    class_names: Sequence[str],
+    title: str,
+) -> None:
+    """Side-by-side 2-D scatter plots, ``name → (points N×2, class indices, (x label, y label))``, coloured by
+    class with one legend of class names."""
+    plt = _plt()
+    n = len(class_names)
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
+    colour = (lambda i: cmap(i)) if n <= 20 else (lambda i: cmap(i / max(1, n - 1)))
+    fig, axes = plt.subplots(1, len(maps), figsize=(5.2 * len(maps) + 1.8, 5.0), squeeze=False)
+    for ax, (name, (xy, lab, (xlabel, ylabel))) in zip(axes[0], maps.items(), strict=True):
+        for i, cls in enumerate(class_names):
+            sel = lab == i
+            if sel.any():
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=9, alpha=0.75, color=colour(i), label=cls, linewidths=0)
+        ax.set_title(f"{name} · {len(xy)} rows")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if handles and n <= 30:
+        fig.legend(
+            handles, names, loc="center right", title="class", markerscale=2.0, fontsize=8, frameon=False
+        )
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (5.2 * len(maps) + 1.8), 1))
+    _save(fig, path)
 
 
 def write_misclassified(
