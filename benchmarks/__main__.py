@@ -26,6 +26,10 @@ SECTIONS = {
         "Cached training vs the notebook way, and search vs one pass (items 2-4)",
     ),
     "cache": ("benchmarks.bench_cache", "Cache behaviour, extraction memory and start-up (items 4-6)"),
+    "decode": (
+        "benchmarks.bench_decode",
+        "Phone photos: the decode policy (DCT scaling) against exact decoding (issue 15)",
+    ),
 }
 
 

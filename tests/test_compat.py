@@ -30,13 +30,28 @@ def old_tree(tmp_path) -> Path:
     return tmp_path / "v0.1"
 
 
-def test_the_default_configuration_keeps_its_fingerprint():
-    want = json.loads((FIXTURE / "default_fingerprint.json").read_text())
-    cfg = load_config(None, None)
+def _default_key(**overrides):
+    cfg = load_config(None, overrides)
     spec = get_spec(cfg.backbone.name)
-    key = feature_key(cfg, spec, weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, "cache"))
+    return feature_key(cfg, spec, weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, "cache"))
+
+
+def test_the_default_configuration_keeps_its_fingerprint_under_exact_decoding():
+    """0.1 decoded every JPEG at full size: ``data.decode=exact`` is that, and keeps 0.1's key exactly."""
+    want = json.loads((FIXTURE / "default_fingerprint.json").read_text())
+    key = _default_key(**{"data.decode": "exact"})
     assert key == want["key"]
     assert fingerprint(key) == want["fingerprint"]
+
+
+def test_the_new_default_decode_policy_has_its_own_fingerprint():
+    """The default ``data.decode=dct`` changes pixels, so its caches are new files (0.1 caches are
+    re-extracted under the new default, and still found with ``--set data.decode=exact``)."""
+    want = json.loads((FIXTURE / "default_fingerprint.json").read_text())
+    key = _default_key()
+    assert key["decode"] == {"policy": "dct", "margin": 2}
+    assert {k: v for k, v in key.items() if k != "decode"} == want["key"]
+    assert fingerprint(key) != want["fingerprint"]
 
 
 def test_an_old_cache_is_found_and_reused_not_re_extracted(old_tree):
@@ -44,6 +59,7 @@ def test_an_old_cache_is_found_and_reused_not_re_extracted(old_tree):
         "data.source": str(old_tree / "tiny.npz"),
         "extract.cache_dir": str(old_tree / "cache"),
         "backbone.image_size": "32",
+        "data.decode": "exact",  # how 0.1 decoded (the default changed to dct, see above)
     }
     path, _, _ = resolve_cache_path(load_config(None, overrides))
     assert path.is_file() and path.name == "tiny-efficientnet_lite0-9b4e57aab9c5.h5"

@@ -44,12 +44,12 @@ def compiled(model):
     return fn
 
 
-def predict_images(model, ds, samples, size: int, policy: str, batch_size: int = 32):
+def predict_images(model, ds, samples, size: int, policy: str, batch_size: int = 32, *, decode: str):
     """Probabilities of ``model`` on ``samples`` (decoded + resized like extraction); (proba, ok mask)."""
     fn = compiled(model)
     n = len(samples)
     out, ok_all = None, np.zeros(n, bool)
-    for idx, images, ok, _ in image_batches(ds, samples, size, policy, batch_size):
+    for idx, images, ok, _ in image_batches(ds, samples, size, policy, batch_size, decode=decode):
         p = fn(images).numpy()
         if out is None:
             out = np.zeros((n, p.shape[1]), np.float64)
