@@ -228,7 +228,12 @@ def _draft(im: Image.Image, reduce_to: tuple[int, int]) -> None:
     if _orientation(im) in _TRANSPOSED:
         want_w, want_h = want_h, want_w
     if im.width >= 2 * want_w and im.height >= 2 * want_h:
-        im.draft(None, (want_w, want_h))
+        try:
+            im.draft(None, (want_w, want_h))
+        except MemoryError:
+            raise
+        except Exception:  # an odd file Pillow cannot scale (the same file every time): decode it in full
+            pass
 
 
 def _orientation(im: Image.Image) -> int:

@@ -19,7 +19,9 @@ from pipeline.utils.errors import FeatcacheError
 def keras_runner(model):
 
     fn = compiled(model)
-    return lambda x: fn(x).numpy()
+    # ``compiled`` holds the model weakly: the runner must keep it alive, or a GC pass between loading a
+    # model and running it (``keras_runner(load_keras(path))``) leaves ``fn`` calling a dead reference.
+    return lambda x, _model=model: fn(x).numpy()
 
 
 def savedmodel_runner(path: Path):
