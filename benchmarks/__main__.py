@@ -31,6 +31,10 @@ SECTIONS = {
         "benchmarks.bench_audit",
         "Audit from the cache: planted label errors and near-duplicates (issue 18)",
     ),
+    "decode": (
+        "benchmarks.bench_decode",
+        "Phone photos: the decode policy (DCT scaling) against exact decoding (issue 15)",
+    ),
 }
 
 

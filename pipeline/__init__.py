@@ -24,6 +24,7 @@ _LAZY = {
     "open_cache": "cache.store",
     "list_caches": "cache.store",
     "load_dataset": "data.sources",
+    "load_images": "data.images",
     "FeatureExtractor": "transformer",
     "build_feature_model": "features.backbones.build",
     "train": "stages.train",

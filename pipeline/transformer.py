@@ -39,6 +39,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         batch_size: int = 32,
         engine: str = "auto",
         progress: bool = False,
+        decode: str = "dct",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -50,6 +51,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.engine = engine
         self.progress = progress
+        self.decode = decode
 
     def fit(self, X, y=None):
         return self
@@ -69,6 +71,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 "extract.engine": self.engine,
                 "extract.progress": self.progress,
                 "data.on_error": "fail",  # a transformer must return one row per input
+                "data.decode": self.decode,  # dct | exact, as ``featcache extract --set data.decode=...``
             },
         )
 

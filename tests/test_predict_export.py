@@ -107,12 +107,13 @@ def test_predict_new_images_with_a_stage2_run(stage3, new_images):
 
 
 def assert_matches_rebuilt_model(run: Path, results) -> None:
-    from pipeline.data.decode import decode_image
+    from pipeline.data.images import load_images
     from pipeline.model.rebuild import rebuild
 
     rb = rebuild(run)
     for res in results:
-        p = rb.model(np.asarray(decode_image(res.image), np.float32)[None]).numpy()[0]
+        # the documented helper: the run's decode policy and resize, S×S pixels the model takes unchanged
+        p = rb.model(load_images([res.image], rb.image_size, rb.resize, rb.decode)).numpy()[0]
         got = dict((i, prob) for i, _, prob in res.top)
         assert max(abs(got[i] - p[i]) for i in got) <= TOL
 

@@ -57,7 +57,7 @@ def resolve_cache_path(cfg: Config, ds: Dataset | None = None) -> tuple[Path, di
 
         digest = build_feature_model(cfg.backbone).weights_digest()
         remember_weights_digest(spec, cfg.backbone.layers, cfg.extract.cache_dir, digest)
-    key = views_key(cfg, feature_key(cfg, spec, digest))  # augment_views > 0 changes the rows
+    key = views_key(cfg, feature_key(cfg, spec, digest, decodes=ds.is_files))  # views change the rows
     return Path(cfg.extract.cache_dir) / (cache_stem(ds.name, spec.name, fingerprint(key)) + ".h5"), key, ds
 
 

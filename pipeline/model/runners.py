@@ -19,7 +19,9 @@ from pipeline.utils.errors import FeatcacheError
 def keras_runner(model):
 
     fn = compiled(model)
-    return lambda x: fn(x).numpy()
+    # ``compiled`` holds the model weakly: the runner must keep it alive, or a GC pass between loading a
+    # model and running it (``keras_runner(load_keras(path))``) leaves ``fn`` calling a dead reference.
+    return lambda x, _model=model: fn(x).numpy()
 
 
 def savedmodel_runner(path: Path):
@@ -44,12 +46,12 @@ def compiled(model):
     return fn
 
 
-def predict_images(model, ds, samples, size: int, policy: str, batch_size: int = 32):
+def predict_images(model, ds, samples, size: int, policy: str, batch_size: int = 32, *, decode: str):
     """Probabilities of ``model`` on ``samples`` (decoded + resized like extraction); (proba, ok mask)."""
     fn = compiled(model)
     n = len(samples)
     out, ok_all = None, np.zeros(n, bool)
-    for idx, images, ok, _ in image_batches(ds, samples, size, policy, batch_size):
+    for idx, images, ok, _ in image_batches(ds, samples, size, policy, batch_size, decode=decode):
         p = fn(images).numpy()
         if out is None:
             out = np.zeros((n, p.shape[1]), np.float64)

@@ -203,7 +203,9 @@ def _run_backbone(
     from pipeline.features.engines import make_engine
 
     dtype = np.dtype(cfg.extract.dtype)
-    data = make_image_dataset(ds, pending, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size)
+    data = make_image_dataset(
+        ds, pending, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
+    )
     engine = make_engine(
         fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir, images=len(pending)
     )
@@ -465,6 +467,7 @@ def _cache_attrs(
         "pooling": b.pooling,
         "image_size": key["image_size"],
         "resize": b.resize,
+        "decode": cfg.data.decode,
         "preprocess": key["preprocess"],
         "dtype": cfg.extract.dtype,
         "engine": result.engine
@@ -552,7 +555,9 @@ def _extract_views(cfg: Config, ds: Dataset, final: Path, fp: str, key, todo, sp
     writer = PartWriter(final, manifest)
     engine = make_engine(fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir)
     samples = [s for _, s, _ in todo]
-    data = make_image_dataset(ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size)
+    data = make_image_dataset(
+        ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
+    )
     dtype = np.dtype(cfg.extract.dtype)
     progress = _progress(len(todo), cfg.extract.progress)
     t0 = time.perf_counter()

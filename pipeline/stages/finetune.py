@@ -96,7 +96,7 @@ def compile_model(rebuilt, learning_rate: float) -> None:
 
 
 def labelled_dataset(
-    ds, part: SplitImages, size: int, policy: str, batch_size: int, shuffle_seed: int | None
+    ds, part: SplitImages, size: int, policy: str, batch_size: int, shuffle_seed: int | None, *, decode: str
 ):
     """tf.data of (images, labels, weights) batches in a seeded order; an image that cannot be read any more
     (it was quarantined at extraction) gets weight 0, so every batch keeps its known size."""
@@ -114,7 +114,7 @@ def labelled_dataset(
     def with_labels(idx, images, ok, why):
         return images, tf.gather(labels, idx), tf.reshape(tf.cast(ok, tf.float32), [-1])
 
-    return image_batches(ds, samples, size, policy, batch_size).map(with_labels)
+    return image_batches(ds, samples, size, policy, batch_size, decode=decode).map(with_labels)
 
 
 def evaluate(model, ds, part: SplitImages, rebuilt, batch_size: int, calibrated: bool):
@@ -125,7 +125,9 @@ def evaluate(model, ds, part: SplitImages, rebuilt, batch_size: int, calibrated:
 
     if not len(part.rows):
         return {"n": 0}, np.zeros((0, rebuilt.n_classes)), np.zeros(0, bool)
-    proba, ok = predict_images(model, ds, part.samples, rebuilt.image_size, rebuilt.resize, batch_size)
+    proba, ok = predict_images(
+        model, ds, part.samples, rebuilt.image_size, rebuilt.resize, batch_size, decode=rebuilt.decode
+    )
     pred = Predictions(part.rows[ok], part.labels[ok], proba[ok].argmax(1), proba[ok], calibrated)
     return classification_metrics(pred, rebuilt.class_names), proba, ok
 
@@ -385,10 +387,11 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
     """Epochs until ``finetune.epochs`` or early stopping; each one checkpointed as it ends."""
     f, bs = cfg.finetune, int(cfg.finetune.batch_size)
     has_val = len(parts["val"].rows) > 0
-    val_ds = labelled_dataset(ds, parts["val"], rb.image_size, rb.resize, bs, None) if has_val else None
+    read = {"size": rb.image_size, "policy": rb.resize, "batch_size": bs, "decode": rb.decode}
+    val_ds = labelled_dataset(ds, parts["val"], shuffle_seed=None, **read) if has_val else None
     while state["epoch"] < f.epochs and not state["stopped_early"]:
         e = state["epoch"]
-        train_ds = labelled_dataset(ds, parts["train"], rb.image_size, rb.resize, bs, int(cfg.train.seed) + e)
+        train_ds = labelled_dataset(ds, parts["train"], shuffle_seed=int(cfg.train.seed) + e, **read)
         t0 = time.perf_counter()
         h = rb.train_model.fit(
             train_ds,
@@ -470,6 +473,7 @@ def _record(
         "probabilities": "softmax (fine-tuned end to end with log loss)",
         "image_size": rb.image_size,
         "resize": rb.resize,
+        "decode": rb.decode,
         "cache": src.get("cache"),
         "finetune": {
             **trainable,

@@ -8,7 +8,9 @@ Models (``--model``):
 * a fine-tuned run folder (``<runs>/finetune/<id>``), or an exported ``.keras`` file, ``saved_model/``
   folder or ``.tflite`` file (class names from ``export.json`` or ``metrics.json`` beside it).
 
-Images are decoded and resized exactly as extraction does (:func:`pipeline.stages.extract.make_image_dataset`).
+Images are decoded and resized exactly as extraction does (:func:`pipeline.data.images.make_image_dataset`),
+with the ``data.decode`` policy of the model's features: the run's cache, or ``decode`` in the ``metrics.json`` /
+``export.json`` beside a model file (``exact`` when neither says: models from before the policy).
 A path that does not exist is an error before any work; an image that cannot be decoded gets an error row
 and makes the command exit with status 2 after printing the rest.
 """
@@ -44,6 +46,7 @@ class Predictor:
     resize: str
     path: Path
     predict: Any = None  # (paths, samples, ds) → (proba N×C, ok, why, sources)
+    decode: str = "exact"  # the data.decode policy images are read with (that of the model's features)
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -81,18 +84,36 @@ def _dataset(paths: list[Path]):
     return Dataset("predict", "<paths>", samples, [""]), samples
 
 
-def _class_names_near(path: Path, n: int) -> list[str]:
+def _sidecars_near(path: Path):
+    """The parsed ``export.json`` / ``metrics.json`` files beside a model file (or folder) and one level up."""
     for d in (path.parent if path.is_file() else path, (path.parent if path.is_file() else path).parent):
         for name in ("export.json", "metrics.json"):
             f = d / name
             if f.is_file():
                 try:
-                    names = json.loads(f.read_text(encoding="utf-8")).get("class_names")
+                    info = json.loads(f.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     continue
-                if isinstance(names, list) and len(names) == n:
-                    return [str(x) for x in names]
+                if isinstance(info, dict):
+                    yield info
+
+
+def _class_names_near(path: Path, n: int) -> list[str]:
+    for info in _sidecars_near(path):
+        names = info.get("class_names")
+        if isinstance(names, list) and len(names) == n:
+            return [str(x) for x in names]
     return [str(i) for i in range(n)]
+
+
+def _decode_near(path: Path) -> str:
+    """The ``data.decode`` policy a sidecar records for a model; ``exact`` for models from before it."""
+    from pipeline.utils.config import DECODE_POLICIES
+
+    for info in _sidecars_near(path):
+        if info.get("decode") in DECODE_POLICIES:
+            return str(info["decode"])
+    return "exact"
 
 
 def load_predictor(model: str | Path, batch_size: int = 32) -> Predictor:
@@ -117,14 +138,16 @@ def load_predictor(model: str | Path, batch_size: int = 32) -> Predictor:
     )
 
 
-def _batched(ds, samples, size: int, policy: str, batch_size: int, run):
-    """Decode + shared resize in tf.data, ``run`` on each S×S batch; (proba, ok, why)."""
+def _batched(ds, samples, p: Predictor, batch_size: int, run):
+    """Decode + shared resize in tf.data (``p``'s size, resize and decode policy), ``run`` on each S×S batch;
+    (proba, ok, why)."""
     from pipeline.data.images import image_batches
 
     n = len(samples)
     proba = None
     ok_all, why_all = np.zeros(n, bool), [""] * n
-    for idx, x, ok, why in image_batches(ds, samples, size, policy, batch_size):
+    read = image_batches(ds, samples, p.image_size, p.resize, batch_size, decode=p.decode)
+    for idx, x, ok, why in read:
         idx, ok, why = idx.numpy(), np.reshape(ok.numpy(), -1), np.reshape(why.numpy(), -1)
         keep = np.flatnonzero(ok)
         if len(keep):
@@ -148,8 +171,8 @@ def _keras_predictor(path: Path, batch_size: int, names_from: Path | None = None
     n = int(model.outputs[0].shape[-1])
     names = _class_names_near(names_from or path, n)
     run = keras_runner(model)
-    p = Predictor("keras", names, size, policy, path)
-    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    p = Predictor("keras", names, size, policy, path, decode=_decode_near(names_from or path))
+    p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
 
@@ -171,8 +194,8 @@ def _savedmodel_predictor(path: Path, batch_size: int) -> Predictor:
         )
     run = savedmodel_runner(path)
     size, policy = int(info["image_size"]), str(info.get("resize", "stretch"))
-    p = Predictor("savedmodel", list(info["class_names"]), size, policy, path)
-    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    p = Predictor("savedmodel", list(info["class_names"]), size, policy, path, decode=_decode_near(path))
+    p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
 
@@ -186,8 +209,8 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     names = (
         list(info["class_names"]) if len(info.get("class_names") or []) == n else [str(i) for i in range(n)]
     )
-    p = Predictor("tflite", names, size, policy, path)
-    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    p = Predictor("tflite", names, size, policy, path, decode=_decode_near(path))
+    p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
 
@@ -200,7 +223,7 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
     metrics = loaded.metrics
     src = run_source(metrics)
     names = list(metrics["class_names"])
-    p = Predictor("stage2", names, src.image_size, src.resize, run_dir)
+    p = Predictor("stage2", names, src.image_size, src.resize, run_dir, decode=src.decode)
 
     def predict(ds, samples):
         from pipeline.data.decode import DecodeError
@@ -241,9 +264,7 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
             cache_dir = src.cache_path.parent if src.cache_path is not None else None
             engine = make_engine(fm, "auto", 0, cache_dir, images=len(todo))
             part = [samples[i] for i in todo]
-            feats, ok_t, why_t = _batched(
-                ds, part, src.image_size, src.resize, batch_size, lambda x: engine(x)[src.layer]
-            )
+            feats, ok_t, why_t = _batched(ds, part, p, batch_size, lambda x: engine(x)[src.layer])
             for j, i in enumerate(todo):
                 ok[i], why[i] = bool(ok_t[j]), why_t[j]
                 if ok_t[j]:

@@ -35,6 +35,9 @@ RESIZE_POLICIES = ("stretch", "crop", "pad")
 ON_ERROR = ("skip", "fail")
 
 
+DECODE_POLICIES = ("dct", "exact")
+
+
 DTYPES = ("float32", "float16")
 
 
@@ -58,6 +61,9 @@ class DataConfig:
     limit: int = 0  # 0 = all; else a stable, content-hashed subset of this many samples
     on_error: str = "skip"  # what an unreadable image does: skip (quarantine it) or fail the run
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for URL sources
+    decode: str = (
+        "dct"  # dct: JPEGs decoded at the smallest 1/2-1/4-1/8 DCT scale >= 2x the input; exact: full size
+    )
 
 
 @dataclass
@@ -135,6 +141,7 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ON_ERROR,
+    "data.decode": DECODE_POLICIES,
     "backbone.pooling": POOLINGS,
     "backbone.resize": RESIZE_POLICIES,
     "extract.dtype": DTYPES,
