@@ -373,18 +373,18 @@ class SearchRun:
             f"search: {self.strategy} · {self.n_candidates} candidates · {self.n_run} trials run, {self.n_reused} reused"
             f" · {self.seconds:.1f} s · ranked by {metric}",
             "",
-            f"{'#':>3} {'score':>7} {'±':>6} {'bal_acc':>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<18} params",
+            f"{'#':>3} {'score':>7} {'±':>6} {'bal_acc':>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<22} params",
         ]
         for row in self.leaderboard[:top]:
             if row["status"] != "ok":
                 lines.append(
-                    f"{row['rank']:>3} {row['status']:>7} {'':>6} {'':>7} {'':>5} {row['seconds'] or 0:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:18]:<18} {row['params']}  ({row['error']})"
+                    f"{row['rank']:>3} {row['status']:>7} {'':>6} {'':>7} {'':>5} {row['seconds'] or 0:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}  ({row['error']})"
                 )
                 continue
             warn = "  ! " + row["warning"].split(":")[0] if row.get("warning") else ""
             lines.append(
                 f"{row['rank']:>3} {row['score']:>7.4f} {row['score_std']:>6.3f} {row['balanced_accuracy']:>7.4f} {row['resource']:>5.0%}"
-                f" {row['seconds']:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:18]:<18} {row['params']}{warn}"
+                f" {row['seconds']:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}{warn}"
             )
         if len(self.leaderboard) > top:
             lines.append(f"... {len(self.leaderboard) - top} more in {self.dir / 'leaderboard.csv'}")
