@@ -25,6 +25,10 @@ SECTIONS = {
         "benchmarks.bench_training",
         "Cached training vs the notebook way, and search vs one pass (items 2-4)",
     ),
+    "search": (
+        "benchmarks.bench_search",
+        "A 100-trial random search over five head families vs one extraction pass (issue 16)",
+    ),
     "cache": ("benchmarks.bench_cache", "Cache behaviour, extraction memory and start-up (items 4-6)"),
     "shards": ("benchmarks.bench_shards", "Data at scale: folder vs tar shards vs Parquet (issue 14)"),
     "audit": (

@@ -106,8 +106,8 @@ class TrainConfig:
 @dataclass
 class SearchConfig:
     space: str = ""  # TOML file declaring the search space; empty = the built-in space
-    strategy: str = "grid"
-    n_trials: int = 24
+    strategy: str = "random"
+    n_trials: int = 100
     n_jobs: int = 1
     cv: int = 0  # 0 = the fixed validation split; k >= 2 = k-fold CV on train+val
 

@@ -136,3 +136,43 @@ def write_misclassified(
         for i in wrong:
             w.writerow([keys[i], class_names[int(y_true[i])], class_names[int(y_pred[i])], f"{prob[i]:.4f}"])
     return len(wrong)
+
+
+def plot_search(
+    path: Path, points: Sequence[dict[str, Any]], scores: Sequence[float], columns: Sequence[str], title: str
+) -> None:
+    """One panel per column: score against its values (log axis for positive ranges over 2 decades)."""
+    from pipeline.utils.io import atomic_path
+
+    if not points:
+        return
+    plt = _plt()
+    cols = [c for c in columns if any(c in p for p in points)]
+    ncol = min(3, len(cols))
+    nrow = -(-len(cols) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, col in zip(axes.flat, cols, strict=False):
+        have = [(p[col], s) for p, s in zip(points, scores, strict=True) if col in p]
+        values = [v for v, _ in have]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            ax.scatter(values, [s for _, s in have], s=14, alpha=0.7)
+            pos = [v for v in values if v > 0]
+            if len(pos) == len(values) and max(pos) / min(pos) > 100:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            at = {lab: i for i, lab in enumerate(labels)}
+            ax.scatter([at[str(v)] for v in values], [s for _, s in have], s=14, alpha=0.7)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels([lab[:14] for lab in labels], rotation=30, ha="right", fontsize=7)
+        ax.set_title(col, fontsize=9)
+        ax.set_ylabel("score", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(cols) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
