@@ -464,7 +464,7 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
         out.mkdir(parents=True, exist_ok=True)
         busy = f"{out}: another featcache search is running this search; wait for it or use another space"
         try:
-            with file_lock(out / "search.lock", busy):
+            with file_lock(out / "search.lock", busy), _backend(cfg, data):
                 if fresh:
                     for name in (TRIALS_FILE, "leaderboard.csv", "best.toml", "search.json"):
                         (out / name).unlink(missing_ok=True)
@@ -503,6 +503,15 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
         finally:
             close_cache(cache_path)
     return run
+
+
+def _backend(cfg: Config, data: dict):
+    """Where the trials run: joblib's default here, or its Dask backend on ``[cluster] address`` with the
+    features scattered to every worker once (joblib#1154). Trials are seeded, so either way gives the same
+    scores; the journal stays on this machine, so a cluster search resumes like a local one."""
+    from pipeline.utils.cluster import joblib_on_cluster
+
+    return joblib_on_cluster(cfg.cluster.address, list(data.values()), quiet=not cfg.extract.progress)
 
 
 class _Runner:
