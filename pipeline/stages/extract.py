@@ -426,7 +426,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
         t0 = time.perf_counter()
         try:
             for fut in as_completed(futures):
-                r = _shard_result(fut, cfg, state)
+                r = _shard_result(fut, cfg)
                 _take_shard(r, shards[r.shard], cfg, ds, fp, key, final, digests, result, bad, state)
                 progress.update(r.size)
         except KeyboardInterrupt:
@@ -441,7 +441,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
     return state["dims"], state["map_shapes"]
 
 
-def _shard_result(fut, cfg: Config, state):
+def _shard_result(fut, cfg: Config):
     """A finished task's result; a task that failed on every worker it tried, or a lost scheduler, is one line."""
     try:
         return fut.result()
