@@ -72,6 +72,14 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "extract.threads",
         {"type": int, "metavar": "N", "help": "CPU threads for the backbone (0 = all cores)"},
     ),
+    "--cluster": (
+        "cluster.address",
+        {
+            "metavar": "ADDRESS",
+            "help": "run on Dask: local (a worker per core), local:N, env (DASK_SCHEDULER_ADDRESS) "
+            "or a scheduler address like tcp://host:8786; '' = this process",
+        },
+    ),
 }
 
 
@@ -207,6 +215,14 @@ _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--cv": (
         "search.cv",
         {"type": int, "metavar": "K", "help": "K-fold CV on train+val (default 0: the val split)"},
+    ),
+    "--cluster": (
+        "cluster.address",
+        {
+            "metavar": "ADDRESS",
+            "help": "run on Dask: local (a worker per core), local:N, env (DASK_SCHEDULER_ADDRESS) "
+            "or a scheduler address like tcp://host:8786; '' = this process",
+        },
     ),
     "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
     "--data": ("data.source", {"metavar": "PATH"}),

@@ -383,6 +383,20 @@ def cached_conversion(fm, cache_dir: str | Path | None) -> dict | None:
     return meta
 
 
+def configure_tf_threads(n: int) -> None:
+    """TensorFlow's thread pools for this process (0 = all cores); must run before TensorFlow starts."""
+    import os
+
+    import tensorflow as tf
+
+    n = n or os.cpu_count() or 1
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, n))
+    except RuntimeError:
+        pass  # already initialized in this process: keep what it has
+
+
 def make_engine(
     fm,
     name: str = "tensorflow",
@@ -394,7 +408,7 @@ def make_engine(
     """The engine called ``name`` for feature model ``fm``; ``auto`` picks the fastest that works.
 
     ``threads`` (0 = all cores) sizes the TFLite interpreter's thread pool; TensorFlow's pools are set by
-    the caller (:func:`pipeline.stages.extract._configure_threads`) before TensorFlow starts. ``images``, when
+    the caller (:func:`configure_tf_threads`) before TensorFlow starts. ``images``, when
     the caller knows how many images will run, lets ``auto`` skip a first conversion that a job smaller
     than :data:`AUTO_MIN_IMAGES` would not pay back (a model converted earlier is always used).
     """

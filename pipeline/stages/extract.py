@@ -149,17 +149,6 @@ def _cache_lock(final: Path, timeout: float, quiet: bool):
     )
 
 
-def _configure_threads(n: int) -> None:
-    import tensorflow as tf
-
-    n = n or os.cpu_count() or 1
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(n)
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, n))
-    except RuntimeError:
-        pass  # already initialized in this process: keep what it has
-
-
 class _BackgroundWriter:
     """Writes parts on a thread so HDF5/npz I/O overlaps the next forward pass."""
 
@@ -398,18 +387,15 @@ def _run_pending(
             dims = {layer: old.dataset(layer).shape[1] for layer in old.layers}
             return dims, old.meta.get("map_shapes", {}), parts
         return (*_dims_from_parts(parts), parts)
+    if cfg.cluster.address:
+        dims, map_shapes = _run_on_cluster(cfg, ds, final, key, fp, pending, digests, result, bad)
+        return dims, map_shapes, scan_parts(final, fp)
     from pipeline.features.backbones.build import build_feature_model
+    from pipeline.features.engines import configure_tf_threads
 
-    _configure_threads(cfg.extract.threads)
+    configure_tf_threads(cfg.extract.threads)
     fm = build_feature_model(cfg.backbone)
-    manifest = {
-        "fingerprint": fp,
-        "feature_key": key,
-        "backbone": fm.spec.name,
-        "dataset": ds.name,
-        "layers": fm.dims,
-    }
-    writer = PartWriter(final, manifest)
+    writer = PartWriter(final, _part_manifest(fp, key, ds, fm.dims))
     try:
         _run_backbone(fm, ds, pending, digests, cfg, writer, result, bad)
     except KeyboardInterrupt:
@@ -417,6 +403,95 @@ def _run_pending(
             f"interrupted: {writer.rows_written} new rows kept in {writer.dir}; run the same command again to resume"
         ) from None
     return fm.dims, fm.map_shapes, scan_parts(final, fp)
+
+
+def _part_manifest(fp: str, key, ds: Dataset, dims: dict[str, int]) -> dict[str, Any]:
+    return {
+        "fingerprint": fp,
+        "feature_key": key,
+        "backbone": key["backbone"],
+        "dataset": ds.name,
+        "layers": dims,
+    }
+
+
+def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending, digests, result, bad):
+    """``pending`` as deterministic shards on the Dask cluster ``[cluster] address`` names, one task each.
+
+    The driver is the one writer: each shard's features come back and become parts here, as they arrive,
+    exactly like a local run's batches; a rerun after any interruption resumes from those parts. A worker
+    lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
+    """
+    from pipeline.features.shards import ShardSettings, plan_shards, run_shard, shard_dataset, shard_size
+    from pipeline.utils.cluster import cluster_client
+
+    x = cfg.extract
+    with cluster_client(cfg.cluster.address, quiet=not x.progress) as client:
+        from distributed import as_completed
+
+        workers = max(1, sum(client.nthreads().values()))
+        shards = plan_shards(pending, shard_size(len(pending), x.batch_size, workers))
+        settings = ShardSettings.make(
+            cfg.backbone, x.engine, x.threads, x.cache_dir, x.batch_size, x.dtype, len(pending)
+        )
+        futures = [
+            client.submit(run_shard, settings, i, shard_dataset(ds, s), pure=False)
+            for i, s in enumerate(shards)
+        ]
+        progress = _progress(len(pending), x.progress)
+        state: dict[str, Any] = {"writer": None}
+        t0 = time.perf_counter()
+        try:
+            for fut in as_completed(futures):
+                r = _shard_result(fut, cfg)
+                _take_shard(r, shards[r.shard], cfg, ds, fp, key, final, digests, result, bad, state)
+                progress.update(r.size)
+        except KeyboardInterrupt:
+            done = state["writer"].rows_written if state["writer"] else 0
+            raise FeatcacheError(
+                f"interrupted: {done} new rows kept in parts; run the same command again to resume"
+            ) from None
+        finally:
+            progress.close()
+            result.backbone_seconds = time.perf_counter() - t0
+            client.cancel([f for f in futures if not f.done()])
+    return state["dims"], state["map_shapes"]
+
+
+def _shard_result(fut, cfg: Config):
+    """A finished task's result; a task that failed on every worker it tried, or a lost scheduler, is one line."""
+    try:
+        return fut.result()
+    except FeatcacheError:
+        raise
+    except (OSError, TimeoutError) as e:
+        raise FeatcacheError(
+            f"cluster: lost the scheduler at {cfg.cluster.address} ({e}); finished shards are kept, "
+            "run the same command again to resume"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - KilledWorker and the like: one line, the parts stay
+        raise FeatcacheError(f"cluster: an extraction task failed ({type(e).__name__}: {e})") from None
+    finally:
+        fut.release()
+
+
+def _take_shard(r, samples, cfg: Config, ds: Dataset, fp: str, key, final: Path, digests, result, bad, state):
+    """One shard's result into parts (batch-sized, as a local run writes them) and the run's counts."""
+    for pos, reason in r.bad:
+        s = samples[pos]
+        if cfg.data.on_error == "fail":
+            raise FeatcacheError(f"cannot read {s.path or s.key}: {reason}")
+        bad.append((s, digests[s.key][0], reason))
+    if state["writer"] is None:
+        state.update(writer=PartWriter(final, _part_manifest(fp, key, ds, r.dims)), dims=r.dims)
+        state["map_shapes"] = r.map_shapes
+        result.engine = r.engine
+    step = cfg.extract.batch_size
+    for start in range(0, len(r.ids), step):
+        ids = [digests[samples[i].key][0] for i in r.ids[start : start + step]]
+        state["writer"].write(ids, {layer: f[start : start + step] for layer, f in r.features.items()})
+    result.extracted += len(r.ids)
+    result.batches += r.batches
 
 
 def _rows(cfg: Config, ds: Dataset, digests, bad, cached: set, parts, keep_from) -> list[Row]:
@@ -540,19 +615,12 @@ def _augmented_views(
 def _extract_views(cfg: Config, ds: Dataset, final: Path, fp: str, key, todo, spec, result) -> None:
     from pipeline.data.augment import augmentation_layers
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import make_engine
+    from pipeline.features.engines import configure_tf_threads, make_engine
 
-    _configure_threads(cfg.extract.threads)
+    configure_tf_threads(cfg.extract.threads)
     fm = build_feature_model(cfg.backbone)
     layers = augmentation_layers(spec["augment"])
-    manifest = {
-        "fingerprint": fp,
-        "feature_key": key,
-        "backbone": fm.spec.name,
-        "dataset": ds.name,
-        "layers": fm.dims,
-    }
-    writer = PartWriter(final, manifest)
+    writer = PartWriter(final, _part_manifest(fp, key, ds, fm.dims))
     engine = make_engine(fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir)
     samples = [s for _, s, _ in todo]
     data = make_image_dataset(

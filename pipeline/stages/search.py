@@ -468,7 +468,7 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
         out.mkdir(parents=True, exist_ok=True)
         busy = f"{out}: another featcache search is running this search; wait for it or use another space"
         try:
-            with file_lock(out / "search.lock", busy):
+            with file_lock(out / "search.lock", busy), _cluster(cfg) as client:
                 if fresh:
                     for name in (TRIALS_FILE, "leaderboard.csv", "best.toml", "search.json"):
                         (out / name).unlink(missing_ok=True)
@@ -481,6 +481,7 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
                     seed,
                     s.n_jobs,
                     progress,
+                    client,
                 )
                 try:
                     if s.strategy == "halving":
@@ -510,6 +511,15 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
     return run
 
 
+def _cluster(cfg: Config):
+    """A Dask client on ``[cluster] address`` (None for this machine): trials then run on its workers,
+    the features scattered to each once. Trials are seeded, so either way gives the same scores; the
+    journal stays on this machine, so a cluster search resumes like a local one."""
+    from pipeline.utils.cluster import cluster_client
+
+    return cluster_client(cfg.cluster.address, quiet=not cfg.extract.progress)
+
+
 class _Runner:
     """Runs the trials not yet in the journal on worker processes, journaling each as it finishes.
 
@@ -529,8 +539,7 @@ class _Runner:
         seed: int,
         n_jobs: int,
         progress,
-        parallel=None,
-        delayed=None,
+        client=None,
     ):
         self.journal, self.data, self.plan = journal, data, plan
         self.fingerprint, self.cv, self.seed, self.n_jobs = fingerprint, cv, seed, n_jobs
@@ -539,6 +548,7 @@ class _Runner:
         self.times: list[float] = []  # seconds of the trials finished by this call
         self.leader: float | None = None
         self._pool = None
+        self.client = client
 
     def close(self) -> None:
         if self._pool is not None:
@@ -549,9 +559,14 @@ class _Runner:
         from pipeline.utils.workers import Pool, blas_threads, worker_count
 
         if self._pool is None:
-            n = worker_count(self.n_jobs)
             state = (self.data, self.plan, self.seed)
-            self._pool = Pool(n, _worker_init, state, _worker_run, blas_threads(n))
+            if self.client is not None:
+                from pipeline.utils.cluster import ClusterPool
+
+                self._pool = ClusterPool(self.client, _worker_init, state, _worker_run)
+            else:
+                n = worker_count(self.n_jobs)
+                self._pool = Pool(n, _worker_init, state, _worker_run, blas_threads(n))
         return self._pool
 
     def run(self, cands: list[Candidate], fraction: float) -> dict[Candidate, dict[str, Any]]:

@@ -127,6 +127,13 @@ class FinetuneConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where extraction and search run: this process, a local Dask cluster, or an existing scheduler."""
+
+    address: str = ""  # "" = this process | local | local:N | env | tcp://host:8786
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -134,6 +141,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,6 +259,10 @@ def _validate(cfg: Config) -> None:
         raise FeatcacheError(
             f"config: search.cv must be 0 (validation split) or >= 2 folds, got {cfg.search.cv}"
         )
+    if cfg.cluster.address:
+        from pipeline.utils.cluster import parse_address
+
+        parse_address(cfg.cluster.address)  # a malformed address fails now, before any work
     if not cfg.finetune.learning_rate > 0:
         raise FeatcacheError(f"config: finetune.learning_rate must be > 0, got {cfg.finetune.learning_rate}")
 
