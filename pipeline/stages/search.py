@@ -560,12 +560,12 @@ class _Runner:
 
         if self._pool is None:
             state = (self.data, self.plan, self.seed)
+            n = worker_count(self.n_jobs)
             if self.client is not None:
                 from pipeline.utils.cluster import ClusterPool
 
-                self._pool = ClusterPool(self.client, _worker_init, state, _worker_run)
+                self._pool = ClusterPool(self.client, _worker_init, state, _worker_run, blas_threads(n))
             else:
-                n = worker_count(self.n_jobs)
                 self._pool = Pool(n, _worker_init, state, _worker_run, blas_threads(n))
         return self._pool
 

@@ -132,8 +132,8 @@ class ClusterPool:
     per-trial time budget is not enforced here: a runaway trial finishes on its worker.
     """
 
-    def __init__(self, client, init: Callable[[Any], Any], state: Any, run: Callable):
-        self.client, self.init, self.run = client, init, run
+    def __init__(self, client, init: Callable[[Any], Any], state: Any, run: Callable, threads: int):
+        self.client, self.init, self.run, self.threads = client, init, run, threads
         self.token = uuid.uuid4().hex
         self.state = client.scatter(state, broadcast=True)
 
@@ -142,7 +142,14 @@ class ClusterPool:
 
         futures = {
             self.client.submit(
-                _run_on_worker, self.token, self.init, self.state, self.run, before_send(t), pure=False
+                _run_on_worker,
+                self.token,
+                self.init,
+                self.state,
+                self.run,
+                before_send(t),
+                self.threads,
+                pure=False,
             ): t
             for t in tasks
         }
@@ -163,10 +170,15 @@ class ClusterPool:
 _WORKER_STATE: dict[str, Any] = {}  # per worker process: token → the state ``init`` built
 
 
-def _run_on_worker(token: str, init, state, run, task) -> list[Any]:
-    if token not in _WORKER_STATE:
-        _WORKER_STATE.clear()  # one search at a time per worker: drop an earlier search's features
-        _WORKER_STATE[token] = init(state)
-    items: list[Any] = []
-    run(_WORKER_STATE[token], task, items.append)
+def _run_on_worker(token: str, init, state, run, task, threads: int) -> list[Any]:
+    """One task on a Dask worker, with as many BLAS threads as a local search worker would use, so that
+    iterative solvers take the same steps and score the same as on this machine."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(threads):
+        if token not in _WORKER_STATE:
+            _WORKER_STATE.clear()  # one search at a time per worker: drop an earlier search's features
+            _WORKER_STATE[token] = init(state)
+        items: list[Any] = []
+        run(_WORKER_STATE[token], task, items.append)
     return items
