@@ -33,18 +33,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # flag → dotted config key, per command; argparse dest names are derived from the flag
-_EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+
+#: extract's selection flags: which dataset and which features. Every stage takes them; on the later
+#: stages they pick the cache (see pipeline.cache.locate.select_cache: settings given must match, the
+#: rest follows the newest cache).
+SELECTION_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--data": (
         "data.source",
         {
             "metavar": "PATH",
             "help": "folder (one sub-folder per class), .csv of path,label, .npz, or fashion_mnist",
         },
-    ),
-    "--limit": ("data.limit", {"type": int, "metavar": "N", "help": "use a stable subset of N samples"}),
-    "--on-error": (
-        "data.on_error",
-        {"choices": ["skip", "fail"], "help": "unreadable images: skip (quarantine) or fail"},
     ),
     "--backbone": (
         "backbone.name",
@@ -56,13 +55,30 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {
             "action": "append",
             "metavar": "NAME",
-            "help": "cut at this layer (repeatable: several layers in one pass)",
+            "help": "cut at this layer (repeatable: several layers in one pass); later stages: use it",
         },
     ),
     "--pooling": ("backbone.pooling", {"choices": ["avg", "max", "flatten", "none"]}),
     "--image-size": ("backbone.image_size", {"type": int, "metavar": "N"}),
     "--resize": ("backbone.resize", {"choices": ["stretch", "crop", "pad"]}),
     "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+}
+
+#: the later stages' way to name one cache file outright
+CACHE_FLAG: dict[str, tuple[str, dict[str, Any]]] = {
+    "--cache": (
+        "train.cache",
+        {"metavar": "FILE", "help": "cache file (default: the newest cache matching the flags above)"},
+    ),
+}
+
+_EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    **SELECTION_FLAGS,
+    "--limit": ("data.limit", {"type": int, "metavar": "N", "help": "use a stable subset of N samples"}),
+    "--on-error": (
+        "data.on_error",
+        {"choices": ["skip", "fail"], "help": "unreadable images: skip (quarantine) or fail"},
+    ),
     "--batch-size": ("extract.batch_size", {"type": int, "metavar": "N"}),
     "--dtype": ("extract.dtype", {"choices": ["float32", "float16"]}),
     "--compression": ("extract.compression", {"choices": ["none", "gzip", "lzf"]}),
@@ -73,16 +89,16 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _head_help() -> str:
+    from pipeline.utils.config import HEAD_NAMES
+
+    return "classifier head: " + ", ".join(HEAD_NAMES) + " (default logistic)"
+
+
 _TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": (
-        "train.cache",
-        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
-    ),
-    "--layer": ("train.layer", {"metavar": "NAME", "help": "which cached layer to train on"}),
-    "--head": ("train.head", {"metavar": "NAME"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
+    "--head": ("train.head", {"metavar": "NAME", "help": _head_help()}),
 }
 
 
@@ -99,6 +115,8 @@ def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, A
         value = getattr(args, "opt_" + flag[2:].replace("-", "_"), None)
         if value is not None:
             out[key] = value
+    if out.get("backbone.layers") and "--head" in flags:  # train/search: the layer given is the one used
+        out.setdefault("train.layer", out["backbone.layers"][0])
     if args.quiet:
         out["extract.progress"] = False
     out.update(parse_assignments(args.set))  # --set overrides anything, flags included
@@ -109,6 +127,16 @@ def _load(args, flags):
     from pipeline.utils.config import load_config
 
     return load_config(args.config, _overrides(args, flags))
+
+
+def choose_cache(cfg) -> None:
+    """Pin ``cfg`` to the cache the later stages take, and say which one in one line (stderr)."""
+    from pipeline.cache.locate import select_cache
+
+    choice = select_cache(cfg)
+    if choice.note:
+        print(choice.note, file=sys.stderr)
+    cfg.train.cache = str(choice.path)
 
 
 def cmd_extract(args) -> int:
@@ -176,6 +204,7 @@ def cmd_train(args) -> int:
 
     cfg = _load(args, _TRAIN_FLAGS)
     params = _parse_params(args.param)
+    choose_cache(cfg)
     if params:
         cfg.train.params = {**cfg.train.params, **params}
     run = train(cfg)
@@ -184,11 +213,8 @@ def cmd_train(args) -> int:
 
 
 _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": (
-        "train.cache",
-        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
-    ),
-    "--layer": ("train.layer", {"metavar": "NAME", "help": "layer for spaces that do not list layers"}),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
     "--space": (
         "search.space",
         {
@@ -206,9 +232,14 @@ _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "search.cv",
         {"type": int, "metavar": "K", "help": "K-fold CV on train+val (default 0: the val split)"},
     ),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+    "--convertible": (
+        "search.convertible",
+        {
+            "action": "store_const",
+            "const": "true",
+            "help": "only heads finetune/export can convert (no knn, hgb)",
+        },
+    ),
 }
 
 
@@ -216,6 +247,7 @@ def cmd_search(args) -> int:
     from pipeline.stages.search import search
 
     cfg = _load(args, _SEARCH_FLAGS)
+    choose_cache(cfg)
     run = search(cfg, fresh=args.fresh)
     print(run.summary())
     return 0
@@ -241,10 +273,8 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "finetune.augment",
         {"metavar": "LIST", "help": "comma-separated: flip,rotation,zoom,translation,contrast or none"},
     ),
-    "--cache": ("train.cache", {"metavar": "FILE"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
 }
 
 
@@ -252,14 +282,18 @@ def cmd_finetune(args) -> int:
     from pipeline.stages.finetune import finetune
 
     cfg = _load(args, _FINETUNE_FLAGS)
+    if not cfg.finetune.run:
+        choose_cache(cfg)
     print(finetune(cfg).summary())
     return 0
 
 
 def cmd_predict(args) -> int:
     from pipeline.stages.predict import format_csv, format_json, format_table, predict
+    from pipeline.utils.config import load_config
 
-    _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    cfg = load_config(args.config, {"extract.cache_dir": args.cache_dir})
+    _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, cfg=cfg)
     fmt = format_json if args.json else format_csv if args.csv else format_table
     text = fmt(results)
     print(text, end="" if text.endswith("\n") else "\n")
@@ -277,6 +311,8 @@ def cmd_export(args) -> int:
     from pipeline.stages.export import export, format_report
 
     cfg = _load(args, _EXPORT_FLAGS)
+    if not args.run:
+        choose_cache(cfg)
     run = resolve_model_run(cfg, args.run)
     report = export(
         run, args.format, args.out, calibration=args.calibration, progress=not args.quiet and not args.json
@@ -285,12 +321,7 @@ def cmd_export(args) -> int:
     return 0 if report["ok"] else 1
 
 
-_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": ("train.cache", {"metavar": "FILE"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
-}
+_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -354,6 +385,7 @@ def _add_search(sub) -> None:
     p.add_argument(
         "--fresh", action="store_true", help="forget finished trials of this search and start over"
     )
+
     p.set_defaults(func=cmd_search)
 
 
@@ -371,8 +403,13 @@ def _add_predict(sub) -> None:
         "predict", help="top-k classes of images from a run, a fine-tuned or an exported model"
     )
     p.add_argument(
-        "--model", required=True, metavar="RUN_OR_FILE", help="run folder, .keras, saved_model/ or .tflite"
+        "--model",
+        required=True,
+        metavar="RUN_OR_FILE",
+        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite",
     )
+    p.add_argument("--config", metavar="FILE", help="TOML config (where run ids are looked up)")
+    p.add_argument("--cache-dir", metavar="DIR", help="cache folder whose runs/ holds run ids")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--top-k", type=int, default=5, metavar="K")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")

@@ -227,7 +227,10 @@ def test_finetune_resumes_after_sigkill_and_keeps_frozen_weights(stage3):
     from pipeline.utils.runs import verify_run
 
     epochs = 3
-    ov = finetune_overrides(stage3, **{"finetune.unfreeze": "top:3", "finetune.augment": "flip,contrast"})
+    ov = finetune_overrides(
+        stage3,
+        **{"finetune.unfreeze": "top:3", "finetune.augment": "flip,contrast", "finetune.keep_worse": "true"},
+    )
     args = ["finetune", "--quiet", "--epochs", str(epochs)]
     for k, v in ov.items():
         if k != "extract.progress":
