@@ -200,11 +200,11 @@ def cmd_cache_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.stages.train import train
-
     cfg = _load(args, _TRAIN_FLAGS)
     params = _parse_params(args.param)
-    choose_cache(cfg)
+    choose_cache(cfg)  # before the stage's imports: a missing cache or folder answers at once
+    from pipeline.stages.train import train
+
     if params:
         cfg.train.params = {**cfg.train.params, **params}
     run = train(cfg)
@@ -244,10 +244,10 @@ _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def cmd_search(args) -> int:
-    from pipeline.stages.search import search
-
     cfg = _load(args, _SEARCH_FLAGS)
     choose_cache(cfg)
+    from pipeline.stages.search import search
+
     run = search(cfg, fresh=args.fresh)
     print(run.summary())
     return 0
@@ -279,11 +279,11 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def cmd_finetune(args) -> int:
-    from pipeline.stages.finetune import finetune
-
     cfg = _load(args, _FINETUNE_FLAGS)
     if not cfg.finetune.run:
         choose_cache(cfg)
+    from pipeline.stages.finetune import finetune
+
     print(finetune(cfg).summary())
     return 0
 
@@ -308,9 +308,10 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from pipeline.cache.locate import resolve_model_run
-    from pipeline.stages.export import export, format_report
+    from pipeline.stages.export import export, format_report, parse_formats
 
     cfg = _load(args, _EXPORT_FLAGS)
+    parse_formats(args.format)  # an unknown format fails before anything is read
     if not args.run:
         choose_cache(cfg)
     run = resolve_model_run(cfg, args.run)
@@ -456,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="featcache",
         description="Run a frozen pretrained backbone once, cache its features, train heads on the cache.",
     )
+    from pipeline import __version__
+
+    parser.add_argument("--version", action="version", version=f"featcache {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
         add(sub)

@@ -304,8 +304,8 @@ def predict(
         raise FeatcacheError(f"--top-k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise FeatcacheError(f"--batch-size must be >= 1, got {batch_size}")
-    paths = expand_inputs(images)
     check_model_kind(model_path(model, cfg))
+    paths = expand_inputs(images)
     predictor = load_predictor(model, batch_size, cfg)
     ds, samples = _dataset([p.resolve() for p in paths])
     proba, ok, why, sources = predictor.predict(ds, samples)
