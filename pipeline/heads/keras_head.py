@@ -21,9 +21,7 @@ KERAS_HEAD_EXPECTED_FAILURES: dict[str, str] = {
     ),
 }
 
-#: fits of at most this many optimizer steps run eagerly, and predictions on at most this many rows are
-#: one call: tracing a tf.function costs more than it saves on tiny data (same operations, same numbers)
-EAGER_STEPS = 64
+#: predictions on at most this many rows are one call: tracing a predict function costs more than it saves
 EAGER_ROWS = 4096
 
 
@@ -108,7 +106,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             if not ok:
                 raise FeatcacheValueError(f"keras head: invalid {name}={getattr(self, name)!r}")
 
-    def _build(self, n_features: int, n_classes: int, eager: bool = False):
+    def _build(self, n_features: int, n_classes: int):
         import keras
 
         keras.utils.set_random_seed(int(self.random_state))
@@ -136,7 +134,6 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             optimizer=keras.optimizers.Adam(float(self.learning_rate)),
             loss=loss,
             metrics=[metric],
-            run_eagerly=eager,
         )
         return model
 
@@ -182,8 +179,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             vi, ti = perm[:n_val], perm[n_val:]
             val = (X[vi], yi[vi])
             X, yi, w = X[ti], yi[ti], w[ti]
-        steps = int(self.epochs) * -(-len(yi) // int(self.batch_size))
-        self.model_ = self._build(X.shape[1], len(self.classes_), eager=steps <= EAGER_STEPS)
+        self.model_ = self._build(X.shape[1], len(self.classes_))
         history = self.model_.fit(
             X,
             yi.astype(np.float32) if len(self.classes_) == 2 else yi,

@@ -144,7 +144,7 @@ class Space:
 
 def default_space_path() -> Path:
     """The built-in space, shipped inside the package (``pipeline/configs/search_space.toml``)."""
-    p = Path(__file__).resolve().parent / "configs" / "search_space.toml"
+    p = Path(__file__).resolve().parents[1] / "configs" / "search_space.toml"
     if not p.is_file():
         raise FeatcacheError(f"built-in search space {p} not found (a broken install?); pass --space FILE")
     return p
