@@ -125,3 +125,16 @@ def test_errors_about_paths_and_names_answer_before_tensorflow(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, r.stderr)
         assert took < 20, (args, took)  # generous: the point is that nothing heavy loads
+
+
+def test_a_class_too_small_for_its_split_gets_a_note_suggesting_cv():
+    import numpy as np
+
+    from pipeline.data.splits import small_class_note
+
+    labels = np.array([0] * 40 + [1] * 10)
+    split = np.array(([0] * 30 + [1] * 5 + [2] * 5) + ([0] * 8 + [1] * 1 + [2] * 1))
+    note = small_class_note(labels, split, ["pullover", "dress"])
+    assert note and "dress (1 in val)" in note and "dress (1 in test)" in note and "--cv" in note
+    assert "pullover" not in note
+    assert small_class_note(np.repeat([0, 1], 100), np.tile([0] * 80 + [1] * 10 + [2] * 10, 2), "ab") is None
