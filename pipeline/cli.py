@@ -457,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="featcache",
         description="Run a frozen pretrained backbone once, cache its features, train heads on the cache.",
     )
-    from pipeline import __version__
+    from pipeline.utils.version import VERSION
 
-    parser.add_argument("--version", action="version", version=f"featcache {__version__}")
+    parser.add_argument("--version", action="version", version=f"featcache {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
         add(sub)

@@ -257,4 +257,5 @@ def resolve_cache(cfg: Config) -> Path:
 
 def runs_root(cfg: Config, cache_path: Path) -> Path:
     """``train.runs_dir``, else ``runs/`` next to the cache file."""
-    return Path(cfg.train.runs_dir) if cfg.train.runs_dir else Path(cache_path).parent / "runs"
+    root = Path(cfg.train.runs_dir).expanduser() if cfg.train.runs_dir else Path(cache_path).parent / "runs"
+    return root.resolve()  # printed paths are absolute
