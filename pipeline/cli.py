@@ -115,7 +115,7 @@ def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, A
         value = getattr(args, "opt_" + flag[2:].replace("-", "_"), None)
         if value is not None:
             out[key] = value
-    if out.get("backbone.layers") and "--head" in flags:  # train/search: the layer given is the one used
+    if out.get("backbone.layers") and "--cache" in flags:  # later stages: the layer given is the one used
         out.setdefault("train.layer", out["backbone.layers"][0])
     if args.quiet:
         out["extract.progress"] = False
