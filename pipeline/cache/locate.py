@@ -121,7 +121,9 @@ def select_cache(cfg: Config) -> CacheChoice:
     found = []
     for p in sorted(root.glob("*.h5")) if root.is_dir() else []:
         meta = cache_attrs(p)
-        if meta is not None and (dataset is None or meta.get("dataset") == dataset):
+        if meta is None or str(meta.get("source", "")).endswith(("<paths>", "<array>")):
+            continue  # not a finished cache, or FeatureExtractor's own (images, not a dataset)
+        if dataset is None or meta.get("dataset") == dataset:
             found.append((p.stat().st_mtime_ns, p, meta))
     of = f"of dataset {dataset} " if dataset else ""
     if not found:
