@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from pipeline.utils.version import VERSION as __version__  # noqa: F401 - the package version
 
 _LAZY = {
     "Config": "utils.config",

@@ -33,7 +33,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # flag → dotted config key, per command; argparse dest names are derived from the flag
-_EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+
+#: extract's selection flags: which dataset and which features. Every stage takes them; on the later
+#: stages they pick the cache (see pipeline.cache.locate.select_cache: settings given must match, the
+#: rest follows the newest cache).
+SELECTION_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--data": (
         "data.source",
         {
@@ -42,11 +46,6 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             " (shards/train-{0000..0099}.tar or a glob), Parquet (Hugging Face layout: file, glob or folder),"
             " or fashion_mnist; folders, CSVs and shards may be fsspec URLs (s3://, gs://, az://, https://)",
         },
-    ),
-    "--limit": ("data.limit", {"type": int, "metavar": "N", "help": "use a stable subset of N samples"}),
-    "--on-error": (
-        "data.on_error",
-        {"choices": ["skip", "fail"], "help": "unreadable images: skip (quarantine) or fail"},
     ),
     "--backbone": (
         "backbone.name",
@@ -58,13 +57,30 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {
             "action": "append",
             "metavar": "NAME",
-            "help": "cut at this layer (repeatable: several layers in one pass)",
+            "help": "cut at this layer (repeatable: several layers in one pass); later stages: use it",
         },
     ),
     "--pooling": ("backbone.pooling", {"choices": ["avg", "max", "flatten", "none"]}),
     "--image-size": ("backbone.image_size", {"type": int, "metavar": "N"}),
     "--resize": ("backbone.resize", {"choices": ["stretch", "crop", "pad"]}),
     "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+}
+
+#: the later stages' way to name one cache file outright
+CACHE_FLAG: dict[str, tuple[str, dict[str, Any]]] = {
+    "--cache": (
+        "train.cache",
+        {"metavar": "FILE", "help": "cache file (default: the newest cache matching the flags above)"},
+    ),
+}
+
+_EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    **SELECTION_FLAGS,
+    "--limit": ("data.limit", {"type": int, "metavar": "N", "help": "use a stable subset of N samples"}),
+    "--on-error": (
+        "data.on_error",
+        {"choices": ["skip", "fail"], "help": "unreadable images: skip (quarantine) or fail"},
+    ),
     "--batch-size": ("extract.batch_size", {"type": int, "metavar": "N"}),
     "--dtype": ("extract.dtype", {"choices": ["float32", "float16"]}),
     "--compression": ("extract.compression", {"choices": ["none", "gzip", "lzf"]}),
@@ -83,16 +99,16 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _head_help() -> str:
+    from pipeline.utils.config import HEAD_NAMES
+
+    return "classifier head: " + ", ".join(HEAD_NAMES) + " (default logistic)"
+
+
 _TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": (
-        "train.cache",
-        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
-    ),
-    "--layer": ("train.layer", {"metavar": "NAME", "help": "which cached layer to train on"}),
-    "--head": ("train.head", {"metavar": "NAME"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
+    "--head": ("train.head", {"metavar": "NAME", "help": _head_help()}),
 }
 
 
@@ -109,6 +125,8 @@ def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, A
         value = getattr(args, "opt_" + flag[2:].replace("-", "_"), None)
         if value is not None:
             out[key] = value
+    if out.get("backbone.layers") and "--cache" in flags:  # later stages: the layer given is the one used
+        out.setdefault("train.layer", out["backbone.layers"][0])
     if args.quiet:
         out["extract.progress"] = False
     out.update(parse_assignments(args.set))  # --set overrides anything, flags included
@@ -119,6 +137,16 @@ def _load(args, flags):
     from pipeline.utils.config import load_config
 
     return load_config(args.config, _overrides(args, flags))
+
+
+def choose_cache(cfg) -> None:
+    """Pin ``cfg`` to the cache the later stages take, and say which one in one line (stderr)."""
+    from pipeline.cache.locate import select_cache
+
+    choice = select_cache(cfg)
+    if choice.note:
+        print(choice.note, file=sys.stderr)
+    cfg.train.cache = str(choice.path)
 
 
 def cmd_extract(args) -> int:
@@ -182,10 +210,11 @@ def cmd_cache_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.stages.train import train
-
     cfg = _load(args, _TRAIN_FLAGS)
     params = _parse_params(args.param)
+    choose_cache(cfg)  # before the stage's imports: a missing cache or folder answers at once
+    from pipeline.stages.train import train
+
     if params:
         cfg.train.params = {**cfg.train.params, **params}
     run = train(cfg)
@@ -194,11 +223,8 @@ def cmd_train(args) -> int:
 
 
 _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": (
-        "train.cache",
-        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
-    ),
-    "--layer": ("train.layer", {"metavar": "NAME", "help": "layer for spaces that do not list layers"}),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
     "--space": (
         "search.space",
         {
@@ -224,16 +250,22 @@ _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "or a scheduler address like tcp://host:8786; '' = this process",
         },
     ),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+    "--convertible": (
+        "search.convertible",
+        {
+            "action": "store_const",
+            "const": "true",
+            "help": "only heads finetune/export can convert (no knn, hgb)",
+        },
+    ),
 }
 
 
 def cmd_search(args) -> int:
+    cfg = _load(args, _SEARCH_FLAGS)
+    choose_cache(cfg)
     from pipeline.stages.search import search
 
-    cfg = _load(args, _SEARCH_FLAGS)
     run = search(cfg, fresh=args.fresh)
     print(run.summary())
     return 0
@@ -259,6 +291,8 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "finetune.augment",
         {"metavar": "LIST", "help": "comma-separated: flip,rotation,zoom,translation,contrast or none"},
     ),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
     "--tensorboard": (
         "finetune.tensorboard",
         {
@@ -266,36 +300,27 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "help": "write TensorBoard logs to <run>/tensorboard (keras.callbacks.TensorBoard)",
         },
     ),
-    "--cache": ("train.cache", {"metavar": "FILE"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
 }
 
 
 def cmd_finetune(args) -> int:
+    cfg = _load(args, _FINETUNE_FLAGS)
+    if not cfg.finetune.run:
+        choose_cache(cfg)
     from pipeline.stages.finetune import finetune
 
-    cfg = _load(args, _FINETUNE_FLAGS)
     print(finetune(cfg).summary())
     return 0
 
 
-_SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": (
-        "train.cache",
-        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
-    ),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
-}
+_SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
 
 
 def cmd_report(args) -> int:
     from pipeline.stages.report import report
 
     cfg = _load(args, _SELECT_FLAGS)
+    choose_cache(cfg)
     print(report(cfg, out=args.out, run=args.run).summary())
     return 0
 
@@ -305,6 +330,7 @@ def _runs_root(args):
     from pipeline.cache.store import FeatureCache
 
     cfg = _load(args, _SELECT_FLAGS)
+    choose_cache(cfg)
     cache_path = resolve_cache(cfg)
     with FeatureCache(cache_path) as cache:
         return runs_root(cfg, cache_path), cache.fingerprint
@@ -336,8 +362,10 @@ def cmd_runs_show(args) -> int:
 
 def cmd_predict(args) -> int:
     from pipeline.stages.predict import format_csv, format_json, format_table, predict
+    from pipeline.utils.config import load_config
 
-    _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    cfg = load_config(args.config, {"extract.cache_dir": args.cache_dir})
+    _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, cfg=cfg)
     fmt = format_json if args.json else format_csv if args.csv else format_table
     text = fmt(results)
     print(text, end="" if text.endswith("\n") else "\n")
@@ -352,9 +380,12 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from pipeline.cache.locate import resolve_model_run
-    from pipeline.stages.export import export, format_report
+    from pipeline.stages.export import export, format_report, parse_formats
 
     cfg = _load(args, _EXPORT_FLAGS)
+    parse_formats(args.format)  # an unknown format fails before anything is read
+    if not args.run:
+        choose_cache(cfg)
     run = resolve_model_run(cfg, args.run)
     report = export(
         run, args.format, args.out, calibration=args.calibration, progress=not args.quiet and not args.json
@@ -363,24 +394,10 @@ def cmd_export(args) -> int:
     return 0 if report["ok"] else 1
 
 
-_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": ("train.cache", {"metavar": "FILE"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
-}
+_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
 
 
-_AUDIT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": (
-        "train.cache",
-        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
-    ),
-    "--layer": ("train.layer", {"metavar": "NAME", "help": "which cached layer to audit"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
-}
+_AUDIT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
 
 
 def cmd_audit(args) -> int:
@@ -389,6 +406,7 @@ def cmd_audit(args) -> int:
     if args.top < 0:
         raise FeatcacheError(f"--top must be >= 0, got {args.top}")
     cfg = _load(args, _AUDIT_FLAGS)
+    choose_cache(cfg)
     result = audit(
         cfg,
         folds=args.folds,
@@ -462,6 +480,7 @@ def _add_search(sub) -> None:
     p.add_argument(
         "--fresh", action="store_true", help="forget finished trials of this search and start over"
     )
+
     p.set_defaults(func=cmd_search)
 
 
@@ -479,8 +498,13 @@ def _add_predict(sub) -> None:
         "predict", help="top-k classes of images from a run, a fine-tuned or an exported model"
     )
     p.add_argument(
-        "--model", required=True, metavar="RUN_OR_FILE", help="run folder, .keras, saved_model/ or .tflite"
+        "--model",
+        required=True,
+        metavar="RUN_OR_FILE",
+        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite",
     )
+    p.add_argument("--config", metavar="FILE", help="TOML config (where run ids are looked up)")
+    p.add_argument("--cache-dir", metavar="DIR", help="cache folder whose runs/ holds run ids")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--top-k", type=int, default=5, metavar="K")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
@@ -607,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="featcache",
         description="Run a frozen pretrained backbone once, cache its features, train heads on the cache.",
     )
+    from pipeline.utils.version import VERSION
+
+    parser.add_argument("--version", action="version", version=f"featcache {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
         add(sub)

@@ -312,3 +312,15 @@ def test_a_torn_journal_line_is_ignored(tmp_path):
         f.write('{"key": "b", "sco')  # killed mid-write
     append_trial(journal, {"key": "c", "score": 0.5})
     assert set(read_trials(journal)) == {"a", "c"}
+
+
+def test_convertible_search_keeps_to_heads_finetune_can_take():
+    from pipeline.heads.registry import NOT_CONVERTIBLE
+    from pipeline.stages.search import convertible_space, load_space
+
+    space = load_space(None, "top")
+    heads = {e.head for e in space.entries}
+    assert heads & NOT_CONVERTIBLE  # the built-in space has kNN / gradient boosting
+    kept = convertible_space(space)
+    assert {e.head for e in kept.entries} == heads - NOT_CONVERTIBLE
+    assert kept.canonical() != space.canonical()  # a different search: its own folder and trials

@@ -419,6 +419,10 @@ def make_engine(
         return engine
     if name == "auto":
         if images is not None and images < AUTO_MIN_IMAGES and cached_conversion(fm, cache_dir) is None:
+            _note(
+                f"engine auto: using tensorflow ({images} images, under {AUTO_MIN_IMAGES}: converting to"
+                " TFLite would not pay back)"
+            )
             return TensorFlowEngine(fm)
         try:
             engine, meta = load_or_convert(fm, threads, cache_dir, retry_failed=False)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.fingerprint import fingerprint
-from pipeline.cache.locate import resolve_cache_path
+from pipeline.cache.locate import resolve_cache_path, touch_cache
 from pipeline.cache.quarantine import quarantine_path, read_quarantine, write_quarantine
 from pipeline.cache.store import FeatureCache
 from pipeline.cache.write import (
@@ -285,7 +285,9 @@ def extract(
         if rebuild:
             clear_partial(final)
         try:
-            return _update(cfg, ds, final, key, fp, old, result, t_start, keep_missing)
+            done = _update(cfg, ds, final, key, fp, old, result, t_start, keep_missing)
+            touch_cache(final)  # the cache just made is the newest: later stages follow it
+            return done
         finally:
             if old is not None:
                 old.close()

@@ -116,10 +116,10 @@ def _decode_near(path: Path) -> str:
     return "exact"
 
 
-def load_predictor(model: str | Path, batch_size: int = 32) -> Predictor:
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FeatcacheError(f"--model: not found: {model}")
+def load_predictor(model: str | Path, batch_size: int = 32, cfg=None) -> Predictor:
+    """A predictor for a run folder, a run id (under ``cfg``'s runs folder), or an exported model file."""
+    path = model_path(model, cfg)
+    check_model_kind(path)
     if path.is_dir() and (path / "manifest.json").is_file():
         from pipeline.utils.runs import verify_run
 
@@ -127,15 +127,39 @@ def load_predictor(model: str | Path, batch_size: int = 32) -> Predictor:
         if manifest.get("kind") == "finetune":
             return _keras_predictor(path / "model.keras", batch_size, names_from=path / "metrics.json")
         return _stage2_predictor(path, batch_size)
-    if path.is_dir() and (path / "saved_model.pb").is_file():
+    if path.is_dir():
         return _savedmodel_predictor(path, batch_size)
     if path.suffix == ".keras":
         return _keras_predictor(path, batch_size)
-    if path.suffix == ".tflite":
-        return _tflite_predictor(path, batch_size)
+    return _tflite_predictor(path, batch_size)
+
+
+def check_model_kind(path: Path) -> str:
+    """Which kind of model ``path`` is (run | savedmodel | keras | tflite), before anything heavy loads."""
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return "run"
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return "savedmodel"
+    if path.is_file() and path.suffix in (".keras", ".tflite"):
+        return path.suffix[1:]
+    what = "an unfinished run (no manifest.json)" if (path / "metrics.json").is_file() else "not a model"
     raise FeatcacheError(
-        f"--model {model}: expected a run folder, a .keras file, a SavedModel folder or a .tflite file"
+        f"--model {path}: {what}; expected a run folder or id, a .keras file, a SavedModel folder"
+        " or a .tflite file"
     )
+
+
+def model_path(model: str | Path, cfg=None) -> Path:
+    """``--model`` as a path: an existing file or folder, else a run id under the runs folder ``cfg`` names."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.resolve()
+    from pipeline.cache.locate import find_run_id
+
+    found = find_run_id(str(model), cfg) if "/" not in str(model) and "\\" not in str(model) else None
+    if found is None:
+        raise FeatcacheError(f"--model: not found: {model} (neither a file, a folder nor a run id)")
+    return found.resolve()
 
 
 def _batched(ds, samples, p: Predictor, batch_size: int, run):
@@ -289,13 +313,21 @@ def _feature_model(src):
 
 
 def predict(
-    model: str | Path, images: list[str], top_k: int = 5, batch_size: int = 32
+    model: str | Path, images: list[str], top_k: int = 5, batch_size: int = 32, cfg=None
 ) -> tuple[Predictor, list[ImageResult]]:
-    """Top-``top_k`` (class index, name, probability) per image; unreadable images get an ``error``."""
+    """Top-``top_k`` (class index, name, probability) per image; unreadable images get an ``error``.
+
+    ``model`` is a run folder, a run id (looked up under ``cfg``'s runs folder, default ``cache/runs``),
+    a ``.keras`` file, a SavedModel folder or a ``.tflite`` file. Every path is checked before TensorFlow
+    is imported.
+    """
     if top_k < 1:
         raise FeatcacheError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise FeatcacheError(f"--batch-size must be >= 1, got {batch_size}")
+    check_model_kind(model_path(model, cfg))
     paths = expand_inputs(images)
-    predictor = load_predictor(model, batch_size)
+    predictor = load_predictor(model, batch_size, cfg)
     ds, samples = _dataset([p.resolve() for p in paths])
     proba, ok, why, sources = predictor.predict(ds, samples)
     if isinstance(sources, str):

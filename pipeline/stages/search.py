@@ -231,6 +231,19 @@ def load_space(path: str | Path | None, default_layer: str) -> Space:
     return parse_space(raw, str(p), default_layer)
 
 
+def convertible_space(space: Space) -> Space:
+    """``space`` without the heads finetune/export cannot convert (``search --convertible``)."""
+    from pipeline.heads.registry import NOT_CONVERTIBLE, convertible_head
+
+    kept = [e for e in space.entries if convertible_head(e.head)]
+    if not kept:
+        raise FeatcacheError(
+            f"{space.source}: --convertible leaves no head to search ({', '.join(sorted(NOT_CONVERTIBLE))}"
+            " cannot be converted); add a linear, MLP or Keras head to the space"
+        )
+    return Space(kept, space.source)
+
+
 def grid_candidates(space: Space) -> list[Candidate]:
     for e in space.entries:
         for name, v in e.params.items():
@@ -449,6 +462,8 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
     cache_path = resolve_cache(cfg)
     with FeatureCache(cache_path) as cache:
         space = load_space(s.space, cache.layer_name(cfg.train.layer))
+        if s.convertible:
+            space = convertible_space(space)
         for e in space.entries:
             for layer in e.layers:
                 cache.layer_name(layer)  # a layer this cache does not have fails now, not in a worker

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.utils.errors import FeatcacheError
 
@@ -45,6 +45,10 @@ COMPRESSIONS = ("none", "gzip", "lzf")
 
 
 ENGINES = ("auto", "tensorflow", "tflite")
+
+
+#: the heads of :data:`pipeline.heads.registry.HEADS`, named here so a bad name fails before any import
+HEAD_NAMES = ("logistic", "linear_svm", "ridge", "knn", "mlp", "hgb", "keras_linear", "keras_mlp")
 
 
 @dataclass
@@ -110,6 +114,7 @@ class SearchConfig:
     n_trials: int = 100
     n_jobs: int = 1
     cv: int = 0  # 0 = the fixed validation split; k >= 2 = k-fold CV on train+val
+    convertible: bool = False  # only heads that finetune/export can convert (no knn, hgb)
 
 
 @dataclass
@@ -124,6 +129,7 @@ class FinetuneConfig:
         default_factory=lambda: ["flip", "rotation", "zoom", "translation", "contrast"]
     )
     tensorboard: bool = False  # write TensorBoard logs (Keras' callback) to <run>/tensorboard
+    keep_worse: bool = False  # true = keep the best epoch even when it does not beat the model before
 
 
 @dataclass
@@ -142,6 +148,8 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    #: dotted keys the user chose (see :func:`given_keys`); not a field, so never saved or compared
+    given: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,6 +226,8 @@ def _validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise FeatcacheError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
+    if cfg.train.head not in HEAD_NAMES:
+        raise FeatcacheError(f"unknown head {cfg.train.head!r} (known: {', '.join(HEAD_NAMES)})")
     d = cfg.data
     for key in ("val_fraction", "test_fraction"):
         v = getattr(d, key)
@@ -291,9 +301,18 @@ def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
     setattr(sec, name, _coerce(dotted, value, annotation))
 
 
+def given_keys(cfg: Config) -> frozenset[str]:
+    """The dotted keys the user chose: every override (flag, ``--set``, API override), and every key of
+    the config file whose value differs from the default (a copy of ``configs/default.toml`` chooses
+    nothing). Later stages follow the newest cache except where these keys pin it down."""
+    return cfg.given
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults ← TOML file ← overrides (``{"backbone.name": "vgg16", ...}``), validated once at the end."""
     cfg = Config()
+    defaults = Config()
+    given: set[str] = set()
     if path:
         p = Path(path)
         if not p.is_file():
@@ -307,11 +326,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 raise FeatcacheError(f"{p}: top-level key {section!r} must be a [section]")
             for name, value in values.items():
                 _set(cfg, f"{section}.{name}", value, str(p))
+                if getattr(getattr(cfg, section), name) != getattr(getattr(defaults, section), name):
+                    given.add(f"{section}.{name}")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         _set(cfg, dotted, value, "override")
+        given.add(dotted)
     _validate(cfg)
+    cfg.given = frozenset(given)
     return cfg
 
 

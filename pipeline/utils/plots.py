@@ -71,15 +71,20 @@ def plot_split_confusions(
             plot_confusion(run_dir / f"confusion_{split}.png", cm, class_names, label)
 
 
-def plot_learning_curves(path: Path | BinaryIO, history: dict[str, list[float]], title: str) -> None:
+def plot_learning_curves(
+    path: Path | BinaryIO, history: dict[str, list[float]], title: str, epoch0: dict[str, float] | None = None
+) -> None:
+    """Train (and val) loss and accuracy per epoch; ``epoch0`` (the model before any epoch) starts them at 0."""
     plt = _plt()
     metrics = [m for m in ("loss", "accuracy") if m in history]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    start = epoch0 or {}
     for ax, m in zip(axes[0], metrics, strict=True):
-        epochs = range(1, len(history[m]) + 1)
-        ax.plot(epochs, history[m], label="train")
-        if f"val_{m}" in history:
-            ax.plot(epochs, history[f"val_{m}"], label="val")
+        for key, label in ((m, "train"), (f"val_{m}", "val")):
+            if key not in history:
+                continue
+            first = [start[key]] if key in start else []
+            ax.plot(range(1 - len(first), len(history[key]) + 1), first + list(history[key]), label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(m)
         ax.legend()
