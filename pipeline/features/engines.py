@@ -97,9 +97,10 @@ def max_relative_diff(got: np.ndarray, want: np.ndarray) -> float:
 class TensorFlowEngine:
     name = "tensorflow"
 
-    def __init__(self, fm):
+    def __init__(self, fm, why: str = ""):
         import tensorflow as tf
 
+        self.why = why  # why ``auto`` chose TensorFlow, for the run's summary
         self._layers = list(fm.layers)
         self._fn = tf.function(lambda x: fm.model(x, training=False), reduce_retracing=True)
 
@@ -419,11 +420,9 @@ def make_engine(
         return engine
     if name == "auto":
         if images is not None and images < AUTO_MIN_IMAGES and cached_conversion(fm, cache_dir) is None:
-            _note(
-                f"engine auto: using tensorflow ({images} images, under {AUTO_MIN_IMAGES}: converting to"
-                " TFLite would not pay back)"
-            )
-            return TensorFlowEngine(fm)
+            # said in the run's summary, not on stderr: a run that then fails still says one line
+            why = f"auto: {images} images, under {AUTO_MIN_IMAGES}: converting to TFLite would not pay back"
+            return TensorFlowEngine(fm, why)
         try:
             engine, meta = load_or_convert(fm, threads, cache_dir, retry_failed=False)
         except EngineUnavailable as e:

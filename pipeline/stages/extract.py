@@ -55,6 +55,7 @@ class ExtractResult:
     ignored: int = 0  # non-image or hidden files seen while scanning
     batches: int = 0  # backbone forward passes
     engine: str = ""  # which runtime ran the backbone in this run (empty: none ran)
+    engine_why: str = ""  # why ``auto`` chose it, when it says
     seconds: float = 0.0
     backbone_seconds: float = 0.0
     quarantine: Path | None = None
@@ -75,6 +76,7 @@ class ExtractResult:
             lines.append(
                 f"speed: {self.images_per_second:.1f} images/s on {self.engine or '?'} "
                 f"({self.batches} batches, {self.seconds:.1f} s total)"
+                + (f"\n  ({self.engine_why})" if self.engine_why else "")
             )
         else:
             lines.append(f"no backbone work ({self.seconds:.2f} s)")
@@ -198,7 +200,7 @@ def _run_backbone(
     engine = make_engine(
         fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir, images=len(pending)
     )
-    result.engine = engine.name
+    result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
     progress = _progress(len(pending), cfg.extract.progress)
     bg = _BackgroundWriter(writer)
     t0 = time.perf_counter()

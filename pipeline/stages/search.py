@@ -27,15 +27,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.heads.metrics import balanced_accuracy, macro_f1
-from pipeline.utils.config import Config
+from pipeline.utils.config import Config, read_toml
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, atomic_write, file_lock, write_json
 from pipeline.utils.runs import TRIALS_FILE, read_trials
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 
 HALVING_FACTOR = 3
@@ -222,13 +222,7 @@ def parse_space(raw: dict[str, Any], source: str, default_layer: str) -> Space:
 
 def load_space(path: str | Path | None, default_layer: str) -> Space:
     p = Path(path) if path else default_space_path()
-    if not p.is_file():
-        raise FeatcacheError(f"search space not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise FeatcacheError(f"{p}: not valid TOML: {e}") from None
-    return parse_space(raw, str(p), default_layer)
+    return parse_space(read_toml(p, "search space"), str(p), default_layer)
 
 
 def convertible_space(space: Space) -> Space:
@@ -297,6 +291,32 @@ def _subset(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(rows[np.argsort(rank[rows], kind="stable")[:keep]])
 
 
+def _failed(e: Exception, t0: float) -> dict[str, Any]:
+    """A trial's record when its fit raised: the first line of why."""
+    msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    return {
+        "status": "failed",
+        "error": msg if isinstance(e, FeatcacheError) else f"{type(e).__name__}: {msg}",
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _scored(accs, bals, f1s, notes: list[str], t0: float, c0: float) -> dict[str, Any]:
+    """A finished trial's record: fold means (accuracy is the score), time and the solver's warnings."""
+    return {
+        "status": "ok",
+        "score": float(np.mean(accs)),
+        "score_std": float(np.std(accs)) if len(accs) > 1 else 0.0,
+        "balanced_accuracy": float(np.mean(bals)),
+        "macro_f1": float(np.mean(f1s)),
+        "folds": len(accs),
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "pid": os.getpid(),
+        "warning": "; ".join(notes[:3]),
+    }
+
+
 def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> dict[str, Any]:
     """Fit and score one candidate (all folds). Runs in a joblib worker; returns plain data only."""
     from pipeline.heads.fitting import fit_model, predict_rows
@@ -313,24 +333,8 @@ def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> 
             bals.append(balanced_accuracy(pred.y_true, pred.y_pred))
             f1s.append(macro_f1(pred.y_true, pred.y_pred))
     except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        return {
-            "status": "failed",
-            "error": msg if isinstance(e, FeatcacheError) else f"{type(e).__name__}: {msg}",
-            "seconds": time.perf_counter() - t0,
-        }
-    return {
-        "status": "ok",
-        "score": float(np.mean(accs)),
-        "score_std": float(np.std(accs)) if len(accs) > 1 else 0.0,
-        "balanced_accuracy": float(np.mean(bals)),
-        "macro_f1": float(np.mean(f1s)),
-        "folds": len(accs),
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-        "pid": os.getpid(),
-        "warning": "; ".join(notes[:3]),
-    }
+        return _failed(e, t0)
+    return _scored(accs, bals, f1s, notes, t0, c0)
 
 
 def append_trial(path: Path, record: dict[str, Any]) -> None:
@@ -840,24 +844,8 @@ def shared_trial(shared: _Shared, cand: Candidate, fraction: float, leader: floa
                     "pid": os.getpid(),
                 }
     except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        return {
-            "status": "failed",
-            "error": msg if isinstance(e, FeatcacheError) else f"{type(e).__name__}: {msg}",
-            "seconds": time.perf_counter() - t0,
-        }
-    return {
-        "status": "ok",
-        "score": float(np.mean(accs)),
-        "score_std": float(np.std(accs)) if len(accs) > 1 else 0.0,
-        "balanced_accuracy": float(np.mean(bals)),
-        "macro_f1": float(np.mean(f1s)),
-        "folds": len(accs),
-        "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0,
-        "pid": os.getpid(),
-        "warning": "; ".join(notes[:3]),
-    }
+        return _failed(e, t0)
+    return _scored(accs, bals, f1s, notes, t0, c0)
 
 
 def _warning_notes(caught) -> list[str]:

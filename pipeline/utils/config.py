@@ -308,6 +308,16 @@ def given_keys(cfg: Config) -> frozenset[str]:
     return cfg.given
 
 
+def read_toml(p: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table, or one line naming the file: missing, or not valid TOML."""
+    if not p.is_file():
+        raise FeatcacheError(f"{what} not found: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FeatcacheError(f"{p}: not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults ← TOML file ← overrides (``{"backbone.name": "vgg16", ...}``), validated once at the end."""
     cfg = Config()
@@ -315,12 +325,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     given: set[str] = set()
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise FeatcacheError(f"config file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise FeatcacheError(f"{p}: not valid TOML: {e}") from None
+        raw = read_toml(p, "config file")
         for section, values in raw.items():
             if not isinstance(values, dict):
                 raise FeatcacheError(f"{p}: top-level key {section!r} must be a [section]")
