@@ -41,6 +41,7 @@ class ShardSettings:
     cache_dir: str  # where a converted TFLite model is kept (shared with every run on this cache)
     batch_size: int
     dtype: str
+    decode: str = "exact"  # data.decode: how JPEGs are decoded, as in a local run
     # images in the whole job (``auto`` skips a conversion a small job would not repay); not part of the
     # key, so a warm worker keeps its model from one job to the next
     images: int = field(default=0, compare=False)
@@ -55,9 +56,10 @@ class ShardSettings:
         batch_size: int,
         dtype: str,
         images: int,
+        decode: str = "exact",
     ):
         text = json.dumps(dataclasses.asdict(backbone), sort_keys=True)
-        return cls(text, engine, threads, cache_dir, batch_size, dtype, images)
+        return cls(text, engine, threads, cache_dir, batch_size, dtype, decode, images)
 
 
 @dataclass
@@ -122,7 +124,9 @@ def run_shard(settings: ShardSettings, shard: int, ds: Dataset) -> ShardResult:
     fm, engine = _model_and_engine(settings)
     t0 = time.perf_counter()
     dtype = np.dtype(settings.dtype)
-    data = make_image_dataset(ds, ds.samples, fm.image_size, _resize(settings), settings.batch_size)
+    data = make_image_dataset(
+        ds, ds.samples, fm.image_size, _resize(settings), settings.batch_size, decode=settings.decode
+    )
     ids: list[int] = []
     chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in fm.layers}
     bad: list[tuple[int, str]] = []

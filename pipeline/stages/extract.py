@@ -436,7 +436,14 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
         workers = max(1, sum(client.nthreads().values()))
         shards = plan_shards(pending, shard_size(len(pending), x.batch_size, workers))
         settings = ShardSettings.make(
-            cfg.backbone, x.engine, x.threads, x.cache_dir, x.batch_size, x.dtype, len(pending)
+            cfg.backbone,
+            x.engine,
+            x.threads,
+            x.cache_dir,
+            x.batch_size,
+            x.dtype,
+            len(pending),
+            cfg.data.decode,
         )
         futures = [
             client.submit(run_shard, settings, i, shard_dataset(ds, s), pure=False)

@@ -470,6 +470,7 @@ def _thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str,
     """PNG thumbnails of ``keys``, read through the image pipeline extraction used; (pngs, why some lack)."""
     from PIL import Image
 
+    from pipeline.cache.fingerprint import decode_policy
     from pipeline.data.images import image_batches
     from pipeline.model.rebuild import cache_dataset
 
@@ -482,7 +483,8 @@ def _thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str,
     out: dict[str, bytes] = {}
     if samples:
         size, policy = int(meta.get("image_size") or side), str(meta.get("resize") or "stretch")
-        for idx, images, ok, _ in image_batches(ds, samples, size, policy, 16):
+        decode = decode_policy(meta.get("feature_key") or {})  # as the cache's rows were decoded
+        for idx, images, ok, _ in image_batches(ds, samples, size, policy, 16, decode=decode):
             for i, img, good in zip(idx.numpy(), images.numpy(), ok.numpy(), strict=True):
                 if good:
                     im = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
