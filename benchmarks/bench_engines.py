@@ -105,7 +105,7 @@ def _decoded_batches(source: str, limit: int, fm, batches: int) -> list:
 
     ds = load_dataset(DataConfig(source=source, limit=limit))
     samples = ds.samples[: batches * BATCH]
-    data = make_image_dataset(ds, samples, fm.image_size, "stretch", BATCH)
+    data = make_image_dataset(ds, samples, fm.image_size, "stretch", BATCH, decode="dct")
     return [images for _, images, _, _ in data]
 
 
@@ -185,7 +185,7 @@ def _decode(source: str, limit: int, fm) -> dict[str, float]:
     from pipeline.utils.config import DataConfig
 
     ds = load_dataset(DataConfig(source=source, limit=limit))
-    data = make_image_dataset(ds, ds.samples[:512], fm.image_size, "stretch", BATCH)
+    data = make_image_dataset(ds, ds.samples[:512], fm.image_size, "stretch", BATCH, decode="dct")
     it = iter(data)  # kept alive past the timing (its teardown is not what we measure)
     with Meter() as m:
         n = sum(int(images.shape[0]) for _, images, _, _ in it)
@@ -193,7 +193,9 @@ def _decode(source: str, limit: int, fm) -> dict[str, float]:
     return m.result(n)
 
 
-def _extract(source: str, limit: int, engine: str, threads: int, engines_cache: Path) -> dict[str, Any]:
+def _extract(
+    source: str, limit: int, engine: str, threads: int, engines_cache: Path, decode: str = "dct"
+) -> dict[str, Any]:
     from pipeline.stages.extract import extract
 
     with tempfile.TemporaryDirectory(prefix="bench-engines-", dir=OUT) as tmp:
@@ -202,6 +204,7 @@ def _extract(source: str, limit: int, engine: str, threads: int, engines_cache: 
             r = extract(
                 data__source=source,
                 data__limit=limit,
+                data__decode=decode,
                 backbone__name=BACKBONE,
                 extract__cache_dir=tmp,
                 extract__engine=engine,
@@ -345,16 +348,14 @@ def make_large_photos(root: Path, n: int, seed: int = 1) -> Path:
 def bench_large_photos(fm, n: int, threads: int, engines_cache: Path) -> dict[str, Any]:
     """Where extraction's time goes on 12 MP photos: per-photo decode and resize CPU, and ``extract`` itself.
 
-    Also measures libjpeg's DCT-domain downscaling (Pillow's ``draft``) to the smallest scale that keeps
-    both sides ≥ 2× the input size: what it would save, and how far its pixels end up from a full decode
-    after the shared resize. featcache does not use it (it changes pixels); this is the data for deciding.
+    Both decode policies: ``exact`` (full-size decode) and the default ``dct`` (libjpeg's DCT-domain
+    downscaling, Pillow's ``draft``, to the smallest scale keeping both sides ≥ ``DCT_MARGIN`` × the input),
+    and how far the ``dct`` pixels end up from a full decode after the shared resize.
+    ``benchmarks/bench_decode.py`` has the full comparison (features, a linear probe, several sizes).
     """
-    import io
-
     import tensorflow as tf
-    from PIL import Image
 
-    from pipeline.data.decode import decode_image
+    from pipeline.data.decode import decode_image, decode_request
     from pipeline.data.preprocess import resize_images
 
     root = make_large_photos(OUT / f"photos-12mp-{n}", n)
@@ -363,12 +364,7 @@ def bench_large_photos(fm, n: int, threads: int, engines_cache: Path) -> dict[st
     resize = tf.function(
         lambda a: resize_images(a, size), input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)]
     )
-
-    def draft(raw: bytes) -> np.ndarray:
-        im = Image.open(io.BytesIO(raw))
-        im.draft("RGB", (2 * size, 2 * size))
-        return np.asarray(im)
-
+    request = decode_request(size, "dct")
     timings: dict[str, list[float]] = {"decode": [], "resize": [], "draft_decode": [], "draft_resize": []}
     mean_diff, max_diff, draft_shape = [], [], None
     for f in files[:16]:
@@ -378,7 +374,7 @@ def bench_large_photos(fm, n: int, threads: int, engines_cache: Path) -> dict[st
         t1 = time.process_time()
         a = resize(full).numpy()
         t2 = time.process_time()
-        small = draft(raw)
+        small = decode_image(raw, reduce_to=request)
         t3 = time.process_time()
         b = resize(small).numpy()
         t4 = time.process_time()
@@ -387,7 +383,8 @@ def bench_large_photos(fm, n: int, threads: int, engines_cache: Path) -> dict[st
         mean_diff.append(float(np.abs(a - b).mean()))
         max_diff.append(float(np.abs(a - b).max()))
         draft_shape = list(small.shape[:2])
-    run = _extract(str(root), n, "auto", threads, engines_cache)
+    exact = _extract(str(root), n, "auto", threads, engines_cache, decode="exact")
+    dct = _extract(str(root), n, "auto", threads, engines_cache, decode="dct")
     return {
         "images": n,
         "pixels": list(LARGE),
@@ -395,8 +392,9 @@ def bench_large_photos(fm, n: int, threads: int, engines_cache: Path) -> dict[st
         "draft_shape": draft_shape,
         "draft_mean_abs_diff": _median(mean_diff),
         "draft_max_abs_diff": max(max_diff),
-        "extract_auto_images_per_s": run["images_per_s"],
-        "extract_engine": run["used"],
+        "extract_auto_images_per_s": exact["images_per_s"],
+        "extract_dct_images_per_s": dct["images_per_s"],
+        "extract_engine": dct["used"],
     }
 
 
@@ -417,7 +415,7 @@ def bench_precision(fm, limit: int, threads: int, engines_cache: Path) -> dict[s
     i8, meta = load_or_convert(fm, threads, engines_cache.parent, quantize="dynamic-int8", verbose=False)
     ds = load_dataset(DataConfig(source="fashion_mnist", limit=limit))
     labels = np.array([ds.label_index()[s.label] for s in ds.samples])
-    data = make_image_dataset(ds, ds.samples, fm.image_size, "stretch", BATCH)
+    data = make_image_dataset(ds, ds.samples, fm.image_size, "stretch", BATCH, decode="dct")
     feats: dict[str, list] = {"float32": [], "int8": []}
     times = {"float32": 0.0, "int8": 0.0}
     layer = fm.layers[0]
@@ -567,12 +565,13 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             f"12 MP photos ({g['pixels'][0]}×{g['pixels'][1]} JPEG, {g['images']} files): `extract` (auto → "
-            f"{g['extract_engine']}) {g['extract_auto_images_per_s']:.0f} images/s, decode-bound: per photo "
-            f"{ms['decode']:.0f} ms of CPU to decode and {ms['resize']:.0f} ms to resize, against ~5 ms for the "
-            f"backbone. Not used, measured for the decision: libjpeg's DCT downscaling (Pillow `draft`) to "
-            f"{g['draft_shape'][1]}×{g['draft_shape'][0]} would take {ms['draft_decode']:.0f} + "
-            f"{ms['draft_resize']:.1f} ms, with pixels after the shared resize off by {g['draft_mean_abs_diff']:.2f} "
-            f"on average (max {g['draft_max_abs_diff']:.1f}) of 255.",
+            f"{g['extract_engine']}) with `data.decode=exact` {g['extract_auto_images_per_s']:.0f} images/s, "
+            f"decode-bound: per photo {ms['decode']:.0f} ms of CPU to decode and {ms['resize']:.0f} ms to resize, "
+            f"against ~5 ms for the backbone. With the default `data.decode=dct` (libjpeg's DCT downscaling to "
+            f"{g['draft_shape'][1]}×{g['draft_shape'][0]}): {g.get('extract_dct_images_per_s', float('nan')):.0f} "
+            f"images/s, {ms['draft_decode']:.0f} + {ms['draft_resize']:.1f} ms per photo, pixels after the shared "
+            f"resize off by {g['draft_mean_abs_diff']:.2f} on average (max {g['draft_max_abs_diff']:.1f}) of 255 "
+            "(the decode section has features and accuracy).",
         ]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from pipeline.utils.version import VERSION as __version__  # noqa: F401 - the package version
 
 _LAZY = {
     "Config": "utils.config",
@@ -24,6 +24,7 @@ _LAZY = {
     "open_cache": "cache.store",
     "list_caches": "cache.store",
     "load_dataset": "data.sources",
+    "load_images": "data.images",
     "FeatureExtractor": "transformer",
     "build_feature_model": "features.backbones.build",
     "train": "stages.train",
@@ -36,6 +37,11 @@ _LAZY = {
     "finetune": "stages.finetune",
     "predict": "stages.predict",
     "export": "stages.export",
+    "audit": "stages.audit",
+    "AuditResult": "stages.audit",
+    "report": "stages.report",
+    "Report": "stages.report",
+    "list_runs": "utils.runs",
 }
 
 

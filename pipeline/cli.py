@@ -33,18 +33,19 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # flag → dotted config key, per command; argparse dest names are derived from the flag
-_EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+
+#: extract's selection flags: which dataset and which features. Every stage takes them; on the later
+#: stages they pick the cache (see pipeline.cache.locate.select_cache: settings given must match, the
+#: rest follows the newest cache).
+SELECTION_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--data": (
         "data.source",
         {
-            "metavar": "PATH",
-            "help": "folder (one sub-folder per class), .csv of path,label, .npz, or fashion_mnist",
+            "metavar": "PATH|URL",
+            "help": "folder (one sub-folder per class), .csv of path,label, .npz, WebDataset .tar shards"
+            " (shards/train-{0000..0099}.tar or a glob), Parquet (Hugging Face layout: file, glob or folder),"
+            " or fashion_mnist; folders, CSVs and shards may be fsspec URLs (s3://, gs://, az://, https://)",
         },
-    ),
-    "--limit": ("data.limit", {"type": int, "metavar": "N", "help": "use a stable subset of N samples"}),
-    "--on-error": (
-        "data.on_error",
-        {"choices": ["skip", "fail"], "help": "unreadable images: skip (quarantine) or fail"},
     ),
     "--backbone": (
         "backbone.name",
@@ -56,13 +57,30 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {
             "action": "append",
             "metavar": "NAME",
-            "help": "cut at this layer (repeatable: several layers in one pass)",
+            "help": "cut at this layer (repeatable: several layers in one pass); later stages: use it",
         },
     ),
     "--pooling": ("backbone.pooling", {"choices": ["avg", "max", "flatten", "none"]}),
     "--image-size": ("backbone.image_size", {"type": int, "metavar": "N"}),
     "--resize": ("backbone.resize", {"choices": ["stretch", "crop", "pad"]}),
     "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
+}
+
+#: the later stages' way to name one cache file outright
+CACHE_FLAG: dict[str, tuple[str, dict[str, Any]]] = {
+    "--cache": (
+        "train.cache",
+        {"metavar": "FILE", "help": "cache file (default: the newest cache matching the flags above)"},
+    ),
+}
+
+_EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    **SELECTION_FLAGS,
+    "--limit": ("data.limit", {"type": int, "metavar": "N", "help": "use a stable subset of N samples"}),
+    "--on-error": (
+        "data.on_error",
+        {"choices": ["skip", "fail"], "help": "unreadable images: skip (quarantine) or fail"},
+    ),
     "--batch-size": ("extract.batch_size", {"type": int, "metavar": "N"}),
     "--dtype": ("extract.dtype", {"choices": ["float32", "float16"]}),
     "--compression": ("extract.compression", {"choices": ["none", "gzip", "lzf"]}),
@@ -70,19 +88,27 @@ _EXTRACT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "extract.threads",
         {"type": int, "metavar": "N", "help": "CPU threads for the backbone (0 = all cores)"},
     ),
+    "--cluster": (
+        "cluster.address",
+        {
+            "metavar": "ADDRESS",
+            "help": "run on Dask: local (a worker per core), local:N, env (DASK_SCHEDULER_ADDRESS) "
+            "or a scheduler address like tcp://host:8786; '' = this process",
+        },
+    ),
 }
 
 
+def _head_help() -> str:
+    from pipeline.utils.config import HEAD_NAMES
+
+    return "classifier head: " + ", ".join(HEAD_NAMES) + " (default logistic)"
+
+
 _TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": (
-        "train.cache",
-        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
-    ),
-    "--layer": ("train.layer", {"metavar": "NAME", "help": "which cached layer to train on"}),
-    "--head": ("train.head", {"metavar": "NAME"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
+    "--head": ("train.head", {"metavar": "NAME", "help": _head_help()}),
 }
 
 
@@ -99,6 +125,8 @@ def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, A
         value = getattr(args, "opt_" + flag[2:].replace("-", "_"), None)
         if value is not None:
             out[key] = value
+    if out.get("backbone.layers") and "--cache" in flags:  # later stages: the layer given is the one used
+        out.setdefault("train.layer", out["backbone.layers"][0])
     if args.quiet:
         out["extract.progress"] = False
     out.update(parse_assignments(args.set))  # --set overrides anything, flags included
@@ -109,6 +137,16 @@ def _load(args, flags):
     from pipeline.utils.config import load_config
 
     return load_config(args.config, _overrides(args, flags))
+
+
+def choose_cache(cfg) -> None:
+    """Pin ``cfg`` to the cache the later stages take, and say which one in one line (stderr)."""
+    from pipeline.cache.locate import select_cache
+
+    choice = select_cache(cfg)
+    if choice.note:
+        print(choice.note, file=sys.stderr)
+    cfg.train.cache = str(choice.path)
 
 
 def cmd_extract(args) -> int:
@@ -172,10 +210,11 @@ def cmd_cache_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.stages.train import train
-
     cfg = _load(args, _TRAIN_FLAGS)
     params = _parse_params(args.param)
+    choose_cache(cfg)  # before the stage's imports: a missing cache or folder answers at once
+    from pipeline.stages.train import train
+
     if params:
         cfg.train.params = {**cfg.train.params, **params}
     run = train(cfg)
@@ -184,11 +223,8 @@ def cmd_train(args) -> int:
 
 
 _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": (
-        "train.cache",
-        {"metavar": "FILE", "help": "cache file (default: the one the config's extract step makes)"},
-    ),
-    "--layer": ("train.layer", {"metavar": "NAME", "help": "layer for spaces that do not list layers"}),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
     "--space": (
         "search.space",
         {
@@ -206,16 +242,30 @@ _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "search.cv",
         {"type": int, "metavar": "K", "help": "K-fold CV on train+val (default 0: the val split)"},
     ),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+    "--cluster": (
+        "cluster.address",
+        {
+            "metavar": "ADDRESS",
+            "help": "run on Dask: local (a worker per core), local:N, env (DASK_SCHEDULER_ADDRESS) "
+            "or a scheduler address like tcp://host:8786; '' = this process",
+        },
+    ),
+    "--convertible": (
+        "search.convertible",
+        {
+            "action": "store_const",
+            "const": "true",
+            "help": "only heads finetune/export can convert (no knn, hgb)",
+        },
+    ),
 }
 
 
 def cmd_search(args) -> int:
+    cfg = _load(args, _SEARCH_FLAGS)
+    choose_cache(cfg)
     from pipeline.stages.search import search
 
-    cfg = _load(args, _SEARCH_FLAGS)
     run = search(cfg, fresh=args.fresh)
     print(run.summary())
     return 0
@@ -241,25 +291,81 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "finetune.augment",
         {"metavar": "LIST", "help": "comma-separated: flip,rotation,zoom,translation,contrast or none"},
     ),
-    "--cache": ("train.cache", {"metavar": "FILE"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
+    **SELECTION_FLAGS,
+    **CACHE_FLAG,
+    "--tensorboard": (
+        "finetune.tensorboard",
+        {
+            "action": "store_true",
+            "help": "write TensorBoard logs to <run>/tensorboard (keras.callbacks.TensorBoard)",
+        },
+    ),
 }
 
 
 def cmd_finetune(args) -> int:
+    cfg = _load(args, _FINETUNE_FLAGS)
+    if not cfg.finetune.run:
+        choose_cache(cfg)
     from pipeline.stages.finetune import finetune
 
-    cfg = _load(args, _FINETUNE_FLAGS)
     print(finetune(cfg).summary())
+    return 0
+
+
+_SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
+
+
+def cmd_report(args) -> int:
+    from pipeline.stages.report import report
+
+    cfg = _load(args, _SELECT_FLAGS)
+    choose_cache(cfg)
+    print(report(cfg, out=args.out, run=args.run).summary())
+    return 0
+
+
+def _runs_root(args):
+    from pipeline.cache.locate import resolve_cache, runs_root
+    from pipeline.cache.store import FeatureCache
+
+    cfg = _load(args, _SELECT_FLAGS)
+    choose_cache(cfg)
+    cache_path = resolve_cache(cfg)
+    with FeatureCache(cache_path) as cache:
+        return runs_root(cfg, cache_path), cache.fingerprint
+
+
+def cmd_runs_ls(args) -> int:
+    from pipeline.utils.runs import format_runs, list_runs
+
+    root, fingerprint = _runs_root(args)
+    rows = list_runs(root, fingerprint)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    elif not rows:
+        print(f"no runs in {root}: run `featcache train` first")
+    else:
+        print(format_runs(rows))
+    return 0
+
+
+def cmd_runs_show(args) -> int:
+    from pipeline.cache.locate import find_run
+    from pipeline.utils.runs import describe_run, format_run
+
+    root, _ = _runs_root(args)
+    info = describe_run(find_run(root, args.run))
+    print(json.dumps(info, indent=2, default=str) if args.json else format_run(info))
     return 0
 
 
 def cmd_predict(args) -> int:
     from pipeline.stages.predict import format_csv, format_json, format_table, predict
+    from pipeline.utils.config import load_config
 
-    _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    cfg = load_config(args.config, {"extract.cache_dir": args.cache_dir})
+    _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, cfg=cfg)
     fmt = format_json if args.json else format_csv if args.csv else format_table
     text = fmt(results)
     print(text, end="" if text.endswith("\n") else "\n")
@@ -274,9 +380,12 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from pipeline.cache.locate import resolve_model_run
-    from pipeline.stages.export import export, format_report
+    from pipeline.stages.export import export, format_report, parse_formats
 
     cfg = _load(args, _EXPORT_FLAGS)
+    parse_formats(args.format)  # an unknown format fails before anything is read
+    if not args.run:
+        choose_cache(cfg)
     run = resolve_model_run(cfg, args.run)
     report = export(
         run, args.format, args.out, calibration=args.calibration, progress=not args.quiet and not args.json
@@ -285,12 +394,29 @@ def cmd_export(args) -> int:
     return 0 if report["ok"] else 1
 
 
-_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--cache": ("train.cache", {"metavar": "FILE"}),
-    "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),
-    "--data": ("data.source", {"metavar": "PATH"}),
-    "--backbone": ("backbone.name", {"metavar": "NAME"}),
-}
+_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
+
+
+_AUDIT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
+
+
+def cmd_audit(args) -> int:
+    from pipeline.stages.audit import audit
+
+    if args.top < 0:
+        raise FeatcacheError(f"--top must be >= 0, got {args.top}")
+    cfg = _load(args, _AUDIT_FLAGS)
+    choose_cache(cfg)
+    result = audit(
+        cfg,
+        folds=args.folds,
+        threshold=args.threshold,
+        margin=args.margin,
+        exact=args.exact,
+        filter_by=args.filter_by,
+    )
+    print(json.dumps(result.to_json()) if args.json else result.table(args.top))
+    return 0
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -354,6 +480,7 @@ def _add_search(sub) -> None:
     p.add_argument(
         "--fresh", action="store_true", help="forget finished trials of this search and start over"
     )
+
     p.set_defaults(func=cmd_search)
 
 
@@ -371,8 +498,13 @@ def _add_predict(sub) -> None:
         "predict", help="top-k classes of images from a run, a fine-tuned or an exported model"
     )
     p.add_argument(
-        "--model", required=True, metavar="RUN_OR_FILE", help="run folder, .keras, saved_model/ or .tflite"
+        "--model",
+        required=True,
+        metavar="RUN_OR_FILE",
+        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite",
     )
+    p.add_argument("--config", metavar="FILE", help="TOML config (where run ids are looked up)")
+    p.add_argument("--cache-dir", metavar="DIR", help="cache folder whose runs/ holds run ids")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--top-k", type=int, default=5, metavar="K")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
@@ -403,6 +535,83 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_audit(sub) -> None:
+    from pipeline.stages.audit import EXACT, FOLDS, MARGIN, THRESHOLD
+
+    p = sub.add_parser(
+        "audit", help="likely label errors and near-duplicates (within and across splits), from the cache"
+    )
+    _common(p)
+    _add_flags(p, _AUDIT_FLAGS)
+    p.add_argument(
+        "--top", type=int, default=20, metavar="N", help="rows of each list in the table (default 20)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help='print one JSON object: {"label_issues", "near_duplicates"}'
+    )
+    p.add_argument(
+        "--folds", type=int, default=FOLDS, metavar="K", help=f"k-fold over train+val (default {FOLDS})"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=THRESHOLD,
+        metavar="COS",
+        help=f"near-duplicates: mutual nearest neighbours at or above this cosine (default {THRESHOLD})",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=MARGIN,
+        metavar="COS",
+        help=f"...that beat either one's next neighbour by this much (default {MARGIN})",
+    )
+    p.add_argument(
+        "--exact",
+        type=float,
+        default=EXACT,
+        metavar="COS",
+        help=f"near-duplicates: any pair at or above this cosine (default {EXACT})",
+    )
+    p.add_argument(
+        "--filter-by",
+        default="low_self_confidence",
+        choices=["low_self_confidence", "prune_by_noise_rate"],
+        help="confident learning's filter for label issues (default low_self_confidence)",
+    )
+    p.set_defaults(func=cmd_audit)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page: the cache, a leaderboard of every run, the best run in detail",
+    )
+    _common(p)
+    _add_flags(p, _SELECT_FLAGS)
+    p.add_argument(
+        "--out", metavar="FILE", help="where to write it (default: <cache>.report.html beside the cache)"
+    )
+    p.add_argument("--run", metavar="RUN", help="also show this run in detail (id, id prefix or folder)")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_runs(sub) -> None:
+    p = sub.add_parser("runs", help="list the runs, fine-tuned runs and searches of a cache, or show one")
+    rsub = p.add_subparsers(dest="runs_command", metavar="ls|show")
+    q = rsub.add_parser("ls", help="one line a run: id, kind, head, val/test accuracy, created")
+    _common(q)
+    _add_flags(q, _SELECT_FLAGS)
+    q.add_argument("--json", action="store_true", help="print the rows as JSON")
+    q.set_defaults(func=cmd_runs_ls)
+    q = rsub.add_parser("show", help="one run's settings, metrics, per-class scores and files")
+    q.add_argument("run", metavar="RUN", help="run id, a unique prefix of it, or a run folder")
+    _common(q)
+    _add_flags(q, _SELECT_FLAGS)
+    q.add_argument("--json", action="store_true", help="print everything as JSON")
+    q.set_defaults(func=cmd_runs_show)
+
+
 COMMANDS = (
     _add_extract,
     _add_cache,
@@ -411,6 +620,9 @@ COMMANDS = (
     _add_finetune,
     _add_predict,
     _add_export,
+    _add_audit,
+    _add_report,
+    _add_runs,
 )
 
 
@@ -419,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="featcache",
         description="Run a frozen pretrained backbone once, cache its features, train heads on the cache.",
     )
+    from pipeline.utils.version import VERSION
+
+    parser.add_argument("--version", action="version", version=f"featcache {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:
         add(sub)

@@ -17,7 +17,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from pipeline.data.sources import Dataset, Sample, storable_key
 from pipeline.utils.config import load_config
-from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.errors import FeatcacheValueError
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
@@ -39,6 +39,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         batch_size: int = 32,
         engine: str = "auto",
         progress: bool = False,
+        decode: str = "dct",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -50,9 +51,17 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.engine = engine
         self.progress = progress
+        self.decode = decode
 
     def fit(self, X, y=None):
         return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False  # stateless: fit learns nothing, transform works on an unfitted clone
+        tags.input_tags.two_d_array = False  # images: paths or N×H×W[×C] arrays, not feature matrices
+        tags.input_tags.string = True
+        return tags
 
     def _config(self):
         return load_config(
@@ -69,6 +78,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 "extract.engine": self.engine,
                 "extract.progress": self.progress,
                 "data.on_error": "fail",  # a transformer must return one row per input
+                "data.decode": self.decode,  # dct | exact, as ``featcache extract --set data.decode=...``
             },
         )
 
@@ -84,11 +94,22 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             return cache.features(self.layer or None, rows)
 
 
+EXPECTED = "image paths (str or os.PathLike) or an N×H×W[×C] array of pixels"
+
+
 def _as_dataset(X) -> Dataset:
     """Inputs become a one-class dataset keyed by absolute path (files) or by content (arrays)."""
+    if isinstance(X, (str, bytes, os.PathLike)):
+        raise FeatcacheValueError(f"FeatureExtractor: expected a sequence of {EXPECTED}, got one path")
     if isinstance(X, np.ndarray) and X.dtype != object:
-        if X.ndim not in (3, 4):
-            raise FeatcacheError(f"FeatureExtractor: expected N×H×W or N×H×W×C images, got shape {X.shape}")
+        if X.dtype.kind not in "biuf":
+            raise FeatcacheValueError(f"FeatureExtractor: expected {EXPECTED}, got an array of {X.dtype}")
+        if X.ndim not in (3, 4) or (X.ndim == 4 and X.shape[-1] not in (1, 3, 4)):
+            raise FeatcacheValueError(
+                f"FeatureExtractor: expected N×H×W or N×H×W×C images, got shape {X.shape}"
+            )
+        if not np.isfinite(X).all():
+            raise FeatcacheValueError("FeatureExtractor: pixel values must be finite (no NaN or inf)")
         from pipeline.data.sources import digest_bytes
 
         arrays = np.asarray(X)
@@ -99,10 +120,18 @@ def _as_dataset(X) -> Dataset:
             for i, a in enumerate(arrays)
         ]
         return Dataset("transform", "<array>", samples, [""], arrays=arrays)
+    try:
+        items = list(X)
+    except TypeError:
+        raise FeatcacheValueError(f"FeatureExtractor: expected {EXPECTED}, got {type(X).__name__}") from None
     samples = []
-    for p in X:
+    for i, p in enumerate(items):
+        if not isinstance(p, (str, os.PathLike)):
+            raise FeatcacheValueError(
+                f"FeatureExtractor: expected {EXPECTED}; item {i} is {type(p).__name__} ({str(p)[:40]!r})"
+            )
         full = os.path.abspath(os.fspath(p))
         if not Path(full).is_file():
-            raise FeatcacheError(f"FeatureExtractor: image not found: {p}")
+            raise FeatcacheValueError(f"FeatureExtractor: image not found: {p}")
         samples.append(Sample(storable_key(full), "", path=full))
     return Dataset("transform", "<paths>", samples, [""])

@@ -17,6 +17,7 @@ STAGES = {
     "export": "stages.export",
     "finetune": "stages.finetune",
     "rebuild": "model.rebuild",
+    "audit": "stages.audit",
 }
 
 

@@ -30,13 +30,38 @@ def old_tree(tmp_path) -> Path:
     return tmp_path / "v0.1"
 
 
-def test_the_default_configuration_keeps_its_fingerprint():
+def _default_key(**overrides):
+    cfg = load_config(None, overrides)
+    spec = get_spec(cfg.backbone.name)
+    return feature_key(cfg, spec, weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, "cache"))
+
+
+def test_the_default_configuration_keeps_its_fingerprint_under_exact_decoding():
+    """0.1 decoded every JPEG at full size: ``data.decode=exact`` is that, and keeps 0.1's key exactly."""
+    want = json.loads((FIXTURE / "default_fingerprint.json").read_text())
+    key = _default_key(**{"data.decode": "exact"})
+    assert key == want["key"]
+    assert fingerprint(key) == want["fingerprint"]
+
+
+def test_the_new_default_decode_policy_has_its_own_fingerprint():
+    """The default ``data.decode=dct`` changes pixels, so its caches are new files (0.1 caches are
+    re-extracted under the new default, and still found with ``--set data.decode=exact``)."""
+    want = json.loads((FIXTURE / "default_fingerprint.json").read_text())
+    key = _default_key()
+    assert key["decode"] == {"policy": "dct", "margin": 2}
+    assert {k: v for k, v in key.items() if k != "decode"} == want["key"]
+    assert fingerprint(key) != want["fingerprint"]
+
+
+def test_an_array_dataset_keeps_its_0_1_cache_under_the_new_default():
+    """Nothing is decoded for array sources (the Fashion-MNIST demo, ``.npz``): the decode policy stays out of
+    their key, so their 0.1 caches are found without ``data.decode=exact``."""
     want = json.loads((FIXTURE / "default_fingerprint.json").read_text())
     cfg = load_config(None, None)
     spec = get_spec(cfg.backbone.name)
-    key = feature_key(cfg, spec, weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, "cache"))
-    assert key == want["key"]
-    assert fingerprint(key) == want["fingerprint"]
+    digest = weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, "cache")
+    assert fingerprint(feature_key(cfg, spec, digest, decodes=False)) == want["fingerprint"]
 
 
 def test_an_old_cache_is_found_and_reused_not_re_extracted(old_tree):

@@ -227,7 +227,10 @@ def test_finetune_resumes_after_sigkill_and_keeps_frozen_weights(stage3):
     from pipeline.utils.runs import verify_run
 
     epochs = 3
-    ov = finetune_overrides(stage3, **{"finetune.unfreeze": "top:3", "finetune.augment": "flip,contrast"})
+    ov = finetune_overrides(
+        stage3,
+        **{"finetune.unfreeze": "top:3", "finetune.augment": "flip,contrast", "finetune.keep_worse": "true"},
+    )
     args = ["finetune", "--quiet", "--epochs", str(epochs)]
     for k, v in ov.items():
         if k != "extract.progress":
@@ -336,3 +339,47 @@ def test_augmented_views_are_cached_train_rows(stage3, tmp_path):
     assert np.abs(X - views_before).max() <= 1e-5
     run = train(cfg)
     assert run.metrics["cache"]["rows"]["train"] == 2 * n_train
+
+
+def test_finetune_refuses_an_unconvertible_run_naming_the_best_that_can(stage3):
+    from pipeline.stages.finetune import finetune
+
+    knn = _train(stage3, "knn", "standardize")
+    cfg = load_config(None, finetune_overrides(stage3, **{"finetune.run": str(knn)}))
+    before = set((knn.parent / "finetune").glob("*")) if (knn.parent / "finetune").exists() else set()
+    with pytest.raises(
+        FeatcacheError, match=r"head 'knn' cannot be converted.*the best run that can is"
+    ) as e:
+        finetune(cfg)
+    assert "featcache finetune --run " in str(e.value)
+    after = set((knn.parent / "finetune").glob("*")) if (knn.parent / "finetune").exists() else set()
+    assert after == before  # a refused run leaves no folder (and no lock file) behind
+
+
+def test_finetune_keeps_the_model_before_when_no_epoch_beats_it(stage3):
+    """A learning rate far too high on the whole backbone wrecks it in one epoch: the rebuilt model is
+    kept, said in one line, and the learning curves start at epoch 0."""
+    from pipeline.stages.finetune import finetune
+
+    ov = finetune_overrides(
+        stage3,
+        **{
+            "finetune.epochs": "1",
+            "finetune.unfreeze": "all",
+            "finetune.augment": "none",
+            "finetune.learning_rate": "10.0",
+        },
+    )
+    result = finetune(load_config(None, ov))
+    m = result.metrics
+    e0 = m["history_epoch0"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(e0)
+    assert e0["val_accuracy"] == pytest.approx(m["before"]["val"]["accuracy"])
+    epoch1 = m["history"]["val_loss"][0]
+    assert not epoch1 < e0["val_loss"] or m["history"]["val_accuracy"][0] < e0["val_accuracy"]  # worse
+    assert m["kept_before"] and m["fit"]["best_epoch"] is None
+    assert m["val"]["accuracy"] == pytest.approx(m["before"]["val"]["accuracy"])
+    assert m["test"]["accuracy"] == pytest.approx(m["before"]["test"]["accuracy"])
+    notes = [line for line in result.summary().splitlines() if "no epoch beat" in line]
+    assert len(notes) == 1 and "kept that model" in notes[0]
+    assert (result.run_dir / "learning_curves.png").is_file()

@@ -119,7 +119,7 @@ def test_every_head_beats_chance_and_writes_a_complete_run(runs, head):
         assert (run.run_dir / "learning_curves.png").is_file() and (run.run_dir / "head.keras").is_file()
         assert m["history"]["val_loss"], "early stopping watched the val split"
     else:
-        assert (run.run_dir / "model.joblib").is_file()
+        assert (run.run_dir / "model.skops").is_file()
 
 
 def test_probabilities_are_real_or_declared(runs):
@@ -142,15 +142,15 @@ def test_sklearn_run_round_trips_and_refuses_tampering(runs, digits_cache, tmp_p
 
     flipped = tmp_path / "flipped"
     shutil.copytree(run.run_dir, flipped)
-    data = bytearray((flipped / "model.joblib").read_bytes())
+    data = bytearray((flipped / "model.skops").read_bytes())
     data[len(data) // 2] ^= 0x01
-    (flipped / "model.joblib").write_bytes(bytes(data))
-    with pytest.raises(FeatcacheError, match=r"model\.joblib: sha256 differs"):
+    (flipped / "model.skops").write_bytes(bytes(data))
+    with pytest.raises(FeatcacheError, match=r"model\.skops: sha256 differs"):
         load_model(flipped)
 
     truncated = tmp_path / "truncated"
     shutil.copytree(run.run_dir, truncated)
-    with open(truncated / "model.joblib", "r+b") as f:
+    with open(truncated / "model.skops", "r+b") as f:
         f.truncate(100)
     with pytest.raises(FeatcacheError, match="truncated"):
         load_model(truncated)

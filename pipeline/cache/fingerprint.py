@@ -2,7 +2,8 @@
 
 Sample content is keyed separately (one digest per row, see :mod:`pipeline.data.sources`); this module covers
 the extractor side: backbone, the *content* of its weights, layers, pooling, input size, resize policy,
-preprocessing and stored dtype. Anything not listed here cannot change a feature value.
+preprocessing, stored dtype and, unless it is ``exact``, the decode policy (``data.decode``). Anything not
+listed here cannot change a feature value.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.augment import VIEWS_RECIPE
+from pipeline.data.decode import DCT_MARGIN
 from pipeline.features.backbones.registry import BackboneSpec
 from pipeline.utils.config import Config
 from pipeline.utils.errors import FeatcacheError
@@ -66,10 +68,14 @@ def remember_weights_digest(
     atomic_write(path, json.dumps(memo, indent=1, sort_keys=True))
 
 
-def feature_key(cfg: Config, spec: BackboneSpec, digest: str) -> dict[str, Any]:
-    """The fields the fingerprint hashes, kept readable so ``cache info`` can show them."""
+def feature_key(cfg: Config, spec: BackboneSpec, digest: str, *, decodes: bool = True) -> dict[str, Any]:
+    """The fields the fingerprint hashes, kept readable so ``cache info`` can show them.
+
+    ``decodes`` is False for array datasets (``.npz``, the Fashion-MNIST demo): nothing is decoded, so the
+    decode policy cannot change a feature and stays out of their key.
+    """
     b = cfg.backbone
-    return {
+    key = {
         "format": FORMAT_VERSION,
         "backbone": spec.name,
         "weights_digest": digest,
@@ -80,6 +86,17 @@ def feature_key(cfg: Config, spec: BackboneSpec, digest: str) -> dict[str, Any]:
         "preprocess": spec.preprocess,
         "dtype": cfg.extract.dtype,
     }
+    # ``exact`` is how 0.1 decoded, so its key stays the 0.1 key (old caches keep their file names); any
+    # other policy changes pixels and gets its own caches, never mixing rows decoded two ways.
+    if decodes and cfg.data.decode != "exact":
+        key["decode"] = {"policy": cfg.data.decode, "margin": DCT_MARGIN}
+    return key
+
+
+def decode_policy(key: dict[str, Any]) -> str:
+    """The ``data.decode`` a cache's feature key was extracted with (``exact`` when the key has none)."""
+    spec = key.get("decode")
+    return str(spec.get("policy", "exact")) if isinstance(spec, dict) else "exact"
 
 
 def fingerprint(key: dict[str, Any]) -> str:

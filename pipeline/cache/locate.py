@@ -1,7 +1,22 @@
-"""Where things are: the cache a config describes, the runs folder beside it, the run a stage starts from."""
+"""Where things are: the cache a stage works on, the runs folder beside it, the run a stage starts from.
+
+**Which cache** (:func:`select_cache`, used by train, search, finetune, export and every later stage):
+
+1. ``train.cache`` (``--cache FILE``) names the file: that one.
+2. Otherwise the newest complete cache (by modification time; ``extract`` touches the cache it made or
+   found, even when nothing changed) in ``extract.cache_dir`` that agrees with every setting the user
+   *chose* (:func:`pipeline.utils.config.given_keys`): the dataset (``--data``/``data.name``; none named =
+   any dataset), and each of ``--backbone``, ``--weights``, ``--layer``, ``--pooling``, ``--image-size``,
+   ``--resize`` and ``extract.dtype``. Settings left at their defaults do not filter, so the stages follow
+   the cache the user just made; settings given select exactly the caches that have them.
+
+The choice is said in one line (:attr:`CacheChoice.note`), with how to pick another.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,49 +30,203 @@ from pipeline.cache.fingerprint import (
 from pipeline.cache.store import cache_stem
 from pipeline.data.sources import Dataset, load_dataset
 from pipeline.features.backbones.registry import get_spec
-from pipeline.utils.config import Config
+from pipeline.utils.config import Config, given_keys
 from pipeline.utils.errors import FeatcacheError
 
+#: config keys that pick a cache (extract's selection flags), with the cache attribute each one matches
+SELECTION_KEYS = {
+    "backbone.name": "backbone",
+    "backbone.weights": "weights",
+    "backbone.layers": "layers",
+    "backbone.pooling": "pooling",
+    "backbone.image_size": "image_size",
+    "backbone.resize": "resize",
+    "extract.dtype": "dtype",
+}
 
-def latest_model_run(root: Path) -> Path:
-    """The newest finished run under ``root``: fine-tuned (``root/finetune/*``) or stage 2 (``root/*``)."""
-    found = [p.parent for p in root.glob("*/manifest.json")] + [
-        p.parent for p in root.glob("finetune/*/manifest.json")
-    ]
+#: how to pick another cache, said with every automatic choice
+PICK_ANOTHER = "--cache FILE, or --data/--image-size/--weights/--layer/--pooling/--resize to pick another"
+
+
+@dataclass
+class CacheChoice:
+    path: Path
+    note: str = ""  # one line: which cache was taken and how to pick another ("" when --cache named it)
+    meta: dict[str, Any] | None = None
+
+
+def dataset_name(data) -> str:
+    """The name a dataset's caches carry, without listing its files; a missing source is an error."""
+    src = data.source.strip()
+    if data.name:
+        name = data.name
+    elif src in ("fashion_mnist", "fashion-mnist"):
+        return "fashion_mnist"
+    else:
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise FeatcacheError(f"data source not found: {src}")
+        name = p.name if p.is_dir() else p.stem  # as pipeline.data.sources names it
+    return name
+
+
+def cache_attrs(path: Path) -> dict[str, Any] | None:
+    """A complete cache's attributes (no rows read), or None for anything else."""
+    from pipeline.cache.h5 import attr_value, h5py_module
+
+    try:
+        with h5py_module().File(path, "r") as f:
+            if not bool(f.attrs.get("complete", False)):
+                return None
+            return {k: attr_value(v) for k, v in f.attrs.items()}
+    except OSError:
+        return None
+
+
+def _agrees(cfg: Config, key: str, meta: dict[str, Any]) -> bool:
+    section, name = key.split(".")
+    want = getattr(getattr(cfg, section), name)
+    have = meta.get(SELECTION_KEYS[key])
+    if key == "backbone.name":
+        return have == get_spec(want).name
+    if key == "backbone.layers":
+        return set(want) <= set(have or [])
+    if key == "backbone.image_size":
+        return have == (want or get_spec(meta.get("backbone", cfg.backbone.name)).default_size)
+    if key == "backbone.weights" and want not in ("imagenet", "none"):
+        from pipeline.utils.io import sha256_file
+
+        p = Path(want).expanduser()
+        if not p.is_file():
+            raise FeatcacheError(f"--weights: file not found: {want} (use imagenet, none, or a weights file)")
+        return meta.get("weights_digest") == "sha256:" + sha256_file(p)
+    return have == want
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    return f"{meta.get('dataset')}, {meta.get('backbone')}, {meta.get('image_size')} px"
+
+
+def select_cache(cfg: Config) -> CacheChoice:
+    """The cache a later stage works on; see the module docstring for the rule."""
+    if cfg.train.cache:
+        path = Path(cfg.train.cache).expanduser()
+        if not path.is_file():
+            raise FeatcacheError(f"--cache: no cache at {path}: run `featcache extract` first")
+        return CacheChoice(path.resolve())
+    given = given_keys(cfg)
+    dataset = dataset_name(cfg.data) if given & {"data.source", "data.name"} else None
+    keys = [k for k in SELECTION_KEYS if k in given]
+    root = Path(cfg.extract.cache_dir).expanduser()
+    found = []
+    for p in sorted(root.glob("*.h5")) if root.is_dir() else []:
+        meta = cache_attrs(p)
+        if meta is None or str(meta.get("source", "")).endswith(("<paths>", "<array>")):
+            continue  # not a finished cache, or FeatureExtractor's own (images, not a dataset)
+        if dataset is None or meta.get("dataset") == dataset:
+            found.append((p.stat().st_mtime_ns, p, meta))
+    of = f"of dataset {dataset} " if dataset else ""
     if not found:
-        raise FeatcacheError(
-            f"no finished runs in {root}: run `featcache train` (and `featcache finetune`) first"
+        hint = f" --data {cfg.data.source}" if dataset else " --data PATH"
+        raise FeatcacheError(f"no cache {of}in {root.resolve()}: run `featcache extract{hint}` first")
+    matching = [f for f in found if all(_agrees(cfg, k, f[2]) for k in keys)]
+    if not matching:
+        chosen = ", ".join(
+            f"{k.split('.')[1]}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])}" for k in keys
         )
-    return max(found, key=lambda p: (p / "manifest.json").stat().st_mtime_ns)
+        there = "; ".join(sorted({_describe(m) for _, _, m in found}))
+        raise FeatcacheError(
+            f"no cache {of}in {root.resolve()} has {chosen} (there are: {there}): run `featcache extract`"
+            " with the same settings first, or drop them to take the newest"
+        )
+    _, path, meta = max(matching, key=lambda f: (f[0], str(f[1])))
+    which = "newest cache" + (f" of {dataset}" if dataset else " in the cache folder")
+    if keys:
+        which += " with the settings given"
+    note = f"cache: {path.resolve()} ({which}: {_describe(meta)}; {PICK_ANOTHER})"
+    return CacheChoice(path.resolve(), note, meta)
+
+
+def touch_cache(path: Path) -> None:
+    """Mark ``path`` as the cache just made (the newest), even when extraction had nothing to do."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache folder still serves; it just does not become the newest
+
+
+def run_cache_path(run_dir: Path) -> Path | None:
+    """The cache a run was trained on (from its ``metrics.json``), or None when it does not say."""
+    import json
+
+    try:
+        info = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("cache") or {}
+    except (OSError, ValueError):
+        return None
+    return Path(info["path"]).resolve() if isinstance(info, dict) and info.get("path") else None
+
+
+def finished_runs(root: Path, cache: Path | None = None, finetuned: bool = True) -> list[Path]:
+    """Finished runs under ``root`` (stage 2, and ``finetune/*`` when ``finetuned``), newest first;
+    only those trained on ``cache`` when it is given."""
+    found = [p.parent for p in root.glob("*/manifest.json")]
+    if finetuned:
+        found += [p.parent for p in root.glob("finetune/*/manifest.json")]
+    if cache is not None:
+        want = Path(cache).resolve()
+        found = [p for p in found if run_cache_path(p) == want]
+    return sorted(found, key=lambda p: (p / "manifest.json").stat().st_mtime_ns, reverse=True)
+
+
+def latest_model_run(root: Path, cache: Path | None = None) -> Path:
+    """The newest finished run under ``root``: fine-tuned (``root/finetune/*``) or stage 2 (``root/*``)."""
+    found = finished_runs(root, cache)
+    if not found:
+        of = f" of {cache}" if cache is not None else ""
+        raise FeatcacheError(
+            f"no finished runs{of} in {root.resolve()}: run `featcache train` (and `featcache finetune`) first"
+        )
+    return found[0].resolve()
+
+
+def find_run_id(name: str, cfg: Config | None = None) -> Path | None:
+    """The run folder called ``name`` under the runs folder (stage 2 or ``finetune/``), or None."""
+    if cfg is None:
+        from pipeline.utils.config import load_config
+
+        cfg = load_config(None)
+    root = Path(cfg.train.runs_dir) if cfg.train.runs_dir else Path(cfg.extract.cache_dir) / "runs"
+    for cand in (root / name, root / "finetune" / name):
+        if cand.is_dir():
+            return cand
+    return None
 
 
 def resolve_model_run(cfg, name: str | None) -> Path:
     """A run folder, a run id under the runs folder (stage 2 or ``finetune/``), or the newest run."""
 
     if name and Path(name).is_dir():
-        return Path(name)
-    root = Path(cfg.train.runs_dir) if cfg.train.runs_dir else None
-    if root is None:
-        root = runs_root(cfg, resolve_cache(cfg)) if not name else Path(cfg.extract.cache_dir) / "runs"
+        return Path(name).resolve()
     if not name:
-        return latest_model_run(root)
-    for cand in (root / name, root / "finetune" / name):
-        if cand.is_dir():
-            return cand
-    raise FeatcacheError(f"run not found: {name}")
+        cache = resolve_cache(cfg)
+        return latest_model_run(runs_root(cfg, cache), cache)
+    found = find_run_id(name, cfg)
+    if found is None:
+        raise FeatcacheError(f"run not found: {name}")
+    return found.resolve()
 
 
 def resolve_cache_path(cfg: Config, ds: Dataset | None = None) -> tuple[Path, dict[str, Any], Dataset]:
     """Where ``cfg``'s cache lives (building nothing when the weights digest is known without the model)."""
     spec = get_spec(cfg.backbone.name)
-    ds = ds if ds is not None else load_dataset(cfg.data)
+    ds = ds if ds is not None else load_dataset(cfg.data, Path(cfg.extract.cache_dir) / "shards")
     digest = weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, cfg.extract.cache_dir)
     if digest is None:
         from pipeline.features.backbones.build import build_feature_model
 
         digest = build_feature_model(cfg.backbone).weights_digest()
         remember_weights_digest(spec, cfg.backbone.layers, cfg.extract.cache_dir, digest)
-    key = views_key(cfg, feature_key(cfg, spec, digest))  # augment_views > 0 changes the rows
+    key = views_key(cfg, feature_key(cfg, spec, digest, decodes=ds.is_files))  # views change the rows
     return Path(cfg.extract.cache_dir) / (cache_stem(ds.name, spec.name, fingerprint(key)) + ".h5"), key, ds
 
 
@@ -67,27 +236,47 @@ def resolve_source_run(cfg: Config, run: str | None = None) -> Path:
 
     name = run or cfg.finetune.run
     if name:
-        p = Path(name)
+        p = Path(name).expanduser()
         if p.is_dir():
-            return p
-        root = Path(cfg.train.runs_dir) if cfg.train.runs_dir else Path(cfg.extract.cache_dir) / "runs"
-        if (root / name).is_dir():
-            return root / name
-        raise FeatcacheError(f"run not found: {name}")
-    return latest_run(runs_root(cfg, resolve_cache(cfg)))
+            return p.resolve()
+        found = find_run_id(name, cfg)
+        if found is None:
+            raise FeatcacheError(f"run not found: {name}")
+        return found.resolve()
+    cache = resolve_cache(cfg)
+    root = runs_root(cfg, cache)
+    runs = finished_runs(root, cache, finetuned=False)
+    if not runs:
+        latest_run(root)  # no run at all: its message
+        raise FeatcacheError(f"no finished runs of {cache} in {root.resolve()}: run `featcache train` first")
+    return runs[0].resolve()
 
 
 def resolve_cache(cfg: Config) -> Path:
-    """``train.cache`` if set, else the cache that ``[data]`` + ``[backbone]`` describe; it must exist."""
-    if cfg.train.cache:
-        path = Path(cfg.train.cache)
-    else:
-        path = resolve_cache_path(cfg)[0]
-    if not path.is_file():
-        raise FeatcacheError(f"no cache at {path}: run `featcache extract` first")
-    return path
+    """The cache a later stage works on (:func:`select_cache`); it exists."""
+    return select_cache(cfg).path
 
 
 def runs_root(cfg: Config, cache_path: Path) -> Path:
     """``train.runs_dir``, else ``runs/`` next to the cache file."""
-    return Path(cfg.train.runs_dir) if cfg.train.runs_dir else Path(cache_path).parent / "runs"
+    root = Path(cfg.train.runs_dir).expanduser() if cfg.train.runs_dir else Path(cache_path).parent / "runs"
+    return root.resolve()  # printed paths are absolute
+
+
+def find_run(root: Path, name: str) -> Path:
+    """A run, fine-tuned run or search by folder, by id under ``root`` (or ``root/finetune``), or by a unique
+    prefix of its id."""
+    from pipeline.utils.runs import run_folders
+
+    if Path(name).is_dir():
+        return Path(name)
+    for cand in (root / name, root / "finetune" / name):
+        if cand.is_dir():
+            return cand
+    matches = [p for p in run_folders(root) if p.name.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = ", ".join(p.name for p in matches[:4]) + (", ..." if len(matches) > 4 else "")
+        raise FeatcacheError(f"run {name!r} is ambiguous: {len(matches)} runs start with it ({shown})")
+    raise FeatcacheError(f"run not found: {name} (in {root}; `featcache runs ls` lists them)")

@@ -10,7 +10,7 @@ Layout of a complete cache ``<name>.h5`` (readable with plain h5py or ``h5dump``
     /ids                N str                           content digest of the sample
     /sizes, /mtimes     N int64                         file stat, so a rerun need not re-read files
     attrs: format, complete, fingerprint, feature_key, backbone, weights, layers, pooling, image_size,
-           resize, dtype, engine, dataset, source, versions, config, created
+           resize, decode (0.2; absent = exact), dtype, engine, dataset, source, versions, config, created
 
 Writing never touches a complete cache in place. Extracted batches go to ``<name>.partial/part-*.npz``
 (each written to a temp name, then renamed: a part exists whole or not at all), and the complete file is

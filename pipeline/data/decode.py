@@ -17,6 +17,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
+from pipeline.utils.config import DECODE_POLICIES
+
 #: Lower-case suffixes treated as images when scanning folders (anything else is ignored, not decoded).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -35,6 +37,30 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+#: ``data.decode=dct`` decodes a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) whose image is still at least
+#: this many times the backbone input on each side. Chosen by measurement (benchmarks/bench_decode.py).
+DCT_MARGIN = 2
+
+
+#: EXIF orientations that store the image transposed (rotated by 90° or 270°, possibly mirrored).
+_TRANSPOSED = frozenset({5, 6, 7, 8})
+
+
+def decode_request(size: int, policy: str) -> tuple[int, int] | None:
+    """The smallest displayed (width, height) ``policy`` needs for an ``size``×``size`` input; None: full size.
+
+    ``dct`` asks for :data:`DCT_MARGIN` × ``size`` on both sides. One request serves every resize policy:
+    ``stretch`` and ``crop`` need both sides that large, and ``pad`` (which needs only the long side) gets a
+    request at least as strict, so no policy ever upsamples what a full decode would have shrunk.
+    """
+    if policy not in DECODE_POLICIES:
+        raise ValueError(f"unknown decode policy {policy!r}")
+    if policy == "exact":
+        return None
+    side = DCT_MARGIN * int(size)
+    return side, side
 
 
 class DecodeError(Exception):
@@ -100,7 +126,12 @@ def read_bytes(path: str | bytes | os.PathLike) -> bytes:
     return data
 
 
-def decode_image(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    source: str | os.PathLike | bytes,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    reduce_to: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Decode a path or the bytes of an image file into a read-only H×W×3 uint8 RGB array.
 
     ``bytes`` (or bytearray/memoryview) is file *content*; a path is anything else ``open`` accepts
@@ -121,7 +152,13 @@ def decode_image(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIX
     * CMYK JPEGs are inverted only when they carry an Adobe APP14 marker (the Adobe convention Pillow
       assumes for every CMYK JPEG); YCCK is converted by libjpeg. CMYK → RGB is Pillow's naive formula,
       ICC profiles are ignored;
-    * no ``Image.draft``: DCT scaling would change pixels compared to a full decode.
+    * ``reduce_to=None`` (the ``exact`` policy): no ``Image.draft``, every JPEG is decoded at full size;
+    * ``reduce_to=(width, height)`` (see :func:`decode_request`): a JPEG is decoded by libjpeg straight at
+      1/2, 1/4 or 1/8 scale in the DCT domain (``Image.draft``), the smallest scale whose image is still at
+      least ``width``×``height`` *as displayed*, i.e. after EXIF orientation (a photo stored sideways has
+      the request swapped). The scale depends only on the file, so the pixels are as deterministic as a
+      full decode; they differ slightly from it (that is why the policy is in the cache fingerprint).
+      Other formats (PNG, WebP, TIFF, ...) have no DCT scaling and are always decoded at full size.
 
     Raises DecodeError for unreadable/empty files, non-images, truncated or corrupt data and images
     above ``max_pixels`` (checked from the header before any pixel memory is allocated). Pillow's own
@@ -134,17 +171,17 @@ def decode_image(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIX
         if memoryview(source).nbytes == 0:
             raise DecodeError("empty file (0 bytes)")
         with io.BytesIO(source) as fp:
-            return _decode_stream(fp, max_pixels)
+            return _decode_stream(fp, max_pixels, reduce_to)
     try:
         with _open_file(source) as fp:
-            return _decode_stream(fp, max_pixels)
+            return _decode_stream(fp, max_pixels, reduce_to)
     except DecodeError as e:
         if e.path is None:
             e.path = os.fspath(source)
         raise
 
 
-def _decode_stream(fp: BinaryIO, max_pixels: int) -> np.ndarray:
+def _decode_stream(fp: BinaryIO, max_pixels: int, reduce_to: tuple[int, int] | None) -> np.ndarray:
     try:
         im = Image.open(fp)
     except UnidentifiedImageError:
@@ -160,6 +197,8 @@ def _decode_stream(fp: BinaryIO, max_pixels: int) -> np.ndarray:
             raise DecodeError(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise DecodeError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+        if reduce_to is not None and im.format in ("JPEG", "MPO"):
+            _draft(im, reduce_to)
         try:
             im.load()  # first frame only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -175,6 +214,35 @@ def _decode_stream(fp: BinaryIO, max_pixels: int) -> np.ndarray:
             raise DecodeError(f"out of memory decoding a {width}x{height} image") from e
         except Exception as e:  # e.g. LAB/HSV TIFFs Pillow cannot convert
             raise DecodeError(f"unsupported image mode {im.mode!r} ({e})") from e
+
+
+def _draft(im: Image.Image, reduce_to: tuple[int, int]) -> None:
+    """Ask libjpeg for the smallest DCT scale keeping the *displayed* image at least ``reduce_to``.
+
+    Pillow's ``draft`` picks the largest of 1/8, 1/4, 1/2 with ``stored // scale >= request`` on both axes
+    (and does nothing below 2×). The request is in displayed orientation, so for a file stored transposed
+    (EXIF orientation 5–8) it is swapped first; unreadable EXIF means no rotation, as in
+    :func:`_apply_exif_orientation`.
+    """
+    want_w, want_h = (max(1, int(v)) for v in reduce_to)
+    if _orientation(im) in _TRANSPOSED:
+        want_w, want_h = want_h, want_w
+    if im.width >= 2 * want_w and im.height >= 2 * want_h:
+        try:
+            im.draft(None, (want_w, want_h))
+        except MemoryError:
+            raise
+        except Exception:  # an odd file Pillow cannot scale (the same file every time): decode it in full
+            pass
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except MemoryError:
+        raise
+    except Exception:
+        return 1
 
 
 def _apply_exif_orientation(im: Image.Image) -> None:

@@ -25,20 +25,27 @@ def to_rgb(arr: np.ndarray) -> np.ndarray:
     return a
 
 
-def make_image_dataset(ds: Dataset, samples: list[Sample], size: int, policy: str, batch_size: int):
-    """tf.data: parallel decode → the shared resize → batch → prefetch; yields (index, images, ok, why)."""
+def make_image_dataset(
+    ds: Dataset, samples: list[Sample], size: int, policy: str, batch_size: int, *, decode: str
+):
+    """tf.data: parallel decode → the shared resize → batch → prefetch; yields (index, images, ok, why).
+
+    ``decode`` is the ``data.decode`` policy the features are (or were) extracted with: every stage that
+    reads images for a cache or a run passes the cache's own policy, so all of them see the same pixels.
+    """
     import tensorflow as tf
 
-    from pipeline.data.decode import DecodeError, decode_image, os_error_reason
+    from pipeline.data.decode import DecodeError, decode_image, decode_request, os_error_reason
     from pipeline.data.preprocess import resize_images
 
     failed = np.zeros((1, 1, 3), np.uint8)
+    request = decode_request(size, decode)
 
     def load(i):
         s = samples[int(i)]
         try:
             raw = ds.read(s)
-            img = decode_image(raw) if isinstance(raw, bytes) else to_rgb(raw)
+            img = decode_image(raw, reduce_to=request) if isinstance(raw, bytes) else to_rgb(raw)
             return img, True, b""
         except DecodeError as e:
             return failed, False, str(e).encode()
@@ -77,11 +84,30 @@ def samples_for_rows(cache, ds, rows: np.ndarray):
     return np.asarray(kept, np.int64), samples, missing
 
 
-def image_batches(ds, samples, size: int, policy: str, batch_size: int):
-    """tf.data of (index, S×S images, ok, why): :func:`pipeline.data.images.make_image_dataset`, the same pixels
-    extraction fed the backbone."""
+def image_batches(ds, samples, size: int, policy: str, batch_size: int, *, decode: str):
+    """tf.data of (index, S×S images, ok, why): :func:`make_image_dataset`, the same pixels extraction fed
+    the backbone."""
 
-    return make_image_dataset(ds, samples, size, policy, batch_size)
+    return make_image_dataset(ds, samples, size, policy, batch_size, decode=decode)
+
+
+def load_images(images, size: int, resize: str = "stretch", decode: str = "dct") -> np.ndarray:
+    """Image files (paths or their bytes) → N×S×S×3 float32 raw RGB 0..255, exactly what extraction feeds
+    the backbone: the same decoder, ``data.decode`` policy and shared resize.
+
+    The preprocessing helper for exported models: a TFLite export takes these S×S images as they are;
+    pass the ``image_size``, ``resize`` and ``decode`` its ``export.json`` records. Raises
+    :class:`pipeline.data.decode.DecodeError` for a file that cannot be read.
+    """
+    from pipeline.data.decode import decode_image, decode_request
+    from pipeline.data.preprocess import resize_images
+
+    request = decode_request(size, decode)
+    out = np.zeros((len(images), size, size, 3), np.float32)
+    for i, item in enumerate(images):
+        source = bytes(item) if isinstance(item, (bytes, bytearray, memoryview)) else os.fspath(item)
+        out[i] = np.asarray(resize_images(decode_image(source, reduce_to=request), size, resize))
+    return out
 
 
 @dataclass

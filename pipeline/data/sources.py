@@ -1,4 +1,5 @@
-"""Data sources: turn a folder, a CSV, an ``.npz`` or the built-in demo into a list of samples.
+"""Data sources: turn a folder, a CSV, an ``.npz``, WebDataset tar shards, Parquet (Hugging Face layout) or
+the built-in demo, on disk or behind any fsspec URL, into a list of samples.
 
 A source only *lists* samples and reads their raw content; decoding, resizing and the backbone come later.
 Every sample has a stable ``key`` (its path relative to the dataset root, or its row for arrays), a class
@@ -13,12 +14,13 @@ import gzip
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
+from pipeline.data.samples import Dataset, Sample
+from pipeline.data.storage import digest_bytes, expand_braces, filesystem, has_magic, is_url
 from pipeline.utils.config import SPLITS, DataConfig
 from pipeline.utils.errors import FeatcacheError
 
@@ -52,48 +54,9 @@ def fashion_mnist_dirs() -> list[Path]:
     return dirs
 
 
-def digest_bytes(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def storable_key(path: str) -> str:
     """A key that survives HDF5's UTF-8 strings: undecodable file-name bytes become ``\\xNN`` escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace").replace(os.sep, "/")
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str  # stable within the dataset: relative path, or "<part>/<row>" for arrays
-    label: str
-    split: str | None = None  # fixed by the layout: train | val | test | trainval; None = hashed
-    group: str | None = None  # samples of one group always share a split
-    path: str | None = None  # file to read (file sources)
-    index: int = -1  # row in ``Dataset.arrays`` (array sources)
-
-
-@dataclass
-class Dataset:
-    name: str
-    source: str
-    samples: list[Sample]
-    class_names: list[str]
-    arrays: np.ndarray | None = None  # N×H×W[×C] uint8 for array sources
-    ignored: list[str] = field(default_factory=list)  # non-image or hidden files seen while scanning
-
-    @property
-    def is_files(self) -> bool:
-        return self.arrays is None
-
-    def read(self, sample: Sample) -> bytes | np.ndarray:
-        """Raw content: file bytes (decoded later) or a uint8 array."""
-        if self.arrays is not None:
-            return self.arrays[sample.index]
-        from pipeline.data.decode import read_bytes
-
-        return read_bytes(sample.path)
-
-    def label_index(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.class_names)}
 
 
 def _check_classes(name: str, class_names: list[str]) -> None:
@@ -178,7 +141,7 @@ def _csv(path: Path, cfg: DataConfig) -> Dataset:
                     f"{path}:{lineno}: split must be one of {', '.join(SPLITS)}, got {split!r}"
                 )
             group = (row.get("group") or "").strip() or _group_of(rel, pattern)
-            full = rel if os.path.isabs(rel) else str(base / rel)
+            full = rel if os.path.isabs(rel) or is_url(rel) else str(base / rel)
             samples.append(Sample(storable_key(rel), label, split, group, full))
     if not samples:
         raise FeatcacheError(f"{path}: CSV has no rows")
@@ -264,23 +227,63 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
     )
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Resolve ``cfg.source`` to a :class:`Dataset`, with one clear error for anything unusable."""
+__all__ = ["Dataset", "Sample", "digest_bytes", "load_dataset", "storable_key"]
+
+
+def _parquet_folder(fs, path: str) -> bool:
+    """A folder holding ``.parquet`` files (the Hugging Face Hub layout: ``data/*.parquet``, ``<config>/*``)."""
+    try:
+        return any(fs.glob(path.rstrip("/") + "/" + "*/" * depth + "*.parquet") for depth in range(3))
+    except Exception:  # noqa: BLE001 - the listing proper reports the reason
+        return False
+
+
+def _load(src: str, cfg: DataConfig, index_dir) -> Dataset:
+    from pipeline.data.shards import load_shards, shard_kind
+
+    if src.startswith("file://"):
+        src = src[len("file://") :]
+    kind = shard_kind(src)
+    if kind is not None:
+        return load_shards(cfg, kind, index_dir, src)
+    if is_url(src):
+        fs, path = filesystem(src, cfg.storage_options)
+        if not path.lower().endswith(".csv") and _parquet_folder(fs, path):
+            return load_shards(cfg, "parquet", index_dir, src)
+        from pipeline.data.remote import load_remote
+
+        return load_remote(src, cfg)
+    p = Path(src).expanduser()
+    if not p.exists():
+        if has_magic(src) or len(expand_braces(src)) > 1:
+            raise FeatcacheError(
+                f"data source {src}: brace ranges and globs must name .tar or .parquet shards"
+            )
+        raise FeatcacheError(f"data source not found: {src}")
+    if p.is_dir():
+        if any(next(p.glob("*/" * depth + "*.parquet"), None) for depth in range(3)):
+            return load_shards(cfg, "parquet", index_dir, str(p))
+        return _folder(p, cfg)
+    if p.suffix.lower() == ".csv":
+        return _csv(p, cfg)
+    if p.suffix.lower() == ".npz":
+        return _npz(p, cfg)
+    raise FeatcacheError(
+        f"data source {src}: expected a folder, a .csv, a .npz, .tar shards, .parquet or 'fashion_mnist'"
+    )
+
+
+def load_dataset(cfg: DataConfig, index_dir: str | Path | None = None) -> Dataset:
+    """Resolve ``cfg.source`` to a :class:`Dataset`, with one clear error for anything unusable.
+
+    ``index_dir`` is where shard listings are remembered (``<cache_dir>/shards``): with it, an unchanged
+    tar or Parquet shard is not read again to list its samples.
+    """
     src = cfg.source.strip()
     if src in ("fashion_mnist", "fashion-mnist"):
         ds = _fashion_mnist(cfg)
     else:
-        p = Path(src).expanduser()
-        if not p.exists():
-            raise FeatcacheError(f"data source not found: {src}")
-        if p.is_dir():
-            ds = _folder(p, cfg)
-        elif p.suffix.lower() == ".csv":
-            ds = _csv(p, cfg)
-        elif p.suffix.lower() == ".npz":
-            ds = _npz(p, cfg)
-        else:
-            raise FeatcacheError(f"data source {src}: expected a folder, a .csv, a .npz or 'fashion_mnist'")
+        ds = _load(src, cfg, index_dir)
     if cfg.limit and cfg.limit < len(ds.samples):
         # A stable subset: the samples whose key hashes lowest, so raising the limit only adds samples.
         ranked = sorted(ds.samples, key=lambda s: hashlib.blake2b(s.key.encode(), digest_size=8).digest())

@@ -35,3 +35,30 @@ def assign_split(
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+#: a class with fewer rows than this in the val or test split makes that split's per-class numbers noise
+SMALL_SPLIT_ROWS = 5
+
+
+def small_class_note(labels, split, class_names) -> str | None:
+    """One line when a class is too small for its val/test split (splits stay as they are: stable), or None."""
+    import numpy as np
+
+    labels, split = np.asarray(labels), np.asarray(split)
+    small = []
+    for code, name in ((1, "val"), (2, "test")):
+        part = labels[split == code]
+        if not len(part):
+            continue
+        for c, cname in enumerate(class_names):
+            n = int((part == c).sum())
+            if n < SMALL_SPLIT_ROWS and (labels == c).any():
+                small.append(f"{cname} ({n} in {name})")
+    if not small:
+        return None
+    shown = ", ".join(small[:6]) + (f" and {len(small) - 6} more" if len(small) > 6 else "")
+    return (
+        f"classes too small for their split: {shown}; their val/test numbers are noise "
+        "(splits stay stable): `featcache search --cv 5` scores on folds of train+val instead"
+    )

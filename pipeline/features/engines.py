@@ -97,9 +97,10 @@ def max_relative_diff(got: np.ndarray, want: np.ndarray) -> float:
 class TensorFlowEngine:
     name = "tensorflow"
 
-    def __init__(self, fm):
+    def __init__(self, fm, why: str = ""):
         import tensorflow as tf
 
+        self.why = why  # why ``auto`` chose TensorFlow, for the run's summary
         self._layers = list(fm.layers)
         self._fn = tf.function(lambda x: fm.model(x, training=False), reduce_retracing=True)
 
@@ -383,6 +384,20 @@ def cached_conversion(fm, cache_dir: str | Path | None) -> dict | None:
     return meta
 
 
+def configure_tf_threads(n: int) -> None:
+    """TensorFlow's thread pools for this process (0 = all cores); must run before TensorFlow starts."""
+    import os
+
+    import tensorflow as tf
+
+    n = n or os.cpu_count() or 1
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, n))
+    except RuntimeError:
+        pass  # already initialized in this process: keep what it has
+
+
 def make_engine(
     fm,
     name: str = "tensorflow",
@@ -394,7 +409,7 @@ def make_engine(
     """The engine called ``name`` for feature model ``fm``; ``auto`` picks the fastest that works.
 
     ``threads`` (0 = all cores) sizes the TFLite interpreter's thread pool; TensorFlow's pools are set by
-    the caller (the extract stage) before TensorFlow starts. ``images``, when
+    the caller (:func:`configure_tf_threads`) before TensorFlow starts. ``images``, when
     the caller knows how many images will run, lets ``auto`` skip a first conversion that a job smaller
     than :data:`AUTO_MIN_IMAGES` would not pay back (a model converted earlier is always used).
     """
@@ -405,7 +420,9 @@ def make_engine(
         return engine
     if name == "auto":
         if images is not None and images < AUTO_MIN_IMAGES and cached_conversion(fm, cache_dir) is None:
-            return TensorFlowEngine(fm)
+            # said in the run's summary, not on stderr: a run that then fails still says one line
+            why = f"auto: {images} images, under {AUTO_MIN_IMAGES}: converting to TFLite would not pay back"
+            return TensorFlowEngine(fm, why)
         try:
             engine, meta = load_or_convert(fm, threads, cache_dir, retry_failed=False)
         except EngineUnavailable as e:

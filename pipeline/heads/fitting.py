@@ -105,20 +105,44 @@ def _fit_head(head: Head, X, y, fit_kwargs):
         raise FeatcacheError(f"head {head.name!r}: {str(e).splitlines()[0][:300]}") from None
 
 
-def _fit_memory(data: Data, train_rows, val_rows, head: Head, steps, fitted: Fitted) -> None:
+@dataclass
+class Prepared:
+    """Transforms fitted on the fit rows, and the matrices they produce: reusable by every head on that chain."""
+
+    steps: list[tuple[str, Any]]
+    X: np.ndarray
+    y: np.ndarray
+    X_val: np.ndarray | None = None  # early-stopping rows whose class is seen in ``y``
+    y_val: np.ndarray | None = None
+
+
+def prepare(data: Data, train_rows, val_rows, steps) -> Prepared:
+    """Fit ``steps`` (unfitted transforms) on ``train_rows`` and transform them and ``val_rows`` (may be None)."""
     X, y = data.take(train_rows), data.labels[train_rows]
     for _, est in steps:
         X = est.fit_transform(X)
-    kwargs: dict[str, Any] = {}
-    if val_rows is not None and head.val_kwargs is not None:
+    prep = Prepared(steps, X, y)
+    if val_rows is not None:
         val_rows = val_rows[
             np.isin(data.labels[val_rows], y)
         ]  # a class unseen in train cannot steer stopping
         if len(val_rows):
-            kwargs = head.val_kwargs(_apply(steps, data.take(val_rows)), data.labels[val_rows])
+            prep.X_val, prep.y_val = _apply(steps, data.take(val_rows)), data.labels[val_rows]
+    return prep
+
+
+def fit_prepared(head: Head, prep: Prepared) -> None:
+    """Fit ``head`` on prepared rows exactly as an independent in-memory fit would."""
+    kwargs: dict[str, Any] = {}
+    if prep.X_val is not None and head.val_kwargs is not None:
+        kwargs = head.val_kwargs(prep.X_val, prep.y_val)
     if head.class_weight is not None:
-        kwargs["sample_weight"] = _sample_weight(head, np.unique(y), y, y)
-    _fit_head(head, X, y, kwargs)
+        kwargs["sample_weight"] = _sample_weight(head, np.unique(prep.y), prep.y, prep.y)
+    _fit_head(head, prep.X, prep.y, kwargs)
+
+
+def _fit_memory(data: Data, train_rows, val_rows, head: Head, steps, fitted: Fitted) -> None:
+    fit_prepared(head, prepare(data, train_rows, val_rows if head.val_kwargs is not None else None, steps))
 
 
 def _fit_streamed(
@@ -212,3 +236,9 @@ def predict_rows(model, data: Data, rows: np.ndarray, n_classes: int, batch_rows
     full[:, head_classes] = p
     y_pred = head_classes[np.argmax(p, axis=1)] if len(rows) else np.zeros(0, np.int64)
     return Predictions(rows, data.labels[rows], y_pred, full, calibrated)
+
+
+def predict_prepared(estimator, X: np.ndarray) -> np.ndarray:
+    """Predicted class labels of already transformed rows, as :func:`predict_rows` picks them."""
+    p, _ = decision_scores(estimator, X)
+    return np.asarray(estimator.classes_).astype(np.int64)[np.argmax(p, axis=1)]

@@ -159,6 +159,15 @@ HEADS: dict[str, HeadSpec] = {
 }  # fmt: skip
 
 
+#: heads with no exact Keras equivalent: their runs predict, but cannot be fine-tuned or exported
+NOT_CONVERTIBLE = frozenset({"knn", "hgb"})
+
+
+def convertible_head(name: str) -> bool:
+    """Whether ``finetune``/``export`` can turn a run of this head into Keras layers."""
+    return name not in NOT_CONVERTIBLE
+
+
 def get_head_spec(name: str) -> HeadSpec:
     if name not in HEADS:
         raise FeatcacheError(f"unknown head {name!r} (known: {', '.join(HEADS)})")

@@ -65,13 +65,15 @@ class RunSource:
     layer: str
     cache_path: Path | None
     cache_meta: dict[str, Any] = field(default_factory=dict)
+    decode: str = "exact"  # the data.decode policy of the features (caches from before it: exact)
 
 
 def run_source(metrics: dict[str, Any]) -> RunSource:
     """The backbone settings of a run: from its cache when present (exact), else from the run's config,
     accepted only if it reproduces the cache fingerprint the run recorded."""
+    from pipeline.cache.fingerprint import decode_policy
     from pipeline.cache.store import FeatureCache
-    from pipeline.utils.config import BackboneConfig, ExtractConfig
+    from pipeline.utils.config import BackboneConfig, DataConfig, ExtractConfig
 
     info = metrics.get("cache", {})
     path = Path(info.get("path", ""))
@@ -88,18 +90,24 @@ def run_source(metrics: dict[str, Any]) -> RunSource:
                 metrics["layer"],
                 path,
                 meta,
+                decode_policy(meta.get("feature_key") or {}),
             )
     from pipeline.cache.fingerprint import feature_key, fingerprint, weights_digest
     from pipeline.features.backbones.registry import get_spec
 
     conf = metrics.get("config", {})
+    decode = str((conf.get("data") or {}).get("decode", "exact"))  # runs from before data.decode: exact
     cfg = Config(
+        data=DataConfig(decode=decode),
         backbone=BackboneConfig(**known_fields(BackboneConfig, conf.get("backbone", {}))),
         extract=ExtractConfig(**known_fields(ExtractConfig, conf.get("extract", {}))),
     )
     spec = get_spec(cfg.backbone.name)
     digest = weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, cfg.extract.cache_dir)
-    if digest is None or fingerprint(feature_key(cfg, spec, digest)) != info.get("fingerprint"):
+    known = (
+        {fingerprint(feature_key(cfg, spec, digest, decodes=d)) for d in (True, False)} if digest else set()
+    )
+    if info.get("fingerprint") not in known:
         raise FeatcacheError(
             f"the run's cache {path} is gone and its config does not describe the backbone that made its "
             "features; re-extract the cache and train again"
@@ -112,6 +120,7 @@ def run_source(metrics: dict[str, Any]) -> RunSource:
         b.resize,
         metrics["layer"],
         None,
+        decode=decode,
     )
 
 
@@ -137,6 +146,11 @@ class Rebuilt:
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def decode(self) -> str:
+        """The ``data.decode`` policy of the run's features: what every image this model sees is read with."""
+        return self.source.decode
 
 
 def _backbone_cut(source: RunSource):
@@ -237,7 +251,12 @@ def cache_dataset(meta: dict[str, Any]):
     ):
         data["source"] = meta["source"]  # absolute: the cache may be used from another working directory
     data["on_error"] = "skip"
-    return load_dataset(DataConfig(**data))
+    options = data.get("storage_options") or {}
+    # secrets were not stored (redacted): they come from the environment
+    data["storage_options"] = {k: v for k, v in options.items() if v != "***"}
+    cache_dir = Path(((meta.get("config") or {}).get("extract") or {}).get("cache_dir") or "")
+    index = cache_dir / "shards" if str(cache_dir) != "." and cache_dir.is_dir() else None
+    return load_dataset(DataConfig(**data), index)  # unchanged shards are not listed again
 
 
 def equivalence(rebuilt: Rebuilt, split: str = "val", batch_size: int = 32, limit: int = 0) -> dict[str, Any]:
@@ -253,7 +272,9 @@ def equivalence(rebuilt: Rebuilt, split: str = "val", batch_size: int = 32, limi
             rows, samples = rows[:limit], samples[:limit]
         X = c.features(rebuilt.source.layer, rows)
     want, _ = stage2_scores(rebuilt.pipeline, X, rebuilt.n_classes)
-    got, ok = predict_images(rebuilt.model, ds, samples, rebuilt.image_size, rebuilt.resize, batch_size)
+    got, ok = predict_images(
+        rebuilt.model, ds, samples, rebuilt.image_size, rebuilt.resize, batch_size, decode=rebuilt.decode
+    )
     if len(rows) == 0 or not ok.any():
         return {"split": split, "n": 0, "max_abs_diff": None}
     diff = np.abs(got[ok] - want[ok])

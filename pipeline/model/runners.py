@@ -11,15 +11,30 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import pipeline.model.layers  # noqa: F401 - registers the custom layers a featcache .keras file holds
 from pipeline.data.images import image_batches
 from pipeline.data.preprocess import ResizeImages
 from pipeline.utils.errors import FeatcacheError
 
 
-def keras_runner(model):
+class KerasRunner:
+    """``model(x, training=False)`` on numpy batches, compiled once; holds the model itself.
 
-    fn = compiled(model)
-    return lambda x: fn(x).numpy()
+    :func:`compiled` keeps only a weak reference to the model (its per-model cache must not keep models
+    alive), so whoever runs a model must own it: a runner built from a freshly loaded ``.keras`` file would
+    otherwise call a model the garbage collector has already freed.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model  # the strong reference: the model lives as long as the runner
+        self._fn = compiled(model)
+
+    def __call__(self, x) -> np.ndarray:
+        return self._fn(x).numpy()
+
+
+def keras_runner(model) -> KerasRunner:
+    return KerasRunner(model)
 
 
 def savedmodel_runner(path: Path):
@@ -39,17 +54,24 @@ def compiled(model):
     """``model(x, training=False)`` as one tf.function per model (tracing a backbone costs seconds)."""
     fn = _COMPILED.get(model)
     if fn is None:
-        ref = weakref.ref(model)  # the cache must not keep the model alive
-        fn = _COMPILED[model] = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True)
+        ref = weakref.ref(model)  # the cache must not keep the model alive: callers hold it (KerasRunner)
+
+        def call(x):
+            m = ref()
+            if m is None:  # a caller dropped its model and kept the function: a bug, said plainly
+                raise RuntimeError("the Keras model was freed: hold it (KerasRunner) while running it")
+            return m(x, training=False)
+
+        fn = _COMPILED[model] = tf.function(call, reduce_retracing=True)
     return fn
 
 
-def predict_images(model, ds, samples, size: int, policy: str, batch_size: int = 32):
+def predict_images(model, ds, samples, size: int, policy: str, batch_size: int = 32, *, decode: str):
     """Probabilities of ``model`` on ``samples`` (decoded + resized like extraction); (proba, ok mask)."""
     fn = compiled(model)
     n = len(samples)
     out, ok_all = None, np.zeros(n, bool)
-    for idx, images, ok, _ in image_batches(ds, samples, size, policy, batch_size):
+    for idx, images, ok, _ in image_batches(ds, samples, size, policy, batch_size, decode=decode):
         p = fn(images).numpy()
         if out is None:
             out = np.zeros((n, p.shape[1]), np.float64)

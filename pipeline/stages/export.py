@@ -14,8 +14,12 @@ format              file                                         input
 ==================  ===========================================  =============================================
 
 Preprocessing (and, for Keras/SavedModel, the shared resize) is inside every export: they take raw pixels.
-TFLite has no builtin for the antialiased resize, so TFLite files take S×S images: resize with
-:func:`pipeline.data.preprocess.resize_images` first (an S×S image needs nothing: that resize is the identity).
+TFLite has no builtin for the antialiased resize, so TFLite files take S×S images: read files with
+:func:`pipeline.data.images.load_images` (``pipeline.load_images``: the decoder, ``data.decode`` policy and shared
+resize extraction used; ``export.json`` records the ``image_size``, ``resize`` and ``decode`` to pass), or resize
+arrays with :func:`pipeline.data.preprocess.resize_images` (an S×S image needs nothing: that resize is the identity).
+The Keras and SavedModel files resize inside but take pixels, not files: to give them the pixels the run's
+features came from, read files with ``load_images`` too (an S×S image goes through their resize unchanged).
 
 Every export is checked twice: its outputs against the Keras model's on sample images (max |Δ probability|),
 and its accuracy on the whole validation split next to the Keras model's. :data:`TOLERANCES` says what
@@ -95,6 +99,7 @@ class Exportable:
     image_size: int
     resize: str
     cache_path: Path | None
+    decode: str = "exact"  # the data.decode policy of the run's features (runs from before it: exact)
 
 
 def load_exportable(run_dir: str | Path) -> Exportable:
@@ -112,6 +117,7 @@ def load_exportable(run_dir: str | Path) -> Exportable:
         return Exportable(
             model, model.get_layer("core"), run_dir, "finetune", metrics, list(metrics["class_names"]),
             int(metrics["image_size"]), str(metrics["resize"]), cache if cache.is_file() else None,
+            str(metrics.get("decode", "exact")),
         )  # fmt: skip
     rb = rebuild(run_dir)
     src = run_source(metrics)
@@ -125,6 +131,7 @@ def load_exportable(run_dir: str | Path) -> Exportable:
         rb.image_size,
         rb.resize,
         src.cache_path,
+        rb.decode,
     )
 
 
@@ -144,13 +151,15 @@ def tflite_convert(core, image_size: int, mode: str, representative=None) -> byt
         raise FeatcacheError(f"TFLite conversion ({mode}) failed: {str(e).splitlines()[0][:300]}") from None
 
 
-def _images(ds, samples, size: int, policy: str, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def _images(
+    ds, samples, size: int, policy: str, batch_size: int = 32, *, decode: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Decoded + shared-resized S×S images (as extraction made them) and which ones could be read."""
     from pipeline.data.images import image_batches
 
     imgs = np.zeros((len(samples), size, size, 3), np.float32)
     ok_all = np.zeros(len(samples), bool)
-    for idx, x, ok, _ in image_batches(ds, samples, size, policy, batch_size):
+    for idx, x, ok, _ in image_batches(ds, samples, size, policy, batch_size, decode=decode):
         imgs[idx.numpy()] = x.numpy()
         ok_all[idx.numpy()] = np.reshape(ok.numpy(), -1)
     return imgs, ok_all
@@ -210,6 +219,7 @@ def export(
         "class_names": src.class_names,
         "image_size": src.image_size,
         "resize": src.resize,
+        "decode": src.decode,
         "eval_split": ev.split,
         "eval_images": int(len(ev.images)),
         "sample_images": int(len(ev.sample)),
@@ -243,12 +253,12 @@ def _evaluation(src: Exportable, say) -> _Evaluation:
         train = split_images(cache, ds, "train")
     part, split = (val, "val") if len(val.rows) else (train, "train")
     say(f"reading {len(part.samples)} {split} images ...")
-    images, ok = _images(ds, part.samples, src.image_size, src.resize)
+    images, ok = _images(ds, part.samples, src.image_size, src.resize, decode=src.decode)
     from pipeline.model.runners import keras_runner
 
     keras_run = keras_runner(src.model)
     acc, proba = _accuracy(keras_run, images[ok], part.labels[ok])
-    raw = _raw_images(ds, part.samples[:3])
+    raw = _raw_images(ds, part.samples[:3], src.image_size, src.decode)
     return _Evaluation(ds, train, split, images[ok], part.labels[ok], raw, keras_run, acc, proba)
 
 
@@ -268,7 +278,7 @@ def _write_format(fmt: str, src: Exportable, path: Path, ev: _Evaluation, calibr
     mode = {"tflite": "float", "tflite-dynamic": "dynamic", "tflite-int8": "int8"}[fmt]
     rep = None
     if mode == "int8":
-        rep = _representative(ev.ds, ev.train, src.image_size, src.resize, calibration, rng)
+        rep = _representative(ev.ds, ev.train, src, calibration, rng)
     atomic_write(path, tflite_convert(src.core, src.image_size, mode, rep))
     return TFLiteRunner(path), None
 
@@ -283,7 +293,7 @@ def _check(fmt: str, path: Path, run, raw_diff, ev: _Evaluation, S: int) -> dict
         "bytes": _size(path),
         "input": "N×H×W×3 float32 raw RGB 0..255, any size"
         if fmt in ("keras", "savedmodel")
-        else f"N×{S}×{S}×3 float32 raw RGB 0..255 (resize with pipeline.data.preprocess.resize_images first)",
+        else f"N×{S}×{S}×3 float32 raw RGB 0..255 (read files with pipeline.load_images, see export.json)",
         "max_abs_diff": diff,
         "max_abs_diff_raw_size": raw_diff,
         "accuracy": acc,
@@ -305,27 +315,30 @@ def _passes(fmt: str, e: dict[str, Any], n: int) -> bool:
     return -e["accuracy_delta"] <= allowed
 
 
-def _raw_images(ds, samples) -> list[np.ndarray]:
-    """A few images at their own size (decoded exactly as extraction decodes them)."""
-    from pipeline.data.decode import decode_image
+def _raw_images(ds, samples, size: int, decode: str) -> list[np.ndarray]:
+    """A few images at their decoded size (decoded as extraction decodes them: same ``data.decode`` policy)."""
+    from pipeline.data.decode import decode_image, decode_request
     from pipeline.data.images import to_rgb
 
+    request = decode_request(size, decode)
     out = []
     for s in samples:
         with contextlib.suppress(Exception):
             raw = ds.read(s)
-            out.append(np.asarray(decode_image(raw) if isinstance(raw, bytes) else to_rgb(raw), np.float32))
+            img = decode_image(raw, reduce_to=request) if isinstance(raw, bytes) else to_rgb(raw)
+            out.append(np.asarray(img, np.float32))
     return out
 
 
-def _representative(ds, train, S: int, policy: str, n: int, rng):
+def _representative(ds, train, src: Exportable, n: int, rng):
     """Calibration for full int8: ``n`` decoded training images drawn at random from the cache's train rows."""
     pick = (
         rng.choice(len(train.samples), size=min(n, len(train.samples)), replace=False)
         if len(train.samples)
         else []
     )
-    images, ok = _images(ds, [train.samples[int(i)] for i in pick], S, policy)
+    chosen = [train.samples[int(i)] for i in pick]
+    images, ok = _images(ds, chosen, src.image_size, src.resize, decode=src.decode)
     images = images[ok]
     if not len(images):
         raise FeatcacheError("tflite-int8: no readable training images to calibrate on")
@@ -345,7 +358,8 @@ def _size(path: Path) -> int:
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [
-        f"exported {report['run']} ({report['run_kind']}) · input {report['image_size']} px, resize {report['resize']}",
+        f"exported {report['run']} ({report['run_kind']}) · input {report['image_size']} px, resize {report['resize']}"
+        f", decode {report.get('decode', 'exact')}",
         f"checked on {report['sample_images']} sample images and {report['eval_images']} {report['eval_split']} images"
         f" (Keras accuracy {_pct(report['keras_accuracy'])})",
         "",

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.fingerprint import fingerprint
-from pipeline.cache.locate import resolve_cache_path
+from pipeline.cache.locate import resolve_cache_path, touch_cache
 from pipeline.cache.quarantine import quarantine_path, read_quarantine, write_quarantine
 from pipeline.cache.store import FeatureCache
 from pipeline.cache.write import (
@@ -37,6 +37,7 @@ from pipeline.data.augment import VIEW_SUFFIX
 from pipeline.data.images import make_image_dataset
 from pipeline.data.sources import Dataset, Sample, digest_bytes
 from pipeline.data.splits import SPLIT_CODES, assign_split
+from pipeline.data.storage import is_url, redact_options
 from pipeline.features.backbones.registry import get_spec
 from pipeline.utils.config import Config, load_config
 from pipeline.utils.errors import FeatcacheError
@@ -54,6 +55,7 @@ class ExtractResult:
     ignored: int = 0  # non-image or hidden files seen while scanning
     batches: int = 0  # backbone forward passes
     engine: str = ""  # which runtime ran the backbone in this run (empty: none ran)
+    engine_why: str = ""  # why ``auto`` chose it, when it says
     seconds: float = 0.0
     backbone_seconds: float = 0.0
     quarantine: Path | None = None
@@ -74,6 +76,7 @@ class ExtractResult:
             lines.append(
                 f"speed: {self.images_per_second:.1f} images/s on {self.engine or '?'} "
                 f"({self.batches} batches, {self.seconds:.1f} s total)"
+                + (f"\n  ({self.engine_why})" if self.engine_why else "")
             )
         else:
             lines.append(f"no backbone work ({self.seconds:.2f} s)")
@@ -82,35 +85,46 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def _stat(path: str | None) -> tuple[int, int]:
-    if path is None:
+def _where(s: Sample) -> str:
+    """How an error names a sample: its file, or its key when it lives inside a shard or an array."""
+    return s.key if (s.member or s.index >= 0 or s.digest or not s.label) else (s.path or s.key)
+
+
+def _stat(s: Sample) -> tuple[int, int]:
+    if s.stamp is not None:
+        return s.stamp
+    if s.path is None or s.member or s.index >= 0 or is_url(s.path):
         return -1, -1
-    st = os.stat(path)
+    st = os.stat(s.path)
     return st.st_size, st.st_mtime_ns
 
 
 def _digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
-    """Content digest of every sample; files whose size and mtime match the cache are not re-read."""
+    """Content digest of every sample; files whose size and mtime match the cache are not re-read, shard
+    members come with the digest their listing computed, samples the listing found unusable are ``bad``."""
     from pipeline.data.decode import DecodeError, os_error_reason
 
     out: dict[str, tuple[str, int, int]] = {}
-    bad: list[tuple[Sample, str, str]] = []
+    bad: list[tuple[Sample, str, str]] = [(s, "", reason) for s, reason in ds.problems]
     for s in ds.samples:
         if ds.arrays is not None:
             a = ds.arrays[s.index]
             out[s.key] = (digest_bytes(a.tobytes() + repr(a.shape).encode()), -1, -1)
             continue
+        if s.digest:
+            out[s.key] = (s.digest, -1, -1)
+            continue
         try:
-            size, mtime = _stat(s.path)
+            size, mtime = _stat(s)
             hit = known.get(s.key)
-            if hit and hit[0] == size and hit[1] == mtime:
+            if hit and size >= 0 and hit[0] == size and hit[1] == mtime:
                 out[s.key] = (hit[2], size, mtime)
                 continue
             out[s.key] = (digest_bytes(ds.read(s)), size, mtime)
         except DecodeError as e:
             bad.append((s, "", str(e)))
         except OSError as e:
-            bad.append((s, "", os_error_reason(e)))
+            bad.append((s, "", os_error_reason(e) if e.errno else str(e)))
     return out, bad
 
 
@@ -135,17 +149,6 @@ def _cache_lock(final: Path, timeout: float, quiet: bool):
         waiting=None if quiet else f"waiting for another featcache run on {final} ...",
         timed_out=f"{final}: still locked by another run after {timeout:.0f} s",
     )
-
-
-def _configure_threads(n: int) -> None:
-    import tensorflow as tf
-
-    n = n or os.cpu_count() or 1
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(n)
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, n))
-    except RuntimeError:
-        pass  # already initialized in this process: keep what it has
 
 
 class _BackgroundWriter:
@@ -191,11 +194,13 @@ def _run_backbone(
     from pipeline.features.engines import make_engine
 
     dtype = np.dtype(cfg.extract.dtype)
-    data = make_image_dataset(ds, pending, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size)
+    data = make_image_dataset(
+        ds, pending, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
+    )
     engine = make_engine(
         fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir, images=len(pending)
     )
-    result.engine = engine.name
+    result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
     progress = _progress(len(pending), cfg.extract.progress)
     bg = _BackgroundWriter(writer)
     t0 = time.perf_counter()
@@ -212,7 +217,7 @@ def _run_backbone(
                 s = pending[int(idx[i])]
                 reason = why.numpy()[i].decode("utf-8", "replace")
                 if cfg.data.on_error == "fail":
-                    raise FeatcacheError(f"cannot read {s.path or s.key}: {reason}")
+                    raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
                 bad.append((s, digests[s.key][0], reason))
             keep = np.flatnonzero(ok)
             if len(keep):
@@ -282,7 +287,9 @@ def extract(
         if rebuild:
             clear_partial(final)
         try:
-            return _update(cfg, ds, final, key, fp, old, result, t_start, keep_missing)
+            done = _update(cfg, ds, final, key, fp, old, result, t_start, keep_missing)
+            touch_cache(final)  # the cache just made is the newest: later stages follow it
+            return done
         finally:
             if old is not None:
                 old.close()
@@ -309,13 +316,16 @@ def _update(
     digests, bad = _digests(ds, known)
     if bad and cfg.data.on_error == "fail":
         s, _, reason = bad[0]
-        raise FeatcacheError(f"cannot read {s.path or s.key}: {reason}")
+        raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
     cached = set(old.ids) if old is not None else set()
     parts = scan_parts(final, fp)
     pending = _pending(cfg, ds, final, digests, cached, parts, bad)
-    layer_dims, map_shapes, parts = _run_pending(
-        cfg, ds, final, key, fp, old, pending, digests, parts, result, bad
-    )
+    try:
+        layer_dims, map_shapes, parts = _run_pending(
+            cfg, ds, final, key, fp, old, pending, digests, parts, result, bad
+        )
+    finally:
+        ds.close()  # shard readers: their streams end with this pass
     rows = _rows(cfg, ds, digests, bad, cached, parts, old if keep_missing else None)
     if not rows:
         raise FeatcacheError(f"{ds.source}: no readable images ({len(bad)} unreadable; see the list above)")
@@ -364,7 +374,7 @@ def _pending(cfg: Config, ds: Dataset, final: Path, digests, cached: set, parts,
             continue
         if d in failed_before:
             if cfg.data.on_error == "fail":
-                raise FeatcacheError(f"cannot read {s.path or s.key}: {failed_before[d]}")
+                raise FeatcacheError(f"cannot read {_where(s)}: {failed_before[d]}")
             bad.append((s, d, failed_before[d]))
             continue
         seen.add(d)
@@ -381,18 +391,15 @@ def _run_pending(
             dims = {layer: old.dataset(layer).shape[1] for layer in old.layers}
             return dims, old.meta.get("map_shapes", {}), parts
         return (*_dims_from_parts(parts), parts)
+    if cfg.cluster.address:
+        dims, map_shapes = _run_on_cluster(cfg, ds, final, key, fp, pending, digests, result, bad)
+        return dims, map_shapes, scan_parts(final, fp)
     from pipeline.features.backbones.build import build_feature_model
+    from pipeline.features.engines import configure_tf_threads
 
-    _configure_threads(cfg.extract.threads)
+    configure_tf_threads(cfg.extract.threads)
     fm = build_feature_model(cfg.backbone)
-    manifest = {
-        "fingerprint": fp,
-        "feature_key": key,
-        "backbone": fm.spec.name,
-        "dataset": ds.name,
-        "layers": fm.dims,
-    }
-    writer = PartWriter(final, manifest)
+    writer = PartWriter(final, _part_manifest(fp, key, ds, fm.dims))
     try:
         _run_backbone(fm, ds, pending, digests, cfg, writer, result, bad)
     except KeyboardInterrupt:
@@ -400,6 +407,102 @@ def _run_pending(
             f"interrupted: {writer.rows_written} new rows kept in {writer.dir}; run the same command again to resume"
         ) from None
     return fm.dims, fm.map_shapes, scan_parts(final, fp)
+
+
+def _part_manifest(fp: str, key, ds: Dataset, dims: dict[str, int]) -> dict[str, Any]:
+    return {
+        "fingerprint": fp,
+        "feature_key": key,
+        "backbone": key["backbone"],
+        "dataset": ds.name,
+        "layers": dims,
+    }
+
+
+def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending, digests, result, bad):
+    """``pending`` as deterministic shards on the Dask cluster ``[cluster] address`` names, one task each.
+
+    The driver is the one writer: each shard's features come back and become parts here, as they arrive,
+    exactly like a local run's batches; a rerun after any interruption resumes from those parts. A worker
+    lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
+    """
+    from pipeline.features.shards import ShardSettings, plan_shards, run_shard, shard_dataset, shard_size
+    from pipeline.utils.cluster import cluster_client
+
+    x = cfg.extract
+    with cluster_client(cfg.cluster.address, quiet=not x.progress) as client:
+        from distributed import as_completed
+
+        workers = max(1, sum(client.nthreads().values()))
+        shards = plan_shards(pending, shard_size(len(pending), x.batch_size, workers))
+        settings = ShardSettings.make(
+            cfg.backbone,
+            x.engine,
+            x.threads,
+            x.cache_dir,
+            x.batch_size,
+            x.dtype,
+            len(pending),
+            cfg.data.decode,
+        )
+        futures = [
+            client.submit(run_shard, settings, i, shard_dataset(ds, s), pure=False)
+            for i, s in enumerate(shards)
+        ]
+        progress = _progress(len(pending), x.progress)
+        state: dict[str, Any] = {"writer": None}
+        t0 = time.perf_counter()
+        try:
+            for fut in as_completed(futures):
+                r = _shard_result(fut, cfg)
+                _take_shard(r, shards[r.shard], cfg, ds, fp, key, final, digests, result, bad, state)
+                progress.update(r.size)
+        except KeyboardInterrupt:
+            done = state["writer"].rows_written if state["writer"] else 0
+            raise FeatcacheError(
+                f"interrupted: {done} new rows kept in parts; run the same command again to resume"
+            ) from None
+        finally:
+            progress.close()
+            result.backbone_seconds = time.perf_counter() - t0
+            client.cancel([f for f in futures if not f.done()])
+    return state["dims"], state["map_shapes"]
+
+
+def _shard_result(fut, cfg: Config):
+    """A finished task's result; a task that failed on every worker it tried, or a lost scheduler, is one line."""
+    try:
+        return fut.result()
+    except FeatcacheError:
+        raise
+    except (OSError, TimeoutError) as e:
+        raise FeatcacheError(
+            f"cluster: lost the scheduler at {cfg.cluster.address} ({e}); finished shards are kept, "
+            "run the same command again to resume"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - KilledWorker and the like: one line, the parts stay
+        raise FeatcacheError(f"cluster: an extraction task failed ({type(e).__name__}: {e})") from None
+    finally:
+        fut.release()
+
+
+def _take_shard(r, samples, cfg: Config, ds: Dataset, fp: str, key, final: Path, digests, result, bad, state):
+    """One shard's result into parts (batch-sized, as a local run writes them) and the run's counts."""
+    for pos, reason in r.bad:
+        s = samples[pos]
+        if cfg.data.on_error == "fail":
+            raise FeatcacheError(f"cannot read {s.path or s.key}: {reason}")
+        bad.append((s, digests[s.key][0], reason))
+    if state["writer"] is None:
+        state.update(writer=PartWriter(final, _part_manifest(fp, key, ds, r.dims)), dims=r.dims)
+        state["map_shapes"] = r.map_shapes
+        result.engine = r.engine
+    step = cfg.extract.batch_size
+    for start in range(0, len(r.ids), step):
+        ids = [digests[samples[i].key][0] for i in r.ids[start : start + step]]
+        state["writer"].write(ids, {layer: f[start : start + step] for layer, f in r.features.items()})
+    result.extracted += len(r.ids)
+    result.batches += r.batches
 
 
 def _rows(cfg: Config, ds: Dataset, digests, bad, cached: set, parts, keep_from) -> list[Row]:
@@ -450,14 +553,21 @@ def _cache_attrs(
         "pooling": b.pooling,
         "image_size": key["image_size"],
         "resize": b.resize,
+        "decode": cfg.data.decode,
         "preprocess": key["preprocess"],
         "dtype": cfg.extract.dtype,
         "engine": result.engine
         or (old.meta.get("engine", "tensorflow") if old is not None else "tensorflow"),
         "dataset": ds.name,
-        "source": os.path.abspath(ds.source) if ds.is_files or Path(ds.source).exists() else ds.source,
+        "source": ds.source
+        if is_url(ds.source) or not (ds.is_files or Path(ds.source).exists())
+        else os.path.abspath(ds.source),
         "versions": _versions(),
-        "config": {"data": vars(cfg.data), "backbone": vars(cfg.backbone), "extract": vars(cfg.extract)},
+        "config": {
+            "data": {**vars(cfg.data), "storage_options": redact_options(cfg.data.storage_options)},
+            "backbone": vars(cfg.backbone),
+            "extract": vars(cfg.extract),
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -516,22 +626,17 @@ def _augmented_views(
 def _extract_views(cfg: Config, ds: Dataset, final: Path, fp: str, key, todo, spec, result) -> None:
     from pipeline.data.augment import augmentation_layers
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import make_engine
+    from pipeline.features.engines import configure_tf_threads, make_engine
 
-    _configure_threads(cfg.extract.threads)
+    configure_tf_threads(cfg.extract.threads)
     fm = build_feature_model(cfg.backbone)
     layers = augmentation_layers(spec["augment"])
-    manifest = {
-        "fingerprint": fp,
-        "feature_key": key,
-        "backbone": fm.spec.name,
-        "dataset": ds.name,
-        "layers": fm.dims,
-    }
-    writer = PartWriter(final, manifest)
+    writer = PartWriter(final, _part_manifest(fp, key, ds, fm.dims))
     engine = make_engine(fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir)
     samples = [s for _, s, _ in todo]
-    data = make_image_dataset(ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size)
+    data = make_image_dataset(
+        ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
+    )
     dtype = np.dtype(cfg.extract.dtype)
     progress = _progress(len(todo), cfg.extract.progress)
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from pipeline.utils.config import Config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, file_lock, json_default
 
-FORMAT = 1  # bump when the checkpoint layout or the recipe changes
+FORMAT = 2  # bump when the checkpoint layout or the recipe changes
 
 
 def parse_unfreeze(spec: str) -> tuple[str, int]:
@@ -96,7 +96,7 @@ def compile_model(rebuilt, learning_rate: float) -> None:
 
 
 def labelled_dataset(
-    ds, part: SplitImages, size: int, policy: str, batch_size: int, shuffle_seed: int | None
+    ds, part: SplitImages, size: int, policy: str, batch_size: int, shuffle_seed: int | None, *, decode: str
 ):
     """tf.data of (images, labels, weights) batches in a seeded order; an image that cannot be read any more
     (it was quarantined at extraction) gets weight 0, so every batch keeps its known size."""
@@ -114,7 +114,7 @@ def labelled_dataset(
     def with_labels(idx, images, ok, why):
         return images, tf.gather(labels, idx), tf.reshape(tf.cast(ok, tf.float32), [-1])
 
-    return image_batches(ds, samples, size, policy, batch_size).map(with_labels)
+    return image_batches(ds, samples, size, policy, batch_size, decode=decode).map(with_labels)
 
 
 def evaluate(model, ds, part: SplitImages, rebuilt, batch_size: int, calibrated: bool):
@@ -125,7 +125,9 @@ def evaluate(model, ds, part: SplitImages, rebuilt, batch_size: int, calibrated:
 
     if not len(part.rows):
         return {"n": 0}, np.zeros((0, rebuilt.n_classes)), np.zeros(0, bool)
-    proba, ok = predict_images(model, ds, part.samples, rebuilt.image_size, rebuilt.resize, batch_size)
+    proba, ok = predict_images(
+        model, ds, part.samples, rebuilt.image_size, rebuilt.resize, batch_size, decode=rebuilt.decode
+    )
     pred = Predictions(part.rows[ok], part.labels[ok], proba[ok].argmax(1), proba[ok], calibrated)
     return classification_metrics(pred, rebuilt.class_names), proba, ok
 
@@ -267,6 +269,7 @@ def finetune_dir(source: Path, cfg: Config) -> Path:
         "patience": int(f.patience),
         "augment": [a.strip().lower() for a in f.augment],
         "seed": int(cfg.train.seed),
+        "keep_worse": bool(f.keep_worse),
     }
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     tag = settings["unfreeze"].replace(":", "")
@@ -285,11 +288,14 @@ def finetune(cfg: Config, *, run: str | Path | None = None) -> FinetuneRun:
     from pipeline.data.augment import augmentation_layers
 
     augmentation_layers(cfg.finetune.augment)  # unknown names fail before any work
+    tensorboard_available(cfg)
     source = resolve_source_run(cfg, str(run) if run else None)
+    check_convertible(source)
     run_dir = finetune_dir(source, cfg)
     if (run_dir / "manifest.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         return FinetuneRun(run_dir, metrics, already_done=True)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with file_lock(str(run_dir) + ".lock", f"{run_dir}: another featcache finetune is running on it"):
@@ -298,6 +304,49 @@ def finetune(cfg: Config, *, run: str | Path | None = None) -> FinetuneRun:
         raise FeatcacheError(
             f"interrupted: finished epochs are kept in {run_dir / 'checkpoint'}; run the same command again to resume"
         ) from None
+    except FeatcacheError:
+        if created:
+            remove_if_empty(run_dir)  # a refused run leaves nothing behind
+        raise
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` and its sub-folders if no file was written in them."""
+    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_convertible(source: Path) -> None:
+    """Refuse a run whose head cannot become Keras layers before any work, naming the best one that can."""
+    from pipeline.cache.locate import finished_runs, run_cache_path
+    from pipeline.heads.registry import convertible_head
+
+    head = _read_metrics(source).get("head")
+    if not head or convertible_head(str(head)):
+        return
+    cache = run_cache_path(source)
+    runs = finished_runs(source.parent, cache, finetuned=False) if cache is not None else []
+    scored = [
+        (float((m.get("val") or {}).get("accuracy") or 0.0), r)
+        for r in runs
+        if convertible_head(str((m := _read_metrics(r)).get("head")))
+    ]
+    if scored:
+        acc, best = max(scored, key=lambda t: t[0])
+        hint = f"the best run that can is {best.name} (val accuracy {acc:.4f}): featcache finetune --run {best.name}"
+    else:
+        hint = "no run of this cache can: train one with --head logistic (or search --convertible)"
+    raise FeatcacheError(
+        f"run {source.name}: head {head!r} cannot be converted into Keras layers, so it cannot be fine-tuned"
+        f" or exported; {hint}"
+    )
+
+
+def _read_metrics(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
@@ -321,12 +370,16 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
         ds = cache_dataset(cache.meta)
         parts = {s: split_images(cache, ds, s) for s in ("train", "val", "test")}
         val_X = cache.features(rb.source.layer, parts["val"].rows) if len(parts["val"].rows) else None
+        train0 = _train_epoch0(cache, rb, parts["train"]) if state is None else None
     if not len(parts["train"].rows):
         raise FeatcacheError("no training images: the cache's train split is empty or its images are gone")
 
     resumed_from = 0
     if state is None:  # before: the rebuilt model end to end, and its equivalence with stage 2
         state = _initial_state(rb, ds, parts, val_X, int(f.batch_size), t_start)
+        state["epoch0"] = {**(train0 or {}), **state["epoch0"]}
+        if not f.keep_worse and "val_loss" in state["epoch0"]:  # an epoch must beat the model as it is
+            state["best_val_loss"] = state["epoch0"]["val_loss"]
         ckpt.write_state(state)
     else:
         resumed_from = int(state["epoch"])
@@ -338,7 +391,15 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
     _train_epochs(cfg, rb, ds, parts, state, ckpt)
 
     t_after = time.perf_counter()
-    if state.get("best_weights"):
+    if _kept_before(cfg, state, len(parts["val"].rows) > 0):
+        e0 = state["epoch0"]
+        notes.append(
+            f"no epoch beat the model before fine-tuning on val (loss {e0['val_loss']:.4f}, accuracy"
+            f" {e0['val_accuracy']:.4f}): kept that model (finetune.keep_worse=true keeps the best epoch)"
+        )
+        state["best_epoch"] = 0
+        rb = rebuild(source)  # exactly the model before fine-tuning (the conversion is exact)
+    elif state.get("best_weights"):
         rb.train_model.load_weights(str(ckpt.dir / state["best_weights"]))
     bs = int(f.batch_size)
     after_val, _, _ = evaluate(rb.model, ds, parts["val"], rb, bs, True)
@@ -348,6 +409,40 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
     _write(run_dir, rb, metrics, parts["test"], p_test, ok_test, cache_keys(rb))
     ckpt.remove()
     return FinetuneRun(run_dir, metrics, resumed_from=resumed_from)
+
+
+def _kept_before(cfg: Config, state: dict[str, Any], has_val: bool) -> bool:
+    """True when the model before fine-tuning stays: no epoch had a lower val loss without a lower val
+    accuracy (``finetune.keep_worse`` turns the comparison off)."""
+    e0 = state.get("epoch0") or {}
+    if cfg.finetune.keep_worse or not has_val or "val_loss" not in e0:
+        return False
+    return not state.get("best_epoch")
+
+
+def _cross_entropy(proba: np.ndarray, labels: np.ndarray) -> float:
+    """Keras' sparse categorical cross-entropy on probabilities (clipped at its epsilon, 1e-7)."""
+    p = np.clip(proba[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return float(-np.log(p).mean())
+
+
+def _train_epoch0(cache, rb, part: SplitImages, chunk: int = 4096) -> dict[str, float]:
+    """The rebuilt model's train loss and accuracy before any epoch, from the cached features (it equals
+    the stage-2 head on them), read in chunks: the learning curves' epoch 0."""
+    from pipeline.model.convert import stage2_scores
+
+    loss = hits = 0.0
+    rows = np.sort(np.asarray(part.rows))
+    if not len(rows):
+        return {}
+    labels = cache.labels
+    for i in range(0, len(rows), chunk):
+        r = rows[i : i + chunk]
+        p, _ = stage2_scores(rb.pipeline, cache.features(rb.source.layer, r), rb.n_classes)
+        y = np.asarray(labels[r], int)
+        loss += _cross_entropy(p, y) * len(r)
+        hits += float((p.argmax(1) == y).sum())
+    return {"loss": loss / len(rows), "accuracy": hits / len(rows)}
 
 
 def _initial_state(rb, ds, parts, val_X, bs: int, t_start: float) -> dict[str, Any]:
@@ -375,8 +470,19 @@ def _initial_state(rb, ds, parts, val_X, bs: int, t_start: float) -> dict[str, A
         "train_seconds": 0.0,
         "epoch_seconds": [],
         "before": {"val": before_val, "test": before_test},
+        "epoch0": _val_epoch0(p_val, ok_val, parts["val"]),
         "equivalence": eq,
         "before_seconds": time.perf_counter() - t_start,
+    }
+
+
+def _val_epoch0(p_val: np.ndarray, ok: np.ndarray, part: SplitImages) -> dict[str, float]:
+    if not ok.any():
+        return {}
+    y = np.asarray(part.labels, int)[ok]
+    return {
+        "val_loss": _cross_entropy(p_val[ok], y),
+        "val_accuracy": float((p_val[ok].argmax(1) == y).mean()),
     }
 
 
@@ -384,13 +490,20 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
     """Epochs until ``finetune.epochs`` or early stopping; each one checkpointed as it ends."""
     f, bs = cfg.finetune, int(cfg.finetune.batch_size)
     has_val = len(parts["val"].rows) > 0
-    val_ds = labelled_dataset(ds, parts["val"], rb.image_size, rb.resize, bs, None) if has_val else None
+    read = {"size": rb.image_size, "policy": rb.resize, "batch_size": bs, "decode": rb.decode}
+    val_ds = labelled_dataset(ds, parts["val"], shuffle_seed=None, **read) if has_val else None
     while state["epoch"] < f.epochs and not state["stopped_early"]:
         e = state["epoch"]
-        train_ds = labelled_dataset(ds, parts["train"], rb.image_size, rb.resize, bs, int(cfg.train.seed) + e)
+        train_ds = labelled_dataset(ds, parts["train"], shuffle_seed=int(cfg.train.seed) + e, **read)
         t0 = time.perf_counter()
         h = rb.train_model.fit(
-            train_ds, validation_data=val_ds, epochs=e + 1, initial_epoch=e, shuffle=False, verbose=0
+            train_ds,
+            validation_data=val_ds,
+            epochs=e + 1,
+            initial_epoch=e,
+            shuffle=False,
+            verbose=0,
+            callbacks=tensorboard_callbacks(cfg, ckpt.dir.parent),
         ).history
         dt = time.perf_counter() - t0
         if cfg.extract.progress:
@@ -405,6 +518,9 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
         if has_val:
             vl = float(h["val_loss"][-1])
             improved = state["best_val_loss"] is None or vl < state["best_val_loss"]
+            acc0 = (state.get("epoch0") or {}).get("val_accuracy")
+            if acc0 is not None and not f.keep_worse and "val_accuracy" in h:
+                improved = improved and float(h["val_accuracy"][-1]) >= acc0  # no worse on accuracy
             if improved:
                 state["best_val_loss"], state["best_epoch"], state["wait"] = vl, e + 1, 0
             else:
@@ -414,6 +530,26 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
         else:
             state["best_epoch"] = e + 1
         ckpt.save_epoch(state, rb.train_model, improved)
+
+
+def tensorboard_available(cfg: Config) -> None:
+    """``finetune.tensorboard`` needs the ``tensorboard`` package (tf.summary's writer): say so before any work."""
+    import importlib.util
+
+    if cfg.finetune.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise FeatcacheError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or featcache[tensorboard])"
+        )
+
+
+def tensorboard_callbacks(cfg: Config, run_dir: Path) -> list:
+    """Keras' own TensorBoard callback when ``finetune.tensorboard`` is on: ``<run>/tensorboard/{train,validation}``,
+    one point per epoch (epoch numbers continue across resumed processes)."""
+    if not cfg.finetune.tensorboard:
+        return []
+    import keras
+
+    return [keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False)]
 
 
 def cache_keys(rb) -> list[str]:
@@ -443,6 +579,7 @@ def _record(
         "probabilities": "softmax (fine-tuned end to end with log loss)",
         "image_size": rb.image_size,
         "resize": rb.resize,
+        "decode": rb.decode,
         "cache": src.get("cache"),
         "finetune": {
             **trainable,
@@ -470,6 +607,8 @@ def _record(
         "val": after_val,
         "test": after_test,
         "history": history,
+        "history_epoch0": state.get("epoch0") or {},  # the rebuilt model, before any epoch
+        "kept_before": not state.get("best_epoch") and bool(state.get("epoch0")) and not cfg.finetune.keep_worse,
         "notes": notes,
         "config": cfg.to_dict(),
     }  # fmt: skip
@@ -489,7 +628,10 @@ def _write(run_dir: Path, rb, metrics, test_part: SplitImages, p_test, ok_test, 
     plot_split_confusions(run_dir, metrics, rb.class_names, "fine-tuned ")
     if metrics["history"].get("loss"):
         plot_learning_curves(
-            run_dir / "learning_curves.png", metrics["history"], "fine-tuning learning curves"
+            run_dir / "learning_curves.png",
+            metrics["history"],
+            "fine-tuning learning curves",
+            epoch0=metrics.get("history_epoch0"),
         )
     if len(test_part.rows):
         ok = ok_test

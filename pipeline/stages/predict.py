@@ -8,7 +8,9 @@ Models (``--model``):
 * a fine-tuned run folder (``<runs>/finetune/<id>``), or an exported ``.keras`` file, ``saved_model/``
   folder or ``.tflite`` file (class names from ``export.json`` or ``metrics.json`` beside it).
 
-Images are decoded and resized exactly as extraction does (:func:`pipeline.data.images.make_image_dataset`).
+Images are decoded and resized exactly as extraction does (:func:`pipeline.data.images.make_image_dataset`),
+with the ``data.decode`` policy of the model's features: the run's cache, or ``decode`` in the ``metrics.json`` /
+``export.json`` beside a model file (``exact`` when neither says: models from before the policy).
 A path that does not exist is an error before any work; an image that cannot be decoded gets an error row
 and makes the command exit with status 2 after printing the rest.
 """
@@ -44,6 +46,7 @@ class Predictor:
     resize: str
     path: Path
     predict: Any = None  # (paths, samples, ds) → (proba N×C, ok, why, sources)
+    decode: str = "exact"  # the data.decode policy images are read with (that of the model's features)
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -81,24 +84,42 @@ def _dataset(paths: list[Path]):
     return Dataset("predict", "<paths>", samples, [""]), samples
 
 
-def _class_names_near(path: Path, n: int) -> list[str]:
+def _sidecars_near(path: Path):
+    """The parsed ``export.json`` / ``metrics.json`` files beside a model file (or folder) and one level up."""
     for d in (path.parent if path.is_file() else path, (path.parent if path.is_file() else path).parent):
         for name in ("export.json", "metrics.json"):
             f = d / name
             if f.is_file():
                 try:
-                    names = json.loads(f.read_text(encoding="utf-8")).get("class_names")
+                    info = json.loads(f.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     continue
-                if isinstance(names, list) and len(names) == n:
-                    return [str(x) for x in names]
+                if isinstance(info, dict):
+                    yield info
+
+
+def _class_names_near(path: Path, n: int) -> list[str]:
+    for info in _sidecars_near(path):
+        names = info.get("class_names")
+        if isinstance(names, list) and len(names) == n:
+            return [str(x) for x in names]
     return [str(i) for i in range(n)]
 
 
-def load_predictor(model: str | Path, batch_size: int = 32) -> Predictor:
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FeatcacheError(f"--model: not found: {model}")
+def _decode_near(path: Path) -> str:
+    """The ``data.decode`` policy a sidecar records for a model; ``exact`` for models from before it."""
+    from pipeline.utils.config import DECODE_POLICIES
+
+    for info in _sidecars_near(path):
+        if info.get("decode") in DECODE_POLICIES:
+            return str(info["decode"])
+    return "exact"
+
+
+def load_predictor(model: str | Path, batch_size: int = 32, cfg=None) -> Predictor:
+    """A predictor for a run folder, a run id (under ``cfg``'s runs folder), or an exported model file."""
+    path = model_path(model, cfg)
+    check_model_kind(path)
     if path.is_dir() and (path / "manifest.json").is_file():
         from pipeline.utils.runs import verify_run
 
@@ -106,25 +127,51 @@ def load_predictor(model: str | Path, batch_size: int = 32) -> Predictor:
         if manifest.get("kind") == "finetune":
             return _keras_predictor(path / "model.keras", batch_size, names_from=path / "metrics.json")
         return _stage2_predictor(path, batch_size)
-    if path.is_dir() and (path / "saved_model.pb").is_file():
+    if path.is_dir():
         return _savedmodel_predictor(path, batch_size)
     if path.suffix == ".keras":
         return _keras_predictor(path, batch_size)
-    if path.suffix == ".tflite":
-        return _tflite_predictor(path, batch_size)
+    return _tflite_predictor(path, batch_size)
+
+
+def check_model_kind(path: Path) -> str:
+    """Which kind of model ``path`` is (run | savedmodel | keras | tflite), before anything heavy loads."""
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return "run"
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return "savedmodel"
+    if path.is_file() and path.suffix in (".keras", ".tflite"):
+        return path.suffix[1:]
+    what = "an unfinished run (no manifest.json)" if (path / "metrics.json").is_file() else "not a model"
     raise FeatcacheError(
-        f"--model {model}: expected a run folder, a .keras file, a SavedModel folder or a .tflite file"
+        f"--model {path}: {what}; expected a run folder or id, a .keras file, a SavedModel folder"
+        " or a .tflite file"
     )
 
 
-def _batched(ds, samples, size: int, policy: str, batch_size: int, run):
-    """Decode + shared resize in tf.data, ``run`` on each S×S batch; (proba, ok, why)."""
+def model_path(model: str | Path, cfg=None) -> Path:
+    """``--model`` as a path: an existing file or folder, else a run id under the runs folder ``cfg`` names."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.resolve()
+    from pipeline.cache.locate import find_run_id
+
+    found = find_run_id(str(model), cfg) if "/" not in str(model) and "\\" not in str(model) else None
+    if found is None:
+        raise FeatcacheError(f"--model: not found: {model} (neither a file, a folder nor a run id)")
+    return found.resolve()
+
+
+def _batched(ds, samples, p: Predictor, batch_size: int, run):
+    """Decode + shared resize in tf.data (``p``'s size, resize and decode policy), ``run`` on each S×S batch;
+    (proba, ok, why)."""
     from pipeline.data.images import image_batches
 
     n = len(samples)
     proba = None
     ok_all, why_all = np.zeros(n, bool), [""] * n
-    for idx, x, ok, why in image_batches(ds, samples, size, policy, batch_size):
+    read = image_batches(ds, samples, p.image_size, p.resize, batch_size, decode=p.decode)
+    for idx, x, ok, why in read:
         idx, ok, why = idx.numpy(), np.reshape(ok.numpy(), -1), np.reshape(why.numpy(), -1)
         keep = np.flatnonzero(ok)
         if len(keep):
@@ -148,8 +195,8 @@ def _keras_predictor(path: Path, batch_size: int, names_from: Path | None = None
     n = int(model.outputs[0].shape[-1])
     names = _class_names_near(names_from or path, n)
     run = keras_runner(model)
-    p = Predictor("keras", names, size, policy, path)
-    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    p = Predictor("keras", names, size, policy, path, decode=_decode_near(names_from or path))
+    p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
 
@@ -171,8 +218,8 @@ def _savedmodel_predictor(path: Path, batch_size: int) -> Predictor:
         )
     run = savedmodel_runner(path)
     size, policy = int(info["image_size"]), str(info.get("resize", "stretch"))
-    p = Predictor("savedmodel", list(info["class_names"]), size, policy, path)
-    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    p = Predictor("savedmodel", list(info["class_names"]), size, policy, path, decode=_decode_near(path))
+    p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
 
@@ -186,8 +233,8 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     names = (
         list(info["class_names"]) if len(info.get("class_names") or []) == n else [str(i) for i in range(n)]
     )
-    p = Predictor("tflite", names, size, policy, path)
-    p.predict = lambda ds, samples: (*_batched(ds, samples, size, policy, batch_size, run), "model")
+    p = Predictor("tflite", names, size, policy, path, decode=_decode_near(path))
+    p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
 
@@ -200,10 +247,10 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
     metrics = loaded.metrics
     src = run_source(metrics)
     names = list(metrics["class_names"])
-    p = Predictor("stage2", names, src.image_size, src.resize, run_dir)
+    p = Predictor("stage2", names, src.image_size, src.resize, run_dir, decode=src.decode)
 
     def predict(ds, samples):
-        from pipeline.data.decode import DecodeError, read_bytes
+        from pipeline.data.decode import DecodeError
         from pipeline.data.sources import digest_bytes
 
         n = len(samples)
@@ -218,7 +265,7 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
                 hits = {}
                 for i, s in enumerate(samples):
                     try:
-                        d = digest_bytes(read_bytes(s.path))
+                        d = s.digest or digest_bytes(ds.read(s))
                     except (DecodeError, OSError):
                         continue  # reported by the decoding pass below
                     if d in row_of:
@@ -241,9 +288,7 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
             cache_dir = src.cache_path.parent if src.cache_path is not None else None
             engine = make_engine(fm, "auto", 0, cache_dir, images=len(todo))
             part = [samples[i] for i in todo]
-            feats, ok_t, why_t = _batched(
-                ds, part, src.image_size, src.resize, batch_size, lambda x: engine(x)[src.layer]
-            )
+            feats, ok_t, why_t = _batched(ds, part, p, batch_size, lambda x: engine(x)[src.layer])
             for j, i in enumerate(todo):
                 ok[i], why[i] = bool(ok_t[j]), why_t[j]
                 if ok_t[j]:
@@ -268,13 +313,21 @@ def _feature_model(src):
 
 
 def predict(
-    model: str | Path, images: list[str], top_k: int = 5, batch_size: int = 32
+    model: str | Path, images: list[str], top_k: int = 5, batch_size: int = 32, cfg=None
 ) -> tuple[Predictor, list[ImageResult]]:
-    """Top-``top_k`` (class index, name, probability) per image; unreadable images get an ``error``."""
+    """Top-``top_k`` (class index, name, probability) per image; unreadable images get an ``error``.
+
+    ``model`` is a run folder, a run id (looked up under ``cfg``'s runs folder, default ``cache/runs``),
+    a ``.keras`` file, a SavedModel folder or a ``.tflite`` file. Every path is checked before TensorFlow
+    is imported.
+    """
     if top_k < 1:
         raise FeatcacheError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise FeatcacheError(f"--batch-size must be >= 1, got {batch_size}")
+    check_model_kind(model_path(model, cfg))
     paths = expand_inputs(images)
-    predictor = load_predictor(model, batch_size)
+    predictor = load_predictor(model, batch_size, cfg)
     ds, samples = _dataset([p.resolve() for p in paths])
     proba, ok, why, sources = predictor.predict(ds, samples)
     if isinstance(sources, str):

@@ -27,23 +27,32 @@ from typing import Any
 import numpy as np
 
 from pipeline.heads.metrics import balanced_accuracy, macro_f1
-from pipeline.utils.config import Config
+from pipeline.utils.config import Config, read_toml
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, atomic_write, file_lock, write_json
+from pipeline.utils.runs import TRIALS_FILE, read_trials
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 
 HALVING_FACTOR = 3
 
+# A trial's time budget: TRIAL_BUDGET_FACTOR × the median finished trial, never under BUDGET_FLOOR_S; until
+# BUDGET_MIN_TRIALS have finished, BUDGET_EARLY_S. Keras heads (TensorFlow's import, epochs) get KERAS_BUDGET_SCALE ×.
+TRIAL_BUDGET_FACTOR = 20
+BUDGET_FLOOR_S = 10.0
+BUDGET_MIN_TRIALS = 5
+BUDGET_EARLY_S = 120.0
+KERAS_BUDGET_SCALE = 4
+# k-fold CV: a trial whose mean over its first folds is this far below the leader stops there ("pruned")
+PRUNE_MARGIN = 0.10
+PREPARED_KEPT = 4  # transformed (layer, chain, fold) matrices a worker keeps for the next trials
+
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
-
-
-TRIALS_FILE = "trials.jsonl"
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class Space:
 
 def default_space_path() -> Path:
     """The built-in space, shipped inside the package (``pipeline/configs/search_space.toml``)."""
-    p = Path(__file__).resolve().parent / "configs" / "search_space.toml"
+    p = Path(__file__).resolve().parents[1] / "configs" / "search_space.toml"
     if not p.is_file():
         raise FeatcacheError(f"built-in search space {p} not found (a broken install?); pass --space FILE")
     return p
@@ -213,13 +222,20 @@ def parse_space(raw: dict[str, Any], source: str, default_layer: str) -> Space:
 
 def load_space(path: str | Path | None, default_layer: str) -> Space:
     p = Path(path) if path else default_space_path()
-    if not p.is_file():
-        raise FeatcacheError(f"search space not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise FeatcacheError(f"{p}: not valid TOML: {e}") from None
-    return parse_space(raw, str(p), default_layer)
+    return parse_space(read_toml(p, "search space"), str(p), default_layer)
+
+
+def convertible_space(space: Space) -> Space:
+    """``space`` without the heads finetune/export cannot convert (``search --convertible``)."""
+    from pipeline.heads.registry import NOT_CONVERTIBLE, convertible_head
+
+    kept = [e for e in space.entries if convertible_head(e.head)]
+    if not kept:
+        raise FeatcacheError(
+            f"{space.source}: --convertible leaves no head to search ({', '.join(sorted(NOT_CONVERTIBLE))}"
+            " cannot be converted); add a linear, MLP or Keras head to the space"
+        )
+    return Space(kept, space.source)
 
 
 def grid_candidates(space: Space) -> list[Candidate]:
@@ -275,27 +291,18 @@ def _subset(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(rows[np.argsort(rank[rows], kind="stable")[:keep]])
 
 
-def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> dict[str, Any]:
-    """Fit and score one candidate (all folds). Runs in a joblib worker; returns plain data only."""
-    from pipeline.heads.fitting import fit_model, predict_rows
+def _failed(e: Exception, t0: float) -> dict[str, Any]:
+    """A trial's record when its fit raised: the first line of why."""
+    msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    return {
+        "status": "failed",
+        "error": msg if isinstance(e, FeatcacheError) else f"{type(e).__name__}: {msg}",
+        "seconds": time.perf_counter() - t0,
+    }
 
-    t0 = time.perf_counter()
-    accs, bals, f1s = [], [], []
-    try:
-        for fit_rows, eval_rows, es_rows in plan.folds:
-            rows = _subset(fit_rows, plan.rank, fraction)
-            fitted = fit_model(data, rows, es_rows, cand.head, cand.params, list(cand.transforms), seed=seed)
-            pred = predict_rows(fitted.model, data, eval_rows, plan.n_classes)
-            accs.append(float(np.mean(pred.y_true == pred.y_pred)))
-            bals.append(balanced_accuracy(pred.y_true, pred.y_pred))
-            f1s.append(macro_f1(pred.y_true, pred.y_pred))
-    except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        return {
-            "status": "failed",
-            "error": msg if isinstance(e, FeatcacheError) else f"{type(e).__name__}: {msg}",
-            "seconds": time.perf_counter() - t0,
-        }
+
+def _scored(accs, bals, f1s, notes: list[str], t0: float, c0: float) -> dict[str, Any]:
+    """A finished trial's record: fold means (accuracy is the score), time and the solver's warnings."""
     return {
         "status": "ok",
         "score": float(np.mean(accs)),
@@ -304,23 +311,30 @@ def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> 
         "macro_f1": float(np.mean(f1s)),
         "folds": len(accs),
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
         "pid": os.getpid(),
+        "warning": "; ".join(notes[:3]),
     }
 
 
-def read_trials(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished trials by key; a torn last line (killed mid-write) is ignored."""
-    out: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "key" in rec:
-            out.setdefault(rec["key"], rec)
-    return out
+def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> dict[str, Any]:
+    """Fit and score one candidate (all folds). Runs in a joblib worker; returns plain data only."""
+    from pipeline.heads.fitting import fit_model, predict_rows
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    accs, bals, f1s, notes = [], [], [], []
+    try:
+        for fit_rows, eval_rows, es_rows in plan.folds:
+            rows = _subset(fit_rows, plan.rank, fraction)
+            fitted = fit_model(data, rows, es_rows, cand.head, cand.params, list(cand.transforms), seed=seed)
+            notes += [n for n in fitted.notes if n not in notes]
+            pred = predict_rows(fitted.model, data, eval_rows, plan.n_classes)
+            accs.append(float(np.mean(pred.y_true == pred.y_pred)))
+            bals.append(balanced_accuracy(pred.y_true, pred.y_pred))
+            f1s.append(macro_f1(pred.y_true, pred.y_pred))
+    except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
+        return _failed(e, t0)
+    return _scored(accs, bals, f1s, notes, t0, c0)
 
 
 def append_trial(path: Path, record: dict[str, Any]) -> None:
@@ -359,17 +373,18 @@ class SearchRun:
             f"search: {self.strategy} · {self.n_candidates} candidates · {self.n_run} trials run, {self.n_reused} reused"
             f" · {self.seconds:.1f} s · ranked by {metric}",
             "",
-            f"{'#':>3} {'score':>7} {'±':>6} {'bal_acc':>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<18} params",
+            f"{'#':>3} {'score':>7} {'±':>6} {'bal_acc':>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<22} params",
         ]
         for row in self.leaderboard[:top]:
             if row["status"] != "ok":
                 lines.append(
-                    f"{row['rank']:>3} {'failed':>7} {'':>6} {'':>7} {'':>5} {'':>6}  {row['head']:<12} {row['layer']:<16} {row['transforms']:<18} {row['params']}  ({row['error']})"
+                    f"{row['rank']:>3} {row['status']:>7} {'':>6} {'':>7} {'':>5} {row['seconds'] or 0:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}  ({row['error']})"
                 )
                 continue
+            warn = "  ! " + row["warning"].split(":")[0] if row.get("warning") else ""
             lines.append(
                 f"{row['rank']:>3} {row['score']:>7.4f} {row['score_std']:>6.3f} {row['balanced_accuracy']:>7.4f} {row['resource']:>5.0%}"
-                f" {row['seconds']:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:18]:<18} {row['params']}"
+                f" {row['seconds']:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}{warn}"
             )
         if len(self.leaderboard) > top:
             lines.append(f"... {len(self.leaderboard) - top} more in {self.dir / 'leaderboard.csv'}")
@@ -379,6 +394,14 @@ class SearchRun:
                 f"best: {self.best['head']} {self.best['params']} [{self.best['transforms']}] on {self.best['layer']} · score {self.best['score']:.4f}"
             )
             lines.append(f"best config: {self.best_toml}  (featcache train --config {self.best_toml})")
+        counts = {
+            k: sum(1 for r in self.leaderboard if r["status"] == k) for k in ("cut", "pruned", "failed")
+        }
+        if any(counts.values()):
+            lines.append("not scored in full: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
+        lines.append(
+            f"all trials: {self.dir / 'leaderboard.csv'} (and .json); plot: {self.dir / 'scores.png'}"
+        )
         for note in self.notes:
             lines.append(f"note: {note}")
         lines.append(f"search folder: {self.dir}")
@@ -432,8 +455,6 @@ def _plan(cache, cv: int, seed: int) -> tuple[Plan, np.ndarray, list[str]]:
 
 def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] | None = None) -> SearchRun:
     """Run (or resume) the search that ``cfg`` describes; write trials, leaderboard and ``best.toml``."""
-    from joblib import Parallel, delayed
-
     from pipeline.cache.locate import resolve_cache, runs_root
     from pipeline.cache.reader import Data, close_cache, use_streaming
     from pipeline.cache.store import FeatureCache
@@ -445,6 +466,8 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
     cache_path = resolve_cache(cfg)
     with FeatureCache(cache_path) as cache:
         space = load_space(s.space, cache.layer_name(cfg.train.layer))
+        if s.convertible:
+            space = convertible_space(space)
         for e in space.entries:
             for layer in e.layers:
                 cache.layer_name(layer)  # a layer this cache does not have fails now, not in a worker
@@ -464,7 +487,7 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
         out.mkdir(parents=True, exist_ok=True)
         busy = f"{out}: another featcache search is running this search; wait for it or use another space"
         try:
-            with file_lock(out / "search.lock", busy):
+            with file_lock(out / "search.lock", busy), _cluster(cfg) as client:
                 if fresh:
                     for name in (TRIALS_FILE, "leaderboard.csv", "best.toml", "search.json"):
                         (out / name).unlink(missing_ok=True)
@@ -477,14 +500,16 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
                     seed,
                     s.n_jobs,
                     progress,
-                    Parallel,
-                    delayed,
+                    client,
                 )
-                if s.strategy == "halving":
-                    results = _halving(runner, candidates, len(plan.folds[0][0]), plan.n_classes, notes)
-                else:
-                    got = runner.run(candidates, 1.0)
-                    results = {c: (1.0, got[c]) for c in candidates}
+                try:
+                    if s.strategy == "halving":
+                        results = _halving(runner, candidates, len(plan.folds[0][0]), plan.n_classes, notes)
+                    else:
+                        got = runner.run(candidates, 1.0)
+                        results = {c: (1.0, got[c]) for c in candidates}
+                finally:
+                    runner.close()
                 board = _leaderboard(results)
                 best = next((r for r in board if r["status"] == "ok"), None)
                 run = SearchRun(
@@ -505,8 +530,23 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
     return run
 
 
+def _cluster(cfg: Config):
+    """A Dask client on ``[cluster] address`` (None for this machine): trials then run on its workers,
+    the features scattered to each once. Trials are seeded, so either way gives the same scores; the
+    journal stays on this machine, so a cluster search resumes like a local one."""
+    from pipeline.utils.cluster import cluster_client
+
+    return cluster_client(cfg.cluster.address, quiet=not cfg.extract.progress)
+
+
 class _Runner:
-    """Runs the trials not yet in the journal, in parallel, journaling each as it finishes."""
+    """Runs the trials not yet in the journal on worker processes, journaling each as it finishes.
+
+    Trials that share a (layer, transform chain) run back to back, grouped by head: a worker fits each
+    chain once per fold and keeps it, ridge alphas share one decomposition, logistic C values warm-start.
+    A trial over its time budget (``TRIAL_BUDGET_FACTOR`` × the median finished trial) is cut: its worker
+    is killed and replaced, and the trial is journaled as ``cut`` with the reason.
+    """
 
     def __init__(
         self,
@@ -518,44 +558,108 @@ class _Runner:
         seed: int,
         n_jobs: int,
         progress,
-        parallel,
-        delayed,
+        client=None,
     ):
         self.journal, self.data, self.plan = journal, data, plan
         self.fingerprint, self.cv, self.seed, self.n_jobs = fingerprint, cv, seed, n_jobs
-        self.progress, self._parallel, self._delayed = progress, parallel, delayed
+        self.progress = progress
         self.n_run = self.n_reused = 0
+        self.times: list[float] = []  # seconds of the trials finished by this call
+        self.leader: float | None = None
+        self._pool = None
+        self.client = client
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _get_pool(self):
+        from pipeline.utils.workers import Pool, blas_threads, worker_count
+
+        if self._pool is None:
+            state = (self.data, self.plan, self.seed)
+            n = worker_count(self.n_jobs)
+            if self.client is not None:
+                from pipeline.utils.cluster import ClusterPool
+
+                self._pool = ClusterPool(self.client, _worker_init, state, _worker_run, blas_threads(n))
+            else:
+                self._pool = Pool(n, _worker_init, state, _worker_run, blas_threads(n))
+        return self._pool
 
     def run(self, cands: list[Candidate], fraction: float) -> dict[Candidate, dict[str, Any]]:
         done = read_trials(self.journal)
         keys = {c: c.key(self.fingerprint, self.cv, fraction, self.seed) for c in cands}
         results = {c: done[k] for c, k in keys.items() if k in done}
         self.n_reused += len(results)
+        for rec in results.values():
+            self._lead(rec)
         todo = [c for c in cands if c not in results]
         if not todo:
             return results
-        total, finished = len(cands), len(results)
-        # Keras trials first: they are the longest (TensorFlow's import, then fit), so the short
-        # scikit-learn trials fill in around them instead of leaving one worker idle at the end.
-        todo.sort(key=lambda c: not _is_keras(c))
-        jobs = (
-            self._delayed(_trial_job)(self.data[c.layer], c, self.plan, fraction, self.seed) for c in todo
+        counter = {"total": len(cands), "finished": len(results)}
+
+        def record(cand: Candidate, res: dict[str, Any]) -> None:
+            self._record(cand, res, keys[cand], fraction, results)
+            counter["finished"] += 1
+            if self.progress:
+                rec = results[cand]
+                score = (
+                    f"{rec['score']:.4f}" if rec["status"] == "ok" else f"{rec['status']}: {rec.get('error')}"
+                )
+                self.progress(
+                    f"[{counter['finished']}/{counter['total']}] {cand.label()} rows={fraction:.2f} → {score}"
+                    f" ({rec['seconds']:.1f} s)"
+                )
+
+        self._get_pool().map(
+            plan_tasks(todo, fraction),
+            on_item=lambda task, item: record(*item),
+            budget=self._budget,
+            on_stop=lambda stop: self._stopped(stop, record),
+            on_error=lambda task, items, msg: [
+                record(c, {"status": "failed", "error": msg.splitlines()[0][:300], "seconds": 0.0})
+                for c in task.cands[len(items) :]
+            ],
+            before_send=self._with_leader,
         )
-        with warnings.catch_warnings():
-            # loky recycles a worker whose memory grew (TensorFlow's import does): expected, not a problem
-            warnings.filterwarnings(
-                "ignore", message="A worker stopped while some jobs", category=UserWarning
-            )
-            for cand, res in self._parallel(n_jobs=self.n_jobs, return_as="generator_unordered")(jobs):
-                self._record(cand, res, keys[cand], fraction, results)
-                finished += 1
-                if self.progress:
-                    rec = results[cand]
-                    score = f"{rec['score']:.4f}" if rec["status"] == "ok" else f"failed: {rec.get('error')}"
-                    self.progress(
-                        f"[{finished}/{total}] {cand.label()} rows={fraction:.2f} → {score} ({rec['seconds']:.1f} s)"
-                    )
         return results
+
+    def _with_leader(self, task: _Task) -> _Task:
+        return _Task(task.cands, task.fraction, self.leader if self.cv else None)
+
+    def _median(self) -> float | None:
+        return float(np.median(self.times)) if len(self.times) >= BUDGET_MIN_TRIALS else None
+
+    def _budget(self, task: _Task, n_done: int) -> float:
+        keras = _is_keras(task.cands[min(n_done, len(task.cands) - 1)])
+        median = self._median()
+        if median is None:
+            return BUDGET_EARLY_S * (KERAS_BUDGET_SCALE if keras else 1)
+        return max(TRIAL_BUDGET_FACTOR * median, BUDGET_FLOOR_S) * (KERAS_BUDGET_SCALE if keras else 1)
+
+    def _stopped(self, stop, record) -> list[_Task]:
+        task: _Task = stop.task
+        cand, rest = task.cands[len(stop.items)], task.cands[len(stop.items) + 1 :]
+        if stop.reason == "budget":
+            median = self._median()
+            spent = f"{stop.cpu:.1f} CPU s" if stop.cpu is not None else f"{stop.seconds:.1f} s"
+            why = (
+                f"cut after {spent}: over the per-trial budget of {TRIAL_BUDGET_FACTOR}× the median "
+                f"trial ({median:.2f} s), at least {BUDGET_FLOOR_S:.0f} s"
+                if median is not None
+                else f"cut after {spent}: over the {BUDGET_EARLY_S:.0f} s budget of the first trials"
+            )
+            rec = {"status": "cut", "error": why, "seconds": stop.seconds, "cpu_seconds": stop.cpu}
+            record(cand, rec)
+        else:
+            record(cand, {"status": "failed", "error": stop.reason, "seconds": stop.seconds})
+        return [_Task(rest, task.fraction)] if rest else []
+
+    def _lead(self, rec: dict[str, Any]) -> None:
+        if rec.get("status") == "ok" and (self.leader is None or rec["score"] > self.leader):
+            self.leader = float(rec["score"])
 
     def _record(self, cand: Candidate, res: dict[str, Any], key: str, fraction: float, results) -> None:
         """Journal first, then count: a kill between the two only costs a recount, never a lost trial."""
@@ -574,6 +678,40 @@ class _Runner:
         append_trial(self.journal, rec)
         results[cand] = rec
         self.n_run += 1
+        if rec["status"] in ("ok", "pruned"):
+            self.times.append(float(rec.get("cpu_seconds") or rec["seconds"]))
+        self._lead(rec)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Trials one worker runs back to back (one path of a head on one chain), and the score to beat."""
+
+    cands: tuple[Candidate, ...]
+    fraction: float
+    leader: float | None = None
+
+
+def plan_tasks(cands: list[Candidate], fraction: float, max_group: int = 16) -> list[_Task]:
+    """Group trials by (layer, chain, head, the params a path does not vary); Keras groups first."""
+    from pipeline.heads.paths import path_param, path_value
+
+    groups: dict[Any, list[Candidate]] = {}
+    for c in cands:
+        params = c.params
+        name = path_param(c.head, params)
+        rest = json.dumps({k: v for k, v in params.items() if k != name}, sort_keys=True) if name else c
+        groups.setdefault((c.layer, c.transforms, c.head, rest), []).append(c)
+    tasks = []
+    for members in groups.values():
+        name = path_param(members[0].head, members[0].params)
+        if name:
+            members.sort(key=lambda c: path_value(c.head, c.params))
+        for i in range(0, len(members), max_group):
+            tasks.append(_Task(tuple(members[i : i + max_group]), fraction))
+    # Keras trials first (the longest), then by layer and chain so a worker reuses what it fitted
+    tasks.sort(key=lambda t: (not _is_keras(t.cands[0]), t.cands[0].layer, t.cands[0].transforms))
+    return tasks
 
 
 def _is_keras(cand: Candidate) -> bool:
@@ -583,24 +721,141 @@ def _is_keras(cand: Candidate) -> bool:
     return spec is not None and spec.kind == "keras"
 
 
-def _trial_job(data, cand: Candidate, plan: Plan, fraction: float, seed: int):
-    if _is_keras(cand):
-        _keep_worker_after_tensorflow_import()
-    return cand, run_trial(data, cand, plan, fraction, seed)
+@dataclass
+class _Shared:
+    """A worker's state: the data, and what its trials share (prepared chains, paths), most recent last."""
+
+    data: dict
+    plan: Plan
+    seed: int
+    prepared: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
 
 
-def _keep_worker_after_tensorflow_import() -> None:
-    """Stop loky from recycling this worker for TensorFlow's one-time import.
+def _worker_init(state) -> _Shared:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    data, plan, seed = state
+    return _Shared(data, plan, seed)
 
-    loky restarts a worker whose memory grew 300 MB past its size after its first task, taking that for
-    a leak. Importing TensorFlow alone grows it more, so every Keras trial landed in a fresh worker and
-    paid the ~4 s import again. A real leak is still caught, above 4 GiB.
-    """
+
+def _worker_run(shared: _Shared, task: _Task, emit) -> None:
+    for cand in task.cands:
+        data = shared.data[cand.layer]
+        if data.streamed:
+            emit((cand, run_trial(data, cand, shared.plan, task.fraction, shared.seed)))
+        else:
+            emit((cand, shared_trial(shared, cand, task.fraction, task.leader)))
+
+
+def _prepared(shared: _Shared, cand: Candidate, fold: int, fraction: float):
+    """Transforms of ``cand``'s chain fitted on this fold's fit rows, once per worker (a few kept)."""
+    from pipeline.heads.fitting import prepare
+    from pipeline.heads.transforms import build_transforms
+
+    key = (cand.layer, cand.transforms, fold, fraction)
+    if key in shared.prepared:
+        shared.prepared[key] = shared.prepared.pop(key)  # most recently used last
+        return key, shared.prepared[key]
+    data = shared.data[cand.layer]
+    fit_rows, eval_rows, es_rows = shared.plan.folds[fold]
+    rows = _subset(fit_rows, shared.plan.rank, fraction)
+    steps = build_transforms(
+        list(cand.transforms), n_samples=len(rows), n_features=data.n_features, seed=shared.seed
+    )
+    prep = prepare(data, np.sort(rows), es_rows if es_rows is not None and len(es_rows) else None, steps)
+    eval_rows = np.sort(eval_rows)
+    X_eval = data.take(eval_rows)
+    for _, est in steps:
+        X_eval = est.transform(X_eval)
+    while len(shared.prepared) >= PREPARED_KEPT:
+        old = next(iter(shared.prepared))
+        del shared.prepared[old]
+        shared.paths = {k: v for k, v in shared.paths.items() if k[0] != old}
+    shared.prepared[key] = (prep, X_eval, data.labels[eval_rows])
+    return key, shared.prepared[key]
+
+
+def _fit_predict(shared: _Shared, cand: Candidate, prep_key, prep, X_eval) -> np.ndarray:
+    from pipeline.heads.fitting import fit_prepared, predict_prepared
+    from pipeline.heads.paths import (
+        SVM_PARAMS,
+        RidgePath,
+        SquaredHingeSVM,
+        liblinear_is_quick,
+        path_param,
+        path_value,
+        warm_start_from,
+    )
+    from pipeline.heads.registry import make_head
+
+    params = cand.params
+    name = path_param(cand.head, params)
+    path_key = (
+        prep_key,
+        cand.head,
+        json.dumps({k: v for k, v in params.items() if k != name}, sort_keys=True),
+    )
+    if name and cand.head == "ridge":
+        make_head(cand.head, params)  # validates the configuration as a plain fit would
+        if path_key not in shared.paths:
+            shared.paths[path_key] = RidgePath(prep.X, prep.y, X_eval)
+        return shared.paths[path_key].predict(float(params["alpha"]))
+    head = make_head(cand.head, params, seed=shared.seed, n_train=len(prep.y))
+    if name and cand.head == "linear_svm" and not liblinear_is_quick(path_value(cand.head, params), prep.X):
+        previous = shared.paths.get(path_key)
+        svm = SquaredHingeSVM(**{k: v for k, v in params.items() if k in SVM_PARAMS})
+        svm.fit(prep.X, prep.y, coef0=previous.W if previous is not None else None)
+        shared.paths[path_key] = svm
+        return svm.predict(X_eval)
+    if cand.head == "linear_svm" and "dual" not in params:
+        head.estimator.set_params(dual=True)  # only reached when C·|x|² is small: coordinate descent is quick
+    elif name:
+        warm_start_from(head.estimator, shared.paths.get(path_key))
+    fit_prepared(head, prep)
+    if name and cand.head == "logistic":
+        shared.paths[path_key] = head.estimator
+    return predict_prepared(head.estimator, X_eval)
+
+
+def shared_trial(shared: _Shared, cand: Candidate, fraction: float, leader: float | None) -> dict[str, Any]:
+    """:func:`run_trial` on work shared across trials; stops early when a fold leaves it far behind ``leader``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    accs, bals, f1s, notes = [], [], [], []
+    n_folds = len(shared.plan.folds)
     try:
-        from joblib.externals.loky import process_executor
-    except ImportError:  # pragma: no cover - joblib without its vendored loky
-        return
-    process_executor._MAX_MEMORY_LEAK_SIZE = max(process_executor._MAX_MEMORY_LEAK_SIZE, 4 << 30)
+        for fold in range(n_folds):
+            prep_key, (prep, X_eval, y_eval) = _prepared(shared, cand, fold, fraction)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y_pred = _fit_predict(shared, cand, prep_key, prep, X_eval)
+            notes += [n for n in _warning_notes(caught) if n not in notes]
+            accs.append(float(np.mean(y_eval == y_pred)))
+            bals.append(balanced_accuracy(y_eval, y_pred))
+            f1s.append(macro_f1(y_eval, y_pred))
+            if leader is not None and fold + 1 < n_folds and float(np.mean(accs)) < leader - PRUNE_MARGIN:
+                return {
+                    "status": "pruned",
+                    "score": float(np.mean(accs)),
+                    "folds": len(accs),
+                    "error": f"stopped after {len(accs)} of {n_folds} folds: {np.mean(accs):.4f} is more than "
+                    f"{PRUNE_MARGIN} below the leader's {leader:.4f}",
+                    "seconds": time.perf_counter() - t0,
+                    "cpu_seconds": time.process_time() - c0,
+                    "pid": os.getpid(),
+                }
+    except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
+        return _failed(e, t0)
+    return _scored(accs, bals, f1s, notes, t0, c0)
+
+
+def _warning_notes(caught) -> list[str]:
+    out = []
+    for w in caught:
+        if issubclass(w.category, (UserWarning, RuntimeWarning)):
+            msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
+            if msg not in out:
+                out.append(msg)
+    return out
 
 
 def _halving(runner: _Runner, cands: list[Candidate], n_train: int, n_classes: int, notes: list[str]):
@@ -648,6 +903,7 @@ def _leaderboard(results: dict[Candidate, tuple[float, dict[str, Any]]]) -> list
                 "macro_f1": rec.get("macro_f1"),
                 "seconds": rec.get("seconds"),
                 "error": rec.get("error", ""),
+                "warning": rec.get("warning", ""),
                 "key": rec.get("key"),
                 "_cand": cand,
             }
@@ -722,6 +978,7 @@ def _write_outputs(
         "seconds",
         "status",
         "error",
+        "warning",
         "key",
     ]
     with atomic_path(run.dir / "leaderboard.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -731,6 +988,9 @@ def _write_outputs(
             w.writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in fields}
             )
+    board = [{k: v for k, v in row.items() if k != "_cand"} for row in run.leaderboard]
+    write_json(run.dir / "leaderboard.json", board)
+    _plot(run, space)
     if run.best:
         atomic_write(run.dir / "best.toml", best_toml(run.best, cache_path, cfg.train.seed, run.dir, run.cv))
     summary = {
@@ -748,3 +1008,21 @@ def _write_outputs(
         "notes": run.notes,
     }
     write_json(run.dir / "search.json", summary)
+
+
+def _plot(run: SearchRun, space: Space) -> None:
+    """``scores.png``: score against each searched parameter (and head, chain, layer) of the full-size trials."""
+    from pipeline.utils.plots import plot_search
+
+    rows = [r for r in run.leaderboard if r["status"] == "ok" and r["resource"] >= 1.0]
+    searched = sorted(
+        {k for e in space.entries for k, v in e.params.items() if isinstance(v, Dist) or len(v) > 1}
+    )
+    points = [
+        {"head": r["head"], "transforms": r["transforms"], "layer": r["layer"], **json.loads(r["params"])}
+        for r in rows
+    ]
+    columns = ["head", "transforms", "layer"] + searched
+    plot_search(
+        run.dir / "scores.png", points, [r["score"] for r in rows], columns, "search: score by parameter"
+    )

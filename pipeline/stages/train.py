@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.cache.locate import resolve_cache, runs_root
 from pipeline.cache.reader import Data, close_cache, use_streaming
+from pipeline.data.splits import small_class_note
 from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
 from pipeline.heads.metrics import classification_metrics
 from pipeline.heads.registry import make_head
@@ -118,6 +119,9 @@ def train(cfg: Config, *, run_dir: Path | None = None) -> TrainRun:
             notes.append("the val split is empty: no early stopping, no val metrics")
         if not len(test_rows):
             notes.append("the test split is empty: no test metrics")
+        small = small_class_note(cache.labels, cache.split, cache.class_names)
+        if small:
+            notes.append(small)
         out = run_dir or _new_run(cfg, cache_path, t.head)
         metrics = _metrics(cfg, cache, layer, params, fitted, preds, notes, out)
         _write_run(out, fitted, metrics, preds["test"], cache)

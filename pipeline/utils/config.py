@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.utils.errors import FeatcacheError
 
@@ -35,6 +35,9 @@ RESIZE_POLICIES = ("stretch", "crop", "pad")
 ON_ERROR = ("skip", "fail")
 
 
+DECODE_POLICIES = ("dct", "exact")
+
+
 DTYPES = ("float32", "float16")
 
 
@@ -44,17 +47,27 @@ COMPRESSIONS = ("none", "gzip", "lzf")
 ENGINES = ("auto", "tensorflow", "tflite")
 
 
+#: the heads of :data:`pipeline.heads.registry.HEADS`, named here so a bad name fails before any import
+HEAD_NAMES = ("logistic", "linear_svm", "ridge", "knn", "mlp", "hgb", "keras_linear", "keras_mlp")
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    source: str = "fashion_mnist"  # built-in demo, a folder, a .csv of path,label, or a .npz
+    source: str = (
+        "fashion_mnist"  # built-in demo, a folder, a .csv, a .npz, .tar shards or .parquet; or a URL
+    )
     name: str = ""  # dataset name used in the cache file name; derived from the source when empty
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     group_pattern: str = ""  # regex on the relative path; its first group keeps related images in one split
     limit: int = 0  # 0 = all; else a stable, content-hashed subset of this many samples
     on_error: str = "skip"  # what an unreadable image does: skip (quarantine it) or fail the run
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for URL sources
+    decode: str = (
+        "dct"  # dct: JPEGs decoded at the smallest 1/2-1/4-1/8 DCT scale >= 2x the input; exact: full size
+    )
 
 
 @dataclass
@@ -97,10 +110,11 @@ class TrainConfig:
 @dataclass
 class SearchConfig:
     space: str = ""  # TOML file declaring the search space; empty = the built-in space
-    strategy: str = "grid"
-    n_trials: int = 24
+    strategy: str = "random"
+    n_trials: int = 100
     n_jobs: int = 1
     cv: int = 0  # 0 = the fixed validation split; k >= 2 = k-fold CV on train+val
+    convertible: bool = False  # only heads that finetune/export can convert (no knn, hgb)
 
 
 @dataclass
@@ -114,6 +128,15 @@ class FinetuneConfig:
     augment: list[str] = field(
         default_factory=lambda: ["flip", "rotation", "zoom", "translation", "contrast"]
     )
+    tensorboard: bool = False  # write TensorBoard logs (Keras' callback) to <run>/tensorboard
+    keep_worse: bool = False  # true = keep the best epoch even when it does not beat the model before
+
+
+@dataclass
+class ClusterConfig:
+    """Where extraction and search run: this process, a local Dask cluster, or an existing scheduler."""
+
+    address: str = ""  # "" = this process | local | local:N | env | tcp://host:8786
 
 
 @dataclass
@@ -124,6 +147,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    #: dotted keys the user chose (see :func:`given_keys`); not a field, so never saved or compared
+    given: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,6 +157,7 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ON_ERROR,
+    "data.decode": DECODE_POLICIES,
     "backbone.pooling": POOLINGS,
     "backbone.resize": RESIZE_POLICIES,
     "extract.dtype": DTYPES,
@@ -199,6 +226,8 @@ def _validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise FeatcacheError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
+    if cfg.train.head not in HEAD_NAMES:
+        raise FeatcacheError(f"unknown head {cfg.train.head!r} (known: {', '.join(HEAD_NAMES)})")
     d = cfg.data
     for key in ("val_fraction", "test_fraction"):
         v = getattr(d, key)
@@ -240,6 +269,10 @@ def _validate(cfg: Config) -> None:
         raise FeatcacheError(
             f"config: search.cv must be 0 (validation split) or >= 2 folds, got {cfg.search.cv}"
         )
+    if cfg.cluster.address:
+        from pipeline.utils.cluster import parse_address
+
+        parse_address(cfg.cluster.address)  # a malformed address fails now, before any work
     if not cfg.finetune.learning_rate > 0:
         raise FeatcacheError(f"config: finetune.learning_rate must be > 0, got {cfg.finetune.learning_rate}")
 
@@ -268,27 +301,45 @@ def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
     setattr(sec, name, _coerce(dotted, value, annotation))
 
 
+def given_keys(cfg: Config) -> frozenset[str]:
+    """The dotted keys the user chose: every override (flag, ``--set``, API override), and every key of
+    the config file whose value differs from the default (a copy of ``configs/default.toml`` chooses
+    nothing). Later stages follow the newest cache except where these keys pin it down."""
+    return cfg.given
+
+
+def read_toml(p: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table, or one line naming the file: missing, or not valid TOML."""
+    if not p.is_file():
+        raise FeatcacheError(f"{what} not found: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FeatcacheError(f"{p}: not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults ← TOML file ← overrides (``{"backbone.name": "vgg16", ...}``), validated once at the end."""
     cfg = Config()
+    defaults = Config()
+    given: set[str] = set()
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise FeatcacheError(f"config file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise FeatcacheError(f"{p}: not valid TOML: {e}") from None
+        raw = read_toml(p, "config file")
         for section, values in raw.items():
             if not isinstance(values, dict):
                 raise FeatcacheError(f"{p}: top-level key {section!r} must be a [section]")
             for name, value in values.items():
                 _set(cfg, f"{section}.{name}", value, str(p))
+                if getattr(getattr(cfg, section), name) != getattr(getattr(defaults, section), name):
+                    given.add(f"{section}.{name}")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         _set(cfg, dotted, value, "override")
+        given.add(dotted)
     _validate(cfg)
+    cfg.given = frozenset(given)
     return cfg
 
 

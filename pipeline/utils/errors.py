@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class FeatcacheError(Exception):
     """A user-facing error: the CLI prints it as one line and exits with code 2."""
+
+
+class FeatcacheValueError(FeatcacheError, ValueError):
+    """A bad value (a parameter, a label, an array): a ``ValueError`` for scikit-learn and Python callers,
+    and still a :class:`FeatcacheError` for the CLI (one line, exit 2)."""

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,25 +133,54 @@ def file_lock(
 
     ``timeout`` 0 fails at once with ``busy`` when another process holds it; otherwise the call prints
     ``waiting`` and waits up to ``timeout`` seconds (-1 = for ever), then fails with ``timed_out``.
+    The lock file is removed on release, so a clean run leaves none behind (see :func:`_acquire_flock`).
     """
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(path))
     try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        fd = _acquire_flock(Path(path), 0)
+        if fd is None:
             if timeout == 0:
-                raise FeatcacheError(busy) from None
+                raise FeatcacheError(busy)
             if waiting:
                 print(waiting, file=sys.stderr, flush=True)
-            try:
-                lock.acquire(timeout=timeout)
-            except Timeout:
-                raise FeatcacheError(timed_out or busy) from None
+            fd = _acquire_flock(Path(path), timeout)
+            if fd is None:
+                raise FeatcacheError(timed_out or busy)
     except OSError as e:  # the lock file cannot be created: read-only or forbidden folder, disk full
         raise FeatcacheError(f"cannot lock {path} ({e.strerror or e}); is the folder writable?") from None
     try:
         yield
     finally:
-        lock.release()
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: a waiter holding the old file sees it is gone and retries
+        os.close(fd)
+
+
+def _acquire_flock(path: Path, timeout: float) -> int | None:
+    """An exclusive ``flock`` on ``path`` (the same lock the ``filelock`` package takes), or None on timeout.
+
+    The holder unlinks the file before releasing it, so a lock won on a file that is no longer the one at
+    ``path`` is stale: the loop reopens and tries again. -1 waits for ever.
+    """
+    import fcntl
+
+    deadline = None if timeout < 0 else time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)

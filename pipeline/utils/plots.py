@@ -1,11 +1,13 @@
-"""Run reports drawn with matplotlib (imported lazily): confusion matrices, learning curves, misclassified rows."""
+"""Run reports drawn with matplotlib (imported lazily): confusion matrices, learning curves, misclassified rows,
+the 2-D map of cached features. Every plot writes to a path or to a binary file object (the HTML report
+keeps its pictures in memory)."""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -19,7 +21,15 @@ def _plt():
     return plt
 
 
-def plot_confusion(path: Path, cm: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> None:
+def _save(fig, path: Path | BinaryIO) -> None:
+    # no "Software: ... https://matplotlib.org" chunk: a report must not name any web address
+    fig.savefig(path, dpi=100, format="png", metadata={"Software": None})
+    _plt().close(fig)
+
+
+def plot_confusion(
+    path: Path | BinaryIO, cm: Sequence[Sequence[int]], class_names: Sequence[str], title: str
+) -> None:
     plt = _plt()
     cm = np.asarray(cm)
     n = len(class_names)
@@ -47,8 +57,7 @@ def plot_confusion(path: Path, cm: Sequence[Sequence[int]], class_names: Sequenc
                         color="white" if cm[i, j] > hi / 2 else "black",
                     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_split_confusions(
@@ -62,22 +71,57 @@ def plot_split_confusions(
             plot_confusion(run_dir / f"confusion_{split}.png", cm, class_names, label)
 
 
-def plot_learning_curves(path: Path, history: dict[str, list[float]], title: str) -> None:
+def plot_learning_curves(
+    path: Path | BinaryIO, history: dict[str, list[float]], title: str, epoch0: dict[str, float] | None = None
+) -> None:
+    """Train (and val) loss and accuracy per epoch; ``epoch0`` (the model before any epoch) starts them at 0."""
     plt = _plt()
     metrics = [m for m in ("loss", "accuracy") if m in history]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    start = epoch0 or {}
     for ax, m in zip(axes[0], metrics, strict=True):
-        epochs = range(1, len(history[m]) + 1)
-        ax.plot(epochs, history[m], label="train")
-        if f"val_{m}" in history:
-            ax.plot(epochs, history[f"val_{m}"], label="val")
+        for key, label in ((m, "train"), (f"val_{m}", "val")):
+            if key not in history:
+                continue
+            first = [start[key]] if key in start else []
+            ax.plot(range(1 - len(first), len(history[key]) + 1), first + list(history[key]), label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(m)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def plot_feature_map(
+    path: Path | BinaryIO,
+    maps: dict[str, tuple[np.ndarray, np.ndarray, tuple[str, str]]],
+    class_names: Sequence[str],
+    title: str,
+) -> None:
+    """Side-by-side 2-D scatter plots, ``name → (points N×2, class indices, (x label, y label))``, coloured by
+    class with one legend of class names."""
+    plt = _plt()
+    n = len(class_names)
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
+    colour = (lambda i: cmap(i)) if n <= 20 else (lambda i: cmap(i / max(1, n - 1)))
+    fig, axes = plt.subplots(1, len(maps), figsize=(5.2 * len(maps) + 1.8, 5.0), squeeze=False)
+    for ax, (name, (xy, lab, (xlabel, ylabel))) in zip(axes[0], maps.items(), strict=True):
+        for i, cls in enumerate(class_names):
+            sel = lab == i
+            if sel.any():
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=9, alpha=0.75, color=colour(i), label=cls, linewidths=0)
+        ax.set_title(f"{name} · {len(xy)} rows")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if handles and n <= 30:
+        fig.legend(
+            handles, names, loc="center right", title="class", markerscale=2.0, fontsize=8, frameon=False
+        )
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (5.2 * len(maps) + 1.8), 1))
+    _save(fig, path)
 
 
 def write_misclassified(
@@ -97,3 +141,43 @@ def write_misclassified(
         for i in wrong:
             w.writerow([keys[i], class_names[int(y_true[i])], class_names[int(y_pred[i])], f"{prob[i]:.4f}"])
     return len(wrong)
+
+
+def plot_search(
+    path: Path, points: Sequence[dict[str, Any]], scores: Sequence[float], columns: Sequence[str], title: str
+) -> None:
+    """One panel per column: score against its values (log axis for positive ranges over 2 decades)."""
+    from pipeline.utils.io import atomic_path
+
+    if not points:
+        return
+    plt = _plt()
+    cols = [c for c in columns if any(c in p for p in points)]
+    ncol = min(3, len(cols))
+    nrow = -(-len(cols) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, col in zip(axes.flat, cols, strict=False):
+        have = [(p[col], s) for p, s in zip(points, scores, strict=True) if col in p]
+        values = [v for v, _ in have]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            ax.scatter(values, [s for _, s in have], s=14, alpha=0.7)
+            pos = [v for v in values if v > 0]
+            if len(pos) == len(values) and max(pos) / min(pos) > 100:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            at = {lab: i for i, lab in enumerate(labels)}
+            ax.scatter([at[str(v)] for v in values], [s for _, s in have], s=14, alpha=0.7)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels([lab[:14] for lab in labels], rotation=30, ha="right", fontsize=7)
+        ax.set_title(col, fontsize=9)
+        ax.set_ylabel("score", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(cols) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)

@@ -1,10 +1,12 @@
 """Run folders: where a fitted head, its metrics and its plots live, and how a model is loaded back.
 
-``<runs>/<id>/`` holds the model (``model.joblib``; or ``transforms.joblib`` + ``head.keras`` +
-``head.json`` for Keras heads), ``metrics.json``, plots and ``misclassified.csv``. ``manifest.json`` is
-written last with the sha256 of every other file: a folder without it is an unfinished run, and
-:func:`load_model` refuses any file whose bytes changed. That catches truncation and accidental edits before
-anything is unpickled; it is not a signature, so only load runs from places you trust.
+``<runs>/<id>/`` holds the model (``model.skops``; or ``transforms.skops`` + ``head.keras`` + ``head.json``
+for Keras heads; ``.joblib`` pickles in runs written by 0.1), ``metrics.json``, plots and
+``misclassified.csv``. ``manifest.json`` is written last with the sha256 of every other file: a folder
+without it is an unfinished run, and :func:`load_model` refuses any file whose bytes changed. That catches
+truncation and accidental edits before anything is loaded; skops files are then built from trusted types
+only (:mod:`pipeline.heads.persist`). Runs, fine-tuned runs and searches under a runs folder are listed by
+:func:`list_runs`.
 """
 
 from __future__ import annotations
@@ -101,3 +103,231 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
         if name not in manifest["files"]:
             raise FeatcacheError(f"{path}: model file {name} is not covered by the manifest")
     return manifest
+
+
+TRIALS_FILE = "trials.jsonl"
+
+
+def read_trials(path: Path) -> dict[str, dict[str, Any]]:
+    """A search's finished trials by key (``trials.jsonl``); a torn last line (killed mid-write) is ignored."""
+    out: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "key" in rec:
+            out.setdefault(rec["key"], rec)
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+
+
+def _acc(split: Any) -> float | None:
+    return split.get("accuracy") if isinstance(split, dict) else None
+
+
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """One finished run (``train`` or ``finetune``) as a flat row: what ``runs ls`` and the report list."""
+    m = _read_json(run_dir / "metrics.json") or {}
+    fit = m.get("fit") or {}
+    return {
+        "id": run_dir.name,
+        "kind": "finetune" if m.get("kind") == "finetune" else "train",
+        "head": m.get("head") or "?",
+        "head_kind": m.get("head_kind"),
+        "layer": m.get("layer"),
+        "transforms": "+".join(m.get("transforms") or []) or "none",
+        "params": m.get("params") or {},
+        "val_accuracy": _acc(m.get("val")),
+        "test_accuracy": _acc(m.get("test")),
+        "val_macro_f1": (m.get("val") or {}).get("macro_f1"),
+        "test_macro_f1": (m.get("test") or {}).get("macro_f1"),
+        "seconds": fit.get("seconds"),
+        "epochs": fit.get("epochs"),
+        "created": m.get("created") or _stamp((run_dir / MANIFEST).stat().st_mtime),
+        "source": Path(m["source_run"]).name if m.get("source_run") else None,
+        "unfreeze": (m.get("finetune") or {}).get("unfreeze"),
+        "fingerprint": (m.get("cache") or {}).get("fingerprint"),
+        "path": str(run_dir),
+        "readable": bool(m),
+    }
+
+
+def search_row(search_dir: Path) -> dict[str, Any]:
+    """A search folder as one row: its best trial (scored on val, or by k-fold CV: ``metric`` says which)."""
+    info = _read_json(search_dir / "search.json") or {}
+    trials = read_trials(search_dir / TRIALS_FILE)
+    best = info.get("best") or {}
+    stamp_file = search_dir / "search.json" if info else search_dir / TRIALS_FILE
+    cv = int(info.get("cv") or 0)
+    return {
+        "id": search_dir.name,
+        "kind": "search",
+        "head": best.get("head") or "-",
+        "head_kind": None,
+        "layer": best.get("layer"),
+        "transforms": best.get("transforms") or "-",
+        "params": json.loads(best["params"]) if isinstance(best.get("params"), str) else {},
+        "val_accuracy": best.get("score"),
+        "test_accuracy": None,
+        "metric": f"{cv}-fold CV accuracy" if cv else "val accuracy",
+        "strategy": info.get("strategy"),
+        "n_trials": len(trials),
+        "seconds": info.get("seconds"),
+        "epochs": None,
+        "created": _stamp(stamp_file.stat().st_mtime) if stamp_file.exists() else "-",
+        "source": None,
+        "fingerprint": (info.get("cache") or {}).get("fingerprint"),
+        "path": str(search_dir),
+        "readable": bool(info),
+    }
+
+
+def search_trials(search_dir: Path) -> list[dict[str, Any]]:
+    """Every journaled trial of a search, one row each (val or CV score; a search never touches test)."""
+    info = _read_json(search_dir / "search.json") or {}
+    cv = int(info.get("cv") or 0)
+    rows = []
+    for key, t in read_trials(search_dir / TRIALS_FILE).items():
+        rows.append(
+            {
+                "id": f"{search_dir.name}/{key[:8]}",
+                "kind": "trial",
+                "head": t.get("head") or "?",
+                "layer": t.get("layer"),
+                "transforms": "+".join(t.get("transforms") or []) or "none",
+                "params": t.get("params") or {},
+                "val_accuracy": t.get("score"),
+                "test_accuracy": None,
+                "val_macro_f1": t.get("macro_f1"),
+                "metric": f"{cv}-fold CV accuracy" if cv else "val accuracy",
+                "resource": t.get("resource"),
+                "status": t.get("status"),
+                "error": t.get("error", ""),
+                "seconds": t.get("seconds"),
+                "created": _stamp(t["finished"]) if isinstance(t.get("finished"), (int, float)) else "-",
+                "path": str(search_dir),
+            }
+        )
+    return sorted(rows, key=lambda r: (r["status"] != "ok", -(r["resource"] or 0), -(r["val_accuracy"] or 0)))
+
+
+def run_folders(root: str | Path) -> list[Path]:
+    """Finished train and fine-tuned runs (a manifest each) and search folders under a runs folder."""
+    root = Path(root)
+    found = [p.parent for p in root.glob(f"*/{MANIFEST}")]
+    found += [p.parent for p in root.glob(f"finetune/*/{MANIFEST}")]
+    found += [p for p in root.glob("search-*") if p.is_dir() and (p / TRIALS_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def list_runs(root: str | Path, fingerprint: str | None = None) -> list[dict[str, Any]]:
+    """One row per finished run, fine-tuned run and search under ``root``, oldest first; with
+    ``fingerprint``, only those made from that cache (a runs folder may serve several caches)."""
+    rows = [search_row(p) if p.name.startswith("search-") else run_row(p) for p in run_folders(root)]
+    if fingerprint:
+        rows = [r for r in rows if r["fingerprint"] in (None, fingerprint)]
+    return sorted(rows, key=lambda r: (r["created"], r["id"]))
+
+
+def best_run(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The train or fine-tuned run with the best val accuracy (test is never used to choose); newest on ties."""
+    cands = [r for r in rows if r["kind"] in ("train", "finetune") and r.get("val_accuracy") is not None]
+    if not cands:
+        cands = [r for r in rows if r["kind"] in ("train", "finetune")]
+    if not cands:
+        return None
+    return max(cands, key=lambda r: (r.get("val_accuracy") or 0.0, r["created"], r["id"]))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+
+def format_runs(rows: Sequence[dict[str, Any]]) -> str:
+    """``runs ls``: one line a run (id, kind, head, val and test accuracy, created)."""
+    width = max([len(r["id"]) for r in rows] + [2])
+    lines = [f"{'id':<{width}}  {'kind':<8} {'head':<13} {'val_acc':>8} {'test_acc':>8}  created"]
+    for r in rows:
+        lines.append(
+            f"{r['id']:<{width}}  {r['kind']:<8} {str(r['head'])[:13]:<13} {_fmt(r['val_accuracy']):>8}"
+            f" {_fmt(r['test_accuracy']):>8}  {r['created']}"
+        )
+    return "\n".join(lines)
+
+
+def describe_run(path: Path) -> dict[str, Any]:
+    """Everything ``runs show`` prints: the row, plus the metrics and manifest (runs) or the trials (searches)."""
+    if path.name.startswith("search-"):
+        return {
+            **search_row(path),
+            "search": _read_json(path / "search.json"),
+            "trials": search_trials(path),
+        }
+    manifest = _read_json(path / MANIFEST) or {}
+    return {
+        **run_row(path),
+        "metrics": _read_json(path / "metrics.json"),
+        "files": sorted(manifest.get("files", {})),
+        "model_files": manifest.get("model_files", []),
+    }
+
+
+def format_run(info: dict[str, Any]) -> str:
+    """``runs show``: the run's settings, val/test metrics, per-class scores (test) and files."""
+    lines = [
+        f"{k:>12}: {_fmt(info.get(k))}" for k in ("id", "kind", "head", "layer", "transforms", "created")
+    ]
+    lines.append(f"{'params':>12}: {json.dumps(info.get('params') or {}, sort_keys=True)}")
+    if info["kind"] == "search":
+        lines.append(
+            f"{'strategy':>12}: {_fmt(info.get('strategy'))} · {info['n_trials']} trials · {info['metric']}"
+        )
+        lines.append("")
+        lines.append(
+            f"{'score':>7} {'rows':>5} {'fit_s':>6}  {'head':<13} {'layer':<16} {'transforms':<18} params"
+        )
+        for t in info["trials"][:15]:
+            score = _fmt(t["val_accuracy"]) if t["status"] == "ok" else "failed"
+            lines.append(
+                f"{score:>7} {(t['resource'] or 0):>5.0%} {(t['seconds'] or 0):>6.1f}  {t['head']:<13}"
+                f" {str(t['layer'])[:16]:<16} {t['transforms'][:18]:<18} {json.dumps(t['params'], sort_keys=True)}"
+            )
+        if len(info["trials"]) > 15:
+            lines.append(f"... {len(info['trials']) - 15} more (--json lists them all)")
+    else:
+        lines += _format_metrics(info.get("metrics") or {})
+        lines.append(f"{'files':>12}: {', '.join(info['files'])}")
+    lines.append(f"{'path':>12}: {info['path']}")
+    return "\n".join(lines)
+
+
+def _format_metrics(m: dict[str, Any]) -> list[str]:
+    lines = ["", f"{'split':<6} {'n':>6} {'accuracy':>9} {'bal_acc':>8} {'macro_f1':>9}"]
+    for split in ("val", "test"):
+        s = m.get(split) or {}
+        lines.append(
+            f"{split:<6} {s.get('n', 0):>6} {_fmt(s.get('accuracy')):>9} {_fmt(s.get('balanced_accuracy')):>8}"
+            f" {_fmt(s.get('macro_f1')):>9}"
+        )
+    per_class = (m.get("test") or {}).get("per_class") or {}
+    if per_class:
+        lines += ["", f"{'class (test)':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'n':>6}"]
+        for name, c in per_class.items():
+            lines.append(
+                f"{str(name)[:20]:<20} {c['precision']:>9.3f} {c['recall']:>7.3f} {c['f1']:>7.3f} {c['support']:>6}"
+            )
+    return lines + [""] + [f"{'note':>12}: {n}" for n in m.get("notes", [])]

@@ -1,0 +1,107 @@
+"""Extraction on a Dask cluster vs one process, on the same photos in the same run (issue 13).
+
+One process: ``extract`` as today (TensorFlow's pools sized to every core). Cluster: ``--cluster local:2``'s
+layout — a LocalCluster of single-threaded worker processes, one per core — reached by address, so its
+workers are warm (their model built by a first small job, as on a long-lived cluster); the two runs are
+interleaved, ``reps`` each, and the ratio is of medians. A cold ``local:N`` run (the cluster started, the
+model built in every worker, inside the timed call) is reported as well, end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_engines import BACKBONE, OUT, make_photos
+
+BATCH = 32
+ENGINE = "tensorflow"
+
+
+def _extract(source: str, limit: int, cluster: str) -> dict[str, Any]:
+    from pipeline.stages.extract import extract
+
+    with tempfile.TemporaryDirectory(prefix="bench-cluster-", dir=OUT) as tmp:
+        t0 = time.perf_counter()
+        r = extract(
+            data__source=source,
+            data__limit=limit,
+            backbone__name=BACKBONE,
+            extract__cache_dir=tmp,
+            extract__engine=ENGINE,
+            extract__batch_size=BATCH,
+            extract__progress=False,
+            extract__lock_timeout=0,
+            cluster__address=cluster,
+        )
+        wall = time.perf_counter() - t0
+    return {
+        "images_per_s": r.images_per_second,  # what extract reports: the shards / batches loop
+        "end_to_end_images_per_s": r.extracted / wall,  # the whole call (a cold cluster's start included)
+        "images": r.extracted,
+        "engine": r.engine,
+    }
+
+
+def run(out_dir: Path, quick: bool) -> dict:
+    import distributed
+
+    n = 96 if quick else 256  # small: a shared 2-core machine; both runs see the same load, interleaved
+    reps = 1 if quick else 2
+    workers = os.cpu_count() or 1
+    OUT.mkdir(parents=True, exist_ok=True)
+    photos = str(make_photos(OUT / f"photos-{n}", n))
+    single: list[dict] = []
+    warm: list[dict] = []
+    with distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=1, dashboard_address=":0", silence_logs=40
+    ) as lc:
+        _extract(photos, 2 * BATCH * workers, lc.scheduler_address)  # warm-up: every worker builds its model
+        _extract(photos, 2 * BATCH, "")  # and this process imports TensorFlow
+        for _ in range(reps):
+            single.append(_extract(photos, n, ""))
+            warm.append(_extract(photos, n, lc.scheduler_address))
+    cold = _extract(photos, n, f"local:{workers}")
+
+    def med(runs, key):
+        return statistics.median(r[key] for r in runs)
+
+    return {
+        "images": n,
+        "workers": workers,
+        "reps": reps,
+        "engine": ENGINE,
+        "single": single,
+        "cluster_warm": warm,
+        "cluster_cold": cold,
+        "ratio": med(warm, "images_per_s") / med(single, "images_per_s"),
+        "ratio_end_to_end": med(warm, "end_to_end_images_per_s") / med(single, "end_to_end_images_per_s"),
+        "ratio_cold_end_to_end": cold["end_to_end_images_per_s"] / med(single, "end_to_end_images_per_s"),
+    }
+
+
+def markdown(result: dict) -> str:
+    def med(runs, key):
+        return statistics.median(r[key] for r in runs)
+
+    s, w, c = result["single"], result["cluster_warm"], result["cluster_cold"]
+    rows = [
+        "| run | images/s (extract) | ratio | end-to-end images/s | ratio |",
+        "|---|---:|---:|---:|---:|",
+        f"| one process ({result['engine']}, all cores) | {med(s, 'images_per_s'):.1f} | 1.00× | "
+        f"{med(s, 'end_to_end_images_per_s'):.1f} | 1.00× |",
+        f"| cluster, {result['workers']} warm single-threaded workers | {med(w, 'images_per_s'):.1f} | "
+        f"{result['ratio']:.2f}× | {med(w, 'end_to_end_images_per_s'):.1f} | {result['ratio_end_to_end']:.2f}× |",
+        f"| `--cluster local:{result['workers']}`, cold (cluster start + model build timed) | "
+        f"{c['images_per_s']:.1f} |  | {c['end_to_end_images_per_s']:.1f} | {result['ratio_cold_end_to_end']:.2f}× |",
+    ]
+    return (
+        f"{result['images']} natural JPEGs (~500×375) → {BACKBONE} at 224 px, batch {BATCH}, engine "
+        f"{result['engine']}; median of {result['reps']}, one process and the warm cluster interleaved; "
+        "ratio = ÷ one process in the same run. Goal (issue 13): the cluster ≥ 0.9× one process.\n\n"
+        + "\n".join(rows)
+    )

@@ -1,0 +1,78 @@
+"""What a source lists: :class:`Sample` (one image, by reference) and :class:`Dataset` (the list + how to read).
+
+Both are plain, picklable data: a sample names its file, shard member or Parquet row by URL/path and name or
+index, never by an open handle, so a dataset can be sent to worker processes. Readers that stream shards keep
+their open files in a per-process registry (:mod:`pipeline.data.webdataset`, :mod:`pipeline.data.parquet`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # stable within the dataset: relative path, "<shard>/<key>", or "<part>/<row>" for arrays
+    label: str
+    split: str | None = None  # fixed by the layout: train | val | test | trainval; None = hashed
+    group: str | None = None  # samples of one group always share a split
+    path: str | None = None  # file, shard or URL to read (file and shard sources)
+    index: int = -1  # row in ``Dataset.arrays`` (array sources) or in the Parquet file (Parquet sources)
+    member: str = ""  # the image's member name inside a tar shard (WebDataset sources)
+    digest: str = ""  # content digest, when listing already read the bytes (shards) or remembered them
+    stamp: tuple[int, int] | None = None  # (size, version) of a remote file, for rerun skipping
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str
+    samples: list[Sample]
+    class_names: list[str]
+    arrays: np.ndarray | None = None  # N×H×W[×C] uint8 for array sources
+    ignored: list[str] = field(default_factory=list)  # non-image or hidden files seen while scanning
+    problems: list[tuple[Sample, str]] = field(default_factory=list)  # unusable samples found while listing
+    storage_options: dict = field(default_factory=dict)  # fsspec options for URL sources
+
+    @property
+    def is_files(self) -> bool:
+        return self.arrays is None
+
+    def read(self, sample: Sample) -> bytes | np.ndarray:
+        """Raw content: file, member or row bytes (decoded later) or a uint8 array.
+
+        Tar members and Parquet rows come from a per-shard sequential reader: reading a shard's samples
+        in order streams it once.
+        """
+        if self.arrays is not None:
+            return self.arrays[sample.index]
+        if sample.member:
+            from pipeline.data.webdataset import read_member
+
+            return read_member(sample.path, sample.member, self.storage_options)
+        if sample.index >= 0:
+            from pipeline.data.parquet import read_row
+
+            return read_row(sample.path, sample.index, self.storage_options)
+        from pipeline.data.storage import is_url
+
+        if is_url(sample.path):
+            from pipeline.data.storage import read_url
+
+            return read_url(sample.path, self.storage_options)
+        from pipeline.data.decode import read_bytes
+
+        return read_bytes(sample.path)
+
+    def close(self) -> None:
+        """Close the shard readers this process opened (they reopen on the next read)."""
+        from pipeline.data.parquet import close_readers as close_parquet
+        from pipeline.data.webdataset import close_readers as close_tars
+
+        close_tars()
+        close_parquet()
+
+    def label_index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.class_names)}

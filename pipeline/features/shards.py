@@ -1,0 +1,174 @@
+"""Extraction shards for a Dask cluster: the plan (driver side) and the task (worker side).
+
+The driver plans the samples still missing as deterministic shards (dataset order, fixed size) and submits
+one task per shard. A task receives plain data only — the backbone *settings*, the shard's samples (paths,
+or the shard's own rows of an array dataset) — never a Keras model (which does not pickle, distributed
+#2333): each worker process builds the feature model from the settings once and keeps it, with its engine,
+for every later task with the same settings. The task returns the features of the images it could read and
+the reasons for those it could not; a bad image never fails a task. The driver writes what comes back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.images import make_image_dataset
+from pipeline.data.sources import Dataset, Sample
+from pipeline.utils.config import BackboneConfig
+
+#: A shard is this many batches at most: big enough to amortise a task's overhead, small enough that a
+#: lost worker costs little and the progress bar moves.
+MAX_BATCHES_PER_SHARD = 8
+
+#: At least this many shards per worker when there are enough images, so fast workers keep busy.
+SHARDS_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Everything a worker needs to build its model and engine; hashable, so it keys the per-process cache."""
+
+    backbone: str  # BackboneConfig as canonical JSON
+    engine: str
+    threads: int  # 0 = the worker's threads
+    cache_dir: str  # where a converted TFLite model is kept (shared with every run on this cache)
+    batch_size: int
+    dtype: str
+    decode: str = "exact"  # data.decode: how JPEGs are decoded, as in a local run
+    # images in the whole job (``auto`` skips a conversion a small job would not repay); not part of the
+    # key, so a warm worker keeps its model from one job to the next
+    images: int = field(default=0, compare=False)
+
+    @classmethod
+    def make(
+        cls,
+        backbone: BackboneConfig,
+        engine: str,
+        threads: int,
+        cache_dir: str,
+        batch_size: int,
+        dtype: str,
+        images: int,
+        decode: str = "exact",
+    ):
+        text = json.dumps(dataclasses.asdict(backbone), sort_keys=True)
+        return cls(text, engine, threads, cache_dir, batch_size, dtype, decode, images)
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    ids: list[int]  # positions in the shard of the rows in ``features``
+    features: dict[str, np.ndarray]
+    bad: list[tuple[int, str]]  # (position in the shard, reason)
+    engine: str
+    dims: dict[str, int]
+    map_shapes: dict[str, list[int]]
+    batches: int = 0
+    seconds: float = 0.0
+    size: int = 0
+    worker: str = field(default="")
+
+
+def shard_size(n: int, batch_size: int, workers: int) -> int:
+    """Images per shard: whole batches, at most :data:`MAX_BATCHES_PER_SHARD`, and enough shards for
+    every worker when ``n`` allows. Depends only on its arguments, so a plan is reproducible."""
+    want = math.ceil(n / max(1, workers * SHARDS_PER_WORKER))
+    batches = min(MAX_BATCHES_PER_SHARD, max(1, math.ceil(want / batch_size)))
+    return batches * batch_size
+
+
+def plan_shards(pending: list[Sample], size: int) -> list[list[Sample]]:
+    return [pending[i : i + size] for i in range(0, len(pending), size)]
+
+
+def shard_dataset(ds: Dataset, samples: list[Sample]) -> Dataset:
+    """The part of ``ds`` a task needs: its samples, with an array dataset's rows copied and renumbered."""
+    if ds.arrays is None:
+        return Dataset(ds.name, ds.source, list(samples), list(ds.class_names))
+    rows = np.asarray([s.index for s in samples], np.int64)
+    renumbered = [dataclasses.replace(s, index=i) for i, s in enumerate(samples)]
+    return Dataset(ds.name, ds.source, renumbered, list(ds.class_names), arrays=ds.arrays[rows])
+
+
+_MODELS: dict[ShardSettings, tuple[Any, Any]] = {}  # this process's feature model and engine per settings
+
+
+def _model_and_engine(settings: ShardSettings):
+    """Built once per worker process and kept for later tasks."""
+    got = _MODELS.get(settings)
+    if got is not None:
+        return got
+    from pipeline.features.backbones.build import build_feature_model
+    from pipeline.features.engines import configure_tf_threads, make_engine
+    from pipeline.utils.cluster import worker_threads
+
+    threads = settings.threads or worker_threads()
+    configure_tf_threads(threads)
+    fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)))
+    engine = make_engine(fm, settings.engine, threads, settings.cache_dir, images=settings.images)
+    _MODELS.clear()  # one model per process: a new job's settings replace the old ones
+    _MODELS[settings] = (fm, engine)
+    return fm, engine
+
+
+def run_shard(settings: ShardSettings, shard: int, ds: Dataset) -> ShardResult:
+    """Extract every sample of ``ds`` (one shard): features of the readable ones, reasons for the rest."""
+    fm, engine = _model_and_engine(settings)
+    t0 = time.perf_counter()
+    dtype = np.dtype(settings.dtype)
+    data = make_image_dataset(
+        ds, ds.samples, fm.image_size, _resize(settings), settings.batch_size, decode=settings.decode
+    )
+    ids: list[int] = []
+    chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in fm.layers}
+    bad: list[tuple[int, str]] = []
+    batches = 0
+    for idx, images, ok, why in data:
+        out = engine(images)
+        batches += 1
+        ok, idx = ok.numpy(), idx.numpy()
+        reasons = why.numpy()
+        for i in np.flatnonzero(~ok):
+            bad.append((int(idx[i]), reasons[i].decode("utf-8", "replace")))
+        keep = np.flatnonzero(ok)
+        if len(keep):
+            ids.extend(int(idx[i]) for i in keep)
+            for layer in fm.layers:
+                chunks[layer].append(out[layer][keep].astype(dtype, copy=False))
+    features = {
+        layer: np.concatenate(c) if c else np.zeros((0, fm.dims[layer]), dtype) for layer, c in chunks.items()
+    }
+    return ShardResult(
+        shard,
+        ids,
+        features,
+        bad,
+        engine.name,
+        dict(fm.dims),
+        dict(fm.map_shapes),
+        batches,
+        time.perf_counter() - t0,
+        len(ds.samples),
+        _worker_name(),
+    )
+
+
+def _resize(settings: ShardSettings) -> str:
+    return json.loads(settings.backbone)["resize"]
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return ""

@@ -1,0 +1,75 @@
+"""Exact cosine-similarity search over cached features by blocked matrix products.
+
+Rows are L2-normalized, then the upper triangle of ``X @ X.T`` is computed one ``block × block`` tile at a
+time, so the similarity matrix never exists whole: memory is the features plus one tile. Each tile updates
+every row's two nearest neighbours and collects the pairs at or above a floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SimilarityScan:
+    """Every pair at or above ``floor`` (``a < b``) and each row's two nearest neighbours."""
+
+    a: np.ndarray
+    b: np.ndarray
+    similarity: np.ndarray
+    top_index: np.ndarray  # (n, 2): nearest and second-nearest row, -1 when there is none
+    top_sim: np.ndarray  # (n, 2): their cosine similarities, -inf when there is none
+
+
+def l2_normalize(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(norms, 1e-12)
+
+
+def _merge_top2(best_sim, best_idx, S: np.ndarray, offset: int) -> None:
+    """Fold the two largest entries of each row of ``S`` (columns shifted by ``offset``) into the top 2."""
+    if S.shape[1] == 0:
+        return
+    take = min(2, S.shape[1])
+    idx = np.argpartition(-S, take - 1, axis=1)[:, :take]
+    sims = np.take_along_axis(S, idx, axis=1)
+    all_sim = np.concatenate([best_sim, sims], axis=1)
+    all_idx = np.concatenate([best_idx, idx + offset], axis=1)
+    order = np.argsort(-all_sim, axis=1, kind="stable")[:, :2]
+    best_sim[:] = np.take_along_axis(all_sim, order, axis=1)
+    best_idx[:] = np.take_along_axis(all_idx, order, axis=1)
+
+
+def cosine_scan(X: np.ndarray, floor: float, block: int = 1024) -> SimilarityScan:
+    """All pairs with cosine similarity ≥ ``floor`` and the top-2 neighbours of every row, exactly.
+
+    Memory beyond the normalized features is one ``block × block`` float32 tile (4 MiB at 1024).
+    """
+    Xn = l2_normalize(X)
+    n = len(Xn)
+    top_sim = np.full((n, 2), -np.inf, np.float32)
+    top_idx = np.full((n, 2), -1, np.int64)
+    found_a, found_b, found_s = [], [], []
+    for i0 in range(0, n, block):
+        Xi = Xn[i0 : i0 + block]
+        for j0 in range(i0, n, block):
+            S = Xi @ Xn[j0 : j0 + block].T
+            if i0 == j0:
+                S[np.arange(len(S)), np.arange(len(S))] = -np.inf  # a row is not its own neighbour
+                r, c = np.nonzero(np.triu(S >= floor, k=1))
+            else:
+                r, c = np.nonzero(S >= floor)
+            found_a.append(r + i0)
+            found_b.append(c + j0)
+            found_s.append(S[r, c])
+            _merge_top2(top_sim[i0 : i0 + len(S)], top_idx[i0 : i0 + len(S)], S, j0)
+            if i0 != j0:
+                _merge_top2(top_sim[j0 : j0 + S.shape[1]], top_idx[j0 : j0 + S.shape[1]], S.T, i0)
+    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+    top_idx[~np.isfinite(top_sim)] = -1
+    return SimilarityScan(
+        cat(found_a, np.int64), cat(found_b, np.int64), cat(found_s, np.float32), top_idx, top_sim
+    )

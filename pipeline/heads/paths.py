@@ -1,0 +1,156 @@
+"""Many configurations of one head on the same prepared rows: regularization paths instead of repeated fits.
+
+* ridge: every ``alpha`` from one eigendecomposition of the centred Gram matrix (``X^T X``, or ``X X^T``
+  when there are fewer rows than features); each alpha then costs a matrix product. The solution is the
+  one :class:`~sklearn.linear_model.RidgeClassifier` computes (targets in {-1, 1}, intercept by centring).
+* logistic regression: consecutive values of ``C`` warm-start from the previous solution (lbfgs reaches the
+  same optimum of the same convex objective, in fewer iterations).
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any
+
+import numpy as np
+
+# head -> the parameter its path runs over (the others must be equal along one path)
+# LinearSVC parameters the squared-hinge solver below reproduces (the others: LinearSVC's own fit)
+SVM_PARAMS = frozenset({"C", "tol", "max_iter", "intercept_scaling"})
+LIBLINEAR_QUICK = 10.0  # C · mean |x|² up to which linear_svm keeps liblinear (dual)
+PATH_PARAM = {"ridge": "alpha", "logistic": "C", "linear_svm": "C"}
+
+
+def path_param(head: str, params: dict[str, Any]) -> str | None:
+    """The parameter a path can vary for this configuration, or None (a plain fit)."""
+    name = PATH_PARAM.get(head)
+    if name is None:
+        return None
+    value = params.get(name, 1.0)
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+        return None
+    if head == "ridge" and set(params) - {"alpha"}:
+        return None  # solver, class_weight, fit_intercept, ...: the estimator's own fit
+    if head == "linear_svm" and set(params) - SVM_PARAMS:
+        return None  # loss, penalty, class_weight, ...: LinearSVC's own fit
+    return name
+
+
+def path_value(head: str, params: dict[str, Any]) -> float:
+    return float(params.get(PATH_PARAM[head], 1.0))
+
+
+class RidgePath:
+    """Ridge classifiers for any alpha on fixed (X, y), scored on fixed ``X_eval``, from one decomposition."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, X_eval: np.ndarray):
+        from sklearn.preprocessing import LabelBinarizer
+
+        lb = LabelBinarizer(pos_label=1, neg_label=-1)
+        Y = lb.fit_transform(y).astype(np.float64)
+        self.classes = lb.classes_
+        X = np.asarray(X, np.float64)
+        x_mean, self.y_mean = X.mean(axis=0), Y.mean(axis=0)
+        Xc, Yc = X - x_mean, Y - self.y_mean
+        Ec = np.asarray(X_eval, np.float64) - x_mean
+        if Xc.shape[0] >= Xc.shape[1]:  # primal: (Xc^T Xc + a I) w = Xc^T Yc
+            lam, V = np.linalg.eigh(Xc.T @ Xc)
+            self.P, self.B = Ec @ V, V.T @ (Xc.T @ Yc)
+        else:  # dual: w = Xc^T (Xc Xc^T + a I)^-1 Yc
+            lam, U = np.linalg.eigh(Xc @ Xc.T)
+            self.P, self.B = (Ec @ Xc.T) @ U, U.T @ Yc
+        self.lam = np.clip(lam, 0.0, None)
+
+    def decision(self, alpha: float) -> np.ndarray:
+        return self.P @ (self.B / (self.lam + alpha)[:, None]) + self.y_mean
+
+    def predict(self, alpha: float) -> np.ndarray:
+        d = self.decision(alpha)
+        if d.shape[1] == 1:
+            return self.classes[(d[:, 0] > 0).astype(int)]
+        return self.classes[np.argmax(d, axis=1)]
+
+
+def warm_start_from(estimator, previous) -> None:
+    """Start ``estimator`` (unfitted, same head and data) from ``previous``'s solution."""
+    if previous is None or getattr(previous, "coef_", None) is None:
+        return
+    estimator.set_params(warm_start=True)
+    estimator.coef_ = np.array(previous.coef_, copy=True)
+    estimator.intercept_ = np.array(previous.intercept_, copy=True)
+
+
+def liblinear_is_quick(C: float, X: np.ndarray) -> bool:
+    """liblinear's dual coordinate descent converges fast when C · mean |x|² is small (unit-norm rows,
+    small C); otherwise (standardized features: |x|² ≈ the feature count) it can take minutes."""
+    return C * float(np.mean(np.einsum("ij,ij->i", X, X))) <= LIBLINEAR_QUICK
+
+
+class SquaredHingeSVM:
+    """LinearSVC's default problem (L2-regularized squared hinge, one-vs-rest, regularized bias column of
+    ``intercept_scaling``) solved in the primal with L-BFGS for all classes at once.
+
+    liblinear's coordinate descent and trust-region solvers can need minutes on standardized features
+    (thousands of iterations when the rows are correlated); L-BFGS on the same smooth objective costs two
+    matrix products per step. ``fit`` starts from ``coef0`` (a warm start along a path of C).
+    """
+
+    def __init__(
+        self, C: float = 1.0, tol: float = 1e-4, max_iter: int = 1000, intercept_scaling: float = 1.0
+    ):
+        self.C, self.tol, self.max_iter, self.scaling = (
+            float(C),
+            float(tol),
+            int(max_iter),
+            float(intercept_scaling),
+        )
+        self.W: np.ndarray | None = None
+        self.converged = True
+
+    def fit(self, X: np.ndarray, y: np.ndarray, coef0: np.ndarray | None = None) -> SquaredHingeSVM:
+        from scipy.optimize import minimize
+
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError("needs samples of at least two classes")
+        cols = self.classes_[1:] if len(self.classes_) == 2 else self.classes_
+        Y = np.where(np.asarray(y)[:, None] == cols[None, :], 1.0, -1.0)
+        Xa = np.hstack([np.asarray(X, np.float64), np.full((len(X), 1), self.scaling)])
+        C = self.C
+
+        def f(w):
+            W = w.reshape(Xa.shape[1], Y.shape[1])
+            m = np.maximum(0.0, 1.0 - Y * (Xa @ W))
+            grad = W - 2.0 * C * (Xa.T @ (Y * m))
+            return 0.5 * float(np.sum(W * W)) + C * float(np.sum(m * m)), grad.ravel()
+
+        w0 = np.zeros(Xa.shape[1] * Y.shape[1]) if coef0 is None else np.asarray(coef0, np.float64).ravel()
+        g0 = np.abs(f(np.zeros_like(w0))[1]).max()
+        res = minimize(
+            f, w0, jac=True, method="L-BFGS-B",
+            options={"maxiter": self.max_iter, "gtol": self.tol * g0, "ftol": 1e-12, "maxcor": 20},
+        )  # fmt: skip
+        self.W, self.converged, self.n_iter_ = (
+            res.x.reshape(Xa.shape[1], Y.shape[1]),
+            bool(res.success),
+            res.nit,
+        )
+        if not self.converged:
+            import warnings
+
+            from sklearn.exceptions import ConvergenceWarning
+
+            warnings.warn(
+                f"linear_svm (L-BFGS) did not converge in {self.n_iter_} iterations: {res.message}",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        d = np.asarray(X, np.float64) @ self.W[:-1] + self.scaling * self.W[-1]
+        return d[:, 0] if d.shape[1] == 1 else d
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        d = self.decision_function(X)
+        return self.classes_[(d > 0).astype(int)] if d.ndim == 1 else self.classes_[np.argmax(d, axis=1)]
