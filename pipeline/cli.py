@@ -142,7 +142,9 @@ def _load(args, flags):
 def choose_cache(cfg) -> None:
     """Pin ``cfg`` to the cache the later stages take, and say which one in one line (stderr)."""
     from pipeline.cache.locate import select_cache
+    from pipeline.features.backbones.registry import get_spec
 
+    get_spec(cfg.backbone.name)  # a bad backbone name is named, not reported as "no cache"
     choice = select_cache(cfg)
     if choice.note:
         print(choice.note, file=sys.stderr)
