@@ -66,11 +66,15 @@ predict: $(STAMP)
 report: $(STAMP)
 	$(BIN)/featcache report $(SEL) $(ARGS)
 
+# Test files run on up to 4 processes (one per core); a file's tests stay together, so module fixtures
+# (a cluster, a cache) are built once. On 2 cores this takes the suite from ~27 to ~17 minutes.
+XDIST   := -n auto --maxprocesses=4 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not reliability_long" $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not reliability_long" $(ARGS)
 
 test-reliability: $(STAMP)
-	$(BIN)/python -m pytest -q tests/reliability $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) tests/reliability $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)

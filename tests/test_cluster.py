@@ -72,9 +72,16 @@ def images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(images, tmp_path_factory) -> Path:
-    from pipeline.stages.extract import extract
-
-    return extract(cfg_for(images, tmp_path_factory.mktemp("one"))).path
+    """The one-process cache, made by a fresh ``featcache extract`` process: TensorFlow's thread pools are
+    fixed when it starts, and in this pytest process earlier tests have started it with all cores."""
+    out = tmp_path_factory.mktemp("one")
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--data", str(images), "--cache-dir", str(out)]
+    cmd += ["--image-size", "64", "--batch-size", "16", "--quiet"]
+    cmd += ["--set", "extract.engine=tensorflow", "--set", "extract.threads=1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (path,) = out.glob("*.h5")
+    return path
 
 
 def test_addresses_parse_and_a_bad_one_is_one_line():

@@ -882,8 +882,10 @@ def _halving(runner: _Runner, cands: list[Candidate], n_train: int, n_classes: i
 
 
 def _sort_key(rec: dict[str, Any]):
+    """Best first; equal scores keep the candidates' order (not their timing): the same search, the same
+    ranking, in one process or on a cluster."""
     ok = rec.get("status") == "ok"
-    return (0 if ok else 1, -(rec.get("score") or 0.0), rec.get("seconds") or 0.0)
+    return (0 if ok else 1, -(rec.get("score") or 0.0))
 
 
 def _leaderboard(results: dict[Candidate, tuple[float, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -908,7 +910,7 @@ def _leaderboard(results: dict[Candidate, tuple[float, dict[str, Any]]]) -> list
                 "_cand": cand,
             }
         )
-    rows.sort(key=lambda r: (r["status"] != "ok", -r["resource"], -(r["score"] or 0.0), r["seconds"] or 0.0))
+    rows.sort(key=lambda r: (r["status"] != "ok", -r["resource"], -(r["score"] or 0.0)))  # ties: space order
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
