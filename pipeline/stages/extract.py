@@ -426,7 +426,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
     exactly like a local run's batches; a rerun after any interruption resumes from those parts. A worker
     lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
     """
-    from pipeline.features.shards import ShardSettings, plan_shards, run_shard, shard_dataset, shard_size
+    from pipeline.features.distributed import ShardSettings, plan_shards, run_shard, shard_dataset, shard_size
     from pipeline.utils.cluster import cluster_client
 
     x = cfg.extract

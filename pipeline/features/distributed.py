@@ -1,4 +1,4 @@
-"""Extraction shards for a Dask cluster: the plan (driver side) and the task (worker side).
+"""Extraction on a Dask cluster: the shard plan (driver side) and the shard task (worker side).
 
 The driver plans the samples still missing as deterministic shards (dataset order, fixed size) and submits
 one task per shard. A task receives plain data only — the backbone *settings*, the shard's samples (paths,
