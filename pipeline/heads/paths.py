@@ -114,15 +114,19 @@ class SquaredHingeSVM:
         if len(self.classes_) < 2:
             raise ValueError("needs samples of at least two classes")
         cols = self.classes_[1:] if len(self.classes_) == 2 else self.classes_
-        Y = np.where(np.asarray(y)[:, None] == cols[None, :], 1.0, -1.0)
-        Xa = np.hstack([np.asarray(X, np.float64), np.full((len(X), 1), self.scaling)])
+        # The two matrix products of a step in float32 (the features' own precision; ~1.5× faster), the
+        # weights, the objective and the gradient's sum with W in float64 for L-BFGS.
+        Y = np.where(np.asarray(y)[:, None] == cols[None, :], 1.0, -1.0).astype(np.float32)
+        Xa = np.hstack([np.asarray(X, np.float32), np.full((len(X), 1), self.scaling, np.float32)])
         C = self.C
 
         def f(w):
             W = w.reshape(Xa.shape[1], Y.shape[1])
-            m = np.maximum(0.0, 1.0 - Y * (Xa @ W))
-            grad = W - 2.0 * C * (Xa.T @ (Y * m))
-            return 0.5 * float(np.sum(W * W)) + C * float(np.sum(m * m)), grad.ravel()
+            m = np.maximum(0.0, 1.0 - Y * (Xa @ W.astype(np.float32)))
+            grad = W - 2.0 * C * (Xa.T @ (Y * m)).astype(np.float64)
+            return 0.5 * float(np.sum(W * W)) + C * float(
+                np.sum(np.square(m, dtype=np.float64))
+            ), grad.ravel()
 
         w0 = np.zeros(Xa.shape[1] * Y.shape[1]) if coef0 is None else np.asarray(coef0, np.float64).ravel()
         g0 = np.abs(f(np.zeros_like(w0))[1]).max()

@@ -458,6 +458,7 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
     from pipeline.cache.locate import resolve_cache, runs_root
     from pipeline.cache.reader import Data, close_cache, use_streaming
     from pipeline.cache.store import FeatureCache
+    from pipeline.utils.plots import preload as preload_plots
 
     t0 = time.perf_counter()
     s, seed = cfg.search, cfg.train.seed
@@ -491,6 +492,7 @@ def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] 
                 if fresh:
                     for name in (TRIALS_FILE, "leaderboard.csv", "best.toml", "search.json"):
                         (out / name).unlink(missing_ok=True)
+                preload_plots()  # while the trials run
                 runner = _Runner(
                     out / TRIALS_FILE,
                     data,

@@ -43,11 +43,11 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _worker_main(conn, init: Callable[[Any], Any], state: Any, run: Callable, threads: int) -> None:
+def _worker_main(conn, init: Callable[[Any], Any], run: Callable, threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(threads):
-        ctx = init(state)
+        ctx = init(conn.recv())  # the shared state comes first, once this process has started
         while True:
             try:
                 msg = conn.recv()
@@ -68,6 +68,7 @@ class _Worker:
     proc: Any
     conn: Any
     task_id: int | None = None
+    has_state: bool = False
     since: float = 0.0  # start of the current item (wall clock)
     cpu_since: float | None = None  # the worker's CPU time then
     items: list[Any] = field(default_factory=list)
@@ -93,9 +94,11 @@ class Pool:
         self.workers: list[_Worker] = []
 
     def _start(self) -> _Worker:
+        """Start a worker without its state: a spawned child reads its start-up arguments only once it runs,
+        so passing megabytes of features there would start the workers one after another."""
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(
-            target=_worker_main, args=(child, self.init, self.state, self.run_fn, self.threads), daemon=True
+            target=_worker_main, args=(child, self.init, self.run_fn, self.threads), daemon=True
         )
         proc.start()
         child.close()
@@ -139,10 +142,15 @@ class Pool:
         queue: deque = deque(enumerate(tasks))
         by_id: dict[int, Any] = dict(queue)
         next_id = len(tasks)
+        while len(self.workers) < min(self.n, len(queue)):
+            self._start()  # all booting at once
         while queue or any(w.task_id is not None for w in self.workers):
             idle = [w for w in self.workers if w.task_id is None]
             while queue and (idle or len(self.workers) < self.n):
                 w = idle.pop() if idle else self._start()
+                if not w.has_state:
+                    w.conn.send(self.state)
+                    w.has_state = True
                 w.task_id, task = queue.popleft()
                 self._mark(w)
                 w.items = []
