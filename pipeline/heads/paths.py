@@ -124,9 +124,8 @@ class SquaredHingeSVM:
             W = w.reshape(Xa.shape[1], Y.shape[1])
             m = np.maximum(0.0, 1.0 - Y * (Xa @ W.astype(np.float32)))
             grad = W - 2.0 * C * (Xa.T @ (Y * m)).astype(np.float64)
-            return 0.5 * float(np.sum(W * W)) + C * float(
-                np.sum(np.square(m, dtype=np.float64))
-            ), grad.ravel()
+            loss = 0.5 * float(np.sum(W * W)) + C * float(np.sum(np.square(m, dtype=np.float64)))
+            return loss, grad.ravel()
 
         w0 = np.zeros(Xa.shape[1] * Y.shape[1]) if coef0 is None else np.asarray(coef0, np.float64).ravel()
         g0 = np.abs(f(np.zeros_like(w0))[1]).max()

@@ -46,8 +46,11 @@ def cpu_seconds(pid: int) -> float | None:
 def _worker_main(conn, init: Callable[[Any], Any], run: Callable, threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
+    state = conn.recv()  # the shared state comes first, once this process has started
+    if state is None:  # closed before its first task
+        return
     with threadpool_limits(threads):
-        ctx = init(conn.recv())  # the shared state comes first, once this process has started
+        ctx = init(state)
         while True:
             try:
                 msg = conn.recv()
