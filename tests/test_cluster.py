@@ -70,18 +70,31 @@ def images(tmp_path_factory) -> Path:
     return make_images(tmp_path_factory.mktemp("cluster") / "images")
 
 
-@pytest.fixture(scope="module")
-def reference(images, tmp_path_factory) -> Path:
-    """The one-process cache, made by a fresh ``featcache extract`` process: TensorFlow's thread pools are
-    fixed when it starts, and in this pytest process earlier tests have started it with all cores."""
-    out = tmp_path_factory.mktemp("one")
+def cli_extract(images: Path, out: Path, *extra: str) -> Path:
+    """A cache made by a fresh ``featcache extract`` process: TensorFlow's thread pools are fixed when it
+    starts, and in this pytest process earlier tests have started it with all cores."""
     cmd = [sys.executable, "-m", "pipeline", "extract", "--data", str(images), "--cache-dir", str(out)]
-    cmd += ["--image-size", "64", "--batch-size", "16", "--quiet"]
-    cmd += ["--set", "extract.engine=tensorflow", "--set", "extract.threads=1"]
+    cmd += ["--image-size", "64", "--batch-size", "16", "--quiet", *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     (path,) = out.glob("*.h5")
     return path
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory) -> Path:
+    """The one-process cache with the settings the cluster tests pass (TensorFlow, one thread)."""
+    threads = ["--set", "extract.engine=tensorflow", "--set", "extract.threads=1"]
+    return cli_extract(images, tmp_path_factory.mktemp("one"), *threads)
+
+
+@pytest.mark.slow
+def test_local_cluster_with_default_settings_equals_one_process_exactly(images, tmp_path):
+    """No engine or thread settings (a small job: ``auto`` runs TensorFlow). TensorFlow's CPU kernels round
+    by thread count, so a ``local:2`` cluster's workers use the count one process uses: the same features."""
+    one = cli_extract(images, tmp_path / "one")
+    two = cli_extract(images, tmp_path / "two", "--cluster", "local:2")
+    assert_same_cache(one, two, atol=0.0)
 
 
 def test_addresses_parse_and_a_bad_one_is_one_line():

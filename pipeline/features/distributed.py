@@ -47,6 +47,10 @@ class ShardSettings:
     # images in the whole job (``auto`` skips a conversion a small job would not repay); not part of the
     # key, so a warm worker keeps its model from one job to the next
     images: int = field(default=0, compare=False)
+    # TensorFlow's intra-op threads (0 = the worker's threads). TensorFlow's CPU kernels round by their
+    # thread count (2.4e-6 apart between 1 and 2 threads; TFLite/XNNPACK is bit-identical): a cluster on
+    # this machine uses the count one process would, so its cache equals one process's.
+    tf_threads: int = 0
 
     @classmethod
     def make(
@@ -59,9 +63,10 @@ class ShardSettings:
         dtype: str,
         images: int,
         decode: str = "exact",
+        tf_threads: int = 0,
     ):
         text = json.dumps(dataclasses.asdict(backbone), sort_keys=True)
-        return cls(text, engine, threads, cache_dir, batch_size, dtype, decode, images)
+        return cls(text, engine, threads, cache_dir, batch_size, dtype, decode, images, tf_threads)
 
 
 @dataclass
@@ -113,7 +118,7 @@ def _model_and_engine(settings: ShardSettings):
     from pipeline.utils.cluster import worker_threads
 
     threads = settings.threads or worker_threads()
-    configure_tf_threads(threads)
+    configure_tf_threads(settings.tf_threads or threads)
     fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)))
     engine = make_engine(fm, settings.engine, threads, settings.cache_dir, images=settings.images)
     _MODELS.clear()  # one model per process: a new job's settings replace the old ones

@@ -427,7 +427,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
     lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
     """
     from pipeline.features.distributed import ShardSettings, plan_shards, run_shard, shard_dataset, shard_size
-    from pipeline.utils.cluster import cluster_client
+    from pipeline.utils.cluster import cluster_client, parse_address
 
     x = cfg.extract
     with cluster_client(cfg.cluster.address, quiet=not x.progress) as client:
@@ -444,6 +444,9 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
             x.dtype,
             len(pending),
             cfg.data.decode,
+            tf_threads=(x.threads or os.cpu_count() or 1)
+            if parse_address(cfg.cluster.address).kind == "local"
+            else 0,
         )
         futures = [
             client.submit(run_shard, settings, i, shard_dataset(ds, s), pure=False)
