@@ -384,13 +384,18 @@ def cached_conversion(fm, cache_dir: str | Path | None) -> dict | None:
     return meta
 
 
-def configure_tf_threads(n: int) -> None:
-    """TensorFlow's thread pools for this process (0 = all cores); must run before TensorFlow starts."""
+def tf_thread_count(n: int) -> int:
+    """The intra-op threads :func:`configure_tf_threads` gives TensorFlow for ``n`` (0 = all cores)."""
     import os
 
+    return n or os.cpu_count() or 1
+
+
+def configure_tf_threads(n: int) -> None:
+    """TensorFlow's thread pools for this process (0 = all cores); must run before TensorFlow starts."""
     import tensorflow as tf
 
-    n = n or os.cpu_count() or 1
+    n = tf_thread_count(n)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(n)
         tf.config.threading.set_inter_op_parallelism_threads(min(2, n))

@@ -427,6 +427,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
     lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
     """
     from pipeline.features.distributed import ShardSettings, plan_shards, run_shard, shard_dataset, shard_size
+    from pipeline.features.engines import tf_thread_count
     from pipeline.utils.cluster import cluster_client, parse_address
 
     x = cfg.extract
@@ -444,7 +445,8 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
             x.dtype,
             len(pending),
             cfg.data.decode,
-            tf_threads=(x.threads or os.cpu_count() or 1)
+            # on this machine, TensorFlow with the threads one process would use: the same rounding
+            tf_threads=tf_thread_count(x.threads)
             if parse_address(cfg.cluster.address).kind == "local"
             else 0,
         )

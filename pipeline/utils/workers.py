@@ -46,11 +46,8 @@ def cpu_seconds(pid: int) -> float | None:
 def _worker_main(conn, init: Callable[[Any], Any], run: Callable, threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
-    state = conn.recv()  # the shared state comes first, once this process has started
-    if state is None:  # closed before its first task
-        return
     with threadpool_limits(threads):
-        ctx = init(state)
+        ctx = init(conn.recv())  # the shared state comes first, once this process has started
         while True:
             try:
                 msg = conn.recv()
@@ -71,7 +68,6 @@ class _Worker:
     proc: Any
     conn: Any
     task_id: int | None = None
-    has_state: bool = False
     since: float = 0.0  # start of the current item (wall clock)
     cpu_since: float | None = None  # the worker's CPU time then
     items: list[Any] = field(default_factory=list)
@@ -96,18 +92,23 @@ class Pool:
         self.ctx = mp.get_context("spawn")
         self.workers: list[_Worker] = []
 
-    def _start(self) -> _Worker:
-        """Start a worker without its state: a spawned child reads its start-up arguments only once it runs,
-        so passing megabytes of features there would start the workers one after another."""
-        parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(
-            target=_worker_main, args=(child, self.init, self.run_fn, self.threads), daemon=True
-        )
-        proc.start()
-        child.close()
-        w = _Worker(proc, parent)
-        self.workers.append(w)
-        return w
+    def _start(self, k: int = 1) -> list[_Worker]:
+        """Start ``k`` workers, then send each the shared state. A spawned child reads its start-up
+        arguments only once it runs, so megabytes of features passed there would start workers one after
+        another; sent after every start, they boot at once."""
+        new = []
+        for _ in range(k):
+            parent, child = self.ctx.Pipe()
+            proc = self.ctx.Process(
+                target=_worker_main, args=(child, self.init, self.run_fn, self.threads), daemon=True
+            )
+            proc.start()
+            child.close()
+            new.append(_Worker(proc, parent))
+        self.workers += new
+        for w in new:
+            w.conn.send(self.state)
+        return new
 
     def _kill(self, w: _Worker) -> None:
         if w.proc.is_alive():
@@ -145,15 +146,11 @@ class Pool:
         queue: deque = deque(enumerate(tasks))
         by_id: dict[int, Any] = dict(queue)
         next_id = len(tasks)
-        while len(self.workers) < min(self.n, len(queue)):
-            self._start()  # all booting at once
+        self._start(min(self.n, len(queue)) - len(self.workers))
         while queue or any(w.task_id is not None for w in self.workers):
             idle = [w for w in self.workers if w.task_id is None]
             while queue and (idle or len(self.workers) < self.n):
-                w = idle.pop() if idle else self._start()
-                if not w.has_state:
-                    w.conn.send(self.state)
-                    w.has_state = True
+                w = idle.pop() if idle else self._start()[0]
                 w.task_id, task = queue.popleft()
                 self._mark(w)
                 w.items = []
