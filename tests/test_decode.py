@@ -370,3 +370,71 @@ def test_alpha_over_white_formula(rgba):
 def test_sixteen_bit_gray_high_byte(gray):
     out = decode_image(_png(Image.fromarray(gray)))
     np.testing.assert_array_equal(out, np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=2))
+
+
+# ----------------------------------------------------------------------------------------------- libjpeg-turbo path
+
+
+def _pillow_reference(data: bytes, reduce_to) -> np.ndarray:
+    """What Pillow alone makes of a colour JPEG under the documented rules: draft, load, EXIF orientation."""
+    import io
+
+    from PIL import ImageOps
+
+    im = Image.open(io.BytesIO(data))
+    want = reduce_to
+    if want is not None and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+        want = want[::-1]
+    if want is not None and im.width >= 2 * want[0] and im.height >= 2 * want[1]:
+        im.draft(None, want)
+    im.load()
+    return np.asarray(ImageOps.exif_transpose(im))
+
+
+def _jpeg(pixels: np.ndarray, orientation: int = 1, **save) -> bytes:
+    import io
+
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, exif=exif.tobytes(), **save)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    from sklearn.datasets import load_sample_image
+
+    return load_sample_image("china.jpg")  # a real 427×640 photo
+
+
+@pytest.mark.parametrize(
+    "save",
+    [{"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2}, {"progressive": True}],
+    ids=["444", "422", "420", "progressive"],
+)
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_turbo_decode_is_pillows_pixels_bit_for_bit(photo, monkeypatch, save, orientation):
+    """The libjpeg-turbo path must not change a single pixel: the cache fingerprint does not key it."""
+    import pipeline.data.decode as decode
+
+    calls = []
+    real = decode.simplejpeg.decode_jpeg
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    big = np.asarray(Image.fromarray(photo).resize((1920, 1280), Image.Resampling.BICUBIC))
+    for pixels, reduce_to in [(photo, None), (photo, (448, 448)), (big, (448, 448)), (big, (224, 224))]:
+        data = _jpeg(pixels, orientation, **save)
+        got = decode_image(data, reduce_to=reduce_to)
+        want = _pillow_reference(data, reduce_to)
+        assert got.shape == want.shape and np.array_equal(got, want), (pixels.shape, reduce_to)
+        assert not got.flags.writeable
+    assert len(calls) == 4  # every case took the fast path (scales 1, 1, 2 and 4)
+
+
+def test_turbo_decode_leaves_damaged_jpegs_to_pillow(photo):
+    """A JPEG with a corrupt scan decodes (libjpeg recovers, with a warning) exactly as Pillow decodes it."""
+    data = bytearray(_jpeg(photo))
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # zeroes in the middle of the entropy-coded data
+    got = decode_image(bytes(data))
+    assert np.array_equal(got, _pillow_reference(bytes(data), None))

@@ -17,6 +17,11 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
+try:  # libjpeg-turbo straight into numpy; without it every JPEG goes through Pillow (same pixels, slower)
+    import simplejpeg
+except ImportError:  # pragma: no cover - a declared dependency
+    simplejpeg = None
+
 from pipeline.utils.config import DECODE_POLICIES
 
 #: Lower-case suffixes treated as images when scanning folders (anything else is ignored, not decoded).
@@ -46,6 +51,18 @@ DCT_MARGIN = 2
 
 #: EXIF orientations that store the image transposed (rotated by 90° or 270°, possibly mirrored).
 _TRANSPOSED = frozenset({5, 6, 7, 8})
+
+
+#: What ``ImageOps.exif_transpose`` does for each EXIF orientation, as numpy index operations.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
 
 
 def decode_request(size: int, policy: str) -> tuple[int, int] | None:
@@ -199,6 +216,9 @@ def _decode_stream(fp: BinaryIO, max_pixels: int, reduce_to: tuple[int, int] | N
             raise DecodeError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
         if reduce_to is not None and im.format in ("JPEG", "MPO"):
             _draft(im, reduce_to)
+        fast = _turbo_decode(fp, im, (width, height))
+        if fast is not None:
+            return fast
         try:
             im.load()  # first frame only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -236,9 +256,50 @@ def _draft(im: Image.Image, reduce_to: tuple[int, int]) -> None:
             pass
 
 
-def _orientation(im: Image.Image) -> int:
+def _turbo_decode(fp: BinaryIO, im: Image.Image, stored: tuple[int, int]) -> np.ndarray | None:
+    """A colour JPEG decoded by libjpeg-turbo straight into numpy, or None: let Pillow decode it.
+
+    Pillow decodes with the same library and settings (ISLOW IDCT, fancy upsampling, the DCT scale its
+    ``draft`` chose), so the pixels are bit-identical (tests/test_decode.py holds every subsampling,
+    progressive files, DCT scales and EXIF orientations to it); what it saves is Pillow's copy out of its
+    4-bytes-per-pixel storage, most of the decode cost of a ~500×375 photo. Anything unusual goes to Pillow:
+    other colour modes, and any libjpeg warning (``strict``), so damaged files keep Pillow's verdict.
+    """
+    if simplejpeg is None or im.format not in ("JPEG", "MPO") or im.mode != "RGB":
+        return None
+    width, height = im.size  # after ``draft``
+    scale = _dct_scale(stored, (width, height))
     try:
-        return int(im.getexif().get(0x0112, 1))
+        fp.seek(0)
+        pixels = simplejpeg.decode_jpeg(
+            fp.read(), colorspace="RGB", min_width=width, min_height=height, min_factor=scale
+        )
+    except (ValueError, OSError):
+        return None
+    if pixels.shape != (height, width, 3):
+        return None
+    try:
+        rotate = _ORIENT.get(_orientation(im))
+    except TypeError:  # an unhashable tag value: exif_transpose fails on it too, and rotates nothing
+        rotate = None
+    if rotate is not None:
+        pixels = np.ascontiguousarray(rotate(pixels))
+    pixels.flags.writeable = False  # the contract of the Pillow-backed path
+    return pixels
+
+
+def _dct_scale(stored: tuple[int, int], drafted: tuple[int, int]) -> int:
+    """The 1/s scale Pillow's ``draft`` picked: the s whose rounded-up size it set."""
+    for s in (8, 4, 2):
+        if all((side + s - 1) // s == d for side, d in zip(stored, drafted)):
+            return s
+    return 1
+
+
+def _orientation(im: Image.Image):
+    """The EXIF orientation value exactly as ``ImageOps.exif_transpose`` reads it (1 if unreadable)."""
+    try:
+        return im.getexif().get(0x0112, 1)
     except MemoryError:
         raise
     except Exception:
