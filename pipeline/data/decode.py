@@ -291,7 +291,7 @@ def _turbo_decode(fp: BinaryIO, im: Image.Image, stored: tuple[int, int]) -> np.
 def _dct_scale(stored: tuple[int, int], drafted: tuple[int, int]) -> int:
     """The 1/s scale Pillow's ``draft`` picked: the s whose rounded-up size it set."""
     for s in (8, 4, 2):
-        if all((side + s - 1) // s == d for side, d in zip(stored, drafted)):
+        if all((side + s - 1) // s == d for side, d in zip(stored, drafted, strict=True)):
             return s
     return 1
 

@@ -22,6 +22,7 @@ import numpy as np
 from pipeline.data.images import make_image_dataset
 from pipeline.data.sources import Dataset, Sample
 from pipeline.utils.config import BackboneConfig
+from pipeline.utils.hot_loop import frozen_gc
 
 #: A shard is this many batches at most: big enough to amortise a task's overhead, small enough that a
 #: lost worker costs little and the progress bar moves.
@@ -138,18 +139,19 @@ def run_shard(settings: ShardSettings, shard: int, ds: Dataset) -> ShardResult:
     chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in fm.layers}
     bad: list[tuple[int, str]] = []
     batches = 0
-    for idx, images, ok, why in data:
-        out = engine(images)
-        batches += 1
-        ok, idx = ok.numpy(), idx.numpy()
-        reasons = why.numpy()
-        for i in np.flatnonzero(~ok):
-            bad.append((int(idx[i]), reasons[i].decode("utf-8", "replace")))
-        keep = np.flatnonzero(ok)
-        if len(keep):
-            ids.extend(int(idx[i]) for i in keep)
-            for layer in fm.layers:
-                chunks[layer].append(out[layer][keep].astype(dtype, copy=False))
+    with frozen_gc():  # as in one process: the worker's TensorFlow and Keras objects are not re-scanned
+        for idx, images, ok, why in data:
+            out = engine(images)
+            batches += 1
+            ok, idx = ok.numpy(), idx.numpy()
+            reasons = why.numpy()
+            for i in np.flatnonzero(~ok):
+                bad.append((int(idx[i]), reasons[i].decode("utf-8", "replace")))
+            keep = np.flatnonzero(ok)
+            if len(keep):
+                ids.extend(int(idx[i]) for i in keep)
+                for layer in fm.layers:
+                    chunks[layer].append(out[layer][keep].astype(dtype, copy=False))
     features = {
         layer: np.concatenate(c) if c else np.zeros((0, fm.dims[layer]), dtype) for layer, c in chunks.items()
     }

@@ -10,7 +10,6 @@ interrupted run resumes from its last written batch.
 
 from __future__ import annotations
 
-import gc
 import os
 import queue
 import threading
@@ -41,6 +40,7 @@ from pipeline.data.storage import is_url, redact_options
 from pipeline.features.backbones.registry import get_spec
 from pipeline.utils.config import Config, load_config
 from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.hot_loop import frozen_gc
 from pipeline.utils.io import file_lock
 
 
@@ -204,29 +204,26 @@ def _run_backbone(
     progress = _progress(len(pending), cfg.extract.progress)
     bg = _BackgroundWriter(writer)
     t0 = time.perf_counter()
-    # Everything alive now (TF, Keras, the model) is permanent: without this the cyclic GC keeps
-    # re-scanning that huge object graph as the loop allocates, ~6 % of extraction's CPU.
-    gc.freeze()
     try:
-        for idx, images, ok, why in data:
-            out = engine(images)
-            result.batches += 1
-            ok = ok.numpy()
-            idx = idx.numpy()
-            for i in np.flatnonzero(~ok):
-                s = pending[int(idx[i])]
-                reason = why.numpy()[i].decode("utf-8", "replace")
-                if cfg.data.on_error == "fail":
-                    raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
-                bad.append((s, digests[s.key][0], reason))
-            keep = np.flatnonzero(ok)
-            if len(keep):
-                ids = [digests[pending[int(idx[i])].key][0] for i in keep]
-                bg.put(ids, {layer: out[layer][keep].astype(dtype, copy=False) for layer in fm.layers})
-                result.extracted += len(keep)
-            progress.update(len(idx))
+        with frozen_gc():
+            for idx, images, ok, why in data:
+                out = engine(images)
+                result.batches += 1
+                ok = ok.numpy()
+                idx = idx.numpy()
+                for i in np.flatnonzero(~ok):
+                    s = pending[int(idx[i])]
+                    reason = why.numpy()[i].decode("utf-8", "replace")
+                    if cfg.data.on_error == "fail":
+                        raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
+                    bad.append((s, digests[s.key][0], reason))
+                keep = np.flatnonzero(ok)
+                if len(keep):
+                    ids = [digests[pending[int(idx[i])].key][0] for i in keep]
+                    bg.put(ids, {layer: out[layer][keep].astype(dtype, copy=False) for layer in fm.layers})
+                    result.extracted += len(keep)
+                progress.update(len(idx))
     finally:
-        gc.unfreeze()
         try:
             bg.close()
         finally:
