@@ -423,7 +423,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
     exactly like a local run's batches; a rerun after any interruption resumes from those parts. A worker
     lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
     """
-    from pipeline.features.distributed import ShardSettings, plan_shards, run_shard, shard_dataset, shard_size
+    from pipeline.features.distributed import ShardSettings, plan_shards, run_shard, shard_dataset
     from pipeline.features.engines import tf_thread_count
     from pipeline.utils.cluster import cluster_client, parse_address
 
@@ -432,7 +432,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
         from distributed import as_completed
 
         workers = max(1, sum(client.nthreads().values()))
-        shards = plan_shards(pending, shard_size(len(pending), x.batch_size, workers))
+        shards = plan_shards(pending, x.batch_size, workers)
         settings = ShardSettings.make(
             cfg.backbone,
             x.engine,
