@@ -649,10 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    if argv is None:  # a real process, not a call from Python code: we own its file descriptors
+    if argv is None:  # a real process, not a call from Python code: we own its file descriptors and its exit
+        from pipeline.utils.collector import skip_gc_at_exit
         from pipeline.utils.quiet import filter_native_stderr
 
         filter_native_stderr()
+        skip_gc_at_exit()
     try:
         return args.func(args)
     except FeatcacheError as e:

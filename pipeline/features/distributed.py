@@ -21,8 +21,8 @@ import numpy as np
 
 from pipeline.data.images import make_image_dataset
 from pipeline.data.sources import Dataset, Sample
+from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import BackboneConfig
-from pipeline.utils.hot_loop import frozen_gc
 
 #: A shard is this many batches at most: big enough to amortise a task's overhead, small enough that a
 #: lost worker costs little and the progress bar moves.
@@ -32,6 +32,7 @@ MAX_BATCHES_PER_SHARD = 8
 #: first, one-batch shards at the end, so workers finish together instead of one idling through another's
 #: last big shard (2 workers, 1,024 photos: the warm cluster's loop went from 0.87× to ... one process's).
 GUIDE = 2
+
 
 @dataclass(frozen=True)
 class ShardSettings:
@@ -116,6 +117,7 @@ def _model_and_engine(settings: ShardSettings):
     from pipeline.features.backbones.build import build_feature_model
     from pipeline.features.engines import configure_tf_threads, make_engine
     from pipeline.utils.cluster import worker_threads
+    from pipeline.utils.collector import skip_gc_at_exit
 
     threads = settings.threads or worker_threads()
     configure_tf_threads(settings.tf_threads or threads)
@@ -123,6 +125,7 @@ def _model_and_engine(settings: ShardSettings):
     engine = make_engine(fm, settings.engine, threads, settings.cache_dir, images=settings.images)
     _MODELS.clear()  # one model per process: a new job's settings replace the old ones
     _MODELS[settings] = (fm, engine)
+    skip_gc_at_exit()  # a worker with TensorFlow loaded then stops in 0.1 s instead of 1.4 s
     return fm, engine
 
 

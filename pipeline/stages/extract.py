@@ -38,9 +38,9 @@ from pipeline.data.sources import Dataset, Sample, digest_bytes
 from pipeline.data.splits import SPLIT_CODES, assign_split
 from pipeline.data.storage import is_url, redact_options
 from pipeline.features.backbones.registry import get_spec
+from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import Config, load_config
 from pipeline.utils.errors import FeatcacheError
-from pipeline.utils.hot_loop import frozen_gc
 from pipeline.utils.io import file_lock
 
 
