@@ -240,3 +240,20 @@ def test_search_on_the_cluster_gives_the_same_trials_and_best(digits_cache, tmp_
     assert (local.best["head"], local.best["params"]) == (remote.best["head"], remote.best["params"])
     again = run("cluster", "local:2")  # resumable as today: nothing runs twice
     assert again.n_run == 0 and again.n_reused == 5
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 96, 1024, 10_000])
+@pytest.mark.parametrize("workers", [1, 2, 8])
+def test_shard_plan_is_whole_batches_in_order_shrinking_to_one(n, workers):
+    """Every shard starts on a batch boundary (same batch-mates as one process), big shards come first and the
+    last ones are one batch, so no worker idles through another's last big shard."""
+    from pipeline.features.distributed import MAX_BATCHES_PER_SHARD, plan_shards
+
+    pending = list(range(n))
+    shards = plan_shards(pending, 32, workers)
+    assert [x for s in shards for x in s] == pending
+    batches = [-(-len(s) // 32) for s in shards]
+    assert all(len(s) % 32 == 0 for s in shards[:-1])
+    assert batches == sorted(batches, reverse=True) and max(batches) <= MAX_BATCHES_PER_SHARD
+    assert batches[-1] == 1
+    assert plan_shards(pending, 32, workers) == shards  # reproducible
