@@ -278,10 +278,7 @@ def _turbo_decode(fp: BinaryIO, im: Image.Image, stored: tuple[int, int]) -> np.
         return None
     if pixels.shape != (height, width, 3):
         return None
-    try:
-        rotate = _ORIENT.get(_orientation(im))
-    except TypeError:  # an unhashable tag value: exif_transpose fails on it too, and rotates nothing
-        rotate = None
+    rotate = _ORIENT.get(_orientation(im))
     if rotate is not None:
         pixels = np.ascontiguousarray(rotate(pixels))
     pixels.flags.writeable = False  # the contract of the Pillow-backed path
@@ -297,9 +294,12 @@ def _dct_scale(stored: tuple[int, int], drafted: tuple[int, int]) -> int:
 
 
 def _orientation(im: Image.Image):
-    """The EXIF orientation value exactly as ``ImageOps.exif_transpose`` reads it (1 if unreadable)."""
+    """The EXIF orientation value as ``ImageOps.exif_transpose`` looks it up (1 if unreadable or unhashable,
+    where that lookup fails and nothing is rotated)."""
     try:
-        return im.getexif().get(0x0112, 1)
+        value = im.getexif().get(0x0112, 1)
+        hash(value)
+        return value
     except MemoryError:
         raise
     except Exception:
