@@ -73,7 +73,7 @@ def run(out_dir: Path, quick: bool) -> dict:
     # a job of 1,024 photos: 4 shards of 8 batches on 2 workers (a real job's shard size; with 256 photos each
     # shard is 2 batches and building its tf.data pipeline, ~0.1 CPU s, is a visible share)
     n = 96 if quick else 1024
-    reps = 1 if quick else 2
+    reps = 1 if quick else 3
     workers = os.cpu_count() or 1
     OUT.mkdir(parents=True, exist_ok=True)
     photos = str(make_photos(OUT / f"photos-{n}", n))
