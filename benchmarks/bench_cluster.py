@@ -4,7 +4,8 @@ One process: ``extract`` as today (TensorFlow's pools sized to every core). Clus
 layout — a LocalCluster of single-threaded worker processes, one per core — reached by address, so its
 workers are warm (their model built by a first small job, as on a long-lived cluster); the two runs are
 interleaved, ``reps`` each, and the ratio is of medians. A cold ``local:N`` run (the cluster started, the
-model built in every worker, inside the timed call) is reported as well, end to end.
+model built in every worker, inside the timed call) is reported as well, end to end, and so are the two
+``featcache extract`` commands (with and without ``--cluster local:N``) timed whole, cold against cold.
 """
 
 from __future__ import annotations
@@ -24,14 +25,20 @@ BATCH = 32
 ENGINE = "tflite"  # what ``auto`` picks for a job of 500 images or more
 
 
-def _extract(source: str, limit: int, cluster: str) -> dict[str, Any]:
-    """One fresh cache of ``limit`` images; the engine's converted model is kept from run to run (as in a
-    user's ``cache/engines``), so no run times a TFLite conversion."""
-    from pipeline.stages.extract import extract
-
+def _fresh_cache_dir() -> Path:
+    """The benchmark's cache folder without caches: the engine's converted model is kept from run to run (as
+    in a user's ``cache/engines``), so no run times a TFLite conversion."""
     cache_dir = OUT / "cluster-cache"
     for old in [*cache_dir.glob("*.h5"), *cache_dir.glob("*.partial")]:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return cache_dir
+
+
+def _extract(source: str, limit: int, cluster: str) -> dict[str, Any]:
+    """One fresh cache of ``limit`` images, by the API in this process."""
+    from pipeline.stages.extract import extract
+
+    cache_dir = _fresh_cache_dir()
     t0 = time.perf_counter()
     r = extract(
         data__source=source,
@@ -56,9 +63,7 @@ def _extract(source: str, limit: int, cluster: str) -> dict[str, Any]:
 def _cli(source: str, limit: int, cluster: str) -> dict[str, Any]:
     """``featcache extract`` as a user runs it: a fresh process that imports TensorFlow and builds its model
     (one process) or starts a local cluster whose workers do (``--cluster``); wall time of the whole command."""
-    cache_dir = OUT / "cluster-cache"
-    for old in [*cache_dir.glob("*.h5"), *cache_dir.glob("*.partial")]:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    cache_dir = _fresh_cache_dir()
     cmd = [sys.executable, "-m", "pipeline", "extract", "--quiet", "--data", source, "--limit", str(limit)]
     cmd += ["--cache-dir", str(cache_dir), "--batch-size", str(BATCH), "--set", f"extract.engine={ENGINE}"]
     cmd += ["--cluster", cluster] if cluster else []
@@ -70,8 +75,8 @@ def _cli(source: str, limit: int, cluster: str) -> dict[str, Any]:
 def run(out_dir: Path, quick: bool) -> dict:
     import distributed
 
-    # a job of 1,024 photos: 4 shards of 8 batches on 2 workers (a real job's shard size; with 256 photos each
-    # shard is 2 batches and building its tf.data pipeline, ~0.1 CPU s, is a visible share)
+    # a job of 1,024 photos: 32 batches, planned as 10 shards on 2 workers (8 batches down to 1); with 256
+    # photos each shard is 1–2 batches and building its tf.data pipeline, ~0.1 CPU s, is a visible share
     n = 96 if quick else 1024
     reps = 1 if quick else 3
     workers = os.cpu_count() or 1

@@ -27,6 +27,5 @@ def skip_gc_at_exit() -> None:
     Only the collector is frozen: every ``atexit`` handler still runs, in whatever order. Nothing of ours
     relies on a collection at exit: caches and parts are closed and synced by their owners before that.
     """
-    if not getattr(skip_gc_at_exit, "registered", False):
-        atexit.register(gc.freeze)
-        skip_gc_at_exit.registered = True
+    atexit.unregister(gc.freeze)  # once, however often it is called
+    atexit.register(gc.freeze)
