@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_engines import BACKBONE, OUT, make_photos
+from pipeline.utils.cluster import start_local_cluster
 
 BATCH = 32
 ENGINE = "tflite"  # what ``auto`` picks for a job of 500 images or more
@@ -84,9 +85,7 @@ def run(out_dir: Path, quick: bool) -> dict:
     photos = str(make_photos(OUT / f"photos-{n}", n))
     single: list[dict] = []
     warm: list[dict] = []
-    with distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, dashboard_address=":0", silence_logs=40
-    ) as lc:
+    with start_local_cluster(distributed, workers) as lc:
         _extract(photos, 2 * BATCH * workers, lc.scheduler_address)  # warm-up: every worker builds its model
         _extract(photos, 2 * BATCH, "")  # and this process imports TensorFlow
         for _ in range(reps):

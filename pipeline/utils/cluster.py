@@ -21,6 +21,17 @@ from pipeline.utils.errors import FeatcacheError
 CONNECT_TIMEOUT_S = 5  # a scheduler that does not answer within this fails the run, saying so
 INSTALL_HINT = "install it with: pip install 'featcache[cluster]' (or pip install 'dask[distributed]')"
 
+#: Dask settings for the local cluster featcache starts (an existing cluster keeps its own). Each worker
+#: runs one long task at a time; its housekeeping — the statistical profiler sampling every 10 ms, the
+#: 20 ms event-loop tick, the 0.5 s system monitor — cost 1.2 CPU s per worker on a 1,024-photo job on
+#: 2 cores (0.17 s with these), CPU the backbone needs. The dashboard still works; its profile tab is empty.
+LOCAL_CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "200ms",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
 
 @dataclass(frozen=True)
 class ClusterSpec:
@@ -63,16 +74,25 @@ def distributed_module():
     return distributed
 
 
-def _local_client(distributed, n: int):
+def start_local_cluster(distributed, n: int):
+    """``local:N``'s layout: N single-threaded worker processes on this machine, with
+    :data:`LOCAL_CLUSTER_CONFIG`."""
     import logging
 
-    cluster = distributed.LocalCluster(
-        n_workers=n,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",  # any free port: two runs on one machine never collide
-        silence_logs=logging.ERROR,
-    )
+    import dask
+
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):  # read when the scheduler and each worker start
+        return distributed.LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # any free port: two runs on one machine never collide
+            silence_logs=logging.ERROR,
+        )
+
+
+def _local_client(distributed, n: int):
+    cluster = start_local_cluster(distributed, n)
     return distributed.Client(cluster, set_as_default=True), cluster
 
 
