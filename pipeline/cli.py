@@ -367,7 +367,10 @@ def cmd_predict(args) -> int:
     from pipeline.utils.config import load_config
 
     cfg = load_config(args.config, {"extract.cache_dir": args.cache_dir})
-    _, results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, cfg=cfg)
+    cluster = cfg.cluster.address if args.cluster is None else args.cluster
+    _, results = predict(
+        args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, cfg=cfg, cluster=cluster
+    )
     fmt = format_json if args.json else format_csv if args.csv else format_table
     text = fmt(results)
     print(text, end="" if text.endswith("\n") else "\n")
@@ -510,6 +513,11 @@ def _add_predict(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--top-k", type=int, default=5, metavar="K")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="a stage-2 run's missing features on Dask: local, local:N, env or tcp://host:8786",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON instead of a table")
     out.add_argument("--csv", action="store_true", help="CSV (one row per image and rank) instead of a table")

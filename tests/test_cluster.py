@@ -140,11 +140,10 @@ def cluster():
         yield lc
 
 
-def _housekeeping() -> tuple[bool, float]:
-    from distributed import get_worker
-
-    w = get_worker()
-    return "profile" in w.periodic_callbacks, w.periodic_callbacks["tick"].callback_time
+def _housekeeping(dask_worker) -> tuple[bool, float]:
+    """Run by ``client.run`` in each worker process, which passes the worker as ``dask_worker``."""
+    callbacks = dask_worker.periodic_callbacks
+    return "profile" in callbacks, callbacks["tick"].callback_time
 
 
 def test_local_cluster_workers_skip_the_profiler_and_tick_slowly(cluster):

@@ -106,6 +106,35 @@ def test_predict_new_images_with_a_stage2_run(stage3, new_images):
     assert_matches_rebuilt_model(stage3["run"], results)
 
 
+@pytest.mark.slow
+def test_predict_on_a_cluster_gives_what_one_process_gives(stage3, new_images):
+    """``--cluster local:2``: the new images' features come from two worker processes (extraction's shard
+    tasks), the head runs here — the same rows as one process; the unreadable file is still an error row."""
+    cached = sorted((stage3["photos"] / "flower").glob("*.jpg"))[0]
+    args = ["predict", "--model", str(stage3["run"]), str(new_images), str(cached), "--json", "--top-k", "2"]
+    args += ["--batch-size", "2"]  # 5 images to compute: shards at 0, 2 and 4, rows put back by offset
+    one, two = run_cli(*args), run_cli(*args, "--cluster", "local:2")
+    assert "cluster: a local cluster of 2 workers · dashboard http" in two.stderr
+    assert two.returncode == 2 and "1 of 6 image(s) could not be read" in two.stderr, two.stderr[-2000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert [(x["image"], x["features"], bool(x["error"])) for x in a] == [
+        (x["image"], x["features"], bool(x["error"])) for x in b
+    ]
+    assert sum(x["features"] == "computed" for x in b) == 4
+    for x, y in zip(a, b, strict=True):
+        assert [p["class"] for p in x["predictions"]] == [p["class"] for p in y["predictions"]]
+        got = [p["probability"] for p in y["predictions"]]
+        assert got == pytest.approx([p["probability"] for p in x["predictions"]], abs=1e-6)
+
+
+def test_predict_on_a_cluster_needs_a_stage2_run(finetuned, new_images):
+    """An end-to-end model has no features to compute on workers: one line, exit 2, before any cluster."""
+    r = run_cli("predict", "--model", str(finetuned), str(new_images), "--cluster", "local:2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("featcache: error: --cluster: predict runs on a")
+    assert "cluster: a local cluster" not in r.stderr  # no cluster was started
+
+
 def assert_matches_rebuilt_model(run: Path, results) -> None:
     from pipeline.data.images import load_images
     from pipeline.model.rebuild import rebuild

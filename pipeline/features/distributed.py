@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from pipeline.data.images import make_image_dataset
 from pipeline.data.sources import Dataset, Sample
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import BackboneConfig
+from pipeline.utils.errors import FeatcacheError
 
 #: A shard is this many batches at most: big enough to amortise a task's overhead, small enough that a
 #: lost worker costs little and the progress bar moves.
@@ -42,7 +44,7 @@ class ShardSettings:
     backbone: str  # BackboneConfig as canonical JSON
     engine: str
     threads: int  # 0 = the worker's threads
-    cache_dir: str  # where a converted TFLite model is kept (shared with every run on this cache)
+    cache_dir: str  # where a converted TFLite model is kept (shared with every run on this cache); "" = none
     batch_size: int
     dtype: str
     decode: str = "exact"  # data.decode: how JPEGs are decoded, as in a local run
@@ -98,6 +100,40 @@ def plan_shards(pending: list[Sample], batch_size: int, workers: int) -> list[li
     return shards
 
 
+def run_shards(
+    client, settings: ShardSettings, ds: Dataset, pending: list[Sample], address: str, on_lost: str
+) -> Iterator[tuple[int, list[Sample], ShardResult]]:
+    """``pending`` as planned shards on ``client``'s workers, one task each; every finished shard (its
+    position in ``pending``, its samples, its result) as it arrives. A task that failed on every worker it tried, or a lost scheduler,
+    is one line (``on_lost`` says what the user keeps); tasks not done are cancelled when the caller stops."""
+    from distributed import as_completed
+
+    shards = plan_shards(pending, settings.batch_size, max(1, sum(client.nthreads().values())))
+    futures = [
+        client.submit(run_shard, settings, i, shard_dataset(ds, s), pure=False) for i, s in enumerate(shards)
+    ]
+    starts = np.cumsum([0] + [len(s) for s in shards])
+    try:
+        for fut in as_completed(futures):
+            r = _result(fut, address, on_lost)
+            yield int(starts[r.shard]), shards[r.shard], r
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+
+
+def _result(fut, address: str, on_lost: str) -> ShardResult:
+    try:
+        return fut.result()
+    except FeatcacheError:
+        raise
+    except (OSError, TimeoutError) as e:
+        raise FeatcacheError(f"cluster: lost the scheduler at {address} ({e}); {on_lost}") from None
+    except Exception as e:  # noqa: BLE001 - KilledWorker and the like: one line
+        raise FeatcacheError(f"cluster: an extraction task failed ({type(e).__name__}: {e})") from None
+    finally:
+        fut.release()
+
+
 def shard_dataset(ds: Dataset, samples: list[Sample]) -> Dataset:
     """The part of ``ds`` a task needs: its samples, with an array dataset's rows copied and renumbered."""
     if ds.arrays is None:
@@ -123,7 +159,7 @@ def _model_and_engine(settings: ShardSettings):
     threads = settings.threads or worker_threads()
     configure_tf_threads(settings.tf_threads or threads)
     fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)))
-    engine = make_engine(fm, settings.engine, threads, settings.cache_dir, images=settings.images)
+    engine = make_engine(fm, settings.engine, threads, settings.cache_dir or None, images=settings.images)
     _MODELS.clear()  # one model per process: a new job's settings replace the old ones
     _MODELS[settings] = (fm, engine)
     skip_gc_at_exit()  # a worker with TensorFlow loaded then stops in 0.1 s instead of 1.4 s

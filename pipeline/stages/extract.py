@@ -10,6 +10,7 @@ interrupted run resumes from its last written batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -423,16 +424,12 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
     exactly like a local run's batches; a rerun after any interruption resumes from those parts. A worker
     lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
     """
-    from pipeline.features.distributed import ShardSettings, plan_shards, run_shard, shard_dataset
+    from pipeline.features.distributed import ShardSettings, run_shards
     from pipeline.features.engines import tf_thread_count
     from pipeline.utils.cluster import cluster_client, parse_address
 
     x = cfg.extract
     with cluster_client(cfg.cluster.address, quiet=not x.progress) as client:
-        from distributed import as_completed
-
-        workers = max(1, sum(client.nthreads().values()))
-        shards = plan_shards(pending, x.batch_size, workers)
         settings = ShardSettings.make(
             cfg.backbone,
             x.engine,
@@ -447,18 +444,16 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
             if parse_address(cfg.cluster.address).kind == "local"
             else 0,
         )
-        futures = [
-            client.submit(run_shard, settings, i, shard_dataset(ds, s), pure=False)
-            for i, s in enumerate(shards)
-        ]
+        resume = "finished shards are kept, run the same command again to resume"
         progress = _progress(len(pending), x.progress)
         state: dict[str, Any] = {"writer": None}
         t0 = time.perf_counter()
+        shards = run_shards(client, settings, ds, pending, cfg.cluster.address, resume)
         try:
-            for fut in as_completed(futures):
-                r = _shard_result(fut, cfg)
-                _take_shard(r, shards[r.shard], cfg, ds, fp, key, final, digests, result, bad, state)
-                progress.update(r.size)
+            with contextlib.closing(shards):  # unfinished tasks are cancelled before the client closes
+                for _, samples, r in shards:
+                    _take_shard(r, samples, cfg, ds, fp, key, final, digests, result, bad, state)
+                    progress.update(r.size)
         except KeyboardInterrupt:
             done = state["writer"].rows_written if state["writer"] else 0
             raise FeatcacheError(
@@ -467,25 +462,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
         finally:
             progress.close()
             result.backbone_seconds = time.perf_counter() - t0
-            client.cancel([f for f in futures if not f.done()])
     return state["dims"], state["map_shapes"]
-
-
-def _shard_result(fut, cfg: Config):
-    """A finished task's result; a task that failed on every worker it tried, or a lost scheduler, is one line."""
-    try:
-        return fut.result()
-    except FeatcacheError:
-        raise
-    except (OSError, TimeoutError) as e:
-        raise FeatcacheError(
-            f"cluster: lost the scheduler at {cfg.cluster.address} ({e}); finished shards are kept, "
-            "run the same command again to resume"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - KilledWorker and the like: one line, the parts stay
-        raise FeatcacheError(f"cluster: an extraction task failed ({type(e).__name__}: {e})") from None
-    finally:
-        fut.release()
 
 
 def _take_shard(r, samples, cfg: Config, ds: Dataset, fp: str, key, final: Path, digests, result, bad, state):

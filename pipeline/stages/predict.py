@@ -17,6 +17,7 @@ and makes the command exit with status 2 after printing the rest.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -116,17 +117,26 @@ def _decode_near(path: Path) -> str:
     return "exact"
 
 
-def load_predictor(model: str | Path, batch_size: int = 32, cfg=None) -> Predictor:
-    """A predictor for a run folder, a run id (under ``cfg``'s runs folder), or an exported model file."""
+def load_predictor(model: str | Path, batch_size: int = 32, cfg=None, cluster: str = "") -> Predictor:
+    """A predictor for a run folder, a run id (under ``cfg``'s runs folder), or an exported model file.
+
+    ``cluster`` (a ``--cluster`` address) computes a stage-2 run's missing features on Dask workers.
+    """
     path = model_path(model, cfg)
     check_model_kind(path)
-    if path.is_dir() and (path / "manifest.json").is_file():
+    is_run = path.is_dir() and (path / "manifest.json").is_file()
+    if is_run:
         from pipeline.utils.runs import verify_run
 
-        manifest = verify_run(path)
-        if manifest.get("kind") == "finetune":
-            return _keras_predictor(path / "model.keras", batch_size, names_from=path / "metrics.json")
-        return _stage2_predictor(path, batch_size)
+        if verify_run(path).get("kind") != "finetune":
+            return _stage2_predictor(path, batch_size, cluster)
+    if cluster:
+        raise FeatcacheError(
+            f"--cluster: predict runs on a cluster with a stage-2 run (features on the workers, the head "
+            f"here); {path} is an end-to-end model: run it without --cluster"
+        )
+    if is_run:
+        return _keras_predictor(path / "model.keras", batch_size, names_from=path / "metrics.json")
     if path.is_dir():
         return _savedmodel_predictor(path, batch_size)
     if path.suffix == ".keras":
@@ -238,7 +248,7 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     return p
 
 
-def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
+def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str = "") -> Predictor:
     from pipeline.heads.persist import load_run
     from pipeline.model.convert import stage2_scores
     from pipeline.model.rebuild import run_source
@@ -280,15 +290,17 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
         why = [""] * n
         todo = [i for i in range(n) if not have[i]]
         if todo:
-            from pipeline.features.engines import make_engine
-
-            fm = _feature_model(src)
             # The extraction engine, ``auto``: a TFLite model extraction already converted is reused (and
             # validated against TensorFlow when it was converted), so new images cost what extraction does.
             cache_dir = src.cache_path.parent if src.cache_path is not None else None
-            engine = make_engine(fm, "auto", 0, cache_dir, images=len(todo))
             part = [samples[i] for i in todo]
-            feats, ok_t, why_t = _batched(ds, part, p, batch_size, lambda x: engine(x)[src.layer])
+            if cluster:
+                feats, ok_t, why_t = _cluster_features(cluster, src, ds, part, batch_size, cache_dir)
+            else:
+                from pipeline.features.engines import make_engine
+
+                engine = make_engine(_feature_model(src), "auto", 0, cache_dir, images=len(todo))
+                feats, ok_t, why_t = _batched(ds, part, p, batch_size, lambda x: engine(x)[src.layer])
             for j, i in enumerate(todo):
                 ok[i], why[i] = bool(ok_t[j]), why_t[j]
                 if ok_t[j]:
@@ -302,32 +314,76 @@ def _stage2_predictor(run_dir: Path, batch_size: int) -> Predictor:
     return p
 
 
-def _feature_model(src):
-    from pipeline.features.backbones.build import build_feature_model
+def _backbone_config(src):
     from pipeline.model.rebuild import known_fields
     from pipeline.utils.config import BackboneConfig
 
     cfg = BackboneConfig(**known_fields(BackboneConfig, {**src.backbone, "layers": [src.layer]}))
     cfg.image_size = src.image_size
-    return build_feature_model(cfg)
+    return cfg
+
+
+def _feature_model(src):
+    from pipeline.features.backbones.build import build_feature_model
+
+    return build_feature_model(_backbone_config(src))
+
+
+def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir):
+    """The features of ``samples`` computed by the Dask cluster at ``address`` (the shard tasks extraction
+    runs, the run's backbone settings); (features, ok, why) in ``samples`` order. The head stays here."""
+    from pipeline.features.distributed import ShardSettings, run_shards
+    from pipeline.features.engines import tf_thread_count
+    from pipeline.utils.cluster import cluster_client, parse_address
+
+    n = len(samples)
+    feats, ok, why = None, np.zeros(n, bool), [""] * n
+    local = parse_address(address).kind == "local"
+    settings = ShardSettings.make(
+        _backbone_config(src),
+        "auto",
+        0,
+        str(cache_dir or ""),
+        batch_size,
+        "float32",
+        n,
+        src.decode,
+        tf_threads=tf_thread_count(0) if local else 0,  # as in one process here: the same rounding
+    )
+    with cluster_client(address) as client:  # the dashboard link on stderr, as extract prints it
+        shards = run_shards(client, settings, ds, samples, address, "run the same command again")
+        with contextlib.closing(shards):
+            for start, _, r in shards:
+                rows = start + np.asarray(r.ids, np.int64)
+                if feats is None:
+                    feats = np.zeros((n, r.dims[src.layer]), np.float32)
+                feats[rows] = r.features[src.layer]
+                ok[rows] = True
+                for k, reason in r.bad:
+                    why[start + k] = reason
+    return feats, ok, why
 
 
 def predict(
-    model: str | Path, images: list[str], top_k: int = 5, batch_size: int = 32, cfg=None
+    model: str | Path, images: list[str], top_k: int = 5, batch_size: int = 32, cfg=None, cluster: str = ""
 ) -> tuple[Predictor, list[ImageResult]]:
     """Top-``top_k`` (class index, name, probability) per image; unreadable images get an ``error``.
 
     ``model`` is a run folder, a run id (looked up under ``cfg``'s runs folder, default ``cache/runs``),
     a ``.keras`` file, a SavedModel folder or a ``.tflite`` file. Every path is checked before TensorFlow
-    is imported.
+    is imported. ``cluster`` (an address as ``--cluster`` takes) computes a stage-2 run's missing
+    features on a Dask cluster.
     """
+    from pipeline.utils.cluster import parse_address
+
+    parse_address(cluster)  # a malformed address fails before any work
     if top_k < 1:
         raise FeatcacheError(f"--top-k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise FeatcacheError(f"--batch-size must be >= 1, got {batch_size}")
     check_model_kind(model_path(model, cfg))
     paths = expand_inputs(images)
-    predictor = load_predictor(model, batch_size, cfg)
+    predictor = load_predictor(model, batch_size, cfg, cluster)
     ds, samples = _dataset([p.resolve() for p in paths])
     proba, ok, why, sources = predictor.predict(ds, samples)
     if isinstance(sources, str):
