@@ -104,8 +104,9 @@ def run_shards(
     client, settings: ShardSettings, ds: Dataset, pending: list[Sample], address: str, on_lost: str
 ) -> Iterator[tuple[int, list[Sample], ShardResult]]:
     """``pending`` as planned shards on ``client``'s workers, one task each; every finished shard (its
-    position in ``pending``, its samples, its result) as it arrives. A task that failed on every worker it tried, or a lost scheduler,
-    is one line (``on_lost`` says what the user keeps); tasks not done are cancelled when the caller stops."""
+    position in ``pending``, its samples, its result) as it arrives. A task that failed on every worker it
+    tried, or a lost scheduler, is one line (``on_lost`` says what the user keeps); tasks not done are
+    cancelled when the caller closes the iterator."""
     from distributed import as_completed
 
     shards = plan_shards(pending, settings.batch_size, max(1, sum(client.nthreads().values())))
