@@ -66,9 +66,15 @@ class ShardSettings:
         batch_size: int,
         dtype: str,
         images: int,
-        decode: str = "exact",
-        tf_threads: int = 0,
+        decode: str,
+        address: str,
     ):
+        """Settings for a job on the cluster at ``address``: on a local one, TensorFlow runs with the threads
+        one process here would use (the same rounding, so the same features); elsewhere with the worker's."""
+        from pipeline.features.engines import tf_thread_count
+        from pipeline.utils.cluster import parse_address
+
+        tf_threads = tf_thread_count(threads) if parse_address(address).kind == "local" else 0
         text = json.dumps(dataclasses.asdict(backbone), sort_keys=True)
         return cls(text, engine, threads, cache_dir, batch_size, dtype, decode, images, tf_threads)
 

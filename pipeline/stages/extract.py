@@ -425,8 +425,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
     lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
     """
     from pipeline.features.distributed import ShardSettings, run_shards
-    from pipeline.features.engines import tf_thread_count
-    from pipeline.utils.cluster import cluster_client, parse_address
+    from pipeline.utils.cluster import cluster_client
 
     x = cfg.extract
     with cluster_client(cfg.cluster.address, quiet=not x.progress) as client:
@@ -439,10 +438,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
             x.dtype,
             len(pending),
             cfg.data.decode,
-            # on this machine, TensorFlow with the threads one process would use: the same rounding
-            tf_threads=tf_thread_count(x.threads)
-            if parse_address(cfg.cluster.address).kind == "local"
-            else 0,
+            cfg.cluster.address,
         )
         resume = "finished shards are kept, run the same command again to resume"
         progress = _progress(len(pending), x.progress)

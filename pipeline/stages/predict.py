@@ -333,22 +333,13 @@ def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir
     """The features of ``samples`` computed by the Dask cluster at ``address`` (the shard tasks extraction
     runs, the run's backbone settings); (features, ok, why) in ``samples`` order. The head stays here."""
     from pipeline.features.distributed import ShardSettings, run_shards
-    from pipeline.features.engines import tf_thread_count
-    from pipeline.utils.cluster import cluster_client, parse_address
+    from pipeline.utils.cluster import cluster_client
 
     n = len(samples)
     feats, ok, why = None, np.zeros(n, bool), [""] * n
-    local = parse_address(address).kind == "local"
+    cache = str(cache_dir or "")
     settings = ShardSettings.make(
-        _backbone_config(src),
-        "auto",
-        0,
-        str(cache_dir or ""),
-        batch_size,
-        "float32",
-        n,
-        src.decode,
-        tf_threads=tf_thread_count(0) if local else 0,  # as in one process here: the same rounding
+        _backbone_config(src), "auto", 0, cache, batch_size, "float32", n, src.decode, address
     )
     with cluster_client(address) as client:  # the dashboard link on stderr, as extract prints it
         shards = run_shards(client, settings, ds, samples, address, "run the same command again")
