@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from pipeline.data.area import PAD_VALUE
+
 # Per-mode constants of keras.applications' preprocess_input, restated so the layer is self-contained.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -21,9 +23,6 @@ _TORCH_STD = (0.229, 0.224, 0.225)
 
 
 PREPROCESS_MODES = ("caffe", "tf", "torch", "lite", "none")
-
-
-PAD_VALUE = 127.0  # letterbox with mid-gray: it maps to ~0 under every mode, unlike black
 
 
 def _resize(x: tf.Tensor, h, w) -> tf.Tensor:

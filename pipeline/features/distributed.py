@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.images import make_image_dataset
+from pipeline.data.images import numpy_batches
 from pipeline.data.sources import Dataset, Sample
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import BackboneConfig
@@ -158,11 +158,13 @@ def _model_and_engine(settings: ShardSettings):
     got = _MODELS.get(settings)
     if got is not None:
         return got
+    from pipeline.data import area
     from pipeline.features.backbones.build import build_feature_model
     from pipeline.features.engines import configure_tf_threads, make_engine
     from pipeline.utils.cluster import worker_threads
     from pipeline.utils.collector import skip_gc_at_exit
 
+    area.prepare()
     threads = settings.threads or worker_threads()
     configure_tf_threads(settings.tf_threads or threads)
     fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)))
@@ -178,7 +180,7 @@ def run_shard(settings: ShardSettings, shard: int, ds: Dataset) -> ShardResult:
     fm, engine = _model_and_engine(settings)
     t0 = time.perf_counter()
     dtype = np.dtype(settings.dtype)
-    data = make_image_dataset(
+    data = numpy_batches(
         ds, ds.samples, fm.image_size, _resize(settings), settings.batch_size, decode=settings.decode
     )
     ids: list[int] = []
@@ -189,10 +191,8 @@ def run_shard(settings: ShardSettings, shard: int, ds: Dataset) -> ShardResult:
         for idx, images, ok, why in data:
             out = engine(images)
             batches += 1
-            ok, idx = ok.numpy(), idx.numpy()
-            reasons = why.numpy()
             for i in np.flatnonzero(~ok):
-                bad.append((int(idx[i]), reasons[i].decode("utf-8", "replace")))
+                bad.append((int(idx[i]), why[i].decode("utf-8", "replace")))
             keep = np.flatnonzero(ok)
             if len(keep):
                 ids.extend(int(idx[i]) for i in keep)

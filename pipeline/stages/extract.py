@@ -34,7 +34,7 @@ from pipeline.cache.write import (
     write_cache,
 )
 from pipeline.data.augment import VIEW_SUFFIX
-from pipeline.data.images import make_image_dataset
+from pipeline.data.images import make_image_dataset, numpy_batches
 from pipeline.data.sources import Dataset, Sample, digest_bytes
 from pipeline.data.splits import SPLIT_CODES, assign_split
 from pipeline.data.storage import is_url, redact_options
@@ -195,7 +195,7 @@ def _run_backbone(
     from pipeline.features.engines import make_engine
 
     dtype = np.dtype(cfg.extract.dtype)
-    data = make_image_dataset(
+    data = numpy_batches(
         ds, pending, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
     )
     engine = make_engine(
@@ -210,11 +210,9 @@ def _run_backbone(
             for idx, images, ok, why in data:
                 out = engine(images)
                 result.batches += 1
-                ok = ok.numpy()
-                idx = idx.numpy()
                 for i in np.flatnonzero(~ok):
                     s = pending[int(idx[i])]
-                    reason = why.numpy()[i].decode("utf-8", "replace")
+                    reason = why[i].decode("utf-8", "replace")
                     if cfg.data.on_error == "fail":
                         raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
                     bad.append((s, digests[s.key][0], reason))
@@ -392,9 +390,11 @@ def _run_pending(
     if cfg.cluster.address:
         dims, map_shapes = _run_on_cluster(cfg, ds, final, key, fp, pending, digests, result, bad)
         return dims, map_shapes, scan_parts(final, fp)
+    from pipeline.data import area
     from pipeline.features.backbones.build import build_feature_model
     from pipeline.features.engines import configure_tf_threads
 
+    area.prepare()
     configure_tf_threads(cfg.extract.threads)
     fm = build_feature_model(cfg.backbone)
     writer = PartWriter(final, _part_manifest(fp, key, ds, fm.dims))
