@@ -1,4 +1,4 @@
-"""The shared resize's shrinking case in compiled NumPy: the same float32 pixels as TensorFlow, for less CPU.
+"""The shared resize's shrinking case compiled with numba: the same float32 pixels as TensorFlow, for less CPU.
 
 :func:`pipeline.data.preprocess.resize_images` shrinks with ``tf.image.resize(method="area")``. Called per image
 inside ``tf.data`` that is the largest CPU cost of extraction after the backbone and the JPEG decoder
