@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import numpy as np
@@ -93,15 +94,17 @@ def test_pooled_batches_are_the_tf_data_batches(tmp_path, policy):
     want = [
         [np.asarray(t) for t in b] for b in make_image_dataset(ds, ds.samples, 64, policy, 4, decode="dct")
     ]
-    read, readers = ds.read, set()
+    read, readers, reads = ds.read, set(), collections.Counter()
 
     def spy(sample):
         readers.add(threading.current_thread().name.split("_")[0])
+        reads[sample.key] += 1
         return read(sample)
 
     ds.read = spy
     got = list(numpy_batches(ds, ds.samples, 64, policy, 4, decode="dct"))
     assert "featcache-decode" in readers  # the pooled path ran, not tf.data again
+    assert set(reads.values()) == {1}  # the first image, read to choose the path, is not read again
     assert len(got) == len(want) == 2
     for (gi, gx, gok, gwhy), (wi, wx, wok, wwhy) in zip(got, want, strict=True):
         assert np.array_equal(gi, wi) and np.array_equal(gok, wok) and list(gwhy) == list(wwhy)

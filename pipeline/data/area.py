@@ -65,30 +65,44 @@ def shrink(image: np.ndarray, height: int, width: int) -> np.ndarray | None:
     return kernel(np.ascontiguousarray(image, dtype=np.uint8), int(height), int(width))
 
 
-def resize_array(image: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray | None:
-    """:func:`pipeline.data.preprocess.resize_images` of one H×W×3 uint8 image when it only shrinks
-    (the same float32 pixels), else None: enlarging, and any image without numba, stay with TensorFlow."""
-    h, w = image.shape[:2]
+def shrinks(shape: tuple[int, ...], size: int, policy: str = "stretch") -> bool:
+    """Whether ``policy`` only shrinks an image of this (H, W, ...) shape: the case :func:`resize_array` covers."""
+    h, w = shape[:2]
     if policy == "stretch":
-        return shrink(image, size, size) if h >= size and w >= size else None
+        return h >= size and w >= size
     if policy == "crop":
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        return shrink(image[top : top + side, left : left + side], size, size) if side >= size else None
+        return min(h, w) >= size
     if policy == "pad":
-        return _letterbox(image, size)
+        nh, nw = _letterbox_size(h, w, size)
+        return h >= nh and w >= nw
     raise ValueError(f"unknown resize policy {policy!r}")
 
 
-def _letterbox(image: np.ndarray, size: int) -> np.ndarray | None:
-    """The ``pad`` policy: long side to ``size`` (float32 arithmetic and half-to-even rounding as in
-    TensorFlow), centred on :data:`PAD_VALUE`."""
-    h, w = image.shape[:2]
-    scale = np.float32(size) / np.float32(max(h, w))
-    nh = max(1, int(np.round(np.float32(h) * scale)))
-    nw = max(1, int(np.round(np.float32(w) * scale)))
-    if h < nh or w < nw:
+def resize_array(image: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray | None:
+    """:func:`pipeline.data.preprocess.resize_images` of one H×W×3 uint8 image when it only shrinks
+    (the same float32 pixels), else None: enlarging, and any image without numba, stay with TensorFlow."""
+    if not shrinks(image.shape, size, policy):
         return None
+    h, w = image.shape[:2]
+    if policy == "stretch":
+        return shrink(image, size, size)
+    if policy == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return shrink(image[top : top + side, left : left + side], size, size)
+    return _letterbox(image, size)
+
+
+def _letterbox_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The ``pad`` policy's inner size: long side to ``size``, in float32 arithmetic with half-to-even
+    rounding, as TensorFlow computes it."""
+    scale = np.float32(size) / np.float32(max(h, w))
+    return max(1, int(np.round(np.float32(h) * scale))), max(1, int(np.round(np.float32(w) * scale)))
+
+
+def _letterbox(image: np.ndarray, size: int) -> np.ndarray | None:
+    """The ``pad`` policy of a shrinking image: centred on :data:`PAD_VALUE`."""
+    nh, nw = _letterbox_size(*image.shape[:2], size)
     inner = shrink(image, nh, nw)
     if inner is None:
         return None

@@ -76,8 +76,13 @@ def numpy_batches(
     from pipeline.data.decode import decode_request
 
     load = _loader(ds, samples, decode_request(size, decode))
-    if samples and area.available() and area.resize_array(load(0)[0], size, policy) is not None:
-        yield from _pooled_batches(load, len(samples), size, policy, batch_size)
+    first = [load(0)] if samples and area.available() else []
+    if first and area.shrinks(first[0][0].shape, size, policy):
+
+        def load_once(i):  # the first image is read and decoded once, not again for its batch
+            return first.pop() if i == 0 and first else load(i)
+
+        yield from _pooled_batches(load_once, len(samples), size, policy, batch_size)
         return
     for idx, images, ok, why in make_image_dataset(ds, samples, size, policy, batch_size, decode=decode):
         yield idx.numpy(), images.numpy(), ok.numpy(), why.numpy()
