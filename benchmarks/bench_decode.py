@@ -305,14 +305,15 @@ def run(out_dir: Path, quick: bool) -> dict:
     import tensorflow as tf
 
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import default_threads, load_or_convert
+    from pipeline.features.engines import load_or_convert
     from pipeline.utils.config import BackboneConfig
+    from pipeline.utils.workers import usable_cores
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    threads = default_threads()
+    threads = usable_cores()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     n_small, n_large = (256, 32) if quick else (500, 48)

@@ -454,8 +454,9 @@ def run(out_dir: Path, quick: bool) -> dict:
     import tensorflow as tf
 
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import default_threads, load_or_convert
+    from pipeline.features.engines import load_or_convert
     from pipeline.utils.config import BackboneConfig
+    from pipeline.utils.workers import usable_cores
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -464,7 +465,7 @@ def run(out_dir: Path, quick: bool) -> dict:
     reps = 1 if quick else 5
     forward_batches = 4 if quick else 24  # 768 images: a bare pass long enough to average out noise
     quiet = Quiet(0 if quick else 60)  # a shared machine: give other people's jobs a moment to finish
-    threads = default_threads()
+    threads = usable_cores()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     t_start = time.perf_counter()

@@ -84,8 +84,10 @@ def _folder(root):
     return root
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("policy", ["stretch", "crop", "pad"])
-def test_pooled_batches_are_the_tf_data_batches(tmp_path, policy):
+def test_pooled_batches_are_the_tf_data_batches(tmp_path, policy, threads):
+    """On a pool, or inline for one thread (a single-threaded cluster worker): tf.data's batches exactly."""
     from pipeline.data.images import make_image_dataset, numpy_batches
     from pipeline.data.sources import load_dataset
     from pipeline.utils.config import DataConfig
@@ -102,8 +104,10 @@ def test_pooled_batches_are_the_tf_data_batches(tmp_path, policy):
         return read(sample)
 
     ds.read = spy
-    got = list(numpy_batches(ds, ds.samples, 64, policy, 4, decode="dct"))
-    assert "featcache-decode" in readers  # the pooled path ran, not tf.data again
+    got = list(numpy_batches(ds, ds.samples, 64, policy, 4, decode="dct", threads=threads))
+    # the pooled path ran, not tf.data again: on the pool's threads, or only in this one
+    here = threading.current_thread().name
+    assert readers == ({here, "featcache-decode"} if threads > 1 else {here})
     assert set(reads.values()) == {1}  # the first image, read to choose the path, is not read again
     assert len(got) == len(want) == 2
     for (gi, gx, gok, gwhy), (wi, wx, wok, wwhy) in zip(got, want, strict=True):

@@ -26,10 +26,12 @@ from pipeline.features.engines import (
     load_or_convert,
     make_engine,
     max_relative_diff,
+    micro_batch_for,
 )
 from pipeline.stages.extract import extract
 from pipeline.utils.config import BackboneConfig, load_config
 from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.workers import usable_cores
 
 
 def real_crops(size: int, n: int = 6, seed: int = 1) -> np.ndarray:
@@ -119,11 +121,11 @@ def test_any_batch_size_gives_the_same_features(mnv2, mnv2_engine):
     fm, engine = mnv2, mnv2_engine
     x = real_crops(64, n=11)
     full = engine(x)[fm.layers[0]]
-    for micro in (1, 3, 4, 32):
-        e = TFLiteEngine(engine.source, fm.layers, engine.output_names, micro_batch=micro)
-        np.testing.assert_allclose(e(x)[fm.layers[0]], full, rtol=0, atol=1e-5 * np.abs(full).max())
+    for threads, micro in ((1, 1), (2, 1), (1, 3), (2, 4), (1, 32)):  # XNNPACK: bit for bit
+        e = TFLiteEngine(engine.source, fm.layers, engine.output_names, threads, micro_batch=micro)
+        assert np.array_equal(e(x)[fm.layers[0]], full), (threads, micro)
     parts = [engine(x[i:j])[fm.layers[0]] for i, j in ((0, 1), (1, 8), (8, 11))]
-    np.testing.assert_allclose(np.concatenate(parts), full, rtol=0, atol=1e-5 * np.abs(full).max())
+    assert np.array_equal(np.concatenate(parts), full)
     assert engine(x[:0])[fm.layers[0]].shape == (0, fm.dims[fm.layers[0]])
     any_float = x[:3].astype(np.float64)
     assert engine(any_float)[fm.layers[0]].shape == (3, fm.dims[fm.layers[0]])
@@ -159,9 +161,18 @@ def test_invoke_releases_the_gil(mnv2_engine):
 
 def test_threads_default_to_all_cores_and_are_configurable(mnv2, mnv2_engine, engine_cache):
     fm = mnv2
-    assert make_engine(fm, "tflite", 0, str(engine_cache)).threads == tflite.default_threads()
+    assert make_engine(fm, "tflite", 0, str(engine_cache)).threads == usable_cores()
     assert make_engine(fm, "tflite", 1, str(engine_cache)).threads == 1
-    assert tflite.default_threads() == len(os.sched_getaffinity(0))
+    assert usable_cores() == len(os.sched_getaffinity(0))
+
+
+def test_micro_batch_is_about_one_image_per_thread(mnv2, mnv2_engine):
+    fm = mnv2
+    for threads, chunk in ((1, 1), (2, 2), (3, 3), (4, 4), (16, 4)):
+        assert micro_batch_for(threads) == chunk
+        e = TFLiteEngine(mnv2_engine.source, fm.layers, mnv2_engine.output_names, threads)
+        assert (e.threads, e.micro_batch) == (threads, chunk)
+    assert TFLiteEngine(mnv2_engine.source, fm.layers, mnv2_engine.output_names, 1, 8).micro_batch == 8
 
 
 def test_converted_model_is_cached_and_keyed_by_the_feature_model(mnv2, tmp_path, capsys):

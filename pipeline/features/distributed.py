@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.data.images import numpy_batches
 from pipeline.data.sources import Dataset, Sample
+from pipeline.utils.cluster import worker_threads
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import BackboneConfig
 from pipeline.utils.errors import FeatcacheError
@@ -161,7 +162,6 @@ def _model_and_engine(settings: ShardSettings):
     from pipeline.data import area
     from pipeline.features.backbones.build import build_feature_model
     from pipeline.features.engines import configure_tf_threads, make_engine
-    from pipeline.utils.cluster import worker_threads
     from pipeline.utils.collector import skip_gc_at_exit
 
     area.prepare()
@@ -180,8 +180,14 @@ def run_shard(settings: ShardSettings, shard: int, ds: Dataset) -> ShardResult:
     fm, engine = _model_and_engine(settings)
     t0 = time.perf_counter()
     dtype = np.dtype(settings.dtype)
-    data = numpy_batches(
-        ds, ds.samples, fm.image_size, _resize(settings), settings.batch_size, decode=settings.decode
+    data = numpy_batches(  # a single-threaded worker (local:N) decodes between its backbone calls
+        ds,
+        ds.samples,
+        fm.image_size,
+        _resize(settings),
+        settings.batch_size,
+        decode=settings.decode,
+        threads=settings.threads or worker_threads(),
     )
     ids: list[int] = []
     chunks: dict[str, list[np.ndarray]] = {layer: [] for layer in fm.layers}

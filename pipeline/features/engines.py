@@ -41,12 +41,12 @@ from pipeline.features.tflite import (
     TFLiteRunner,
     check_conversion_memory,
     convert_frozen,
-    default_threads,
     freeze,
     interpreter_class,
 )
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_write, read_json
+from pipeline.utils.workers import usable_cores
 
 #: Largest accepted ``max|engine - tensorflow| / max|tensorflow|`` per layer, checked once per conversion.
 FEATURE_TOLERANCE = 1e-4
@@ -65,8 +65,20 @@ AUTO_MIN_SPEEDUP = 1.05
 AUTO_MIN_IMAGES = 500
 
 
-#: Images per interpreter invocation (see :class:`TFLiteEngine`); 0 in the constructor means this.
+#: Images per interpreter invocation at most (see :func:`micro_batch_for`).
 MICRO_BATCH = 4
+
+
+def micro_batch_for(threads: int) -> int:
+    """Images per ``invoke()`` for an interpreter with ``threads`` threads: about one image per thread.
+
+    XNNPACK splits each layer between its threads, so a chunk of one image per thread keeps every core's
+    share of the activations in its own cache. Measured on 2 cores (1 MiB L2 each), EfficientNet-Lite0 at
+    224 px: one 2-thread process 85 images/s in chunks of 2 against 78 in chunks of 4 (whole extraction,
+    4 interleaved repetitions); two 1-thread processes side by side 104 in chunks of 1 against 89 in
+    chunks of 4 (backbone alone, 6 repetitions). Four or more threads keep chunks of 4 (not measured).
+    """
+    return max(1, min(MICRO_BATCH, threads))
 
 
 #: Validation / speed-probe batch: this many crops of real photos.
@@ -112,10 +124,10 @@ class TensorFlowEngine:
 class TFLiteEngine:
     """A converted feature model in a TFLite interpreter; outputs mapped back to layer names by tensor name.
 
-    A batch is run in chunks of ``micro_batch`` images (default :data:`MICRO_BATCH`): XNNPACK is faster on
-    small chunks than on a whole batch of 32 at 224 px, whose activations do not fit in the CPU caches
-    (EfficientNet-Lite0, 2 threads: ~400 images/s in chunks of 1–4, ~330 at 32). Every image is computed
-    independently, so chunking does not change what a feature is.
+    A batch is run in chunks of ``micro_batch`` images (default: :func:`micro_batch_for` its threads):
+    XNNPACK is faster on small chunks than on a whole batch of 32 at 224 px, whose activations do not fit in
+    the CPU caches. Every image is computed independently, so chunking does not change a feature (bit for
+    bit: tests/test_engines.py).
     """
 
     name = "tflite"
@@ -128,7 +140,9 @@ class TFLiteEngine:
         threads: int = 0,
         micro_batch: int = 0,
     ):
-        self.runner = TFLiteRunner(model, threads, int(micro_batch) or MICRO_BATCH, what="tflite engine")
+        threads = threads or usable_cores()
+        chunk = int(micro_batch) or micro_batch_for(threads)
+        self.runner = TFLiteRunner(model, threads, chunk, what="tflite engine")
         self.runtime, self.threads, self.micro_batch = (
             self.runner.runtime,
             self.runner.threads,
@@ -282,7 +296,7 @@ def load_or_convert(
     depends on the moment), or the converted features differ from TensorFlow's by more than
     :data:`FEATURE_TOLERANCE` (for ``quantize="none"``).
     """
-    threads = threads or default_threads()
+    threads = threads or usable_cores()
     if cache_dir is not None:
         model_path, meta_path, key = engine_paths(fm, cache_dir, quantize)
         cached = _load_cached(fm, threads, model_path, meta_path, key, retry_failed)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.workers import usable_cores
 
 #: Converting takes about this many times the model's float32 weights in extra memory (peak RSS above the
 #: built model, measured: ResNet50 94 MB → +2.3 GB, ConvNeXt-Base 350 MB → +7.4 GB). ConvNeXt-XLarge's
@@ -24,14 +25,6 @@ CONVERT_MEMORY_FACTOR = 24
 
 class EngineUnavailable(FeatcacheError):
     """TFLite cannot run this feature model (conversion failed, or its features differ from TensorFlow's)."""
-
-
-def default_threads() -> int:
-    """All cores this process may use (the affinity mask, not the host's count, inside containers)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
 
 
 def interpreter_class():
@@ -159,7 +152,7 @@ class TFLiteRunner:
         self, model: bytes | str | Path, threads: int = 0, chunk: int = 16, what: str = "TFLite model"
     ):
         cls, self.runtime = interpreter_class()
-        self.threads = threads or default_threads()
+        self.threads = threads or usable_cores()
         kw = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
         self.interpreter = cls(num_threads=self.threads, **kw)
         (inp,) = self.interpreter.get_input_details()

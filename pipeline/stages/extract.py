@@ -195,8 +195,15 @@ def _run_backbone(
     from pipeline.features.engines import make_engine
 
     dtype = np.dtype(cfg.extract.dtype)
+    x = cfg.extract
     data = numpy_batches(
-        ds, pending, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
+        ds,
+        pending,
+        fm.image_size,
+        cfg.backbone.resize,
+        x.batch_size,
+        decode=cfg.data.decode,
+        threads=x.threads,
     )
     engine = make_engine(
         fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir, images=len(pending)

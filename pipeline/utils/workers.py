@@ -22,6 +22,14 @@ from multiprocessing.connection import wait
 from typing import Any
 
 
+def usable_cores() -> int:
+    """The cores this process may use: its affinity mask (a container's or a job's share), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
 def worker_count(n_jobs: int) -> int:
     """``n_jobs`` as joblib reads it: -1 = every core, -2 = all but one, ...; at least 1."""
     cores = os.cpu_count() or 1
