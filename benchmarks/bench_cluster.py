@@ -6,6 +6,9 @@ workers are warm (their model built by a first small job, as on a long-lived clu
 interleaved, ``reps`` each, and the ratio is of medians. A cold ``local:N`` run (the cluster started, the
 model built in every worker, inside the timed call) is reported as well, end to end, and so are the two
 ``featcache extract`` commands (with and without ``--cluster local:N``) timed whole, cold against cold.
+Scaling: warm local clusters of 1, 2, 4, … single-threaded workers up to the cores, each on the same job;
+parallel efficiency at N = rate(N) ÷ (N × rate(1)) (issue 13's goal: ≥ 0.8 at 8 workers, on a machine
+with the cores).
 """
 
 from __future__ import annotations
@@ -73,11 +76,29 @@ def _cli(source: str, limit: int, cluster: str) -> dict[str, Any]:
     return {"images_per_s": limit / (time.perf_counter() - t0)}
 
 
+def worker_counts(cores: int) -> list[int]:
+    """1, 2, 4, … up to ``cores``, and ``cores`` itself."""
+    return sorted({2**k for k in range(cores.bit_length()) if 2**k <= cores} | {cores})
+
+
+def _scaling(distributed, photos: str, n: int, reps: int, cores: int) -> list[dict]:
+    """The batch loop's rate on warm clusters of each size in :func:`worker_counts` (median of ``reps``)."""
+    rows = []
+    for w in worker_counts(cores):
+        with start_local_cluster(distributed, w) as lc:
+            _extract(photos, 2 * BATCH * w, lc.scheduler_address)  # warm-up: every worker builds its model
+            runs = [_extract(photos, n, lc.scheduler_address)["images_per_s"] for _ in range(reps)]
+        rows.append({"workers": w, "images_per_s": statistics.median(runs), "runs": runs})
+    for row in rows:
+        row["efficiency"] = row["images_per_s"] / (row["workers"] * rows[0]["images_per_s"])
+    return rows
+
+
 def run(out_dir: Path, quick: bool) -> dict:
     import distributed
 
     # a job of 1,024 photos: 32 batches, planned as 10 shards on 2 workers (8 batches down to 1); with 256
-    # photos each shard is 1–2 batches and building its tf.data pipeline, ~0.1 CPU s, is a visible share
+    # photos each shard is 1–2 batches and a shard's fixed costs are a visible share
     n = 96 if quick else 1024
     reps = 1 if quick else 3
     workers = os.cpu_count() or 1
@@ -96,6 +117,9 @@ def run(out_dir: Path, quick: bool) -> dict:
     for _ in range(reps):  # cold against cold: each command pays its own start-up, as a user's does
         cli_single.append(_cli(photos, n, ""))
         cli_cluster.append(_cli(photos, n, f"local:{workers}"))
+    # every worker of the largest cluster gets at least 4 batches
+    m = n if quick else max(n, 4 * BATCH * workers)
+    scaling = _scaling(distributed, str(make_photos(OUT / f"photos-{m}", m)), m, reps, workers)
 
     def med(runs, key):
         return statistics.median(r[key] for r in runs)
@@ -114,6 +138,8 @@ def run(out_dir: Path, quick: bool) -> dict:
         "cli_single": cli_single,
         "cli_cluster": cli_cluster,
         "ratio_cli": med(cli_cluster, "images_per_s") / med(cli_single, "images_per_s"),
+        "scaling_images": m,
+        "scaling": scaling,
     }
 
 

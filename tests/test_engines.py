@@ -26,8 +26,8 @@ from pipeline.features.engines import (
     load_or_convert,
     make_engine,
     max_relative_diff,
-    micro_batch_for,
 )
+from pipeline.features.tflite import micro_batch_for
 from pipeline.stages.extract import extract
 from pipeline.utils.config import BackboneConfig, load_config
 from pipeline.utils.errors import FeatcacheError

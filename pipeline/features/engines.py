@@ -65,22 +65,6 @@ AUTO_MIN_SPEEDUP = 1.05
 AUTO_MIN_IMAGES = 500
 
 
-#: Images per interpreter invocation at most (see :func:`micro_batch_for`).
-MICRO_BATCH = 4
-
-
-def micro_batch_for(threads: int) -> int:
-    """Images per ``invoke()`` for an interpreter with ``threads`` threads: about one image per thread.
-
-    XNNPACK splits each layer between its threads, so a chunk of one image per thread keeps every core's
-    share of the activations in its own cache. Measured on 2 cores (1 MiB L2 each), EfficientNet-Lite0 at
-    224 px: one 2-thread process 85 images/s in chunks of 2 against 78 in chunks of 4 (whole extraction,
-    4 interleaved repetitions); two 1-thread processes side by side 104 in chunks of 1 against 89 in
-    chunks of 4 (backbone alone, 6 repetitions). Four or more threads keep chunks of 4 (not measured).
-    """
-    return max(1, min(MICRO_BATCH, threads))
-
-
 #: Validation / speed-probe batch: this many crops of real photos.
 PROBE_IMAGES = 16
 
@@ -124,10 +108,8 @@ class TensorFlowEngine:
 class TFLiteEngine:
     """A converted feature model in a TFLite interpreter; outputs mapped back to layer names by tensor name.
 
-    A batch is run in chunks of ``micro_batch`` images (default: :func:`micro_batch_for` its threads):
-    XNNPACK is faster on small chunks than on a whole batch of 32 at 224 px, whose activations do not fit in
-    the CPU caches. Every image is computed independently, so chunking does not change a feature (bit for
-    bit: tests/test_engines.py).
+    A batch is run in chunks of ``micro_batch`` images (0: :func:`~pipeline.features.tflite.micro_batch_for`
+    its threads); chunking does not change a feature, bit for bit (tests/test_engines.py).
     """
 
     name = "tflite"
@@ -140,9 +122,7 @@ class TFLiteEngine:
         threads: int = 0,
         micro_batch: int = 0,
     ):
-        threads = threads or usable_cores()
-        chunk = int(micro_batch) or micro_batch_for(threads)
-        self.runner = TFLiteRunner(model, threads, chunk, what="tflite engine")
+        self.runner = TFLiteRunner(model, threads, micro_batch, what="tflite engine")
         self.runtime, self.threads, self.micro_batch = (
             self.runner.runtime,
             self.runner.threads,
