@@ -64,6 +64,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, TensorFlow {tf_version}, NumPy {np.__version__}"
 
 
+#: Hand-written notes per section (run history, per-repetition numbers, what was tried): appended to the
+#: section in RESULTS.md every time it is written, so regenerating a section never drops them.
+NOTES = REPO / "benchmarks" / "notes"
+
+
+def _notes(name: str) -> str:
+    path = NOTES / f"{name}.md"
+    return path.read_text().strip() if path.is_file() else ""
+
+
 def _seed_sections(sections: Path) -> None:
     """Sections measured elsewhere (a fresh checkout has no ``out/``) are kept from RESULTS.md as they are,
     so refreshing one section never drops the others."""
@@ -77,7 +87,9 @@ def _seed_sections(sections: Path) -> None:
         if target.is_file() or start < 0:
             continue
         end = text.find("\n## ", start + 1)
-        target.write_text(text[start : end if end >= 0 else len(text)].strip())
+        section = text[start : end if end >= 0 else len(text)].strip()
+        notes = _notes(name)
+        target.write_text(section.removesuffix(notes).strip() if notes else section)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,18 +120,29 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "results.json").write_text(
         json.dumps({"machine": machine(), "when": stamp, "quick": args.quick, **results}, indent=2)
     )
-    header = f"# Benchmark results\n\nMachine: {machine()}.\n"
-    header += (
+    if args.quick:
+        partial = _header() + "(quick run)\n\n" + "\n\n".join(tables) + "\n"
+        (out_dir / "RESULTS.partial.md").write_text(partial)
+    else:
+        write_results(sections)
+    return 0
+
+
+def _header() -> str:
+    return (
+        f"# Benchmark results\n\nMachine: {machine()}.\n"
         "Regenerate with `make bench` (full, every section) or `make bench ARGS='--only engines'` (one).\n"
     )
-    if args.quick:
-        (out_dir / "RESULTS.partial.md").write_text(header + "(quick run)\n\n" + "\n\n".join(tables) + "\n")
-    else:
-        full = [sections / f"{n}.md" for n in SECTIONS if (sections / f"{n}.md").is_file()]
-        (REPO / "benchmarks" / "RESULTS.md").write_text(
-            header + "\n" + "\n\n".join(f.read_text() for f in full) + "\n"
-        )
-    return 0
+
+
+def write_results(sections: Path) -> None:
+    """RESULTS.md from the latest full run of every section, each followed by its notes."""
+    texts = [
+        "\n\n".join(filter(None, [(sections / f"{n}.md").read_text().strip(), _notes(n)]))
+        for n in SECTIONS
+        if (sections / f"{n}.md").is_file()
+    ]
+    (REPO / "benchmarks" / "RESULTS.md").write_text(_header() + "\n" + "\n\n".join(texts) + "\n")
 
 
 if __name__ == "__main__":

@@ -172,5 +172,21 @@ def markdown(result: dict) -> str:
         "worker processes and building the model in each (a fixed cost of some seconds, small on a large job), "
         "against a one-process call that runs where TensorFlow is already imported. The two commands compare "
         "cold with cold: each is a fresh `featcache extract` process, as a user runs it (median of "
-        f"{result['reps']}, interleaved)."
+        f"{result['reps']}, interleaved)." + _scaling_markdown(result)
+    )
+
+
+def _scaling_markdown(result: dict) -> str:
+    if "scaling" not in result:  # results of a run before the scaling part
+        return ""
+    rows = [
+        f"| {r['workers']} | {r['images_per_s']:.1f} | {r['efficiency']:.2f} | "
+        + " / ".join(f"{x:.1f}" for x in r["runs"])
+        + " |"
+        for r in result["scaling"]
+    ]
+    return (
+        f"\n\nScaling: warm local clusters of single-threaded workers, {result['scaling_images']} photos, "
+        f"batch loop, median of {result['reps']}; efficiency = rate ÷ (workers × the 1-worker rate).\n\n"
+        "| workers | images/s | efficiency | per repetition |\n|---:|---:|---:|---|\n" + "\n".join(rows)
     )
