@@ -190,3 +190,31 @@ def _scaling_markdown(result: dict) -> str:
         f"batch loop, median of {result['reps']}; efficiency = rate ÷ (workers × the 1-worker rate).\n\n"
         "| workers | images/s | efficiency | per repetition |\n|---:|---:|---:|---|\n" + "\n".join(rows)
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.bench_cluster --scaling``: the scaling part alone, sized for a short lease on a
+    many-core machine (the full section also times commands and a cold cluster)."""
+    import argparse
+    import json
+
+    import distributed
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_cluster")
+    ap.add_argument("--scaling", action="store_true", required=True, help="measure 1, 2, 4, … workers")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions per cluster size (median)")
+    ap.add_argument("--images", type=int, default=0, help="photos (default: 128 per core, at least 1,024)")
+    args = ap.parse_args(argv)
+    cores = os.cpu_count() or 1
+    m = args.images or max(1024, 4 * BATCH * cores)
+    OUT.mkdir(parents=True, exist_ok=True)
+    photos = str(make_photos(OUT / f"photos-{m}", m))
+    result = {"reps": args.reps, "scaling_images": m}
+    result["scaling"] = _scaling(distributed, photos, m, args.reps, cores)
+    (OUT / "cluster-scaling.json").write_text(json.dumps(result, indent=2))
+    print(_scaling_markdown(result).strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
