@@ -195,15 +195,14 @@ def _run_backbone(
     from pipeline.features.engines import make_engine
 
     dtype = np.dtype(cfg.extract.dtype)
-    x = cfg.extract
     data = numpy_batches(
         ds,
         pending,
         fm.image_size,
         cfg.backbone.resize,
-        x.batch_size,
+        cfg.extract.batch_size,
         decode=cfg.data.decode,
-        threads=x.threads,
+        threads=cfg.extract.threads,
     )
     engine = make_engine(
         fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir, images=len(pending)
