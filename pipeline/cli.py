@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pipeline.utils.errors import FeatcacheError
@@ -71,6 +72,18 @@ CACHE_FLAG: dict[str, tuple[str, dict[str, Any]]] = {
     "--cache": (
         "train.cache",
         {"metavar": "FILE", "help": "cache file (default: the newest cache matching the flags above)"},
+    ),
+}
+
+#: the opt-in that loads a featcache 0.1 run's pickles (docs/security.md); every command that loads a model
+TRUST_FLAG: dict[str, tuple[str, dict[str, Any]]] = {
+    "--trust-pickle": (
+        "security.trust_pickle",
+        {
+            "action": "store_true",
+            "help": "load a featcache 0.1 run's pickle files, which can run any code: only if you trust "
+            "whoever wrote the run",
+        },
     ),
 }
 
@@ -302,6 +315,7 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "help": "write TensorBoard logs to <run>/tensorboard (keras.callbacks.TensorBoard)",
         },
     ),
+    **TRUST_FLAG,
 }
 
 
@@ -362,11 +376,25 @@ def cmd_runs_show(args) -> int:
     return 0
 
 
+def cmd_runs_upgrade(args) -> int:
+    from pipeline.cache.locate import find_run
+    from pipeline.heads.persist import upgrade_run
+
+    given = Path(args.run).expanduser()  # a folder someone handed over needs no cache beside it
+    run_dir = given if given.is_dir() else find_run(_runs_root(args)[0], args.run)
+    files = upgrade_run(run_dir, trust_pickle=args.trust_pickle)
+    print(
+        f"{run_dir}: rewritten as {', '.join(files)} with a fresh manifest; it loads without --trust-pickle now"
+    )
+    return 0
+
+
 def cmd_predict(args) -> int:
     from pipeline.stages.predict import format_csv, format_json, format_table, predict
     from pipeline.utils.config import load_config
 
-    cfg = load_config(args.config, {"extract.cache_dir": args.cache_dir})
+    trust = {"security.trust_pickle": True} if args.trust_pickle else {}
+    cfg = load_config(args.config, {"extract.cache_dir": args.cache_dir, **trust})
     cluster = cfg.cluster.address if args.cluster is None else args.cluster
     _, results = predict(
         args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, cfg=cfg, cluster=cluster
@@ -393,13 +421,18 @@ def cmd_export(args) -> int:
         choose_cache(cfg)
     run = resolve_model_run(cfg, args.run)
     report = export(
-        run, args.format, args.out, calibration=args.calibration, progress=not args.quiet and not args.json
+        run,
+        args.format,
+        args.out,
+        calibration=args.calibration,
+        progress=not args.quiet and not args.json,
+        trust_pickle=cfg.security.trust_pickle,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 
 
-_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
+_EXPORT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG, **TRUST_FLAG}
 
 
 _AUDIT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {**SELECTION_FLAGS, **CACHE_FLAG}
@@ -513,6 +546,7 @@ def _add_predict(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--top-k", type=int, default=5, metavar="K")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_FLAG["--trust-pickle"][1]["help"])
     p.add_argument(
         "--cluster",
         metavar="ADDRESS",
@@ -608,7 +642,7 @@ def _add_report(sub) -> None:
 
 def _add_runs(sub) -> None:
     p = sub.add_parser("runs", help="list the runs, fine-tuned runs and searches of a cache, or show one")
-    rsub = p.add_subparsers(dest="runs_command", metavar="ls|show")
+    rsub = p.add_subparsers(dest="runs_command", metavar="ls|show|upgrade")
     q = rsub.add_parser("ls", help="one line a run: id, kind, head, val/test accuracy, created")
     _common(q)
     _add_flags(q, _SELECT_FLAGS)
@@ -620,6 +654,12 @@ def _add_runs(sub) -> None:
     _add_flags(q, _SELECT_FLAGS)
     q.add_argument("--json", action="store_true", help="print everything as JSON")
     q.set_defaults(func=cmd_runs_show)
+    q = rsub.add_parser("upgrade", help="rewrite a featcache 0.1 run's pickles as skops files, once")
+    q.add_argument("run", metavar="RUN", help="run id, a unique prefix of it, or a run folder")
+    _common(q)
+    _add_flags(q, _SELECT_FLAGS)
+    q.add_argument("--trust-pickle", action="store_true", help=TRUST_FLAG["--trust-pickle"][1]["help"])
+    q.set_defaults(func=cmd_runs_upgrade)
 
 
 COMMANDS = (

@@ -18,7 +18,7 @@ from pipeline.cache.fingerprint import feature_key, fingerprint, weights_digest
 from pipeline.cache.locate import resolve_cache_path
 from pipeline.cache.store import FeatureCache
 from pipeline.features.backbones.registry import get_spec
-from pipeline.heads.persist import load_run
+from pipeline.heads.persist import PickleRefused, load_run
 from pipeline.utils.config import load_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v0.1"
@@ -82,10 +82,38 @@ def test_an_old_cache_is_found_and_reused_not_re_extracted(old_tree):
 
 @pytest.mark.parametrize("kind", ["logistic", "keras_linear"])
 def test_an_old_run_folder_loads_and_predicts_as_before(old_tree, kind):
+    """0.1 runs hold pickles: they load as before, but only when the caller says it trusts them."""
     (run_dir,) = (old_tree / "cache" / "runs").glob(f"*-{kind}-*")
     expected = np.load(FIXTURE / "expected_proba.npz")[run_dir.name]
-    run = load_run(run_dir)
+    with pytest.raises(PickleRefused, match=r"\.joblib: a pickle .*--trust-pickle"):
+        load_run(run_dir)
+    run = load_run(run_dir, trust_pickle=True)
     with FeatureCache(next((old_tree / "cache").glob("*.h5"))) as c:
         X = c.features()
     np.testing.assert_allclose(run.model.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
     assert run.class_names == ["dark", "light"]
+
+
+@pytest.mark.parametrize("kind", ["logistic", "keras_linear"])
+def test_runs_upgrade_rewrites_an_old_run_as_skops_once(old_tree, kind):
+    """``featcache runs upgrade RUN --trust-pickle``: skops files and a fresh manifest, the same
+    probabilities, and from then on the run loads without any opt-in; without the flag nothing changes."""
+    from conftest import run_cli
+
+    (run_dir,) = (old_tree / "cache" / "runs").glob(f"*-{kind}-*")
+    expected = np.load(FIXTURE / "expected_proba.npz")[run_dir.name]
+    before = sorted(p.name for p in run_dir.iterdir())
+    refused = run_cli("runs", "upgrade", str(run_dir))
+    assert refused.returncode == 2 and sorted(p.name for p in run_dir.iterdir()) == before
+    assert refused.stderr.count("\n") == 1 and "--trust-pickle" in refused.stderr
+    done = run_cli("runs", "upgrade", str(run_dir), "--trust-pickle")
+    assert done.returncode == 0, done.stderr
+    assert not list(run_dir.glob("*.joblib")) and list(run_dir.glob("*.skops"))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert not any(name.endswith(".joblib") for name in manifest["files"])
+    run = load_run(run_dir)  # no trust needed any more
+    with FeatureCache(next((old_tree / "cache").glob("*.h5"))) as c:
+        X = c.features()
+    np.testing.assert_allclose(run.model.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
+    again = run_cli("runs", "upgrade", str(run_dir), "--trust-pickle")
+    assert again.returncode == 2 and "nothing to upgrade" in again.stderr

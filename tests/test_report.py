@@ -273,8 +273,8 @@ def test_old_joblib_runs_load_after_the_manifest_check_with_one_note(tmp_path, c
 
     shutil.copytree(FIXTURE / "cache" / "runs", tmp_path / "runs")
     for run_dir in sorted((tmp_path / "runs").iterdir()):
-        load_run(run_dir)
-        load_run(run_dir)  # the note is said once
+        load_run(run_dir, trust_pickle=True)
+        load_run(run_dir, trust_pickle=True)  # the note is said once
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"note: {run_dir.name} was saved by featcache 0.1")
     tampered = tmp_path / "runs" / next(p.name for p in (tmp_path / "runs").iterdir() if "logistic" in p.name)
@@ -282,7 +282,7 @@ def test_old_joblib_runs_load_after_the_manifest_check_with_one_note(tmp_path, c
     data[-3] ^= 0x01
     (tampered / "model.joblib").write_bytes(bytes(data))
     with pytest.raises(FeatcacheError, match="sha256 differs"):  # checked before anything is unpickled
-        load_run(tampered)
+        load_run(tampered, trust_pickle=True)
 
 
 # ---------------------------------------------------------------------------------- fine-tuning

@@ -193,12 +193,12 @@ def assemble(
     return model, train_model, core
 
 
-def rebuild(run_dir: str | Path, *, augment=(), check_rows: int = 256) -> Rebuilt:
+def rebuild(run_dir: str | Path, *, augment=(), check_rows: int = 256, trust_pickle: bool = False) -> Rebuilt:
     """The end-to-end Keras model of a stage-2 run, its head verified against scikit-learn."""
     from pipeline.heads.persist import load_run
 
     run_dir = Path(run_dir)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, trust_pickle=trust_pickle)
     metrics, pipeline = loaded.metrics, loaded.model
     source = run_source(metrics)
     class_names = list(metrics["class_names"])

@@ -102,7 +102,7 @@ class Exportable:
     decode: str = "exact"  # the data.decode policy of the run's features (runs from before it: exact)
 
 
-def load_exportable(run_dir: str | Path) -> Exportable:
+def load_exportable(run_dir: str | Path, trust_pickle: bool = False) -> Exportable:
     """A fine-tuned run's ``model.keras``, or a stage-2 run rebuilt end to end (verified by its manifest)."""
     from pipeline.model.rebuild import rebuild, run_source
     from pipeline.model.runners import load_keras
@@ -119,7 +119,7 @@ def load_exportable(run_dir: str | Path) -> Exportable:
             int(metrics["image_size"]), str(metrics["resize"]), cache if cache.is_file() else None,
             str(metrics.get("decode", "exact")),
         )  # fmt: skip
-    rb = rebuild(run_dir)
+    rb = rebuild(run_dir, trust_pickle=trust_pickle)
     src = run_source(metrics)
     return Exportable(
         rb.model,
@@ -201,12 +201,13 @@ def export(
     calibration: int = 100,
     seed: int = 0,
     progress: bool = False,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Write each format under ``out`` (default ``<run>/export``), check it, write ``export.json``; return it."""
     from pipeline.utils.io import write_json
 
     formats = parse_formats(formats)
-    src = load_exportable(run_dir)
+    src = load_exportable(run_dir, trust_pickle)
     if src.cache_path is None:
         raise FeatcacheError(f"the cache of {src.run_dir} is gone: export checks each format on its images")
     out = Path(out) if out else src.run_dir / "export"

@@ -358,7 +358,7 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
     t_start = time.perf_counter()
     f = cfg.finetune
     keras.utils.set_random_seed(int(cfg.train.seed))
-    rb = rebuild(source, augment=f.augment)
+    rb = rebuild(source, augment=f.augment, trust_pickle=cfg.security.trust_pickle)
     if rb.source.cache_path is None:
         raise FeatcacheError(f"the cache of {source} is gone: fine-tuning needs its split and its images")
     trainable = set_trainable(rb, f.unfreeze)
@@ -398,7 +398,9 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
             f" {e0['val_accuracy']:.4f}): kept that model (finetune.keep_worse=true keeps the best epoch)"
         )
         state["best_epoch"] = 0
-        rb = rebuild(source)  # exactly the model before fine-tuning (the conversion is exact)
+        rb = rebuild(
+            source, trust_pickle=cfg.security.trust_pickle
+        )  # exactly the model before fine-tuning (the conversion is exact)
     elif state.get("best_weights"):
         rb.train_model.load_weights(str(ckpt.dir / state["best_weights"]))
     bs = int(f.batch_size)

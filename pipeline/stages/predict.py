@@ -117,10 +117,13 @@ def _decode_near(path: Path) -> str:
     return "exact"
 
 
-def load_predictor(model: str | Path, batch_size: int = 32, cfg=None, cluster: str = "") -> Predictor:
+def load_predictor(
+    model: str | Path, batch_size: int = 32, cfg=None, cluster: str = "", trust_pickle: bool = False
+) -> Predictor:
     """A predictor for a run folder, a run id (under ``cfg``'s runs folder), or an exported model file.
 
     ``cluster`` (a ``--cluster`` address) computes a stage-2 run's missing features on Dask workers.
+    A 0.1 run's pickles load only with ``trust_pickle`` (or ``security.trust_pickle`` in ``cfg``).
     """
     path = model_path(model, cfg)
     check_model_kind(path)
@@ -129,7 +132,8 @@ def load_predictor(model: str | Path, batch_size: int = 32, cfg=None, cluster: s
         from pipeline.utils.runs import verify_run
 
         if verify_run(path).get("kind") != "finetune":
-            return _stage2_predictor(path, batch_size, cluster)
+            trust = trust_pickle or bool(cfg is not None and cfg.security.trust_pickle)
+            return _stage2_predictor(path, batch_size, cluster, trust)
     if cluster:
         raise FeatcacheError(
             f"--cluster: predict runs on a cluster with a stage-2 run (features on the workers, the head "
@@ -248,12 +252,12 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     return p
 
 
-def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str = "") -> Predictor:
+def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle: bool) -> Predictor:
     from pipeline.heads.persist import load_run
     from pipeline.model.convert import stage2_scores
     from pipeline.model.rebuild import run_source
 
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, trust_pickle=trust_pickle)
     metrics = loaded.metrics
     src = run_source(metrics)
     names = list(metrics["class_names"])
@@ -356,14 +360,20 @@ def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir
 
 
 def predict(
-    model: str | Path, images: list[str], top_k: int = 5, batch_size: int = 32, cfg=None, cluster: str = ""
+    model: str | Path,
+    images: list[str],
+    top_k: int = 5,
+    batch_size: int = 32,
+    cfg=None,
+    cluster: str = "",
+    trust_pickle: bool = False,
 ) -> tuple[Predictor, list[ImageResult]]:
     """Top-``top_k`` (class index, name, probability) per image; unreadable images get an ``error``.
 
     ``model`` is a run folder, a run id (looked up under ``cfg``'s runs folder, default ``cache/runs``),
     a ``.keras`` file, a SavedModel folder or a ``.tflite`` file. Every path is checked before TensorFlow
     is imported. ``cluster`` (an address as ``--cluster`` takes) computes a stage-2 run's missing
-    features on a Dask cluster.
+    features on a Dask cluster. ``trust_pickle`` loads a featcache 0.1 run's pickles (they can run code).
     """
     from pipeline.utils.cluster import parse_address
 
@@ -374,7 +384,7 @@ def predict(
         raise FeatcacheError(f"--batch-size must be >= 1, got {batch_size}")
     check_model_kind(model_path(model, cfg))
     paths = expand_inputs(images)
-    predictor = load_predictor(model, batch_size, cfg, cluster)
+    predictor = load_predictor(model, batch_size, cfg, cluster, trust_pickle)
     ds, samples = _dataset([p.resolve() for p in paths])
     proba, ok, why, sources = predictor.predict(ds, samples)
     if isinstance(sources, str):

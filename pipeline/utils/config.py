@@ -140,6 +140,13 @@ class ClusterConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """What featcache may load from files someone else wrote."""
+
+    trust_pickle: bool = False  # true: load the pickles of featcache 0.1 runs (they can run any code)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -148,6 +155,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     #: dotted keys the user chose (see :func:`given_keys`); not a field, so never saved or compared
     given: ClassVar[frozenset[str]] = frozenset()
 

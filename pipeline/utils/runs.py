@@ -53,18 +53,22 @@ def latest_run(root: str | Path) -> Path:
     return runs[-1]
 
 
-def write_manifest(run_dir: Path, kind: str, model_files: Sequence[str]) -> dict[str, Any]:
-    """Hash every file in the run folder (the model's and the reports'); written last, atomically."""
+def write_manifest(
+    run_dir: Path, kind: str, model_files: Sequence[str], skip: Sequence[str] = (), created: float = 0
+) -> dict[str, Any]:
+    """Hash every file in the run folder (the model's and the reports') but ``skip``; written last, atomically.
+
+    ``created`` keeps the time of a run whose manifest is rewritten (0 = now)."""
     files = {}
     for p in sorted(run_dir.iterdir()):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
+        if p.is_file() and p.name not in (MANIFEST, *skip) and not p.name.startswith("."):
             files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest = {
         "format": RUN_FORMAT,
         "kind": kind,
         "model_files": list(model_files),
         "files": files,
-        "created": time.time(),
+        "created": created or time.time(),
     }
     write_json(run_dir / MANIFEST, manifest)
     return manifest
