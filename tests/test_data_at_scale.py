@@ -436,3 +436,32 @@ def test_cli_unusable_sources_exit_2_with_one_line(tmp_path, images):
     assert r.returncode == 2, r.stderr
     assert "no 'image' column" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_credentials_never_reach_a_cache_or_a_run_folder(s3_server, tmp_path, images, monkeypatch):
+    """Keys given in ``[data] storage_options`` reach fsspec and nothing else: no byte of the cache, its
+    sidecar files or the run folder holds them (docs/security.md)."""
+    from pipeline.stages.extract import extract
+    from pipeline.stages.train import train
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    write_folder(tmp_path / "photos", images)
+    fs = _s3(s3_server)
+    fs.mkdir("private")
+    fs.put(str(tmp_path / "photos") + "/", "private/photos/", recursive=True)
+    secrets = {"key": "AKIAFEATCACHEKEY0001", "secret": "s3cr3t-FEATCACHE-do-not-store"}
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)  # the keys come from the config alone
+    cfg = load_config(None, small_config(tmp_path / "cache", "s3://private/photos/"))
+    cfg.data.storage_options = {"endpoint_url": s3_server, **secrets}
+    result = extract(cfg)
+    assert result.rows == 10
+    cfg.train.cache = str(result.path)
+    run = train(cfg)
+    written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert run.run_dir in {p.parent for p in written} and len(written) >= 5
+    for p in written:
+        data = p.read_bytes()
+        for value in secrets.values():
+            assert value.encode() not in data, f"{p} holds a credential"

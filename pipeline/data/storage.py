@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.utils.config import redact_options
 from pipeline.utils.errors import FeatcacheError
 
 #: scheme → (extra, package) for the install hint when a back-end is missing.
@@ -186,14 +187,6 @@ def read_url(url: str, storage_options: dict | None = None) -> bytes:
         raise
     except Exception as e:  # noqa: BLE001 - becomes a quarantine reason
         raise OSError(storage_reason(e)) from None
-
-
-_SECRET = re.compile(r"key|secret|token|password|credential|sas|connection_string", re.I)
-
-
-def redact_options(options: dict) -> dict:
-    """``storage_options`` fit to store in a cache's metadata: secrets replaced by ``***``."""
-    return {k: ("***" if _SECRET.search(str(k)) else v) for k, v in (options or {}).items()}
 
 
 class ShardIndex:

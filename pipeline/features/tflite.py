@@ -171,8 +171,15 @@ class TFLiteRunner:
         cls, self.runtime = interpreter_class()
         self.threads = threads or usable_cores()
         kw = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-        self.interpreter = cls(num_threads=self.threads, **kw)
-        (inp,) = self.interpreter.get_input_details()
+        where = "" if isinstance(model, bytes) else f"{model}: "
+        try:
+            self.interpreter = cls(num_threads=self.threads, **kw)
+            inputs = self.interpreter.get_input_details()
+        except (ValueError, RuntimeError) as e:  # a file that is not a flatbuffer, or one TFLite cannot run
+            raise FeatcacheError(f"{where}cannot load this {what} ({str(e)[:120]})") from None
+        if len(inputs) != 1 or len(inputs[0]["shape"]) != 4 or int(inputs[0]["shape"][-1]) != 3:
+            raise FeatcacheError(f"{where}this {what} does not take one N×S×S×3 image input")
+        inp = inputs[0]
         self.input_index = inp["index"]
         self.shape = [int(d) for d in inp["shape"]]
         self.image_size = self.shape[1]

@@ -37,7 +37,7 @@ from pipeline.data.augment import VIEW_SUFFIX
 from pipeline.data.images import make_image_dataset, numpy_batches
 from pipeline.data.sources import Dataset, Sample, digest_bytes
 from pipeline.data.splits import SPLIT_CODES, assign_split
-from pipeline.data.storage import is_url, redact_options
+from pipeline.data.storage import is_url
 from pipeline.features.backbones.registry import get_spec
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import Config, load_config
@@ -545,7 +545,7 @@ def _cache_attrs(
         else os.path.abspath(ds.source),
         "versions": _versions(),
         "config": {
-            "data": {**vars(cfg.data), "storage_options": redact_options(cfg.data.storage_options)},
+            "data": cfg.to_dict()["data"],
             "backbone": vars(cfg.backbone),
             "extract": vars(cfg.extract),
         },

@@ -214,25 +214,54 @@ def _keras_predictor(path: Path, batch_size: int, names_from: Path | None = None
     return p
 
 
-def _sidecar(path: Path) -> dict[str, Any]:
+@dataclass
+class ExportInfo:
+    """What an exported model's ``export.json`` tells predict, checked: it may come from anyone."""
+
+    class_names: list[str] | None = None
+    image_size: int | None = None
+    resize: str = "stretch"
+
+
+def export_info(path: Path) -> ExportInfo:
+    """The ``export.json`` beside (or one level above) an exported model; empty when there is none."""
+    from pipeline.utils.config import RESIZE_POLICIES
+
     d = path.parent if path.is_file() else path
-    for f in (d / "export.json", d.parent / "export.json"):
-        if f.is_file():
-            return json.loads(f.read_text(encoding="utf-8"))
-    return {}
+    f = next((f for f in (d / "export.json", d.parent / "export.json") if f.is_file()), None)
+    if f is None:
+        return ExportInfo()
+    try:
+        info = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FeatcacheError(f"{f}: not readable JSON ({str(e)[:120]})") from None
+    if not isinstance(info, dict):
+        info = {"resize": None}  # refused below, with what an export.json holds
+    names, size, resize = info.get("class_names"), info.get("image_size"), info.get("resize", "stretch")
+    if (
+        (names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)))
+        or (size is not None and not (isinstance(size, int) and 0 < size <= 8192))
+        or resize not in RESIZE_POLICIES
+    ):
+        raise FeatcacheError(
+            f"{f}: not an export.json featcache wrote (class_names: a list of names, image_size: pixels, "
+            f"resize: {'|'.join(RESIZE_POLICIES)})"
+        )
+    return ExportInfo(names, size, resize)
 
 
 def _savedmodel_predictor(path: Path, batch_size: int) -> Predictor:
     from pipeline.model.runners import savedmodel_runner
 
-    info = _sidecar(path)
-    if not info.get("image_size"):
+    info = export_info(path)
+    if not info.image_size or info.class_names is None:
         raise FeatcacheError(
-            f"{path}: no export.json beside it (needed for the input size and the class names)"
+            f"{path}: no export.json with image_size and class_names beside it (needed for the input size "
+            "and the class names)"
         )
     run = savedmodel_runner(path)
-    size, policy = int(info["image_size"]), str(info.get("resize", "stretch"))
-    p = Predictor("savedmodel", list(info["class_names"]), size, policy, path, decode=_decode_near(path))
+    size, policy = info.image_size, info.resize
+    p = Predictor("savedmodel", info.class_names, size, policy, path, decode=_decode_near(path))
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
@@ -241,12 +270,10 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     from pipeline.features.tflite import TFLiteRunner
 
     run = TFLiteRunner(path)
-    info = _sidecar(path)
-    size, policy = run.image_size, str(info.get("resize", "stretch"))
+    info = export_info(path)
+    size, policy = run.image_size, info.resize
     n = run.n_outputs
-    names = (
-        list(info["class_names"]) if len(info.get("class_names") or []) == n else [str(i) for i in range(n)]
-    )
+    names = info.class_names if len(info.class_names or []) == n else [str(i) for i in range(n)]
     p = Predictor("tflite", names, size, policy, path, decode=_decode_near(path))
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p

@@ -8,6 +8,7 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -160,7 +161,19 @@ class Config:
     given: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as caches and run folders record them: credentials never leave memory."""
+        out = dataclasses.asdict(self)
+        out["data"]["storage_options"] = redact_options(out["data"]["storage_options"])
+        return out
+
+
+_SECRET = re.compile(r"key|secret|token|password|credential|sas|connection_string", re.I)
+
+
+def redact_options(options: dict) -> dict:
+    """``storage_options`` fit to store: secrets replaced by ``***`` (they come from the environment or
+    the config file again when needed)."""
+    return {k: ("***" if _SECRET.search(str(k)) else v) for k, v in (options or {}).items()}
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
