@@ -1,7 +1,7 @@
 """The workflow a new user walks: later stages follow the cache just made, and bad input answers at once.
 
 Real caches (EfficientNet-Lite0, real photo crops at 32 and 48 px) in one folder; the stages find them by
-the rule documented in the README ("Which cache a stage takes").
+the rule documented in docs/cache.md ("Which cache a stage takes").
 """
 
 from __future__ import annotations
