@@ -172,12 +172,13 @@ params = { C = [10.0], class_weight = ["none"] }
 
 def test_halving_random_and_cv_never_touch_the_test_split(digits_cache, tmp_path):
     from pipeline.cache.store import FeatureCache
-    from pipeline.stages.search import _plan, search
+    from pipeline.stages.search import search
+    from pipeline.tuning.folds import plan_folds
 
     with FeatureCache(digits_cache) as c:
         test_rows = set(c.rows("test").tolist())
         for cv in (0, 3):
-            plan, rows, _ = _plan(c, cv, 0)
+            plan, rows, _ = plan_folds(c, cv, 0)
             assert not test_rows & set(rows.tolist())
             for fit_rows, eval_rows, _ in plan.folds:
                 assert not test_rows & (set(fit_rows.tolist()) | set(eval_rows.tolist()))
@@ -232,7 +233,7 @@ def test_bad_spaces_are_refused_before_any_trial(digits_cache, tmp_path):
 
 
 def test_builtin_space_has_ranges_over_five_families_and_100_trials_by_default():
-    from pipeline.stages.search import default_space_path, load_space, random_candidates
+    from pipeline.tuning.space import default_space_path, load_space, random_candidates
     from pipeline.utils.config import SearchConfig
 
     space = load_space(None, "top_activation")
@@ -247,18 +248,20 @@ def test_shared_work_scores_as_an_independent_fit(digits_cache):
     """Prepared chains, the ridge path, warm-started C paths and the L-BFGS squared hinge give the plain fit's score."""
     from pipeline.cache.reader import Data
     from pipeline.cache.store import FeatureCache
-    from pipeline.stages.search import Candidate, _plan, _worker_init, run_trial, shared_trial
+    from pipeline.tuning.folds import plan_folds
+    from pipeline.tuning.space import Candidate
+    from pipeline.tuning.trials import run_trial, shared_trial, worker_init
 
     with FeatureCache(digits_cache) as c:
         layer = c.layer_name("")
-        plans = {cv: _plan(c, cv, 0) for cv in (0, 3)}
+        plans = {cv: plan_folds(c, cv, 0) for cv in (0, 3)}
         data = {cv: Data.from_cache(c, layer, rows, False) for cv, (_, rows, _) in plans.items()}
     configs = [("ridge", {"alpha": a}, ["standardize"]) for a in (0.1, 10.0, 1000.0)]
     configs += [("logistic", {"C": v}, ["standardize", "pca:32"]) for v in (0.01, 0.3, 10.0)]
     configs += [("linear_svm", {"C": v}, ["standardize", "pca:32"]) for v in (0.01, 1.0)]  # L-BFGS
     configs += [("linear_svm", {"C": 1.0}, ["l2"]), ("knn", {"n_neighbors": 3}, ["l2", "pca:16"])]
     for cv, (plan, _, _) in plans.items():
-        shared = _worker_init(({layer: data[cv]}, plan, 0))
+        shared = worker_init(({layer: data[cv]}, plan, 0))
         for head, params, chain in configs:
             cand = Candidate.make(head, params, chain, layer)
             plain = run_trial(data[cv], cand, plan, 1.0, 0)
@@ -276,9 +279,10 @@ def test_shared_work_scores_as_an_independent_fit(digits_cache):
 
 def test_a_runaway_trial_is_cut_and_the_result_is_readable(digits_cache, tmp_path, monkeypatch):
     from pipeline.stages import search as search_stage
+    from pipeline.tuning import scheduler
 
-    monkeypatch.setattr(search_stage, "BUDGET_FLOOR_S", 1.0)
-    monkeypatch.setattr(search_stage, "TRIAL_BUDGET_FACTOR", 5)
+    monkeypatch.setattr(scheduler, "BUDGET_FLOOR_S", 1.0)
+    monkeypatch.setattr(scheduler, "TRIAL_BUDGET_FACTOR", 5)
     space = write_space(
         tmp_path / "slow.toml",
         """
@@ -304,7 +308,7 @@ params = { hidden = [[1024, 1024]], max_iter = 5000, tol = 0.0, early_stopping =
 
 
 def test_a_torn_journal_line_is_ignored(tmp_path):
-    from pipeline.stages.search import append_trial, read_trials
+    from pipeline.utils.journal import append_trial, read_trials
 
     journal = tmp_path / "trials.jsonl"
     append_trial(journal, {"key": "a", "score": 1.0})
@@ -316,7 +320,7 @@ def test_a_torn_journal_line_is_ignored(tmp_path):
 
 def test_convertible_search_keeps_to_heads_finetune_can_take():
     from pipeline.heads.registry import NOT_CONVERTIBLE
-    from pipeline.stages.search import convertible_space, load_space
+    from pipeline.tuning.space import convertible_space, load_space
 
     space = load_space(None, "top")
     heads = {e.head for e in space.entries}

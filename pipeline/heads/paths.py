@@ -5,39 +5,117 @@
   one :class:`~sklearn.linear_model.RidgeClassifier` computes (targets in {-1, 1}, intercept by centring).
 * logistic regression: consecutive values of ``C`` warm-start from the previous solution (lbfgs reaches the
   same optimum of the same convex objective, in fewer iterations).
+* linear SVM: where ``C`` · mean |x|² is large, LinearSVC's problem solved with L-BFGS, each ``C`` starting
+  from the previous one's weights; elsewhere liblinear's dual coordinate descent, which is quick there.
+
+:func:`fit_predict_on_path` is the one entry: a search calls it for any head and keeps what it returns for
+the next configuration on the same path, so no search code needs to know which heads have paths.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
 import numpy as np
 
-# head -> the parameter its path runs over (the others must be equal along one path)
 # LinearSVC parameters the squared-hinge solver below reproduces (the others: LinearSVC's own fit)
 SVM_PARAMS = frozenset({"C", "tol", "max_iter", "intercept_scaling"})
 LIBLINEAR_QUICK = 10.0  # C · mean |x|² up to which linear_svm keeps liblinear (dual)
-PATH_PARAM = {"ridge": "alpha", "logistic": "C", "linear_svm": "C"}
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """How one head runs along a path: the parameter it varies, and one step of it.
+
+    ``only``: the parameters a configuration may set and stay on the path (None: any); with others
+    (solver, class_weight, loss, ...) it is the estimator's own fit. ``step(params, prep, X_eval, previous,
+    seed)`` returns the predictions and what the next step may continue from (None: keep ``previous``).
+    """
+
+    param: str
+    only: frozenset[str] | None
+    step: Callable[..., tuple[np.ndarray, Any]]
 
 
 def path_param(head: str, params: dict[str, Any]) -> str | None:
     """The parameter a path can vary for this configuration, or None (a plain fit)."""
-    name = PATH_PARAM.get(head)
-    if name is None:
+    spec = PATHS.get(head)
+    if spec is None:
         return None
-    value = params.get(name, 1.0)
+    value = params.get(spec.param, 1.0)
     if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
         return None
-    if head == "ridge" and set(params) - {"alpha"}:
-        return None  # solver, class_weight, fit_intercept, ...: the estimator's own fit
-    if head == "linear_svm" and set(params) - SVM_PARAMS:
-        return None  # loss, penalty, class_weight, ...: LinearSVC's own fit
-    return name
+    if spec.only is not None and set(params) - spec.only:
+        return None
+    return spec.param
 
 
 def path_value(head: str, params: dict[str, Any]) -> float:
-    return float(params.get(PATH_PARAM[head], 1.0))
+    return float(params.get(PATHS[head].param, 1.0))
+
+
+def path_group(head: str, params: dict[str, Any]) -> str | None:
+    """What the configurations on one path share (the other parameters, canonical JSON); None: a plain fit."""
+    name = path_param(head, params)
+    if name is None:
+        return None
+    return json.dumps({k: v for k, v in params.items() if k != name}, sort_keys=True)
+
+
+def fit_predict_on_path(
+    head: str, params: dict[str, Any], prep, X_eval: np.ndarray, previous: Any, seed: int
+) -> tuple[np.ndarray, Any]:
+    """Fit ``head`` with ``params`` on prepared rows and predict ``X_eval``, continuing ``previous`` (what the
+    last step on the same path returned, or None). Returns the predictions and what the next step on the
+    path may continue from (None: nothing new). Scores as an independent fit would, within solver tolerance.
+    """
+    if path_param(head, params) is not None:
+        return PATHS[head].step(params, prep, X_eval, previous, seed)
+    return _plain_fit(head, params, prep, X_eval, seed), None
+
+
+def _plain_fit(name: str, params: dict[str, Any], prep, X_eval: np.ndarray, seed: int) -> np.ndarray:
+    from pipeline.heads.fitting import fit_prepared, predict_prepared
+    from pipeline.heads.registry import make_head
+
+    head = make_head(name, params, seed=seed, n_train=len(prep.y))
+    if name == "linear_svm" and "dual" not in params:
+        head.estimator.set_params(dual=True)  # paths reach here when C·|x|² is small: then it is quick
+    fit_prepared(head, prep)
+    return predict_prepared(head.estimator, X_eval)
+
+
+def _ridge_step(params, prep, X_eval, previous, seed):
+    from pipeline.heads.registry import make_head
+
+    make_head("ridge", params)  # validates the configuration as a plain fit would
+    path = previous if previous is not None else RidgePath(prep.X, prep.y, X_eval)
+    return path.predict(float(params["alpha"])), path
+
+
+def _logistic_step(params, prep, X_eval, previous, seed):
+    from pipeline.heads.fitting import fit_prepared, predict_prepared
+    from pipeline.heads.registry import make_head
+
+    head = make_head("logistic", params, seed=seed, n_train=len(prep.y))
+    warm_start_from(head.estimator, previous)
+    fit_prepared(head, prep)
+    return predict_prepared(head.estimator, X_eval), head.estimator
+
+
+def _linear_svm_step(params, prep, X_eval, previous, seed):
+    from pipeline.heads.registry import make_head
+
+    if liblinear_is_quick(path_value("linear_svm", params), prep.X):
+        return _plain_fit("linear_svm", params, prep, X_eval, seed), None
+    make_head("linear_svm", params)  # validates the configuration as a plain fit would
+    svm = SquaredHingeSVM(**{k: v for k, v in params.items() if k in SVM_PARAMS})
+    svm.fit(prep.X, prep.y, coef0=previous.W if previous is not None else None)
+    return svm.predict(X_eval), svm
 
 
 class RidgePath:
@@ -157,3 +235,10 @@ class SquaredHingeSVM:
     def predict(self, X: np.ndarray) -> np.ndarray:
         d = self.decision_function(X)
         return self.classes_[(d > 0).astype(int)] if d.ndim == 1 else self.classes_[np.argmax(d, axis=1)]
+
+
+PATHS: dict[str, PathSpec] = {
+    "ridge": PathSpec("alpha", frozenset({"alpha"}), _ridge_step),
+    "logistic": PathSpec("C", None, _logistic_step),
+    "linear_svm": PathSpec("C", SVM_PARAMS, _linear_svm_step),
+}

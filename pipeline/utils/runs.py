@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import sha256_file, write_json
+from pipeline.utils.journal import TRIALS_FILE, read_trials
 
 MANIFEST = "manifest.json"
 
@@ -107,24 +108,6 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
         if name not in manifest["files"]:
             raise FeatcacheError(f"{path}: model file {name} is not covered by the manifest")
     return manifest
-
-
-TRIALS_FILE = "trials.jsonl"
-
-
-def read_trials(path: Path) -> dict[str, dict[str, Any]]:
-    """A search's finished trials by key (``trials.jsonl``); a torn last line (killed mid-write) is ignored."""
-    out: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "key" in rec:
-            out.setdefault(rec["key"], rec)
-    return out
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

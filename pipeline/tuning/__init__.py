@@ -1,0 +1,32 @@
+"""Hyperparameter search as a layer: spaces, folds, trials, their scheduling and the leaderboard.
+
+Between ``heads`` (what is fitted) and ``stages`` (``featcache search`` composes this layer on a cache):
+
+* :mod:`~pipeline.tuning.space`: the space's TOML schema, its parser, and the candidates a strategy draws;
+* :mod:`~pipeline.tuning.folds`: the rows each trial fits and is scored on (val split or k folds);
+* :mod:`~pipeline.tuning.trials`: one trial on every fold, in a worker that shares work across trials;
+* :mod:`~pipeline.tuning.scheduler`: the worker pool, time budgets, successive halving, the journal;
+* :mod:`~pipeline.tuning.leaderboard`: ranking, and the CSV, JSON, TOML, plot and text it writes.
+
+No module here knows a head by name: head-specific shortcuts live in :mod:`pipeline.heads.paths`.
+"""
+
+from pipeline.tuning.folds import Plan, plan_folds
+from pipeline.tuning.leaderboard import SearchRun, build_leaderboard, write_outputs
+from pipeline.tuning.scheduler import TrialRunner, halving
+from pipeline.tuning.space import Candidate, Space, convertible_space, load_space, strategy_candidates
+
+__all__ = [
+    "Candidate",
+    "Plan",
+    "SearchRun",
+    "Space",
+    "TrialRunner",
+    "build_leaderboard",
+    "convertible_space",
+    "halving",
+    "load_space",
+    "plan_folds",
+    "strategy_candidates",
+    "write_outputs",
+]

@@ -1,0 +1,60 @@
+"""The rows every trial fits and is scored on: the val split, or k folds of train+val; never test rows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.utils.errors import FeatcacheError
+
+
+@dataclass
+class Plan:
+    """How every trial is scored: (fit rows, scoring rows, early-stopping rows) per fold; test rows absent."""
+
+    folds: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    rank: np.ndarray  # a fixed random rank per cache row: halving's subsets are nested prefixes
+    n_classes: int
+
+
+def subset_rows(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarray:
+    """The first ``fraction`` of ``rows`` by ``rank``: a smaller fraction is a prefix of a larger one."""
+    if fraction >= 1.0:
+        return rows
+    keep = max(1, int(math.ceil(len(rows) * fraction)))
+    return np.sort(rows[np.argsort(rank[rows], kind="stable")[:keep]])
+
+
+def plan_folds(cache, cv: int, seed: int) -> tuple[Plan, np.ndarray, list[str]]:
+    """The plan for ``cv`` folds (0: train against val), the rows it loads, and notes on how it was split."""
+    notes = []
+    train_rows, val_rows = cache.rows("train"), cache.rows("val")
+    if len(train_rows) == 0:
+        raise FeatcacheError("no training rows: the cache's train split is empty")
+    rank = np.random.default_rng(seed).permutation(cache.n_rows)
+    n_classes = len(cache.class_names)
+    if cv == 0:
+        if len(val_rows) == 0:
+            raise FeatcacheError(
+                "the val split is empty: set data.val_fraction > 0 and re-extract, or search with --cv K"
+            )
+        return (
+            Plan([(train_rows, val_rows, val_rows)], rank, n_classes),
+            np.concatenate([train_rows, val_rows]),
+            notes,
+        )
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    pool = np.sort(np.concatenate([train_rows, val_rows]))
+    y = cache.labels[pool]
+    counts = np.bincount(y)
+    splitter = StratifiedKFold(cv, shuffle=True, random_state=seed)
+    if counts[counts > 0].min() < cv:
+        splitter = KFold(cv, shuffle=True, random_state=seed)
+        notes.append(f"a class has fewer than {cv} samples: plain (unstratified) k-fold")
+    folds = [
+        (pool[a], pool[b], None) for a, b in splitter.split(pool, y)
+    ]  # early stopping stays inside fit rows
+    return Plan(folds, rank, n_classes), pool, notes

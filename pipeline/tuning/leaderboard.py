@@ -1,0 +1,237 @@
+"""Ranking a search's trials and writing what it found: the leaderboard (CSV, JSON), the summary
+(``search.json`` and the text the CLI prints), ``best.toml`` and the ``scores.png`` plot.
+
+Ranking is by score, full-size trials first; equal scores keep the candidates' order, so the same search
+ranks the same way in one process or on a cluster.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.tuning.space import Candidate, Dist, Space
+from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.io import atomic_path, atomic_write, write_json
+
+
+@dataclass
+class SearchRun:
+    """What a search found: its folder, the ranked trials, the best; :meth:`summary` is what the CLI prints."""
+
+    dir: Path
+    strategy: str
+    leaderboard: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    n_candidates: int
+    n_run: int  # trials fitted by this call
+    n_reused: int  # trials found finished in trials.jsonl
+    seconds: float
+    cv: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best_toml(self) -> Path:
+        return self.dir / "best.toml"
+
+    def summary(self, top: int = 30) -> str:
+        metric = f"{self.cv}-fold CV accuracy" if self.cv else "val accuracy"
+        lines = [
+            f"search: {self.strategy} · {self.n_candidates} candidates · {self.n_run} trials run, {self.n_reused} reused"
+            f" · {self.seconds:.1f} s · ranked by {metric}",
+            "",
+            f"{'#':>3} {'score':>7} {'±':>6} {'bal_acc':>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<22} params",
+        ]
+        for row in self.leaderboard[:top]:
+            if row["status"] != "ok":
+                lines.append(
+                    f"{row['rank']:>3} {row['status']:>7} {'':>6} {'':>7} {'':>5} {row['seconds'] or 0:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}  ({row['error']})"
+                )
+                continue
+            warn = "  ! " + row["warning"].split(":")[0] if row.get("warning") else ""
+            lines.append(
+                f"{row['rank']:>3} {row['score']:>7.4f} {row['score_std']:>6.3f} {row['balanced_accuracy']:>7.4f} {row['resource']:>5.0%}"
+                f" {row['seconds']:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}{warn}"
+            )
+        if len(self.leaderboard) > top:
+            lines.append(f"... {len(self.leaderboard) - top} more in {self.dir / 'leaderboard.csv'}")
+        lines.append("")
+        if self.best:
+            lines.append(
+                f"best: {self.best['head']} {self.best['params']} [{self.best['transforms']}] on {self.best['layer']} · score {self.best['score']:.4f}"
+            )
+            lines.append(f"best config: {self.best_toml}  (featcache train --config {self.best_toml})")
+        counts = {
+            k: sum(1 for r in self.leaderboard if r["status"] == k) for k in ("cut", "pruned", "failed")
+        }
+        if any(counts.values()):
+            lines.append("not scored in full: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
+        lines.append(
+            f"all trials: {self.dir / 'leaderboard.csv'} (and .json); plot: {self.dir / 'scores.png'}"
+        )
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        lines.append(f"search folder: {self.dir}")
+        return "\n".join(lines)
+
+
+def rank_key(rec: dict[str, Any]):
+    """Best first; equal scores keep the candidates' order (not their timing): the same search, the same
+    ranking, in one process or on a cluster."""
+    ok = rec.get("status") == "ok"
+    return (0 if ok else 1, -(rec.get("score") or 0.0))
+
+
+def build_leaderboard(results: dict[Candidate, tuple[float, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per trial, ranked: scored trials first, then the most rows (halving's last rung), then score."""
+    rows = []
+    for cand, (fraction, rec) in results.items():
+        rows.append(
+            {
+                "head": cand.head,
+                "layer": cand.layer,
+                "transforms": "+".join(cand.transforms) or "none",
+                "params": cand.params_json,
+                "resource": fraction,
+                "status": rec.get("status"),
+                "score": rec.get("score"),
+                "score_std": rec.get("score_std"),
+                "balanced_accuracy": rec.get("balanced_accuracy"),
+                "macro_f1": rec.get("macro_f1"),
+                "seconds": rec.get("seconds"),
+                "error": rec.get("error", ""),
+                "warning": rec.get("warning", ""),
+                "key": rec.get("key"),
+                "_cand": cand,
+            }
+        )
+    rows.sort(key=lambda r: (r["status"] != "ok", -r["resource"], -(r["score"] or 0.0)))  # ties: space order
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return (
+            "{ "
+            + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None)
+            + " }"
+        )
+    raise FeatcacheError(f"cannot write {v!r} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", str(k)) else json.dumps(str(k))
+
+
+def best_toml(best: dict[str, Any], cache_path: Path, seed: int, search_dir: Path, cv: int) -> str:
+    """A ``[train]`` fragment: ``featcache train --config best.toml`` refits the winner and evaluates on test."""
+    cand: Candidate = best["_cand"]
+    params = {k: ("none" if v is None else v) for k, v in cand.params.items()}
+    metric = f"{cv}-fold CV accuracy" if cv else "val accuracy"
+    return "\n".join(
+        [
+            f"# Best configuration found by `featcache search` in {search_dir}",
+            f"# {metric}: {best['score']:.4f} (the test split was not used; `featcache train` reports it)",
+            f"# Use: featcache train --config {search_dir / 'best.toml'}",
+            "",
+            "[train]",
+            f"cache = {_toml_value(str(Path(cache_path).resolve()))}",
+            f"layer = {_toml_value(cand.layer)}",
+            f"head = {_toml_value(cand.head)}",
+            f"transforms = {_toml_value(list(cand.transforms))}",
+            f"seed = {seed}",
+            f"params = {_toml_value(params)}",
+            "",
+        ]
+    )
+
+
+def write_outputs(
+    run: SearchRun,
+    space: Space,
+    cache_path: Path,
+    fingerprint: str,
+    seed: int,
+    search_config: dict[str, Any],
+    streamed: bool,
+) -> None:
+    """``leaderboard.csv`` and ``.json``, ``scores.png``, ``best.toml`` (when a trial succeeded), ``search.json``."""
+    fields = [
+        "rank",
+        "score",
+        "score_std",
+        "balanced_accuracy",
+        "macro_f1",
+        "head",
+        "layer",
+        "transforms",
+        "params",
+        "resource",
+        "seconds",
+        "status",
+        "error",
+        "warning",
+        "key",
+    ]
+    with atomic_path(run.dir / "leaderboard.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for row in run.leaderboard:
+            w.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in fields}
+            )
+    board = [{k: v for k, v in row.items() if k != "_cand"} for row in run.leaderboard]
+    write_json(run.dir / "leaderboard.json", board)
+    _plot(run, space)
+    if run.best:
+        atomic_write(run.dir / "best.toml", best_toml(run.best, cache_path, seed, run.dir, run.cv))
+    summary = {
+        "strategy": run.strategy,
+        "space": space.source,
+        "cv": run.cv,
+        "n_candidates": run.n_candidates,
+        "n_run": run.n_run,
+        "n_reused": run.n_reused,
+        "seconds": run.seconds,
+        "streamed": streamed,
+        "cache": {"path": str(Path(cache_path).resolve()), "fingerprint": fingerprint},
+        "best": {k: v for k, v in run.best.items() if k != "_cand"} if run.best else None,
+        "search_config": search_config,
+        "notes": run.notes,
+    }
+    write_json(run.dir / "search.json", summary)
+
+
+def _plot(run: SearchRun, space: Space) -> None:
+    """``scores.png``: score against each searched parameter (and head, chain, layer) of the full-size trials."""
+    from pipeline.utils.plots import plot_search
+
+    rows = [r for r in run.leaderboard if r["status"] == "ok" and r["resource"] >= 1.0]
+    searched = sorted(
+        {k for e in space.entries for k, v in e.params.items() if isinstance(v, Dist) or len(v) > 1}
+    )
+    points = [
+        {"head": r["head"], "transforms": r["transforms"], "layer": r["layer"], **json.loads(r["params"])}
+        for r in rows
+    ]
+    columns = ["head", "transforms", "layer"] + searched
+    plot_search(
+        run.dir / "scores.png", points, [r["score"] for r in rows], columns, "search: score by parameter"
+    )

@@ -1,0 +1,235 @@
+"""Scheduling trials: the worker pool, each trial's time budget, and successive halving.
+
+Trials not yet in the journal are grouped into tasks (one path of a head on one chain, run back to back by
+one worker), sent to worker processes or a Dask cluster, and journaled one by one as they finish. A trial
+over its time budget is cut: its worker is killed and replaced, and the trial is journaled as ``cut``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.tuning.folds import Plan
+from pipeline.tuning.leaderboard import rank_key
+from pipeline.tuning.space import Candidate
+from pipeline.tuning.trials import worker_init, worker_run
+from pipeline.utils.journal import append_trial, read_trials
+
+HALVING_FACTOR = 3
+
+# A trial's time budget: TRIAL_BUDGET_FACTOR × the median finished trial, never under BUDGET_FLOOR_S; until
+# BUDGET_MIN_TRIALS have finished, BUDGET_EARLY_S. Keras heads (TensorFlow's import, epochs) get KERAS_BUDGET_SCALE ×.
+TRIAL_BUDGET_FACTOR = 20
+BUDGET_FLOOR_S = 10.0
+BUDGET_MIN_TRIALS = 5
+BUDGET_EARLY_S = 120.0
+KERAS_BUDGET_SCALE = 4
+
+
+@dataclass(frozen=True)
+class Task:
+    """Trials one worker runs back to back (one path of a head on one chain), and the score to beat."""
+
+    cands: tuple[Candidate, ...]
+    fraction: float
+    leader: float | None = None
+
+
+def plan_tasks(cands: list[Candidate], fraction: float, max_group: int = 16) -> list[Task]:
+    """Group trials by (layer, chain, head, the params a path does not vary); Keras groups first."""
+    from pipeline.heads.paths import path_group, path_param, path_value
+
+    groups: dict[Any, list[Candidate]] = {}
+    for c in cands:
+        shared = path_group(c.head, c.params)
+        groups.setdefault((c.layer, c.transforms, c.head, c if shared is None else shared), []).append(c)
+    tasks = []
+    for members in groups.values():
+        name = path_param(members[0].head, members[0].params)
+        if name:
+            members.sort(key=lambda c: path_value(c.head, c.params))
+        for i in range(0, len(members), max_group):
+            tasks.append(Task(tuple(members[i : i + max_group]), fraction))
+    # Keras trials first (the longest), then by layer and chain so a worker reuses what it fitted
+    tasks.sort(key=lambda t: (not _is_keras(t.cands[0]), t.cands[0].layer, t.cands[0].transforms))
+    return tasks
+
+
+def _is_keras(cand: Candidate) -> bool:
+    from pipeline.heads.registry import HEADS
+
+    spec = HEADS.get(cand.head)
+    return spec is not None and spec.kind == "keras"
+
+
+class TrialRunner:
+    """Runs the trials not yet in the journal on worker processes, journaling each as it finishes.
+
+    Trials that share a (layer, transform chain) run back to back, grouped by head: a worker fits each
+    chain once per fold and keeps it, and a head with a path (:mod:`pipeline.heads.paths`) walks it.
+    A trial over its time budget (``TRIAL_BUDGET_FACTOR`` × the median finished trial) is cut: its worker
+    is killed and replaced, and the trial is journaled as ``cut`` with the reason.
+    """
+
+    def __init__(
+        self,
+        journal: Path,
+        data,
+        plan: Plan,
+        fingerprint: str,
+        cv: int,
+        seed: int,
+        n_jobs: int,
+        progress,
+        client=None,
+    ):
+        self.journal, self.data, self.plan = journal, data, plan
+        self.fingerprint, self.cv, self.seed, self.n_jobs = fingerprint, cv, seed, n_jobs
+        self.progress = progress
+        self.n_run = self.n_reused = 0
+        self.times: list[float] = []  # seconds of the trials finished by this call
+        self.leader: float | None = None
+        self._pool = None
+        self.client = client
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _get_pool(self):
+        from pipeline.utils.workers import Pool, blas_threads, worker_count
+
+        if self._pool is None:
+            state = (self.data, self.plan, self.seed)
+            n = worker_count(self.n_jobs)
+            if self.client is not None:
+                from pipeline.utils.cluster import ClusterPool
+
+                self._pool = ClusterPool(self.client, worker_init, state, worker_run, blas_threads(n))
+            else:
+                self._pool = Pool(n, worker_init, state, worker_run, blas_threads(n))
+        return self._pool
+
+    def run(self, cands: list[Candidate], fraction: float) -> dict[Candidate, dict[str, Any]]:
+        done = read_trials(self.journal)
+        keys = {c: c.key(self.fingerprint, self.cv, fraction, self.seed) for c in cands}
+        results = {c: done[k] for c, k in keys.items() if k in done}
+        self.n_reused += len(results)
+        for rec in results.values():
+            self._lead(rec)
+        todo = [c for c in cands if c not in results]
+        if not todo:
+            return results
+        counter = {"total": len(cands), "finished": len(results)}
+
+        def record(cand: Candidate, res: dict[str, Any]) -> None:
+            self._record(cand, res, keys[cand], fraction, results)
+            counter["finished"] += 1
+            if self.progress:
+                rec = results[cand]
+                score = (
+                    f"{rec['score']:.4f}" if rec["status"] == "ok" else f"{rec['status']}: {rec.get('error')}"
+                )
+                self.progress(
+                    f"[{counter['finished']}/{counter['total']}] {cand.label()} rows={fraction:.2f} → {score}"
+                    f" ({rec['seconds']:.1f} s)"
+                )
+
+        self._get_pool().map(
+            plan_tasks(todo, fraction),
+            on_item=lambda task, item: record(*item),
+            budget=self._budget,
+            on_stop=lambda stop: self._stopped(stop, record),
+            on_error=lambda task, items, msg: [
+                record(c, {"status": "failed", "error": msg.splitlines()[0][:300], "seconds": 0.0})
+                for c in task.cands[len(items) :]
+            ],
+            before_send=self._with_leader,
+        )
+        return results
+
+    def _with_leader(self, task: Task) -> Task:
+        return Task(task.cands, task.fraction, self.leader if self.cv else None)
+
+    def _median(self) -> float | None:
+        return float(np.median(self.times)) if len(self.times) >= BUDGET_MIN_TRIALS else None
+
+    def _budget(self, task: Task, n_done: int) -> float:
+        keras = _is_keras(task.cands[min(n_done, len(task.cands) - 1)])
+        median = self._median()
+        if median is None:
+            return BUDGET_EARLY_S * (KERAS_BUDGET_SCALE if keras else 1)
+        return max(TRIAL_BUDGET_FACTOR * median, BUDGET_FLOOR_S) * (KERAS_BUDGET_SCALE if keras else 1)
+
+    def _stopped(self, stop, record) -> list[Task]:
+        task: Task = stop.task
+        cand, rest = task.cands[len(stop.items)], task.cands[len(stop.items) + 1 :]
+        if stop.reason == "budget":
+            median = self._median()
+            spent = f"{stop.cpu:.1f} CPU s" if stop.cpu is not None else f"{stop.seconds:.1f} s"
+            why = (
+                f"cut after {spent}: over the per-trial budget of {TRIAL_BUDGET_FACTOR}× the median "
+                f"trial ({median:.2f} s), at least {BUDGET_FLOOR_S:.0f} s"
+                if median is not None
+                else f"cut after {spent}: over the {BUDGET_EARLY_S:.0f} s budget of the first trials"
+            )
+            rec = {"status": "cut", "error": why, "seconds": stop.seconds, "cpu_seconds": stop.cpu}
+            record(cand, rec)
+        else:
+            record(cand, {"status": "failed", "error": stop.reason, "seconds": stop.seconds})
+        return [Task(rest, task.fraction)] if rest else []
+
+    def _lead(self, rec: dict[str, Any]) -> None:
+        if rec.get("status") == "ok" and (self.leader is None or rec["score"] > self.leader):
+            self.leader = float(rec["score"])
+
+    def _record(self, cand: Candidate, res: dict[str, Any], key: str, fraction: float, results) -> None:
+        """Journal first, then count: a kill between the two only costs a recount, never a lost trial."""
+        rec = {
+            "key": key,
+            "head": cand.head,
+            "params": cand.params,
+            "transforms": list(cand.transforms),
+            "layer": cand.layer,
+            "resource": fraction,
+            "cv": self.cv,
+            "fingerprint": self.fingerprint,
+            "finished": time.time(),
+            **res,
+        }
+        append_trial(self.journal, rec)
+        results[cand] = rec
+        self.n_run += 1
+        if rec["status"] in ("ok", "pruned"):
+            self.times.append(float(rec.get("cpu_seconds") or rec["seconds"]))
+        self._lead(rec)
+
+
+def halving(runner: TrialRunner, cands: list[Candidate], n_train: int, n_classes: int, notes: list[str]):
+    """Successive halving: all candidates on a small nested subset, the best third on 3× more rows, ..."""
+    min_rows = max(30, 5 * n_classes)
+    rungs = 1
+    while HALVING_FACTOR**rungs <= len(cands):  # 3-8 candidates: 2 rungs, 9-26: 3, ...
+        rungs += 1
+    while rungs > 1 and n_train / HALVING_FACTOR ** (rungs - 1) < min_rows:
+        rungs -= 1
+    if rungs == 1:
+        notes.append("too few candidates or rows for halving: every candidate ran on all rows")
+    results: dict[Candidate, tuple[float, dict[str, Any]]] = {}
+    alive = list(cands)
+    for r in range(rungs):
+        fraction = 1.0 / HALVING_FACTOR ** (rungs - 1 - r)
+        got = runner.run(alive, fraction)
+        for c in alive:
+            results[c] = (fraction, got[c])
+        if r < rungs - 1:
+            ranked = sorted(alive, key=lambda c: rank_key(got[c]))
+            alive = ranked[: max(1, int(math.ceil(len(alive) / HALVING_FACTOR)))]
+    return results

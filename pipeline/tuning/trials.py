@@ -1,0 +1,183 @@
+"""Running trials: fit and score one candidate on every fold, in a worker that shares work across trials.
+
+A worker keeps what consecutive trials have in common: each (layer, transform chain, fold) fitted once and
+its matrices kept (a few), and each head's path (:mod:`pipeline.heads.paths`) continued from the last
+configuration on it. Shared or not, a trial scores as an independent fit would. Everything a worker
+returns is plain data, so it can run in another process or on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.heads.metrics import balanced_accuracy, macro_f1
+from pipeline.tuning.folds import Plan, subset_rows
+from pipeline.tuning.space import Candidate
+from pipeline.utils.errors import FeatcacheError
+
+# k-fold CV: a trial whose mean over its first folds is this far below the leader stops there ("pruned")
+PRUNE_MARGIN = 0.10
+PREPARED_KEPT = 4  # transformed (layer, chain, fold) matrices a worker keeps for the next trials
+
+
+def _failed(e: Exception, t0: float) -> dict[str, Any]:
+    """A trial's record when its fit raised: the first line of why."""
+    msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    return {
+        "status": "failed",
+        "error": msg if isinstance(e, FeatcacheError) else f"{type(e).__name__}: {msg}",
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _scored(accs, bals, f1s, notes: list[str], t0: float, c0: float) -> dict[str, Any]:
+    """A finished trial's record: fold means (accuracy is the score), time and the solver's warnings."""
+    return {
+        "status": "ok",
+        "score": float(np.mean(accs)),
+        "score_std": float(np.std(accs)) if len(accs) > 1 else 0.0,
+        "balanced_accuracy": float(np.mean(bals)),
+        "macro_f1": float(np.mean(f1s)),
+        "folds": len(accs),
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "pid": os.getpid(),
+        "warning": "; ".join(notes[:3]),
+    }
+
+
+def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> dict[str, Any]:
+    """Fit and score one candidate (all folds). Runs in a joblib worker; returns plain data only."""
+    from pipeline.heads.fitting import fit_model, predict_rows
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    accs, bals, f1s, notes = [], [], [], []
+    try:
+        for fit_rows, eval_rows, es_rows in plan.folds:
+            rows = subset_rows(fit_rows, plan.rank, fraction)
+            fitted = fit_model(data, rows, es_rows, cand.head, cand.params, list(cand.transforms), seed=seed)
+            notes += [n for n in fitted.notes if n not in notes]
+            pred = predict_rows(fitted.model, data, eval_rows, plan.n_classes)
+            accs.append(float(np.mean(pred.y_true == pred.y_pred)))
+            bals.append(balanced_accuracy(pred.y_true, pred.y_pred))
+            f1s.append(macro_f1(pred.y_true, pred.y_pred))
+    except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
+        return _failed(e, t0)
+    return _scored(accs, bals, f1s, notes, t0, c0)
+
+
+@dataclass
+class WorkerState:
+    """A worker's state: the data, and what its trials share (prepared chains, paths), most recent last."""
+
+    data: dict
+    plan: Plan
+    seed: int
+    prepared: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+
+
+def worker_init(state) -> WorkerState:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    data, plan, seed = state
+    return WorkerState(data, plan, seed)
+
+
+def worker_run(shared: WorkerState, task, emit) -> None:
+    """Run a task's trials back to back, emitting ``(candidate, record)`` as each finishes."""
+    for cand in task.cands:
+        data = shared.data[cand.layer]
+        if data.streamed:
+            emit((cand, run_trial(data, cand, shared.plan, task.fraction, shared.seed)))
+        else:
+            emit((cand, shared_trial(shared, cand, task.fraction, task.leader)))
+
+
+def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
+    """Transforms of ``cand``'s chain fitted on this fold's fit rows, once per worker (a few kept)."""
+    from pipeline.heads.fitting import prepare
+    from pipeline.heads.transforms import build_transforms
+
+    key = (cand.layer, cand.transforms, fold, fraction)
+    if key in shared.prepared:
+        shared.prepared[key] = shared.prepared.pop(key)  # most recently used last
+        return key, shared.prepared[key]
+    data = shared.data[cand.layer]
+    fit_rows, eval_rows, es_rows = shared.plan.folds[fold]
+    rows = subset_rows(fit_rows, shared.plan.rank, fraction)
+    steps = build_transforms(
+        list(cand.transforms), n_samples=len(rows), n_features=data.n_features, seed=shared.seed
+    )
+    prep = prepare(data, np.sort(rows), es_rows if es_rows is not None and len(es_rows) else None, steps)
+    eval_rows = np.sort(eval_rows)
+    X_eval = data.take(eval_rows)
+    for _, est in steps:
+        X_eval = est.transform(X_eval)
+    while len(shared.prepared) >= PREPARED_KEPT:
+        old = next(iter(shared.prepared))
+        del shared.prepared[old]
+        shared.paths = {k: v for k, v in shared.paths.items() if k[0] != old}
+    shared.prepared[key] = (prep, X_eval, data.labels[eval_rows])
+    return key, shared.prepared[key]
+
+
+def _fit_predict(shared: WorkerState, cand: Candidate, prep_key, prep, X_eval) -> np.ndarray:
+    """Predictions of ``cand`` fitted on prepared rows, continuing the path its head left on them."""
+    from pipeline.heads.paths import fit_predict_on_path, path_group
+
+    path_key = (prep_key, cand.head, path_group(cand.head, cand.params))
+    y_pred, kept = fit_predict_on_path(
+        cand.head, cand.params, prep, X_eval, shared.paths.get(path_key), shared.seed
+    )
+    if kept is not None:
+        shared.paths[path_key] = kept
+    return y_pred
+
+
+def shared_trial(
+    shared: WorkerState, cand: Candidate, fraction: float, leader: float | None
+) -> dict[str, Any]:
+    """:func:`run_trial` on work shared across trials; stops early when a fold leaves it far behind ``leader``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    accs, bals, f1s, notes = [], [], [], []
+    n_folds = len(shared.plan.folds)
+    try:
+        for fold in range(n_folds):
+            prep_key, (prep, X_eval, y_eval) = _prepared(shared, cand, fold, fraction)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y_pred = _fit_predict(shared, cand, prep_key, prep, X_eval)
+            notes += [n for n in _warning_notes(caught) if n not in notes]
+            accs.append(float(np.mean(y_eval == y_pred)))
+            bals.append(balanced_accuracy(y_eval, y_pred))
+            f1s.append(macro_f1(y_eval, y_pred))
+            if leader is not None and fold + 1 < n_folds and float(np.mean(accs)) < leader - PRUNE_MARGIN:
+                return {
+                    "status": "pruned",
+                    "score": float(np.mean(accs)),
+                    "folds": len(accs),
+                    "error": f"stopped after {len(accs)} of {n_folds} folds: {np.mean(accs):.4f} is more than "
+                    f"{PRUNE_MARGIN} below the leader's {leader:.4f}",
+                    "seconds": time.perf_counter() - t0,
+                    "cpu_seconds": time.process_time() - c0,
+                    "pid": os.getpid(),
+                }
+    except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
+        return _failed(e, t0)
+    return _scored(accs, bals, f1s, notes, t0, c0)
+
+
+def _warning_notes(caught) -> list[str]:
+    out = []
+    for w in caught:
+        if issubclass(w.category, (UserWarning, RuntimeWarning)):
+            msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
+            if msg not in out:
+                out.append(msg)
+    return out
