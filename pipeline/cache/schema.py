@@ -33,7 +33,7 @@ FORMAT = "featcache/1"
 
 
 def part_manifest(fp: str, key: dict[str, Any], ds: Dataset, dims: dict[str, int]) -> dict[str, Any]:
-    """What the parts of an interrupted run were extracted with: only parts of the same fingerprint are reused."""
+    """What an interrupted run's parts were extracted with: only parts of the same fingerprint are reused."""
     return {
         "fingerprint": fp,
         "feature_key": key,

@@ -142,7 +142,7 @@ def scan_parts(final: Path, fingerprint: str) -> dict[str, PartRows]:
 
 
 def part_dims(parts: dict[str, PartRows]) -> dict[str, int]:
-    """Layer → dimension, read off the first part (when every row comes from parts and no model was built)."""
+    """Layer → dimension, read off the first part (every row comes from parts and no model was built)."""
     first = next(iter(parts.values()), None)
     if first is None:
         return {}

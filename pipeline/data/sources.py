@@ -304,7 +304,8 @@ def _stat(s: Sample) -> tuple[int, int]:
 def content_digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
     """Sample key → (content digest, size, mtime) of every sample, and the unusable ones as (sample, "",
     reason). Files whose size and mtime match ``known`` (key → (size, mtime, digest), a cache's) are not
-    re-read; shard members come with the digest their listing computed; the listing's problems are unusable."""
+    re-read; shard members come with the digest their listing computed; the listing's problems are
+    unusable."""
     from pipeline.data.decode import DecodeError, os_error_reason
 
     out: dict[str, tuple[str, int, int]] = {}

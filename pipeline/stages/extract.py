@@ -269,7 +269,7 @@ def _pending(job: ExtractJob) -> list[Sample]:
 
 
 def _run_pending(job: ExtractJob) -> tuple[dict[str, int], dict]:
-    """Extract ``job.pending`` into parts; return the layer dims and map shapes (``job.parts`` is rescanned)."""
+    """Extract ``job.pending`` into parts (rescanned into ``job.parts``); return layer dims and map shapes."""
     if not job.pending:
         if job.old is not None:
             dims = {layer: job.old.dataset(layer).shape[1] for layer in job.old.layers}
