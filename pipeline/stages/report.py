@@ -437,10 +437,8 @@ def _misclassified(run_dir: Path, meta: dict, n: int, notes: list[str]) -> tuple
 
 def _thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str, bytes], str]:
     """PNG thumbnails of ``keys``, read through the image pipeline extraction used; (pngs, why some lack)."""
-    from PIL import Image
-
     from pipeline.cache.fingerprint import decode_policy
-    from pipeline.data.images import image_batches
+    from pipeline.data.images import thumbnails
     from pipeline.model.rebuild import cache_dataset
 
     try:
@@ -449,18 +447,9 @@ def _thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str,
         return {}, f"images not shown: the dataset cannot be read ({e})"
     by_key = {s.key: s for s in ds.samples}
     samples = [by_key[k] for k in keys if k in by_key]
-    out: dict[str, bytes] = {}
-    if samples:
-        size, policy = int(meta.get("image_size") or side), str(meta.get("resize") or "stretch")
-        decode = decode_policy(meta.get("feature_key") or {})  # as the cache's rows were decoded
-        for idx, images, ok, _ in image_batches(ds, samples, size, policy, 16, decode=decode):
-            for i, img, good in zip(idx.numpy(), images.numpy(), ok.numpy(), strict=True):
-                if good:
-                    im = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
-                    im.thumbnail((side, side))
-                    buf = io.BytesIO()
-                    im.save(buf, format="PNG")
-                    out[samples[int(i)].key] = buf.getvalue()
+    size, policy = int(meta.get("image_size") or side), str(meta.get("resize") or "stretch")
+    decode = decode_policy(meta.get("feature_key") or {})  # as the cache's rows were decoded
+    out = thumbnails(ds, samples, size, policy, decode=decode, side=side) if samples else {}
     missing = len(keys) - len(out)
     return out, (f"{missing} of {len(keys)} images are no longer readable in the dataset" if missing else "")
 
