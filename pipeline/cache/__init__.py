@@ -1,1 +1,1 @@
-"""The feature cache: fingerprints, the HDF5 store (reading and writing apart), quarantine, locating caches."""
+"""The feature cache: fingerprints, the HDF5 store (schema, reading, writing), quarantine, locating caches."""

@@ -1,21 +1,8 @@
-"""The HDF5 feature cache: crash-safe writing, validated reading.
+"""Reading the HDF5 feature cache: a complete file opened read-only and validated (format, completeness,
+checksums) before any row is served; the names of a cache's files, and the listing of a cache folder.
 
-Layout of a complete cache ``<name>.h5`` (readable with plain h5py or ``h5dump``)::
-
-    /features/<layer>   N×D float32|float16, chunked   one dataset per extracted layer
-    /labels             N int32                         index into /class_names
-    /class_names        C str
-    /split              N uint8                         0 train, 1 val, 2 test (attr ``names``)
-    /keys               N str                           sample path relative to the dataset root
-    /ids                N str                           content digest of the sample
-    /sizes, /mtimes     N int64                         file stat, so a rerun need not re-read files
-    attrs: format, complete, fingerprint, feature_key, backbone, weights, layers, pooling, image_size,
-           resize, decode (0.2; absent = exact), dtype, engine, dataset, source, versions, config, created
-
-Writing never touches a complete cache in place. Extracted batches go to ``<name>.partial/part-*.npz``
-(each written to a temp name, then renamed: a part exists whole or not at all), and the complete file is
-rebuilt as ``<name>.h5.tmp-*`` and renamed over the old one. ``kill -9`` at any moment leaves either the
-old complete cache plus whole parts, so the next run resumes, or the new complete cache.
+What a cache file holds and which attributes it carries: :mod:`pipeline.cache.schema`; how it is written
+(crash-safe, never in place): :mod:`pipeline.cache.write`.
 """
 
 from __future__ import annotations
@@ -30,10 +17,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.h5 import attr_value, attrs_digest, h5py_module, short_error, to_str
+from pipeline.cache.schema import FORMAT
 from pipeline.data.splits import SPLIT_NAMES
 from pipeline.utils.errors import FeatcacheError
-
-FORMAT = "featcache/1"
 
 
 def cache_stem(dataset: str, backbone: str, fingerprint: str) -> str:
@@ -110,6 +96,13 @@ class FeatureCache:
     @property
     def n_rows(self) -> int:
         return len(self.keys)
+
+    def file_stats(self) -> dict[str, tuple[int, int, str]]:
+        """key → (size, mtime, digest) of every row: a rerun does not re-read a file whose stat matches."""
+        return {
+            k: (int(s), int(m), d)
+            for k, s, m, d in zip(self.keys, self.sizes, self.mtimes, self.ids, strict=True)
+        }
 
     def default_layer(self) -> str:
         return self.layers[0]

@@ -1,10 +1,19 @@
-"""Writing the cache: interrupted-run parts, then the complete HDF5 file, built atomically from old rows and parts."""
+"""Writing the cache: interrupted-run parts, then the complete HDF5 file, built atomically from old rows and parts.
+
+Writing never touches a complete cache in place. Extracted batches go to ``<name>.partial/part-*.npz``
+(each written to a temp name, then renamed: a part exists whole or not at all), and the complete file is
+rebuilt as ``<name>.h5.tmp-*`` and renamed over the old one. ``kill -9`` at any moment leaves either the
+old complete cache plus whole parts, so the next run resumes, or the new complete cache. The file's layout
+and attributes: :mod:`pipeline.cache.schema`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import queue
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,9 +24,21 @@ import numpy as np
 
 from pipeline.cache.h5 import attrs_digest, fixed_strings, h5py_module, write_error
 from pipeline.cache.quarantine import quarantine_path
-from pipeline.cache.store import FORMAT, FeatureCache, partial_dir
+from pipeline.cache.schema import FORMAT
+from pipeline.cache.store import FeatureCache, partial_dir
 from pipeline.data.splits import SPLIT_NAMES
-from pipeline.utils.io import atomic_path, atomic_write
+from pipeline.utils.io import atomic_path, atomic_write, file_lock
+
+
+def extraction_lock(final: Path, timeout: float, quiet: bool):
+    """One writer per cache: a second run waits (saying so) or gives up with a clear message."""
+    return file_lock(
+        str(final) + ".lock",
+        f"{final}: another featcache run is extracting into this cache; try again when it finishes",
+        timeout=timeout,
+        waiting=None if quiet else f"waiting for another featcache run on {final} ...",
+        timed_out=f"{final}: still locked by another run after {timeout:.0f} s",
+    )
 
 
 @dataclass
@@ -70,6 +91,36 @@ class PartWriter:
         return name
 
 
+class BackgroundWriter:
+    """A :class:`PartWriter` on a thread, so HDF5/npz I/O overlaps the next forward pass; its first error is
+    raised in the caller's thread by the next :meth:`put` or by :meth:`close`."""
+
+    def __init__(self, writer: PartWriter):
+        self.writer, self.error = writer, None
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                    self.error = e
+
+    def put(self, ids: list[str], features: dict[str, np.ndarray]) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((ids, features))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
+        if self.error:
+            raise self.error
+
+
 def scan_parts(final: Path, fingerprint: str) -> dict[str, PartRows]:
     """Digest → location for every row in whole parts of *this* fingerprint; anything else is ignored."""
     d = partial_dir(final)
@@ -88,6 +139,16 @@ def scan_parts(final: Path, fingerprint: str) -> dict[str, PartRows]:
         for i, digest in enumerate(ids):
             found[str(digest)] = PartRows(p, i)
     return found
+
+
+def part_dims(parts: dict[str, PartRows]) -> dict[str, int]:
+    """Layer → dimension, read off the first part (every row comes from parts and no model was built)."""
+    first = next(iter(parts.values()), None)
+    if first is None:
+        return {}
+    with np.load(first.part) as z:
+        layers = [str(x) for x in z["layers"]]
+        return {name: int(z[f"f_{i}"].shape[1]) for i, name in enumerate(layers)}
 
 
 def clear_partial(final: Path) -> None:
@@ -150,6 +211,17 @@ class Row:
     split: int
     size: int
     mtime: int
+
+
+def same_rows(old: FeatureCache, rows: list[Row], class_names: list[str]) -> bool:
+    """True when ``old`` holds exactly ``rows`` (keys, digests, labels, splits, classes): nothing to rewrite."""
+    return (
+        old.class_names == class_names
+        and old.keys == [r.key for r in rows]
+        and old.ids == [r.digest for r in rows]
+        and np.array_equal(old.labels, [r.label for r in rows])
+        and np.array_equal(old.split, [r.split for r in rows])
+    )
 
 
 def write_cache(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipeline.utils.errors import FeatcacheError
 
 VIEWS_RECIPE = 1  # bump when the augmentation factors in pipeline.model.rebuild.augmentation_layers change
@@ -43,3 +45,14 @@ def augmentation_layers(names: list[str] | tuple[str, ...], seed: int = 0) -> li
 
 def is_view_key(key: str) -> bool:
     return VIEW_SUFFIX in key
+
+
+def augmented_view(layers: list, image, digest: str, view: int):
+    """View ``view`` of ``image`` (its content ``digest``), the same whatever the batch: every random draw
+    of ``layers`` (:func:`augmentation_layers`) is seeded by (digest, view)."""
+    seed = int(digest[:8], 16)
+    x = image[None]
+    for j, layer in enumerate(layers):
+        t = layer.get_random_transformation(x, training=True, seed=(seed + 7919 * j + view) & 0x7FFFFFFF)
+        x = layer.transform_images(x, t, training=True)
+    return np.asarray(x[0], np.float32)

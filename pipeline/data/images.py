@@ -210,6 +210,25 @@ def image_batches(ds, samples, size: int, policy: str, batch_size: int, *, decod
     return make_image_dataset(ds, samples, size, policy, batch_size, decode=decode)
 
 
+def thumbnails(ds, samples, size: int, policy: str, *, decode: str, side: int = 112) -> dict[str, bytes]:
+    """Sample key → PNG thumbnail (at most ``side`` px) of ``samples`` as the backbone saw them, read by
+    :func:`image_batches`; unreadable samples are left out."""
+    import io
+
+    from PIL import Image
+
+    out: dict[str, bytes] = {}
+    for idx, images, ok, _ in image_batches(ds, samples, size, policy, 16, decode=decode):
+        for i, img, good in zip(idx.numpy(), images.numpy(), ok.numpy(), strict=True):
+            if good:
+                im = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+                im.thumbnail((side, side))
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                out[samples[int(i)].key] = buf.getvalue()
+    return out
+
+
 def load_images(images, size: int, resize: str = "stretch", decode: str = "dct") -> np.ndarray:
     """Image files (paths or their bytes) → N×S×S×3 float32 raw RGB 0..255, exactly what extraction feeds
     the backbone: the same decoder, ``data.decode`` policy and shared resize.

@@ -227,7 +227,7 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
     )
 
 
-__all__ = ["Dataset", "Sample", "digest_bytes", "load_dataset", "storable_key"]
+__all__ = ["Dataset", "Sample", "content_digests", "digest_bytes", "load_dataset", "storable_key"]
 
 
 def _parquet_folder(fs, path: str) -> bool:
@@ -290,3 +290,43 @@ def load_dataset(cfg: DataConfig, index_dir: str | Path | None = None) -> Datase
         keep = {s.key for s in ranked[: cfg.limit]}
         ds.samples = [s for s in ds.samples if s.key in keep]
     return ds
+
+
+def _stat(s: Sample) -> tuple[int, int]:
+    if s.stamp is not None:
+        return s.stamp
+    if s.path is None or s.member or s.index >= 0 or is_url(s.path):
+        return -1, -1
+    st = os.stat(s.path)
+    return st.st_size, st.st_mtime_ns
+
+
+def content_digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
+    """Sample key → (content digest, size, mtime) of every sample, and the unusable ones as (sample, "",
+    reason). Files whose size and mtime match ``known`` (key → (size, mtime, digest), a cache's) are not
+    re-read; shard members come with the digest their listing computed; the listing's problems are
+    unusable."""
+    from pipeline.data.decode import DecodeError, os_error_reason
+
+    out: dict[str, tuple[str, int, int]] = {}
+    bad: list[tuple[Sample, str, str]] = [(s, "", reason) for s, reason in ds.problems]
+    for s in ds.samples:
+        if ds.arrays is not None:
+            a = ds.arrays[s.index]
+            out[s.key] = (digest_bytes(a.tobytes() + repr(a.shape).encode()), -1, -1)
+            continue
+        if s.digest:
+            out[s.key] = (s.digest, -1, -1)
+            continue
+        try:
+            size, mtime = _stat(s)
+            hit = known.get(s.key)
+            if hit and size >= 0 and hit[0] == size and hit[1] == mtime:
+                out[s.key] = (hit[2], size, mtime)
+                continue
+            out[s.key] = (digest_bytes(ds.read(s)), size, mtime)
+        except DecodeError as e:
+            bad.append((s, "", str(e)))
+        except OSError as e:
+            bad.append((s, "", os_error_reason(e) if e.errno else str(e)))
+    return out, bad

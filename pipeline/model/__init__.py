@@ -1,1 +1,1 @@
-"""End-to-end Keras models: layers, sklearn-to-Keras conversion, the rebuilt model and its runners."""
+"""End-to-end Keras models: layers, sklearn-to-Keras conversion, the rebuilt model, fine-tuning, runners."""

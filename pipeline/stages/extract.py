@@ -1,7 +1,13 @@
 """Stage 1: run the frozen backbone once over a dataset and cache the features.
 
-    sources → digests → what is missing? → tf.data (parallel decode, shared resize, batch, prefetch)
-            → compiled ``model(x, training=False)`` → parts on disk (a writer thread) → complete HDF5
+    sources → digests → what is missing? → batches (:func:`pipeline.data.images.numpy_batches`: decoded and
+            shrunk on a thread pool by the compiled area resize, or through tf.data when images are enlarged)
+            → engine (compiled TensorFlow or TFLite) → parts on disk (a writer thread) → complete HDF5
+
+With ``[cluster] address`` the missing samples run as shards on Dask workers, and the driver writes what
+comes back as the same parts. Augmented views of the train rows (a feature key with ``augment_views``) are
+read through tf.data, transformed by seeded augmentation layers and written as parts too. Every unreadable
+sample meets ``data.on_error`` in one place, :class:`pipeline.cache.quarantine.Unreadable`.
 
 Only samples whose content digest is not cached yet reach the backbone, so a rerun with nothing changed
 does no backbone work (and never imports TensorFlow), adding N images extracts only those N, and an
@@ -12,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,26 +27,30 @@ import numpy as np
 
 from pipeline.cache.fingerprint import fingerprint
 from pipeline.cache.locate import resolve_cache_path, touch_cache
-from pipeline.cache.quarantine import quarantine_path, read_quarantine, write_quarantine
+from pipeline.cache.quarantine import Unreadable, quarantine_path, read_quarantine, write_quarantine
+from pipeline.cache.schema import cache_attrs, part_manifest
 from pipeline.cache.store import FeatureCache
 from pipeline.cache.write import (
+    BackgroundWriter,
+    PartRows,
     PartWriter,
     Row,
     clear_partial,
+    extraction_lock,
+    part_dims,
     remove_stale_temps,
+    same_rows,
     scan_parts,
     write_cache,
 )
-from pipeline.data.augment import VIEW_SUFFIX
+from pipeline.data.augment import VIEW_SUFFIX, augmented_view
 from pipeline.data.images import make_image_dataset, numpy_batches
-from pipeline.data.sources import Dataset, Sample, digest_bytes
+from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes
 from pipeline.data.splits import SPLIT_CODES, assign_split
-from pipeline.data.storage import is_url
 from pipeline.features.backbones.registry import get_spec
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import Config, load_config
 from pipeline.utils.errors import FeatcacheError
-from pipeline.utils.io import file_lock
 
 
 @dataclass
@@ -86,162 +94,53 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def _where(s: Sample) -> str:
-    """How an error names a sample: its file, or its key when it lives inside a shard or an array."""
-    return s.key if (s.member or s.index >= 0 or s.digest or not s.label) else (s.path or s.key)
+@dataclass
+class ExtractJob:
+    """One run of :func:`extract`, handed from step to step: what is extracted into which cache, and what the
+    steps found so far (digests, parts, what the backbone still has to see, what could not be read)."""
+
+    cfg: Config
+    ds: Dataset
+    final: Path  # the complete cache file this run brings up to date
+    key: dict[str, Any]  # the feature key; ``fp`` is its fingerprint
+    fp: str
+    old: FeatureCache | None  # the previous complete cache (None: there is none, or --rebuild)
+    result: ExtractResult
+    unreadable: Unreadable
+    #: sample key → (content digest, size, mtime)
+    digests: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)  # digests the previous cache holds
+    parts: dict[str, PartRows] = field(default_factory=dict)  # digests in an interrupted run's parts
+    pending: list[Sample] = field(default_factory=list)  # samples the backbone has to see in this run
+
+    def digest(self, s: Sample) -> str:
+        return self.digests[s.key][0]
+
+    def cannot_read(self, s: Sample, reason: str) -> None:
+        self.unreadable.add(s, self.digest(s), reason)
+
+    def part_writer(self, dims: dict[str, int]) -> PartWriter:
+        return PartWriter(self.final, part_manifest(self.fp, self.key, self.ds, dims))
+
+    def rescan_parts(self) -> None:
+        self.parts = scan_parts(self.final, self.fp)
 
 
-def _stat(s: Sample) -> tuple[int, int]:
-    if s.stamp is not None:
-        return s.stamp
-    if s.path is None or s.member or s.index >= 0 or is_url(s.path):
-        return -1, -1
-    st = os.stat(s.path)
-    return st.st_size, st.st_mtime_ns
-
-
-def _digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
-    """Content digest of every sample; files whose size and mtime match the cache are not re-read, shard
-    members come with the digest their listing computed, samples the listing found unusable are ``bad``."""
-    from pipeline.data.decode import DecodeError, os_error_reason
-
-    out: dict[str, tuple[str, int, int]] = {}
-    bad: list[tuple[Sample, str, str]] = [(s, "", reason) for s, reason in ds.problems]
-    for s in ds.samples:
-        if ds.arrays is not None:
-            a = ds.arrays[s.index]
-            out[s.key] = (digest_bytes(a.tobytes() + repr(a.shape).encode()), -1, -1)
-            continue
-        if s.digest:
-            out[s.key] = (s.digest, -1, -1)
-            continue
-        try:
-            size, mtime = _stat(s)
-            hit = known.get(s.key)
-            if hit and size >= 0 and hit[0] == size and hit[1] == mtime:
-                out[s.key] = (hit[2], size, mtime)
-                continue
-            out[s.key] = (digest_bytes(ds.read(s)), size, mtime)
-        except DecodeError as e:
-            bad.append((s, "", str(e)))
-        except OSError as e:
-            bad.append((s, "", os_error_reason(e) if e.errno else str(e)))
-    return out, bad
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("featcache", "tensorflow", "keras", "h5py", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "?"
-    return out
-
-
-def _cache_lock(final: Path, timeout: float, quiet: bool):
-    """One run per cache: a second one waits (saying so) or gives up with a clear message."""
-    return file_lock(
-        str(final) + ".lock",
-        f"{final}: another featcache run is extracting into this cache; try again when it finishes",
-        timeout=timeout,
-        waiting=None if quiet else f"waiting for another featcache run on {final} ...",
-        timed_out=f"{final}: still locked by another run after {timeout:.0f} s",
-    )
-
-
-class _BackgroundWriter:
-    """Writes parts on a thread so HDF5/npz I/O overlaps the next forward pass."""
-
-    def __init__(self, writer: PartWriter):
-        self.writer, self.error = writer, None
-        self.q: queue.Queue = queue.Queue(maxsize=4)
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while (item := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.write(*item)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                    self.error = e
-
-    def put(self, ids, features):
-        if self.error:
-            raise self.error
-        self.q.put((ids, features))
-
-    def close(self):
-        self.q.put(None)
-        self.t.join()
-        if self.error:
-            raise self.error
-
-
-def _run_backbone(
-    fm,
-    ds: Dataset,
-    pending: list[Sample],
-    digests,
-    cfg: Config,
-    writer: PartWriter,
-    result: ExtractResult,
-    bad,
-):
-
-    from pipeline.features.engines import make_engine
-
-    dtype = np.dtype(cfg.extract.dtype)
-    data = numpy_batches(
-        ds,
-        pending,
-        fm.image_size,
-        cfg.backbone.resize,
-        cfg.extract.batch_size,
-        decode=cfg.data.decode,
-        threads=cfg.extract.threads,
-    )
-    engine = make_engine(
-        fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir, images=len(pending)
-    )
-    result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
-    progress = _progress(len(pending), cfg.extract.progress)
-    bg = _BackgroundWriter(writer)
-    t0 = time.perf_counter()
-    try:
-        with frozen_gc():
-            for idx, images, ok, why in data:
-                out = engine(images)
-                result.batches += 1
-                for i in np.flatnonzero(~ok):
-                    s = pending[int(idx[i])]
-                    reason = why[i].decode("utf-8", "replace")
-                    if cfg.data.on_error == "fail":
-                        raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
-                    bad.append((s, digests[s.key][0], reason))
-                keep = np.flatnonzero(ok)
-                if len(keep):
-                    ids = [digests[pending[int(idx[i])].key][0] for i in keep]
-                    bg.put(ids, {layer: out[layer][keep].astype(dtype, copy=False) for layer in fm.layers})
-                    result.extracted += len(keep)
-                progress.update(len(idx))
-    finally:
-        try:
-            bg.close()
-        finally:
-            progress.close()
-            result.backbone_seconds = time.perf_counter() - t0
-
-
-def _progress(total: int, enabled: bool):
+@contextlib.contextmanager
+def _backbone_pass(job: ExtractJob, total: int):
+    """A progress bar over ``total`` images; the time the pass takes counts as backbone time."""
     from tqdm import tqdm
 
-    return tqdm(
+    enabled = job.cfg.extract.progress
+    progress = tqdm(
         total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True, smoothing=0.1
     )
+    t0 = time.perf_counter()
+    try:
+        yield progress
+    finally:
+        progress.close()
+        job.result.backbone_seconds += time.perf_counter() - t0
 
 
 def extract(
@@ -278,7 +177,7 @@ def extract(
     fp = fingerprint(key)
     result = ExtractResult(final, ignored=len(ds.ignored))
     quiet = not cfg.extract.progress
-    with _cache_lock(final, cfg.extract.lock_timeout, quiet):
+    with extraction_lock(final, cfg.extract.lock_timeout, quiet):
         remove_stale_temps(final)
         old: FeatureCache | None = None
         if final.exists() and not rebuild:
@@ -288,8 +187,9 @@ def extract(
                 old = None
         if rebuild:
             clear_partial(final)
+        job = ExtractJob(cfg, ds, final, key, fp, old, result, Unreadable(cfg.data.on_error))
         try:
-            done = _update(cfg, ds, final, key, fp, old, result, t_start, keep_missing)
+            done = _update(job, t_start, keep_missing)
             touch_cache(final)  # the cache just made is the newest: later stages follow it
             return done
         finally:
@@ -297,134 +197,148 @@ def extract(
                 old.close()
 
 
-def _update(
-    cfg: Config,
-    ds: Dataset,
-    final: Path,
-    key,
-    fp: str,
-    old,
-    result: ExtractResult,
-    t_start: float,
-    keep_missing: bool,
-):
+def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResult:
     """Digest the samples, run the backbone on those not cached yet, and write the new cache if it changed."""
-    known = {}
+    cfg, ds, old, result = job.cfg, job.ds, job.old, job.result
     if old is not None:
-        known = {
-            k: (int(s), int(m), d)
-            for k, s, m, d in zip(old.keys, old.sizes, old.mtimes, old.ids, strict=True)
-        }
-    digests, bad = _digests(ds, known)
-    if bad and cfg.data.on_error == "fail":
-        s, _, reason = bad[0]
-        raise FeatcacheError(f"cannot read {_where(s)}: {reason}")
-    cached = set(old.ids) if old is not None else set()
-    parts = scan_parts(final, fp)
-    pending = _pending(cfg, ds, final, digests, cached, parts, bad)
+        job.cached = set(old.ids)
+    job.digests, found = content_digests(ds, old.file_stats() if old is not None else {})
+    job.unreadable.extend(found)  # with ``fail``, the first one stops the run here
+    job.parts = scan_parts(job.final, job.fp)
+    job.pending = _pending(job)
     try:
-        layer_dims, map_shapes, parts = _run_pending(
-            cfg, ds, final, key, fp, old, pending, digests, parts, result, bad
-        )
+        layer_dims, map_shapes = _run_pending(job)
     finally:
         ds.close()  # shard readers: their streams end with this pass
-    rows = _rows(cfg, ds, digests, bad, cached, parts, old if keep_missing else None)
+    rows = _rows(job, keep_missing)
     if not rows:
-        raise FeatcacheError(f"{ds.source}: no readable images ({len(bad)} unreadable; see the list above)")
-    rows, parts = _augmented_views(cfg, ds, final, fp, key, rows, old, parts, result)
+        raise FeatcacheError(
+            f"{ds.source}: no readable images ({len(job.unreadable)} unreadable; see the list above)"
+        )
+    rows = _augmented_views(job, rows)
 
+    bad = job.unreadable.items
     result.rows = len(rows)
     result.skipped = len(bad)
     result.reused = len(rows) - result.extracted
     new_ids = {r.digest for r in rows}
     result.removed = len([d for d in (old.ids if old is not None else []) if d not in new_ids])
     result.problems = [(s.key, reason) for s, _, reason in bad]
-    result.quarantine = write_quarantine(quarantine_path(final), bad)
+    result.quarantine = write_quarantine(quarantine_path(job.final), bad)
 
-    if not (old is not None and not pending and _same_rows(old, rows, ds.class_names)):
-        attrs = _cache_attrs(cfg, ds, key, fp, layer_dims, map_shapes, old, result)
+    if not (old is not None and not job.pending and same_rows(old, rows, ds.class_names)):
+        old_meta = old.meta if old is not None else None
+        attrs = cache_attrs(cfg, ds, job.key, job.fp, layer_dims, map_shapes, result.engine, old_meta)
         write_cache(
-            final,
+            job.final,
             rows,
             ds.class_names,
             layer_dims,
             attrs,
             old,
-            parts,
+            job.parts,
             cfg.extract.dtype,
             cfg.extract.compression,
         )
         if old is not None:
             old.close()
-    clear_partial(final)
+    clear_partial(job.final)
     result.seconds = time.perf_counter() - t_start
     return result
 
 
-def _pending(cfg: Config, ds: Dataset, final: Path, digests, cached: set, parts, bad: list) -> list[Sample]:
+def _pending(job: ExtractJob) -> list[Sample]:
     """Samples whose content is in neither the cache nor an interrupted run's parts (once per digest).
 
-    A file that failed before, unchanged, is not decoded again: it joins ``bad`` with its old reason.
+    A file that failed before, unchanged, is not decoded again: it is unreadable again, with its old reason.
     """
-    failed_before = read_quarantine(quarantine_path(final))
+    failed_before = read_quarantine(quarantine_path(job.final))
     pending, seen = [], set()
-    for s in ds.samples:
-        if s.key not in digests:
+    for s in job.ds.samples:
+        if s.key not in job.digests:
             continue
-        d = digests[s.key][0]
-        if d in cached or d in parts or d in seen:
+        d = job.digest(s)
+        if d in job.cached or d in job.parts or d in seen:
             continue
         if d in failed_before:
-            if cfg.data.on_error == "fail":
-                raise FeatcacheError(f"cannot read {_where(s)}: {failed_before[d]}")
-            bad.append((s, d, failed_before[d]))
+            job.cannot_read(s, failed_before[d])
             continue
         seen.add(d)
         pending.append(s)
     return pending
 
 
-def _run_pending(
-    cfg: Config, ds: Dataset, final: Path, key, fp: str, old, pending, digests, parts, result, bad
-):
-    """Extract ``pending`` into parts; return the layer dims, map shapes and the parts now on disk."""
-    if not pending:
-        if old is not None:
-            dims = {layer: old.dataset(layer).shape[1] for layer in old.layers}
-            return dims, old.meta.get("map_shapes", {}), parts
-        return (*_dims_from_parts(parts), parts)
-    if cfg.cluster.address:
-        dims, map_shapes = _run_on_cluster(cfg, ds, final, key, fp, pending, digests, result, bad)
-        return dims, map_shapes, scan_parts(final, fp)
+def _run_pending(job: ExtractJob) -> tuple[dict[str, int], dict]:
+    """Extract ``job.pending`` into parts (rescanned into ``job.parts``); return layer dims and map shapes."""
+    if not job.pending:
+        if job.old is not None:
+            dims = {layer: job.old.dataset(layer).shape[1] for layer in job.old.layers}
+            return dims, job.old.meta.get("map_shapes", {})
+        return part_dims(job.parts), {}
+    dims, map_shapes = _run_on_cluster(job) if job.cfg.cluster.address else _run_here(job)
+    job.rescan_parts()
+    return dims, map_shapes
+
+
+def _run_here(job: ExtractJob) -> tuple[dict[str, int], dict]:
+    """``job.pending`` through the backbone in this process."""
     from pipeline.data import area
     from pipeline.features.backbones.build import build_feature_model
     from pipeline.features.engines import configure_tf_threads
 
     area.prepare()
-    configure_tf_threads(cfg.extract.threads)
-    fm = build_feature_model(cfg.backbone)
-    writer = PartWriter(final, _part_manifest(fp, key, ds, fm.dims))
+    configure_tf_threads(job.cfg.extract.threads)
+    fm = build_feature_model(job.cfg.backbone)
+    writer = job.part_writer(fm.dims)
     try:
-        _run_backbone(fm, ds, pending, digests, cfg, writer, result, bad)
+        _run_backbone(job, fm, writer)
     except KeyboardInterrupt:
         raise FeatcacheError(
             f"interrupted: {writer.rows_written} new rows kept in {writer.dir}; run the same command again to resume"
         ) from None
-    return fm.dims, fm.map_shapes, scan_parts(final, fp)
+    return fm.dims, fm.map_shapes
 
 
-def _part_manifest(fp: str, key, ds: Dataset, dims: dict[str, int]) -> dict[str, Any]:
-    return {
-        "fingerprint": fp,
-        "feature_key": key,
-        "backbone": key["backbone"],
-        "dataset": ds.name,
-        "layers": dims,
-    }
+def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
+    """Batch after batch: the unreadable samples to ``job.unreadable``, the others' features to parts."""
+    from pipeline.features.engines import make_engine
+
+    x, pending, result = job.cfg.extract, job.pending, job.result
+    dtype = np.dtype(x.dtype)
+    data = numpy_batches(
+        job.ds,
+        pending,
+        fm.image_size,
+        job.cfg.backbone.resize,
+        x.batch_size,
+        decode=job.cfg.data.decode,
+        threads=x.threads,
+    )
+    engine = make_engine(fm, x.engine, x.threads, x.cache_dir, images=len(pending))
+    result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
+    with _backbone_pass(job, len(pending)) as progress:
+        bg = BackgroundWriter(writer)
+        try:
+            with frozen_gc():
+                for idx, images, ok, why in data:
+                    out = engine(images)
+                    result.batches += 1
+                    for i in np.flatnonzero(~ok):
+                        job.cannot_read(pending[int(idx[i])], why[i].decode("utf-8", "replace"))
+                    keep = np.flatnonzero(ok)
+                    if len(keep):
+                        ids = [job.digest(pending[int(idx[i])]) for i in keep]
+                        bg.put(
+                            ids, {layer: out[layer][keep].astype(dtype, copy=False) for layer in fm.layers}
+                        )
+                        result.extracted += len(keep)
+                    progress.update(len(idx))
+        finally:
+            bg.close()
 
 
-def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending, digests, result, bad):
-    """``pending`` as deterministic shards on the Dask cluster ``[cluster] address`` names, one task each.
+def _run_on_cluster(job: ExtractJob) -> tuple[dict[str, int], dict]:
+    """``job.pending`` as deterministic shards on the Dask cluster ``[cluster] address`` names, one task each.
 
     The driver is the one writer: each shard's features come back and become parts here, as they arrive,
     exactly like a local run's batches; a rerun after any interruption resumes from those parts. A worker
@@ -433,7 +347,7 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
     from pipeline.features.distributed import ShardSettings, run_shards
     from pipeline.utils.cluster import cluster_client
 
-    x = cfg.extract
+    cfg, x = job.cfg, job.cfg.extract
     with cluster_client(cfg.cluster.address, quiet=not x.progress) as client:
         settings = ShardSettings.make(
             cfg.backbone,
@@ -442,64 +356,57 @@ def _run_on_cluster(cfg: Config, ds: Dataset, final: Path, key, fp: str, pending
             x.cache_dir,
             x.batch_size,
             x.dtype,
-            len(pending),
+            len(job.pending),
             cfg.data.decode,
             cfg.cluster.address,
         )
         resume = "finished shards are kept, run the same command again to resume"
-        progress = _progress(len(pending), x.progress)
-        state: dict[str, Any] = {"writer": None}
-        t0 = time.perf_counter()
-        shards = run_shards(client, settings, ds, pending, cfg.cluster.address, resume)
-        try:
-            with contextlib.closing(shards):  # unfinished tasks are cancelled before the client closes
-                for _, samples, r in shards:
-                    _take_shard(r, samples, cfg, ds, fp, key, final, digests, result, bad, state)
-                    progress.update(r.size)
-        except KeyboardInterrupt:
-            done = state["writer"].rows_written if state["writer"] else 0
-            raise FeatcacheError(
-                f"interrupted: {done} new rows kept in parts; run the same command again to resume"
-            ) from None
-        finally:
-            progress.close()
-            result.backbone_seconds = time.perf_counter() - t0
-    return state["dims"], state["map_shapes"]
+        writer: PartWriter | None = None  # made at the first result: it knows the layer dims
+        shards = run_shards(client, settings, job.ds, job.pending, cfg.cluster.address, resume)
+        with _backbone_pass(job, len(job.pending)) as progress:
+            try:
+                with contextlib.closing(shards):  # unfinished tasks are cancelled before the client closes
+                    for _, samples, r in shards:
+                        for pos, reason in r.bad:  # before any part: a failing run leaves no partial folder
+                            job.cannot_read(samples[pos], reason)
+                        if writer is None:
+                            writer, dims, map_shapes = job.part_writer(r.dims), r.dims, r.map_shapes
+                            job.result.engine = r.engine
+                        _write_shard(job, writer, samples, r)
+                        progress.update(r.size)
+            except KeyboardInterrupt:
+                done = writer.rows_written if writer else 0
+                raise FeatcacheError(
+                    f"interrupted: {done} new rows kept in parts; run the same command again to resume"
+                ) from None
+    return dims, map_shapes
 
 
-def _take_shard(r, samples, cfg: Config, ds: Dataset, fp: str, key, final: Path, digests, result, bad, state):
-    """One shard's result into parts (batch-sized, as a local run writes them) and the run's counts."""
-    for pos, reason in r.bad:
-        s = samples[pos]
-        if cfg.data.on_error == "fail":
-            raise FeatcacheError(f"cannot read {s.path or s.key}: {reason}")
-        bad.append((s, digests[s.key][0], reason))
-    if state["writer"] is None:
-        state.update(writer=PartWriter(final, _part_manifest(fp, key, ds, r.dims)), dims=r.dims)
-        state["map_shapes"] = r.map_shapes
-        result.engine = r.engine
-    step = cfg.extract.batch_size
+def _write_shard(job: ExtractJob, writer: PartWriter, samples: list[Sample], r) -> None:
+    """One shard's features as parts (batch-sized, as a local run writes them), and the run's counts."""
+    step = job.cfg.extract.batch_size
     for start in range(0, len(r.ids), step):
-        ids = [digests[samples[i].key][0] for i in r.ids[start : start + step]]
-        state["writer"].write(ids, {layer: f[start : start + step] for layer, f in r.features.items()})
-    result.extracted += len(r.ids)
-    result.batches += r.batches
+        ids = [job.digest(samples[i]) for i in r.ids[start : start + step]]
+        writer.write(ids, {layer: f[start : start + step] for layer, f in r.features.items()})
+    job.result.extracted += len(r.ids)
+    job.result.batches += r.batches
 
 
-def _rows(cfg: Config, ds: Dataset, digests, bad, cached: set, parts, keep_from) -> list[Row]:
-    """The new cache's rows in dataset order, each with its content-hashed split; plus, with ``keep_from``
+def _rows(job: ExtractJob, keep_missing: bool) -> list[Row]:
+    """The new cache's rows in dataset order, each with its content-hashed split; plus, with ``keep_missing``
     (an accumulating cache), the rows of the old cache that are no longer in the dataset."""
-    bad_keys = {s.key for s, _, _ in bad}
+    cfg, ds = job.cfg, job.ds
+    bad_keys = job.unreadable.keys()
     label_of = ds.label_index()
     rows: list[Row] = []
     added: set[str] = set()
     for s in ds.samples:
-        if s.key in bad_keys or s.key not in digests or s.key in added:
+        if s.key in bad_keys or s.key not in job.digests or s.key in added:
             continue
         added.add(s.key)
-        d, size, mtime = digests[s.key]
-        if d not in cached and d not in parts:
-            continue  # failed during decode in this run (already in ``bad``)
+        d, size, mtime = job.digests[s.key]
+        if d not in job.cached and d not in job.parts:
+            continue  # failed during decode in this run (already unreadable)
         split = assign_split(
             d,
             fixed=s.split,
@@ -508,8 +415,8 @@ def _rows(cfg: Config, ds: Dataset, digests, bad, cached: set, parts, keep_from)
             test_fraction=cfg.data.test_fraction,
         )
         rows.append(Row(s.key, d, label_of[s.label], SPLIT_CODES[split], size, mtime))
-    if keep_from is not None:
-        old, current = keep_from, {r.key for r in rows}
+    if keep_missing and job.old is not None:
+        old, current = job.old, {r.key for r in rows}
         rows += [
             Row(k, old.ids[i], int(old.labels[i]), int(old.split[i]), int(old.sizes[i]), int(old.mtimes[i]))
             for i, k in enumerate(old.keys)
@@ -518,73 +425,16 @@ def _rows(cfg: Config, ds: Dataset, digests, bad, cached: set, parts, keep_from)
     return rows
 
 
-def _cache_attrs(
-    cfg: Config, ds: Dataset, key, fp: str, layer_dims, map_shapes, old, result
-) -> dict[str, Any]:
-    """The cache file's metadata: what made the features, from what, with which versions."""
-    b = cfg.backbone
-    return {
-        "fingerprint": fp,
-        "feature_key": key,
-        "backbone": key["backbone"],
-        "weights": b.weights,
-        "weights_digest": key["weights_digest"],
-        "layers": list(layer_dims),
-        "map_shapes": map_shapes,
-        "pooling": b.pooling,
-        "image_size": key["image_size"],
-        "resize": b.resize,
-        "decode": cfg.data.decode,
-        "preprocess": key["preprocess"],
-        "dtype": cfg.extract.dtype,
-        "engine": result.engine
-        or (old.meta.get("engine", "tensorflow") if old is not None else "tensorflow"),
-        "dataset": ds.name,
-        "source": ds.source
-        if is_url(ds.source) or not (ds.is_files or Path(ds.source).exists())
-        else os.path.abspath(ds.source),
-        "versions": _versions(),
-        "config": {
-            "data": cfg.to_dict()["data"],
-            "backbone": vars(cfg.backbone),
-            "extract": vars(cfg.extract),
-        },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _dims_from_parts(parts) -> tuple[dict[str, int], dict]:
-    """Layer dims when every row comes from an interrupted run's parts and no model was built."""
-    first = next(iter(parts.values()), None)
-    if first is None:
-        return {}, {}
-    with np.load(first.part) as z:
-        layers = [str(x) for x in z["layers"]]
-        return {name: int(z[f"f_{i}"].shape[1]) for i, name in enumerate(layers)}, {}
-
-
-def _same_rows(old: FeatureCache, rows: list[Row], class_names: list[str]) -> bool:
-    return (
-        old.class_names == class_names
-        and old.keys == [r.key for r in rows]
-        and old.ids == [r.digest for r in rows]
-        and np.array_equal(old.labels, [r.label for r in rows])
-        and np.array_equal(old.split, [r.split for r in rows])
-    )
-
-
-def _augmented_views(
-    cfg: Config, ds: Dataset, final: Path, fp: str, key, rows: list[Row], old, parts, result
-):
+def _augmented_views(job: ExtractJob, rows: list[Row]) -> list[Row]:
     """``rows`` plus the view rows of every train row; views not cached yet run through the backbone now."""
-    spec = key.get("augment_views")
+    spec = job.key.get("augment_views")
     if not spec:
-        return rows, parts
+        return rows
     import hashlib
     import json
 
     tag = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    by_key = {s.key: s for s in ds.samples}
+    by_key = {s.key: s for s in job.ds.samples}
     have = {r.key for r in rows}
     views: list[tuple[Row, Sample, int]] = []
     for r in rows:
@@ -595,59 +445,47 @@ def _augmented_views(
             if vkey not in have:
                 vid = digest_bytes(f"{r.digest}:view{v}:{tag}".encode())
                 views.append((Row(vkey, vid, r.label, r.split, r.size, r.mtime), by_key[r.key], v))
-    cached = set(old.ids) if old is not None else set()
-    todo = [x for x in views if x[0].digest not in cached and x[0].digest not in parts]
+    todo = [x for x in views if x[0].digest not in job.cached and x[0].digest not in job.parts]
     if todo:
-        _extract_views(cfg, ds, final, fp, key, todo, spec, result)
-        parts = scan_parts(final, fp)
-    kept = [row for row, _, _ in views if row.digest in cached or row.digest in parts]
-    return rows + kept, parts
+        _extract_views(job, todo, spec)
+        job.rescan_parts()
+    kept = [row for row, _, _ in views if row.digest in job.cached or row.digest in job.parts]
+    return rows + kept
 
 
-def _extract_views(cfg: Config, ds: Dataset, final: Path, fp: str, key, todo, spec, result) -> None:
+def _extract_views(job: ExtractJob, todo: list[tuple[Row, Sample, int]], spec) -> None:
+    """The views in ``todo`` through the augmentation and the backbone into parts. Their images were read as
+    train rows already; one that cannot be read now is left out, and its view row with it."""
     from pipeline.data.augment import augmentation_layers
     from pipeline.features.backbones.build import build_feature_model
     from pipeline.features.engines import configure_tf_threads, make_engine
 
+    cfg, result = job.cfg, job.result
     configure_tf_threads(cfg.extract.threads)
     fm = build_feature_model(cfg.backbone)
     layers = augmentation_layers(spec["augment"])
-    writer = PartWriter(final, _part_manifest(fp, key, ds, fm.dims))
+    writer = job.part_writer(fm.dims)
     engine = make_engine(fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir)
     samples = [s for _, s, _ in todo]
     data = make_image_dataset(
-        ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
+        job.ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
     )
     dtype = np.dtype(cfg.extract.dtype)
-    progress = _progress(len(todo), cfg.extract.progress)
-    t0 = time.perf_counter()
-    try:
-        for idx, images, ok, _ in data:
-            idx, ok, x = idx.numpy(), np.reshape(ok.numpy(), -1), images.numpy()
-            keep = np.flatnonzero(ok)
-            if len(keep):
-                batch = np.stack([_augment_one(layers, x[i], todo[int(idx[i])]) for i in keep])
-                out = engine(batch)
-                ids = [todo[int(idx[i])][0].digest for i in keep]
-                writer.write(ids, {layer: out[layer].astype(dtype, copy=False) for layer in fm.layers})
-                result.extracted += len(keep)
-                result.batches += 1
-            progress.update(len(idx))
-    except KeyboardInterrupt:
-        raise FeatcacheError(
-            f"interrupted: {writer.rows_written} augmented views kept in {writer.dir}; run the same command again to resume"
-        ) from None
-    finally:
-        progress.close()
-        result.backbone_seconds += time.perf_counter() - t0
-
-
-def _augment_one(layers, image: np.ndarray, item) -> np.ndarray:
-    """One view, the same whatever the batch: every random draw is seeded by (image digest, view)."""
-    row, _, v = item
-    seed = int(row.digest[:8], 16)
-    x = image[None]
-    for j, layer in enumerate(layers):
-        t = layer.get_random_transformation(x, training=True, seed=(seed + 7919 * j + v) & 0x7FFFFFFF)
-        x = layer.transform_images(x, t, training=True)
-    return np.asarray(x[0], np.float32)
+    with _backbone_pass(job, len(todo)) as progress:
+        try:
+            for idx, images, ok, _ in data:
+                idx, ok, x = idx.numpy(), np.reshape(ok.numpy(), -1), images.numpy()
+                keep = np.flatnonzero(ok)
+                if len(keep):
+                    views = [(x[i], *todo[int(idx[i])]) for i in keep]  # (image, view row, sample, view)
+                    batch = [augmented_view(layers, im, row.digest, v) for im, row, _, v in views]
+                    out = engine(np.stack(batch))
+                    ids = [row.digest for _, row, _, _ in views]
+                    writer.write(ids, {layer: out[layer].astype(dtype, copy=False) for layer in fm.layers})
+                    result.extracted += len(keep)
+                    result.batches += 1
+                progress.update(len(idx))
+        except KeyboardInterrupt:
+            raise FeatcacheError(
+                f"interrupted: {writer.rows_written} augmented views kept in {writer.dir}; run the same command again to resume"
+            ) from None

@@ -6,10 +6,10 @@
         learning curves, thumbnails of the most confidently wrong test images
     a 2-D map of the cached features (PCA; t-SNE on a sample), coloured by class
 
-The page loads nothing: pictures are PNG ``data:`` URIs, CSS and the few lines of JavaScript are inline,
-so it can be mailed or archived as one file. Plots are drawn by :mod:`pipeline.utils.plots`; thumbnails
-are read through the same image pipeline extraction used (:func:`pipeline.data.images.image_batches`), so
-they show what the backbone saw.
+The page loads nothing: pictures are PNG ``data:`` URIs, and the CSS and the few lines of JavaScript
+(``report_assets/``, package data) are inlined, so it can be mailed or archived as one file. Plots are
+drawn by :mod:`pipeline.utils.plots`; thumbnails are read through the same image pipeline extraction used
+(:func:`pipeline.data.images.image_batches`), so they show what the backbone saw.
 """
 
 from __future__ import annotations
@@ -34,47 +34,16 @@ from pipeline.utils.runs import best_run, list_runs, search_trials
 
 SPLITS = ("train", "val", "test")
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1220px;
- padding:18px 24px;color:#1d232b;background:#fbfbfd}
-h1{font-size:24px;margin:4px 0 2px}h2{font-size:19px;margin:30px 0 8px;border-bottom:2px solid #d9dee7;
- padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
-.sub{color:#5a6472}code{font-size:12px}
-table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
-th,td{border:1px solid #d9dee7;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#eef1f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
-table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{background:#dfe6f1}
-th[data-dir=asc]::after{content:" \\25B2"}th[data-dir=desc]::after{content:" \\25BC"}
-tr.best td{background:#e7f6ea;font-weight:600}tr.failed td{color:#9a3b3b}
-dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin:6px 0}dt{color:#5a6472}dd{margin:0}
-.scroll{max-height:560px;overflow:auto;border:1px solid #d9dee7;display:inline-block;max-width:100%}
-img.plot{max-width:100%;vertical-align:top;border:1px solid #d9dee7;background:#fff;margin:4px 8px 4px 0}
-img.half{max-width:49%}
-.thumbs{display:flex;flex-wrap:wrap;gap:10px}
-figure{margin:0;width:124px;font-size:12px;text-align:center}
-figure img{width:112px;height:112px;object-fit:contain;image-rendering:pixelated;border:2px solid #c0392b;
- background:#fff}
-figcaption b{color:#c0392b}.note{color:#7a5b00}
-"""
+#: The page's style sheet and script, package data read by :func:`_asset`. A click on a header sorts its
+#: table (numbers high→low first, text a→z; again to reverse; blanks last); ``report.html#sort=KEY`` clicks
+#: the header whose data-key is KEY once loaded: how the tests drive it.
+ASSETS = "report_assets"
 
-# A click on a header sorts its table (numbers high→low first, text a→z; again to reverse; blanks last).
-# ``report.html#sort=KEY`` clicks the header whose data-key is KEY once loaded: how the tests drive it.
-JS = """
-function sortBy(th){
- const table=th.closest('table'),body=table.tBodies[0],i=Array.from(th.parentNode.children).indexOf(th);
- const num=th.dataset.type==='num',desc=th.dataset.dir?th.dataset.dir==='asc':num;
- for(const h of th.parentNode.children){delete h.dataset.dir;}
- th.dataset.dir=desc?'desc':'asc';
- const val=r=>{const c=r.cells[i];return c.dataset.v!==undefined?c.dataset.v:c.textContent.trim();};
- const rows=Array.from(body.rows);
- rows.sort((a,b)=>{const x=val(a),y=val(b);if(x===''||y==='')return(x==='')-(y==='');
-  const c=num?parseFloat(x)-parseFloat(y):x.localeCompare(y,undefined,{numeric:true});return desc?-c:c;});
- for(const r of rows)body.appendChild(r);
-}
-document.querySelectorAll('table.sortable th').forEach(th=>th.addEventListener('click',()=>sortBy(th)));
-const hook=location.hash.match(/^#sort=([A-Za-z0-9_-]+)$/);
-if(hook){const th=document.querySelector('table.sortable th[data-key="'+hook[1]+'"]');if(th)th.click();}
-"""
+
+def _asset(name: str) -> str:
+    from importlib.resources import files
+
+    return files("pipeline.stages").joinpath(ASSETS).joinpath(name).read_text(encoding="utf-8")
 
 
 @dataclass
@@ -221,9 +190,9 @@ def _page(title: str, sections: list[str]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
+        f"<title>{escape(title)}</title><style>\n{_asset('report.css')}</style></head>\n<body>\n"
         + "\n".join(sections)
-        + f"\n<script>{JS}</script>\n</body></html>\n"
+        + f"\n<script>\n{_asset('report.js')}</script>\n</body></html>\n"
     )
 
 
@@ -468,10 +437,8 @@ def _misclassified(run_dir: Path, meta: dict, n: int, notes: list[str]) -> tuple
 
 def _thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str, bytes], str]:
     """PNG thumbnails of ``keys``, read through the image pipeline extraction used; (pngs, why some lack)."""
-    from PIL import Image
-
     from pipeline.cache.fingerprint import decode_policy
-    from pipeline.data.images import image_batches
+    from pipeline.data.images import thumbnails
     from pipeline.model.rebuild import cache_dataset
 
     try:
@@ -480,18 +447,9 @@ def _thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str,
         return {}, f"images not shown: the dataset cannot be read ({e})"
     by_key = {s.key: s for s in ds.samples}
     samples = [by_key[k] for k in keys if k in by_key]
-    out: dict[str, bytes] = {}
-    if samples:
-        size, policy = int(meta.get("image_size") or side), str(meta.get("resize") or "stretch")
-        decode = decode_policy(meta.get("feature_key") or {})  # as the cache's rows were decoded
-        for idx, images, ok, _ in image_batches(ds, samples, size, policy, 16, decode=decode):
-            for i, img, good in zip(idx.numpy(), images.numpy(), ok.numpy(), strict=True):
-                if good:
-                    im = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
-                    im.thumbnail((side, side))
-                    buf = io.BytesIO()
-                    im.save(buf, format="PNG")
-                    out[samples[int(i)].key] = buf.getvalue()
+    size, policy = int(meta.get("image_size") or side), str(meta.get("resize") or "stretch")
+    decode = decode_policy(meta.get("feature_key") or {})  # as the cache's rows were decoded
+    out = thumbnails(ds, samples, size, policy, decode=decode, side=side) if samples else {}
     missing = len(keys) - len(out)
     return out, (f"{missing} of {len(keys)} images are no longer readable in the dataset" if missing else "")
 

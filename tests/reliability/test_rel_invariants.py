@@ -27,11 +27,11 @@ from hypothesis.extra.numpy import arrays
 from pipeline.cache.fingerprint import fingerprint
 from pipeline.cache.locate import resolve_cache_path
 from pipeline.cache.store import FeatureCache
-from pipeline.data.sources import Dataset, Sample
+from pipeline.data.sources import Dataset, Sample, content_digests
 from pipeline.data.splits import SPLIT_NAMES, assign_split
 from pipeline.features.backbones.lite0_weights import weights_file
 from pipeline.features.backbones.registry import get_spec
-from pipeline.stages.extract import _digests, extract
+from pipeline.stages.extract import extract
 from pipeline.utils.config import load_config
 
 FIXTURE_OK = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -181,12 +181,12 @@ def test_a_row_key_is_its_content(img, where, delta):
     changed.flat[where % img.size] = (int(changed.flat[where % img.size]) + delta) % 256
     reshaped = img.reshape(img.shape[1], img.shape[0], img.shape[2])  # same bytes, other shape
     stack = [img, changed, img]
-    digests, bad = _digests(_array_dataset(np.stack(stack)), {})
+    digests, bad = content_digests(_array_dataset(np.stack(stack)), {})
     assert not bad
     d0, d1, d2 = (digests[str(i)][0] for i in range(3))
     assert d0 == d2 and d0 != d1  # same pixels anywhere: same key; one pixel changed: another
     if reshaped.shape != img.shape:
-        (r,) = (v[0] for v in _digests(_array_dataset(reshaped[None]), {})[0].values())
+        (r,) = (v[0] for v in content_digests(_array_dataset(reshaped[None]), {})[0].values())
         assert r != d0
 
 
