@@ -51,16 +51,14 @@ def _notebook_way(cache_path: Path, size: int) -> tuple[float, float]:
     from pipeline.data.preprocess import resize_images
     from pipeline.data.sources import load_dataset
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.utils.config import BackboneConfig
+    from pipeline.utils.config import SPLITS, BackboneConfig, DataConfig
 
     with FeatureCache(cache_path) as c:
         data_cfg = c.meta["config"]["data"]
         keys, labels, split, n_classes = c.keys, c.labels, c.split, len(c.class_names)
-    from pipeline.utils.config import DataConfig
-
     ds = load_dataset(DataConfig(**data_cfg))
     index = {s.key: s.index for s in ds.samples}
-    rows = {name: np.flatnonzero(split == code) for code, name in enumerate(("train", "val", "test"))}
+    rows = {name: np.flatnonzero(split == code) for code, name in enumerate(SPLITS)}
 
     def images(r):
         x = np.stack([to_rgb(ds.arrays[index[keys[i]]]) for i in r])

@@ -18,9 +18,6 @@ from pipeline.utils.errors import FeatcacheError
 EXIT_USAGE = 2
 
 
-DEFAULT_CONFIG_HINT = "configs/default.toml"
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file (every key can be overridden below)")
     p.add_argument(
@@ -204,6 +201,7 @@ def cmd_cache_ls(args) -> int:
 
 def cmd_cache_info(args) -> int:
     from pipeline.cache.store import FeatureCache
+    from pipeline.utils.config import SPLITS
 
     with FeatureCache(args.file) as c:
         info = {
@@ -211,9 +209,7 @@ def cmd_cache_info(args) -> int:
             "rows": c.n_rows,
             "layers": {layer: list(c.dataset(layer).shape) for layer in c.layers},
             "classes": c.class_names,
-            "split_counts": {
-                name: int((c.split == i).sum()) for i, name in enumerate(("train", "val", "test"))
-            },
+            "split_counts": {name: int((c.split == i).sum()) for i, name in enumerate(SPLITS)},
             **{k: v for k, v in c.meta.items() if k not in ("complete",)},
         }
     if args.json:

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.cache.h5 import attr_value, attrs_digest, h5py_module, short_error, to_str
 from pipeline.cache.schema import FORMAT
-from pipeline.data.splits import SPLIT_NAMES
+from pipeline.utils.config import SPLITS
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -123,7 +123,7 @@ class FeatureCache:
     def rows(self, split: str | None = None) -> np.ndarray:
         if split is None:
             return np.arange(self.n_rows)
-        return np.flatnonzero(self.split == SPLIT_NAMES.index(split))
+        return np.flatnonzero(self.split == SPLITS.index(split))
 
     def features(
         self, layer: str | None = None, rows: np.ndarray | None = None, dtype=np.float32

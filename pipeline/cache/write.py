@@ -26,7 +26,7 @@ from pipeline.cache.h5 import attrs_digest, fixed_strings, h5py_module, write_er
 from pipeline.cache.quarantine import quarantine_path
 from pipeline.cache.schema import FORMAT
 from pipeline.cache.store import FeatureCache, partial_dir
-from pipeline.data.splits import SPLIT_NAMES
+from pipeline.utils.config import SPLITS
 from pipeline.utils.io import atomic_path, atomic_write, file_lock
 
 
@@ -290,7 +290,7 @@ def _write_columns(f, rows: list[Row], class_names: list[str], attrs: dict[str, 
     """Per-row columns, class names and attributes; ``complete`` and the attributes' digest come last."""
     f.create_dataset("labels", data=np.asarray([r.label for r in rows], np.int32), **ck)
     f.create_dataset("split", data=np.asarray([r.split for r in rows], np.uint8), **ck).attrs["names"] = (
-        ",".join(SPLIT_NAMES)
+        ",".join(SPLITS)
     )
     f.create_dataset("keys", **fixed_strings([r.key for r in rows]), **ck)
     f.create_dataset("ids", **fixed_strings([r.digest for r in rows]), **ck)

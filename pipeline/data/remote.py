@@ -8,14 +8,15 @@ unchanged objects without downloading them again.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import posixpath
 import re
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
+from pipeline.data.labels_csv import read_rows
 from pipeline.data.samples import Dataset, Sample
+from pipeline.data.splits import group_of
 from pipeline.data.storage import filesystem, is_url, join_url, signature, storage_error
 from pipeline.utils.config import SPLITS, DataConfig
 from pipeline.utils.errors import FeatcacheError
@@ -27,13 +28,6 @@ def _stamp(fs, path: str, info: dict) -> tuple[int, int] | None:
         return None
     size = int(sig.split(":", 1)[0])
     return size, int.from_bytes(hashlib.blake2b(sig.encode(), digest_size=8).digest(), "big") >> 1
-
-
-def _group(key: str, pattern) -> str | None:
-    if pattern is None:
-        return None
-    m = pattern.search(key)
-    return None if not m else (m.group(1) if m.groups() else m.group(0))
 
 
 def remote_folder(src: str, cfg: DataConfig, fs, root: str) -> Dataset:
@@ -60,7 +54,7 @@ def remote_folder(src: str, cfg: DataConfig, fs, root: str) -> Dataset:
         split = parts[0] if split_layout else None
         label = parts[1] if split_layout else parts[0]
         url = join_url(fs, path)
-        samples.append(Sample(rel, label, split, _group(rel, pattern), url, stamp=_stamp(fs, path, info)))
+        samples.append(Sample(rel, label, split, group_of(rel, pattern), url, stamp=_stamp(fs, path, info)))
     if not samples:
         raise FeatcacheError(f"{src}: no images found (expected one sub-folder per class)")
     class_names = sorted({s.label for s in samples})
@@ -81,25 +75,11 @@ def remote_csv(src: str, cfg: DataConfig, fs, path: str) -> Dataset:
     except Exception as e:  # noqa: BLE001
         raise storage_error(src, e) from None
     base = posixpath.dirname(join_url(fs, path))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    fields = set(reader.fieldnames or [])
-    if not {"path", "label"} <= fields:
-        raise FeatcacheError(
-            f"{src}: CSV needs a header with 'path' and 'label' columns, got {sorted(fields)}"
-        )
-    samples = []
-    for lineno, row in enumerate(reader, start=2):
-        rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-        if not rel or not label:
-            raise FeatcacheError(f"{src}:{lineno}: empty path or label")
-        split = (row.get("split") or "").strip() or None
-        if split is not None and split not in SPLITS:
-            raise FeatcacheError(f"{src}:{lineno}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        group = (row.get("group") or "").strip() or _group(rel, pattern)
-        full = rel if is_url(rel) else posixpath.join(base, rel)
-        samples.append(Sample(rel, label, split, group, full))
-    if not samples:
-        raise FeatcacheError(f"{src}: CSV has no rows")
+    rows = read_rows(io.StringIO(text, newline=""), src, pattern)
+    samples = [
+        Sample(r.path, r.label, r.split, r.group, r.path if is_url(r.path) else posixpath.join(base, r.path))
+        for r in rows
+    ]
     class_names = sorted({s.label for s in samples})
     if len(class_names) < 2:
         raise FeatcacheError(f"{src}: need at least 2 classes to train a classifier, found {class_names}")

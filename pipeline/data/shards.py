@@ -13,7 +13,8 @@ import re
 
 from pipeline.data import parquet, webdataset
 from pipeline.data.samples import Dataset, Sample
-from pipeline.data.storage import ShardIndex, expand, is_url, join_url, signature
+from pipeline.data.splits import group_of
+from pipeline.data.storage import ShardIndex, expand, join_url, signature
 from pipeline.utils.config import DataConfig
 from pipeline.utils.errors import FeatcacheError
 
@@ -62,25 +63,16 @@ def _records(kind, name, url, entry, pattern) -> tuple[list[Sample], list[tuple[
         if kind == "tar":
             key, label, member, digest, _ = rec
             k = f"{name}/{key}"
-            samples.append(Sample(k, label, None, _group(k, pattern), url, -1, member, digest))
+            samples.append(Sample(k, label, None, group_of(k, pattern), url, -1, member, digest))
         else:
             row, label, split, digest, _ = rec
             k = f"{name}/{row}"
-            samples.append(Sample(k, label, split, _group(k, pattern), url, row, "", digest))
+            samples.append(Sample(k, label, split, group_of(k, pattern), url, row, "", digest))
     for rec in entry["problems"]:
         where, reason = rec[0], rec[-1]
         k = f"{name}/{where}" if where not in ("", -1) else name
         problems.append((Sample(k, "", path=url, member=rec[1] if kind == "tar" else ""), reason))
     return samples, problems
-
-
-def _group(key: str, pattern: re.Pattern[str] | None) -> str | None:
-    if pattern is None:
-        return None
-    m = pattern.search(key)
-    if not m:
-        return None
-    return m.group(1) if m.groups() else m.group(0)
 
 
 def _class_names(entries: list[dict], samples: list[Sample]) -> list[str]:
@@ -131,7 +123,3 @@ def _dataset_name(src: str) -> str:
     stem = re.split(r"[-_]?[{*?\[]|\.", base, maxsplit=1)[0]
     stem = re.sub(r"[-_]\d+$", "", stem)
     return stem or posixpath.basename(posixpath.dirname(path)) or "shards"
-
-
-def is_remote(src: str) -> bool:
-    return is_url(src) and not src.startswith("file://")

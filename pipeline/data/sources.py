@@ -9,7 +9,6 @@ matter where the folder lives.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import os
@@ -19,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
+from pipeline.data.labels_csv import read_rows
 from pipeline.data.samples import Dataset, Sample
+from pipeline.data.splits import group_of
 from pipeline.data.storage import digest_bytes, expand_braces, filesystem, has_magic, is_url
 from pipeline.utils.config import SPLITS, DataConfig
 from pipeline.utils.errors import FeatcacheError
@@ -65,15 +66,6 @@ def _check_classes(name: str, class_names: list[str]) -> None:
         raise FeatcacheError(f"{name}: need at least 2 classes to train a classifier, found {found}")
 
 
-def _group_of(rel: str, pattern: re.Pattern[str] | None) -> str | None:
-    if pattern is None:
-        return None
-    m = pattern.search(rel)
-    if not m:
-        return None
-    return m.group(1) if m.groups() else m.group(0)
-
-
 def _scan_class_folders(root: Path, split: str | None, pattern, samples, ignored, empty) -> set[str]:
     classes = set()
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -87,7 +79,7 @@ def _scan_class_folders(root: Path, split: str | None, pattern, samples, ignored
                     ignored.append(storable_key(rel))
                     continue
                 key = storable_key(rel)
-                samples.append(Sample(key, class_dir.name, split, _group_of(key, pattern), full))
+                samples.append(Sample(key, class_dir.name, split, group_of(key, pattern), full))
         if len(samples) == n_before:
             empty.append(str(class_dir))
         classes.add(class_dir.name)
@@ -122,32 +114,18 @@ def _folder(root: Path, cfg: DataConfig) -> Dataset:
 
 def _csv(path: Path, cfg: DataConfig) -> Dataset:
     pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
-    base = path.parent
-    samples = []
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or [])
-        if not {"path", "label"} <= fields:
-            raise FeatcacheError(
-                f"{path}: CSV needs a header with 'path' and 'label' columns, got {sorted(fields)}"
-            )
-        for lineno, row in enumerate(reader, start=2):
-            rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-            if not rel or not label:
-                raise FeatcacheError(f"{path}:{lineno}: empty path or label")
-            split = (row.get("split") or "").strip() or None
-            if split is not None and split not in SPLITS:
-                raise FeatcacheError(
-                    f"{path}:{lineno}: split must be one of {', '.join(SPLITS)}, got {split!r}"
-                )
-            group = (row.get("group") or "").strip() or _group_of(rel, pattern)
-            full = rel if os.path.isabs(rel) or is_url(rel) else str(base / rel)
-            samples.append(Sample(storable_key(rel), label, split, group, full))
-    if not samples:
-        raise FeatcacheError(f"{path}: CSV has no rows")
+        rows = read_rows(f, str(path), pattern)
+    samples = [
+        Sample(storable_key(r.path), r.label, r.split, r.group, _resolve(r.path, path.parent)) for r in rows
+    ]
     class_names = sorted({s.label for s in samples})
     _check_classes(str(path), class_names)
     return Dataset(cfg.name or path.stem, str(path), samples, class_names)
+
+
+def _resolve(rel: str, base: Path) -> str:
+    return rel if os.path.isabs(rel) or is_url(rel) else str(base / rel)
 
 
 def _npz(path: Path, cfg: DataConfig) -> Dataset:

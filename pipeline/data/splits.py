@@ -8,11 +8,22 @@ folder never moves an existing image to another split, and identical images can 
 from __future__ import annotations
 
 import hashlib
+import re
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+from pipeline.utils.config import SPLITS
+
+#: a split's code in the cache's ``split`` column: its position in ``SPLITS``
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 
 
-SPLIT_NAMES = ("train", "val", "test")
+def group_of(key: str, pattern: re.Pattern[str] | None) -> str | None:
+    """A sample's group from ``data.group_pattern``: the match's first group (or the whole match), else None."""
+    if pattern is None:
+        return None
+    m = pattern.search(key)
+    if not m:
+        return None
+    return m.group(1) if m.groups() else m.group(0)
 
 
 def unit_hash(text: str) -> float:

@@ -179,10 +179,6 @@ def _clean(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, str) and v.lower() == "none" else v) for k, v in params.items()}
 
 
-def can_stream(name: str) -> bool:
-    return get_head_spec(name).build_stream is not None
-
-
 def make_head(
     name: str,
     params: dict[str, Any] | None = None,
@@ -253,7 +249,3 @@ def _keras_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
 
 def _hgb_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
     return {"X_val": Xv, "y_val": yv}
-
-
-def head_is_keras(estimator: Any) -> bool:
-    return isinstance(estimator, KerasHead)

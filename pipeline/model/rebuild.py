@@ -45,10 +45,6 @@ from pipeline.utils.errors import FeatcacheError
 HEAD_TOLERANCE = 1e-5
 
 
-#: The end-to-end equivalence the tests hold the rebuilt model to (images vs cached features).
-EQUIVALENCE_TOLERANCE = 1e-4
-
-
 def known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in (d or {}).items() if k in names}

@@ -100,11 +100,5 @@ def model_input(model) -> tuple[int | None, str]:
     return (int(shape[1]) if shape[1] is not None else None), "stretch"
 
 
-def write_sidecar(path: Path, rebuilt_or_info: dict[str, Any]) -> None:
-    from pipeline.utils.io import write_json
-
-    write_json(path, rebuilt_or_info)
-
-
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.splits import SPLIT_NAMES
-from pipeline.utils.config import Config
+from pipeline.utils.config import SPLITS, Config
 from pipeline.utils.errors import FeatcacheError
 
 # numpy and the cache modules are imported inside functions: the CLI reads these defaults for --help
@@ -166,7 +165,7 @@ def _check_settings(folds: int, threshold: float, margin: float, exact: float, f
 def _label_issues(X, labels, split, keys, names, folds, seed, n_jobs, filter_by) -> list[dict[str, Any]]:
     from pipeline.heads.label_noise import find_label_issues, out_of_fold_proba
 
-    fit_mask = split != SPLIT_NAMES.index("test")
+    fit_mask = split != SPLITS.index("test")
     proba = out_of_fold_proba(X, labels, fit_mask, len(names), folds=folds, seed=seed, n_jobs=n_jobs)
     found = find_label_issues(labels, proba, filter_by)
     return [
@@ -175,7 +174,7 @@ def _label_issues(X, labels, split, keys, names, folds, seed, n_jobs, filter_by)
             "given": names[g],
             "suggested": names[s],
             "score": round(float(sc), 6),
-            "split": SPLIT_NAMES[int(split[r])],
+            "split": SPLITS[int(split[r])],
         }
         for r, g, s, sc in zip(found.rows, found.given, found.suggested, found.score, strict=True)
     ]
@@ -194,7 +193,7 @@ def _near_duplicates(X, split, keys, threshold: float, margin: float, exact: flo
     keep = (scan.similarity >= exact) | stands_out
     out = []
     for a, b, s in zip(scan.a[keep], scan.b[keep], scan.similarity[keep], strict=True):
-        sa, sb = SPLIT_NAMES[int(split[a])], SPLIT_NAMES[int(split[b])]
+        sa, sb = SPLITS[int(split[a])], SPLITS[int(split[b])]
         out.append(
             {
                 "a": keys[a],

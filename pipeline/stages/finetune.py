@@ -35,7 +35,7 @@ from pipeline.model.finetuning import (
     parse_unfreeze,
     set_trainable,
 )
-from pipeline.utils.config import Config
+from pipeline.utils.config import SPLITS, Config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, file_lock
 
@@ -204,7 +204,7 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
     notes: list[str] = []
     with FeatureCache(rb.source.cache_path) as cache:
         ds = cache_dataset(cache.meta)
-        parts = {s: split_images(cache, ds, s) for s in ("train", "val", "test")}
+        parts = {s: split_images(cache, ds, s) for s in SPLITS}
         val_X = cache.features(rb.source.layer, parts["val"].rows) if len(parts["val"].rows) else None
         train0 = _train_epoch0(cache, rb, parts["train"]) if state is None else None
     if not len(parts["train"].rows):

@@ -28,11 +28,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.locate import find_run, resolve_cache, runs_root
-from pipeline.utils.config import Config
+from pipeline.utils.config import SPLITS, Config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.runs import best_run, list_runs, search_trials
-
-SPLITS = ("train", "val", "test")
 
 #: The page's style sheet and script, package data read by :func:`_asset`. A click on a header sorts its
 #: table (numbers high→low first, text a→z; again to reverse; blanks last); ``report.html#sort=KEY`` clicks

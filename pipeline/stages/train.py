@@ -22,7 +22,7 @@ from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
 from pipeline.heads.metrics import classification_metrics
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import describe_transforms, parse_transforms
-from pipeline.utils.config import Config
+from pipeline.utils.config import SPLITS, Config
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -161,7 +161,7 @@ def _metrics(
         fit_info["n_iter"] = np.asarray(head_est.n_iter_).max().item()
     if fitted.head.streaming and fitted.head.kind == "sklearn":
         fit_info["epochs"] = fitted.head.epochs
-    counts = {s: int((cache.split == i).sum()) for i, s in enumerate(("train", "val", "test"))}
+    counts = {s: int((cache.split == i).sum()) for i, s in enumerate(SPLITS)}
     return {
         "run_id": run_dir.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

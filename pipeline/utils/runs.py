@@ -1,12 +1,12 @@
-"""Run folders: where a fitted head, its metrics and its plots live, and how a model is loaded back.
+"""Run folders: where a fitted head, its metrics and its plots live, and how their files are checked.
 
 ``<runs>/<id>/`` holds the model (``model.skops``; or ``transforms.skops`` + ``head.keras`` + ``head.json``
 for Keras heads; ``.joblib`` pickles in runs written by 0.1), ``metrics.json``, plots and
 ``misclassified.csv``. ``manifest.json`` is written last with the sha256 of every other file: a folder
-without it is an unfinished run, and :func:`load_model` refuses any file whose bytes changed. That catches
-truncation and accidental edits before anything is loaded; skops files are then built from trusted types
-only (:mod:`pipeline.heads.persist`). Runs, fine-tuned runs and searches under a runs folder are listed by
-:func:`list_runs`.
+without it is an unfinished run, and :func:`verify_run` refuses any file whose bytes changed. Loading a model
+(:func:`pipeline.heads.persist.load_model`) verifies first, so truncation and accidental edits are caught
+before anything is loaded; skops files are then built from trusted types only. Runs, fine-tuned runs and
+searches under a runs folder are listed by :func:`list_runs`.
 """
 
 from __future__ import annotations

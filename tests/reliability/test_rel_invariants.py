@@ -28,11 +28,11 @@ from pipeline.cache.fingerprint import fingerprint
 from pipeline.cache.locate import resolve_cache_path
 from pipeline.cache.store import FeatureCache
 from pipeline.data.sources import Dataset, Sample, content_digests
-from pipeline.data.splits import SPLIT_NAMES, assign_split
+from pipeline.data.splits import assign_split
 from pipeline.features.backbones.lite0_weights import weights_file
 from pipeline.features.backbones.registry import get_spec
 from pipeline.stages.extract import extract
-from pipeline.utils.config import load_config
+from pipeline.utils.config import SPLITS, load_config
 
 FIXTURE_OK = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -212,7 +212,7 @@ def test_split_is_a_pure_function_of_content_or_group(digests, val, test, group)
             )
             == 1
         )
-    for fixed in SPLIT_NAMES:
+    for fixed in SPLITS:
         assert (
             assign_split(digests[0], fixed=fixed, group=group, val_fraction=val, test_fraction=test) == fixed
         )

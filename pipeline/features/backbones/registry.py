@@ -77,9 +77,6 @@ _SPECS = [
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
 
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-
-
 def normalize_name(name: str) -> str:
     """``EfficientNetB0``, ``efficientnet-b0`` and ``efficientnet_b0`` all name the same backbone."""
     n = name.strip().lower().replace("-", "_")
