@@ -363,21 +363,24 @@ def cmd_runs_ls(args) -> int:
 
 
 def cmd_runs_show(args) -> int:
-    from pipeline.cache.locate import find_run
+    from pipeline.cache.locate import resolve_run
     from pipeline.utils.runs import describe_run, format_run
 
-    root, _ = _runs_root(args)
-    info = describe_run(find_run(root, args.run))
+    cfg = _load(args, _SELECT_FLAGS)
+    choose_cache(cfg)
+    info = describe_run(resolve_run(cfg, args.run))
     print(json.dumps(info, indent=2, default=str) if args.json else format_run(info))
     return 0
 
 
 def cmd_runs_upgrade(args) -> int:
-    from pipeline.cache.locate import find_run
+    from pipeline.cache.locate import resolve_run
     from pipeline.heads.persist import upgrade_run
 
-    given = Path(args.run).expanduser()  # a folder someone handed over needs no cache beside it
-    run_dir = given if given.is_dir() else find_run(_runs_root(args)[0], args.run)
+    cfg = _load(args, _SELECT_FLAGS)
+    if not Path(args.run).expanduser().is_dir():  # a folder someone handed over needs no cache beside it
+        choose_cache(cfg)
+    run_dir = resolve_run(cfg, args.run)
     files = upgrade_run(run_dir, trust_pickle=args.trust_pickle)
     print(
         f"{run_dir}: rewritten as {', '.join(files)} with a fresh manifest; it loads without --trust-pickle now"
@@ -408,14 +411,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipeline.cache.locate import resolve_model_run
+    from pipeline.cache.locate import resolve_run
     from pipeline.stages.export import export, format_report, parse_formats
 
     cfg = _load(args, _EXPORT_FLAGS)
     parse_formats(args.format)  # an unknown format fails before anything is read
     if not args.run:
         choose_cache(cfg)
-    run = resolve_model_run(cfg, args.run)
+    run = resolve_run(cfg, args.run)
     report = export(
         run,
         args.format,

@@ -2,7 +2,9 @@
 
 ``tests/fixtures/v0.1/`` was written by featcache 0.1 (before the layered package layout): a tiny cache,
 a scikit-learn run and a Keras-head run, the probabilities both gave on the cached features, and the
-fingerprint of the default configuration.
+fingerprint of the default configuration. ``tests/fixtures/v0.2/`` is today's layout, written by today's
+``extract`` and ``train`` (so a later change to it shows here): the same ``tiny.npz`` at 32 px, cut at
+``block1a_project_bn`` (16 features, to keep it small), one logistic run (skops) and its probabilities.
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ from pipeline.heads.persist import PickleRefused, load_run
 from pipeline.utils.config import load_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v0.1"
+TODAY = Path(__file__).parent / "fixtures" / "v0.2"
+TODAY_LAYER = "block1a_project_bn"
 
 
 @pytest.fixture
 def old_tree(tmp_path) -> Path:
     shutil.copytree(FIXTURE, tmp_path / "v0.1")
     return tmp_path / "v0.1"
+
+
+@pytest.fixture
+def today_tree(tmp_path) -> Path:
+    shutil.copytree(TODAY, tmp_path / "v0.2")
+    return tmp_path / "v0.2"
 
 
 def _default_key(**overrides):
@@ -117,3 +127,51 @@ def test_runs_upgrade_rewrites_an_old_run_as_skops_once(old_tree, kind):
     np.testing.assert_allclose(run.model.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
     again = run_cli("runs", "upgrade", str(run_dir), "--trust-pickle")
     assert again.returncode == 2 and "nothing to upgrade" in again.stderr
+
+
+def test_todays_cache_is_found_by_its_settings(today_tree):
+    overrides = {
+        "data.source": str(FIXTURE / "tiny.npz"),
+        "extract.cache_dir": str(today_tree / "cache"),
+        "backbone.image_size": "32",
+        "backbone.layers": TODAY_LAYER,
+    }
+    path, _, _ = resolve_cache_path(load_config(None, overrides))
+    assert path.is_file() and path.parent == today_tree / "cache"
+
+
+def test_todays_run_folder_loads_and_predicts_as_it_did(today_tree):
+    """A run written by today's code: skops (no pickle, no opt-in), its metrics read through the typed view."""
+    (run_dir,) = (today_tree / "cache" / "runs").glob("*-logistic-*")
+    expected = np.load(TODAY / "expected_proba.npz")[run_dir.name]
+    run = load_run(run_dir)
+    with FeatureCache(next((today_tree / "cache").glob("*.h5"))) as c:
+        X = c.features(TODAY_LAYER)
+        fingerprint_ = c.fingerprint
+    np.testing.assert_allclose(run.model.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
+    m = run.metrics
+    assert run.class_names == m.class_names == ["dark", "light"]
+    assert (m.kind, m.head, m.layer, m.n_features) == ("train", "logistic", TODAY_LAYER, 16)
+    assert m.cache_fingerprint == fingerprint_ and m.calibrated
+    assert m.val_accuracy == m["val"]["accuracy"] and m["transforms"] == ["standardize"]
+
+
+def test_run_folders_of_0_1_and_today_are_listed_and_found_by_id_prefix(old_tree, today_tree):
+    from conftest import run_cli
+
+    from pipeline.utils.runs import find_run, list_runs, read_metrics
+
+    for tree in (old_tree, today_tree):
+        root = tree / "cache" / "runs"
+        rows = list_runs(root)
+        assert rows and all(r["readable"] and r["kind"] == "train" for r in rows)
+        for row in rows:
+            run_dir = find_run(row["id"][:-2], [root])
+            assert run_dir == root / row["id"]
+            m = read_metrics(run_dir)
+            assert m.class_names == ["dark", "light"] and m.val_accuracy == row["val_accuracy"]
+            assert m.cache_fingerprint == row["fingerprint"] and m.cache_path is not None
+        cache = next((tree / "cache").glob("*.h5"))
+        r = run_cli("runs", "show", rows[0]["id"][:-2], "--cache", str(cache), cwd=tree)
+        assert r.returncode == 0, r.stderr
+        assert rows[0]["id"] in r.stdout and "class (test)" in r.stdout

@@ -6,7 +6,9 @@ the rule documented in docs/cache.md ("Which cache a stage takes").
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +94,54 @@ def test_cli_train_follows_the_cache_and_says_which(two_sizes, tmp_path):
     assert len(notes) == 1 and str(t["32"]) in notes[0] and "to pick another" in notes[0]
     run = Path(r.stdout.strip().splitlines()[-1].removeprefix("run: "))
     assert run.is_absolute() and (run / "manifest.json").is_file()
+
+
+def test_runs_of_a_cache_outside_the_cache_folder_are_found_by_id_prefix(two_sizes, tmp_path):
+    """Runs of ``--cache FILE`` are written beside that file, wherever it is; every command that takes a run
+    (``runs show``, ``finetune --run``, ``export --run``, ``predict --model``) finds them there by a unique
+    prefix of their id, and says which runs a prefix matches or where it looked."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cache = elsewhere / two_sizes["32"].name
+    shutil.copy(two_sizes["32"], cache)
+    sel = ("--cache", str(cache))
+    runs = {}
+    for head, extra in (("logistic", ()), ("knn", ("--param", "k=1"))):
+        r = run_cli("train", *sel, "--head", head, *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        runs[head] = Path(r.stdout.strip().splitlines()[-1].removeprefix("run: "))
+        assert runs[head].parent == (elsewhere / "runs").resolve()
+    logistic, knn = runs["logistic"], runs["knn"]
+    assert not (tmp_path / "cache").exists()  # nothing under the default cache folder
+
+    r = run_cli("runs", "show", logistic.name[:-2], *sel, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert logistic.name in r.stdout and "logistic" in r.stdout
+
+    both = os.path.commonprefix([logistic.name, knn.name])
+    r = run_cli("runs", "show", both, *sel, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "is ambiguous: 2 runs start with it" in r.stderr
+    assert logistic.name in r.stderr and knn.name in r.stderr
+
+    r = run_cli("export", "--run", "2026-no-such-run", *sel, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "run not found: 2026-no-such-run" in r.stderr and str((elsewhere / "runs").resolve()) in r.stderr
+
+    r = run_cli("finetune", "--run", knn.name[:-2], *sel, cwd=tmp_path)  # refused before any work
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"run {knn.name}: head 'knn' cannot be converted" in r.stderr
+    assert f"the best run that can is {logistic.name}" in r.stderr  # the runs of the same cache, beside it
+
+    r = run_cli("export", "--run", knn.name[:-2], *sel, "--format", "keras", cwd=tmp_path)
+    assert r.returncode == 2 and "KNeighborsClassifier cannot be converted" in r.stderr, r.stderr
+
+    config = tmp_path / "featcache.toml"
+    config.write_text(f"[train]\ncache = {json.dumps(str(cache))}\n")
+    photo = sorted(two_sizes["photos"].rglob("*.png"))[0]
+    r = run_cli("predict", "--model", logistic.name[:-2], "--config", str(config), str(photo), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1].split()[-1] == "cache"  # the run's cache served the photo's features
 
 
 def test_errors_about_paths_and_names_answer_before_tensorflow(tmp_path):

@@ -11,6 +11,10 @@
    the cache the user just made; settings given select exactly the caches that have them.
 
 The choice is said in one line (:attr:`CacheChoice.note`), with how to pick another.
+
+**Which run** (:func:`resolve_run`, for every command that takes one): a run folder, a run id or a unique
+prefix of one, looked for where runs are written (:func:`run_roots`); none named, the newest finished run of
+the selected cache.
 """
 
 from __future__ import annotations
@@ -155,67 +159,6 @@ def touch_cache(path: Path) -> None:
         pass  # a read-only cache folder still serves; it just does not become the newest
 
 
-def run_cache_path(run_dir: Path) -> Path | None:
-    """The cache a run was trained on (from its ``metrics.json``), or None when it does not say."""
-    import json
-
-    try:
-        info = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("cache") or {}
-    except (OSError, ValueError):
-        return None
-    return Path(info["path"]).resolve() if isinstance(info, dict) and info.get("path") else None
-
-
-def finished_runs(root: Path, cache: Path | None = None, finetuned: bool = True) -> list[Path]:
-    """Finished runs under ``root`` (stage 2, and ``finetune/*`` when ``finetuned``), newest first;
-    only those trained on ``cache`` when it is given."""
-    found = [p.parent for p in root.glob("*/manifest.json")]
-    if finetuned:
-        found += [p.parent for p in root.glob("finetune/*/manifest.json")]
-    if cache is not None:
-        want = Path(cache).resolve()
-        found = [p for p in found if run_cache_path(p) == want]
-    return sorted(found, key=lambda p: (p / "manifest.json").stat().st_mtime_ns, reverse=True)
-
-
-def latest_model_run(root: Path, cache: Path | None = None) -> Path:
-    """The newest finished run under ``root``: fine-tuned (``root/finetune/*``) or stage 2 (``root/*``)."""
-    found = finished_runs(root, cache)
-    if not found:
-        of = f" of {cache}" if cache is not None else ""
-        raise FeatcacheError(
-            f"no finished runs{of} in {root.resolve()}: run `featcache train` (and `featcache finetune`) first"
-        )
-    return found[0].resolve()
-
-
-def find_run_id(name: str, cfg: Config | None = None) -> Path | None:
-    """The run folder called ``name`` under the runs folder (stage 2 or ``finetune/``), or None."""
-    if cfg is None:
-        from pipeline.utils.config import load_config
-
-        cfg = load_config(None)
-    root = Path(cfg.train.runs_dir) if cfg.train.runs_dir else Path(cfg.extract.cache_dir) / "runs"
-    for cand in (root / name, root / "finetune" / name):
-        if cand.is_dir():
-            return cand
-    return None
-
-
-def resolve_model_run(cfg, name: str | None) -> Path:
-    """A run folder, a run id under the runs folder (stage 2 or ``finetune/``), or the newest run."""
-
-    if name and Path(name).is_dir():
-        return Path(name).resolve()
-    if not name:
-        cache = resolve_cache(cfg)
-        return latest_model_run(runs_root(cfg, cache), cache)
-    found = find_run_id(name, cfg)
-    if found is None:
-        raise FeatcacheError(f"run not found: {name}")
-    return found.resolve()
-
-
 def resolve_cache_path(cfg: Config, ds: Dataset | None = None) -> tuple[Path, dict[str, Any], Dataset]:
     """Where ``cfg``'s cache lives (building nothing when the weights digest is known without the model)."""
     spec = get_spec(cfg.backbone.name)
@@ -230,28 +173,6 @@ def resolve_cache_path(cfg: Config, ds: Dataset | None = None) -> tuple[Path, di
     return Path(cfg.extract.cache_dir) / (cache_stem(ds.name, spec.name, fingerprint(key)) + ".h5"), key, ds
 
 
-def resolve_source_run(cfg: Config, run: str | None = None) -> Path:
-    """``--run`` / ``finetune.run`` (a folder or a run id under the runs folder), else the latest stage-2 run."""
-    from pipeline.utils.runs import latest_run
-
-    name = run or cfg.finetune.run
-    if name:
-        p = Path(name).expanduser()
-        if p.is_dir():
-            return p.resolve()
-        found = find_run_id(name, cfg)
-        if found is None:
-            raise FeatcacheError(f"run not found: {name}")
-        return found.resolve()
-    cache = resolve_cache(cfg)
-    root = runs_root(cfg, cache)
-    runs = finished_runs(root, cache, finetuned=False)
-    if not runs:
-        latest_run(root)  # no run at all: its message
-        raise FeatcacheError(f"no finished runs of {cache} in {root.resolve()}: run `featcache train` first")
-    return runs[0].resolve()
-
-
 def resolve_cache(cfg: Config) -> Path:
     """The cache a later stage works on (:func:`select_cache`); it exists."""
     return select_cache(cfg).path
@@ -263,20 +184,30 @@ def runs_root(cfg: Config, cache_path: Path) -> Path:
     return root.resolve()  # printed paths are absolute
 
 
-def find_run(root: Path, name: str) -> Path:
-    """A run, fine-tuned run or search by folder, by id under ``root`` (or ``root/finetune``), or by a unique
-    prefix of its id."""
-    from pipeline.utils.runs import run_folders
+def run_roots(cfg: Config) -> list[Path]:
+    """Where a run named by id is looked for: ``train.runs_dir``; else where runs of the cache the stage
+    selected (``train.cache``, ``--cache``) are written (:func:`runs_root`), then ``<extract.cache_dir>/runs``."""
+    roots = []
+    if cfg.train.runs_dir or cfg.train.cache:
+        roots.append(runs_root(cfg, Path(cfg.train.cache).expanduser()))
+    if not cfg.train.runs_dir:
+        roots.append((Path(cfg.extract.cache_dir).expanduser() / "runs").resolve())
+    return roots
 
-    if Path(name).is_dir():
-        return Path(name)
-    for cand in (root / name, root / "finetune" / name):
-        if cand.is_dir():
-            return cand
-    matches = [p for p in run_folders(root) if p.name.startswith(name)]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        shown = ", ".join(p.name for p in matches[:4]) + (", ..." if len(matches) > 4 else "")
-        raise FeatcacheError(f"run {name!r} is ambiguous: {len(matches)} runs start with it ({shown})")
-    raise FeatcacheError(f"run not found: {name} (in {root}; `featcache runs ls` lists them)")
+
+def resolve_run(cfg: Config, name: str | Path | None = None, *, finetuned: bool = True) -> Path:
+    """The run a command takes (``--run``, ``--model``, ``runs show``, ``finetune.run``): a run folder, an id
+    or a unique id prefix (:func:`pipeline.utils.runs.find_run` under :func:`run_roots`); none named: the
+    newest finished run of the selected cache (stage 2 only unless ``finetuned``)."""
+    from pipeline.utils.runs import find_run, finished_runs
+
+    if name:
+        return find_run(name, run_roots(cfg))
+    cache = resolve_cache(cfg)
+    root = runs_root(cfg, cache)
+    found = finished_runs(root, cache, finetuned)
+    if found:
+        return found[0].resolve()
+    of = f" of {cache}" if finetuned or finished_runs(root, finetuned=False) else ""
+    then = " (and `featcache finetune`)" if finetuned else ""
+    raise FeatcacheError(f"no finished runs{of} in {root}: run `featcache train`{then} first")

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, write_json
-from pipeline.utils.runs import verify_run
+from pipeline.utils.runs import METRICS, read_metrics, verify_run
 
 #: Types outside skops' default trust that a featcache head legitimately holds. Anything else in a model
 #: file is refused before it is built: loading a run folder someone sent you must not run their code.
@@ -207,14 +207,10 @@ class LoadedRun:
 def load_run(run_dir: str | Path, *, trust_pickle: bool = False) -> LoadedRun:
     run_dir = Path(run_dir)
     model = load_model(run_dir, trust_pickle=trust_pickle)  # verifies metrics.json too
-    path = run_dir / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FeatcacheError(f"{path}: unreadable ({str(e)[:120]}); refusing to use this run") from None
-    names = metrics.get("class_names") if isinstance(metrics, dict) else None
+    metrics = read_metrics(run_dir)
+    names = metrics.get("class_names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise FeatcacheError(f"{path}: no list of class names; not a featcache run")
+        raise FeatcacheError(f"{run_dir / METRICS}: no list of class names; not a featcache run")
     return LoadedRun(run_dir, model, metrics)
 
 

@@ -40,6 +40,7 @@ from pipeline.model.layers import FrozenBackbone
 from pipeline.model.runners import predict_images
 from pipeline.utils.config import Config
 from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.runs import RunMetrics
 
 #: Largest accepted max |Δ probability| between the converted head and the scikit-learn pipeline.
 HEAD_TOLERANCE = 1e-5
@@ -64,19 +65,18 @@ class RunSource:
     decode: str = "exact"  # the data.decode policy of the features (caches from before it: exact)
 
 
-def run_source(metrics: dict[str, Any]) -> RunSource:
+def run_source(metrics: RunMetrics) -> RunSource:
     """The backbone settings of a run: from its cache when present (exact), else from the run's config,
     accepted only if it reproduces the cache fingerprint the run recorded."""
     from pipeline.cache.fingerprint import decode_policy
     from pipeline.cache.store import FeatureCache
     from pipeline.utils.config import BackboneConfig, DataConfig, ExtractConfig
 
-    info = metrics.get("cache", {})
-    path = Path(info.get("path", ""))
-    if info.get("path") and path.is_file():
+    path = metrics.cache_path
+    if path is not None and path.is_file():
         with FeatureCache(path) as c:
             meta = dict(c.meta)
-        if meta.get("fingerprint") == info.get("fingerprint"):
+        if meta.get("fingerprint") == metrics.cache_fingerprint:
             cfg = meta.get("config", {})
             return RunSource(
                 dict(cfg.get("backbone", {})),
@@ -91,7 +91,7 @@ def run_source(metrics: dict[str, Any]) -> RunSource:
     from pipeline.cache.fingerprint import feature_key, fingerprint, weights_digest
     from pipeline.features.backbones.registry import get_spec
 
-    conf = metrics.get("config", {})
+    conf = metrics.config
     decode = str((conf.get("data") or {}).get("decode", "exact"))  # runs from before data.decode: exact
     cfg = Config(
         data=DataConfig(decode=decode),
@@ -103,7 +103,7 @@ def run_source(metrics: dict[str, Any]) -> RunSource:
     known = (
         {fingerprint(feature_key(cfg, spec, digest, decodes=d)) for d in (True, False)} if digest else set()
     )
-    if info.get("fingerprint") not in known:
+    if metrics.cache_fingerprint not in known:
         raise FeatcacheError(
             f"the run's cache {path} is gone and its config does not describe the backbone that made its "
             "features; re-extract the cache and train again"
@@ -134,7 +134,7 @@ class Rebuilt:
     resize: str
     source: RunSource
     run_dir: Path
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     pipeline: Any  # the stage-2 scikit-learn Pipeline
     calibrated: bool
     head_check: float | None = None  # max |Δ| converted head vs scikit-learn on cached rows
@@ -197,9 +197,7 @@ def rebuild(run_dir: str | Path, *, augment=(), check_rows: int = 256, trust_pic
     loaded = load_run(run_dir, trust_pickle=trust_pickle)
     metrics, pipeline = loaded.metrics, loaded.model
     source = run_source(metrics)
-    class_names = list(metrics["class_names"])
-    n_features = int(metrics["n_features"])
-    calibrated = str(metrics.get("probabilities", "predict_proba")) == "predict_proba"
+    class_names, n_features, calibrated = metrics.class_names, metrics.n_features, metrics.calibrated
     head = build_head_model(pipeline, n_features, len(class_names), calibrated)
     head_check = _check_head(head, pipeline, source, len(class_names), check_rows)
     fm, cut = _backbone_cut(source)

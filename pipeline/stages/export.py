@@ -29,7 +29,6 @@ passes; full-int8 calibrates on decoded *training* images drawn from the cache (
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,18 +105,18 @@ def load_exportable(run_dir: str | Path, trust_pickle: bool = False) -> Exportab
     """A fine-tuned run's ``model.keras``, or a stage-2 run rebuilt end to end (verified by its manifest)."""
     from pipeline.model.rebuild import rebuild, run_source
     from pipeline.model.runners import load_keras
-    from pipeline.utils.runs import verify_run
+    from pipeline.utils.runs import read_metrics, verify_run
 
     run_dir = Path(run_dir)
     manifest = verify_run(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = read_metrics(run_dir)
     if manifest.get("kind") == "finetune":
         model = load_keras(run_dir / "model.keras")
-        cache = Path((metrics.get("cache") or {}).get("path", ""))
+        cache = metrics.cache_path
         return Exportable(
-            model, model.get_layer("core"), run_dir, "finetune", metrics, list(metrics["class_names"]),
-            int(metrics["image_size"]), str(metrics["resize"]), cache if cache.is_file() else None,
-            str(metrics.get("decode", "exact")),
+            model, model.get_layer("core"), run_dir, "finetune", metrics, metrics.class_names,
+            int(metrics["image_size"]), str(metrics["resize"]), cache if cache and cache.is_file() else None,
+            metrics.decode,
         )  # fmt: skip
     rb = rebuild(run_dir, trust_pickle=trust_pickle)
     src = run_source(metrics)

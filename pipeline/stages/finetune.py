@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.locate import resolve_source_run
+from pipeline.cache.locate import resolve_run
 from pipeline.data.images import SplitImages, split_images
 from pipeline.model.finetuning import (
     Checkpoint,
@@ -38,6 +38,7 @@ from pipeline.model.finetuning import (
 from pipeline.utils.config import SPLITS, Config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, file_lock
+from pipeline.utils.runs import finished_runs, read_metrics
 
 FORMAT = 2  # bump when the checkpoint layout or the recipe changes
 
@@ -125,12 +126,11 @@ def finetune(cfg: Config, *, run: str | Path | None = None) -> FinetuneRun:
 
     augmentation_layers(cfg.finetune.augment)  # unknown names fail before any work
     tensorboard_available(cfg)
-    source = resolve_source_run(cfg, str(run) if run else None)
+    source = resolve_run(cfg, run or cfg.finetune.run, finetuned=False)
     check_convertible(source)
     run_dir = finetune_dir(source, cfg)
     if (run_dir / "manifest.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        return FinetuneRun(run_dir, metrics, already_done=True)
+        return FinetuneRun(run_dir, read_metrics(run_dir), already_done=True)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -154,18 +154,17 @@ def remove_if_empty(folder: Path) -> None:
 
 def check_convertible(source: Path) -> None:
     """Refuse a run whose head cannot become Keras layers before any work, naming the best one that can."""
-    from pipeline.cache.locate import finished_runs, run_cache_path
     from pipeline.heads.registry import convertible_head
 
-    head = _read_metrics(source).get("head")
-    if not head or convertible_head(str(head)):
+    m = read_metrics(source, missing_ok=True)
+    if not m.head or convertible_head(str(m.head)):
         return
-    cache = run_cache_path(source)
+    cache = m.cache_path
     runs = finished_runs(source.parent, cache, finetuned=False) if cache is not None else []
     scored = [
-        (float((m.get("val") or {}).get("accuracy") or 0.0), r)
-        for r in runs
-        if convertible_head(str((m := _read_metrics(r)).get("head")))
+        (float(r.val_accuracy or 0.0), path)
+        for path in runs
+        if convertible_head(str((r := read_metrics(path, missing_ok=True)).head))
     ]
     if scored:
         acc, best = max(scored, key=lambda t: t[0])
@@ -173,16 +172,9 @@ def check_convertible(source: Path) -> None:
     else:
         hint = "no run of this cache can: train one with --head logistic (or search --convertible)"
     raise FeatcacheError(
-        f"run {source.name}: head {head!r} cannot be converted into Keras layers, so it cannot be fine-tuned"
+        f"run {source.name}: head {m.head!r} cannot be converted into Keras layers, so it cannot be fine-tuned"
         f" or exported; {hint}"
     )
-
-
-def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:

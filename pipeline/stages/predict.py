@@ -164,16 +164,17 @@ def check_model_kind(path: Path) -> str:
 
 
 def model_path(model: str | Path, cfg=None) -> Path:
-    """``--model`` as a path: an existing file or folder, else a run id under the runs folder ``cfg`` names."""
+    """``--model`` as a path: an existing file or folder, else a run id or id prefix under the runs folder
+    ``cfg`` names (:func:`pipeline.cache.locate.resolve_run`)."""
     path = Path(model).expanduser()
     if path.exists():
         return path.resolve()
-    from pipeline.cache.locate import find_run_id
-
-    found = find_run_id(str(model), cfg) if "/" not in str(model) and "\\" not in str(model) else None
-    if found is None:
+    if "/" in str(model) or "\\" in str(model) or path.suffix in (".keras", ".tflite"):  # a path, not an id
         raise FeatcacheError(f"--model: not found: {model} (neither a file, a folder nor a run id)")
-    return found.resolve()
+    from pipeline.cache.locate import resolve_run
+    from pipeline.utils.config import load_config
+
+    return resolve_run(cfg if cfg is not None else load_config(None), str(model)).resolve()
 
 
 def _batched(ds, samples, p: Predictor, batch_size: int, run):
@@ -287,7 +288,7 @@ def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle
     loaded = load_run(run_dir, trust_pickle=trust_pickle)
     metrics = loaded.metrics
     src = run_source(metrics)
-    names = list(metrics["class_names"])
+    names = metrics.class_names
     p = Predictor("stage2", names, src.image_size, src.resize, run_dir, decode=src.decode)
 
     def predict(ds, samples):
@@ -295,7 +296,7 @@ def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle
         from pipeline.data.sources import digest_bytes
 
         n = len(samples)
-        X = np.zeros((n, int(metrics["n_features"])), np.float32)
+        X = np.zeros((n, metrics.n_features), np.float32)
         have = np.zeros(n, bool)
         sources = ["computed"] * n
         if src.cache_path is not None:

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.locate import find_run, resolve_cache, runs_root
+from pipeline.cache.locate import resolve_cache, resolve_run, runs_root
 from pipeline.utils.config import SPLITS, Config
 from pipeline.utils.errors import FeatcacheError
-from pipeline.utils.runs import best_run, list_runs, search_trials
+from pipeline.utils.runs import METRICS, best_run, list_runs, read_metrics, search_trials
 
 #: The page's style sheet and script, package data read by :func:`_asset`. A click on a header sorts its
 #: table (numbers high→low first, text a→z; again to reverse; blanks last); ``report.html#sort=KEY`` clicks
@@ -97,7 +97,7 @@ def report(
         rows = list_runs(root, cache.fingerprint)
         board = _board(rows)
         best = best_run(rows)
-        detail = _detail_dirs(root, run, best)
+        detail = _detail_dirs(cfg, run, best)
         layer = cache.layer_name(_run_layer(detail[0]) if detail else None)
         say(f"report: {len(board)} leaderboard rows; mapping features of {layer}")
         fmap, n_map = _feature_map(cache, layer, map_rows, tsne_rows)
@@ -134,25 +134,22 @@ def _board(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return board
 
 
-def _detail_dirs(root: Path, run: str | None, best: dict[str, Any] | None) -> list[Path]:
+def _detail_dirs(cfg: Config, run: str | None, best: dict[str, Any] | None) -> list[Path]:
     out = [Path(best["path"])] if best else []
     if run:
-        chosen = find_run(root, run)
+        chosen = resolve_run(cfg, run)
         if chosen.name.startswith("search-"):
             raise FeatcacheError(
                 f"--run {run}: a search has no test predictions; pick a train or fine-tuned run (`featcache runs ls`)"
             )
-        if not (chosen / "metrics.json").is_file():
+        if not (chosen / METRICS).is_file():
             raise FeatcacheError(f"--run {run}: {chosen} has no metrics.json (an unfinished run?)")
         out = [chosen] + [d for d in out if d.resolve() != chosen.resolve()]
     return out
 
 
 def _run_layer(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("layer")
-    except (OSError, ValueError):
-        return None
+    return read_metrics(run_dir, missing_ok=True).layer
 
 
 # -- small HTML helpers ---------------------------------------------------------------------------------
@@ -333,9 +330,9 @@ def _run_section(
 ) -> tuple[str, int]:
     from pipeline.utils.plots import plot_confusion, plot_learning_curves
 
-    m = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    names = list(m.get("class_names") or [])
-    kind = "fine-tuned run" if m.get("kind") == "finetune" else "run"
+    m = read_metrics(run_dir)
+    names = m.class_names
+    kind = "fine-tuned run" if m.kind == "finetune" else "run"
     label = "best on val" if is_best else "chosen with --run"
     info = [
         ("head", f"{m.get('head')} {json.dumps(m.get('params') or {}, sort_keys=True)}"),

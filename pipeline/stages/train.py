@@ -199,7 +199,7 @@ def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Pre
     from pipeline.heads.persist import save_model
     from pipeline.utils.io import write_json
     from pipeline.utils.plots import plot_learning_curves, plot_split_confusions, write_misclassified
-    from pipeline.utils.runs import write_manifest
+    from pipeline.utils.runs import METRICS, write_manifest
 
     kind, model_files = save_model(run_dir, fitted.model)
     plot_split_confusions(run_dir, metrics, cache.class_names)
@@ -212,5 +212,5 @@ def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Pre
     metrics["test"]["misclassified"] = write_misclassified(
         run_dir / "misclassified.csv", keys, test.y_true, test.y_pred, prob, cache.class_names
     )
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / METRICS, metrics)
     write_manifest(run_dir, kind, model_files)

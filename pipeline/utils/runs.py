@@ -1,11 +1,13 @@
-"""Run folders: where a fitted head, its metrics and its plots live, and how their files are checked.
+"""Run folders: their layout, their metrics, their manifest, and finding and listing them.
 
 ``<runs>/<id>/`` holds the model (``model.skops``; or ``transforms.skops`` + ``head.keras`` + ``head.json``
-for Keras heads; ``.joblib`` pickles in runs written by 0.1), ``metrics.json``, plots and
-``misclassified.csv``. ``manifest.json`` is written last with the sha256 of every other file: a folder
-without it is an unfinished run, and :func:`verify_run` refuses any file whose bytes changed. Loading a model
-(:func:`pipeline.heads.persist.load_model`) verifies first, so truncation and accidental edits are caught
-before anything is loaded; skops files are then built from trusted types only. Runs, fine-tuned runs and
+for Keras heads; ``.joblib`` pickles in runs written by 0.1), ``metrics.json`` (read through
+:class:`RunMetrics`), plots and ``misclassified.csv``; fine-tuned runs live in ``<runs>/finetune/<id>/``,
+searches in ``<runs>/search-<id>/``. ``manifest.json`` is written last with the sha256 of every other file:
+a folder without it is an unfinished run, and :func:`verify_run` refuses any file whose bytes changed.
+Loading a model (:func:`pipeline.heads.persist.load_model`) verifies first, so truncation and accidental
+edits are caught before anything is loaded; skops files are then built from trusted types only. A run is
+named by its folder, its id or a unique prefix of its id (:func:`find_run`); runs, fine-tuned runs and
 searches under a runs folder are listed by :func:`list_runs`.
 """
 
@@ -23,7 +25,9 @@ from pipeline.utils.io import sha256_file, write_json
 from pipeline.utils.journal import TRIALS_FILE, read_trials
 
 MANIFEST = "manifest.json"
-
+METRICS = "metrics.json"
+FINETUNED = "finetune"  # <runs>/finetune/<id>: fine-tuned runs
+SEARCH_PREFIX = "search-"  # <runs>/search-<id>: searches
 
 RUN_FORMAT = "featcache-run/1"
 
@@ -46,12 +50,93 @@ def new_run_dir(root: str | Path, head: str) -> Path:
     raise FeatcacheError(f"runs folder {root}: cannot find a free run id")  # pragma: no cover
 
 
-def latest_run(root: str | Path) -> Path:
-    """The newest complete run (one with a manifest) under ``root``."""
-    runs = sorted(p.parent for p in Path(root).glob(f"*/{MANIFEST}"))
-    if not runs:
-        raise FeatcacheError(f"no finished runs in {root}: run `featcache train` first")
-    return runs[-1]
+class RunMetrics(dict):
+    """A run's ``metrics.json``: the fields the stages read, typed; every other key as in any dict.
+
+    A dict, so runs of every version load as they are, and the metrics are written and shown as JSON
+    unchanged (``LoadedRun.metrics`` of the public API included).
+    """
+
+    def _dict(self, key: str) -> dict[str, Any]:
+        value = self.get(key)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def kind(self) -> str:
+        """``finetune`` for a fine-tuned run, else ``train``."""
+        return "finetune" if self.get("kind") == "finetune" else "train"
+
+    @property
+    def head(self) -> str | None:
+        return self.get("head")
+
+    @property
+    def layer(self) -> str | None:
+        return self.get("layer")
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(x) for x in self.get("class_names") or []]
+
+    @property
+    def n_features(self) -> int:
+        return int(self["n_features"])
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the head's scores are ``predict_proba`` (not a softmax of margins)."""
+        return str(self.get("probabilities", "predict_proba")) == "predict_proba"
+
+    @property
+    def decode(self) -> str:
+        """The ``data.decode`` policy a fine-tuned run records for its images (runs from before it: exact)."""
+        return str(self.get("decode", "exact"))
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        """What the run says of its cache: ``path``, ``fingerprint``, ``backbone``, ``rows``..."""
+        return self._dict("cache")
+
+    @property
+    def cache_path(self) -> Path | None:
+        """The cache the run was trained on, or None when it does not say."""
+        return Path(self.cache["path"]).resolve() if self.cache.get("path") else None
+
+    @property
+    def cache_fingerprint(self) -> str | None:
+        return self.cache.get("fingerprint")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._dict("config")
+
+    def split(self, name: str) -> dict[str, Any]:
+        """The scores on ``val`` or ``test`` (empty when the split had no rows)."""
+        return self._dict(name)
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return self.split("val").get("accuracy")
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.split("test").get("accuracy")
+
+
+def read_metrics(run_dir: str | Path, *, missing_ok: bool = False) -> RunMetrics:
+    """A run's ``metrics.json``; with ``missing_ok`` a missing or unreadable one is empty (falsy)."""
+    path = Path(run_dir) / METRICS
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        if missing_ok:
+            return RunMetrics()
+        raise FeatcacheError(f"{path}: unreadable ({str(e)[:120]}); refusing to use this run") from None
+    if not isinstance(data, dict):
+        if missing_ok:
+            return RunMetrics()
+        raise FeatcacheError(f"{path}: not a JSON object; not a featcache run")
+    return RunMetrics(data)
 
 
 def write_manifest(
@@ -122,32 +207,28 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
 
 
-def _acc(split: Any) -> float | None:
-    return split.get("accuracy") if isinstance(split, dict) else None
-
-
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One finished run (``train`` or ``finetune``) as a flat row: what ``runs ls`` and the report list."""
-    m = _read_json(run_dir / "metrics.json") or {}
+    m = read_metrics(run_dir, missing_ok=True)
     fit = m.get("fit") or {}
     return {
         "id": run_dir.name,
-        "kind": "finetune" if m.get("kind") == "finetune" else "train",
-        "head": m.get("head") or "?",
+        "kind": m.kind,
+        "head": m.head or "?",
         "head_kind": m.get("head_kind"),
-        "layer": m.get("layer"),
+        "layer": m.layer,
         "transforms": "+".join(m.get("transforms") or []) or "none",
         "params": m.get("params") or {},
-        "val_accuracy": _acc(m.get("val")),
-        "test_accuracy": _acc(m.get("test")),
-        "val_macro_f1": (m.get("val") or {}).get("macro_f1"),
-        "test_macro_f1": (m.get("test") or {}).get("macro_f1"),
+        "val_accuracy": m.val_accuracy,
+        "test_accuracy": m.test_accuracy,
+        "val_macro_f1": m.split("val").get("macro_f1"),
+        "test_macro_f1": m.split("test").get("macro_f1"),
         "seconds": fit.get("seconds"),
         "epochs": fit.get("epochs"),
         "created": m.get("created") or _stamp((run_dir / MANIFEST).stat().st_mtime),
         "source": Path(m["source_run"]).name if m.get("source_run") else None,
         "unfreeze": (m.get("finetune") or {}).get("unfreeze"),
-        "fingerprint": (m.get("cache") or {}).get("fingerprint"),
+        "fingerprint": m.cache_fingerprint,
         "path": str(run_dir),
         "readable": bool(m),
     }
@@ -212,19 +293,52 @@ def search_trials(search_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["status"] != "ok", -(r["resource"] or 0), -(r["val_accuracy"] or 0)))
 
 
+def finished_runs(root: str | Path, cache: Path | None = None, finetuned: bool = True) -> list[Path]:
+    """Finished runs under ``root`` (stage 2, and ``finetune/*`` when ``finetuned``), newest first;
+    only those trained on ``cache`` when it is given."""
+    root = Path(root)
+    found = [p.parent for p in root.glob(f"*/{MANIFEST}")]
+    if finetuned:
+        found += [p.parent for p in root.glob(f"{FINETUNED}/*/{MANIFEST}")]
+    if cache is not None:
+        want = Path(cache).resolve()
+        found = [p for p in found if read_metrics(p, missing_ok=True).cache_path == want]
+    return sorted(found, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, reverse=True)
+
+
 def run_folders(root: str | Path) -> list[Path]:
     """Finished train and fine-tuned runs (a manifest each) and search folders under a runs folder."""
     root = Path(root)
-    found = [p.parent for p in root.glob(f"*/{MANIFEST}")]
-    found += [p.parent for p in root.glob(f"finetune/*/{MANIFEST}")]
-    found += [p for p in root.glob("search-*") if p.is_dir() and (p / TRIALS_FILE).is_file()]
+    found = finished_runs(root)
+    found += [p for p in root.glob(f"{SEARCH_PREFIX}*") if p.is_dir() and (p / TRIALS_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def find_run(name: str | Path, roots: Sequence[Path]) -> Path:
+    """A run, fine-tuned run or search: its folder, its id under one of ``roots`` (or ``<root>/finetune``),
+    or a unique prefix of its id; anything else is one line naming the candidates or where it looked."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    roots = list(dict.fromkeys(Path(r).resolve() for r in roots))
+    for root in roots:
+        for cand in (root / str(name), root / FINETUNED / str(name)):
+            if cand.is_dir():
+                return cand
+    matches = list(dict.fromkeys(p for r in roots for p in run_folders(r) if p.name.startswith(str(name))))
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = ", ".join(p.name for p in matches[:4]) + (", ..." if len(matches) > 4 else "")
+        raise FeatcacheError(f"run {str(name)!r} is ambiguous: {len(matches)} runs start with it ({shown})")
+    where = ", ".join(str(r) for r in roots)
+    raise FeatcacheError(f"run not found: {name} (in {where}; `featcache runs ls` lists them)")
 
 
 def list_runs(root: str | Path, fingerprint: str | None = None) -> list[dict[str, Any]]:
     """One row per finished run, fine-tuned run and search under ``root``, oldest first; with
     ``fingerprint``, only those made from that cache (a runs folder may serve several caches)."""
-    rows = [search_row(p) if p.name.startswith("search-") else run_row(p) for p in run_folders(root)]
+    rows = [search_row(p) if p.name.startswith(SEARCH_PREFIX) else run_row(p) for p in run_folders(root)]
     if fingerprint:
         rows = [r for r in rows if r["fingerprint"] in (None, fingerprint)]
     return sorted(rows, key=lambda r: (r["created"], r["id"]))
@@ -258,7 +372,7 @@ def format_runs(rows: Sequence[dict[str, Any]]) -> str:
 
 def describe_run(path: Path) -> dict[str, Any]:
     """Everything ``runs show`` prints: the row, plus the metrics and manifest (runs) or the trials (searches)."""
-    if path.name.startswith("search-"):
+    if path.name.startswith(SEARCH_PREFIX):
         return {
             **search_row(path),
             "search": _read_json(path / "search.json"),
@@ -267,7 +381,7 @@ def describe_run(path: Path) -> dict[str, Any]:
     manifest = _read_json(path / MANIFEST) or {}
     return {
         **run_row(path),
-        "metrics": _read_json(path / "metrics.json"),
+        "metrics": _read_json(path / METRICS),  # the file as it is
         "files": sorted(manifest.get("files", {})),
         "model_files": manifest.get("model_files", []),
     }

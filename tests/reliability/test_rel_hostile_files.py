@@ -184,7 +184,7 @@ def test_missing_truncated_and_garbled_model_files_are_one_line(old_runs, tmp_pa
     shutil.copytree(good, metrics)
     (metrics / "metrics.json").write_text('["not", "a", "run"]')
     _rewrite_manifest(metrics)
-    assert "class names" in _one_line_refusal(run_cli("predict", "--model", str(metrics), str(photo)))
+    assert "metrics.json" in _one_line_refusal(run_cli("predict", "--model", str(metrics), str(photo)))
 
 
 # ------------------------------------------------------------------------- .keras, SavedModel, .tflite
