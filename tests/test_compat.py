@@ -113,6 +113,9 @@ def test_runs_upgrade_rewrites_an_old_run_as_skops_once(old_tree, kind):
     (run_dir,) = (old_tree / "cache" / "runs").glob(f"*-{kind}-*")
     expected = np.load(FIXTURE / "expected_proba.npz")[run_dir.name]
     before = sorted(p.name for p in run_dir.iterdir())
+    cache = str(next((old_tree / "cache").glob("*.h5")))
+    shown = run_cli("runs", "show", run_dir.name, "--cache", cache)
+    assert shown.returncode == 0 and f"featcache runs upgrade {run_dir.name} --trust-pickle" in shown.stdout
     refused = run_cli("runs", "upgrade", str(run_dir))
     assert refused.returncode == 2 and sorted(p.name for p in run_dir.iterdir()) == before
     assert refused.stderr.count("\n") == 1 and "--trust-pickle" in refused.stderr
@@ -125,6 +128,7 @@ def test_runs_upgrade_rewrites_an_old_run_as_skops_once(old_tree, kind):
     with FeatureCache(next((old_tree / "cache").glob("*.h5"))) as c:
         X = c.features()
     np.testing.assert_allclose(run.model.predict_proba(X), expected, rtol=1e-5, atol=1e-6)
+    assert "runs upgrade" not in run_cli("runs", "show", run_dir.name, "--cache", cache).stdout
     again = run_cli("runs", "upgrade", str(run_dir), "--trust-pickle")
     assert again.returncode == 2 and "nothing to upgrade" in again.stderr
 

@@ -412,6 +412,11 @@ def format_run(info: dict[str, Any]) -> str:
     else:
         lines += _format_metrics(info.get("metrics") or {})
         lines.append(f"{'files':>12}: {', '.join(info['files'])}")
+        if any(str(name).endswith(".joblib") for name in info.get("model_files") or []):
+            lines.append(
+                f"{'note':>12}: its model is a pickle (featcache 0.1), loaded only with --trust-pickle;"
+                f" `featcache runs upgrade {info['id']} --trust-pickle` converts it once, if you trust its author"
+            )
     lines.append(f"{'path':>12}: {info['path']}")
     return "\n".join(lines)
 
