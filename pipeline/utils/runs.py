@@ -178,6 +178,8 @@ def verify_run(run_dir: str | Path) -> dict[str, Any]:
         raise FeatcacheError(f"{path}: not a {RUN_FORMAT} manifest")
     for name, info in manifest["files"].items():
         p = run_dir / name
+        if Path(name).name != name or name in ("", ".", "..") or not isinstance(info, dict):
+            raise FeatcacheError(f"{path}: lists {name[:80]!r}, not a file of this run; refusing to load it")
         if not p.is_file():
             raise FeatcacheError(f"{p}: listed in the manifest but missing; refusing to load this run")
         size = p.stat().st_size

@@ -180,6 +180,14 @@ def test_missing_truncated_and_garbled_model_files_are_one_line(old_runs, tmp_pa
         cases[name] = _one_line_refusal(run_cli("predict", "--model", str(run_dir), str(photo)))
     assert "missing" in cases["missing"] and "truncated" in cases["truncated"]
     assert "cannot load the model" in cases["garbled-with-manifest"]
+    outside = tmp_path / "outside"
+    shutil.copytree(good, outside)
+    manifest = json.loads((outside / "manifest.json").read_text())
+    manifest["files"]["../good/model.skops"] = manifest["files"].pop("model.skops")
+    (outside / "manifest.json").write_text(json.dumps(manifest))
+    assert "not a file of this run" in _one_line_refusal(
+        run_cli("predict", "--model", str(outside), str(photo))
+    )
     metrics = tmp_path / "bad-metrics"
     shutil.copytree(good, metrics)
     (metrics / "metrics.json").write_text('["not", "a", "run"]')
