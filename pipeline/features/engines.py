@@ -138,7 +138,11 @@ class TensorFlowEngine:
         while True:
             step = self.chunk or n
             try:
-                parts = [self._run(images[s : s + step]) for s in range(0, n, step)]
+                parts = (
+                    [self._run(images)]
+                    if step >= n
+                    else [self._run(images[s : s + step]) for s in range(0, n, step)]
+                )
                 break
             except tf.errors.ResourceExhaustedError:
                 if step <= 1:
