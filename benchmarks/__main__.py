@@ -21,6 +21,10 @@ SECTIONS = {
         "benchmarks.bench_engines",
         "Extraction vs the backbone's limit, per engine (items 1 and issue 7)",
     ),
+    "int8": (
+        "benchmarks.bench_int8",
+        "Full-integer int8 against float32: speed, features, accuracy (issue 28)",
+    ),
     "training": (
         "benchmarks.bench_training",
         "Cached training vs the notebook way, and search vs one pass (items 2-4)",

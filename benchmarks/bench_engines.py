@@ -3,6 +3,7 @@
     python -m benchmarks.bench_engines            # full: 2,000 images per dataset, median of 3 runs
     python -m benchmarks.bench_engines --quick    # 256 images, 1 run (a smoke test of the numbers)
     python -m benchmarks.bench_engines --sweep    # every backbone: converts? feature difference, speed-up
+    python -m benchmarks --only int8              # full-integer int8 vs float32 (benchmarks/bench_int8.py)
 
 Two datasets: the built-in demo (Fashion-MNIST, 28×28 arrays, ``data.limit``) and a folder of natural JPEG
 photos (~500×375, quality 90) generated once from scikit-learn's two sample photos with random crops,

@@ -24,7 +24,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     """Image paths, or an N×H×W[×C] uint8 array, → N×D features of a frozen pretrained backbone.
 
     Stateless: ``fit`` learns nothing (the backbone is frozen), so the transformer is safe inside
-    cross-validation and ``clone``.
+    cross-validation and ``clone``. With ``engine="tflite-int8"`` every call uses the same int8 model, calibrated
+    on ``calibration`` (image paths or an array, e.g. a sample of the training images; at most
+    ``n_calibration`` of them) or, when None, on crops of scikit-learn's two sample photos.
     """
 
     def __init__(
@@ -40,6 +42,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         engine: str = "auto",
         progress: bool = False,
         decode: str = "dct",
+        calibration=None,
+        n_calibration: int = 32,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -52,6 +56,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.engine = engine
         self.progress = progress
         self.decode = decode
+        self.calibration = calibration
+        self.n_calibration = n_calibration
 
     def fit(self, X, y=None):
         return self
@@ -79,6 +85,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 "extract.progress": self.progress,
                 "data.on_error": "fail",  # a transformer must return one row per input
                 "data.decode": self.decode,  # dct | exact, as ``featcache extract --set data.decode=...``
+                "extract.calibration": self.n_calibration,
             },
         )
 
@@ -87,11 +94,22 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         from pipeline.stages.extract import extract
 
         ds = _as_dataset(X)
-        result = extract(self._config(), dataset=ds, keep_missing=True)
+        cfg = self._config()
+        result = extract(cfg, dataset=ds, keep_missing=True, calibration=self._calibration(cfg))
         with FeatureCache(result.path) as cache:
             row_of = {k: i for i, k in enumerate(cache.keys)}
             rows = np.asarray([row_of[s.key] for s in ds.samples])
             return cache.features(self.layer or None, rows)
+
+    def _calibration(self, cfg):
+        """The int8 calibration set: the same for every call, whatever images it transforms."""
+        if cfg.extract.engine != "tflite-int8":
+            return None
+        from pipeline.features.calibration import from_images, from_probe
+
+        if self.calibration is None:
+            return from_probe(cfg.extract.calibration)
+        return from_images(_as_dataset(self.calibration), cfg.extract.calibration, self.resize, self.decode)
 
 
 EXPECTED = "image paths (str or os.PathLike) or an N×H×W[×C] array of pixels"

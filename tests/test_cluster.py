@@ -157,6 +157,29 @@ def test_local_cluster_workers_skip_the_profiler_and_tick_slowly(cluster):
     assert set(got.values()) == {(False, 200.0)}
 
 
+def test_int8_on_the_cluster_runs_the_drivers_model_and_equals_one_process(images, cluster, tmp_path):
+    """``tflite-int8``: the driver calibrates and converts once (here: reuses the one-process run's model) and
+    sends it to the workers, which convert nothing; the cache equals one process's, bit for bit."""
+    from pipeline.features import engines
+    from pipeline.stages.extract import extract
+
+    int8 = {"extract.engine": "tflite-int8"}
+    one = extract(cfg_for(images, tmp_path, **int8))
+    with FeatureCache(one.path) as c:
+        want = c.features()
+    before = engines.conversions
+    two = extract(cfg_for(images, tmp_path, cluster.scheduler_address, **int8), rebuild=True)
+    assert (one.engine, two.engine) == ("tflite-int8", "tflite-int8") and two.extracted == 96
+    assert engines.conversions == before and len(list((tmp_path / "engines").glob("*-int8.tflite"))) == 1
+    import distributed
+
+    with distributed.Client(cluster) as client:  # the workers ran the model they were sent
+        assert set(client.run(lambda: engines.conversions).values()) == {0}
+    with FeatureCache(two.path) as c:
+        assert c.meta["engine"] == "tflite-int8"
+        np.testing.assert_array_equal(c.features(), want)
+
+
 @pytest.mark.slow
 def test_cluster_extract_equals_one_process_and_survives_a_worker_sigkill(
     images, reference, cluster, tmp_path

@@ -2,8 +2,8 @@
 
 Sample content is keyed separately (one digest per row, see :mod:`pipeline.data.sources`); this module covers
 the extractor side: backbone, the *content* of its weights, layers, pooling, input size, resize policy,
-preprocessing, stored dtype and, unless it is ``exact``, the decode policy (``data.decode``). Anything not
-listed here cannot change a feature value.
+preprocessing, stored dtype, unless it is ``exact`` the decode policy (``data.decode``), and the engine only
+where it changes features (:func:`engine_key`). Anything not listed here cannot change a feature value.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.data.augment import VIEWS_RECIPE
 from pipeline.data.decode import DCT_MARGIN
 from pipeline.features.backbones.registry import BackboneSpec
+from pipeline.features.calibration import Calibration, engine_part
 from pipeline.utils.config import Config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_write, sha256_file
@@ -101,6 +102,23 @@ def decode_policy(key: dict[str, Any]) -> str:
 
 def fingerprint(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def engine_key(cfg: Config, key: dict[str, Any], calibration: Calibration | None = None) -> dict[str, Any]:
+    """``key`` plus the engine's share, only where the engine changes features: ``tflite-int8`` (with its
+    calibration set) and a precision other than float32. The float engines agree within 1e-4 and add
+    nothing, so every float32 key is what it was."""
+    x = cfg.extract
+    if x.engine != "tflite-int8" and x.precision == "float32":
+        return key
+    key = dict(key)
+    if x.precision != "float32":
+        key["precision"] = x.precision
+    if x.engine == "tflite-int8":
+        if calibration is None:
+            raise ValueError("a tflite-int8 key needs its calibration set")
+        key["engine"] = engine_part(calibration)
+    return key
 
 
 def views_key(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:

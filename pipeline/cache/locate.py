@@ -7,8 +7,9 @@
    found, even when nothing changed) in ``extract.cache_dir`` that agrees with every setting the user
    *chose* (:func:`pipeline.utils.config.given_keys`): the dataset (``--data``/``data.name``; none named =
    any dataset), and each of ``--backbone``, ``--weights``, ``--layer``, ``--pooling``, ``--image-size``,
-   ``--resize`` and ``extract.dtype``. Settings left at their defaults do not filter, so the stages follow
-   the cache the user just made; settings given select exactly the caches that have them.
+   ``--resize``, ``extract.dtype``, ``extract.precision`` and ``extract.engine`` (``tflite-int8`` selects
+   the int8 caches, any other engine the float ones). Settings left at their defaults do not filter, so
+   the stages follow the cache the user just made; settings given select exactly the caches that have them.
 
 The choice is said in one line (:attr:`CacheChoice.note`), with how to pick another.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.fingerprint import (
+    engine_key,
     feature_key,
     fingerprint,
     remember_weights_digest,
@@ -34,6 +36,7 @@ from pipeline.cache.fingerprint import (
 from pipeline.cache.store import cache_stem
 from pipeline.data.sources import Dataset, load_dataset
 from pipeline.features.backbones.registry import get_spec
+from pipeline.features.calibration import Calibration, for_config
 from pipeline.utils.config import Config, given_keys
 from pipeline.utils.errors import FeatcacheError
 
@@ -46,6 +49,8 @@ SELECTION_KEYS = {
     "backbone.image_size": "image_size",
     "backbone.resize": "resize",
     "extract.dtype": "dtype",
+    "extract.precision": "precision",
+    "extract.engine": "engine",
 }
 
 #: how to pick another cache, said with every automatic choice
@@ -95,6 +100,11 @@ def _agrees(cfg: Config, key: str, meta: dict[str, Any]) -> bool:
         return have == get_spec(want).name
     if key == "backbone.layers":
         return set(want) <= set(have or [])
+    if key in ("extract.engine", "extract.precision"):  # in the feature key only where they change features
+        feature_key = meta.get("feature_key") or {}
+        if key == "extract.engine":
+            return isinstance(feature_key.get("engine"), dict) == (want == "tflite-int8")
+        return feature_key.get("precision", "float32") == want
     if key == "backbone.image_size":
         return have == (want or get_spec(meta.get("backbone", cfg.backbone.name)).default_size)
     if key == "backbone.weights" and want not in ("imagenet", "none"):
@@ -159,17 +169,24 @@ def touch_cache(path: Path) -> None:
         pass  # a read-only cache folder still serves; it just does not become the newest
 
 
-def resolve_cache_path(cfg: Config, ds: Dataset | None = None) -> tuple[Path, dict[str, Any], Dataset]:
-    """Where ``cfg``'s cache lives (building nothing when the weights digest is known without the model)."""
+def resolve_cache_path(
+    cfg: Config, ds: Dataset | None = None, calibration: Calibration | None = None
+) -> tuple[Path, dict[str, Any], Dataset]:
+    """Where ``cfg``'s cache lives (building nothing when the weights digest is known without the model).
+
+    ``calibration``: a ``tflite-int8`` engine's calibration set (default: a sample of ``ds``'s train images).
+    """
     spec = get_spec(cfg.backbone.name)
     ds = ds if ds is not None else load_dataset(cfg.data, Path(cfg.extract.cache_dir) / "shards")
+    calibration = calibration if calibration is not None else for_config(cfg, ds)
     digest = weights_digest(spec, cfg.backbone.weights, cfg.backbone.layers, cfg.extract.cache_dir)
     if digest is None:
         from pipeline.features.backbones.build import build_feature_model
 
         digest = build_feature_model(cfg.backbone).weights_digest()
         remember_weights_digest(spec, cfg.backbone.layers, cfg.extract.cache_dir, digest)
-    key = views_key(cfg, feature_key(cfg, spec, digest, decodes=ds.is_files))  # views change the rows
+    key = engine_key(cfg, feature_key(cfg, spec, digest, decodes=ds.is_files), calibration)
+    key = views_key(cfg, key)  # views change the rows
     return Path(cfg.extract.cache_dir) / (cache_stem(ds.name, spec.name, fingerprint(key)) + ".h5"), key, ds
 
 

@@ -205,7 +205,15 @@ def _fashion_mnist(cfg: DataConfig) -> Dataset:
     )
 
 
-__all__ = ["Dataset", "Sample", "content_digests", "digest_bytes", "load_dataset", "storable_key"]
+__all__ = [
+    "Dataset",
+    "Sample",
+    "content_digests",
+    "digest_bytes",
+    "load_dataset",
+    "sample_digest",
+    "storable_key",
+]
 
 
 def _parquet_folder(fs, path: str) -> bool:
@@ -279,6 +287,14 @@ def _stat(s: Sample) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def sample_digest(ds: Dataset, s: Sample) -> str:
+    """One sample's content digest, as :func:`content_digests` computes it (reading it unless known)."""
+    if ds.arrays is not None:
+        a = ds.arrays[s.index]
+        return digest_bytes(a.tobytes() + repr(a.shape).encode())
+    return s.digest or digest_bytes(ds.read(s))
+
+
 def content_digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
     """Sample key → (content digest, size, mtime) of every sample, and the unusable ones as (sample, "",
     reason). Files whose size and mtime match ``known`` (key → (size, mtime, digest), a cache's) are not
@@ -289,12 +305,8 @@ def content_digests(ds: Dataset, known: dict[str, tuple[int, int, str]]):
     out: dict[str, tuple[str, int, int]] = {}
     bad: list[tuple[Sample, str, str]] = [(s, "", reason) for s, reason in ds.problems]
     for s in ds.samples:
-        if ds.arrays is not None:
-            a = ds.arrays[s.index]
-            out[s.key] = (digest_bytes(a.tobytes() + repr(a.shape).encode()), -1, -1)
-            continue
-        if s.digest:
-            out[s.key] = (s.digest, -1, -1)
+        if ds.arrays is not None or s.digest:
+            out[s.key] = (sample_digest(ds, s), -1, -1)
             continue
         try:
             size, mtime = _stat(s)

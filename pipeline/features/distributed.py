@@ -6,6 +6,11 @@ or the shard's own rows of an array dataset) — never a Keras model (which does
 #2333): each worker process builds the feature model from the settings once and keeps it, with its engine,
 for every later task with the same settings. The task returns the features of the images it could read and
 the reasons for those it could not; a bad image never fails a task. The driver writes what comes back.
+
+A ``tflite-int8`` job is calibrated and converted once, by the driver (into ``cache_dir`` like one process
+would, or reused from there); the converted model goes to each worker once (scattered), so the workers
+need neither the calibration images nor a shared disk, and all of them run the very same int8 model. On a
+worker with a GPU, ``auto`` runs TensorFlow there, as one process would (:mod:`pipeline.features.devices`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class ShardSettings:
     # thread count (2.4e-6 apart between 1 and 2 threads; TFLite/XNNPACK is bit-identical): a cluster on
     # this machine uses the count one process would, so its cache equals one process's.
     tf_threads: int = 0
+    precision: str = "float32"  # extract.precision
+    batch_given: bool = True  # False: a worker with a GPU reads batches of its own size
 
     @classmethod
     def make(
@@ -69,6 +76,9 @@ class ShardSettings:
         images: int,
         decode: str,
         address: str,
+        *,
+        precision: str = "float32",
+        batch_given: bool = True,
     ):
         """Settings for a job on the cluster at ``address``: on a local one, TensorFlow runs with the threads
         one process here would use (the same rounding, so the same features); elsewhere with the worker's."""
@@ -77,7 +87,19 @@ class ShardSettings:
 
         tf_threads = tf_thread_count(threads) if parse_address(address).kind == "local" else 0
         text = json.dumps(dataclasses.asdict(backbone), sort_keys=True)
-        return cls(text, engine, threads, cache_dir, batch_size, dtype, decode, images, tf_threads)
+        return cls(
+            text,
+            engine,
+            threads,
+            cache_dir,
+            batch_size,
+            dtype,
+            decode,
+            images,
+            tf_threads,
+            precision,
+            batch_given,
+        )
 
 
 @dataclass
@@ -108,17 +130,27 @@ def plan_shards(pending: list[Sample], batch_size: int, workers: int) -> list[li
 
 
 def run_shards(
-    client, settings: ShardSettings, ds: Dataset, pending: list[Sample], address: str, on_lost: str
+    client,
+    settings: ShardSettings,
+    ds: Dataset,
+    pending: list[Sample],
+    address: str,
+    on_lost: str,
+    calibration=None,
 ) -> Iterator[tuple[int, list[Sample], ShardResult]]:
     """``pending`` as planned shards on ``client``'s workers, one task each; every finished shard (its
     position in ``pending``, its samples, its result) as it arrives. A task that failed on every worker it
     tried, or a lost scheduler, is one line (``on_lost`` says what the user keeps); tasks not done are
-    cancelled when the caller closes the iterator."""
+    cancelled when the caller closes the iterator. ``calibration``: a ``tflite-int8`` job's set."""
     from distributed import as_completed
 
     shards = plan_shards(pending, settings.batch_size, max(1, sum(client.nthreads().values())))
+    model = int8_model(settings, calibration) if settings.engine == "tflite-int8" else None
+    if model is not None:
+        model = client.scatter(model, broadcast=True)  # once per worker, not once per task
     futures = [
-        client.submit(run_shard, settings, i, shard_dataset(ds, s), pure=False) for i, s in enumerate(shards)
+        client.submit(run_shard, settings, i, shard_dataset(ds, s), model, pure=False)
+        for i, s in enumerate(shards)
     ]
     starts = np.cumsum([0] + [len(s) for s in shards])
     try:
@@ -151,41 +183,62 @@ def shard_dataset(ds: Dataset, samples: list[Sample]) -> Dataset:
     return Dataset(ds.name, ds.source, renumbered, list(ds.class_names), arrays=ds.arrays[rows])
 
 
+def int8_model(settings: ShardSettings, calibration) -> tuple[bytes, dict[str, str]]:
+    """The driver's ``tflite-int8`` model for ``settings`` (converted once, or reused from ``cache_dir``):
+    the flatbuffer and its output names, what a worker's engine needs."""
+    from pipeline.features.backbones.build import build_feature_model
+    from pipeline.features.engines import load_or_convert
+
+    fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)))
+    engine, meta = load_or_convert(
+        fm, settings.threads, settings.cache_dir or None, quantize="int8", calibration=calibration
+    )
+    return engine.source, dict(meta["outputs"])
+
+
 _MODELS: dict[ShardSettings, tuple[Any, Any]] = {}  # this process's feature model and engine per settings
 
 
-def _model_and_engine(settings: ShardSettings):
-    """Built once per worker process and kept for later tasks."""
+def _model_and_engine(settings: ShardSettings, model: tuple[bytes, dict[str, str]] | None = None):
+    """Built once per worker process and kept for later tasks; ``model``: the driver's int8 model."""
     got = _MODELS.get(settings)
     if got is not None:
         return got
     from pipeline.data import area
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import configure_tf_threads, make_engine
+    from pipeline.features.engines import TFLiteEngine, configure_tf_threads, make_engine
     from pipeline.utils.collector import skip_gc_at_exit
 
     area.prepare()
     threads = settings.threads or worker_threads()
     configure_tf_threads(settings.tf_threads or threads)
-    fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)))
-    engine = make_engine(fm, settings.engine, threads, settings.cache_dir or None, images=settings.images)
+    fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)), settings.precision)
+    if model is not None:
+        engine = TFLiteEngine(model[0], fm.layers, model[1], threads, name="tflite-int8")
+    else:
+        engine = make_engine(fm, settings.engine, threads, settings.cache_dir or None, images=settings.images)
     _MODELS.clear()  # one model per process: a new job's settings replace the old ones
     _MODELS[settings] = (fm, engine)
     skip_gc_at_exit()  # a worker with TensorFlow loaded then stops in 0.1 s instead of 1.4 s
     return fm, engine
 
 
-def run_shard(settings: ShardSettings, shard: int, ds: Dataset) -> ShardResult:
-    """Extract every sample of ``ds`` (one shard): features of the readable ones, reasons for the rest."""
-    fm, engine = _model_and_engine(settings)
+def run_shard(settings: ShardSettings, shard: int, ds: Dataset, model=None) -> ShardResult:
+    """Extract every sample of ``ds`` (one shard): features of the readable ones, reasons for the rest.
+
+    ``model``: the driver's converted int8 model, for a ``tflite-int8`` job."""
+    from pipeline.features.devices import extraction_batch_size
+
+    fm, engine = _model_and_engine(settings, model)
     t0 = time.perf_counter()
     dtype = np.dtype(settings.dtype)
+    batch = extraction_batch_size(settings.engine, fm.image_size, settings.batch_size, settings.batch_given)
     data = numpy_batches(  # a single-threaded worker (local:N) decodes between its backbone calls
         ds,
         ds.samples,
         fm.image_size,
         _resize(settings),
-        settings.batch_size,
+        batch,
         decode=settings.decode,
         threads=settings.threads or worker_threads(),
     )

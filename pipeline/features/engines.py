@@ -11,9 +11,15 @@ pixels (a tf tensor or a numpy array), with a ``name``:
     TFLite flatbuffer and run by the LiteRT interpreter (``ai-edge-litert``; ``tf.lite`` when LiteRT is
     not installed) with its default XNNPACK delegate, ``threads`` threads. The batch dimension stays
     dynamic, so one converted file serves every batch size, including the smaller last batch.
+``tflite-int8``
+    Full-integer int8: the same graph quantized with int8 kernels (float32 in and out), calibrated on a
+    :class:`~pipeline.features.calibration.Calibration` set. Features change (mean cosine ~0.99 to
+    float32), so it is opt-in, part of the cache fingerprint, and never chosen by ``auto``; backbone
+    families that measured badly are refused (:func:`~pipeline.features.backbones.registry.check_int8`).
 ``auto``
-    ``tflite`` when the backbone converts, its features match TensorFlow's and it ran faster than
-    TensorFlow on this machine; otherwise ``tensorflow``, with a one-line note on stderr saying why.
+    ``tensorflow`` on a GPU (:mod:`pipeline.features.devices`). On the CPU, ``tflite`` when the backbone
+    converts, its features match TensorFlow's and it ran faster than TensorFlow on this machine; otherwise
+    ``tensorflow``, with a one-line note on stderr saying why.
 
 Conversion is paid once: the flatbuffer is cached at ``<cache_dir>/engines/<backbone>-<hash>.tflite``
 (written atomically), keyed by everything that defines the feature model (weights *content*, layers,
@@ -36,6 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.features.backbones.registry import check_int8
 from pipeline.features.tflite import (
     EngineUnavailable,
     TFLiteRunner,
@@ -69,7 +76,12 @@ AUTO_MIN_IMAGES = 500
 PROBE_IMAGES = 16
 
 
-ENGINE_NAMES = ("auto", "tensorflow", "tflite")
+#: ``tflite-int8`` is refused when its mean cosine to TensorFlow's features on (the first 16 of) its
+#: calibration images is lower: they are the dataset's own, the probe photos may be far from it.
+INT8_MIN_COSINE = 0.9
+
+
+ENGINE_NAMES = ("auto", "tensorflow", "tflite", "tflite-int8")
 
 
 class Engine(Protocol):
@@ -90,19 +102,60 @@ def max_relative_diff(got: np.ndarray, want: np.ndarray) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def compute_dtype(fm) -> str:
+    """``float32``, or ``float16`` for a model built with ``extract.precision=mixed_float16``."""
+    policy = getattr(fm.model, "dtype_policy", None)
+    return str(getattr(policy, "compute_dtype", "float32"))
+
+
 class TensorFlowEngine:
+    """The compiled Keras model, on the GPU when TensorFlow has one (``gpu``: said in the run's summary).
+
+    A batch the device has no memory for is halved until it fits (then kept at that size, with one note).
+    On a GPU with float32 precision, TensorFloat-32 is turned off: float32 features stay float32.
+    """
+
     name = "tensorflow"
 
-    def __init__(self, fm, why: str = ""):
+    def __init__(self, fm, why: str = "", gpu: bool = False):
         import tensorflow as tf
 
         self.why = why  # why ``auto`` chose TensorFlow, for the run's summary
+        self.gpu, self.chunk = gpu, 0  # 0: whole batches until one does not fit
+        if gpu and compute_dtype(fm) == "float32":
+            tf.config.experimental.enable_tensor_float_32_execution(False)
         self._layers = list(fm.layers)
         self._fn = tf.function(lambda x: fm.model(x, training=False), reduce_retracing=True)
 
+    def _run(self, x) -> dict[str, np.ndarray]:
+        out = self._fn(x)
+        return {layer: np.asarray(out[layer], np.float32) for layer in self._layers}  # mixed: float16
+
     def __call__(self, images) -> dict[str, np.ndarray]:
-        out = self._fn(images)
-        return {layer: out[layer].numpy() for layer in self._layers}
+        import tensorflow as tf
+
+        n = int(images.shape[0])
+        while True:
+            step = self.chunk or n
+            try:
+                parts = (
+                    [self._run(images)]
+                    if step >= n
+                    else [self._run(images[s : s + step]) for s in range(0, n, step)]
+                )
+                break
+            except tf.errors.ResourceExhaustedError:
+                if step <= 1:
+                    raise FeatcacheError(
+                        "the backbone does not fit in the device's memory even one image at a time"
+                    ) from None
+                self.chunk = step // 2
+                _note(
+                    f"a batch of {step} images does not fit in the device's memory: running {self.chunk} at a time"
+                )
+        if len(parts) == 1:
+            return parts[0]
+        return {layer: np.concatenate([p[layer] for p in parts]) for layer in self._layers}
 
 
 class TFLiteEngine:
@@ -121,7 +174,9 @@ class TFLiteEngine:
         outputs: dict[str, str],
         threads: int = 0,
         micro_batch: int = 0,
+        name: str = "tflite",
     ):
+        self.name = name  # tflite | tflite-int8
         self.runner = TFLiteRunner(model, threads, micro_batch, what="tflite engine")
         self.runtime, self.threads, self.micro_batch = (
             self.runner.runtime,
@@ -147,16 +202,17 @@ class TFLiteEngine:
         return dict(zip(self.layers, self.runner.run(images, self.indices), strict=True))
 
 
-def convert(fm, quantize: str = "none") -> tuple[bytes, dict[str, str]]:
+def convert(fm, quantize: str = "none", representative=None) -> tuple[bytes, dict[str, str]]:
     """Freeze ``fm.model`` (dynamic batch) and convert it to a TFLite flatbuffer with builtin ops only.
 
     Returns the flatbuffer and ``{tflite output tensor name: layer}``. Outputs are a tuple in ``fm.layers``
     order; the frozen graph names them ``Identity``, ``Identity_1``, ... and the converter keeps those
     names, so the mapping is by name, never by position or shape (checked again when loading).
     ``quantize="dynamic-int8"`` stores weights as int8 (dynamic-range quantization): an explicit,
-    feature-changing opt-in, never used by ``auto``.
+    feature-changing opt-in, never used by ``auto``; ``quantize="int8"`` is full-integer int8, calibrated on
+    ``representative`` (N×S×S×3 float32 images), float32 in and out: the ``tflite-int8`` engine.
     """
-    modes = {"none": "float", "dynamic-int8": "dynamic"}
+    modes = {"none": "float", "dynamic-int8": "dynamic", "int8": "int8"}
     if quantize not in modes:
         raise ValueError(f"unknown quantize mode {quantize!r}")
     layers = list(fm.layers)
@@ -169,7 +225,11 @@ def convert(fm, quantize: str = "none") -> tuple[bytes, dict[str, str]]:
     names = [t.name.split(":")[0] for t in frozen.outputs]
     if len(names) != len(layers) or len(set(names)) != len(names):
         raise EngineUnavailable(f"frozen graph has outputs {names} for layers {layers}")
-    return convert_frozen(frozen, modes[quantize]), dict(zip(names, layers, strict=True))
+    feed = None
+    if quantize == "int8":
+        x = np.asarray(representative, np.float32)
+        feed = lambda: ([x[i : i + 1]] for i in range(len(x)))  # noqa: E731 - the converter calls it
+    return convert_frozen(frozen, modes[quantize], feed), dict(zip(names, layers, strict=True))
 
 
 def probe_images(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
@@ -193,6 +253,17 @@ def probe_images(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+def mean_cosine(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    """The lowest, over layers, of the mean per-image cosine similarity of ``got`` to ``want``."""
+    worst = 1.0
+    for layer, w in want.items():
+        a, b = np.asarray(got[layer], np.float64), np.asarray(w, np.float64)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0), 0.0)
+        worst = min(worst, float(cos.mean()))
+    return worst
+
+
 def compare(engine, reference, images) -> dict[str, float]:
     """Per-layer :func:`max_relative_diff` of ``engine``'s features against ``reference``'s on ``images``."""
     got, want = engine(images), reference(images)
@@ -212,14 +283,15 @@ def _best_rates(engines_: list, x, reps: int = 5) -> list[float]:
     return [len(x) / b for b in best]
 
 
-def engine_key(fm, quantize: str = "none") -> dict[str, Any]:
-    """What identifies a converted model: the feature model's content and the toolchain that converts it."""
+def engine_key(fm, quantize: str = "none", calibration=None) -> dict[str, Any]:
+    """What identifies a converted model: the feature model's content, the toolchain that converts it and,
+    for int8, the calibration set."""
     import keras
     import tensorflow as tf
 
     _, runtime = interpreter_class()
     digest = fm.weights_digest()  # hashing a large backbone's weights takes a moment: once per model
-    return {
+    key = {
         "format": CONVERSION_FORMAT,
         "backbone": fm.spec.name,
         "preprocess": fm.spec.preprocess,
@@ -234,10 +306,15 @@ def engine_key(fm, quantize: str = "none") -> dict[str, Any]:
         "keras": keras.__version__,
         "runtime": runtime,
     }
+    if quantize == "int8":
+        key["calibration"] = dict(calibration.key)
+    return key
 
 
-def engine_paths(fm, cache_dir: str | Path, quantize: str = "none") -> tuple[Path, Path, dict]:
-    key = engine_key(fm, quantize)
+def engine_paths(
+    fm, cache_dir: str | Path, quantize: str = "none", calibration=None
+) -> tuple[Path, Path, dict]:
+    key = engine_key(fm, quantize, calibration)
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = f"{fm.spec.name}-{h}" + ("" if quantize == "none" else f"-{quantize}")
     root = Path(cache_dir) / "engines"
@@ -269,27 +346,31 @@ def load_or_convert(
     retry_failed: bool = True,
     quantize: str = "none",
     verbose: bool = True,
+    calibration=None,
 ) -> tuple[TFLiteEngine, dict]:
     """The TFLite engine for ``fm`` and its sidecar record; converts and validates once, then reuses.
 
     Raises :class:`EngineUnavailable` when conversion fails, would not fit in memory (not recorded: that
     depends on the moment), or the converted features differ from TensorFlow's by more than
-    :data:`FEATURE_TOLERANCE` (for ``quantize="none"``).
+    :data:`FEATURE_TOLERANCE` (``quantize="none"``) or have a mean cosine under :data:`INT8_MIN_COSINE`
+    (``quantize="int8"``, calibrated on ``calibration``).
     """
     threads = threads or usable_cores()
+    if quantize == "int8" and calibration is None:
+        raise ValueError("int8 quantization needs a calibration set")
     if cache_dir is not None:
-        model_path, meta_path, key = engine_paths(fm, cache_dir, quantize)
-        cached = _load_cached(fm, threads, model_path, meta_path, key, retry_failed)
+        model_path, meta_path, key = engine_paths(fm, cache_dir, quantize, calibration)
+        cached = _load_cached(fm, threads, model_path, meta_path, key, retry_failed, _engine_name(quantize))
         if cached is not None:
             return cached
     else:
         model_path = meta_path = None
-        key = engine_key(fm, quantize)
+        key = engine_key(fm, quantize, calibration)
 
     check_conversion_memory(fm.spec.name, fm.model)
     meta: dict[str, Any] = {"key": key, "ok": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        blob, engine = _convert_and_validate(fm, threads, quantize, meta)
+        blob, engine = _convert_and_validate(fm, threads, quantize, meta, calibration)
     except EngineUnavailable as e:
         meta["reason"] = str(e)
         if meta_path is not None:
@@ -300,16 +381,25 @@ def load_or_convert(
         _store(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
         meta["path"] = str(model_path)
     if verbose:
+        error = (
+            f"mean feature cosine {meta['mean_cosine']:.4f}"
+            if quantize == "int8"
+            else f"max relative difference {max(meta['max_relative_diff'].values()):.1e}"
+        )
         _note(
-            f"converted {fm.spec.name} to TFLite in {meta['convert_seconds']:.1f} s: max relative difference "
-            f"{max(meta['max_relative_diff'].values()):.1e} vs TensorFlow, {meta['speedup']:.2f}× its speed "
+            f"converted {fm.spec.name} to TFLite{' int8' if quantize == 'int8' else ''} in "
+            f"{meta['convert_seconds']:.1f} s: {error} vs TensorFlow, {meta['speedup']:.2f}× its speed "
             f"on {meta['probe_images']} probe images"
             + (f" (cached at {model_path})" if model_path is not None else "")
         )
     return engine, meta
 
 
-def _load_cached(fm, threads: int, model_path: Path, meta_path: Path, key, retry_failed: bool):
+def _engine_name(quantize: str) -> str:
+    return "tflite-int8" if quantize == "int8" else "tflite"
+
+
+def _load_cached(fm, threads: int, model_path: Path, meta_path: Path, key, retry_failed: bool, name: str):
     """The engine over an earlier conversion recorded for ``key``; None when there is none to use."""
     meta = read_json(meta_path)
     if meta is None or meta.get("key") != key:
@@ -317,7 +407,8 @@ def _load_cached(fm, threads: int, model_path: Path, meta_path: Path, key, retry
     if meta.get("ok") and model_path.is_file():
         meta["path"] = str(model_path)
         try:  # read, not mmap'd: a file replaced or truncated later cannot crash a running engine
-            return TFLiteEngine(model_path.read_bytes(), fm.layers, meta["outputs"], threads), meta
+            blob = model_path.read_bytes()
+            return TFLiteEngine(blob, fm.layers, meta["outputs"], threads, name=name), meta
         except Exception as e:  # noqa: BLE001 - a damaged or foreign file: convert again
             _note(f"cached TFLite model {model_path} is unusable ({_first_line(e)}); converting again")
     if not meta.get("ok") and not retry_failed:
@@ -325,12 +416,13 @@ def _load_cached(fm, threads: int, model_path: Path, meta_path: Path, key, retry
     return None
 
 
-def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any]):
+def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any], calibration=None):
     """Convert once, then check the features on real photos and time both engines on the same batch."""
     global conversions
     t0 = time.perf_counter()
+    extra = {"representative": calibration.images(fm.image_size)} if quantize == "int8" else {}
     try:
-        blob, outputs = convert(fm, quantize)
+        blob, outputs = convert(fm, quantize, **extra)
     except EngineUnavailable:
         raise
     except Exception as e:  # noqa: BLE001 - any converter failure means: not convertible
@@ -340,9 +432,11 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any])
     x = probe_images(fm.image_size)
     reference = TensorFlowEngine(fm)
     try:
-        engine = TFLiteEngine(blob, fm.layers, outputs, threads)
+        engine = TFLiteEngine(blob, fm.layers, outputs, threads, name=_engine_name(quantize))
         meta.update(runtime=engine.runtime, threads=threads, delegated=engine.delegated)
         diffs = compare(engine, reference, x)
+        own = extra.get("representative", x)[:PROBE_IMAGES]
+        cosine = mean_cosine(engine(own), reference(own)) if quantize == "int8" else 1.0
         tf_rate, lite_rate = _best_rates([reference, engine], x)
     except EngineUnavailable:
         raise
@@ -362,6 +456,13 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any])
         raise EngineUnavailable(
             f"TFLite features of {fm.spec.name} differ from TensorFlow's by {worst:.2g} (relative) > "
             f"{FEATURE_TOLERANCE:g}"
+        )
+    if quantize == "int8":
+        meta["mean_cosine"] = round(cosine, 5)
+    if not cosine >= INT8_MIN_COSINE:
+        raise EngineUnavailable(
+            f"{fm.spec.name} does not quantize well to int8: mean feature cosine {cosine:.3f} to TensorFlow's "
+            f"on its calibration images (< {INT8_MIN_COSINE}); use extract.engine=auto or tflite"
         )
     meta["ok"] = True
     return blob, engine
@@ -404,6 +505,7 @@ def make_engine(
     cache_dir: str | None = None,
     *,
     images: int | None = None,
+    calibration=None,
 ) -> Engine:
     """The engine called ``name`` for feature model ``fm``; ``auto`` picks the fastest that works.
 
@@ -411,12 +513,28 @@ def make_engine(
     the caller (:func:`configure_tf_threads`) before TensorFlow starts. ``images``, when
     the caller knows how many images will run, lets ``auto`` skip a first conversion that a job smaller
     than :data:`AUTO_MIN_IMAGES` would not pay back (a model converted earlier is always used).
+    ``calibration`` is the set ``tflite-int8`` is calibrated on. A model built with mixed precision runs
+    on TensorFlow only.
     """
+    from pipeline.features.devices import visible_gpus
+
+    mixed = compute_dtype(fm) != "float32"
+    if mixed and name in ("tflite", "tflite-int8"):
+        raise FeatcacheError(f"extract.precision=mixed_float16 runs on TensorFlow: not with engine {name}")
     if name == "tensorflow":
-        return TensorFlowEngine(fm)
+        return TensorFlowEngine(fm, gpu=bool(visible_gpus()))
     if name == "tflite":
         engine, _ = load_or_convert(fm, threads, cache_dir, retry_failed=True)
         return engine
+    if name == "tflite-int8":
+        check_int8(fm.spec)
+        engine, _ = load_or_convert(fm, threads, cache_dir, quantize="int8", calibration=calibration)
+        return engine
+    gpus = visible_gpus() if name == "auto" else []
+    if gpus:
+        return TensorFlowEngine(fm, f"auto: TensorFlow on the GPU ({', '.join(gpus)}), no TFLite", gpu=True)
+    if name == "auto" and mixed:
+        return TensorFlowEngine(fm, "auto: mixed precision runs on TensorFlow")
     if name == "auto":
         if images is not None and images < AUTO_MIN_IMAGES and cached_conversion(fm, cache_dir) is None:
             # said in the run's summary, not on stderr: a run that then fails still says one line

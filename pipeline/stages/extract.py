@@ -45,11 +45,12 @@ from pipeline.cache.write import (
 )
 from pipeline.data.augment import VIEW_SUFFIX, augmented_view
 from pipeline.data.images import make_image_dataset, numpy_batches
-from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes
+from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes, load_dataset
 from pipeline.data.splits import SPLIT_CODES, assign_split
-from pipeline.features.backbones.registry import get_spec
+from pipeline.features.backbones.registry import check_int8, get_spec
+from pipeline.features.calibration import Calibration, for_config
 from pipeline.utils.collector import frozen_gc
-from pipeline.utils.config import Config, load_config
+from pipeline.utils.config import Config, given_keys, load_config
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -107,6 +108,7 @@ class ExtractJob:
     old: FeatureCache | None  # the previous complete cache (None: there is none, or --rebuild)
     result: ExtractResult
     unreadable: Unreadable
+    calibration: Calibration | None = None  # what a tflite-int8 engine is calibrated on
     #: sample key → (content digest, size, mtime)
     digests: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)  # digests the previous cache holds
@@ -149,6 +151,7 @@ def extract(
     rebuild: bool = False,
     dataset: Dataset | None = None,
     keep_missing: bool = False,
+    calibration: Calibration | None = None,
     **overrides: Any,
 ) -> ExtractResult:
     """Bring the cache for ``config`` up to date and return what was done.
@@ -156,7 +159,8 @@ def extract(
     ``config`` is a :class:`Config`, a TOML path or None (defaults); ``overrides`` use dotted keys with
     ``.`` written as ``__`` (``extract(data__source="photos/", backbone__name="vgg16")``). ``dataset``
     replaces ``[data]``'s source; ``keep_missing`` keeps cached rows that are not in it (an accumulating
-    cache, as the scikit-learn transformer uses) instead of dropping them.
+    cache, as the scikit-learn transformer uses) instead of dropping them. ``calibration`` replaces the
+    sample of train images a ``tflite-int8`` engine is calibrated on.
     """
     t_start = time.perf_counter()
     if not isinstance(config, Config):
@@ -173,7 +177,11 @@ def extract(
     if not os.access(cache_dir, os.W_OK):
         raise FeatcacheError(f"cache_dir {cache_dir}: not writable")
 
-    final, key, ds = resolve_cache_path(cfg, dataset)
+    if cfg.extract.engine == "tflite-int8":
+        check_int8(get_spec(cfg.backbone.name))  # before any digest or decode
+    ds = dataset if dataset is not None else load_dataset(cfg.data, cache_dir / "shards")
+    calibration = calibration if calibration is not None else for_config(cfg, ds)
+    final, key, ds = resolve_cache_path(cfg, ds, calibration)
     fp = fingerprint(key)
     result = ExtractResult(final, ignored=len(ds.ignored))
     quiet = not cfg.extract.progress
@@ -187,7 +195,7 @@ def extract(
                 old = None
         if rebuild:
             clear_partial(final)
-        job = ExtractJob(cfg, ds, final, key, fp, old, result, Unreadable(cfg.data.on_error))
+        job = ExtractJob(cfg, ds, final, key, fp, old, result, Unreadable(cfg.data.on_error), calibration)
         try:
             done = _update(job, t_start, keep_missing)
             touch_cache(final)  # the cache just made is the newest: later stages follow it
@@ -288,7 +296,7 @@ def _run_here(job: ExtractJob) -> tuple[dict[str, int], dict]:
 
     area.prepare()
     configure_tf_threads(job.cfg.extract.threads)
-    fm = build_feature_model(job.cfg.backbone)
+    fm = build_feature_model(job.cfg.backbone, job.cfg.extract.precision)
     writer = job.part_writer(fm.dims)
     try:
         _run_backbone(job, fm, writer)
@@ -301,20 +309,24 @@ def _run_here(job: ExtractJob) -> tuple[dict[str, int], dict]:
 
 def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
     """Batch after batch: the unreadable samples to ``job.unreadable``, the others' features to parts."""
+    from pipeline.features.devices import extraction_batch_size
     from pipeline.features.engines import make_engine
 
     x, pending, result = job.cfg.extract, job.pending, job.result
     dtype = np.dtype(x.dtype)
+    given = "extract.batch_size" in given_keys(job.cfg)
     data = numpy_batches(
         job.ds,
         pending,
         fm.image_size,
         job.cfg.backbone.resize,
-        x.batch_size,
+        extraction_batch_size(x.engine, fm.image_size, x.batch_size, given),
         decode=job.cfg.data.decode,
         threads=x.threads,
     )
-    engine = make_engine(fm, x.engine, x.threads, x.cache_dir, images=len(pending))
+    engine = make_engine(
+        fm, x.engine, x.threads, x.cache_dir, images=len(pending), calibration=job.calibration
+    )
     result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
     with _backbone_pass(job, len(pending)) as progress:
         bg = BackgroundWriter(writer)
@@ -359,10 +371,14 @@ def _run_on_cluster(job: ExtractJob) -> tuple[dict[str, int], dict]:
             len(job.pending),
             cfg.data.decode,
             cfg.cluster.address,
+            precision=x.precision,
+            batch_given="extract.batch_size" in given_keys(cfg),
         )
         resume = "finished shards are kept, run the same command again to resume"
         writer: PartWriter | None = None  # made at the first result: it knows the layer dims
-        shards = run_shards(client, settings, job.ds, job.pending, cfg.cluster.address, resume)
+        shards = run_shards(
+            client, settings, job.ds, job.pending, cfg.cluster.address, resume, calibration=job.calibration
+        )
         with _backbone_pass(job, len(job.pending)) as progress:
             try:
                 with contextlib.closing(shards):  # unfinished tasks are cancelled before the client closes
@@ -462,10 +478,11 @@ def _extract_views(job: ExtractJob, todo: list[tuple[Row, Sample, int]], spec) -
 
     cfg, result = job.cfg, job.result
     configure_tf_threads(cfg.extract.threads)
-    fm = build_feature_model(cfg.backbone)
+    fm = build_feature_model(cfg.backbone, cfg.extract.precision)
     layers = augmentation_layers(spec["augment"])
     writer = job.part_writer(fm.dims)
-    engine = make_engine(fm, cfg.extract.engine, cfg.extract.threads, cfg.extract.cache_dir)
+    x = cfg.extract
+    engine = make_engine(fm, x.engine, x.threads, x.cache_dir, calibration=job.calibration)
     samples = [s for _, s, _ in todo]
     data = make_image_dataset(
         job.ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode

@@ -322,16 +322,19 @@ def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle
         why = [""] * n
         todo = [i for i in range(n) if not have[i]]
         if todo:
-            # The extraction engine, ``auto``: a TFLite model extraction already converted is reused (and
-            # validated against TensorFlow when it was converted), so new images cost what extraction does.
+            # The engine that made the cache's features (:func:`run_engine`): ``auto`` reuses a TFLite model
+            # extraction already converted (validated against TensorFlow when it was converted), and an int8
+            # cache's own int8 model, so new images cost what extraction does and match the cached rows.
             cache_dir = src.cache_path.parent if src.cache_path is not None else None
             part = [samples[i] for i in todo]
+            name, precision, calibration = run_engine(src)
             if cluster:
                 feats, ok_t, why_t = _cluster_features(cluster, src, ds, part, batch_size, cache_dir)
             else:
                 from pipeline.features.engines import make_engine
 
-                engine = make_engine(_feature_model(src), "auto", 0, cache_dir, images=len(todo))
+                fm = _feature_model(src, precision)
+                engine = make_engine(fm, name, 0, cache_dir, images=len(todo), calibration=calibration)
                 feats, ok_t, why_t = _batched(ds, part, p, batch_size, lambda x: engine(x)[src.layer])
             for j, i in enumerate(todo):
                 ok[i], why[i] = bool(ok_t[j]), why_t[j]
@@ -355,10 +358,22 @@ def _backbone_config(src):
     return cfg
 
 
-def _feature_model(src):
+def _feature_model(src, precision: str = "float32"):
     from pipeline.features.backbones.build import build_feature_model
 
-    return build_feature_model(_backbone_config(src))
+    return build_feature_model(_backbone_config(src), precision)
+
+
+def run_engine(src) -> tuple[str, str, Any]:
+    """The engine, precision and int8 calibration set the run's cache was extracted with (from its feature
+    key): ``auto`` and float32 for every float cache."""
+    from pipeline.features.calibration import recorded
+
+    key = (src.cache_meta or {}).get("feature_key") or {}
+    precision = str(key.get("precision", "float32"))
+    if not isinstance(key.get("engine"), dict):
+        return "auto", precision, None
+    return "tflite-int8", precision, recorded(key["engine"], src.cache_meta)
 
 
 def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir):
@@ -370,11 +385,22 @@ def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir
     n = len(samples)
     feats, ok, why = None, np.zeros(n, bool), [""] * n
     cache = str(cache_dir or "")
+    name, precision, calibration = run_engine(src)
     settings = ShardSettings.make(
-        _backbone_config(src), "auto", 0, cache, batch_size, "float32", n, src.decode, address
+        _backbone_config(src),
+        name,
+        0,
+        cache,
+        batch_size,
+        "float32",
+        n,
+        src.decode,
+        address,
+        precision=precision,
     )
     with cluster_client(address) as client:  # the dashboard link on stderr, as extract prints it
-        shards = run_shards(client, settings, ds, samples, address, "run the same command again")
+        again = "run the same command again"
+        shards = run_shards(client, settings, ds, samples, address, again, calibration=calibration)
         with contextlib.closing(shards):
             for start, _, r in shards:
                 rows = start + np.asarray(r.ids, np.int64)

@@ -45,7 +45,10 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
 
 
-ENGINES = ("auto", "tensorflow", "tflite")
+ENGINES = ("auto", "tensorflow", "tflite", "tflite-int8")
+
+
+PRECISIONS = ("float32", "mixed_float16")
 
 
 #: the heads of :data:`pipeline.heads.registry.HEADS`, named here so a bad name fails before any import
@@ -89,7 +92,9 @@ class ExtractConfig:
     batch_size: int = 32
     dtype: str = "float32"
     compression: str = "none"
-    engine: str = "auto"  # auto | tensorflow | tflite: auto converts to TFLite once when that is faster
+    engine: str = "auto"  # auto | tensorflow | tflite | tflite-int8: auto converts to TFLite once when faster
+    calibration: int = 32  # tflite-int8: train images its quantization is calibrated on
+    precision: str = "float32"  # float32 | mixed_float16 (TensorFlow, meant for a GPU)
     threads: int = 0  # 0 = all cores
     lock_timeout: float = -1  # seconds to wait for another run on the same cache; -1 = wait forever
     progress: bool = True
@@ -184,6 +189,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "extract.dtype": DTYPES,
     "extract.compression": COMPRESSIONS,
     "extract.engine": ENGINES,
+    "extract.precision": PRECISIONS,
     "train.streaming": ("auto", "memory", "stream"),
     "search.strategy": ("grid", "random", "halving"),
 }
@@ -261,6 +267,13 @@ def _validate(cfg: Config) -> None:
         )
     if d.limit < 0:
         raise FeatcacheError(f"config: data.limit must be >= 0, got {d.limit}")
+    x = cfg.extract
+    if x.calibration < 1:
+        raise FeatcacheError(f"config: extract.calibration must be >= 1, got {x.calibration}")
+    if x.precision != "float32" and x.engine not in ("auto", "tensorflow"):
+        raise FeatcacheError(
+            f"config: extract.precision={x.precision} runs on TensorFlow, not with engine {x.engine}"
+        )
     if d.group_pattern:
         import re
 

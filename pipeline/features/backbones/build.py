@@ -6,6 +6,7 @@ preprocessing travels with the model and the same object serves extraction, fine
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -104,8 +105,31 @@ def pooling_layer(x, pooling: str, name: str):
     return keras.layers.Flatten(name=f"{name}_{pooling}")(x)  # flatten, or none (stored flat, shape in attrs)
 
 
-def build_feature_model(cfg: BackboneConfig) -> FeatureModel:
-    """The frozen extractor for ``cfg``; unknown layer names fail with the list of what exists."""
+@contextlib.contextmanager
+def dtype_policy(precision: str):
+    """Keras layers built inside compute in ``precision`` (``extract.precision``); weights stay float32."""
+    import keras
+
+    if precision == "float32":
+        yield
+        return
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(old)
+
+
+def build_feature_model(cfg: BackboneConfig, precision: str = "float32") -> FeatureModel:
+    """The frozen extractor for ``cfg``; unknown layer names fail with the list of what exists.
+
+    ``precision`` ``mixed_float16`` builds it to compute in float16 (features come back as float32)."""
+    with dtype_policy(precision):
+        return _build(cfg)
+
+
+def _build(cfg: BackboneConfig) -> FeatureModel:
     import keras
 
     from pipeline.data.preprocess import Preprocess

@@ -77,6 +77,25 @@ _SPECS = [
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
 
 
+#: Families ``extract.engine=tflite-int8`` refuses, with what was measured (docs/engines.md, "Full-integer
+#: int8"; random weights at 96 px, 13 real photos, int8 against float32 TFLite in the same run, 2 cores).
+#: Every other family measured kept a mean feature cosine >= 0.99 and ran 1.5–11× faster.
+INT8_REFUSED = {
+    "mobilenet_v3": "its int8 model ran at 0.33× the speed of float32 TFLite",
+    "convnext": "its int8 model ran at 0.37× the speed of float32 TFLite",
+}
+
+
+def check_int8(spec: BackboneSpec) -> None:
+    """Refuse ``extract.engine=tflite-int8`` for a family in :data:`INT8_REFUSED`, with its measurement."""
+    for family, why in INT8_REFUSED.items():
+        if spec.name.startswith(family):
+            raise FeatcacheError(
+                f"extract.engine=tflite-int8: {spec.name} does not quantize well to int8 ({why}); "
+                "use extract.engine=auto or tflite"
+            )
+
+
 def normalize_name(name: str) -> str:
     """``EfficientNetB0``, ``efficientnet-b0`` and ``efficientnet_b0`` all name the same backbone."""
     n = name.strip().lower().replace("-", "_")
