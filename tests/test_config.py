@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
-from pipeline.utils.config import Config, load_config, parse_assignments
+from pipeline.utils.config import Config, load_config
+from pipeline.utils.schema import parse_assignments
 from pipeline.utils.errors import FeatcacheError
 
 
