@@ -205,10 +205,13 @@ def export(
     ``run_dir`` is a run folder, id or id prefix (default ``export.run``, else the newest run of the cache
     ``cfg`` selects); ``formats``, ``out`` and the keywords (``calibration``, ``seed``, ``progress``,
     ``trust_pickle``, ...) override ``cfg`` as in every stage (:func:`pipeline.utils.config.resolve_config`).
+    Like every stage, it also takes the config first: ``export(cfg)``, ``export("my.toml", out=...)``.
     """
     from pipeline.cache.locate import resolve_run
     from pipeline.utils.io import write_json
 
+    if cfg is None and (isinstance(run_dir, Config) or str(run_dir or "").endswith(".toml")):
+        cfg, run_dir = run_dir, None  # a run is a folder or an id, never a Config or a .toml file
     cfg = resolve_config(cfg, "export", run=run_dir, formats=formats, out=out, **options)
     formats = parse_formats(cfg.export.formats)
     src = load_exportable(resolve_run(cfg, cfg.export.run), cfg.security.trust_pickle)
