@@ -1,8 +1,11 @@
 """One typed configuration, read from one TOML file by every stage and overridable from the CLI.
 
-The dataclass defaults *are* the defaults; ``configs/default.toml`` documents them and a test keeps the
-two equal. Unknown keys and ill-typed values raise :class:`FeatcacheError` naming the offending key, so a
-typo never silently falls back to a default.
+Each key is declared once, as a field of its section with :func:`~pipeline.utils.schema.opt`: its type,
+default, choices or range, command-line flag and help. The checks, the flags of ``pipeline/cli.py`` and the
+keywords of the Python API (:func:`resolve_config`) are made from that declaration. The dataclass defaults
+*are* the defaults; ``configs/default.toml`` documents them and a test keeps the two equal. Unknown keys and
+ill-typed values raise :class:`FeatcacheError` naming the offending key, so a typo never silently falls
+back to a default.
 """
 
 from __future__ import annotations
