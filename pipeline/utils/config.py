@@ -183,7 +183,7 @@ class TrainConfig:
         metavar="NAME",
         choices=HEAD_NAMES,
         unknown="unknown head {value!r} (known: {known})",
-        help="classifier head: " + ", ".join(HEAD_NAMES) + " (default logistic)",
+        help="classifier head: " + ", ".join(HEAD_NAMES),
     )
     params: dict[str, Any] = opt(factory=dict, help="head hyperparameters (--param KEY=VALUE)")
     transforms: list[str] = opt(
@@ -228,9 +228,7 @@ class FinetuneConfig:
         metavar="none|all|top:N",
         help="backbone layers to train (BatchNorm stays frozen)",
     )
-    learning_rate: float = opt(
-        1e-5, flag="--learning-rate", metavar="LR", above=0, help="Adam learning rate (default 1e-5)"
-    )
+    learning_rate: float = opt(1e-5, flag="--learning-rate", metavar="LR", above=0, help="Adam learning rate")
     epochs: int = opt(5, flag="--epochs", metavar="N", min=1, help="epochs at most")
     batch_size: int = opt(32, flag="--batch-size", metavar="N", min=1, help="images per training batch")
     patience: int = opt(2, flag="--patience", metavar="N", min=0, help="early stopping on val loss (0 = off)")
@@ -254,14 +252,14 @@ class FinetuneConfig:
 class AuditConfig:
     """Label errors and near-duplicates; the defaults are calibrated in :mod:`pipeline.stages.audit`."""
 
-    folds: int = opt(5, flag="--folds", metavar="K", min=2, help="k-fold over train+val (default 5)")
+    folds: int = opt(5, flag="--folds", metavar="K", min=2, help="k-fold over train+val")
     threshold: float = opt(
         0.85,
         flag="--threshold",
         metavar="COS",
         min=-1,
         max=1,
-        help="near-duplicates: mutual nearest neighbours at or above this cosine (default 0.85)",
+        help="near-duplicates: mutual nearest neighbours at or above this cosine",
     )
     margin: float = opt(
         0.02,
@@ -269,7 +267,7 @@ class AuditConfig:
         metavar="COS",
         min=0,
         max=2,
-        help="...that beat either one's next neighbour by this much (default 0.02)",
+        help="...that beat either one's next neighbour by this much",
     )
     exact: float = opt(
         0.98,
@@ -277,13 +275,13 @@ class AuditConfig:
         metavar="COS",
         min=-1,
         max=1,
-        help="near-duplicates: any pair at or above this cosine (default 0.98)",
+        help="near-duplicates: any pair at or above this cosine",
     )
     filter_by: str = opt(
         "low_self_confidence",
         flag="--filter-by",
         choices=LABEL_FILTERS,
-        help="confident learning's filter for label issues (default low_self_confidence)",
+        help="confident learning's filter for label issues",
     )
     n_jobs: int = opt(1, check=_jobs, help="folds fitted in parallel (-1 = all cores)")
     write_csv: bool = opt(True, help="write <cache>.label_issues.csv and .near_duplicates.csv")
@@ -291,8 +289,8 @@ class AuditConfig:
 
 @dataclass
 class PredictConfig:
-    top_k: int = opt(5, flag="--top-k", metavar="K", min=1, help="classes shown per image (default 5)")
-    batch_size: int = opt(32, flag="--batch-size", metavar="N", min=1, help="images per batch (default 32)")
+    top_k: int = opt(5, flag="--top-k", metavar="K", min=1, help="classes shown per image")
+    batch_size: int = opt(32, flag="--batch-size", metavar="N", min=1, help="images per batch")
 
 
 @dataclass

@@ -178,12 +178,21 @@ def assign(obj: Any, dotted: str, value: Any, origin: str) -> None:
     setattr(getattr(obj, key.section), key.name, coerce(dotted, value, key.type))
 
 
+def _help(key: Key) -> str | None:
+    """The key's help, with its default unless the help already says what the default means."""
+    text, default = key.option.help, key.default
+    if not text or "default" in text or key.type is bool or default in ("", [], {}):
+        return text or None
+    shown = ",".join(default) if isinstance(default, list) else default
+    return f"{text} (default {shown})"
+
+
 def add_flags(parser, chosen: Iterable[Key]) -> None:
     """The flags of ``chosen`` on an argparse parser; each one's value lands under its dotted key (None: not
     given, so the file or the default decides)."""
     for key in chosen:
         o = key.option
-        kwargs: dict[str, Any] = {"dest": key.dotted, "default": None, "help": o.help or None}
+        kwargs: dict[str, Any] = {"dest": key.dotted, "default": None, "help": _help(key)}
         if key.type is bool:
             kwargs.update(action="store_const", const=not key.default)
         else:
