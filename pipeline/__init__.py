@@ -3,8 +3,9 @@
 The public API is imported lazily, so ``import pipeline`` (and ``featcache --help``) stays instant::
 
     import pipeline
-    result = pipeline.extract(data__source="photos/")      # stage 1: the feature cache
-    cache = pipeline.open_cache(result.path)                 # plain h5py underneath
+    result = pipeline.extract(data="photos/")                # stage 1: the feature cache
+    run = pipeline.train(data="photos/", head="linear_svm")  # every stage: a Config, a TOML path or none,
+    cache = pipeline.open_cache(result.path)                 # plus keywords; plain h5py underneath
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.utils.version import VERSION as __version__  # noqa: F401 - the pa
 _LAZY = {
     "Config": "utils.config",
     "load_config": "utils.config",
+    "resolve_config": "utils.config",
     "FeatcacheError": "utils.errors",
     "extract": "stages.extract",
     "ExtractResult": "stages.extract",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
-from pipeline.utils.config import Config, load_config, parse_assignments
+from pipeline.utils.config import Config, load_config
 from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.schema import parse_assignments
 
 
 def test_documented_default_toml_equals_the_dataclass_defaults():
@@ -48,3 +49,35 @@ def test_bad_values_name_the_key(overrides, needle):
 def test_assignment_syntax():
     with pytest.raises(FeatcacheError, match="KEY=VALUE"):
         parse_assignments(["novalue"])
+
+
+def test_documented_default_toml_names_every_key():
+    from pipeline.utils.config import config_keys, read_toml
+
+    raw = read_toml(REPO / "configs" / "default.toml", "config file")
+    assert {f"{s}.{k}" for s, table in raw.items() for k in table} == set(config_keys())
+
+
+def test_every_command_takes_config_and_set_and_its_flags_come_from_the_schema():
+    import argparse
+
+    from pipeline.cli import FLAGS, build_parser
+    from pipeline.utils.config import config_keys
+
+    def commands(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    nested = list(commands(sub, f"{prefix}{name} "))
+                    yield from nested or [(f"{prefix}{name}", sub)]
+
+    keys = config_keys()
+    found = dict(commands(build_parser()))
+    assert set(found) == set(FLAGS)
+    for name, parser in found.items():
+        options = {o for a in parser._actions for o in a.option_strings}
+        assert {"--config", "--set", "--quiet"} <= options, name
+        for key in FLAGS[name]:
+            assert keys[key].option.flag in options, (name, key)
+    flagged = {k for k, key in keys.items() if key.option.flag} - {"extract.progress"}
+    assert flagged == {k for shown in FLAGS.values() for k in shown}  # no flag is declared and never shown

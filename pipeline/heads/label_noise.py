@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.utils.config import LABEL_FILTERS
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -134,16 +135,13 @@ def confident_joint(labels: np.ndarray, proba: np.ndarray) -> np.ndarray:
     return joint * (n / total) if total else joint
 
 
-FILTERS = ("low_self_confidence", "prune_by_noise_rate")
-
-
 def find_label_issues(
     labels: np.ndarray, proba: np.ndarray, filter_by: str = "low_self_confidence"
 ) -> LabelIssues:
     """Confident learning's issues (step 3 of the module docstring), ranked by self-confidence, lowest first."""
-    if filter_by not in FILTERS:
+    if filter_by not in LABEL_FILTERS:
         raise FeatcacheError(
-            f"label issues: filter_by must be one of {', '.join(FILTERS)}, got {filter_by!r}"
+            f"label issues: filter_by must be one of {', '.join(LABEL_FILTERS)}, got {filter_by!r}"
         )
     labels = np.asarray(labels, dtype=int)
     n = len(labels)

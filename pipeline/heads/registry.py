@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.heads.keras_head import KerasHead
+from pipeline.utils.config import HEAD_NAMES
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -157,6 +158,10 @@ HEADS: dict[str, HeadSpec] = {
                  _keras((256,), "keras_mlp")),
     )
 }  # fmt: skip
+if tuple(HEADS) != HEAD_NAMES:  # the names live in utils.config, so train.head is checked before any import
+    raise ImportError(
+        f"heads.registry: the heads {tuple(HEADS)} must be utils.config.HEAD_NAMES {HEAD_NAMES}"
+    )
 
 
 #: heads with no exact Keras equivalent: their runs predict, but cannot be fine-tuned or exported

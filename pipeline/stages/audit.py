@@ -29,14 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.utils.config import SPLITS, Config
-from pipeline.utils.errors import FeatcacheError
-
-# numpy and the cache modules are imported inside functions: the CLI reads these defaults for --help
-THRESHOLD = 0.85  # mutual nearest neighbours at or above this similarity (and the margin) are near-duplicates
-MARGIN = 0.02  # ...when they beat either row's second-nearest neighbour by this much
-EXACT = 0.98  # at or above this, a pair is a near-duplicate whatever its neighbours
-FOLDS = 5
+from pipeline.utils.config import SPLITS, Config, resolve_config
 
 
 @dataclass
@@ -102,22 +95,15 @@ class AuditResult:
         return "\n".join(lines)
 
 
-def audit(
-    cfg: Config,
-    *,
-    folds: int = FOLDS,
-    threshold: float = THRESHOLD,
-    margin: float = MARGIN,
-    exact: float = EXACT,
-    filter_by: str = "low_self_confidence",
-    write_csv: bool = True,
-    n_jobs: int = 1,
-) -> AuditResult:
-    """Audit the cache ``cfg`` selects (``train.cache``, else the one ``[data]`` + ``[backbone]`` make)."""
+def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult:
+    """Audit the cache ``cfg`` selects (``train.cache``, else the one ``[data]`` + ``[backbone]`` make), with
+    the ``[audit]`` settings (``folds``, ``threshold``, ``margin``, ``exact``, ``filter_by``, ``n_jobs``,
+    ``write_csv``); keywords override the config (:func:`pipeline.utils.config.resolve_config`)."""
     from pipeline.cache.locate import resolve_cache
     from pipeline.cache.store import FeatureCache
 
-    _check_settings(folds, threshold, margin, exact, filter_by)
+    cfg = resolve_config(cfg, "audit", **options)
+    a = cfg.audit
     t0 = time.perf_counter()
     path = resolve_cache(cfg)
     with FeatureCache(path) as cache:
@@ -125,9 +111,9 @@ def audit(
         X = cache.features(layer)
         labels, split, keys, names = cache.labels, cache.split, cache.keys, cache.class_names
     t_read = time.perf_counter()
-    issues = _label_issues(X, labels, split, keys, names, folds, cfg.train.seed, n_jobs, filter_by)
+    issues = _label_issues(X, labels, split, keys, names, a.folds, cfg.train.seed, a.n_jobs, a.filter_by)
     t_labels = time.perf_counter()
-    pairs = _near_duplicates(X, split, keys, threshold, margin, exact)
+    pairs = _near_duplicates(X, split, keys, a.threshold, a.margin, a.exact)
     t_pairs = time.perf_counter()
     result = AuditResult(
         path,
@@ -141,25 +127,17 @@ def audit(
             "near_duplicates": t_pairs - t_labels,
             "total": t_pairs - t0,
         },
-        {"folds": folds, "filter_by": filter_by, "threshold": threshold, "margin": margin, "exact": exact},
+        {
+            "folds": a.folds,
+            "filter_by": a.filter_by,
+            "threshold": a.threshold,
+            "margin": a.margin,
+            "exact": a.exact,
+        },
     )
-    if write_csv:
+    if a.write_csv:
         result.files = write_reports(result)
     return result
-
-
-def _check_settings(folds: int, threshold: float, margin: float, exact: float, filter_by: str) -> None:
-    from pipeline.heads.label_noise import FILTERS
-
-    if filter_by not in FILTERS:
-        raise FeatcacheError(f"audit: filter_by must be one of {', '.join(FILTERS)}, got {filter_by!r}")
-    if not 0.0 <= float(margin) <= 2.0:
-        raise FeatcacheError(f"audit: margin is a difference of cosines in [0, 2], got {margin}")
-    if int(folds) < 2:
-        raise FeatcacheError(f"audit: folds must be >= 2, got {folds}")
-    for name, value in (("threshold", threshold), ("exact", exact)):
-        if not -1.0 <= float(value) <= 1.0:
-            raise FeatcacheError(f"audit: {name} is a cosine similarity in [-1, 1], got {value}")
 
 
 def _label_issues(X, labels, split, keys, names, folds, seed, n_jobs, filter_by) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.features.tflite import TFLiteRunner, check_conversion_memory, convert_frozen, freeze
+from pipeline.utils.config import Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, atomic_write
 
@@ -193,25 +194,32 @@ class _Evaluation:
 
 
 def export(
-    run_dir: str | Path,
-    formats: list[str] | str = FORMATS,
+    run_dir: str | Path | None = None,
+    formats: list[str] | str | None = None,
     out: str | Path | None = None,
-    *,
-    calibration: int = 100,
-    seed: int = 0,
-    progress: bool = False,
-    trust_pickle: bool = False,
+    cfg: Config | str | Path | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Write each format under ``out`` (default ``<run>/export``), check it, write ``export.json``; return it."""
+    """Write each format under ``out`` (default ``<run>/export``), check it, write ``export.json``; return it.
+
+    ``run_dir`` is a run folder, id or id prefix (default ``export.run``, else the newest run of the cache
+    ``cfg`` selects); ``formats``, ``out`` and the keywords (``calibration``, ``seed``, ``progress``,
+    ``trust_pickle``, ...) override ``cfg`` as in every stage (:func:`pipeline.utils.config.resolve_config`).
+    Like every stage, it also takes the config first: ``export(cfg)``, ``export("my.toml", out=...)``.
+    """
+    from pipeline.cache.locate import resolve_run
     from pipeline.utils.io import write_json
 
-    formats = parse_formats(formats)
-    src = load_exportable(run_dir, trust_pickle)
+    if cfg is None and (isinstance(run_dir, Config) or str(run_dir or "").endswith(".toml")):
+        cfg, run_dir = run_dir, None  # a run is a folder or an id, never a Config or a .toml file
+    cfg = resolve_config(cfg, "export", run=run_dir, formats=formats, out=out, **options)
+    formats = parse_formats(cfg.export.formats)
+    src = load_exportable(resolve_run(cfg, cfg.export.run), cfg.security.trust_pickle)
     if src.cache_path is None:
         raise FeatcacheError(f"the cache of {src.run_dir} is gone: export checks each format on its images")
-    out = Path(out) if out else src.run_dir / "export"
+    out = Path(cfg.export.out) if cfg.export.out else src.run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    say = (lambda msg: print(msg, flush=True)) if cfg.extract.progress else (lambda msg: None)
     ev = _evaluation(src, say)
     report: dict[str, Any] = {
         "run": str(src.run_dir.resolve()),
@@ -227,12 +235,12 @@ def export(
         "tolerances": {f: TOLERANCES[f] for f in formats},
         "formats": {},
     }
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(cfg.train.seed)
     for fmt in formats:
         t0 = time.perf_counter()
         say(f"exporting {fmt} ...")
         path = out / FILES[fmt]
-        run, raw_diff = _write_format(fmt, src, path, ev, calibration, rng)
+        run, raw_diff = _write_format(fmt, src, path, ev, cfg.export.calibration, rng)
         entry = _check(fmt, path, run, raw_diff, ev, src.image_size)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         report["formats"][fmt] = entry

@@ -50,7 +50,7 @@ from pipeline.data.splits import SPLIT_CODES, assign_split
 from pipeline.features.backbones.registry import check_int8, get_spec
 from pipeline.features.calibration import Calibration, for_config
 from pipeline.utils.collector import frozen_gc
-from pipeline.utils.config import Config, given_keys, load_config
+from pipeline.utils.config import Config, given_keys, resolve_config
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -152,22 +152,19 @@ def extract(
     dataset: Dataset | None = None,
     keep_missing: bool = False,
     calibration: Calibration | None = None,
-    **overrides: Any,
+    **options: Any,
 ) -> ExtractResult:
     """Bring the cache for ``config`` up to date and return what was done.
 
-    ``config`` is a :class:`Config`, a TOML path or None (defaults); ``overrides`` use dotted keys with
-    ``.`` written as ``__`` (``extract(data__source="photos/", backbone__name="vgg16")``). ``dataset``
+    ``config`` is a :class:`Config`, a TOML path or None (defaults); keywords override it: dotted keys with
+    ``.`` written as ``__`` (``extract(data__source="photos/", backbone__name="vgg16")``) or plain names
+    (``extract(data="photos/", backbone="vgg16")``, :func:`pipeline.utils.config.resolve_config`). ``dataset``
     replaces ``[data]``'s source; ``keep_missing`` keeps cached rows that are not in it (an accumulating
     cache, as the scikit-learn transformer uses) instead of dropping them. ``calibration`` replaces the
     sample of train images a ``tflite-int8`` engine is calibrated on.
     """
     t_start = time.perf_counter()
-    if not isinstance(config, Config):
-        config = load_config(config, {k.replace("__", "."): v for k, v in overrides.items()})
-    elif overrides:
-        raise TypeError("pass overrides either in the Config or as keywords, not both")
-    cfg = config
+    cfg = resolve_config(config, "extract", **options)
     get_spec(cfg.backbone.name)  # an unknown backbone fails before any work
     cache_dir = Path(cfg.extract.cache_dir)
     try:

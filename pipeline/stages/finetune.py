@@ -35,7 +35,7 @@ from pipeline.model.finetuning import (
     parse_unfreeze,
     set_trainable,
 )
-from pipeline.utils.config import SPLITS, Config
+from pipeline.utils.config import SPLITS, Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, file_lock
 from pipeline.utils.runs import finished_runs, read_metrics
@@ -113,20 +113,17 @@ def finetune_dir(source: Path, cfg: Config) -> Path:
     return source.resolve().parent / "finetune" / f"{source.resolve().name}-ft-{tag}-{h}"
 
 
-def finetune(cfg: Config, *, run: str | Path | None = None) -> FinetuneRun:
-    """Fine-tune the head of a stage-2 run end to end; resumable, see the module docstring."""
+def finetune(cfg: Config | str | Path | None = None, **options: Any) -> FinetuneRun:
+    """Fine-tune the head of a stage-2 run (``finetune.run``, ``run=``; default the latest) end to end;
+    resumable, see the module docstring. Keywords override ``cfg`` as in every stage
+    (:func:`pipeline.utils.config.resolve_config`)."""
+    cfg = resolve_config(cfg, "finetune", **options)
     parse_unfreeze(cfg.finetune.unfreeze)
-    if cfg.finetune.epochs < 1:
-        raise FeatcacheError(f"finetune.epochs must be >= 1, got {cfg.finetune.epochs}")
-    if cfg.finetune.patience < 0:
-        raise FeatcacheError(
-            f"finetune.patience must be >= 0 (0 = no early stopping), got {cfg.finetune.patience}"
-        )
     from pipeline.data.augment import augmentation_layers
 
     augmentation_layers(cfg.finetune.augment)  # unknown names fail before any work
     tensorboard_available(cfg)
-    source = resolve_run(cfg, run or cfg.finetune.run, finetuned=False)
+    source = resolve_run(cfg, cfg.finetune.run, finetuned=False)
     check_convertible(source)
     run_dir = finetune_dir(source, cfg)
     if (run_dir / "manifest.json").is_file():

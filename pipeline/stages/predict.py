@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.utils.config import Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -414,31 +415,21 @@ def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir
 
 
 def predict(
-    model: str | Path,
-    images: list[str],
-    top_k: int = 5,
-    batch_size: int = 32,
-    cfg=None,
-    cluster: str = "",
-    trust_pickle: bool = False,
+    model: str | Path, images: list[str], cfg: Config | str | Path | None = None, **options: Any
 ) -> tuple[Predictor, list[ImageResult]]:
-    """Top-``top_k`` (class index, name, probability) per image; unreadable images get an ``error``.
+    """Top-``predict.top_k`` (class index, name, probability) per image; unreadable images get an ``error``.
 
-    ``model`` is a run folder, a run id (looked up under ``cfg``'s runs folder, default ``cache/runs``),
-    a ``.keras`` file, a SavedModel folder or a ``.tflite`` file. Every path is checked before TensorFlow
-    is imported. ``cluster`` (an address as ``--cluster`` takes) computes a stage-2 run's missing
-    features on a Dask cluster. ``trust_pickle`` loads a featcache 0.1 run's pickles (they can run code).
+    ``model`` is a run folder, a run id or id prefix (looked up where ``cfg``'s runs are), a ``.keras``
+    file, a SavedModel folder or a ``.tflite`` file. Every path is checked before TensorFlow is imported.
+    ``cfg`` and keywords as every stage takes them (:func:`pipeline.utils.config.resolve_config`):
+    ``top_k``, ``batch_size``, ``cluster`` (an address as ``--cluster`` takes: a stage-2 run's missing
+    features on a Dask cluster) and ``trust_pickle`` (load a featcache 0.1 run's pickles: they can run code).
     """
-    from pipeline.utils.cluster import parse_address
-
-    parse_address(cluster)  # a malformed address fails before any work
-    if top_k < 1:
-        raise FeatcacheError(f"--top-k must be >= 1, got {top_k}")
-    if batch_size < 1:
-        raise FeatcacheError(f"--batch-size must be >= 1, got {batch_size}")
+    cfg = resolve_config(cfg, "predict", **options)
+    top_k, batch_size = cfg.predict.top_k, cfg.predict.batch_size
     check_model_kind(model_path(model, cfg))
     paths = expand_inputs(images)
-    predictor = load_predictor(model, batch_size, cfg, cluster, trust_pickle)
+    predictor = load_predictor(model, batch_size, cfg, cfg.cluster.address, cfg.security.trust_pickle)
     ds, samples = _dataset([p.resolve() for p in paths])
     proba, ok, why, sources = predictor.predict(ds, samples)
     if isinstance(sources, str):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.locate import resolve_cache, resolve_run, runs_root
-from pipeline.utils.config import SPLITS, Config
+from pipeline.utils.config import SPLITS, Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.runs import METRICS, best_run, list_runs, read_metrics, search_trials
 
@@ -72,23 +72,19 @@ class Report:
         return "\n".join(lines)
 
 
-def report(
-    cfg: Config,
-    *,
-    out: str | Path | None = None,
-    run: str | None = None,
-    thumbnails: int = 12,
-    map_rows: int = 2000,
-    tsne_rows: int = 500,
-) -> Report:
-    """Write the HTML report of ``cfg``'s cache (default: ``<cache>.report.html`` beside it)."""
+def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
+    """Write the HTML report of ``cfg``'s cache (``report.out``, default ``<cache>.report.html`` beside it),
+    detailing the best run and ``report.run``; keywords (``out``, ``run``, ``thumbnails``, ``map_rows``,
+    ``tsne_rows``, ...) override ``cfg`` as in every stage (:func:`pipeline.utils.config.resolve_config`)."""
     from pipeline.cache.store import FeatureCache
     from pipeline.utils.io import atomic_write
 
+    cfg = resolve_config(cfg, "report", **options)
+    r = cfg.report
     t0 = time.perf_counter()
     cache_path = resolve_cache(cfg)
     root = runs_root(cfg, cache_path)
-    out = Path(out) if out else cache_path.with_name(cache_path.stem + ".report.html")
+    out = Path(r.out) if r.out else cache_path.with_name(cache_path.stem + ".report.html")
     if out.is_dir():
         raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. {out / 'report.html'}")
     say = _progress(cfg)
@@ -97,17 +93,17 @@ def report(
         rows = list_runs(root, cache.fingerprint)
         board = _board(rows)
         best = best_run(rows)
-        detail = _detail_dirs(cfg, run, best)
+        detail = _detail_dirs(cfg, r.run, best)
         layer = cache.layer_name(_run_layer(detail[0]) if detail else None)
         say(f"report: {len(board)} leaderboard rows; mapping features of {layer}")
-        fmap, n_map = _feature_map(cache, layer, map_rows, tsne_rows)
+        fmap, n_map = _feature_map(cache, layer, r.map_rows, r.tsne_rows)
         meta = dict(cache.meta)
         sections = [_header(cache, cache_path, root), _cache_section(cache, cache_path)]
     sections.append(_leaderboard(board, best["id"] if best else None))
     shown = 0
     for d in detail:
         say(f"report: details of {d.name}")
-        html_, n = _run_section(d, meta, thumbnails, notes, best is not None and d.name == best["id"])
+        html_, n = _run_section(d, meta, r.thumbnails, notes, best is not None and d.name == best["id"])
         sections.append(html_)
         shown += n
     sections.append(_map_section(fmap, layer, n_map))

@@ -16,6 +16,8 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from pipeline.tuning import (
     SearchRun,
@@ -29,7 +31,7 @@ from pipeline.tuning import (
     strategy_candidates,
     write_outputs,
 )
-from pipeline.utils.config import Config
+from pipeline.utils.config import Config, resolve_config
 from pipeline.utils.io import file_lock
 from pipeline.utils.journal import TRIALS_FILE
 
@@ -48,13 +50,21 @@ def search_id(space: Space, fingerprint: str, cfg: Config) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def search(cfg: Config, *, fresh: bool = False, progress: Callable[[str], None] | None = None) -> SearchRun:
-    """Run (or resume) the search that ``cfg`` describes; write trials, leaderboard and ``best.toml``."""
+def search(
+    cfg: Config | str | Path | None = None,
+    *,
+    fresh: bool = False,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> SearchRun:
+    """Run (or resume) the search that ``cfg`` describes, keywords on top
+    (:func:`pipeline.utils.config.resolve_config`); write trials, leaderboard and ``best.toml``."""
     from pipeline.cache.locate import resolve_cache, runs_root
     from pipeline.cache.reader import Data, close_cache, use_streaming
     from pipeline.cache.store import FeatureCache
     from pipeline.utils.plots import preload as preload_plots
 
+    cfg = resolve_config(cfg, "search", **options)
     t0 = time.perf_counter()
     s, seed = cfg.search, cfg.train.seed
     if progress is None and cfg.extract.progress:

@@ -22,7 +22,7 @@ from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
 from pipeline.heads.metrics import classification_metrics
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import describe_transforms, parse_transforms
-from pipeline.utils.config import SPLITS, Config
+from pipeline.utils.config import SPLITS, Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -92,9 +92,13 @@ class TrainRun:
         return "\n".join(lines)
 
 
-def train(cfg: Config, *, run_dir: Path | None = None) -> TrainRun:
-    """Fit ``cfg.train.head`` on the cache, evaluate on val and test, write ``<runs>/<id>/``."""
+def train(cfg: Config | str | Path | None = None, *, run_dir: Path | None = None, **options: Any) -> TrainRun:
+    """Fit ``train.head`` on the cache, evaluate on val and test, write ``<runs>/<id>/``. ``cfg`` is a
+    :class:`Config`, a TOML path or None; keywords (``data=``, ``head=``, ``train__params=``, ...) override
+    it (:func:`pipeline.utils.config.resolve_config`)."""
     from pipeline.cache.store import FeatureCache
+
+    cfg = resolve_config(cfg, "train", **options)
 
     t = cfg.train
     # fail fast on names, before any data is read

@@ -1,22 +1,27 @@
 """One typed configuration, read from one TOML file by every stage and overridable from the CLI.
 
-The dataclass defaults *are* the defaults; ``configs/default.toml`` documents them and a test keeps the
-two equal. Unknown keys and ill-typed values raise :class:`FeatcacheError` naming the offending key, so a
-typo never silently falls back to a default.
+Each key is declared once, as a field of its section with :func:`~pipeline.utils.schema.opt`: its type,
+default, choices or range, command-line flag and help. The checks, the flags of ``pipeline/cli.py`` and the
+keywords of the Python API (:func:`resolve_config`) are made from that declaration. The dataclass defaults
+*are* the defaults; ``configs/default.toml`` documents them and a test keeps the two equal. Unknown keys and
+ill-typed values raise :class:`FeatcacheError` naming the offending key, so a typo never silently falls
+back to a default.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import re
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pipeline.utils import schema
 from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.schema import opt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,52 +30,79 @@ else:  # pragma: no cover
 
 
 SPLITS = ("train", "val", "test")
-
-
 POOLINGS = ("avg", "max", "flatten", "none")
-
-
 RESIZE_POLICIES = ("stretch", "crop", "pad")
-
-
 ON_ERROR = ("skip", "fail")
-
-
 DECODE_POLICIES = ("dct", "exact")
-
-
 DTYPES = ("float32", "float16")
-
-
 COMPRESSIONS = ("none", "gzip", "lzf")
-
-
 ENGINES = ("auto", "tensorflow", "tflite", "tflite-int8")
-
-
 PRECISIONS = ("float32", "mixed_float16")
+STREAMING = ("auto", "memory", "stream")
+STRATEGIES = ("grid", "random", "halving")
 
 
-#: the heads of :data:`pipeline.heads.registry.HEADS`, named here so a bad name fails before any import
+#: the one list of head names: :data:`pipeline.heads.registry.HEADS` is checked against it when imported,
+#: so a bad ``train.head`` fails here, before any import
 HEAD_NAMES = ("logistic", "linear_svm", "ridge", "knn", "mlp", "hgb", "keras_linear", "keras_mlp")
+
+
+#: confident learning's filters (:mod:`pipeline.heads.label_noise`), the choices of ``audit.filter_by``
+LABEL_FILTERS = ("low_self_confidence", "prune_by_noise_rate")
+
+
+def _valid_regex(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"is not a valid regex: {e}"
+    return None
+
+
+def _jobs(n: int) -> str | None:
+    return "must not be 0 (use -1 for all cores)" if n == 0 else None
+
+
+def _folds_or_split(cv: int) -> str | None:
+    return f"must be 0 (validation split) or >= 2 folds, got {cv}" if cv == 1 or cv < 0 else None
+
+
+def _address(address: str) -> None:
+    from pipeline.utils.cluster import parse_address
+
+    parse_address(address)  # a malformed address fails now, before any work, with its own message
 
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    source: str = (
-        "fashion_mnist"  # built-in demo, a folder, a .csv, a .npz, .tar shards or .parquet; or a URL
+    source: str = opt(
+        "fashion_mnist",
+        flag="--data",
+        metavar="PATH|URL",
+        nonempty=True,  # "" would silently mean the current folder
+        help="folder (one sub-folder per class), .csv of path,label, .npz, WebDataset .tar shards"
+        " (shards/train-{0000..0099}.tar or a glob), Parquet (Hugging Face layout: file, glob or folder),"
+        " or fashion_mnist; folders, CSVs and shards may be fsspec URLs (s3://, gs://, az://, https://)",
     )
-    name: str = ""  # dataset name used in the cache file name; derived from the source when empty
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    group_pattern: str = ""  # regex on the relative path; its first group keeps related images in one split
-    limit: int = 0  # 0 = all; else a stable, content-hashed subset of this many samples
-    on_error: str = "skip"  # what an unreadable image does: skip (quarantine it) or fail the run
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for URL sources
-    decode: str = (
-        "dct"  # dct: JPEGs decoded at the smallest 1/2-1/4-1/8 DCT scale >= 2x the input; exact: full size
+    name: str = opt("", help="dataset name used in the cache file name; derived from the source when empty")
+    val_fraction: float = opt(0.1, min=0, below=1, help="share of the val split, by a hash of each image")
+    test_fraction: float = opt(0.1, min=0, below=1, help="share of the test split, the same way")
+    group_pattern: str = opt(
+        "",
+        check=_valid_regex,
+        help="regex on the relative path; its first group keeps related images in one split",
+    )
+    limit: int = opt(0, flag="--limit", metavar="N", min=0, help="use a stable subset of N samples (0 = all)")
+    on_error: str = opt(
+        "skip", flag="--on-error", choices=ON_ERROR, help="unreadable images: skip (quarantine) or fail"
+    )
+    storage_options: dict[str, Any] = opt(factory=dict, help="fsspec options for URL sources")
+    decode: str = opt(
+        "dct",
+        choices=DECODE_POLICIES,
+        help="dct: JPEGs decoded at the smallest 1/2-1/4-1/8 DCT scale >= 2x the input; exact: full size",
     )
 
 
@@ -78,78 +110,252 @@ class DataConfig:
 class BackboneConfig:
     """Everything that changes a feature: all of it goes into the cache fingerprint."""
 
-    name: str = "efficientnet_lite0"
-    weights: str = "imagenet"  # imagenet | none | path to a weights file
-    layers: list[str] = field(default_factory=list)  # empty = the backbone's last feature map
-    pooling: str = "avg"
-    image_size: int = 0  # 0 = the backbone's default input size
-    resize: str = "stretch"  # stretch | crop (center) | pad (letterbox)
+    name: str = opt(
+        "efficientnet_lite0",
+        flag="--backbone",
+        metavar="NAME",
+        nonempty=True,
+        help="efficientnet_lite0 (default), vgg16, resnet50, mobilenet_v2, ...",
+    )
+    weights: str = opt(
+        "imagenet", flag="--weights", metavar="imagenet|none|PATH", help="imagenet, none or a weights file"
+    )
+    layers: list[str] = opt(
+        factory=list,
+        flag="--layer",
+        metavar="NAME",
+        repeat=True,
+        help="cut at this layer (repeatable: several layers in one pass); later stages: use it",
+    )
+    pooling: str = opt("avg", flag="--pooling", choices=POOLINGS, help="how a feature map becomes a vector")
+    image_size: int = opt(
+        0,
+        flag="--image-size",
+        metavar="N",
+        min=16,
+        max=2048,
+        zero="default",
+        help="input size in pixels (0 = the backbone's default)",
+    )
+    resize: str = opt(
+        "stretch", flag="--resize", choices=RESIZE_POLICIES, help="stretch, crop (center) or pad (letterbox)"
+    )
 
 
 @dataclass
 class ExtractConfig:
-    cache_dir: str = "cache"
-    batch_size: int = 32
-    dtype: str = "float32"
-    compression: str = "none"
-    engine: str = "auto"  # auto | tensorflow | tflite | tflite-int8: auto converts to TFLite once when faster
-    calibration: int = 32  # tflite-int8: train images its quantization is calibrated on
-    precision: str = "float32"  # float32 | mixed_float16 (TensorFlow, meant for a GPU)
-    threads: int = 0  # 0 = all cores
-    lock_timeout: float = -1  # seconds to wait for another run on the same cache; -1 = wait forever
-    progress: bool = True
-    augment_views: int = 0  # K > 0: also cache K augmented views (finetune.augment) of every train image
+    cache_dir: str = opt(
+        "cache",
+        flag="--cache-dir",
+        metavar="DIR",
+        nonempty=True,  # "" would silently mean the current folder
+        help="the cache folder (caches, runs/, engines/, shards/)",
+    )
+    batch_size: int = opt(32, flag="--batch-size", metavar="N", min=1, help="images per backbone batch")
+    dtype: str = opt("float32", flag="--dtype", choices=DTYPES, help="float16 halves the disk")
+    compression: str = opt("none", flag="--compression", choices=COMPRESSIONS, help="HDF5 compression")
+    engine: str = opt(
+        "auto",
+        choices=ENGINES,
+        help="auto converts to TFLite once when that is faster (or runs TensorFlow on a visible GPU); "
+        "tensorflow | tflite force one; tflite-int8: full-integer int8, calibrated on the train images",
+    )
+    calibration: int = opt(32, min=1, help="tflite-int8: train images its quantization is calibrated on")
+    precision: str = opt(
+        "float32", choices=PRECISIONS, help="float32 | mixed_float16 (TensorFlow, meant for a GPU)"
+    )
+    threads: int = opt(
+        0, flag="--threads", metavar="N", min=0, help="CPU threads for the backbone (0 = all cores)"
+    )
+    lock_timeout: float = opt(-1, help="seconds to wait for another run on the same cache; -1 = wait forever")
+    progress: bool = opt(True, flag="--quiet", help="no progress bars")
+    augment_views: int = opt(
+        0, help="K > 0: also cache K augmented views (finetune.augment) of every train image"
+    )
 
 
 @dataclass
 class TrainConfig:
-    cache: str = ""  # cache file; empty = the cache that [data] + [backbone] describe
-    layer: str = ""  # which cached layer to train on; empty = the first
-    head: str = "logistic"
-    params: dict[str, Any] = field(default_factory=dict)
-    transforms: list[str] = field(default_factory=lambda: ["standardize"])
-    runs_dir: str = ""  # empty = <cache_dir>/runs
-    seed: int = 0
-    streaming: str = "auto"  # auto | memory | stream
+    cache: str = opt(
+        "",
+        flag="--cache",
+        metavar="FILE",
+        help="cache file (default: the newest cache matching the flags above)",
+    )
+    layer: str = opt("", help="which cached layer to train on; empty = the first")
+    head: str = opt(
+        "logistic",
+        flag="--head",
+        metavar="NAME",
+        choices=HEAD_NAMES,
+        unknown="unknown head {value!r} (known: {known})",
+        help="classifier head: " + ", ".join(HEAD_NAMES),
+    )
+    params: dict[str, Any] = opt(factory=dict, help="head hyperparameters (--param KEY=VALUE)")
+    transforms: list[str] = opt(
+        factory=lambda: ["standardize"], help="applied before the head: standardize | l2 | pca:N"
+    )
+    runs_dir: str = opt("", help="where runs are written; empty = runs/ beside the cache")
+    seed: int = opt(0, help="the random seed of the heads, the search, the audit, fine-tuning and export")
+    streaming: str = opt(
+        "auto", choices=STREAMING, help="memory | stream (HDF5 in chunks); auto streams what does not fit"
+    )
 
 
 @dataclass
 class SearchConfig:
-    space: str = ""  # TOML file declaring the search space; empty = the built-in space
-    strategy: str = "random"
-    n_trials: int = 100
-    n_jobs: int = 1
-    cv: int = 0  # 0 = the fixed validation split; k >= 2 = k-fold CV on train+val
-    convertible: bool = False  # only heads that finetune/export can convert (no knn, hgb)
+    space: str = opt(
+        "",
+        flag="--space",
+        metavar="FILE",
+        help="search space TOML (default: the built-in pipeline/configs/search_space.toml)",
+    )
+    strategy: str = opt("random", flag="--strategy", choices=STRATEGIES, help="how candidates are drawn")
+    n_trials: int = opt(100, flag="--n-trials", metavar="N", min=1, help="candidates for random and halving")
+    n_jobs: int = opt(1, flag="--n-jobs", metavar="N", check=_jobs, help="parallel trials (-1 = all cores)")
+    cv: int = opt(
+        0,
+        flag="--cv",
+        metavar="K",
+        check=_folds_or_split,
+        help="K-fold CV on train+val (default 0: the val split)",
+    )
+    convertible: bool = opt(
+        False, flag="--convertible", help="only heads finetune/export can convert (no knn, hgb)"
+    )
 
 
 @dataclass
 class FinetuneConfig:
-    run: str = ""  # the stage-2 run folder whose head is rebuilt; empty = the latest
-    unfreeze: str = "top:20"  # none | all | top:N (layers)
-    learning_rate: float = 1e-5
-    epochs: int = 5
-    batch_size: int = 32
-    patience: int = 2
-    augment: list[str] = field(
-        default_factory=lambda: ["flip", "rotation", "zoom", "translation", "contrast"]
+    run: str = opt("", flag="--run", metavar="RUN", help="stage-2 run folder or id (default: the latest)")
+    unfreeze: str = opt(
+        "top:20",
+        flag="--unfreeze",
+        metavar="none|all|top:N",
+        help="backbone layers to train (BatchNorm stays frozen)",
     )
-    tensorboard: bool = False  # write TensorBoard logs (Keras' callback) to <run>/tensorboard
-    keep_worse: bool = False  # true = keep the best epoch even when it does not beat the model before
+    learning_rate: float = opt(1e-5, flag="--learning-rate", metavar="LR", above=0, help="Adam learning rate")
+    epochs: int = opt(5, flag="--epochs", metavar="N", min=1, help="epochs at most")
+    batch_size: int = opt(32, flag="--batch-size", metavar="N", min=1, help="images per training batch")
+    patience: int = opt(2, flag="--patience", metavar="N", min=0, help="early stopping on val loss (0 = off)")
+    augment: list[str] = opt(
+        factory=lambda: ["flip", "rotation", "zoom", "translation", "contrast"],
+        flag="--augment",
+        metavar="LIST",
+        help="comma-separated: flip,rotation,zoom,translation,contrast or none",
+    )
+    tensorboard: bool = opt(
+        False,
+        flag="--tensorboard",
+        help="write TensorBoard logs to <run>/tensorboard (keras.callbacks.TensorBoard)",
+    )
+    keep_worse: bool = opt(
+        False, help="keep the best epoch even when it does not beat the model before fine-tuning"
+    )
+
+
+@dataclass
+class AuditConfig:
+    """Label errors and near-duplicates; the defaults are calibrated in :mod:`pipeline.stages.audit`."""
+
+    folds: int = opt(5, flag="--folds", metavar="K", min=2, help="k-fold over train+val")
+    threshold: float = opt(
+        0.85,
+        flag="--threshold",
+        metavar="COS",
+        min=-1,
+        max=1,
+        help="near-duplicates: mutual nearest neighbours at or above this cosine",
+    )
+    margin: float = opt(
+        0.02,
+        flag="--margin",
+        metavar="COS",
+        min=0,
+        max=2,
+        help="...that beat either one's next neighbour by this much",
+    )
+    exact: float = opt(
+        0.98,
+        flag="--exact",
+        metavar="COS",
+        min=-1,
+        max=1,
+        help="near-duplicates: any pair at or above this cosine",
+    )
+    filter_by: str = opt(
+        "low_self_confidence",
+        flag="--filter-by",
+        choices=LABEL_FILTERS,
+        help="confident learning's filter for label issues",
+    )
+    n_jobs: int = opt(1, check=_jobs, help="folds fitted in parallel (-1 = all cores)")
+    write_csv: bool = opt(True, help="write <cache>.label_issues.csv and .near_duplicates.csv")
+
+
+@dataclass
+class PredictConfig:
+    top_k: int = opt(5, flag="--top-k", metavar="K", min=1, help="classes shown per image")
+    batch_size: int = opt(32, flag="--batch-size", metavar="N", min=1, help="images per batch")
+
+
+@dataclass
+class ExportConfig:
+    run: str = opt(
+        "", flag="--run", metavar="RUN", help="fine-tuned or stage-2 run folder (default: the newest)"
+    )
+    formats: list[str] = opt(
+        factory=lambda: ["all"],
+        flag="--format",
+        metavar="LIST",
+        help="keras,savedmodel,tflite,tflite-dynamic,tflite-int8 or all",
+    )
+    out: str = opt("", flag="--out", metavar="DIR", help="output folder (default: <run>/export)")
+    calibration: int = opt(
+        100, flag="--calibration", metavar="N", min=1, help="training images for int8 calibration"
+    )
+
+
+@dataclass
+class ReportConfig:
+    out: str = opt(
+        "",
+        flag="--out",
+        metavar="FILE",
+        help="where to write it (default: <cache>.report.html beside the cache)",
+    )
+    run: str = opt(
+        "", flag="--run", metavar="RUN", help="also show this run in detail (id, id prefix or folder)"
+    )
+    thumbnails: int = opt(12, min=0, help="misclassified test images shown per detailed run")
+    map_rows: int = opt(2000, min=0, help="rows in the PCA feature map")
+    tsne_rows: int = opt(500, min=0, help="rows of those in the t-SNE map")
 
 
 @dataclass
 class ClusterConfig:
-    """Where extraction and search run: this process, a local Dask cluster, or an existing scheduler."""
+    """Where extraction, search and predict run: this process, a local Dask cluster, or a scheduler."""
 
-    address: str = ""  # "" = this process | local | local:N | env | tcp://host:8786
+    address: str = opt(
+        "",
+        flag="--cluster",
+        metavar="ADDRESS",
+        check=_address,
+        help="run on Dask: local (a worker per core), local:N, env (DASK_SCHEDULER_ADDRESS) "
+        "or a scheduler address like tcp://host:8786; '' = this process",
+    )
 
 
 @dataclass
 class SecurityConfig:
     """What featcache may load from files someone else wrote."""
 
-    trust_pickle: bool = False  # true: load the pickles of featcache 0.1 runs (they can run any code)
+    trust_pickle: bool = opt(
+        False,
+        flag="--trust-pickle",
+        help="load a featcache 0.1 run's pickle files, which can run any code: only if you trust "
+        "whoever wrote the run",
+    )
 
 
 @dataclass
@@ -160,6 +366,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: dotted keys the user chose (see :func:`given_keys`); not a field, so never saved or compared
@@ -181,158 +391,36 @@ def redact_options(options: dict) -> dict:
     return {k: ("***" if _SECRET.search(str(k)) else v) for k, v in (options or {}).items()}
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.on_error": ON_ERROR,
-    "data.decode": DECODE_POLICIES,
-    "backbone.pooling": POOLINGS,
-    "backbone.resize": RESIZE_POLICIES,
-    "extract.dtype": DTYPES,
-    "extract.compression": COMPRESSIONS,
-    "extract.engine": ENGINES,
-    "extract.precision": PRECISIONS,
-    "train.streaming": ("auto", "memory", "stream"),
-    "search.strategy": ("grid", "random", "halving"),
-}
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against the field's annotation; strings from the CLI are parsed here."""
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif annotation is Any:
-        return value
-    kind = getattr(annotation, "__name__", str(annotation))
-    raise FeatcacheError(f"config: {key} must be {kind}, got {value!r}")
-
-
-def _validate(cfg: Config) -> None:
-    for section in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            value = getattr(getattr(cfg, section.name), f.name)
-            if any(
-                "\x00" in v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)
-            ):
-                raise FeatcacheError(f"config: {section.name}.{f.name} must not contain a NUL character")
-    for key in ("data.source", "extract.cache_dir"):  # "" would silently mean the current folder
-        section, name = key.split(".")
-        if not getattr(getattr(cfg, section), name).strip():
-            raise FeatcacheError(f"config: {key} must not be empty")
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise FeatcacheError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
-    if cfg.train.head not in HEAD_NAMES:
-        raise FeatcacheError(f"unknown head {cfg.train.head!r} (known: {', '.join(HEAD_NAMES)})")
+def _check_fractions(cfg: Config) -> None:
     d = cfg.data
-    for key in ("val_fraction", "test_fraction"):
-        v = getattr(d, key)
-        if not 0.0 <= v < 1.0:
-            raise FeatcacheError(f"config: data.{key} must be in [0, 1), got {v}")
     if d.val_fraction + d.test_fraction >= 1.0:
         raise FeatcacheError(
             f"config: data.val_fraction + data.test_fraction must be < 1 (got {d.val_fraction} + {d.test_fraction}),"
             " or nothing is left to train on"
         )
-    if d.limit < 0:
-        raise FeatcacheError(f"config: data.limit must be >= 0, got {d.limit}")
+
+
+def _check_precision(cfg: Config) -> None:
     x = cfg.extract
-    if x.calibration < 1:
-        raise FeatcacheError(f"config: extract.calibration must be >= 1, got {x.calibration}")
     if x.precision != "float32" and x.engine not in ("auto", "tensorflow"):
         raise FeatcacheError(
             f"config: extract.precision={x.precision} runs on TensorFlow, not with engine {x.engine}"
         )
-    if d.group_pattern:
-        import re
-
-        try:
-            re.compile(d.group_pattern)
-        except re.error as e:
-            raise FeatcacheError(f"config: data.group_pattern is not a valid regex: {e}") from None
-    positive = {
-        "extract.batch_size": cfg.extract.batch_size,
-        "finetune.batch_size": cfg.finetune.batch_size,
-        "search.n_trials": cfg.search.n_trials,
-    }
-    for key, v in positive.items():
-        if v < 1:
-            raise FeatcacheError(f"config: {key} must be >= 1, got {v}")
-    if cfg.backbone.image_size != 0 and not 16 <= cfg.backbone.image_size <= 2048:
-        raise FeatcacheError(
-            f"config: backbone.image_size must be 0 (default) or in [16, 2048], got {cfg.backbone.image_size}"
-        )
-    if cfg.extract.threads < 0:
-        raise FeatcacheError(f"config: extract.threads must be >= 0, got {cfg.extract.threads}")
-    if not cfg.backbone.name.strip():
-        raise FeatcacheError("config: backbone.name must not be empty")
-    if cfg.search.n_jobs == 0:
-        raise FeatcacheError("config: search.n_jobs must not be 0 (use -1 for all cores)")
-    if cfg.search.cv == 1 or cfg.search.cv < 0:
-        raise FeatcacheError(
-            f"config: search.cv must be 0 (validation split) or >= 2 folds, got {cfg.search.cv}"
-        )
-    if cfg.cluster.address:
-        from pipeline.utils.cluster import parse_address
-
-        parse_address(cfg.cluster.address)  # a malformed address fails now, before any work
-    if not cfg.finetune.learning_rate > 0:
-        raise FeatcacheError(f"config: finetune.learning_rate must be > 0, got {cfg.finetune.learning_rate}")
 
 
-def _field_types(section_obj: Any) -> dict[str, Any]:
-    hints = typing.get_type_hints(type(section_obj))
-    return {f.name: hints[f.name] for f in dataclasses.fields(section_obj)}
+#: the rules that involve more than one key (each key's own rules are declared with it)
+CROSS_CHECKS = (_check_fractions, _check_precision)
 
 
-def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
-    section, _, name = dotted.partition(".")
-    sections = {f.name for f in dataclasses.fields(cfg)}
-    if section not in sections or not name:
-        raise FeatcacheError(
-            f"{origin}: unknown config key {dotted!r} (sections: {', '.join(sorted(sections))})"
-        )
-    sec = getattr(cfg, section)
-    types_ = _field_types(sec)
-    if name not in types_:
-        raise FeatcacheError(
-            f"{origin}: unknown config key {dotted!r} (known in [{section}]: {', '.join(types_)})"
-        )
-    annotation = types_[name]
-    if isinstance(annotation, types.UnionType):  # pragma: no cover - no unions today
-        annotation = Any
-    setattr(sec, name, _coerce(dotted, value, annotation))
+def config_keys() -> dict[str, schema.Key]:
+    """Every key of :class:`Config`, by dotted name, in the order of ``configs/default.toml``."""
+    return schema.keys(Config)
+
+
+def _validate(cfg: Config) -> None:
+    schema.validate(cfg)
+    for rule in CROSS_CHECKS:
+        rule(cfg)
 
 
 def given_keys(cfg: Config) -> frozenset[str]:
@@ -355,34 +443,55 @@ def read_toml(p: Path, what: str) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults ← TOML file ← overrides (``{"backbone.name": "vgg16", ...}``), validated once at the end."""
     cfg = Config()
-    defaults = Config()
     given: set[str] = set()
     if path:
         p = Path(path)
-        raw = read_toml(p, "config file")
-        for section, values in raw.items():
+        defaults = Config()
+        for section, values in read_toml(p, "config file").items():
             if not isinstance(values, dict):
                 raise FeatcacheError(f"{p}: top-level key {section!r} must be a [section]")
             for name, value in values.items():
-                _set(cfg, f"{section}.{name}", value, str(p))
+                schema.assign(cfg, f"{section}.{name}", value, str(p))
                 if getattr(getattr(cfg, section), name) != getattr(getattr(defaults, section), name):
                     given.add(f"{section}.{name}")
-    for dotted, value in (overrides or {}).items():
+    return _overridden(cfg, given, overrides or {})
+
+
+def _overridden(cfg: Config, given: set[str], overrides: dict[str, Any]) -> Config:
+    for dotted, value in overrides.items():
         if value is None:
             continue
-        _set(cfg, dotted, value, "override")
+        schema.assign(cfg, dotted, value, "override")
         given.add(dotted)
     _validate(cfg)
     cfg.given = frozenset(given)
     return cfg
 
 
-def parse_assignments(items: list[str], origin: str = "--set") -> dict[str, str]:
-    """``["a.b=1", ...]`` → ``{"a.b": "1"}``; values are typed later against the dataclass fields."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise FeatcacheError(f"{origin}: expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
+def follow_layers(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The stages after extract use the layer given (``--layer``, ``layer=``) too: it sets ``train.layer``."""
+    layers = overrides.get("backbone.layers")
+    if not layers or overrides.get("train.layer") is not None:
+        return overrides
+    items = layers.split(",") if isinstance(layers, str) else list(layers)
+    return {**overrides, "train.layer": str(items[0]).strip()}
+
+
+def resolve_config(config: Config | str | Path | None = None, section: str = "", /, **options: Any) -> Config:
+    """The one way every stage reads its settings: ``config`` (a :class:`Config`, a TOML path or None for the
+    defaults) with ``options`` on top. Keywords override the config's values, whichever form it has
+    (a given :class:`Config` is copied, never changed); None means "not given". See :func:`pipeline.utils.schema.keyword_key`
+    for the keyword forms; ``section`` is the calling stage's."""
+    overrides = {
+        schema.keyword_key(n, config_keys(), section): v for n, v in options.items() if v is not None
+    }
+    if section != "extract":
+        overrides = follow_layers(overrides)
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return load_config(config, overrides)
+    if not isinstance(config, Config):
+        raise FeatcacheError(f"config must be a Config, a TOML file or None, got {type(config).__name__}")
+    if not overrides:
+        _validate(config)
+        return config
+    return _overridden(copy.deepcopy(config), set(config.given), overrides)
