@@ -51,6 +51,7 @@ from pipeline.features.tflite import (
     freeze,
     interpreter_class,
 )
+from pipeline.utils.config import ENGINES
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_write, read_json
 from pipeline.utils.workers import usable_cores
@@ -79,9 +80,6 @@ PROBE_IMAGES = 16
 #: ``tflite-int8`` is refused when its mean cosine to TensorFlow's features on (the first 16 of) its
 #: calibration images is lower: they are the dataset's own, the probe photos may be far from it.
 INT8_MIN_COSINE = 0.9
-
-
-ENGINE_NAMES = ("auto", "tensorflow", "tflite", "tflite-int8")
 
 
 class Engine(Protocol):
@@ -552,4 +550,4 @@ def make_engine(
             )
             return TensorFlowEngine(fm)
         return engine
-    raise FeatcacheError(f"extract.engine must be one of {', '.join(ENGINE_NAMES)}, got {name!r}")
+    raise FeatcacheError(f"extract.engine must be one of {', '.join(ENGINES)}, got {name!r}")
