@@ -47,7 +47,11 @@ SELECTION_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "--backbone": (
         "backbone.name",
-        {"metavar": "NAME", "help": "efficientnet_lite0 (default), vgg16, resnet50, mobilenet_v2, ..."},
+        {
+            "metavar": "NAME",
+            "help": "efficientnet_lite0 (default), vgg16, resnet50, mobilenet_v2, ...; KerasHub (DINOv2/v3,"
+            " SigLIP 2, CLIP, ViT): hub:<preset>, kaggle://..., hf://... or a preset folder",
+        },
     ),
     "--weights": ("backbone.weights", {"metavar": "imagenet|none|PATH"}),
     "--layer": (
@@ -58,7 +62,10 @@ SELECTION_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "help": "cut at this layer (repeatable: several layers in one pass); later stages: use it",
         },
     ),
-    "--pooling": ("backbone.pooling", {"choices": ["avg", "max", "flatten", "none"]}),
+    "--pooling": (
+        "backbone.pooling",
+        {"choices": ["avg", "max", "flatten", "none", "cls", "mean", "cls+mean", "pooled"]},
+    ),
     "--image-size": ("backbone.image_size", {"type": int, "metavar": "N"}),
     "--resize": ("backbone.resize", {"choices": ["stretch", "crop", "pad"]}),
     "--cache-dir": ("extract.cache_dir", {"metavar": "DIR"}),

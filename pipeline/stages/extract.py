@@ -47,9 +47,10 @@ from pipeline.data.augment import VIEW_SUFFIX, augmented_view
 from pipeline.data.images import make_image_dataset, numpy_batches
 from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes
 from pipeline.data.splits import SPLIT_CODES, assign_split
+from pipeline.features.backbones.hub_presets import settle
 from pipeline.features.backbones.registry import get_spec
 from pipeline.utils.collector import frozen_gc
-from pipeline.utils.config import Config, load_config
+from pipeline.utils.config import Config, given_keys, load_config
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -164,7 +165,9 @@ def extract(
     elif overrides:
         raise TypeError("pass overrides either in the Config or as keywords, not both")
     cfg = config
-    get_spec(cfg.backbone.name)  # an unknown backbone fails before any work
+    spec = get_spec(cfg.backbone.name)  # an unknown backbone fails before any work
+    if spec.preset is not None:
+        settle(cfg.backbone, given_keys(cfg), spec.preset)
     cache_dir = Path(cfg.extract.cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

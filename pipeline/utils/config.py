@@ -27,7 +27,7 @@ else:  # pragma: no cover
 SPLITS = ("train", "val", "test")
 
 
-POOLINGS = ("avg", "max", "flatten", "none")
+POOLINGS = ("avg", "max", "flatten", "none", "cls", "mean", "cls+mean", "pooled")
 
 
 RESIZE_POLICIES = ("stretch", "crop", "pad")
