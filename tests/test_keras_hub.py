@@ -107,7 +107,7 @@ def keras_hub_features(folder: Path, images: Path, keys: list[str], pooling: str
     if pooling == "pooled":
         own = getattr(root, "get_vision_embeddings", None)
         return np.asarray(own(x) if own else root.vision_encoder(x))
-    tokens = np.asarray(root({root.inputs[0].name: x}))
+    tokens = np.asarray(root({k: x for k in root.input} if isinstance(root.input, dict) else x))
     prefix = 1 + getattr(root, "num_register_tokens", 0)
     cls, mean = tokens[:, 0], tokens[:, prefix:].mean(1)
     return {"cls": cls, "mean": mean, "cls+mean": np.concatenate([cls, mean], 1)}[pooling]

@@ -199,7 +199,7 @@ def _handle(ref: str) -> str:
 
         close = difflib.get_close_matches(preset, list(BUILTIN_PRESETS), n=3)
         hint = f" (did you mean {', '.join('hub:' + c for c in close)}?)" if close else ""
-        raise FeatcacheError(f"--backbone {ref}: KerasHub has no preset {preset!r}{hint}")
+        raise FeatcacheError(f"unknown backbone {ref!r}: KerasHub has no preset {preset!r}{hint}")
     return BUILTIN_PRESETS[preset]["kaggle_handle"]
 
 
@@ -209,6 +209,15 @@ def offline_error(ref: str, handle: str, why: str) -> FeatcacheError:
         "folder instead: --backbone PATH, a folder that keras_hub's save_to_preset wrote (config.json, "
         "model.weights.h5, image_converter.json)"
     )
+
+
+def _why(e: BaseException) -> str:
+    """A download failure in a few words: an unreachable host by name, anything else by its first line."""
+    text = str(e)
+    host = re.search(r"host='([^']+)'", text)
+    if host and ("Resolution" in text or "resolve" in text or "Connection" in type(e).__name__):
+        return f"no connection to {host.group(1)}"
+    return (text.strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:
@@ -242,8 +251,7 @@ def fetch(ref: str) -> str:
     except FeatcacheError:
         raise
     except Exception as e:  # noqa: BLE001 - requests/kagglehub/huggingface_hub errors: all mean "not here"
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise offline_error(ref, handle, why) from None
+        raise offline_error(ref, handle, _why(e)) from None
     folder = Path(config).parent
     if "class_name" not in _read_json(folder / "config.json"):
         raise FeatcacheError(

@@ -103,6 +103,8 @@ def get_spec(name: str) -> BackboneSpec:
     key = normalize_name(name)
     if key not in BACKBONES and is_hub_name(name):
         return hub_spec(name)
+    if key not in BACKBONES and ("/" in name or name.startswith(".")):
+        raise FeatcacheError(f"unknown backbone {name!r}: no KerasHub preset folder there (no config.json)")
     if key not in BACKBONES:
         close = difflib.get_close_matches(key, BACKBONES, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(BACKBONES)})"
