@@ -1,9 +1,10 @@
 """The cache key: a digest of everything that changes a feature, computed without importing TensorFlow.
 
 Sample content is keyed separately (one digest per row, see :mod:`pipeline.data.sources`); this module covers
-the extractor side: backbone, the *content* of its weights, layers, pooling, input size, resize policy,
-preprocessing, stored dtype, unless it is ``exact`` the decode policy (``data.decode``), and the engine only
-where it changes features (:func:`engine_key`). Anything not listed here cannot change a feature value.
+the extractor side: backbone (a KerasHub preset: its configuration files too), the *content* of its weights,
+layers, pooling, input size, resize policy, preprocessing, stored dtype, unless it is ``exact`` the decode
+policy (``data.decode``), and the engine only where it changes features (:func:`engine_key`). Anything not
+listed here cannot change a feature value.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def weights_digest(spec: BackboneSpec, weights: str, layers: list[str], cache_di
     """
     if weights == "none":
         return "none:seed0"
+    if weights == "imagenet" and spec.preset is not None:
+        return preset_weights_digest(spec.preset.folder, cache_dir)
     if weights == "imagenet":
         if spec.name == "efficientnet_lite0":
             from pipeline.features.backbones.lite0_weights import weights_file
@@ -54,6 +57,28 @@ def weights_digest(spec: BackboneSpec, weights: str, layers: list[str], cache_di
     if not p.is_file():
         raise FeatcacheError(f"--weights: file not found: {weights} (use imagenet, none, or a weights file)")
     return "sha256:" + sha256_file(p)
+
+
+def preset_weights_digest(folder: str | Path, cache_dir: str | Path) -> str:
+    """sha256 of a KerasHub preset's weight files (``*.weights.h5``, and a sharded preset's ``*.weights.json``),
+    remembered beside the caches by path, size and modification time: a ViT-L's 1.2 GB is hashed once."""
+    files = sorted(Path(folder).glob("*.weights.h5")) + sorted(Path(folder).glob("*.weights.json"))
+    if not files:
+        raise FeatcacheError(f"--backbone {folder}: the preset folder has no model.weights.h5")
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    memo_key = "preset:" + json.dumps(stats)
+    try:
+        memo = json.loads(_memo_path(cache_dir).read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key not in memo:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(sha256_file(p).encode())
+        memo[memo_key] = "sha256:" + h.hexdigest()
+        _memo_path(cache_dir).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(_memo_path(cache_dir), json.dumps(memo, indent=1, sort_keys=True))
+    return memo[memo_key]
 
 
 def remember_weights_digest(
@@ -87,6 +112,8 @@ def feature_key(cfg: Config, spec: BackboneSpec, digest: str, *, decodes: bool =
         "preprocess": spec.preprocess,
         "dtype": cfg.extract.dtype,
     }
+    if spec.preset is not None:  # a KerasHub preset: its configuration (the weights are in the digest)
+        key["preset"] = {"class": spec.preset.class_name, "config": spec.preset.config_digest}
     # ``exact`` is how 0.1 decoded, so its key stays the 0.1 key (old caches keep their file names); any
     # other policy changes pixels and gets its own caches, never mixing rows decoded two ways.
     if decodes and cfg.data.decode != "exact":

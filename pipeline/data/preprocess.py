@@ -1,4 +1,5 @@
-"""The one resize function and the in-graph preprocessing layers.
+"""The one resize function and the in-graph preprocessing layers (a keras.applications mode, or a KerasHub
+preset's scale and offset).
 
 Extraction, fine-tuning, prediction and export all call :func:`resize_images` and :class:`Preprocess`,
 so every stage feeds the backbone exactly the same pixels. Both are plain TensorFlow ops, usable inside a
@@ -118,3 +119,28 @@ class Preprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="featcache")
+class ScaleOffset(keras.layers.Layer):
+    """A KerasHub image converter's normalization, inside the graph: ``x * scale + offset`` on raw RGB 0..255.
+
+    ``scale`` and ``offset`` are what the preset's ``image_converter.json`` holds: None (no change), one
+    number, or one per channel (mean/std folded in: ``scale = 1/(255·std)``, ``offset = -mean/std``).
+    """
+
+    def __init__(self, scale=None, offset=None, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = list(scale) if isinstance(scale, (list, tuple)) else scale
+        self.offset = list(offset) if isinstance(offset, (list, tuple)) else offset
+
+    def call(self, x):
+        x = tf.cast(x, tf.float32)
+        if self.scale is not None:
+            x = x * tf.constant(self.scale, tf.float32)
+        if self.offset is not None:
+            x = x + tf.constant(self.offset, tf.float32)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "offset": self.offset}

@@ -43,13 +43,22 @@ def trainable_candidates(backbone) -> list:
     ]
 
 
+def top_units(cands: list, n: int) -> list:
+    """The top ``n`` of ``cands``: layers, or for a transformer its last ``n`` blocks and all after them (the
+    final norm, a pooling head)."""
+    from pipeline.features.backbones.keras_hub import is_block
+
+    blocks = [i for i, layer in enumerate(cands) if is_block(layer)]
+    return cands[blocks[max(0, len(blocks) - n)] :] if blocks else cands[-n:]
+
+
 def set_trainable(rebuilt, spec: str) -> dict[str, Any]:
     """Freeze the backbone except the layers ``spec`` names; BatchNorm stays frozen; the head trains."""
     import keras
 
     mode, n = parse_unfreeze(spec)
     cands = trainable_candidates(rebuilt.backbone)
-    chosen = [] if mode == "none" else cands if mode == "all" else cands[-n:]
+    chosen = [] if mode == "none" else cands if mode == "all" else top_units(cands, n)
     for layer in rebuilt.backbone.layers:
         layer.trainable = False
     for layer in chosen:

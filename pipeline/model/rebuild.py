@@ -1,7 +1,8 @@
 """Stage 3: turn a stage-2 run (a head fitted on cached features) into one end-to-end Keras model.
 
     image (raw RGB 0..255, any size) ─► [augmentation, training only] ─► ResizeImages(S, policy)
-        ─► core: Preprocess(mode) ─► FrozenBackbone(cut, always training=False) ─► the same pooling
+        ─► core: Preprocess(mode) or a preset's ScaleOffset ─► FrozenBackbone(cut, always training=False)
+                 ─► the same pooling (a CNN map's, or TokenPooling of a transformer's tokens)
                  ─► head: transforms as layers (Standardize, L2Normalize, PCAProject) ─► Dense ─► probabilities
 
 Nothing is re-implemented: resize and preprocessing are :mod:`pipeline.data.preprocess`'s (the functions
@@ -34,7 +35,7 @@ import numpy as np
 
 from pipeline.data.augment import augmentation_layers
 from pipeline.data.images import samples_for_rows
-from pipeline.data.preprocess import Preprocess, ResizeImages
+from pipeline.data.preprocess import ResizeImages
 from pipeline.model.convert import build_head_model, stage2_scores
 from pipeline.model.layers import FrozenBackbone
 from pipeline.model.runners import predict_images
@@ -150,30 +151,28 @@ class Rebuilt:
 
 
 def _backbone_cut(source: RunSource):
-    from pipeline.features.backbones.build import build_feature_model
+    from pipeline.features.backbones.build import backbone_cut, build_feature_model
     from pipeline.utils.config import BackboneConfig
 
     cfg = BackboneConfig(**known_fields(BackboneConfig, {**source.backbone, "layers": [source.layer]}))
     cfg.image_size = source.image_size
     fm = build_feature_model(cfg)
-    base = fm.base
-    cut = keras.Model(base.inputs, base.get_layer(source.layer).output, name=f"{fm.spec.name}_cut")
-    return fm, cut
+    return fm, backbone_cut(fm, source.layer)
 
 
 def assemble(
     fm, cut, head: keras.Model, image_size: int, resize: str, pooling: str, layer: str, augment=()
 ) -> tuple[keras.Model, keras.Model, keras.Model]:
     """(model, train_model, core) around an existing cut backbone and head model."""
-    from pipeline.features.backbones.build import pooling_layer
+    from pipeline.features.backbones.build import pooling_layer, preprocess_layer
 
     for lyr in cut.layers:
         if isinstance(lyr, keras.layers.BatchNormalization):
             lyr.trainable = False
     inp = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
-    x = Preprocess(fm.spec.preprocess, name="preprocess")(inp)
+    x = preprocess_layer(fm.spec)(inp)
     x = FrozenBackbone(cut, name="backbone")(x)
-    x = pooling_layer(x, pooling, layer)
+    x = pooling_layer(x, pooling, layer, fm.prefix_tokens)
     core = keras.Model(inp, head(x), name="core")
 
     raw = keras.Input((None, None, 3), dtype="float32", name="image")

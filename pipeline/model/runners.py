@@ -14,6 +14,7 @@ import tensorflow as tf
 import pipeline.model.layers  # noqa: F401 - registers the custom layers a featcache .keras file holds
 from pipeline.data.images import image_batches
 from pipeline.data.preprocess import ResizeImages
+from pipeline.features.backbones.keras_hub import load_objects
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -81,10 +82,22 @@ def predict_images(model, ds, samples, size: int, policy: str, batch_size: int =
     return (out if out is not None else np.zeros((0, 0))), ok_all
 
 
+def _config_text(path: Path) -> str:
+    """The model config inside a ``.keras`` file ("" if it is not one: loading then says why)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.read("config.json").decode("utf-8", "replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return ""
+
+
 def load_keras(path: str | Path) -> keras.Model:
     """A ``.keras`` file written by featcache (safe mode: no code is deserialized)."""
     try:
-        return keras.saving.load_model(Path(path), safe_mode=True, compile=False)
+        with keras.saving.CustomObjectScope(load_objects(_config_text(Path(path)))):
+            return keras.saving.load_model(Path(path), safe_mode=True, compile=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
         raise FeatcacheError(
             f"{path}: cannot load the Keras model ({type(e).__name__}: {str(e)[:200]})"

@@ -47,6 +47,7 @@ from pipeline.data.augment import VIEW_SUFFIX, augmented_view
 from pipeline.data.images import make_image_dataset, numpy_batches
 from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes, load_dataset
 from pipeline.data.splits import SPLIT_CODES, assign_split
+from pipeline.features.backbones.hub_presets import settle
 from pipeline.features.backbones.registry import check_int8, get_spec
 from pipeline.features.calibration import Calibration, for_config
 from pipeline.utils.collector import frozen_gc
@@ -165,7 +166,9 @@ def extract(
     """
     t_start = time.perf_counter()
     cfg = resolve_config(config, "extract", **options)
-    get_spec(cfg.backbone.name)  # an unknown backbone fails before any work
+    spec = get_spec(cfg.backbone.name)  # an unknown backbone fails before any work
+    if spec.preset is not None:
+        settle(cfg.backbone, given_keys(cfg), spec.preset)
     cache_dir = Path(cfg.extract.cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

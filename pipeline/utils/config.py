@@ -30,7 +30,7 @@ else:  # pragma: no cover
 
 
 SPLITS = ("train", "val", "test")
-POOLINGS = ("avg", "max", "flatten", "none")
+POOLINGS = ("avg", "max", "flatten", "none", "cls", "mean", "cls+mean", "pooled")
 RESIZE_POLICIES = ("stretch", "crop", "pad")
 ON_ERROR = ("skip", "fail")
 DECODE_POLICIES = ("dct", "exact")
@@ -115,7 +115,8 @@ class BackboneConfig:
         flag="--backbone",
         metavar="NAME",
         nonempty=True,
-        help="efficientnet_lite0 (default), vgg16, resnet50, mobilenet_v2, ...",
+        help="efficientnet_lite0 (default), vgg16, resnet50, mobilenet_v2, ...; KerasHub (DINOv2/v3, SigLIP 2,"
+        " CLIP, ViT): hub:<preset>, kaggle://..., hf://... or a preset folder",
     )
     weights: str = opt(
         "imagenet", flag="--weights", metavar="imagenet|none|PATH", help="imagenet, none or a weights file"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.features.backbones.hub_presets import TOKEN_POOLINGS
 from pipeline.features.backbones.registry import BackboneSpec, get_spec
 from pipeline.utils.config import BackboneConfig
 from pipeline.utils.errors import FeatcacheError
@@ -28,6 +29,7 @@ class FeatureModel:
     layers: list[str]
     dims: dict[str, int]
     map_shapes: dict[str, list[int]] = field(default_factory=dict)  # pre-pooling shape of each layer
+    prefix_tokens: int | None = None  # a KerasHub token model: CLS + register tokens before the patches
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     def weights_digest(self) -> str:
@@ -91,9 +93,23 @@ def load_base(spec: BackboneSpec, weights: str, include_top: bool, size: int):
     return model
 
 
-def pooling_layer(x, pooling: str, name: str):
+def preprocess_layer(spec: BackboneSpec, name: str = "preprocess"):
+    """The backbone's input convention as a layer: a ``Preprocess`` mode, or a preset's scale and offset."""
+    from pipeline.data.preprocess import Preprocess, ScaleOffset
+
+    if spec.preset is not None:
+        return ScaleOffset(spec.preset.scale, spec.preset.offset, name=name)
+    return Preprocess(spec.preprocess, name=name)
+
+
+def pooling_layer(x, pooling: str, name: str, prefix_tokens: int | None = None):
+    """One feature vector per image: pools a CNN map (avg, max, flatten, none) or a token model's tokens."""
     import keras
 
+    if prefix_tokens is not None and len(x.shape) == 3:
+        from pipeline.features.backbones.keras_hub import TokenPooling
+
+        return TokenPooling(pooling, prefix_tokens, name=f"{name}_{pooling.replace('+', '_')}")(x)
     if len(x.shape) == 2:
         return x
     if len(x.shape) != 4:
@@ -132,9 +148,14 @@ def build_feature_model(cfg: BackboneConfig, precision: str = "float32") -> Feat
 def _build(cfg: BackboneConfig) -> FeatureModel:
     import keras
 
-    from pipeline.data.preprocess import Preprocess
-
     spec = get_spec(cfg.name)
+    if spec.preset is not None:
+        return hub_feature_model(cfg, spec)
+    if cfg.pooling in TOKEN_POOLINGS:
+        raise FeatcacheError(
+            f"--pooling {cfg.pooling}: for transformer (KerasHub) backbones; {spec.name} pools with avg, max,"
+            " flatten or none"
+        )
     size = cfg.image_size or spec.default_size
     base = load_base(spec, cfg.weights, include_top=False, size=size)
     names = {layer.name for layer in base.layers}
@@ -155,7 +176,7 @@ def _build(cfg: BackboneConfig) -> FeatureModel:
     base.trainable = False
     cut = keras.Model(base.inputs, [base.get_layer(n).output for n in layers], name=f"{spec.name}_cut")
     inp = keras.Input((size, size, 3), dtype="float32", name="image")
-    x = Preprocess(spec.preprocess, name="preprocess")(inp)
+    x = preprocess_layer(spec)(inp)
     outs = cut(x, training=False)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     map_shapes = {n: [int(d) for d in o.shape[1:]] for n, o in zip(layers, outs, strict=True)}
@@ -163,3 +184,42 @@ def _build(cfg: BackboneConfig) -> FeatureModel:
     model = keras.Model(inp, pooled, name=f"{spec.name}_features")
     dims = {n: int(np.prod(t.shape[1:])) for n, t in pooled.items()}
     return FeatureModel(model, base, spec, size, layers, dims, map_shapes)
+
+
+def hub_feature_model(cfg: BackboneConfig, spec: BackboneSpec) -> FeatureModel:
+    """The frozen extractor of a KerasHub preset: its scale/offset, the cut blocks, the token pooling."""
+    import keras
+
+    from pipeline.features.backbones.keras_hub import load_backbone, token_cut
+
+    preset = spec.preset
+    size = cfg.image_size or spec.default_size
+    layers = list(cfg.layers) or ["output"]
+    unknown = [layer for layer in layers if layer not in preset.layer_names]
+    if unknown:
+        raise FeatcacheError(
+            f"--layer: {spec.name} has no layer {unknown[0]!r} (its layers: block1 … block{preset.num_layers}"
+            ", output)"
+        )
+    root = load_backbone(preset, cfg.weights, size)
+    root.trainable = False
+    cut = token_cut(root, preset, layers, cfg.pooling, f"{spec.name}_cut")
+    inp = keras.Input((size, size, 3), dtype="float32", name="image")
+    outs = cut(preprocess_layer(spec)(inp), training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    map_shapes = {n: [int(d) for d in o.shape[1:]] for n, o in zip(layers, outs, strict=True)}
+    pre = preset.prefix_tokens
+    pooled = {n: pooling_layer(o, cfg.pooling, n, pre) for n, o in zip(layers, outs, strict=True)}
+    model = keras.Model(inp, pooled, name=f"{spec.name}_features")
+    dims = {n: int(np.prod(t.shape[1:])) for n, t in pooled.items()}
+    return FeatureModel(model, cut, spec, size, layers, dims, map_shapes, prefix_tokens=pre)
+
+
+def backbone_cut(fm: FeatureModel, layer: str):
+    """The backbone from preprocessed pixels to ``layer``'s output, unpooled: what fine-tuning trains."""
+    import keras
+
+    if fm.prefix_tokens is not None:  # the cut of a token model ends at its layers already
+        out = fm.base.outputs[fm.layers.index(layer)]
+        return keras.Model(fm.base.inputs, out, name=f"{fm.spec.name}_cut")
+    return keras.Model(fm.base.inputs, fm.base.get_layer(layer).output, name=f"{fm.spec.name}_cut")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from pipeline.features.backbones.hub_presets import HubPreset, is_hub_name, read_preset
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -17,8 +18,9 @@ class BackboneSpec:
     name: str
     module: str  # where the constructor lives
     constructor: str
-    preprocess: str  # a pipeline.data.preprocess.Preprocess mode
+    preprocess: str  # a pipeline.data.preprocess.Preprocess mode (a KerasHub preset: its scale and offset)
     default_size: int
+    preset: HubPreset | None = None  # a KerasHub backbone (pipeline.features.backbones.keras_hub)
 
 
 def _k(name, module, ctor, pre, size):
@@ -108,10 +110,23 @@ def normalize_name(name: str) -> str:
     return n
 
 
+def hub_spec(name: str) -> BackboneSpec:
+    """The spec of a KerasHub preset (``hub:<preset>``, a handle or a preset folder)."""
+    p = read_preset(name)
+    return BackboneSpec(
+        p.label, "pipeline.features.backbones.keras_hub", p.class_name, p.preprocess, p.image_size, p
+    )
+
+
 def get_spec(name: str) -> BackboneSpec:
     key = normalize_name(name)
+    if key not in BACKBONES and is_hub_name(name):
+        return hub_spec(name)
+    if key not in BACKBONES and ("/" in name or name.startswith(".")):
+        raise FeatcacheError(f"unknown backbone {name!r}: no KerasHub preset folder there (no config.json)")
     if key not in BACKBONES:
         close = difflib.get_close_matches(key, BACKBONES, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(BACKBONES)})"
+        hint += "; KerasHub models: hub:<preset>, kaggle://…, hf://… or a preset folder"
         raise FeatcacheError(f"unknown backbone {name!r}{hint}")
     return BACKBONES[key]
