@@ -269,6 +269,14 @@ _SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "help": "only heads finetune/export can convert (no knn, hgb)",
         },
     ),
+    "--no-refit": (
+        "search.refit",
+        {
+            "action": "store_const",
+            "const": "false",
+            "help": "do not train the best configuration as a run at the end (best.toml is still written)",
+        },
+    ),
 }
 
 
@@ -511,7 +519,10 @@ def _add_train(sub) -> None:
 
 
 def _add_search(sub) -> None:
-    p = sub.add_parser("search", help="search heads and hyperparameters on the val split; resumable")
+    p = sub.add_parser(
+        "search",
+        help="search heads and hyperparameters on the val split, then train the best as a run; resumable",
+    )
     _common(p)
     _add_flags(p, _SEARCH_FLAGS)
     p.add_argument(

@@ -116,6 +116,7 @@ class SearchConfig:
     n_jobs: int = 1
     cv: int = 0  # 0 = the fixed validation split; k >= 2 = k-fold CV on train+val
     convertible: bool = False  # only heads that finetune/export can convert (no knn, hgb)
+    refit: bool = True  # train the best configuration as a run (on train, scored on val and test)
 
 
 @dataclass
