@@ -140,7 +140,8 @@ def bench_search(cache_path: Path, passes: dict[str, float], n_jobs: int) -> dic
     from pipeline.stages.search import search
     from pipeline.utils.config import load_config
 
-    cfg = load_config(None, {"train.cache": str(cache_path), "search.n_jobs": n_jobs})
+    # the trials alone (no refit run at the end), as RESULTS.md has always measured them
+    cfg = load_config(None, {"train.cache": str(cache_path), "search.n_jobs": n_jobs, "search.refit": False})
     t0 = time.perf_counter()
     s = search(cfg, fresh=True)
     secs = time.perf_counter() - t0

@@ -30,7 +30,7 @@ _LAZY = {
     "FeatureExtractor": "transformer",
     "build_feature_model": "features.backbones.build",
     "train": "stages.train",
-    "TrainRun": "stages.train",
+    "TrainRun": "heads.training",
     "search": "stages.search",
     "SearchRun": "stages.search",
     "load_run": "heads.persist",
@@ -44,6 +44,7 @@ _LAZY = {
     "report": "stages.report",
     "Report": "stages.report",
     "list_runs": "utils.runs",
+    "Run": "api",
 }
 
 

@@ -44,7 +44,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "search": (
         *PICK,
         *("search.space", "search.strategy", "search.n_trials", "search.n_jobs", "search.cv"),
-        *("cluster.address", "search.convertible"),
+        *("cluster.address", "search.convertible", "search.refit"),
     ),
     "finetune": (
         *("finetune.run", "finetune.epochs", "finetune.unfreeze", "finetune.learning_rate"),
@@ -357,7 +357,7 @@ def _add_train(sub) -> None:
 
 
 def _add_search(sub) -> None:
-    help_ = "search heads and hyperparameters on the val split; resumable"
+    help_ = "search heads and hyperparameters on the val split, then train the best as a run; resumable"
     p = _command(sub, "search", cmd_search, help=help_)
     p.add_argument(
         "--fresh", action="store_true", help="forget finished trials of this search and start over"

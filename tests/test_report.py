@@ -103,7 +103,7 @@ def results(digits_cache, tmp_path_factory) -> dict:
     cfg = load_config(None, {**ov, "train.head": "keras_linear"})
     cfg.train.params = {"epochs": 4}
     keras_run = train(cfg).run_dir
-    searched = search(load_config(None, ov))
+    searched = search(load_config(None, {**ov, "search.refit": "false"}))  # two runs and two trials, no refit
     out = root / "report.html"
     rep = report(
         load_config(None, ov), out=out, run=keras_run.name, thumbnails=8, map_rows=600, tsne_rows=200

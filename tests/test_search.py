@@ -1,11 +1,13 @@
 """Search on a real cache: grid/random/halving, k-fold CV, a real SIGKILL mid-search and a resume that
-re-runs nothing finished, best.toml feeding ``featcache train``, and the test split kept out."""
+re-runs nothing finished, best.toml feeding ``featcache train``, the refit run equal to that train, and the
+test split kept out."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +140,8 @@ def test_search_resumes_after_sigkill_without_rerunning_finished_trials(digits_c
 
     again = search(search_cfg(digits_cache, runs, space))
     assert again.n_run == 0 and again.n_reused == TOTAL and again.dir == journal.parent
+    assert summary["refit"]["trial"] == board[0]["key"]  # the resumed search refit its best trial
+    assert again.refit.reused and str(again.refit_dir) == summary["refit"]["path"]  # and the rerun reused it
 
 
 def test_best_toml_is_a_config_that_train_picks_up(digits_cache, tmp_path):
@@ -168,6 +172,25 @@ params = { C = [10.0], class_weight = ["none"] }
     assert final.metrics["test"]["accuracy"] > 0.85
     out = run.summary()
     assert "best:" in out and str(run.best_toml) in out and out.count("\n") >= 8
+
+    # the refit run is that train run: same head, settings, scores and predictions, written the same way
+    refit = json.loads((run.refit_dir / "metrics.json").read_text())
+    assert run.refit_dir.parent == tmp_path.resolve() and not run.refit.reused
+    for key in ("head", "head_kind", "params", "layer", "transforms", "transform_chain", "class_names"):
+        assert refit[key] == final.metrics[key], key
+    for split in ("val", "test"):
+        assert refit[split] == final.metrics[split], split
+    assert refit["config"]["train"] == {**final.metrics["config"]["train"], "runs_dir": str(tmp_path)}
+    origin = {
+        "folder": run.dir.name,
+        "trial": run.best["key"],
+        "score": run.best["score"],
+        "key": run.refit.key,
+    }
+    assert refit["search"] == origin
+    assert sorted(p.name for p in run.refit_dir.iterdir()) == sorted(p.name for p in final.run_dir.iterdir())
+    assert f"refit: the best config trained as run {run.refit_dir.name}" in out
+    assert json.loads((run.dir / "search.json").read_text())["refit"]["run"] == run.refit_dir.name
 
 
 def test_halving_random_and_cv_never_touch_the_test_split(digits_cache, tmp_path):
@@ -328,3 +351,50 @@ def test_convertible_search_keeps_to_heads_finetune_can_take():
     kept = convertible_space(space)
     assert {e.head for e in kept.entries} == heads - NOT_CONVERTIBLE
     assert kept.canonical() != space.canonical()  # a different search: its own folder and trials
+
+
+def test_the_refit_run_is_reused_retrained_when_gone_and_skipped_with_no_refit(digits_cache, tmp_path):
+    import numpy as np
+
+    import pipeline
+    from pipeline.cache.store import FeatureCache
+    from pipeline.cli import main
+    from pipeline.stages.search import search
+
+    space = write_space(
+        tmp_path / "s.toml", '[[heads]]\nname = "ridge"\nparams = { alpha = [1.0, 1000.0] }\n'
+    )
+    runs = tmp_path / "runs"
+
+    def finished():
+        return sorted(p for p in runs.iterdir() if (p / "manifest.json").is_file())
+
+    first = search(search_cfg(digits_cache, runs, space))
+    assert finished() == [first.refit_dir] and not first.refit.reused
+    run = pipeline.Run(first)  # a search's result opens as its refit run, which loads and predicts
+    assert run.path == first.refit_dir and run.kind == "train" and run.metrics.head == "ridge"
+    with FeatureCache(digits_cache) as c:
+        X, y = c.xy("test")
+    accuracy = float(np.mean(run.model.predict(X) == y))
+    assert accuracy == pytest.approx(run.metrics.test_accuracy) and accuracy > 0.85
+    by_prefix = pipeline.Run(first.refit_dir.name[:-2], train__runs_dir=str(runs))
+    assert by_prefix.path == run.path
+
+    again = search(search_cfg(digits_cache, runs, space))  # finished search, same best trial: no retraining
+    assert again.n_run == 0 and again.refit.reused and again.refit_dir == first.refit_dir
+    assert finished() == [first.refit_dir] and "(reused: trained from the same best trial" in again.summary()
+
+    shutil.rmtree(first.refit_dir)  # the run is gone: the rerun trains it again
+    third = search(search_cfg(digits_cache, runs, space))
+    assert third.n_run == 0 and not third.refit.reused and finished() == [third.refit_dir]
+
+    args = ["search", "--cache", str(digits_cache), "--space", str(space), "--set", f"train.runs_dir={runs}"]
+    assert main([*args, "--no-refit", "--quiet"]) == 0
+    info = json.loads((third.dir / "search.json").read_text())
+    assert info["refit"] is None and info["search_config"]["refit"] is False and info["n_run"] == 0
+    off = search(search_cfg(digits_cache, runs, space, refit="false"))
+    assert off.refit is None and off.refit_dir is None
+    assert not [line for line in off.summary().splitlines() if line.startswith("refit")]
+    assert finished() == [third.refit_dir]  # nothing trained without the refit
+    with pytest.raises(FeatcacheError, match="trained no run"):
+        pipeline.Run(off)

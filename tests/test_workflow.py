@@ -188,3 +188,19 @@ def test_a_class_too_small_for_its_split_gets_a_note_suggesting_cv():
     assert note and "dress (1 in val)" in note and "dress (1 in test)" in note and "--cv" in note
     assert "pullover" not in note
     assert small_class_note(np.repeat([0, 1], 100), np.tile([0] * 80 + [1] * 10 + [2] * 10, 2), "ab") is None
+
+
+def test_a_run_predicts_images_and_finds_its_own_in_the_cache(two_sizes, tmp_path):
+    """``pipeline.Run(...).predict`` is ``featcache predict --model``: the photos of the run's cache are
+    served from it, and each gets its top classes."""
+    import pipeline
+
+    cfg = load_config(None, {"train.cache": str(two_sizes["32"]), "train.runs_dir": str(tmp_path)})
+    run = pipeline.Run(pipeline.train(cfg))
+    photos = sorted(two_sizes["photos"].rglob("*.*"))
+    results = run.predict(two_sizes["photos"], top_k=2)  # a folder, walked as predict walks it
+    assert [r.image for r in results] == [str(p) for p in photos]
+    assert all(r.source == "cache" and r.error is None and len(r.top) == 2 for r in results)
+    assert {name for r in results for _, name, _ in r.top} == {"china", "flower"}
+    (one,) = run.predict(str(photos[0]), top_k=1)
+    assert one.top == results[0].top[:1]

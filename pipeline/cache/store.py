@@ -121,9 +121,18 @@ class FeatureCache:
         return self._f["features"][self.layer_name(layer)]
 
     def rows(self, split: str | None = None) -> np.ndarray:
+        """The row indices of a split (``train``, ``val`` or ``test``); every row when None."""
         if split is None:
             return np.arange(self.n_rows)
+        if split not in SPLITS:
+            raise FeatcacheError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
         return np.flatnonzero(self.split == SPLITS.index(split))
+
+    def xy(self, split: str | None = None, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``X, y`` of a split in one call: float32 features (N×D, of ``layer``, default the first) and the
+        class indices into :attr:`class_names`; every row when ``split`` is None."""
+        rows = self.rows(split)
+        return self.features(layer, rows), self.labels[rows]
 
     def features(
         self, layer: str | None = None, rows: np.ndarray | None = None, dtype=np.float32

@@ -4,7 +4,9 @@ A space is a TOML file (``pipeline/configs/search_space.toml`` is the built-in o
 run through joblib (``n_jobs``) and each finished trial is appended to ``trials.jsonl`` at once, keyed by a
 hash of what defines it (layer, head, params, transforms, cache fingerprint, cv, resource, seed), so a
 killed search rerun with the same settings lands in the same folder, skips what is done and finishes the
-rest. The test split never reaches a search: its rows are not even loaded.
+rest. The test split never reaches a search: its rows are not even loaded. With ``search.refit`` (the
+default) the search ends by training its best configuration as a run, as ``featcache train`` does with
+``best.toml``; a rerun reuses that run.
 
 This stage finds the cache and the search folder and composes :mod:`pipeline.tuning`, which does the rest.
 """
@@ -28,10 +30,12 @@ from pipeline.tuning import (
     halving,
     load_space,
     plan_folds,
+    refit_best,
     strategy_candidates,
     write_outputs,
+    write_summary,
 )
-from pipeline.utils.config import Config, resolve_config
+from pipeline.utils.config import Config, SearchConfig, resolve_config
 from pipeline.utils.io import file_lock
 from pipeline.utils.journal import TRIALS_FILE
 
@@ -58,7 +62,8 @@ def search(
     **options: Any,
 ) -> SearchRun:
     """Run (or resume) the search that ``cfg`` describes, keywords on top
-    (:func:`pipeline.utils.config.resolve_config`); write trials, leaderboard and ``best.toml``."""
+    (:func:`pipeline.utils.config.resolve_config`); write trials, leaderboard and ``best.toml``, and train the
+    best configuration as a run (``search.refit``: :attr:`SearchRun.refit_dir`)."""
     from pipeline.cache.locate import resolve_cache, runs_root
     from pipeline.cache.reader import Data, close_cache, use_streaming
     from pipeline.cache.store import FeatureCache
@@ -88,41 +93,46 @@ def search(
         out.mkdir(parents=True, exist_ok=True)
         busy = f"{out}: another featcache search is running this search; wait for it or use another space"
         try:
-            with file_lock(out / "search.lock", busy), _cluster(cfg) as client:
+            with file_lock(out / "search.lock", busy):
                 if fresh:
                     for name in (TRIALS_FILE, "leaderboard.csv", "best.toml", "search.json"):
                         (out / name).unlink(missing_ok=True)
                 preload_plots()  # while the trials run
-                runner = TrialRunner(
-                    out / TRIALS_FILE, data, plan, fingerprint, s.cv, seed, s.n_jobs, progress, client
-                )
+                with _cluster(cfg) as client:
+                    runner = TrialRunner(
+                        out / TRIALS_FILE, data, plan, fingerprint, s.cv, seed, s.n_jobs, progress, client
+                    )
+                    run = _run(runner, candidates, s, plan, notes, t0)
+                write_outputs(run, space, cache_path, seed)
                 try:
-                    if s.strategy == "halving":
-                        results = halving(runner, candidates, len(plan.folds[0][0]), plan.n_classes, notes)
-                    else:
-                        got = runner.run(candidates, 1.0)
-                        results = {c: (1.0, got[c]) for c in candidates}
+                    if s.refit and run.best is not None:
+                        if progress:
+                            progress("refit: the best configuration, as a run")
+                        run.refit = refit_best(cfg, run.best, out, cache_path)
                 finally:
-                    runner.close()
-                board = build_leaderboard(results)
-                best = next((r for r in board if r["status"] == "ok"), None)
-                run = SearchRun(
-                    out,
-                    s.strategy,
-                    board,
-                    best,
-                    len(candidates),
-                    runner.n_run,
-                    runner.n_reused,
-                    time.perf_counter() - t0,
-                    s.cv,
-                    notes,
-                )
-                search_config = cfg.to_dict()["search"]
-                write_outputs(run, space, cache_path, fingerprint, seed, search_config, streamed)
+                    write_summary(run, space, cache_path, fingerprint, cfg.to_dict()["search"], streamed)
         finally:
             close_cache(cache_path)
     return run
+
+
+def _run(runner: TrialRunner, candidates, s: SearchConfig, plan, notes: list[str], t0: float) -> SearchRun:
+    """Every candidate's trials (halving's rungs, or each once at full size), ranked."""
+    try:
+        if s.strategy == "halving":
+            results = halving(runner, candidates, len(plan.folds[0][0]), plan.n_classes, notes)
+        else:
+            got = runner.run(candidates, 1.0)
+            results = {c: (1.0, got[c]) for c in candidates}
+    finally:
+        runner.close()
+    board = build_leaderboard(results)
+    best = next((r for r in board if r["status"] == "ok"), None)
+    seconds = time.perf_counter() - t0
+    n_run, n_reused = runner.n_run, runner.n_reused
+    return SearchRun(
+        runner.journal.parent, s.strategy, board, best, len(candidates), n_run, n_reused, seconds, s.cv, notes
+    )
 
 
 def _cluster(cfg: Config):

@@ -1,220 +1,23 @@
 """Stage 2: fit a head on cached features, evaluate it on val and test, and write a run folder.
 
-The cache is read into memory when it fits a budget and streamed from HDF5 in chunks when it does not
-(``train.streaming = auto | memory | stream``). Streaming fits transforms with ``partial_fit``
-(StandardScaler, IncrementalPCA) and heads with ``partial_fit`` or a Keras ``PyDataset``. The val split
-drives early stopping; the test split is read only by the final evaluation.
+This stage finds the cache (:func:`pipeline.cache.locate.resolve_cache`); fitting and writing the run is
+:mod:`pipeline.heads.training`, which a search's refit shares.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.cache.locate import resolve_cache, runs_root
-from pipeline.cache.reader import Data, close_cache, use_streaming
-from pipeline.data.splits import small_class_note
-from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
-from pipeline.heads.metrics import classification_metrics
-from pipeline.heads.registry import make_head
-from pipeline.heads.transforms import describe_transforms, parse_transforms
-from pipeline.utils.config import SPLITS, Config, resolve_config
-from pipeline.utils.errors import FeatcacheError
-
-
-def resolve_params(params: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
-    """``class_weight`` keys may be class names or indices (TOML keys are strings): map them to indices."""
-    params = dict(params)
-    cw = params.get("class_weight")
-    if isinstance(cw, dict):
-        mapped = {}
-        for k, v in cw.items():
-            if str(k) in class_names:
-                mapped[class_names.index(str(k))] = float(v)
-            elif str(k).lstrip("-").isdigit() and 0 <= int(k) < len(class_names):
-                mapped[int(k)] = float(v)
-            else:
-                raise FeatcacheError(f"class_weight: unknown class {k!r} (classes: {', '.join(class_names)})")
-        params["class_weight"] = mapped
-    return params
-
-
-@dataclass
-class TrainRun:
-    """What ``featcache train`` did: the run folder, the metrics, and how the data was read."""
-
-    run_dir: Path
-    head: str
-    params: dict[str, Any]
-    layer: str
-    transforms: list[str]
-    streamed: bool
-    metrics: dict[str, Any]
-    fitted: Fitted
-
-    @property
-    def model(self):
-        return self.fitted.model
-
-    @property
-    def test_accuracy(self) -> float | None:
-        return self.metrics.get("test", {}).get("accuracy")
-
-    def summary(self) -> str:
-        m = self.metrics
-        params = ", ".join(f"{k}={v}" for k, v in self.params.items()) or "defaults"
-        lines = [
-            f"head: {self.head} ({params}) · layer {self.layer} · transforms {' → '.join(self.transforms) or 'none'}",
-            f"data: {'streamed from HDF5' if self.streamed else 'in memory'} · fit {self.fitted.seconds:.1f} s"
-            + (f" · {m['fit'].get('epochs')} epochs" if m["fit"].get("epochs") else ""),
-            "",
-            f"{'split':<6} {'n':>6} {'accuracy':>9} {'bal_acc':>8} {'macro_f1':>9} {'log_loss':>9}",
-        ]
-        for split in ("val", "test"):
-            s = m.get(split) or {}
-            if not s.get("n"):
-                lines.append(f"{split:<6} {0:>6} {'-':>9} {'-':>8} {'-':>9} {'-':>9}")
-                continue
-            ll = f"{s['log_loss']:.4f}" if s.get("log_loss") is not None else "-"
-            lines.append(
-                f"{split:<6} {s['n']:>6} {s['accuracy']:>9.4f} {s['balanced_accuracy']:>8.4f} {s['macro_f1']:>9.4f} {ll:>9}"
-            )
-        lines.append("")
-        if self.test_accuracy is not None:
-            lines.append(f"test accuracy: {self.test_accuracy:.4f}")
-        for note in m.get("notes", []):
-            lines.append(f"note: {note}")
-        lines.append(f"run: {self.run_dir}")
-        return "\n".join(lines)
+from pipeline.cache.locate import resolve_cache
+from pipeline.heads.training import TrainRun, check_train_config, fit_run
+from pipeline.utils.config import Config, resolve_config
 
 
 def train(cfg: Config | str | Path | None = None, *, run_dir: Path | None = None, **options: Any) -> TrainRun:
     """Fit ``train.head`` on the cache, evaluate on val and test, write ``<runs>/<id>/``. ``cfg`` is a
     :class:`Config`, a TOML path or None; keywords (``data=``, ``head=``, ``train__params=``, ...) override
     it (:func:`pipeline.utils.config.resolve_config`)."""
-    from pipeline.cache.store import FeatureCache
-
     cfg = resolve_config(cfg, "train", **options)
-
-    t = cfg.train
-    # fail fast on names, before any data is read
-    parse_transforms(t.transforms)
-    make_head(t.head, {k: v for k, v in t.params.items() if k != "class_weight"}, seed=t.seed)
-    cache_path = resolve_cache(cfg)
-    with FeatureCache(cache_path) as cache:
-        layer = cache.layer_name(t.layer)
-        params = resolve_params(t.params, cache.class_names)
-        train_rows, val_rows, test_rows = cache.rows("train"), cache.rows("val"), cache.rows("test")
-        dim = int(cache.dataset(layer).shape[1])
-        streamed = use_streaming(t.streaming, cache.n_rows * dim * 4)
-        data = Data.from_cache(cache, layer, np.arange(cache.n_rows), streamed)
-        fitted = fit_model(data, train_rows, val_rows, t.head, params, t.transforms, seed=t.seed)
-        n_classes = len(cache.class_names)
-        preds = {
-            name: predict_rows(fitted.model, data, rows, n_classes)
-            for name, rows in (("val", val_rows), ("test", test_rows))
-        }
-        notes = list(fitted.notes)
-        if not len(val_rows):
-            notes.append("the val split is empty: no early stopping, no val metrics")
-        if not len(test_rows):
-            notes.append("the test split is empty: no test metrics")
-        small = small_class_note(cache.labels, cache.split, cache.class_names)
-        if small:
-            notes.append(small)
-        out = run_dir or _new_run(cfg, cache_path, t.head)
-        metrics = _metrics(cfg, cache, layer, params, fitted, preds, notes, out)
-        _write_run(out, fitted, metrics, preds["test"], cache)
-    close_cache(cache_path)
-    return TrainRun(
-        out,
-        t.head,
-        dict(t.params),
-        layer,
-        [str(x) for x in parse_transforms(t.transforms)],
-        streamed,
-        metrics,
-        fitted,
-    )
-
-
-def _new_run(cfg: Config, cache_path: Path, head: str) -> Path:
-    from pipeline.utils.runs import new_run_dir
-
-    return new_run_dir(runs_root(cfg, cache_path), head)
-
-
-def _metrics(
-    cfg: Config, cache, layer, params, fitted: Fitted, preds, notes, run_dir: Path
-) -> dict[str, Any]:
-    head_est = fitted.model.steps[-1][1]
-    fit_info: dict[str, Any] = {
-        "seconds": round(fitted.seconds, 3),
-        "estimator": type(head_est).__name__,
-        **fitted.stats,
-    }
-    if fitted.history:
-        fit_info["epochs"] = len(fitted.history.get("loss", []))
-        if getattr(head_est, "best_epoch_", None):
-            fit_info["best_epoch"] = head_est.best_epoch_
-    elif getattr(head_est, "n_iter_", None) is not None and not fitted.streamed:
-        fit_info["n_iter"] = np.asarray(head_est.n_iter_).max().item()
-    if fitted.head.streaming and fitted.head.kind == "sklearn":
-        fit_info["epochs"] = fitted.head.epochs
-    counts = {s: int((cache.split == i).sum()) for i, s in enumerate(SPLITS)}
-    return {
-        "run_id": run_dir.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "head": cfg.train.head,
-        "head_kind": fitted.head.kind,
-        "params": params,
-        "layer": layer,
-        "transforms": [str(x) for x in parse_transforms(cfg.train.transforms)],
-        "transform_chain": describe_transforms(fitted.model.steps[:-1]),
-        "class_names": list(cache.class_names),
-        "head_classes": np.asarray(head_est.classes_).astype(int).tolist(),  # output column → class index
-        "n_features": int(cache.dataset(layer).shape[1]),
-        "streamed": fitted.streamed,
-        "fit": fit_info,
-        "probabilities": "predict_proba"
-        if preds["test"].calibrated
-        else "softmax of decision_function (uncalibrated; no log loss)",
-        "cache": {
-            "path": str(Path(cache.path).resolve()),
-            "fingerprint": cache.fingerprint,
-            "backbone": cache.meta.get("backbone"),
-            "dataset": cache.meta.get("dataset"),
-            "image_size": cache.meta.get("image_size"),
-            "rows": counts,
-        },
-        "val": classification_metrics(preds["val"], cache.class_names),
-        "test": classification_metrics(preds["test"], cache.class_names),
-        "history": fitted.history,
-        "notes": notes,
-        "config": cfg.to_dict(),
-    }
-
-
-def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Predictions, cache) -> None:
-    from pipeline.heads.persist import save_model
-    from pipeline.utils.io import write_json
-    from pipeline.utils.plots import plot_learning_curves, plot_split_confusions, write_misclassified
-    from pipeline.utils.runs import METRICS, write_manifest
-
-    kind, model_files = save_model(run_dir, fitted.model)
-    plot_split_confusions(run_dir, metrics, cache.class_names)
-    if fitted.history:
-        plot_learning_curves(
-            run_dir / "learning_curves.png", fitted.history, f"{metrics['head']} learning curves"
-        )
-    keys = [cache.keys[int(r)] for r in test.rows]
-    prob = test.proba[np.arange(len(test.rows)), test.y_pred] if len(test.rows) else np.zeros(0)
-    metrics["test"]["misclassified"] = write_misclassified(
-        run_dir / "misclassified.csv", keys, test.y_true, test.y_pred, prob, cache.class_names
-    )
-    write_json(run_dir / METRICS, metrics)
-    write_manifest(run_dir, kind, model_files)
+    check_train_config(cfg.train)  # fail fast on names, before any data is read
+    return fit_run(cfg, resolve_cache(cfg), run_dir=run_dir)

@@ -6,19 +6,22 @@ Between ``heads`` (what is fitted) and ``stages`` (``featcache search`` composes
 * :mod:`~pipeline.tuning.folds`: the rows each trial fits and is scored on (val split or k folds);
 * :mod:`~pipeline.tuning.trials`: one trial on every fold, in a worker that shares work across trials;
 * :mod:`~pipeline.tuning.scheduler`: the worker pool, time budgets, successive halving, the journal;
-* :mod:`~pipeline.tuning.leaderboard`: ranking, and the CSV, JSON, TOML, plot and text it writes.
+* :mod:`~pipeline.tuning.leaderboard`: ranking, and the CSV, JSON, TOML, plot and text it writes;
+* :mod:`~pipeline.tuning.refit`: the best trial trained as a run, as ``featcache train`` trains one.
 
 No module here knows a head by name: head-specific shortcuts live in :mod:`pipeline.heads.paths`.
 """
 
 from pipeline.tuning.folds import Plan, plan_folds
-from pipeline.tuning.leaderboard import SearchRun, build_leaderboard, write_outputs
+from pipeline.tuning.leaderboard import SearchRun, build_leaderboard, write_outputs, write_summary
+from pipeline.tuning.refit import Refit, refit_best
 from pipeline.tuning.scheduler import TrialRunner, halving
 from pipeline.tuning.space import Candidate, Space, convertible_space, load_space, strategy_candidates
 
 __all__ = [
     "Candidate",
     "Plan",
+    "Refit",
     "SearchRun",
     "Space",
     "TrialRunner",
@@ -27,6 +30,8 @@ __all__ = [
     "halving",
     "load_space",
     "plan_folds",
+    "refit_best",
     "strategy_candidates",
     "write_outputs",
+    "write_summary",
 ]

@@ -1,5 +1,5 @@
 """Ranking a search's trials and writing what it found: the leaderboard (CSV, JSON), the summary
-(``search.json`` and the text the CLI prints), ``best.toml`` and the ``scores.png`` plot.
+(``search.json`` and the text the CLI prints, naming the refit run), ``best.toml`` and the ``scores.png`` plot.
 
 Ranking is by score, full-size trials first; equal scores keep the candidates' order, so the same search
 ranks the same way in one process or on a cluster.
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.tuning.refit import Refit, best_train
 from pipeline.tuning.space import Candidate, Dist, Space
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, atomic_write, write_json
@@ -34,10 +35,29 @@ class SearchRun:
     seconds: float
     cv: int
     notes: list[str] = field(default_factory=list)
+    refit: Refit | None = None  # the best configuration trained as a run (``search.refit``)
+
+    @property
+    def refit_dir(self) -> Path | None:
+        """The refit run's folder: ``predict``, ``finetune`` and ``export`` take it (None: no refit)."""
+        return self.refit.run_dir if self.refit else None
 
     @property
     def best_toml(self) -> Path:
         return self.dir / "best.toml"
+
+    def refit_lines(self) -> list[str]:
+        m, name = self.refit.metrics, self.refit.run_dir.name
+        scores = " · ".join(
+            f"{split} accuracy {acc:.4f}"
+            for split, acc in (("val", m.val_accuracy), ("test", m.test_accuracy))
+            if acc is not None
+        )
+        again = " (reused: trained from the same best trial before)" if self.refit.reused else ""
+        return [
+            f"refit: the best config trained as run {name}" + (f" · {scores}" if scores else "") + again,
+            f"refit run: {self.refit.run_dir}  (featcache predict --model {name} IMAGE...; finetune/export --run {name})",
+        ]
 
     def summary(self, top: int = 30) -> str:
         metric = f"{self.cv}-fold CV accuracy" if self.cv else "val accuracy"
@@ -66,6 +86,8 @@ class SearchRun:
                 f"best: {self.best['head']} {self.best['params']} [{self.best['transforms']}] on {self.best['layer']} · score {self.best['score']:.4f}"
             )
             lines.append(f"best config: {self.best_toml}  (featcache train --config {self.best_toml})")
+        if self.refit:
+            lines += self.refit_lines()
         counts = {
             k: sum(1 for r in self.leaderboard if r["status"] == k) for k in ("cut", "pruned", "failed")
         }
@@ -142,8 +164,7 @@ def _toml_key(k: str) -> str:
 
 def best_toml(best: dict[str, Any], cache_path: Path, seed: int, search_dir: Path, cv: int) -> str:
     """A ``[train]`` fragment: ``featcache train --config best.toml`` refits the winner and evaluates on test."""
-    cand: Candidate = best["_cand"]
-    params = {k: ("none" if v is None else v) for k, v in cand.params.items()}
+    train = best_train(best, cache_path, seed)
     metric = f"{cv}-fold CV accuracy" if cv else "val accuracy"
     return "\n".join(
         [
@@ -152,27 +173,17 @@ def best_toml(best: dict[str, Any], cache_path: Path, seed: int, search_dir: Pat
             f"# Use: featcache train --config {search_dir / 'best.toml'}",
             "",
             "[train]",
-            f"cache = {_toml_value(str(Path(cache_path).resolve()))}",
-            f"layer = {_toml_value(cand.layer)}",
-            f"head = {_toml_value(cand.head)}",
-            f"transforms = {_toml_value(list(cand.transforms))}",
-            f"seed = {seed}",
-            f"params = {_toml_value(params)}",
+            *(
+                f"{k} = {_toml_value(train[k])}"
+                for k in ("cache", "layer", "head", "transforms", "seed", "params")
+            ),
             "",
         ]
     )
 
 
-def write_outputs(
-    run: SearchRun,
-    space: Space,
-    cache_path: Path,
-    fingerprint: str,
-    seed: int,
-    search_config: dict[str, Any],
-    streamed: bool,
-) -> None:
-    """``leaderboard.csv`` and ``.json``, ``scores.png``, ``best.toml`` (when a trial succeeded), ``search.json``."""
+def write_outputs(run: SearchRun, space: Space, cache_path: Path, seed: int) -> None:
+    """``leaderboard.csv`` and ``.json``, ``scores.png``, ``best.toml`` (when a trial succeeded)."""
     fields = [
         "rank",
         "score",
@@ -202,6 +213,17 @@ def write_outputs(
     _plot(run, space)
     if run.best:
         atomic_write(run.dir / "best.toml", best_toml(run.best, cache_path, seed, run.dir, run.cv))
+
+
+def write_summary(
+    run: SearchRun,
+    space: Space,
+    cache_path: Path,
+    fingerprint: str,
+    search_config: dict[str, Any],
+    streamed: bool,
+) -> None:
+    """``search.json``: what was searched and how, the best trial, and the run the refit trained."""
     summary = {
         "strategy": run.strategy,
         "space": space.source,
@@ -213,6 +235,7 @@ def write_outputs(
         "streamed": streamed,
         "cache": {"path": str(Path(cache_path).resolve()), "fingerprint": fingerprint},
         "best": {k: v for k, v in run.best.items() if k != "_cand"} if run.best else None,
+        "refit": run.refit.to_json() if run.refit else None,
         "search_config": search_config,
         "notes": run.notes,
     }

@@ -224,6 +224,11 @@ class SearchConfig:
     convertible: bool = opt(
         False, flag="--convertible", help="only heads finetune/export can convert (no knn, hgb)"
     )
+    refit: bool = opt(
+        True,
+        flag="--no-refit",
+        help="train the best configuration as a run at the end (--no-refit: only write best.toml)",
+    )
 
 
 @dataclass

@@ -326,6 +326,7 @@ VOCAB = {
         "--backbone",
         "--set",
         "--fresh",
+        "--no-refit",
         "--bogus",
     ],
 }

@@ -3,8 +3,9 @@
 Crash points: ``kill -9`` from outside at a seeded random moment, or death at a random byte of what the
 search writes (its journal ``trials.jsonl`` included, so a record can be torn in half). The rerun must
 keep every trial that finished (none is fitted twice), finish the rest and rank exactly what an
-uninterrupted search ranks. Two searches into one run folder: the second gets one line and exit 2,
-the folder stays sound, and a later run reuses everything.
+uninterrupted search ranks, and end with one intact refit run (a kill during the refit trains it again; a
+kill after it reuses it). Two searches into one run folder: the second gets one line and exit 2, the folder
+stays sound, and a later run reuses everything, the refit run included.
 
 (``finetune`` checkpoint resume is not covered here: ``featcache finetune`` does not exist yet.)
 """
@@ -93,6 +94,18 @@ def journal(runs: Path) -> list[dict]:
     return out
 
 
+def refit_run(runs: Path) -> Path:
+    """The one finished run beside the search (its refit), intact and named by ``search.json``."""
+    from pipeline.utils.runs import verify_run
+
+    (info,) = runs.glob("search-*/search.json")
+    record = json.loads(info.read_text())["refit"]
+    finished = [p for p in runs.iterdir() if (p / "manifest.json").is_file()]
+    assert finished == [Path(record["path"])], (finished, record)
+    verify_run(finished[0])
+    return finished[0]
+
+
 def scores(runs: Path) -> dict[str, tuple]:
     (path,) = runs.glob("search-*/leaderboard.csv")
     with open(path, newline="") as f:
@@ -126,6 +139,7 @@ def crash_search(bench: Bench, index: int, kind: str) -> int:
         "a finished trial was fitted again"
     )
     assert scores(runs) == bench.reference
+    refit_run(runs)
     return len(kept)
 
 
@@ -154,5 +168,7 @@ def test_two_searches_into_one_run_folder(bench, tmp_path):
     assert err.strip().count("\n") == 0 and "another featcache search is running this search" in err, err
     assert "Traceback" not in err
     assert scores(runs) == bench.reference
+    refit = refit_run(runs)
     again = run(*bench.args(runs))
     assert again.returncode == 0 and f"0 trials run, {N_CANDIDATES} reused" in again.stdout, again.stdout
+    assert refit_run(runs) == refit and "(reused: trained from the same best trial" in again.stdout
