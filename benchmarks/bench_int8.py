@@ -204,7 +204,8 @@ def calibration_sizes(fm, threads: int, sizes: tuple[int, ...], root: Path) -> l
 def mobilenet_v2_bare(threads: int, reps: int, batches) -> dict[str, Any]:
     """MobileNetV2 (random weights) at 224 px: int8 against float32, the bare pass only (see the docstring)."""
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import TFLiteEngine, convert, probe_images
+    from pipeline.features.engines import TFLiteEngine, convert
+    from pipeline.features.probes import probe_images
     from pipeline.utils.config import BackboneConfig
 
     fm = build_feature_model(BackboneConfig(name="mobilenet_v2", weights="none"))
@@ -232,7 +233,8 @@ def families(names=FAMILIES, size: int = 96) -> list[dict[str, Any]]:
     13 reference photos and its speed ratio (best of 3, interleaved): the table behind ``INT8_REFUSED``."""
     from pipeline.data.preprocess import resize_images
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import TFLiteEngine, _best_rates, convert, probe_images
+    from pipeline.features.engines import TFLiteEngine, convert
+    from pipeline.features.probes import best_rates, probe_images
     from pipeline.utils.config import BackboneConfig
 
     photos = np.load(REFERENCE / "efficientnet_lite0_reference.npz")["images"]
@@ -245,7 +247,7 @@ def families(names=FAMILIES, size: int = 96) -> list[dict[str, Any]]:
         f32 = TFLiteEngine(blob, fm.layers, outputs, 0)
         i8 = TFLiteEngine(blob8, fm.layers, outputs, 0, name="tflite-int8")
         cos = _cosines(f32(x)[fm.layers[0]], i8(x)[fm.layers[0]])
-        rate_f32, rate_i8 = _best_rates([f32, i8], x, reps=3)
+        rate_f32, rate_i8 = best_rates([f32, i8], x, reps=3)
         row = {"backbone": name, "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
         rows.append({**row, "speedup": rate_i8 / rate_f32})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -3,7 +3,8 @@
 Layers, lowest first: ``utils`` < ``data`` < ``features`` < ``cache`` < ``heads`` < ``model`` < ``tuning`` <
 ``stages`` < entry points (``cli``, ``transformer``, ``__init__``, ``__main__``). A module imports only from its own
 layer or below, no stage imports another stage, no import cycle exists (counting imports inside
-functions), no private name crosses a module boundary and no function is longer than 80 lines.
+functions), no private name crosses a module boundary, no function is longer than 80 lines and no module
+is longer than 500.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 LAYERS = ("utils", "data", "features", "cache", "heads", "model", "tuning", "stages")
 MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 500
 
 
 def _module_name(path: Path) -> str:
@@ -173,3 +175,13 @@ def test_functions_are_short_enough_to_read_at_once():
                 if n > MAX_FUNCTION_LINES:
                     long.append((name, node.name, n))
     assert long == []
+
+
+def test_modules_hold_one_idea_a_few_hundred_lines_long():
+    """A module over :data:`MAX_MODULE_LINES` lines holds more than one idea: split it along its ideas."""
+    long = {
+        _module_name(p): n
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}

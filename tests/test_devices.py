@@ -14,7 +14,8 @@ from conftest import REPO
 from pipeline.features import devices, engines
 from pipeline.features.backbones.build import build_feature_model
 from pipeline.features.devices import extraction_batch_size, gpu_batch_size
-from pipeline.features.engines import TensorFlowEngine, make_engine, max_relative_diff
+from pipeline.features.engines import TensorFlowEngine, make_engine
+from pipeline.features.probes import max_relative_diff
 from pipeline.utils.config import BackboneConfig
 
 FAKE_GPU = ["/physical_device:GPU:0"]

@@ -25,8 +25,8 @@ from pipeline.features.engines import (
     TFLiteEngine,
     load_or_convert,
     make_engine,
-    max_relative_diff,
 )
+from pipeline.features.probes import max_relative_diff
 from pipeline.features.tflite import micro_batch_for
 from pipeline.stages.extract import extract
 from pipeline.utils.config import BackboneConfig, load_config

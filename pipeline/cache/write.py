@@ -213,6 +213,42 @@ class Row:
     mtime: int
 
 
+def cache_rows(ds, digests, have: set[str], skip: set[str], data_cfg, old: FeatureCache | None = None):
+    """The new cache's rows in dataset order, each with its content-hashed split: every sample with a digest
+    in ``have`` (cached before, or in this run's parts) but those in ``skip`` (unreadable); plus, given
+    ``old`` (an accumulating cache), the rows of ``old`` that are no longer in the dataset.
+
+    ``digests`` maps a sample key to (content digest, size, mtime)."""
+    from pipeline.data.splits import SPLIT_CODES, assign_split
+
+    label_of = ds.label_index()
+    rows: list[Row] = []
+    added: set[str] = set()
+    for s in ds.samples:
+        if s.key in skip or s.key not in digests or s.key in added:
+            continue
+        added.add(s.key)
+        d, size, mtime = digests[s.key]
+        if d not in have:
+            continue  # failed during decode in this run (already unreadable)
+        split = assign_split(
+            d,
+            fixed=s.split,
+            group=s.group,
+            val_fraction=data_cfg.val_fraction,
+            test_fraction=data_cfg.test_fraction,
+        )
+        rows.append(Row(s.key, d, label_of[s.label], SPLIT_CODES[split], size, mtime))
+    if old is not None:
+        current = {r.key for r in rows}
+        rows += [
+            Row(k, old.ids[i], int(old.labels[i]), int(old.split[i]), int(old.sizes[i]), int(old.mtimes[i]))
+            for i, k in enumerate(old.keys)
+            if k not in current
+        ]
+    return rows
+
+
 def same_rows(old: FeatureCache, rows: list[Row], class_names: list[str]) -> bool:
     """True when ``old`` holds exactly ``rows`` (keys, digests, labels, splits, classes): nothing to rewrite."""
     return (

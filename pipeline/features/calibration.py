@@ -124,7 +124,7 @@ def from_probe(n: int) -> Calibration:
         h.update(np.ascontiguousarray(img).tobytes())
 
     def load(size: int) -> np.ndarray:
-        from pipeline.features.engines import probe_images
+        from pipeline.features.probes import probe_images
 
         return probe_images(size, n)
 

@@ -43,6 +43,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.features.backbones.registry import check_int8
+from pipeline.features.probes import (
+    PROBE_IMAGES,
+    best_rates,
+    compare,
+    mean_cosine,
+    probe_images,
+)
 from pipeline.features.tflite import (
     EngineUnavailable,
     TFLiteRunner,
@@ -73,10 +80,6 @@ AUTO_MIN_SPEEDUP = 1.05
 AUTO_MIN_IMAGES = 500
 
 
-#: Validation / speed-probe batch: this many crops of real photos.
-PROBE_IMAGES = 16
-
-
 #: ``tflite-int8`` is refused when its mean cosine to TensorFlow's features on (the first 16 of) its
 #: calibration images is lower: they are the dataset's own, the probe photos may be far from it.
 INT8_MIN_COSINE = 0.9
@@ -86,18 +89,6 @@ class Engine(Protocol):
     name: str
 
     def __call__(self, images) -> dict[str, np.ndarray]: ...
-
-
-def max_relative_diff(got: np.ndarray, want: np.ndarray) -> float:
-    """``max|got - want| / max|want|``: the feature error measure used everywhere in this module."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if got.shape != want.shape:
-        return float("inf")
-    if not np.all(np.isfinite(got)):
-        return float("inf")
-    scale = float(np.max(np.abs(want))) if want.size else 0.0
-    diff = float(np.max(np.abs(got - want))) if want.size else 0.0
-    return diff / scale if scale > 0 else diff
 
 
 def compute_dtype(fm) -> str:
@@ -228,57 +219,6 @@ def convert(fm, quantize: str = "none", representative=None) -> tuple[bytes, dic
         x = np.asarray(representative, np.float32)
         feed = lambda: ([x[i : i + 1]] for i in range(len(x)))  # noqa: E731 - the converter calls it
     return convert_frozen(frozen, modes[quantize], feed), dict(zip(names, layers, strict=True))
-
-
-def probe_images(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
-    """``n`` deterministic crops/flips of scikit-learn's two sample photos, resized to ``size`` (raw 0..255)."""
-    from sklearn.datasets import load_sample_images
-
-    from pipeline.data.preprocess import resize_images
-
-    photos = load_sample_images().images  # china.jpg, flower.jpg: 427×640 RGB
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        h, w = img.shape[:2]
-        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = img[top : top + side, left : left + side]
-        if i % 4 >= 2:
-            crop = crop[:, ::-1]
-        out.append(np.asarray(resize_images(np.ascontiguousarray(crop), size)))
-    return np.stack(out).astype(np.float32)
-
-
-def mean_cosine(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
-    """The lowest, over layers, of the mean per-image cosine similarity of ``got`` to ``want``."""
-    worst = 1.0
-    for layer, w in want.items():
-        a, b = np.asarray(got[layer], np.float64), np.asarray(w, np.float64)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0), 0.0)
-        worst = min(worst, float(cos.mean()))
-    return worst
-
-
-def compare(engine, reference, images) -> dict[str, float]:
-    """Per-layer :func:`max_relative_diff` of ``engine``'s features against ``reference``'s on ``images``."""
-    got, want = engine(images), reference(images)
-    return {layer: max_relative_diff(got[layer], want[layer]) for layer in want}
-
-
-def _best_rates(engines_: list, x, reps: int = 5) -> list[float]:
-    """Images/s of each engine on ``x``: best of ``reps`` runs, interleaved so load bursts hit all alike."""
-    for fn in engines_:
-        fn(x)  # warm-up: traces / allocates / packs weights
-    best = [float("inf")] * len(engines_)
-    for _ in range(reps):
-        for i, fn in enumerate(engines_):
-            t = time.perf_counter()
-            fn(x)
-            best[i] = min(best[i], time.perf_counter() - t)
-    return [len(x) / b for b in best]
 
 
 def engine_key(fm, quantize: str = "none", calibration=None) -> dict[str, Any]:
@@ -435,7 +375,7 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any],
         diffs = compare(engine, reference, x)
         own = extra.get("representative", x)[:PROBE_IMAGES]
         cosine = mean_cosine(engine(own), reference(own)) if quantize == "int8" else 1.0
-        tf_rate, lite_rate = _best_rates([reference, engine], x)
+        tf_rate, lite_rate = best_rates([reference, engine], x)
     except EngineUnavailable:
         raise
     except Exception as e:  # noqa: BLE001 - the runtime cannot run what the converter wrote

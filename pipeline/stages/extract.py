@@ -35,6 +35,7 @@ from pipeline.cache.write import (
     PartRows,
     PartWriter,
     Row,
+    cache_rows,
     clear_partial,
     extraction_lock,
     part_dims,
@@ -46,7 +47,7 @@ from pipeline.cache.write import (
 from pipeline.data.augment import VIEW_SUFFIX, augmented_view
 from pipeline.data.images import make_image_dataset, numpy_batches
 from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes, load_dataset
-from pipeline.data.splits import SPLIT_CODES, assign_split
+from pipeline.data.splits import SPLIT_CODES
 from pipeline.features.backbones.hub_presets import settle
 from pipeline.features.backbones.registry import check_int8, get_spec
 from pipeline.features.calibration import Calibration, for_config
@@ -218,7 +219,9 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
         layer_dims, map_shapes = _run_pending(job)
     finally:
         ds.close()  # shard readers: their streams end with this pass
-    rows = _rows(job, keep_missing)
+    have = job.cached | set(job.parts)
+    skip = job.unreadable.keys()
+    rows = cache_rows(job.ds, job.digests, have, skip, job.cfg.data, job.old if keep_missing else None)
     if not rows:
         raise FeatcacheError(
             f"{ds.source}: no readable images ({len(job.unreadable)} unreadable; see the list above)"
@@ -406,39 +409,6 @@ def _write_shard(job: ExtractJob, writer: PartWriter, samples: list[Sample], r) 
         writer.write(ids, {layer: f[start : start + step] for layer, f in r.features.items()})
     job.result.extracted += len(r.ids)
     job.result.batches += r.batches
-
-
-def _rows(job: ExtractJob, keep_missing: bool) -> list[Row]:
-    """The new cache's rows in dataset order, each with its content-hashed split; plus, with ``keep_missing``
-    (an accumulating cache), the rows of the old cache that are no longer in the dataset."""
-    cfg, ds = job.cfg, job.ds
-    bad_keys = job.unreadable.keys()
-    label_of = ds.label_index()
-    rows: list[Row] = []
-    added: set[str] = set()
-    for s in ds.samples:
-        if s.key in bad_keys or s.key not in job.digests or s.key in added:
-            continue
-        added.add(s.key)
-        d, size, mtime = job.digests[s.key]
-        if d not in job.cached and d not in job.parts:
-            continue  # failed during decode in this run (already unreadable)
-        split = assign_split(
-            d,
-            fixed=s.split,
-            group=s.group,
-            val_fraction=cfg.data.val_fraction,
-            test_fraction=cfg.data.test_fraction,
-        )
-        rows.append(Row(s.key, d, label_of[s.label], SPLIT_CODES[split], size, mtime))
-    if keep_missing and job.old is not None:
-        old, current = job.old, {r.key for r in rows}
-        rows += [
-            Row(k, old.ids[i], int(old.labels[i]), int(old.split[i]), int(old.sizes[i]), int(old.mtimes[i]))
-            for i, k in enumerate(old.keys)
-            if k not in current
-        ]
-    return rows
 
 
 def _augmented_views(job: ExtractJob, rows: list[Row]) -> list[Row]:
