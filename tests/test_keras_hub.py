@@ -253,6 +253,21 @@ def test_finetune_unfreezes_top_blocks_and_exports_a_safe_keras_file(hub, vit_ru
     assert np.allclose(np.asarray(model(x)), np.asarray(load_keras(ft.run_dir / "model.keras")(x)), atol=1e-6)
 
 
+def test_report_and_audit_of_a_hub_cache(hub, vit_run, tmp_path):
+    """The last two stages on a KerasHub backbone: the page names the preset and the run, the audit runs on
+    its token features (16 images: its findings are not the point, that it completes is)."""
+    from pipeline.stages.audit import audit
+    from pipeline.stages.report import report
+
+    cfg = load_config(None, vit_run["overrides"])
+    out = tmp_path / "report.html"
+    report(cfg, out=out, run=vit_run["run"].name, thumbnails=2, map_rows=16, tsne_rows=0)
+    html = out.read_text(encoding="utf-8")
+    assert vit_run["run"].name in html and "tiny_vit" in html
+    result = audit(cfg, folds=2, write_csv=False)
+    assert len(result.to_json()["label_issues"]) <= 16
+
+
 def test_cluster_worker_builds_the_preset_from_settings(hub):
     """What a worker runs (features.distributed.run_shard), from the settings a job sends."""
     from pipeline.data.sources import load_dataset
