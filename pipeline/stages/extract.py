@@ -71,6 +71,7 @@ class ExtractResult:
     backbone_seconds: float = 0.0
     quarantine: Path | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
+    unlabelled: int = 0  # multi-label rows with no class (all negative)
 
     @property
     def images_per_second(self) -> float:
@@ -81,7 +82,8 @@ class ExtractResult:
             f"cache: {self.path}",
             f"samples: {self.rows} in cache · {self.extracted} extracted · {self.reused} reused · "
             f"{self.skipped} skipped · {self.removed} removed"
-            + (f" · {self.ignored} non-image files ignored" if self.ignored else ""),
+            + (f" · {self.ignored} non-image files ignored" if self.ignored else "")
+            + (f" · {self.unlabelled} with no label" if self.unlabelled else ""),
         ]
         if self.extracted:
             lines.append(
@@ -227,6 +229,8 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
 
     bad = job.unreadable.items
     result.rows = len(rows)
+    if ds.multilabel:
+        result.unlabelled = sum(1 for r in rows if not any(r.label))
     result.skipped = len(bad)
     result.reused = len(rows) - result.extracted
     new_ids = {r.digest for r in rows}
@@ -430,11 +434,12 @@ def _rows(job: ExtractJob, keep_missing: bool) -> list[Row]:
             val_fraction=cfg.data.val_fraction,
             test_fraction=cfg.data.test_fraction,
         )
-        rows.append(Row(s.key, d, label_of[s.label], SPLIT_CODES[split], size, mtime))
+        label = ds.multi_hot(s) if ds.multilabel else label_of[s.label]
+        rows.append(Row(s.key, d, label, SPLIT_CODES[split], size, mtime))
     if keep_missing and job.old is not None:
         old, current = job.old, {r.key for r in rows}
         rows += [
-            Row(k, old.ids[i], int(old.labels[i]), int(old.split[i]), int(old.sizes[i]), int(old.mtimes[i]))
+            Row(k, old.ids[i], old.label_value(i), int(old.split[i]), int(old.sizes[i]), int(old.mtimes[i]))
             for i, k in enumerate(old.keys)
             if k not in current
         ]

@@ -38,6 +38,7 @@ class ImageResult:
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (class index, name, probability)
     source: str = ""  # cache | computed | model
     error: str | None = None
+    labels: list[tuple[int, str, float]] | None = None  # a multi-label run's classes above their thresholds
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Predictor:
     path: Path
     predict: Any = None  # (paths, samples, ds) → (proba N×C, ok, why, sources)
     decode: str = "exact"  # the data.decode policy images are read with (that of the model's features)
+    thresholds: list[float] | None = None  # a multi-label run's decision threshold per class
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -291,6 +293,8 @@ def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle
     src = run_source(metrics)
     names = metrics.class_names
     p = Predictor("stage2", names, src.image_size, src.resize, run_dir, decode=src.decode)
+    if metrics.multilabel:
+        p.thresholds = metrics.thresholds
 
     def predict(ds, samples):
         from pipeline.data.decode import DecodeError
@@ -342,7 +346,11 @@ def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle
                 if ok_t[j]:
                     X[i] = feats[j]
         proba = np.zeros((n, len(names)))
-        if ok.any():
+        if ok.any() and metrics.multilabel:
+            from pipeline.heads.multilabel import label_scores
+
+            proba[ok], _ = label_scores(loaded.model, X[ok])
+        elif ok.any():
             proba[ok], _ = stage2_scores(loaded.model, X[ok], len(names))
         return proba, ok, why, sources
 
@@ -441,8 +449,17 @@ def predict(
             continue
         order = np.argsort(-proba[i], kind="stable")[:top_k]
         top = [(int(j), predictor.class_names[int(j)], float(proba[i, j])) for j in order]
-        results.append(ImageResult(str(p), top, sources[i]))
+        results.append(ImageResult(str(p), top, sources[i], labels=_above(predictor, proba[i])))
     return predictor, results
+
+
+def _above(predictor: Predictor, proba: np.ndarray) -> list[tuple[int, str, float]] | None:
+    """Every class whose probability reaches its threshold, most probable first (None: single-label)."""
+    if predictor.thresholds is None:
+        return None
+    order = np.argsort(-proba, kind="stable")
+    t = predictor.thresholds
+    return [(int(j), predictor.class_names[int(j)], float(proba[j])) for j in order if proba[j] >= t[int(j)]]
 
 
 def format_table(results: list[ImageResult]) -> str:
@@ -454,7 +471,9 @@ def format_table(results: list[ImageResult]) -> str:
         if r.error:
             lines.append(f"{name:<{width}}   -  error: {r.error}")
             continue
-        for k, (_, cls, prob) in enumerate(r.top, 1):
+        if r.labels is not None and not r.labels:
+            lines.append(f"{name:<{width}}   -  no label above its threshold  {r.source}".rstrip())
+        for k, (_, cls, prob) in enumerate(r.top if r.labels is None else r.labels, 1):
             lines.append(
                 f"{name if k == 1 else '':<{width}}  {k:>2}  {cls:<{cw}}  {prob:>11.4f}  {r.source if k == 1 else ''}".rstrip()
             )
@@ -469,6 +488,11 @@ def format_json(results: list[ImageResult]) -> str:
                 "predictions": [{"class": c, "index": i, "probability": p} for i, c, p in r.top],
                 "features": r.source or None,
                 "error": r.error,
+                **(
+                    {}
+                    if r.labels is None
+                    else {"labels": [{"class": c, "index": i, "probability": p} for i, c, p in r.labels]}
+                ),
             }
             for r in results
         ],
