@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.utils.config import load_config
+from tests.conftest import run_cli
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = {1: "trouser", 5: "sandal", 8: "bag", 9: "boot"}  # Fashion-MNIST label → name
@@ -100,6 +101,8 @@ def test_multilabel_cache_holds_a_multi_hot_matrix(mosaic_cache):
             row = c.labels[order[f"m{i:04d}.png"]]
             assert {c.class_names[j] for j in np.flatnonzero(row)} == names
         assert len(c.rows("val")) and len(c.rows("test"))
+    info = run_cli("cache", "info", str(result.path))
+    assert info.returncode == 0 and "task: multilabel" in info.stdout, info.stderr
 
 
 def test_train_one_vs_rest_beats_the_frequency_baseline(mosaic_cache):
@@ -156,17 +159,17 @@ def test_predict_prints_labels_above_their_thresholds(mosaic_cache):
     assert all(c in table for r in results for _, c, _ in r.labels)
 
 
-def test_search_audit_finetune_export_refuse_in_one_line(mosaic_cache):
+def test_search_audit_report_finetune_export_refuse_in_one_line(mosaic_cache):
     from pipeline.stages.audit import audit
     from pipeline.stages.export import export
+    from pipeline.stages.report import report
     from pipeline.stages.search import search
     from pipeline.stages.train import train
     from pipeline.utils.errors import FeatcacheError
-    from tests.conftest import run_cli
 
     tmp, _, _ = mosaic_cache
     cfg = _cfg(tmp, tmp / "data" / "labels.csv")
-    for stage in (search, audit):
+    for stage in (search, audit, report):
         with pytest.raises(FeatcacheError, match=f"{stage.__name__}: the cache .* is multi-label"):
             stage(cfg)
     run = train(cfg, head="ridge")
