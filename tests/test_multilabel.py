@@ -197,3 +197,58 @@ def test_single_label_csv_unchanged(tmp_path):
     with FeatureCache(extract(_cfg(tmp_path, root / "single.csv")).path) as c:
         assert not c.multilabel and "task" not in c.meta
         assert c.labels.ndim == 1 and c.labels.dtype == np.int64
+
+
+def _mosaic_files(root: Path, truth: list[set[str]]):
+    return [
+        (f"m{i:04d}", (root / f"m{i:04d}.png").read_bytes(), sorted(names)) for i, names in enumerate(truth)
+    ]
+
+
+def test_webdataset_json_labels_and_parquet_label_sequences(tmp_path):
+    """``{"labels": [...]}`` in a shard's ``.json`` and a Parquet ``labels`` column of ClassLabel indices (the
+    Hugging Face ``Sequence(ClassLabel)``, names from the schema) read as the same multi-label data."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cache.store import FeatureCache
+    from pipeline.data.sources import load_dataset
+    from pipeline.stages.extract import extract
+
+    truth = write_mosaics(tmp_path / "png", 30, seed=3, sep="|")
+    files = _mosaic_files(tmp_path / "png", truth)
+    names = sorted(CLASSES.values())
+    with tarfile.open(tmp_path / "train-0000.tar", "w") as tar:
+        for key, data, labels in files:
+            for member, body in (
+                (f"{key}.png", data),
+                (f"{key}.json", json.dumps({"labels": labels}).encode()),
+            ):
+                info = tarfile.TarInfo(member)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": d, "path": k} for k, d, _ in files], type=image_type),
+            "labels": pa.array(
+                [[names.index(x) for x in labs] for _, _, labs in files], pa.list_(pa.int64())
+            ),
+        }
+    )
+    features = {
+        "image": {"_type": "Image"},
+        "labels": {"feature": {"names": names, "_type": "ClassLabel"}, "_type": "Sequence"},
+    }
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, tmp_path / "data.parquet")
+    for src in (tmp_path / "train-0000.tar", tmp_path / "data.parquet"):
+        ds = load_dataset(_cfg(tmp_path, src).data, tmp_path / "index")
+        assert ds.multilabel and ds.class_names == names
+        assert [set(s.labels) for s in ds.samples] == truth
+    with FeatureCache(extract(_cfg(tmp_path, tmp_path / "data.parquet")).path) as c:
+        assert c.multilabel and c.labels.shape == (30, 4)
+        assert [{names[j] for j in np.flatnonzero(row)} for row in c.labels] == truth

@@ -35,13 +35,6 @@ def split_labels(cell: str) -> tuple[str, ...]:
     return tuple(sorted({x.strip() for x in LABEL_SEPARATORS.split(cell) if x.strip()}))
 
 
-def label_sets(labels: list[tuple[str, ...] | None]) -> list[str] | None:
-    """The class names of a multi-label dataset (every name in ``labels``), None for a single-label one."""
-    if not labels or labels[0] is None:
-        return None
-    return sorted({c for s in labels for c in s or ()})
-
-
 def read_rows(lines: Iterable[str], where: str, pattern: re.Pattern[str] | None) -> list[CsvRow]:
     """Every row of the CSV ``lines``; errors name ``where`` (the CSV's path or URL) and the line."""
     reader = csv.DictReader(lines)

@@ -14,8 +14,8 @@ import posixpath
 import re
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
-from pipeline.data.labels_csv import label_sets, read_rows
-from pipeline.data.samples import Dataset, Sample
+from pipeline.data.labels_csv import read_rows
+from pipeline.data.samples import Dataset, Sample, label_sets
 from pipeline.data.splits import group_of
 from pipeline.data.storage import filesystem, is_url, join_url, signature, storage_error
 from pipeline.utils.config import SPLITS, DataConfig

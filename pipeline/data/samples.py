@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def label_sets(labels: list[tuple[str, ...] | None]) -> list[str] | None:
+    """The class names of a multi-label dataset (every name in ``labels``), None for a single-label one."""
+    if not labels or labels[0] is None:
+        return None
+    return sorted({c for s in labels for c in s or ()})
+
+
 @dataclass(frozen=True)
 class Sample:
     key: str  # stable within the dataset: relative path, "<shard>/<key>", or "<part>/<row>" for arrays

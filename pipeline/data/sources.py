@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
-from pipeline.data.labels_csv import label_sets, read_rows
-from pipeline.data.samples import Dataset, Sample
+from pipeline.data.labels_csv import read_rows
+from pipeline.data.samples import Dataset, Sample, label_sets
 from pipeline.data.splits import group_of
 from pipeline.data.storage import digest_bytes, expand_braces, filesystem, has_magic, is_url
 from pipeline.utils.config import SPLITS, DataConfig
