@@ -140,7 +140,8 @@ class FeatureCache:
 
     def xy(self, split: str | None = None, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``X, y`` of a split in one call: float32 features (N×D, of ``layer``, default the first) and the
-        class indices into :attr:`class_names`; every row when ``split`` is None."""
+        class indices into :attr:`class_names` (a multi-label cache: the N×C multi-hot rows); every row when
+        ``split`` is None."""
         rows = self.rows(split)
         return self.features(layer, rows), self.labels[rows]
 
