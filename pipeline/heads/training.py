@@ -164,6 +164,8 @@ def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any]):
     fitted = fit_multilabel(data, cache.rows("train"), t.head, params, t.transforms, seed=t.seed)
     val = predict_multilabel(fitted.model, data, cache.rows("val"))
     thresholds = choose_thresholds(val.y_true, val.proba) if len(val.rows) else np.full(len(names), 0.5)
+    if not len(val.rows):
+        fitted.notes.append("no val rows to choose the thresholds on: every class's threshold is 0.5")
     preds = {
         name: predict_multilabel(fitted.model, data, cache.rows(name), thresholds) for name in ("val", "test")
     }
