@@ -71,7 +71,7 @@ class Data:
 
     path: str
     layer: str
-    labels: np.ndarray  # labels of every cache row (always in memory: one int per row)
+    labels: np.ndarray  # labels of every cache row, in memory (one int a row; multi-label: a multi-hot row)
     n_features: int
     rows: np.ndarray  # sorted rows this object may serve
     X: np.ndarray | None = None  # features of ``rows`` when in memory; None = streamed

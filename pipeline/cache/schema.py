@@ -4,6 +4,7 @@ Layout of a complete cache ``<name>.h5`` (readable with plain h5py or ``h5dump``
 
     /features/<layer>   N×D float32|float16, chunked   one dataset per extracted layer
     /labels             N int32                         index into /class_names
+                        N×C uint8 (multi-label)         1 where the row has class c (attr task)
     /class_names        C str
     /split              N uint8                         0 train, 1 val, 2 test (attr ``names``)
     /keys               N str                           sample path relative to the dataset root
@@ -11,7 +12,7 @@ Layout of a complete cache ``<name>.h5`` (readable with plain h5py or ``h5dump``
     /sizes, /mtimes     N int64                         file stat, so a rerun need not re-read files
     attrs: fingerprint, feature_key, backbone, weights, weights_digest, layers, map_shapes, pooling,
            image_size, resize, decode (0.2; absent = exact), preprocess, dtype, engine, dataset, source,
-           versions, config, created (:func:`cache_attrs`), then format, n_rows, complete and attrs_sha256
+           versions, config, created, task (``multilabel``; absent = single-label) (:func:`cache_attrs`), then format, n_rows, complete and attrs_sha256
            (added by :func:`pipeline.cache.write.write_cache`, ``complete`` and the digest last)
 
 An interrupted run's ``<name>.partial/manifest.json`` carries :func:`part_manifest` plus ``rows_written``
@@ -27,7 +28,7 @@ from typing import Any
 
 from pipeline.data.samples import Dataset
 from pipeline.data.storage import is_url
-from pipeline.utils.config import Config
+from pipeline.utils.config import MULTILABEL, Config
 
 FORMAT = "featcache/1"
 
@@ -69,6 +70,9 @@ def cache_attrs(
 
     ``engine`` ran the backbone in this run ("" when none ran: the file keeps ``old_meta``'s engine)."""
     b = cfg.backbone
+    task = (
+        {"task": MULTILABEL} if ds.multilabel else {}
+    )  # a single-label cache's attributes stay as they were
     return {
         "fingerprint": fp,
         "feature_key": key,
@@ -95,4 +99,5 @@ def cache_attrs(
             "extract": vars(cfg.extract),
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **task,
     }

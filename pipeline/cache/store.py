@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.cache.h5 import attr_value, attrs_digest, h5py_module, short_error, to_str
 from pipeline.cache.schema import FORMAT
-from pipeline.utils.config import SPLITS
+from pipeline.utils.config import MULTILABEL, SPLITS
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -65,7 +65,8 @@ class FeatureCache:
             self.meta: dict[str, Any] = {k: attr_value(v) for k, v in a.items()}
             self.layers: list[str] = list(self._f["features"].keys())
             self.class_names = [to_str(c) for c in self._f["class_names"][()]]
-            self.labels = self._f["labels"][()].astype(np.int64)
+            labels = self._f["labels"][()]
+            self.labels = labels.astype(np.uint8 if self.multilabel else np.int64)
             self.split = self._f["split"][()]
             self.keys = [to_str(k) for k in self._f["keys"][()]]
             self.ids = [to_str(k) for k in self._f["ids"][()]]
@@ -96,6 +97,15 @@ class FeatureCache:
     @property
     def n_rows(self) -> int:
         return len(self.keys)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether ``labels`` is an N×C multi-hot matrix (``task`` attribute) rather than N class indices."""
+        return self.meta.get("task") == MULTILABEL
+
+    def label_value(self, i: int) -> int | tuple[int, ...]:
+        """Row ``i``'s label as the writer takes it: a class index, or a multi-hot tuple."""
+        return tuple(int(v) for v in self.labels[i]) if self.multilabel else int(self.labels[i])
 
     def file_stats(self) -> dict[str, tuple[int, int, str]]:
         """key → (size, mtime, digest) of every row: a rerun does not re-read a file whose stat matches."""
@@ -130,7 +140,8 @@ class FeatureCache:
 
     def xy(self, split: str | None = None, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``X, y`` of a split in one call: float32 features (N×D, of ``layer``, default the first) and the
-        class indices into :attr:`class_names`; every row when ``split`` is None."""
+        class indices into :attr:`class_names` (a multi-label cache: the N×C multi-hot rows); every row when
+        ``split`` is None."""
         rows = self.rows(split)
         return self.features(layer, rows), self.labels[rows]
 

@@ -26,7 +26,7 @@ from pipeline.cache.h5 import attrs_digest, fixed_strings, h5py_module, write_er
 from pipeline.cache.quarantine import quarantine_path
 from pipeline.cache.schema import FORMAT
 from pipeline.cache.store import FeatureCache, partial_dir
-from pipeline.utils.config import SPLITS
+from pipeline.utils.config import MULTILABEL, SPLITS
 from pipeline.utils.io import atomic_path, atomic_write, file_lock
 
 
@@ -207,7 +207,7 @@ class PartReader:
 class Row:
     key: str
     digest: str
-    label: int
+    label: int | tuple[int, ...]  # class index, or a multi-label row's multi-hot tuple
     split: int
     size: int
     mtime: int
@@ -238,11 +238,12 @@ def cache_rows(ds, digests, have: set[str], skip: set[str], data_cfg, old: Featu
             val_fraction=data_cfg.val_fraction,
             test_fraction=data_cfg.test_fraction,
         )
-        rows.append(Row(s.key, d, label_of[s.label], SPLIT_CODES[split], size, mtime))
+        label = ds.multi_hot(s) if ds.multilabel else label_of[s.label]
+        rows.append(Row(s.key, d, label, SPLIT_CODES[split], size, mtime))
     if old is not None:
         current = {r.key for r in rows}
         rows += [
-            Row(k, old.ids[i], int(old.labels[i]), int(old.split[i]), int(old.sizes[i]), int(old.mtimes[i]))
+            Row(k, old.ids[i], old.label_value(i), int(old.split[i]), int(old.sizes[i]), int(old.mtimes[i]))
             for i, k in enumerate(old.keys)
             if k not in current
         ]
@@ -324,7 +325,11 @@ def _write_features(f, rows: list[Row], layer_dims, old, parts, dtype: str, comp
 
 def _write_columns(f, rows: list[Row], class_names: list[str], attrs: dict[str, Any], ck) -> None:
     """Per-row columns, class names and attributes; ``complete`` and the attributes' digest come last."""
-    f.create_dataset("labels", data=np.asarray([r.label for r in rows], np.int32), **ck)
+    if attrs.get("task") == MULTILABEL:
+        labels = np.asarray([r.label for r in rows], np.uint8).reshape(len(rows), len(class_names))
+    else:
+        labels = np.asarray([r.label for r in rows], np.int32)
+    f.create_dataset("labels", data=labels, **ck)
     f.create_dataset("split", data=np.asarray([r.split for r in rows], np.uint8), **ck).attrs["names"] = (
         ",".join(SPLITS)
     )

@@ -34,6 +34,8 @@ def class_names_from_metadata(metadata: dict | None) -> list[str] | None:
         return None
     features = (info.get("info") or {}).get("features") or info.get("features") or {}
     label = features.get("label") if isinstance(features, dict) else None
+    if label is None and isinstance(features, dict) and isinstance(features.get("labels"), dict):
+        label = features["labels"].get("feature")  # Sequence(ClassLabel) of a multi-label ``labels`` column
     if isinstance(label, dict) and isinstance(label.get("names"), list):
         return [str(n) for n in label["names"]]
     return None
@@ -69,11 +71,20 @@ def _label(value, names: list[str] | None) -> tuple[str, bool] | str:
     return (text, False) if text else "no label (empty label cell)"
 
 
-def _row(image, label, split, names) -> tuple[bytes, str, bool, str | None] | str:
+def _labels(values, names: list[str] | None) -> tuple[list[str], bool] | str:
+    """A multi-label ``labels`` cell (a list of ClassLabel indices or names; empty: no label)."""
+    if values is None:
+        return [], False
+    got = [_label(v, names) for v in values]
+    bad = next((g for g in got if isinstance(g, str)), None)
+    return bad if bad is not None else (sorted({g[0] for g in got}), False)
+
+
+def _row(image, label, split, names) -> tuple[bytes, str | list[str], bool, str | None] | str:
     data = image_bytes(image)
     if isinstance(data, str):
         return data
-    lab = _label(label, names)
+    lab = _labels(label, names) if isinstance(label, list) else _label(label, names)
     if isinstance(lab, str):
         return lab
     fixed = None
@@ -94,20 +105,21 @@ def scan_file(url: str, storage_options: dict | None = None) -> dict:
         with open_file(url, storage_options) as f:
             pf = pq.ParquetFile(f)
             columns = pf.schema_arrow.names
-            missing = [c for c in ("image", "label") if c not in columns]
+            label_col = "labels" if "labels" in columns and "label" not in columns else "label"
+            missing = [c for c in ("image", label_col) if c not in columns]
             if missing:
                 raise FeatcacheError(
                     f"{url}: Parquet file has no {' or '.join(repr(c) for c in missing)} column "
                     f"(columns: {', '.join(columns)}); expected the Hugging Face layout (image, label)"
                 )
             names = class_names_from_metadata(pf.schema_arrow.metadata)
-            wanted = ["image", "label"] + (["split"] if "split" in columns else [])
+            wanted = ["image", label_col] + (["split"] if "split" in columns else [])
             row = 0
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
                 cols = batch.to_pydict()
                 splits = cols.get("split") or [None] * batch.num_rows
-                for image, label, split in zip(cols["image"], cols["label"], splits, strict=True):
-                    got = _row(image, label, split, names)
+                for image, label, split in zip(cols["image"], cols[label_col], splits, strict=True):
+                    got = _row(image, [] if label_col == "labels" and label is None else label, split, names)
                     if isinstance(got, str):
                         problems.append([row, got])
                     else:

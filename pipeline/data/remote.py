@@ -15,7 +15,7 @@ import re
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
 from pipeline.data.labels_csv import read_rows
-from pipeline.data.samples import Dataset, Sample
+from pipeline.data.samples import Dataset, Sample, label_sets
 from pipeline.data.splits import group_of
 from pipeline.data.storage import filesystem, is_url, join_url, signature, storage_error
 from pipeline.utils.config import SPLITS, DataConfig
@@ -77,14 +77,29 @@ def remote_csv(src: str, cfg: DataConfig, fs, path: str) -> Dataset:
     base = posixpath.dirname(join_url(fs, path))
     rows = read_rows(io.StringIO(text, newline=""), src, pattern)
     samples = [
-        Sample(r.path, r.label, r.split, r.group, r.path if is_url(r.path) else posixpath.join(base, r.path))
+        Sample(
+            r.path,
+            r.label,
+            r.split,
+            r.group,
+            r.path if is_url(r.path) else posixpath.join(base, r.path),
+            labels=r.labels,
+        )
         for r in rows
     ]
-    class_names = sorted({s.label for s in samples})
+    multi = label_sets([r.labels for r in rows])
+    class_names = multi if multi is not None else sorted({s.label for s in samples})
     if len(class_names) < 2:
         raise FeatcacheError(f"{src}: need at least 2 classes to train a classifier, found {class_names}")
     name = cfg.name or posixpath.splitext(posixpath.basename(path))[0]
-    return Dataset(name, src, samples, class_names, storage_options=dict(cfg.storage_options))
+    return Dataset(
+        name,
+        src,
+        samples,
+        class_names,
+        storage_options=dict(cfg.storage_options),
+        multilabel=multi is not None,
+    )
 
 
 def load_remote(src: str, cfg: DataConfig) -> Dataset:

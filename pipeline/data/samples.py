@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def label_sets(labels: list[tuple[str, ...] | None]) -> list[str] | None:
+    """The class names of a multi-label dataset (every name in ``labels``), None for a single-label one."""
+    if not labels or labels[0] is None:
+        return None
+    return sorted({c for s in labels for c in s or ()})
+
+
 @dataclass(frozen=True)
 class Sample:
     key: str  # stable within the dataset: relative path, "<shard>/<key>", or "<part>/<row>" for arrays
@@ -23,6 +30,7 @@ class Sample:
     member: str = ""  # the image's member name inside a tar shard (WebDataset sources)
     digest: str = ""  # content digest, when listing already read the bytes (shards) or remembered them
     stamp: tuple[int, int] | None = None  # (size, version) of a remote file, for rerun skipping
+    labels: tuple[str, ...] | None = None  # a multi-label sample's classes (``label`` joins them with ";")
 
 
 @dataclass
@@ -35,6 +43,7 @@ class Dataset:
     ignored: list[str] = field(default_factory=list)  # non-image or hidden files seen while scanning
     problems: list[tuple[Sample, str]] = field(default_factory=list)  # unusable samples found while listing
     storage_options: dict = field(default_factory=dict)  # fsspec options for URL sources
+    multilabel: bool = False  # samples carry ``labels`` (a set, maybe empty) rather than one ``label``
 
     @property
     def is_files(self) -> bool:
@@ -76,3 +85,8 @@ class Dataset:
 
     def label_index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.class_names)}
+
+    def multi_hot(self, sample: Sample) -> tuple[int, ...]:
+        """A multi-label sample's row of the N×C label matrix: 1 for each of its classes."""
+        have = set(sample.labels or ())
+        return tuple(int(c in have) for c in self.class_names)

@@ -12,7 +12,7 @@ import posixpath
 import re
 
 from pipeline.data import parquet, webdataset
-from pipeline.data.samples import Dataset, Sample
+from pipeline.data.samples import Dataset, Sample, label_sets
 from pipeline.data.splits import group_of
 from pipeline.data.storage import ShardIndex, expand, join_url, signature
 from pipeline.utils.config import DataConfig
@@ -63,11 +63,13 @@ def _records(kind, name, url, entry, pattern) -> tuple[list[Sample], list[tuple[
         if kind == "tar":
             key, label, member, digest, _ = rec
             k = f"{name}/{key}"
-            samples.append(Sample(k, label, None, group_of(k, pattern), url, -1, member, digest))
+            split, row = None, -1
         else:
             row, label, split, digest, _ = rec
-            k = f"{name}/{row}"
-            samples.append(Sample(k, label, split, group_of(k, pattern), url, row, "", digest))
+            k, member = f"{name}/{row}", ""
+        many = tuple(label) if isinstance(label, list) else None  # a multi-label sample's classes
+        text = ";".join(many) if many is not None else label
+        samples.append(Sample(k, text, split, group_of(k, pattern), url, row, member, digest, labels=many))
     for rec in entry["problems"]:
         where, reason = rec[0], rec[-1]
         k = f"{name}/{where}" if where not in ("", -1) else name
@@ -108,12 +110,22 @@ def load_shards(cfg: DataConfig, kind: str, index_dir=None, src: str | None = No
     if not samples:
         first = f": {problems[0][0].key}: {problems[0][1]}" if problems else ""
         raise FeatcacheError(f"{src}: no usable samples in {len(paths)} {kind} file(s){first}")
-    class_names = _class_names(entries, samples)
-    used = {s.label for s in samples}
+    multi = [s.labels is not None for s in samples]
+    if any(multi) and not all(multi):
+        raise FeatcacheError(f"{src}: some samples have one label and others a list of labels; use one kind")
+    if all(multi):
+        declared = next((e["class_names"] for e in entries if e.get("class_names")), None)
+        class_names = list(declared) if declared is not None else label_sets([s.labels for s in samples])
+        used = set(class_names)
+    else:
+        class_names = _class_names(entries, samples)
+        used = {s.label for s in samples}
     if len(used) < 2:
         raise FeatcacheError(f"{src}: need at least 2 classes to train a classifier, found {sorted(used)}")
     name = cfg.name or _dataset_name(src)
-    return Dataset(name, src, samples, class_names, problems=problems, storage_options=options)
+    return Dataset(
+        name, src, samples, class_names, problems=problems, storage_options=options, multilabel=all(multi)
+    )
 
 
 def _dataset_name(src: str) -> str:

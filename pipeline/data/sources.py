@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.data.decode import IMAGE_EXTENSIONS
 from pipeline.data.labels_csv import read_rows
-from pipeline.data.samples import Dataset, Sample
+from pipeline.data.samples import Dataset, Sample, label_sets
 from pipeline.data.splits import group_of
 from pipeline.data.storage import digest_bytes, expand_braces, filesystem, has_magic, is_url
 from pipeline.utils.config import SPLITS, DataConfig
@@ -117,11 +117,15 @@ def _csv(path: Path, cfg: DataConfig) -> Dataset:
     with open(path, newline="", encoding="utf-8") as f:
         rows = read_rows(f, str(path), pattern)
     samples = [
-        Sample(storable_key(r.path), r.label, r.split, r.group, _resolve(r.path, path.parent)) for r in rows
+        Sample(
+            storable_key(r.path), r.label, r.split, r.group, _resolve(r.path, path.parent), labels=r.labels
+        )
+        for r in rows
     ]
-    class_names = sorted({s.label for s in samples})
+    multi = label_sets([r.labels for r in rows])
+    class_names = multi if multi is not None else sorted({s.label for s in samples})
     _check_classes(str(path), class_names)
-    return Dataset(cfg.name or path.stem, str(path), samples, class_names)
+    return Dataset(cfg.name or path.stem, str(path), samples, class_names, multilabel=multi is not None)
 
 
 def _resolve(rel: str, base: Path) -> str:

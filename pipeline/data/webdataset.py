@@ -43,8 +43,9 @@ def is_image_ext(ext: str) -> bool:
     return "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
 
 
-def parse_label(group: dict[str, bytes]) -> tuple[str, bool] | str:
-    """(label, is a class index) from .cls, .json or .txt; or the reason there is none."""
+def parse_label(group: dict[str, bytes]) -> tuple[str | list[str], bool] | str:
+    """(label, is a class index) from .cls, .json or .txt; or the reason there is none. A ``.json`` with a
+    ``labels`` list (and no ``label``) gives a multi-label sample's class names, a list (maybe empty)."""
     if "cls" in group:
         text = group["cls"].decode("utf-8", "replace").strip()
         try:
@@ -53,9 +54,15 @@ def parse_label(group: dict[str, bytes]) -> tuple[str, bool] | str:
             return f"bad .cls label {text[:40]!r} (expected a class index)"
     if "json" in group:
         try:
-            value = json.loads(group["json"]).get("label")
+            meta = json.loads(group["json"])
+            value = meta.get("label")
         except (ValueError, AttributeError):
-            value = None
+            meta, value = {}, None
+        many = meta.get("labels") if value is None else None
+        if isinstance(many, list) and all(
+            isinstance(x, (str, int)) and not isinstance(x, bool) for x in many
+        ):
+            return sorted({str(x).strip() for x in many if str(x).strip()}), False
         if isinstance(value, bool) or value is None:
             pass
         elif isinstance(value, int):

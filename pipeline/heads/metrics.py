@@ -63,3 +63,48 @@ def classification_metrics(pred: Predictions, class_names: list[str]) -> dict[st
     }
     out["confusion_matrix"] = confusion_matrix(y, yp, labels=labels).tolist()
     return out
+
+
+def multilabel_metrics(pred: Predictions, class_names: list[str], thresholds) -> dict[str, Any]:
+    """Macro/micro mAP, per-class AP, micro/macro F1 at ``thresholds``, subset accuracy, label cardinality.
+
+    Macro scores average the classes with a positive row in the split (AP is undefined without one);
+    ``map_baseline`` is the macro mAP of a constant score (each class's frequency), the floor to beat."""
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+
+    Y, Yp, P = pred.y_true, pred.y_pred, pred.proba
+    if len(Y) == 0:
+        return {"n": 0}
+    support = Y.sum(axis=0)
+    present = np.flatnonzero(support > 0)
+    ap = np.full(len(class_names), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in present:
+            ap[c] = average_precision_score(Y[:, c], P[:, c])
+        prec, rec, f1, _ = precision_recall_fscore_support(Y, Yp, average=None, zero_division=0)
+        micro = precision_recall_fscore_support(Y, Yp, average="micro", zero_division=0)
+        micro_map = average_precision_score(Y, P, average="micro") if len(present) else 0.0
+    return {
+        "n": int(len(Y)),
+        "macro_map": float(np.mean(ap[present])) if len(present) else 0.0,
+        "micro_map": float(micro_map),
+        "map_baseline": float(np.mean(support[present] / len(Y))) if len(present) else 0.0,
+        "macro_f1": float(np.mean(f1[present])) if len(present) else 0.0,
+        "micro_f1": float(micro[2]),
+        "subset_accuracy": float(np.mean(np.all(Y == Yp, axis=1))),
+        "label_cardinality": float(Y.sum(axis=1).mean()),
+        "predicted_cardinality": float(Yp.sum(axis=1).mean()),
+        "no_label": int((Y.sum(axis=1) == 0).sum()),
+        "per_class": {
+            name: {
+                "ap": None if np.isnan(ap[i]) else float(ap[i]),
+                "threshold": float(thresholds[i]),
+                "precision": float(prec[i]),
+                "recall": float(rec[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+    }

@@ -20,10 +20,11 @@ from pipeline.cache.locate import runs_root
 from pipeline.cache.reader import Data, close_cache, use_streaming
 from pipeline.data.splits import small_class_note
 from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
-from pipeline.heads.metrics import classification_metrics
+from pipeline.heads.metrics import classification_metrics, multilabel_metrics
+from pipeline.heads.multilabel import choose_thresholds, fit_multilabel, predict_multilabel
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import describe_transforms, parse_transforms
-from pipeline.utils.config import SPLITS, Config, TrainConfig
+from pipeline.utils.config import MULTILABEL, SPLITS, Config, TrainConfig
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -73,8 +74,10 @@ class TrainRun:
             f"data: {'streamed from HDF5' if self.streamed else 'in memory'} · fit {self.fitted.seconds:.1f} s"
             + (f" · {m['fit'].get('epochs')} epochs" if m["fit"].get("epochs") else ""),
             "",
-            f"{'split':<6} {'n':>6} {'accuracy':>9} {'bal_acc':>8} {'macro_f1':>9} {'log_loss':>9}",
         ]
+        if m.get("task") == MULTILABEL:
+            return "\n".join(lines + multilabel_summary(m) + [f"run: {self.run_dir}"])
+        lines.append(f"{'split':<6} {'n':>6} {'accuracy':>9} {'bal_acc':>8} {'macro_f1':>9} {'log_loss':>9}")
         for split in ("val", "test"):
             s = m.get(split) or {}
             if not s.get("n"):
@@ -94,7 +97,8 @@ class TrainRun:
 
 
 def check_train_config(t: TrainConfig) -> None:
-    """Unknown transforms, heads or head parameters fail here, before any data is read."""
+    """Unknown transforms, heads or head parameters fail here, before any data is read (a multi-label
+    cache's heads are checked when it is open: :func:`pipeline.heads.multilabel.check_multilabel_head`)."""
     parse_transforms(t.transforms)
     make_head(t.head, {k: v for k, v in t.params.items() if k != "class_weight"}, seed=t.seed)
 
@@ -112,24 +116,34 @@ def fit_run(
         params = resolve_params(t.params, cache.class_names)
         train_rows, val_rows, test_rows = cache.rows("train"), cache.rows("val"), cache.rows("test")
         dim = int(cache.dataset(layer).shape[1])
-        streamed = use_streaming(t.streaming, cache.n_rows * dim * 4)
+        in_memory = cache.multilabel and t.streaming == "auto"  # multi-label heads fit in memory
+        streamed = not in_memory and use_streaming(t.streaming, cache.n_rows * dim * 4)
         data = Data.from_cache(cache, layer, np.arange(cache.n_rows), streamed)
-        fitted = fit_model(data, train_rows, val_rows, t.head, params, t.transforms, seed=t.seed)
-        n_classes = len(cache.class_names)
-        preds = {
-            name: predict_rows(fitted.model, data, rows, n_classes)
-            for name, rows in (("val", val_rows), ("test", test_rows))
-        }
+        if cache.multilabel:
+            fitted, preds, scores, task = _fit_multilabel(cache, data, t, params)
+        else:
+            fitted = fit_model(data, train_rows, val_rows, t.head, params, t.transforms, seed=t.seed)
+            n_classes = len(cache.class_names)
+            preds = {
+                name: predict_rows(fitted.model, data, rows, n_classes)
+                for name, rows in (("val", val_rows), ("test", test_rows))
+            }
+            scores = {name: classification_metrics(p, cache.class_names) for name, p in preds.items()}
+            task = {}
         notes = list(fitted.notes)
         if not len(val_rows):
             notes.append("the val split is empty: no early stopping, no val metrics")
         if not len(test_rows):
             notes.append("the test split is empty: no test metrics")
-        small = small_class_note(cache.labels, cache.split, cache.class_names)
+        small = None if cache.multilabel else small_class_note(cache.labels, cache.split, cache.class_names)
         if small:
             notes.append(small)
         out = run_dir or _new_run(cfg, cache_path, t.head)
-        metrics = {**_metrics(cfg, cache, layer, params, fitted, preds, notes, out), **(extra or {})}
+        metrics = {
+            **_metrics(cfg, cache, layer, params, fitted, preds, scores, notes, out),
+            **task,
+            **(extra or {}),
+        }
         _write_run(out, fitted, metrics, preds["test"], cache)
     close_cache(cache_path)
     return TrainRun(
@@ -144,6 +158,53 @@ def fit_run(
     )
 
 
+def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any]):
+    """One-vs-rest fit, thresholds chosen on val (0.5 without val rows), val and test scored at them."""
+    names = cache.class_names
+    fitted = fit_multilabel(data, cache.rows("train"), t.head, params, t.transforms, seed=t.seed)
+    val = predict_multilabel(fitted.model, data, cache.rows("val"))
+    thresholds = choose_thresholds(val.y_true, val.proba) if len(val.rows) else np.full(len(names), 0.5)
+    if not len(val.rows):
+        fitted.notes.append("no val rows to choose the thresholds on: every class's threshold is 0.5")
+    preds = {
+        name: predict_multilabel(fitted.model, data, cache.rows(name), thresholds) for name in ("val", "test")
+    }
+    scores = {name: multilabel_metrics(p, names, thresholds) for name, p in preds.items()}
+    task = {
+        "task": MULTILABEL,
+        "thresholds": dict(zip(names, thresholds.tolist(), strict=True)),
+        "probabilities": "predict_proba per class"
+        if preds["test"].calibrated
+        else "sigmoid of decision_function per class (uncalibrated)",
+    }
+    return fitted, preds, scores, task
+
+
+def multilabel_summary(m: dict[str, Any]) -> list[str]:
+    """The val/test table of a multi-label run: mAP, F1 at the chosen thresholds, subset accuracy."""
+    lines = [
+        f"{'split':<6} {'n':>6} {'macro_mAP':>9} {'micro_mAP':>9} {'macro_f1':>9} {'micro_f1':>9}"
+        f" {'subset_acc':>10} {'labels/img':>10}"
+    ]
+    for split in ("val", "test"):
+        s = m.get(split) or {}
+        if not s.get("n"):
+            lines.append(f"{split:<6} {0:>6}" + f" {'-':>9}" * 4 + f" {'-':>10}" * 2)
+            continue
+        lines.append(
+            f"{split:<6} {s['n']:>6} {s['macro_map']:>9.4f} {s['micro_map']:>9.4f} {s['macro_f1']:>9.4f}"
+            f" {s['micro_f1']:>9.4f} {s['subset_accuracy']:>10.4f} {s['label_cardinality']:>10.2f}"
+        )
+    test = m.get("test") or {}
+    lines.append("")
+    if test.get("n"):
+        lines.append(
+            f"test macro mAP: {test['macro_map']:.4f} (label-frequency baseline {test['map_baseline']:.4f})"
+        )
+    lines += [f"note: {note}" for note in m.get("notes", [])]
+    return lines
+
+
 def _new_run(cfg: Config, cache_path: Path, head: str) -> Path:
     from pipeline.utils.runs import new_run_dir
 
@@ -151,7 +212,7 @@ def _new_run(cfg: Config, cache_path: Path, head: str) -> Path:
 
 
 def _metrics(
-    cfg: Config, cache, layer, params, fitted: Fitted, preds, notes, run_dir: Path
+    cfg: Config, cache, layer, params, fitted: Fitted, preds, scores, notes, run_dir: Path
 ) -> dict[str, Any]:
     head_est = fitted.model.steps[-1][1]
     fit_info: dict[str, Any] = {
@@ -193,8 +254,8 @@ def _metrics(
             "image_size": cache.meta.get("image_size"),
             "rows": counts,
         },
-        "val": classification_metrics(preds["val"], cache.class_names),
-        "test": classification_metrics(preds["test"], cache.class_names),
+        "val": scores["val"],
+        "test": scores["test"],
         "history": fitted.history,
         "notes": notes,
         "config": cfg.to_dict(),
@@ -213,6 +274,10 @@ def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Pre
         plot_learning_curves(
             run_dir / "learning_curves.png", fitted.history, f"{metrics['head']} learning curves"
         )
+    if cache.multilabel:
+        write_json(run_dir / METRICS, metrics)
+        write_manifest(run_dir, kind, model_files)
+        return
     keys = [cache.keys[int(r)] for r in test.rows]
     prob = test.proba[np.arange(len(test.rows)), test.y_pred] if len(test.rows) else np.zeros(0)
     metrics["test"]["misclassified"] = write_misclassified(

@@ -107,6 +107,10 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
     t0 = time.perf_counter()
     path = resolve_cache(cfg)
     with FeatureCache(path) as cache:
+        if cache.multilabel:
+            from pipeline.heads.multilabel import refuse_multilabel
+
+            refuse_multilabel("audit", f"the cache {Path(path).name}")
         layer = cache.layer_name(cfg.train.layer)
         X = cache.features(layer)
         labels, split, keys, names = cache.labels, cache.split, cache.keys, cache.class_names

@@ -209,12 +209,18 @@ def export(
     """
     from pipeline.cache.locate import resolve_run
     from pipeline.utils.io import write_json
+    from pipeline.utils.runs import read_metrics
 
     if cfg is None and (isinstance(run_dir, Config) or str(run_dir or "").endswith(".toml")):
         cfg, run_dir = run_dir, None  # a run is a folder or an id, never a Config or a .toml file
     cfg = resolve_config(cfg, "export", run=run_dir, formats=formats, out=out, **options)
     formats = parse_formats(cfg.export.formats)
-    src = load_exportable(resolve_run(cfg, cfg.export.run), cfg.security.trust_pickle)
+    run = resolve_run(cfg, cfg.export.run)
+    if read_metrics(run, missing_ok=True).multilabel:
+        from pipeline.heads.multilabel import refuse_multilabel
+
+        refuse_multilabel("export", f"run {Path(run).name}")
+    src = load_exportable(run, cfg.security.trust_pickle)
     if src.cache_path is None:
         raise FeatcacheError(f"the cache of {src.run_dir} is gone: export checks each format on its images")
     out = Path(cfg.export.out) if cfg.export.out else src.run_dir / "export"

@@ -72,6 +72,7 @@ class ExtractResult:
     backbone_seconds: float = 0.0
     quarantine: Path | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
+    unlabelled: int = 0  # multi-label rows with no class (all negative)
 
     @property
     def images_per_second(self) -> float:
@@ -82,7 +83,8 @@ class ExtractResult:
             f"cache: {self.path}",
             f"samples: {self.rows} in cache · {self.extracted} extracted · {self.reused} reused · "
             f"{self.skipped} skipped · {self.removed} removed"
-            + (f" · {self.ignored} non-image files ignored" if self.ignored else ""),
+            + (f" · {self.ignored} non-image files ignored" if self.ignored else "")
+            + (f" · {self.unlabelled} with no label" if self.unlabelled else ""),
         ]
         if self.extracted:
             lines.append(
@@ -230,6 +232,8 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
 
     bad = job.unreadable.items
     result.rows = len(rows)
+    if ds.multilabel:
+        result.unlabelled = sum(1 for r in rows if not any(r.label))
     result.skipped = len(bad)
     result.reused = len(rows) - result.extracted
     new_ids = {r.digest for r in rows}

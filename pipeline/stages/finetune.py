@@ -124,6 +124,10 @@ def finetune(cfg: Config | str | Path | None = None, **options: Any) -> Finetune
     augmentation_layers(cfg.finetune.augment)  # unknown names fail before any work
     tensorboard_available(cfg)
     source = resolve_run(cfg, cfg.finetune.run, finetuned=False)
+    if read_metrics(source, missing_ok=True).multilabel:
+        from pipeline.heads.multilabel import refuse_multilabel
+
+        refuse_multilabel("finetune", f"run {source.name}")
     check_convertible(source)
     run_dir = finetune_dir(source, cfg)
     if (run_dir / "manifest.json").is_file():

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.model.sidecars import class_names_near, decode_near, export_info
 from pipeline.utils.config import Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 
@@ -38,6 +39,7 @@ class ImageResult:
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (class index, name, probability)
     source: str = ""  # cache | computed | model
     error: str | None = None
+    labels: list[tuple[int, str, float]] | None = None  # a multi-label run's classes above their thresholds
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Predictor:
     path: Path
     predict: Any = None  # (paths, samples, ds) → (proba N×C, ok, why, sources)
     decode: str = "exact"  # the data.decode policy images are read with (that of the model's features)
+    thresholds: list[float] | None = None  # a multi-label run's decision threshold per class
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -84,38 +87,6 @@ def _dataset(paths: list[Path]):
 
     samples = [Sample(storable_key(str(p)), "", path=str(p)) for p in paths]
     return Dataset("predict", "<paths>", samples, [""]), samples
-
-
-def _sidecars_near(path: Path):
-    """The parsed ``export.json`` / ``metrics.json`` files beside a model file (or folder) and one level up."""
-    for d in (path.parent if path.is_file() else path, (path.parent if path.is_file() else path).parent):
-        for name in ("export.json", "metrics.json"):
-            f = d / name
-            if f.is_file():
-                try:
-                    info = json.loads(f.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    continue
-                if isinstance(info, dict):
-                    yield info
-
-
-def _class_names_near(path: Path, n: int) -> list[str]:
-    for info in _sidecars_near(path):
-        names = info.get("class_names")
-        if isinstance(names, list) and len(names) == n:
-            return [str(x) for x in names]
-    return [str(i) for i in range(n)]
-
-
-def _decode_near(path: Path) -> str:
-    """The ``data.decode`` policy a sidecar records for a model; ``exact`` for models from before it."""
-    from pipeline.utils.config import DECODE_POLICIES
-
-    for info in _sidecars_near(path):
-        if info.get("decode") in DECODE_POLICIES:
-            return str(info["decode"])
-    return "exact"
 
 
 def load_predictor(
@@ -209,47 +180,11 @@ def _keras_predictor(path: Path, batch_size: int, names_from: Path | None = None
     if size is None:
         raise FeatcacheError(f"{path}: not a featcache model (no input size)")
     n = int(model.outputs[0].shape[-1])
-    names = _class_names_near(names_from or path, n)
+    names = class_names_near(names_from or path, n)
     run = keras_runner(model)
-    p = Predictor("keras", names, size, policy, path, decode=_decode_near(names_from or path))
+    p = Predictor("keras", names, size, policy, path, decode=decode_near(names_from or path))
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
-
-
-@dataclass
-class ExportInfo:
-    """What an exported model's ``export.json`` tells predict, checked: it may come from anyone."""
-
-    class_names: list[str] | None = None
-    image_size: int | None = None
-    resize: str = "stretch"
-
-
-def export_info(path: Path) -> ExportInfo:
-    """The ``export.json`` beside (or one level above) an exported model; empty when there is none."""
-    from pipeline.utils.config import RESIZE_POLICIES
-
-    d = path.parent if path.is_file() else path
-    f = next((f for f in (d / "export.json", d.parent / "export.json") if f.is_file()), None)
-    if f is None:
-        return ExportInfo()
-    try:
-        info = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FeatcacheError(f"{f}: not readable JSON ({str(e)[:120]})") from None
-    if not isinstance(info, dict):
-        info = {"resize": None}  # refused below, with what an export.json holds
-    names, size, resize = info.get("class_names"), info.get("image_size"), info.get("resize", "stretch")
-    if (
-        (names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)))
-        or (size is not None and not (isinstance(size, int) and 0 < size <= 8192))
-        or resize not in RESIZE_POLICIES
-    ):
-        raise FeatcacheError(
-            f"{f}: not an export.json featcache wrote (class_names: a list of names, image_size: pixels, "
-            f"resize: {'|'.join(RESIZE_POLICIES)})"
-        )
-    return ExportInfo(names, size, resize)
 
 
 def _savedmodel_predictor(path: Path, batch_size: int) -> Predictor:
@@ -263,7 +198,7 @@ def _savedmodel_predictor(path: Path, batch_size: int) -> Predictor:
         )
     run = savedmodel_runner(path)
     size, policy = info.image_size, info.resize
-    p = Predictor("savedmodel", info.class_names, size, policy, path, decode=_decode_near(path))
+    p = Predictor("savedmodel", info.class_names, size, policy, path, decode=decode_near(path))
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
@@ -276,7 +211,7 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     size, policy = run.image_size, info.resize
     n = run.n_outputs
     names = info.class_names if len(info.class_names or []) == n else [str(i) for i in range(n)]
-    p = Predictor("tflite", names, size, policy, path, decode=_decode_near(path))
+    p = Predictor("tflite", names, size, policy, path, decode=decode_near(path))
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
@@ -291,6 +226,8 @@ def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle
     src = run_source(metrics)
     names = metrics.class_names
     p = Predictor("stage2", names, src.image_size, src.resize, run_dir, decode=src.decode)
+    if metrics.multilabel:
+        p.thresholds = metrics.thresholds
 
     def predict(ds, samples):
         from pipeline.data.decode import DecodeError
@@ -342,7 +279,11 @@ def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle
                 if ok_t[j]:
                     X[i] = feats[j]
         proba = np.zeros((n, len(names)))
-        if ok.any():
+        if ok.any() and metrics.multilabel:
+            from pipeline.heads.multilabel import label_scores
+
+            proba[ok], _ = label_scores(loaded.model, X[ok])
+        elif ok.any():
             proba[ok], _ = stage2_scores(loaded.model, X[ok], len(names))
         return proba, ok, why, sources
 
@@ -441,8 +382,17 @@ def predict(
             continue
         order = np.argsort(-proba[i], kind="stable")[:top_k]
         top = [(int(j), predictor.class_names[int(j)], float(proba[i, j])) for j in order]
-        results.append(ImageResult(str(p), top, sources[i]))
+        results.append(ImageResult(str(p), top, sources[i], labels=_above(predictor, proba[i])))
     return predictor, results
+
+
+def _above(predictor: Predictor, proba: np.ndarray) -> list[tuple[int, str, float]] | None:
+    """Every class whose probability reaches its threshold, most probable first (None: single-label)."""
+    if predictor.thresholds is None:
+        return None
+    order = np.argsort(-proba, kind="stable")
+    t = predictor.thresholds
+    return [(int(j), predictor.class_names[int(j)], float(proba[j])) for j in order if proba[j] >= t[int(j)]]
 
 
 def format_table(results: list[ImageResult]) -> str:
@@ -454,7 +404,9 @@ def format_table(results: list[ImageResult]) -> str:
         if r.error:
             lines.append(f"{name:<{width}}   -  error: {r.error}")
             continue
-        for k, (_, cls, prob) in enumerate(r.top, 1):
+        if r.labels is not None and not r.labels:
+            lines.append(f"{name:<{width}}   -  no label above its threshold  {r.source}".rstrip())
+        for k, (_, cls, prob) in enumerate(r.top if r.labels is None else r.labels, 1):
             lines.append(
                 f"{name if k == 1 else '':<{width}}  {k:>2}  {cls:<{cw}}  {prob:>11.4f}  {r.source if k == 1 else ''}".rstrip()
             )
@@ -469,6 +421,11 @@ def format_json(results: list[ImageResult]) -> str:
                 "predictions": [{"class": c, "index": i, "probability": p} for i, c, p in r.top],
                 "features": r.source or None,
                 "error": r.error,
+                **(
+                    {}
+                    if r.labels is None
+                    else {"labels": [{"class": c, "index": i, "probability": p} for i, c, p in r.labels]}
+                ),
             }
             for r in results
         ],

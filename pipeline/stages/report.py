@@ -90,6 +90,10 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     say = _progress(cfg)
     notes: list[str] = []
     with FeatureCache(cache_path) as cache:
+        if cache.multilabel:
+            from pipeline.heads.multilabel import refuse_multilabel
+
+            refuse_multilabel("report", f"the cache {Path(cache_path).name}")
         rows = list_runs(root, cache.fingerprint)
         board = _board(rows)
         best = best_run(rows)

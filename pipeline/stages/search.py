@@ -76,6 +76,10 @@ def search(
         progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cache_path = resolve_cache(cfg)
     with FeatureCache(cache_path) as cache:
+        if cache.multilabel:
+            from pipeline.heads.multilabel import refuse_multilabel
+
+            refuse_multilabel("search", f"the cache {cache_path.name}")
         space = load_space(s.space, cache.layer_name(cfg.train.layer))
         if s.convertible:
             space = convertible_space(space)

@@ -28,6 +28,7 @@ from pipeline.utils.sections import (  # noqa: F401 - re-exported: the config's 
     ENGINES,
     HEAD_NAMES,
     LABEL_FILTERS,
+    MULTILABEL,
     ON_ERROR,
     POOLINGS,
     PRECISIONS,

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.utils.config import MULTILABEL
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import sha256_file, write_json
 from pipeline.utils.journal import TRIALS_FILE, read_trials
@@ -113,6 +114,17 @@ class RunMetrics(dict):
     def split(self, name: str) -> dict[str, Any]:
         """The scores on ``val`` or ``test`` (empty when the split had no rows)."""
         return self._dict(name)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the run's head is multi-label (one-vs-rest, per-class ``thresholds``)."""
+        return self.get("task") == MULTILABEL
+
+    @property
+    def thresholds(self) -> list[float]:
+        """A multi-label run's decision threshold per class, in :attr:`class_names` order."""
+        t = self._dict("thresholds")
+        return [float(t[c]) for c in self.class_names]
 
     @property
     def val_accuracy(self) -> float | None:
@@ -424,6 +436,8 @@ def format_run(info: dict[str, Any]) -> str:
 
 
 def _format_metrics(m: dict[str, Any]) -> list[str]:
+    if m.get("task") == MULTILABEL:
+        return _format_multilabel(m)
     lines = ["", f"{'split':<6} {'n':>6} {'accuracy':>9} {'bal_acc':>8} {'macro_f1':>9}"]
     for split in ("val", "test"):
         s = m.get(split) or {}
@@ -437,5 +451,27 @@ def _format_metrics(m: dict[str, Any]) -> list[str]:
         for name, c in per_class.items():
             lines.append(
                 f"{str(name)[:20]:<20} {c['precision']:>9.3f} {c['recall']:>7.3f} {c['f1']:>7.3f} {c['support']:>6}"
+            )
+    return lines + [""] + [f"{'note':>12}: {n}" for n in m.get("notes", [])]
+
+
+def _format_multilabel(m: dict[str, Any]) -> list[str]:
+    """A multi-label run's val/test mAP and F1, then its per-class AP, threshold and F1 on test."""
+    lines = [
+        "",
+        f"{'split':<6} {'n':>6} {'macro_mAP':>9} {'micro_mAP':>9} {'macro_f1':>9} {'subset_acc':>10}",
+    ]
+    for split in ("val", "test"):
+        s = m.get(split) or {}
+        lines.append(
+            f"{split:<6} {s.get('n', 0):>6} {_fmt(s.get('macro_map')):>9} {_fmt(s.get('micro_map')):>9}"
+            f" {_fmt(s.get('macro_f1')):>9} {_fmt(s.get('subset_accuracy')):>10}"
+        )
+    per_class = (m.get("test") or {}).get("per_class") or {}
+    if per_class:
+        lines += ["", f"{'class (test)':<20} {'ap':>7} {'threshold':>9} {'f1':>7} {'n':>6}"]
+        for name, c in per_class.items():
+            lines.append(
+                f"{str(name)[:20]:<20} {_fmt(c.get('ap')):>7} {c['threshold']:>9.3f} {c['f1']:>7.3f} {c['support']:>6}"
             )
     return lines + [""] + [f"{'note':>12}: {n}" for n in m.get("notes", [])]

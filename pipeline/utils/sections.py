@@ -13,6 +13,9 @@ from typing import Any
 from pipeline.utils.schema import opt
 
 SPLITS = ("train", "val", "test")
+MULTILABEL = (
+    "multilabel"  # the task of a multi-label cache and run (``task`` attribute / key; absent = single)
+)
 POOLINGS = ("avg", "max", "flatten", "none", "cls", "mean", "cls+mean", "pooled")
 RESIZE_POLICIES = ("stretch", "crop", "pad")
 ON_ERROR = ("skip", "fail")

@@ -1,0 +1,254 @@
+"""Multi-label datasets end to end, on real images with known truth: 2×2 mosaics of Fashion-MNIST images,
+each labelled with the set of classes it shows (a blank cell shows none, so some mosaics have no label)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.utils.config import load_config
+from tests.conftest import run_cli
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = {1: "trouser", 5: "sandal", 8: "bag", 9: "boot"}  # Fashion-MNIST label → name
+
+pytestmark = pytest.mark.skipif(
+    not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST (Debian dataset) not installed",
+)
+
+
+def _idx(path: Path) -> np.ndarray:
+    data = gzip.decompress(path.read_bytes())
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3]))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape)
+
+
+def write_mosaics(root: Path, n: int, seed: int = 0, sep: str = ";") -> list[set[str]]:
+    """``n`` 56×56 PNG mosaics and ``labels.csv`` (``path,labels``); returns each mosaic's label set."""
+    rng = np.random.default_rng(seed)
+    images, labels = _idx(FASHION / "t10k-images-idx3-ubyte.gz"), _idx(FASHION / "t10k-labels-idx1-ubyte.gz")
+    pool = {c: np.flatnonzero(labels == c) for c in CLASSES}
+    root.mkdir(parents=True, exist_ok=True)
+    truth, lines = [], ["path,labels"]
+    for i in range(n):
+        mosaic, names = np.zeros((56, 56), np.uint8), set()
+        for cell in range(4):
+            if rng.random() < 0.4:
+                continue  # a blank cell
+            c = int(rng.choice(list(CLASSES)))
+            y, x = 28 * (cell // 2), 28 * (cell % 2)
+            mosaic[y : y + 28, x : x + 28] = images[int(rng.choice(pool[c]))]
+            names.add(CLASSES[c])
+        Image.fromarray(mosaic).save(root / f"m{i:04d}.png")
+        lines.append(f"m{i:04d}.png,{sep.join(sorted(names))}")
+        truth.append(names)
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return truth
+
+
+def _cfg(tmp: Path, source: Path, **extra):
+    return load_config(
+        None,
+        {
+            "data.source": str(source),
+            "extract.cache_dir": str(tmp / "cache"),
+            "backbone.image_size": 32,
+            "extract.batch_size": 32,
+            "extract.progress": False,
+            **extra,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def mosaic_cache(tmp_path_factory):
+    from pipeline.stages.extract import extract
+
+    tmp = tmp_path_factory.mktemp("mosaics")
+    truth = write_mosaics(tmp / "data", 320)
+    result = extract(_cfg(tmp, tmp / "data" / "labels.csv"))
+    return tmp, truth, result
+
+
+def test_csv_labels_column_reads_label_sets(tmp_path):
+    from pipeline.data.labels_csv import read_rows
+
+    rows = read_rows(["path,labels", "a.png,bag;boot", "b.png, boot | bag |", "c.png,"], "x.csv", None)
+    assert [r.labels for r in rows] == [("bag", "boot"), ("bag", "boot"), ()]
+    single = read_rows(["path,label", "a.png,bag"], "y.csv", None)
+    assert single[0].labels is None and single[0].label == "bag"
+
+
+def test_multilabel_cache_holds_a_multi_hot_matrix(mosaic_cache):
+    from pipeline.cache.store import FeatureCache
+
+    tmp, truth, result = mosaic_cache
+    unlabelled = sum(1 for t in truth if not t)
+    assert unlabelled > 0 and result.unlabelled == unlabelled
+    assert f"{unlabelled} with no label" in result.summary()
+    with FeatureCache(result.path) as c:
+        assert c.multilabel and c.meta["task"] == "multilabel"
+        assert c.class_names == sorted(CLASSES.values())
+        assert c.labels.shape == (320, 4) and c.labels.dtype == np.uint8
+        order = {k: i for i, k in enumerate(c.keys)}
+        for i, names in enumerate(truth):
+            row = c.labels[order[f"m{i:04d}.png"]]
+            assert {c.class_names[j] for j in np.flatnonzero(row)} == names
+        assert len(c.rows("val")) and len(c.rows("test"))
+    info = run_cli("cache", "info", str(result.path))
+    assert info.returncode == 0 and "task: multilabel" in info.stdout, info.stderr
+
+
+def test_train_one_vs_rest_beats_the_frequency_baseline(mosaic_cache):
+    from pipeline.stages.train import train
+    from pipeline.utils.runs import describe_run, format_run, read_metrics
+
+    tmp, _, result = mosaic_cache
+    run = train(_cfg(tmp, tmp / "data" / "labels.csv"), head="logistic", train__params={"C": 0.1})
+    m = read_metrics(run.run_dir)
+    test = m["test"]
+    assert m["task"] == "multilabel" and set(m["thresholds"]) == set(CLASSES.values())
+    assert test["macro_map"] > test["map_baseline"] + 0.25, test
+    assert 0 <= test["subset_accuracy"] <= 1 and test["label_cardinality"] > 1
+    assert {"ap", "threshold", "f1"} <= set(test["per_class"]["bag"])
+    assert "macro_mAP" in run.summary() and "label-frequency baseline" in run.summary()
+    assert "bag" in format_run(describe_run(run.run_dir))  # runs show reads it
+
+
+def test_ridge_head_and_refusals(mosaic_cache):
+    from pipeline.stages.train import train
+    from pipeline.utils.errors import FeatcacheError
+
+    tmp, _, _ = mosaic_cache
+    run = train(_cfg(tmp, tmp / "data" / "labels.csv"), head="ridge")
+    assert run.metrics["test"]["macro_map"] > run.metrics["test"]["map_baseline"] + 0.2
+    with pytest.raises(FeatcacheError, match="does not train on a multi-label cache yet"):
+        train(_cfg(tmp, tmp / "data" / "labels.csv"), head="knn")
+
+
+def test_predict_prints_labels_above_their_thresholds(mosaic_cache):
+    from pipeline.stages.predict import format_json, format_table, predict
+    from pipeline.stages.train import train
+
+    tmp, truth, _ = mosaic_cache
+    cfg = _cfg(tmp, tmp / "data" / "labels.csv")
+    run = train(cfg, head="logistic", train__params={"C": 0.1})
+    thresholds = run.metrics["thresholds"]
+    images = [str(tmp / "data" / f"m{i:04d}.png") for i in range(16)]
+    _, results = predict(str(run.run_dir), images, cfg, top_k=2)
+    hits = 0
+    for r, names in zip(results, truth[:16], strict=True):
+        probs = [p for _, _, p in r.labels]
+        assert probs == sorted(probs, reverse=True) and len(r.top) == 2
+        assert all(p >= thresholds[c] for _, c, p in r.labels)
+        hits += {c for _, c, _ in r.labels} == names
+    assert hits >= 8, hits  # most mosaics get exactly their label set
+    out = json.loads(format_json(results))
+    assert set(out[0]) == {"image", "predictions", "features", "error", "labels"}
+    assert (
+        set(out[0]["predictions"][0]) == {"class", "index", "probability"} and len(out[0]["predictions"]) == 2
+    )
+    assert [x["class"] for x in out[0]["labels"]] == [c for _, c, _ in results[0].labels]
+    table = format_table(results)
+    assert all(c in table for r in results for _, c, _ in r.labels)
+
+
+def test_search_audit_report_finetune_export_refuse_in_one_line(mosaic_cache):
+    from pipeline.stages.audit import audit
+    from pipeline.stages.export import export
+    from pipeline.stages.report import report
+    from pipeline.stages.search import search
+    from pipeline.stages.train import train
+    from pipeline.utils.errors import FeatcacheError
+
+    tmp, _, _ = mosaic_cache
+    cfg = _cfg(tmp, tmp / "data" / "labels.csv")
+    for stage in (search, audit, report):
+        with pytest.raises(FeatcacheError, match=f"{stage.__name__}: the cache .* is multi-label"):
+            stage(cfg)
+    run = train(cfg, head="ridge")
+    with pytest.raises(
+        FeatcacheError, match="export: run .* is multi-label, which export does not support yet"
+    ):
+        export(str(run.run_dir), cfg=cfg)
+    res = run_cli("finetune", "--run", str(run.run_dir), "--cache-dir", str(tmp / "cache"))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "finetune does not support yet" in res.stderr
+
+
+def test_single_label_csv_unchanged(tmp_path):
+    """A ``label`` CSV stays single-label: no task attribute, int labels."""
+    from pipeline.cache.store import FeatureCache
+    from pipeline.stages.extract import extract
+
+    root = tmp_path / "data"
+    write_mosaics(root, 24)
+    lines = (root / "labels.csv").read_text().splitlines()[1:]
+    rows = ["path,label"] + [
+        f"{p},{'bag' if 'bag' in labs else 'other'}" for p, labs in (x.split(",") for x in lines)
+    ]
+    (root / "single.csv").write_text("\n".join(rows) + "\n")
+    with FeatureCache(extract(_cfg(tmp_path, root / "single.csv")).path) as c:
+        assert not c.multilabel and "task" not in c.meta
+        assert c.labels.ndim == 1 and c.labels.dtype == np.int64
+
+
+def _mosaic_files(root: Path, truth: list[set[str]]):
+    return [
+        (f"m{i:04d}", (root / f"m{i:04d}.png").read_bytes(), sorted(names)) for i, names in enumerate(truth)
+    ]
+
+
+def test_webdataset_json_labels_and_parquet_label_sequences(tmp_path):
+    """``{"labels": [...]}`` in a shard's ``.json`` and a Parquet ``labels`` column of ClassLabel indices (the
+    Hugging Face ``Sequence(ClassLabel)``, names from the schema) read as the same multi-label data."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cache.store import FeatureCache
+    from pipeline.data.sources import load_dataset
+    from pipeline.stages.extract import extract
+
+    truth = write_mosaics(tmp_path / "png", 30, seed=3, sep="|")
+    files = _mosaic_files(tmp_path / "png", truth)
+    names = sorted(CLASSES.values())
+    with tarfile.open(tmp_path / "train-0000.tar", "w") as tar:
+        for key, data, labels in files:
+            for member, body in (
+                (f"{key}.png", data),
+                (f"{key}.json", json.dumps({"labels": labels}).encode()),
+            ):
+                info = tarfile.TarInfo(member)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": d, "path": k} for k, d, _ in files], type=image_type),
+            "labels": pa.array(
+                [[names.index(x) for x in labs] for _, _, labs in files], pa.list_(pa.int64())
+            ),
+        }
+    )
+    features = {
+        "image": {"_type": "Image"},
+        "labels": {"feature": {"names": names, "_type": "ClassLabel"}, "_type": "Sequence"},
+    }
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, tmp_path / "data.parquet")
+    for src in (tmp_path / "train-0000.tar", tmp_path / "data.parquet"):
+        ds = load_dataset(_cfg(tmp_path, src).data, tmp_path / "index")
+        assert ds.multilabel and ds.class_names == names
+        assert [set(s.labels) for s in ds.samples] == truth
+    with FeatureCache(extract(_cfg(tmp_path, tmp_path / "data.parquet")).path) as c:
+        assert c.multilabel and c.labels.shape == (30, 4)
+        assert [{names[j] for j in np.flatnonzero(row)} for row in c.labels] == truth
