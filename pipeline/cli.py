@@ -69,6 +69,11 @@ FLAGS: dict[str, tuple[str, ...]] = {
     ),
     "audit": (*PICK, "audit.folds", "audit.threshold", "audit.margin", "audit.exact", "audit.filter_by"),
     "report": (*PICK, "report.out", "report.run"),
+    "compare": (
+        *SELECTION,
+        *("compare.backbones", "compare.candidates", "compare.shots", "compare.seeds"),
+        *("data.limit", "extract.threads", "cluster.address"),
+    ),
     "runs ls": PICK,
     "runs show": PICK,
     "runs upgrade": (*PICK, "security.trust_pickle"),
@@ -216,6 +221,14 @@ def cmd_report(args) -> int:
     cfg = _load(args)
     choose_cache(cfg)
     print(report(cfg).summary())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipeline.api import compare
+
+    result = compare(_load(args))
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
     return 0
 
 
@@ -406,6 +419,12 @@ def _add_report(sub) -> None:
     _command(sub, "report", cmd_report, help=help_)
 
 
+def _add_compare(sub) -> None:
+    help_ = "choose the backbone: candidates extracted once each, scored by one linear probe; resumable"
+    p = _command(sub, "compare", cmd_compare, help=help_)
+    p.add_argument("--json", action="store_true", help='print {"candidates": [...]}, best first by val')
+
+
 def _add_runs(sub) -> None:
     p = sub.add_parser("runs", help="list the runs, fine-tuned runs and searches of a cache, or show one")
     rsub = p.add_subparsers(dest="runs_command", metavar="ls|show|upgrade")
@@ -433,6 +452,7 @@ COMMANDS = (
     _add_export,
     _add_audit,
     _add_report,
+    _add_compare,
     _add_runs,
 )
 
