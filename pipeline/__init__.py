@@ -45,6 +45,8 @@ _LAZY = {
     "Report": "stages.report",
     "list_runs": "utils.runs",
     "Run": "api",
+    "compare": "api",
+    "CompareResult": "stages.compare",
 }
 
 

@@ -120,3 +120,12 @@ class Run:
             if acc is not None
         )
         return f"Run({self.id!r}, kind={self.kind!r}, head={m.head!r}{scores})"
+
+
+def compare(config: Config | str | Path | None = None, **options: Any):
+    """``featcache compare``: every candidate backbone extracted once and scored by one linear probe
+    (:func:`pipeline.stages.compare.compare`, handed the extract stage, which it may not import)."""
+    from pipeline.stages.compare import compare as compare_stage
+    from pipeline.stages.extract import extract
+
+    return compare_stage(config, extractor=extract, **options)

@@ -69,6 +69,11 @@ FLAGS: dict[str, tuple[str, ...]] = {
     ),
     "audit": (*PICK, "audit.folds", "audit.threshold", "audit.margin", "audit.exact", "audit.filter_by"),
     "report": (*PICK, "report.out", "report.run"),
+    "compare": (
+        *SELECTION,
+        *("compare.backbones", "compare.candidates", "compare.shots", "compare.seeds"),
+        *("data.limit", "extract.threads", "cluster.address"),
+    ),
     "runs ls": PICK,
     "runs show": PICK,
     "runs upgrade": (*PICK, "security.trust_pickle"),
@@ -157,18 +162,10 @@ def cmd_cache_ls(args) -> int:
 
 def cmd_cache_info(args) -> int:
     from pipeline.cache.store import FeatureCache
-    from pipeline.utils.config import SPLITS
 
     _load(args)  # the same --config and --set as every command: a bad key fails here too
     with FeatureCache(args.file) as c:
-        info = {
-            "path": str(c.path),
-            "rows": c.n_rows,
-            "layers": {layer: list(c.dataset(layer).shape) for layer in c.layers},
-            "classes": c.class_names,
-            "split_counts": {name: int((c.split == i).sum()) for i, name in enumerate(SPLITS)},
-            **{k: v for k, v in c.meta.items() if k not in ("complete",)},
-        }
+        info = c.info()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
@@ -216,6 +213,14 @@ def cmd_report(args) -> int:
     cfg = _load(args)
     choose_cache(cfg)
     print(report(cfg).summary())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipeline.api import compare
+
+    result = compare(_load(args))
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
     return 0
 
 
@@ -406,6 +411,12 @@ def _add_report(sub) -> None:
     _command(sub, "report", cmd_report, help=help_)
 
 
+def _add_compare(sub) -> None:
+    help_ = "choose the backbone: candidates extracted once each, scored by one linear probe; resumable"
+    p = _command(sub, "compare", cmd_compare, help=help_)
+    p.add_argument("--json", action="store_true", help='print {"candidates": [...]}, best first by val')
+
+
 def _add_runs(sub) -> None:
     p = sub.add_parser("runs", help="list the runs, fine-tuned runs and searches of a cache, or show one")
     rsub = p.add_subparsers(dest="runs_command", metavar="ls|show|upgrade")
@@ -433,6 +444,7 @@ COMMANDS = (
     _add_export,
     _add_audit,
     _add_report,
+    _add_compare,
     _add_runs,
 )
 

@@ -179,6 +179,17 @@ class FeatureCache:
                 raise self._damaged(e) from None
             yield block, self.labels[r]
 
+    def info(self) -> dict[str, Any]:
+        """What ``featcache cache info`` prints: rows, layers and their shapes, classes, split sizes, metadata."""
+        return {
+            "path": str(self.path),
+            "rows": self.n_rows,
+            "layers": {layer: list(self.dataset(layer).shape) for layer in self.layers},
+            "classes": self.class_names,
+            "split_counts": {name: int((self.split == i).sum()) for i, name in enumerate(SPLITS)},
+            **{k: v for k, v in self.meta.items() if k not in ("complete",)},
+        }
+
     def close(self) -> None:
         self._f.close()
 

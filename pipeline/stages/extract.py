@@ -113,6 +113,7 @@ class ExtractJob:
     result: ExtractResult
     unreadable: Unreadable
     calibration: Calibration | None = None  # what a tflite-int8 engine is calibrated on
+    bar: Any = None  # a progress bar shared with other extractions (compare's), else one of its own
     #: sample key → (content digest, size, mtime)
     digests: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)  # digests the previous cache holds
@@ -138,14 +139,15 @@ def _backbone_pass(job: ExtractJob, total: int):
     from tqdm import tqdm
 
     enabled = job.cfg.extract.progress
-    progress = tqdm(
+    progress = job.bar or tqdm(
         total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True, smoothing=0.1
     )
     t0 = time.perf_counter()
     try:
         yield progress
     finally:
-        progress.close()
+        if progress is not job.bar:
+            progress.close()
         job.result.backbone_seconds += time.perf_counter() - t0
 
 
@@ -156,6 +158,7 @@ def extract(
     dataset: Dataset | None = None,
     keep_missing: bool = False,
     calibration: Calibration | None = None,
+    progress_bar: Any = None,
     **options: Any,
 ) -> ExtractResult:
     """Bring the cache for ``config`` up to date and return what was done.
@@ -165,7 +168,8 @@ def extract(
     (``extract(data="photos/", backbone="vgg16")``, :func:`pipeline.utils.config.resolve_config`). ``dataset``
     replaces ``[data]``'s source; ``keep_missing`` keeps cached rows that are not in it (an accumulating
     cache, as the scikit-learn transformer uses) instead of dropping them. ``calibration`` replaces the
-    sample of train images a ``tflite-int8`` engine is calibrated on.
+    sample of train images a ``tflite-int8`` engine is calibrated on. ``progress_bar`` (a tqdm bar) counts
+    this extraction's images instead of a bar of its own.
     """
     t_start = time.perf_counter()
     cfg = resolve_config(config, "extract", **options)
@@ -198,7 +202,9 @@ def extract(
                 old = None
         if rebuild:
             clear_partial(final)
-        job = ExtractJob(cfg, ds, final, key, fp, old, result, Unreadable(cfg.data.on_error), calibration)
+        job = ExtractJob(
+            cfg, ds, final, key, fp, old, result, Unreadable(cfg.data.on_error), calibration, progress_bar
+        )
         try:
             done = _update(job, t_start, keep_missing)
             touch_cache(final)  # the cache just made is the newest: later stages follow it

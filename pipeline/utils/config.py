@@ -39,6 +39,7 @@ from pipeline.utils.sections import (  # noqa: F401 - re-exported: the config's 
     AuditConfig,
     BackboneConfig,
     ClusterConfig,
+    CompareConfig,
     DataConfig,
     ExportConfig,
     ExtractConfig,
@@ -68,6 +69,8 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: dotted keys the user chose (see :func:`given_keys`); not a field, so never saved or compared

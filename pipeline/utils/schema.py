@@ -105,7 +105,10 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
     elif origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if typing.get_args(annotation) == (int,) and isinstance(value, (list, tuple)):
+            if all(type(v) is int or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in value):
+                return [int(v) for v in value]
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
     elif origin is dict:
         if isinstance(value, dict):

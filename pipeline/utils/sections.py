@@ -324,6 +324,39 @@ class ReportConfig:
     tsne_rows: int = opt(500, min=0, help="rows of those in the t-SNE map")
 
 
+def _shots(shots: list[int]) -> str | None:
+    return "must be >= 1 images per class" if any(k < 1 for k in shots) else None
+
+
+@dataclass
+class CompareConfig:
+    """The candidates ``featcache compare`` extracts and scores with its one linear-probe protocol."""
+
+    backbones: list[str] = opt(
+        factory=list,
+        flag="--backbones",
+        metavar="LIST",
+        help="comma-separated backbones, one candidate each (the [backbone] settings otherwise)",
+    )
+    candidates: str = opt(
+        "",
+        flag="--candidates",
+        metavar="FILE",
+        help="TOML file of [[candidate]] tables: any [backbone] keys plus an optional label",
+    )
+    shots: list[int] = opt(
+        factory=list,
+        flag="--shots",
+        metavar="LIST",
+        check=_shots,
+        help="also score k-shot probes, e.g. 1,5,10 train images per class (mean ± std over --seeds)",
+    )
+    seeds: int = opt(3, flag="--seeds", metavar="N", min=1, help="k-shot draws per k")
+    probe_images: int = opt(
+        16, min=0, help="images timed before each extraction for its time estimate (0 = no estimate)"
+    )
+
+
 @dataclass
 class ClusterConfig:
     """Where extraction, search and predict run: this process, a local Dask cluster, or a scheduler."""

@@ -1,0 +1,163 @@
+"""featcache compare: candidates extracted once each through the cache, scored by one linear probe."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+from pipeline.cli import main
+from pipeline.stages.compare import compare as compare_stage
+from pipeline.stages.extract import extract
+from pipeline.utils.errors import FeatcacheError
+
+CANDIDATES = """
+[[candidate]]
+name = "efficientnet_lite0"
+image_size = 32
+
+[[candidate]]
+label = "lite0-48"
+name = "efficientnet_lite0"
+image_size = 48
+
+[[candidate]]
+name = "mobilenet_v2"
+weights = "none"
+image_size = 32
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("compare")
+    d = load_digits()
+    npz = root / "digits.npz"
+    np.savez(npz, images=np.clip(d.images * 16, 0, 255).astype(np.uint8), labels=d.target)
+    cands = root / "candidates.toml"
+    cands.write_text(CANDIDATES)
+    kw = {
+        "data": str(npz),
+        "cache_dir": str(root / "cache"),
+        "limit": 300,
+        "candidates": str(cands),
+        "shots": [1, 3],
+        "seeds": 2,
+        "extract__progress": False,
+    }
+    return kw, pipeline.compare(**kw)
+
+
+class Spy:
+    """The extract stage, counting the images it runs through a backbone."""
+
+    def __init__(self):
+        self.calls, self.extracted = 0, 0
+
+    def __call__(self, cfg, **kw):
+        self.calls += 1
+        result = extract(cfg, **kw)
+        self.extracted += result.extracted
+        return result
+
+
+def _own_val_accuracy(cache_path: str) -> float:
+    """A probe trained here, by hand: L2-normalized features, logistic regression, C swept on val."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import normalize
+    from threadpoolctl import threadpool_limits
+
+    with pipeline.open_cache(cache_path) as cache:
+        (xt, yt), (xv, yv) = cache.xy("train"), cache.xy("val")
+    xt, xv = normalize(xt.astype(np.float64)), normalize(xv.astype(np.float64))
+    with threadpool_limits(limits=1, user_api="blas"):  # small fits: contended BLAS threads are slow
+        return max(
+            float(np.mean(LogisticRegression(C=c, max_iter=1000).fit(xt, yt).predict(xv) == yv))
+            for c in np.logspace(-2, 4, 7)
+        )
+
+
+def test_leaderboard_ranks_as_a_probe_trained_by_hand(setup):
+    _, result = setup
+    rows = result.rows
+    assert [r["label"] for r in rows if r["label"]] and len(rows) == 3
+    assert result.extracted == 3 * 300
+    own = [_own_val_accuracy(r["cache"]) for r in rows]
+    assert [r["val_accuracy"] for r in rows] == pytest.approx(own)
+    assert own == sorted(own, reverse=True)
+    assert len({r["cache"] for r in rows}) == 3
+    newest = max(Path(rows[0]["cache"]).parent.glob("*.h5"), key=os.path.getmtime)
+    assert str(newest) == rows[0]["cache"]  # train and search continue on the winner
+
+
+def test_a_second_compare_does_no_backbone_work(setup):
+    kw, first = setup
+    spy = Spy()
+    again = compare_stage(extractor=spy, **kw)
+    assert spy.calls == 0 and again.extracted == 0 and again.dir == first.dir
+    assert [r["val_accuracy"] for r in again.rows] == [r["val_accuracy"] for r in first.rows]
+    other = compare_stage(extractor=spy, **{**kw, "shots": [2]})  # a new compare over the same caches
+    assert other.dir != first.dir
+    assert spy.calls == 3 and spy.extracted == 0 and other.extracted == 0
+
+
+def test_bad_candidates_fail_in_one_line_before_any_extraction(setup, tmp_path):
+    kw, _ = setup
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[[candidate]]\nname = "mobilenet_v2"\nweights = "none"\nimage_size = 40\n\n'
+        '[[candidate]]\nlabel = "typo"\nname = "efficientnet_lite9"\n\n'
+        '[[candidate]]\nlabel = "nolayer"\nname = "efficientnet_lite0"\nimage_size = 40\nlayers = ["nope"]\n'
+    )
+    spy, before = Spy(), sorted(Path(kw["cache_dir"]).glob("*.h5"))
+    with pytest.raises(FeatcacheError) as e:
+        compare_stage(extractor=spy, **{**kw, "candidates": str(bad)})
+    msg = str(e.value)
+    assert "\n" not in msg and "2 bad candidate" in msg
+    assert "typo: unknown backbone 'efficientnet_lite9'" in msg and "nolayer: --layer" in msg
+    assert spy.calls == 0
+    assert sorted(Path(kw["cache_dir"]).glob("*.h5")) == before
+
+
+def test_json_and_csv_shape(setup, capsys):
+    kw, result = setup
+    argv = ["compare", "--data", kw["data"], "--cache-dir", kw["cache_dir"], "--limit", "300", "--quiet"]
+    argv += ["--candidates", kw["candidates"], "--shots", "1,3", "--seeds", "2", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["candidates"]
+    keys = {"label", "backbone", "layer", "image_size", "cache", "val_accuracy", "test_accuracy", "macro_f1"}
+    keys |= {"mean_recall", "dim", "images_per_second", "cpu_seconds", "cache_bytes", "shots"}
+    assert all(keys <= set(r) for r in rows)
+    vals = [r["val_accuracy"] for r in rows]
+    assert vals == sorted(vals, reverse=True)
+    assert {r["backbone"] for r in rows} == {"efficientnet_lite0", "mobilenet_v2"}
+    assert all(r["dim"] == 1280 and r["images_per_second"] > 0 for r in rows)
+    assert all(set(r["shots"]) == {"1", "3"} for r in rows)
+    assert all(0 <= r["shots"]["3"]["mean"] <= 1 and r["shots"]["3"]["std"] >= 0 for r in rows)
+    with open(result.dir / "leaderboard.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["label"] for r in table] == [r["label"] for r in rows]
+    assert {"shot_1_mean", "shot_1_std", "shot_3_mean", "shot_3_std"} <= set(table[0])
+    assert json.loads((result.dir / "leaderboard.json").read_text())["candidates"] == rows
+
+
+def test_backbones_list_and_no_candidates(setup):
+    kw, result = setup
+    base = {k: v for k, v in kw.items() if k != "candidates"}
+    with pytest.raises(FeatcacheError, match="no candidates"):
+        pipeline.compare(**base)
+    spy = Spy()
+    got = compare_stage(extractor=spy, **{**base, "backbones": ["efficientnet_lite0"], "image_size": 32})
+    assert spy.extracted == 0  # the same settings as the first candidate: its cache
+    assert (
+        got.rows[0]["cache"]
+        == result.rows[[r["label"] for r in result.rows].index("efficientnet_lite0@32")]["cache"]
+    )
