@@ -59,7 +59,7 @@ from pipeline.features.tflite import (
     interpreter_class,
 )
 from pipeline.utils.config import ENGINES
-from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.errors import FeatcacheError, first_line
 from pipeline.utils.io import atomic_write, read_json
 from pipeline.utils.workers import usable_cores
 
@@ -268,10 +268,6 @@ def _store(path: Path, data: bytes) -> None:
 conversions = 0
 
 
-def _first_line(e: BaseException) -> str:
-    return ((str(e).strip().splitlines() or [type(e).__name__])[0] or type(e).__name__)[:300]
-
-
 def _note(msg: str) -> None:
     print(f"featcache: {msg}", file=sys.stderr, flush=True)
 
@@ -348,7 +344,7 @@ def _load_cached(fm, threads: int, model_path: Path, meta_path: Path, key, retry
             blob = model_path.read_bytes()
             return TFLiteEngine(blob, fm.layers, meta["outputs"], threads, name=name), meta
         except Exception as e:  # noqa: BLE001 - a damaged or foreign file: convert again
-            _note(f"cached TFLite model {model_path} is unusable ({_first_line(e)}); converting again")
+            _note(f"cached TFLite model {model_path} is unusable ({first_line(e)}); converting again")
     if not meta.get("ok") and not retry_failed:
         raise EngineUnavailable(meta.get("reason", "conversion failed before"))
     return None
@@ -364,7 +360,7 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any],
     except EngineUnavailable:
         raise
     except Exception as e:  # noqa: BLE001 - any converter failure means: not convertible
-        raise EngineUnavailable(f"TFLite conversion of {fm.spec.name} failed: {_first_line(e)}") from None
+        raise EngineUnavailable(f"TFLite conversion of {fm.spec.name} failed: {first_line(e)}") from None
     conversions += 1
     meta.update(outputs=outputs, convert_seconds=round(time.perf_counter() - t0, 2), bytes=len(blob))
     x = probe_images(fm.image_size)
@@ -380,7 +376,7 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any],
         raise
     except Exception as e:  # noqa: BLE001 - the runtime cannot run what the converter wrote
         raise EngineUnavailable(
-            f"the TFLite runtime cannot run converted {fm.spec.name}: {_first_line(e)}"
+            f"the TFLite runtime cannot run converted {fm.spec.name}: {first_line(e)}"
         ) from None
     meta.update(
         probe_images=len(x),

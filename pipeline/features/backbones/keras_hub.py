@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 
 from pipeline.features.backbones.hub_presets import HubPreset, check_size
-from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.errors import FeatcacheError, first_line
 
 #: the families whose position embeddings adapt to another input size (interpolated, or rotary)
 RESIZABLE = ("DINOV2Backbone", "DINOV3Backbone")
@@ -81,19 +81,17 @@ def load_backbone(preset: HubPreset, weights: str, size: int):
             preset.folder, load_weights=weights == "imagenet", **kwargs
         )
     except Exception as e:  # noqa: BLE001 - a damaged or foreign folder: one line
-        raise FeatcacheError(f"--backbone {preset.ref}: cannot load the preset: {_first_line(e)}") from None
+        raise FeatcacheError(
+            f"--backbone {preset.ref}: cannot load the preset: {first_line(e, 200)}"
+        ) from None
     if weights not in ("imagenet", "none"):
         try:
             root.load_weights(weights)
         except Exception as e:  # noqa: BLE001
             raise FeatcacheError(
-                f"--weights {weights}: cannot load into {preset.ref}: {_first_line(e)}"
+                f"--weights {weights}: cannot load into {preset.ref}: {first_line(e, 200)}"
             ) from None
     return root
-
-
-def _first_line(e: BaseException) -> str:
-    return ((str(e).strip().splitlines() or [type(e).__name__])[0] or type(e).__name__)[:200]
 
 
 def _dinov2(root, x):
