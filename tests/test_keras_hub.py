@@ -268,6 +268,15 @@ def test_report_and_audit_of_a_hub_cache(hub, vit_run, tmp_path):
     assert len(result.to_json()["label_issues"]) <= 16
 
 
+def test_int8_is_refused_for_a_transformer_in_one_line(hub):
+    """Measured: a ViT-S/14-sized transformer runs int8 at 0.38× float32 TFLite here (registry.INT8_REFUSED_HUB)."""
+    from pipeline.stages.extract import extract
+
+    with pytest.raises(FeatcacheError, match="does not quantize well to int8"):
+        extract(load_config(None, _overrides(hub, "vit", "c-int8", **{"extract.engine": "tflite-int8"})))
+    assert not list((hub["root"] / "c-int8").glob("*.h5"))  # refused before any work
+
+
 def test_cluster_worker_builds_the_preset_from_settings(hub):
     """What a worker runs (features.distributed.run_shard), from the settings a job sends."""
     from pipeline.data.sources import load_dataset
