@@ -13,7 +13,7 @@ from pipeline.cache.reader import Data
 from pipeline.heads.keras_head import class_weights
 from pipeline.heads.registry import Head, make_head, sgd_step
 from pipeline.heads.transforms import build_transforms
-from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.errors import FeatcacheError, first_line
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _fit_head(head: Head, X, y, fit_kwargs):
     except FeatcacheError:
         raise
     except (ValueError, TypeError) as e:  # sklearn's parameter validation: a bad value is a user error
-        raise FeatcacheError(f"head {head.name!r}: {str(e).splitlines()[0][:300]}") from None
+        raise FeatcacheError(f"head {head.name!r}: {first_line(e, 300)}") from None
 
 
 @dataclass
@@ -180,7 +180,7 @@ def _fit_streamed(
         try:
             est.fit_stream(seq, val, y_all=y_all)
         except (ValueError, TypeError) as e:
-            raise FeatcacheError(f"head {head.name!r}: {str(e).splitlines()[0][:300]}") from None
+            raise FeatcacheError(f"head {head.name!r}: {first_line(e, 300)}") from None
         stats["generator_batches"] = int(est.stream_batches_)
         stats["chunk_reads"] += seq.reads + (val.reads if val is not None else 0)
         return
@@ -193,7 +193,7 @@ def _fit_streamed(
             try:
                 est.partial_fit(X, y, classes=classes, sample_weight=_sample_weight(head, classes, y_all, y))
             except (ValueError, TypeError) as e:
-                raise FeatcacheError(f"head {head.name!r}: {str(e).splitlines()[0][:300]}") from None
+                raise FeatcacheError(f"head {head.name!r}: {first_line(e, 300)}") from None
             stats["partial_fit_calls"] += 1
         seq.on_epoch_end()
     stats["chunk_reads"] += seq.reads

@@ -18,7 +18,7 @@ from pipeline.cache.reader import Data
 from pipeline.heads.fitting import Fitted, Predictions
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import build_transforms
-from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.errors import FeatcacheError, first_line
 
 #: the heads a multi-label cache trains (each class one-vs-rest)
 MULTILABEL_HEADS = ("logistic", "linear_svm", "ridge")
@@ -75,7 +75,7 @@ def fit_multilabel(
         try:
             ovr.fit(X, Y)
         except (ValueError, TypeError) as e:
-            raise FeatcacheError(f"head {head_name!r}: {str(e).splitlines()[0][:300]}") from None
+            raise FeatcacheError(f"head {head_name!r}: {first_line(e, 300)}") from None
     for w in caught:
         msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
         if msg not in fitted.notes and len(fitted.notes) < 8:

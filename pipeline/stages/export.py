@@ -38,7 +38,7 @@ import numpy as np
 
 from pipeline.features.tflite import TFLiteRunner, check_conversion_memory, convert_frozen, freeze
 from pipeline.utils.config import Config, resolve_config
-from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.errors import FeatcacheError, first_line
 from pipeline.utils.io import atomic_path, atomic_write
 
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-dynamic", "tflite-int8")
@@ -148,7 +148,7 @@ def tflite_convert(core, image_size: int, mode: str, representative=None) -> byt
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - the converter raises many types
-        raise FeatcacheError(f"TFLite conversion ({mode}) failed: {str(e).splitlines()[0][:300]}") from None
+        raise FeatcacheError(f"TFLite conversion ({mode}) failed: {first_line(e, 300)}") from None
 
 
 def _images(

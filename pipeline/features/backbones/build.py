@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.features.backbones.hub_presets import TOKEN_POOLINGS
 from pipeline.features.backbones.registry import BackboneSpec, get_spec
 from pipeline.utils.config import BackboneConfig
-from pipeline.utils.errors import FeatcacheError
+from pipeline.utils.errors import FeatcacheError, first_line
 
 
 @dataclass
@@ -66,7 +66,7 @@ def load_base(spec: BackboneSpec, weights: str, include_top: bool, size: int):
             raise
         except Exception as e:  # noqa: BLE001
             raise FeatcacheError(
-                f"cannot load weights {weights} for {spec.name}: {str(e).splitlines()[0][:200]}"
+                f"cannot load weights {weights} for {spec.name}: {first_line(e, 200)}"
             ) from None
     ctor = getattr(importlib.import_module(spec.module), spec.constructor)
     try:
@@ -79,7 +79,7 @@ def load_base(spec: BackboneSpec, weights: str, include_top: bool, size: int):
                 raise FeatcacheError(_offline_hint(spec)) from None
         model = ctor(include_top=include_top, weights=None, input_shape=shape)
     except ValueError as e:
-        msg = str(e).splitlines()[0][:240]
+        msg = first_line(e, 240)
         if include_top:
             msg += f" (the classifier top of {spec.name} needs image_size={spec.default_size})"
         raise FeatcacheError(f"{spec.name}: {msg}") from None
@@ -88,7 +88,7 @@ def load_base(spec: BackboneSpec, weights: str, include_top: bool, size: int):
             model.load_weights(weights)
         except Exception as e:  # noqa: BLE001
             raise FeatcacheError(
-                f"--weights {weights}: cannot load into {spec.name}: {str(e).splitlines()[0][:200]}"
+                f"--weights {weights}: cannot load into {spec.name}: {first_line(e, 200)}"
             ) from None
     return model
 
