@@ -3,53 +3,17 @@ each labelled with the set of classes it shows (a blank cell shows none, so some
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.utils.config import load_config
 from tests.conftest import run_cli
+from tests.mosaics import CLASSES, HAVE_FASHION, write_mosaics
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = {1: "trouser", 5: "sandal", 8: "bag", 9: "boot"}  # Fashion-MNIST label → name
-
-pytestmark = pytest.mark.skipif(
-    not (FASHION / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason="Fashion-MNIST (Debian dataset) not installed",
-)
-
-
-def _idx(path: Path) -> np.ndarray:
-    data = gzip.decompress(path.read_bytes())
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3]))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(shape)
-
-
-def write_mosaics(root: Path, n: int, seed: int = 0, sep: str = ";") -> list[set[str]]:
-    """``n`` 56×56 PNG mosaics and ``labels.csv`` (``path,labels``); returns each mosaic's label set."""
-    rng = np.random.default_rng(seed)
-    images, labels = _idx(FASHION / "t10k-images-idx3-ubyte.gz"), _idx(FASHION / "t10k-labels-idx1-ubyte.gz")
-    pool = {c: np.flatnonzero(labels == c) for c in CLASSES}
-    root.mkdir(parents=True, exist_ok=True)
-    truth, lines = [], ["path,labels"]
-    for i in range(n):
-        mosaic, names = np.zeros((56, 56), np.uint8), set()
-        for cell in range(4):
-            if rng.random() < 0.4:
-                continue  # a blank cell
-            c = int(rng.choice(list(CLASSES)))
-            y, x = 28 * (cell // 2), 28 * (cell % 2)
-            mosaic[y : y + 28, x : x + 28] = images[int(rng.choice(pool[c]))]
-            names.add(CLASSES[c])
-        Image.fromarray(mosaic).save(root / f"m{i:04d}.png")
-        lines.append(f"m{i:04d}.png,{sep.join(sorted(names))}")
-        truth.append(names)
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
-    return truth
+pytestmark = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST (Debian dataset) not installed")
 
 
 def _cfg(tmp: Path, source: Path, **extra):
