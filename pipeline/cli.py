@@ -68,7 +68,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
         "export.calibration",
     ),
     "audit": (*PICK, "audit.folds", "audit.threshold", "audit.margin", "audit.exact", "audit.filter_by"),
-    "report": (*PICK, "report.out", "report.run"),
+    "report": (*PICK, "report.out", "report.run", "report.compare"),
     "compare": (
         *SELECTION,
         *("compare.backbones", "compare.candidates", "compare.shots", "compare.seeds"),

@@ -2,7 +2,7 @@
 
 Layers, lowest first: ``utils`` < ``data`` < ``features`` < ``cache`` < ``heads`` < ``model`` < ``tuning`` <
 ``stages`` < entry points (``cli``, ``transformer``, ``__init__``, ``__main__``). A module imports only from its own
-layer or below, no stage imports another stage, no import cycle exists (counting imports inside
+layer or below, no stage imports another stage (a stage may be a package of its own modules), no import cycle exists (counting imports inside
 functions), no private name crosses a module boundary, no function is longer than 80 lines and no module
 is longer than 500.
 """
@@ -109,12 +109,19 @@ def test_imports_only_run_down_the_layers():
     assert back == []
 
 
+def _stage(module: str) -> str:
+    """``pipeline.stages.report`` for ``pipeline.stages.report.sections``: a stage may be a package."""
+    return ".".join(module.split(".")[:3])
+
+
 def test_stages_never_import_each_other():
     modules = _modules()
     crossing = [
         (src, dst)
         for src, dst, _ in _imports(modules)
-        if src.startswith("pipeline.stages.") and dst.startswith("pipeline.stages.") and src != dst
+        if src.startswith("pipeline.stages.")
+        and dst.startswith("pipeline.stages.")
+        and _stage(src) != _stage(dst)
     ]
     assert crossing == []
 

@@ -23,6 +23,14 @@ dependencies for one function:
 On the Fashion-MNIST benchmark (3,000 images, 60 labels flipped at random; ``benchmarks/bench_audit.py``)
 ``prune_by_noise_rate`` put 75–80 % of the flips in the top 120 and ``low_self_confidence`` 88–92 %:
 pruning per cell loses the flips that land in a cell of many natural confusions (shirt ↔ T-shirt).
+
+**Multi-label** (a multi-hot matrix): cleanlab's one-vs-rest reduction
+(``cleanlab.multilabel_classification.filter.find_multilabel_issues_per_class``). Each class is its own
+binary problem, absent vs present, with out-of-fold probabilities ``(1 - p, p)`` from one binary logistic
+regression per class (:func:`out_of_fold_multilabel_proba`), and the confident learning above runs on it
+unchanged (:func:`find_multilabel_issues`). A flagged cell is a suspect label: *extra* when the class is
+labelled present, *missing* when it is not; an image is flagged when any of its cells is. The flagged cells
+match cleanlab's on the same probabilities (``tests/test_multilabel_audit_report.py``).
 """
 
 from __future__ import annotations
@@ -117,16 +125,22 @@ def _fit_fold(X, y, train, held_out, other, n_classes: int, C: float, seed: int)
     return proba(held_out), proba(other)
 
 
-def confident_joint(labels: np.ndarray, proba: np.ndarray) -> np.ndarray:
-    """The calibrated confident joint ``C[given, true]`` (step 1–2 of the module docstring)."""
-    n, k = proba.shape
+def confident_guess(labels: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows confidently counted, the class each is counted under): step 1–2 before calibration."""
+    k = proba.shape[1]
     counts = np.bincount(labels, minlength=k)
     thresholds = np.array(
         [proba[labels == j, j].mean() if counts[j] else 1.0 for j in range(k)], dtype=np.float64
     )
     above = proba >= thresholds - 1e-6
-    confident = above.any(axis=1)
-    true_guess = np.where(above, proba, -np.inf).argmax(axis=1)
+    return above.any(axis=1), np.where(above, proba, -np.inf).argmax(axis=1)
+
+
+def confident_joint(labels: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """The calibrated confident joint ``C[given, true]`` (step 1–2 of the module docstring)."""
+    n, k = proba.shape
+    counts = np.bincount(labels, minlength=k)
+    confident, true_guess = confident_guess(labels, proba)
     joint = np.zeros((k, k), np.float64)
     np.add.at(joint, (labels[confident], true_guess[confident]), 1.0)
     rows = joint.sum(axis=1, keepdims=True)
@@ -136,20 +150,33 @@ def confident_joint(labels: np.ndarray, proba: np.ndarray) -> np.ndarray:
 
 
 def find_label_issues(
-    labels: np.ndarray, proba: np.ndarray, filter_by: str = "low_self_confidence"
+    labels: np.ndarray,
+    proba: np.ndarray,
+    filter_by: str = "low_self_confidence",
+    *,
+    count: str = "calibrated",
 ) -> LabelIssues:
-    """Confident learning's issues (step 3 of the module docstring), ranked by self-confidence, lowest first."""
+    """Confident learning's issues (step 3 of the module docstring), ranked by self-confidence, lowest first.
+
+    ``count`` is how ``low_self_confidence`` estimates the number of errors: ``calibrated``, the off-diagonal
+    mass of the calibrated joint; ``off_diagonal``, cleanlab's default (``count.num_label_issues``): the rows
+    confidently counted under another class that the model does not predict as given."""
     if filter_by not in LABEL_FILTERS:
         raise FeatcacheError(
             f"label issues: filter_by must be one of {', '.join(LABEL_FILTERS)}, got {filter_by!r}"
         )
     labels = np.asarray(labels, dtype=int)
-    n = len(labels)
+    n, k = proba.shape
     joint = confident_joint(labels, proba)
     self_conf = proba[np.arange(n), labels]
     suggested = proba.argmax(axis=1)
     if filter_by == "low_self_confidence":
-        n_issues = int(np.rint(joint.sum() - np.trace(joint)))
+        if count == "off_diagonal":
+            confident, guess = confident_guess(labels, proba)
+            off = confident & (guess != labels)
+            n_issues = int((off & (np.argmax(proba + 1e-6 * np.eye(k)[labels], axis=1) != labels)).sum())
+        else:
+            n_issues = int(np.rint(joint.sum() - np.trace(joint)))
         issue = np.zeros(n, bool)
         issue[np.argsort(self_conf, kind="stable")[:n_issues]] = True
     else:
@@ -177,3 +204,102 @@ def _prune_by_noise_rate(labels: np.ndarray, proba: np.ndarray, joint: np.ndarra
             issue[members[np.argsort(-margin, kind="stable")[:m]]] = True
             budget -= m
     return issue
+
+
+# -- multi-label: one binary confident-learning problem per class ----------------------------------------
+
+
+@dataclass
+class LabelIssuesPerClass:
+    """(row, class) cells of a multi-hot matrix flagged by per-class confident learning, most suspicious first."""
+
+    rows: np.ndarray  # positions into the arrays given to ``find_multilabel_issues``
+    classes: np.ndarray
+    given: np.ndarray  # 1: the class is labelled present (suspect: extra), 0: absent (suspect: missing)
+    proba: np.ndarray  # the out-of-fold probability of the class
+    score: np.ndarray  # 1 - p(given state): higher = more likely wrong
+
+
+def out_of_fold_multilabel_proba(
+    X: np.ndarray,
+    Y: np.ndarray,
+    fit_mask: np.ndarray,
+    *,
+    folds: int = 5,
+    alpha: float = 0.125,
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> np.ndarray:
+    """N×C one-vs-rest probabilities, none from a model that saw the row: :func:`out_of_fold_proba`'s protocol
+    (k folds over train + val, test scored by the mean of the fold models) with one binary standardize +
+    logistic regression per class; a class absent (or present everywhere) in a fold's training rows gets
+    that fold's constant rate."""
+    from joblib import Parallel, delayed
+    from sklearn.model_selection import KFold
+
+    Y = np.asarray(Y, dtype=np.uint8)
+    fit_rows = np.flatnonzero(fit_mask)
+    other = np.flatnonzero(~fit_mask)
+    if len(fit_rows) < 4:
+        raise FeatcacheError(f"audit needs at least 4 train+val rows, the cache has {len(fit_rows)}")
+    k = max(2, min(int(folds), len(fit_rows)))
+    splits = list(KFold(n_splits=k, shuffle=True, random_state=seed).split(fit_rows))
+    fits = Parallel(n_jobs=n_jobs)(
+        delayed(_fit_fold_ovr)(X, Y, fit_rows[tr], fit_rows[te], other, 1.0 / (alpha * len(tr)), seed)
+        for tr, te in splits
+    )
+    proba = np.zeros(Y.shape, np.float64)
+    for (_, te), (p_te, p_other) in zip(splits, fits, strict=True):
+        proba[fit_rows[te]] = p_te
+        if len(other):
+            proba[other] += p_other / len(splits)
+    return proba
+
+
+def _fit_fold_ovr(X, Y, train, held_out, other, C: float, seed: int):
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.heads.registry import make_head
+    from pipeline.heads.transforms import build_transforms
+
+    out_te = np.zeros((len(held_out), Y.shape[1]))
+    out_other = np.zeros((len(other), Y.shape[1]))
+    with threadpool_limits(limits=1, user_api="blas"):  # as in _fit_fold: small products, busy cores
+        scaler = build_transforms(["standardize"])[0][1].fit(X[train])
+        Xt, Xte = scaler.transform(X[train]), scaler.transform(X[held_out])
+        Xo = scaler.transform(X[other]) if len(other) else None
+        for c in range(Y.shape[1]):
+            y = Y[train, c]
+            if y.min() == y.max():  # nothing to separate in this fold
+                out_te[:, c] = out_other[:, c] = float(y[0]) if len(y) else 0.0
+                continue
+            head = make_head("logistic", {"C": C, "max_iter": 300}, seed=seed).estimator.fit(Xt, y)
+            out_te[:, c] = head.predict_proba(Xte)[:, 1]
+            if Xo is not None:
+                out_other[:, c] = head.predict_proba(Xo)[:, 1]
+    return out_te, out_other
+
+
+def find_multilabel_issues(
+    Y: np.ndarray, proba: np.ndarray, filter_by: str = "low_self_confidence"
+) -> LabelIssuesPerClass:
+    """Per class, :func:`find_label_issues` on the binary problem (absent, present) with probabilities
+    ``(1 - p, p)``: cleanlab's ``multilabel_classification.filter.find_multilabel_issues_per_class``, whose
+    any-class union is its ``find_label_issues``. Ranked by ``1 - p(given state)``, highest first."""
+    Y = np.asarray(Y, dtype=int)
+    rows, classes = [], []
+    for c in range(Y.shape[1]):
+        y = Y[:, c]
+        if y.min() == y.max():  # one state only: confident learning has nothing to compare it with
+            continue
+        binary = np.stack([1.0 - proba[:, c], proba[:, c]], axis=1)
+        found = find_label_issues(y, binary, filter_by, count="off_diagonal")
+        rows.append(found.rows)
+        classes.append(np.full(len(found.rows), c))
+    r = np.concatenate(rows) if rows else np.zeros(0, int)
+    c = np.concatenate(classes) if classes else np.zeros(0, int)
+    given = Y[r, c] if len(r) else np.zeros(0, int)
+    p = proba[r, c] if len(r) else np.zeros(0)
+    score = np.where(given == 1, 1.0 - p, p)
+    order = np.lexsort((c, r, -score))
+    return LabelIssuesPerClass(r[order], c[order], given[order], p[order], score[order])

@@ -8,6 +8,12 @@ models, none of which saw them. Confident learning (Northcutt et al., JAIR 2021;
 :mod:`pipeline.heads.label_noise`) picks the likely errors and ranks them by self-confidence. The score
 is ``1 - p(given label)``: higher is more suspicious.
 
+**Multi-label caches** (a multi-hot matrix): the same protocol one class at a time, as cleanlab's
+``multilabel_classification`` does: out-of-fold one-vs-rest probabilities (one binary logistic regression per
+class), confident learning on each class's absent/present problem. Each flagged image lists its suspect
+labels: *missing* (labelled absent, the model says present) or *extra* (labelled present, the model says
+absent), with the class's probability; the image's score is that of its most suspicious label.
+
 **Near-duplicates.** Exact cosine similarity of the L2-normalized features, by blocked matrix products
 (:mod:`pipeline.heads.neighbours`). A pair is reported when its similarity reaches ``exact``, or when
 (a) it reaches ``threshold``, (b) the two rows are each other's nearest neighbour and (c) it beats the
@@ -45,11 +51,16 @@ class AuditResult:
     settings: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
 
+    multilabel: bool = False
+
     def to_json(self) -> dict[str, Any]:
+        fields = (
+            ("key", "given", "suspect", "score")
+            if self.multilabel
+            else ("key", "given", "suggested", "score")
+        )
         return {
-            "label_issues": [
-                {k: item[k] for k in ("key", "given", "suggested", "score")} for item in self.label_issues
-            ],
+            "label_issues": [{k: item[k] for k in fields} for item in self.label_issues],
             "near_duplicates": [
                 {k: item[k] for k in ("a", "b", "similarity", "splits")} for item in self.near_duplicates
             ],
@@ -62,10 +73,21 @@ class AuditResult:
             f"audit of {self.cache.name}: {self.rows} rows · layer {self.layer} · "
             f"{self.seconds['total']:.1f} s",
             "",
-            f"likely label errors: {len(self.label_issues)} (confident learning, "
-            f"{self.settings['folds']}-fold logistic regression)",
+            f"likely label errors: {len(self.label_issues)} "
+            + (
+                "images with a suspect label (confident learning per class, "
+                if self.multilabel
+                else "(confident learning, "
+            )
+            + f"{self.settings['folds']}-fold logistic regression)",
         ]
-        if self.label_issues:
+        if self.label_issues and self.multilabel:
+            lines.append(f"  {'score':>6}  {'split':<5}  {'suspect labels (p)':<40} key")
+            for it in self.label_issues[:top]:
+                lines.append(
+                    f"  {it['score']:>6.3f}  {it['split']:<5}  {suspects_text(it['suspect']):<40} {it['key']}"
+                )
+        elif self.label_issues:
             lines.append(f"  {'score':>6}  {'split':<5}  {'given':<16} {'suggested':<16} key")
             for it in self.label_issues[:top]:
                 lines.append(
@@ -107,15 +129,13 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
     t0 = time.perf_counter()
     path = resolve_cache(cfg)
     with FeatureCache(path) as cache:
-        if cache.multilabel:
-            from pipeline.heads.multilabel import refuse_multilabel
-
-            refuse_multilabel("audit", f"the cache {Path(path).name}")
+        multilabel = cache.multilabel
         layer = cache.layer_name(cfg.train.layer)
         X = cache.features(layer)
         labels, split, keys, names = cache.labels, cache.split, cache.keys, cache.class_names
     t_read = time.perf_counter()
-    issues = _label_issues(X, labels, split, keys, names, a.folds, cfg.train.seed, a.n_jobs, a.filter_by)
+    find = _multilabel_issues if multilabel else _label_issues
+    issues = find(X, labels, split, keys, names, a.folds, cfg.train.seed, a.n_jobs, a.filter_by)
     t_labels = time.perf_counter()
     pairs = _near_duplicates(X, split, keys, a.threshold, a.margin, a.exact)
     t_pairs = time.perf_counter()
@@ -138,6 +158,7 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
             "margin": a.margin,
             "exact": a.exact,
         },
+        multilabel=multilabel,
     )
     if a.write_csv:
         result.files = write_reports(result)
@@ -160,6 +181,42 @@ def _label_issues(X, labels, split, keys, names, folds, seed, n_jobs, filter_by)
         }
         for r, g, s, sc in zip(found.rows, found.given, found.suggested, found.score, strict=True)
     ]
+
+
+def _multilabel_issues(X, Y, split, keys, names, folds, seed, n_jobs, filter_by) -> list[dict[str, Any]]:
+    """One entry per image with a suspect label (cleanlab's per-class reduction), most suspicious first."""
+    import numpy as np
+
+    from pipeline.heads.label_noise import find_multilabel_issues, out_of_fold_multilabel_proba
+
+    fit_mask = split != SPLITS.index("test")
+    proba = out_of_fold_multilabel_proba(X, Y, fit_mask, folds=folds, seed=seed, n_jobs=n_jobs)
+    found = find_multilabel_issues(Y, proba, filter_by)
+    by_row: dict[int, list[dict[str, Any]]] = {}
+    for r, c, g, p, sc in zip(found.rows, found.classes, found.given, found.proba, found.score, strict=True):
+        by_row.setdefault(int(r), []).append(
+            {
+                "class": names[c],
+                "issue": "extra" if g else "missing",
+                "probability": round(float(p), 6),
+                "score": round(float(sc), 6),
+            }
+        )
+    return [
+        {
+            "key": keys[r],
+            "given": [names[c] for c in np.flatnonzero(Y[r])],
+            "suspect": suspects,
+            "score": suspects[0]["score"],
+            "split": SPLITS[int(split[r])],
+        }
+        for r, suspects in by_row.items()  # insertion order: by each image's most suspicious label
+    ]
+
+
+def suspects_text(suspects: list[dict[str, Any]]) -> str:
+    """``missing bag (0.93), extra boot (0.04)``: an image's suspect labels and their probabilities."""
+    return ", ".join(f"{s['issue']} {s['class']} ({s['probability']:.2f})" for s in suspects)
 
 
 def _near_duplicates(X, split, keys, threshold: float, margin: float, exact: float) -> list[dict[str, Any]]:
@@ -198,20 +255,43 @@ def report_paths(cache_path: Path) -> dict[str, Path]:
     }
 
 
-def write_reports(result: AuditResult) -> dict[str, Path]:
-    from pipeline.utils.io import atomic_write
-
-    paths = report_paths(result.cache)
-    atomic_write(
-        paths["label issues"],
-        _csv(
+def _label_issues_csv(result: AuditResult) -> str:
+    """Single-label: one row per image. Multi-label: one row per suspect label, ranked by its score, with
+    the image's given labels (``;``-separated)."""
+    if not result.multilabel:
+        return _csv(
             ["rank", "key", "split", "given", "suggested", "score"],
             [
                 [i + 1, it["key"], it["split"], it["given"], it["suggested"], it["score"]]
                 for i, it in enumerate(result.label_issues)
             ],
-        ),
+        )
+    cells = sorted(
+        ((s, it) for it in result.label_issues for s in it["suspect"]), key=lambda x: -x[0]["score"]
     )
+    return _csv(
+        ["rank", "key", "split", "class", "issue", "probability", "score", "given"],
+        [
+            [
+                i + 1,
+                it["key"],
+                it["split"],
+                s["class"],
+                s["issue"],
+                s["probability"],
+                s["score"],
+                ";".join(it["given"]),
+            ]
+            for i, (s, it) in enumerate(cells)
+        ],
+    )
+
+
+def write_reports(result: AuditResult) -> dict[str, Path]:
+    from pipeline.utils.io import atomic_write
+
+    paths = report_paths(result.cache)
+    atomic_write(paths["label issues"], _label_issues_csv(result))
     atomic_write(
         paths["near-duplicates"],
         _csv(

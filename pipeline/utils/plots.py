@@ -188,3 +188,56 @@ def plot_search(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
+
+
+def plot_pr_curves(
+    path: Path | BinaryIO, Y: np.ndarray, P: np.ndarray, class_names: Sequence[str], title: str
+) -> None:
+    """One precision-recall curve per class of a multi-label split (``Y`` N×C multi-hot, ``P`` scores), its
+    AP in the legend; a class without a positive row has no curve."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    plt = _plt()
+    n = len(class_names)
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    for c, name in enumerate(class_names):
+        if not Y[:, c].any():
+            continue
+        prec, rec, _ = precision_recall_curve(Y[:, c], P[:, c])
+        ap = average_precision_score(Y[:, c], P[:, c])
+        colour = cmap(c) if n <= 20 else cmap(c / max(1, n - 1))
+        ax.step(rec, prec, where="post", color=colour, label=f"{name} (AP {ap:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    if n <= 30:
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_accuracy_cost(
+    path: Path | BinaryIO, points: Sequence[dict[str, Any]], axes_keys: Sequence[tuple[str, str]], title: str
+) -> None:
+    """Accuracy against a cost, one panel per ``(key, axis label)`` of ``axes_keys``: every point is a dict
+    with ``label``, ``accuracy`` and those keys (a point without a key's value is left off that panel)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(5.6 * len(axes_keys), 4.2), squeeze=False)
+    for ax, (key, xlabel) in zip(axes[0], axes_keys, strict=True):
+        have = [p for p in points if isinstance(p.get(key), (int, float)) and p.get("accuracy") is not None]
+        xs, ys = [float(p[key]) for p in have], [float(p["accuracy"]) for p in have]
+        ax.scatter(xs, ys, s=28, color="tab:blue", zorder=3)
+        for p, x, y in zip(have, xs, ys, strict=True):
+            ax.annotate(str(p["label"])[:32], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)

@@ -322,6 +322,12 @@ class ReportConfig:
     thumbnails: int = opt(12, min=0, help="misclassified test images shown per detailed run")
     map_rows: int = opt(2000, min=0, help="rows in the PCA feature map")
     tsne_rows: int = opt(500, min=0, help="rows of those in the t-SNE map")
+    compare: str = opt(
+        "",
+        flag="--compare",
+        metavar="DIR",
+        help="the `featcache compare` folder to show (default: the newest compare-* beside the cache)",
+    )
 
 
 def _shots(shots: list[int]) -> str | None:

@@ -1,200 +1,26 @@
-"""``featcache report``: one self-contained HTML page about a cache and every run made from it.
-
-    cache (dataset, backbone, rows per split and class, quarantined files)
-    leaderboard of train runs, fine-tuned runs and search trials (sortable: click a column header)
-    for the best run on val (and ``--run``): per-class precision/recall/F1, confusion matrices,
-        learning curves, thumbnails of the most confidently wrong test images
-    a 2-D map of the cached features (PCA; t-SNE on a sample), coloured by class
-
-The page loads nothing: pictures are PNG ``data:`` URIs, and the CSS and the few lines of JavaScript
-(``report_assets/``, package data) are inlined, so it can be mailed or archived as one file. Plots are
-drawn by :mod:`pipeline.utils.plots`; thumbnails are read through the same image pipeline extraction used
-(:func:`pipeline.data.images.image_batches`), so they show what the backbone saw.
-"""
+"""The sections of a single-label report: the cache, the leaderboard, one run in detail (per-class scores,
+confusion matrices, learning curves, the most confidently wrong test images) and the map of the features."""
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
 import json
-import sys
 import time
-from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cache.locate import resolve_cache, resolve_run, runs_root
-from pipeline.utils.config import SPLITS, Config, resolve_config
+from pipeline.stages.report.html import dl, fmt, img, num, plot
+from pipeline.utils.config import SPLITS
 from pipeline.utils.errors import FeatcacheError
-from pipeline.utils.runs import METRICS, best_run, list_runs, read_metrics, search_trials
-
-#: The page's style sheet and script, package data read by :func:`_asset`. A click on a header sorts its
-#: table (numbers high→low first, text a→z; again to reverse; blanks last); ``report.html#sort=KEY`` clicks
-#: the header whose data-key is KEY once loaded: how the tests drive it.
-ASSETS = "report_assets"
-
-
-def _asset(name: str) -> str:
-    from importlib.resources import files
-
-    return files("pipeline.stages").joinpath(ASSETS).joinpath(name).read_text(encoding="utf-8")
-
-
-@dataclass
-class Report:
-    """What ``featcache report`` wrote: the page, and what it shows."""
-
-    path: Path
-    cache: Path
-    runs: list[dict[str, Any]]  # every leaderboard row: runs, fine-tuned runs, search trials
-    detailed: list[str]  # ids of the runs shown in detail
-    best: str | None
-    thumbnails: int
-    map_rows: tuple[int, int]  # rows in the PCA map, rows in the t-SNE map
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        kinds = [r["kind"] for r in self.runs]
-        lines = [
-            f"report: {self.path} ({self.path.stat().st_size / 1024:.0f} KB, {self.seconds:.1f} s)",
-            f"runs: {kinds.count('train')} train, {kinds.count('finetune')} fine-tuned,"
-            f" {kinds.count('trial')} search trials · best on val: {self.best or '-'}",
-            f"detailed: {', '.join(self.detailed) or '-'} · {self.thumbnails} misclassified thumbnails"
-            f" · feature map: PCA {self.map_rows[0]} rows, t-SNE {self.map_rows[1]} rows",
-        ]
-        lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"open: {self.path.resolve().as_uri()}")
-        return "\n".join(lines)
-
-
-def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
-    """Write the HTML report of ``cfg``'s cache (``report.out``, default ``<cache>.report.html`` beside it),
-    detailing the best run and ``report.run``; keywords (``out``, ``run``, ``thumbnails``, ``map_rows``,
-    ``tsne_rows``, ...) override ``cfg`` as in every stage (:func:`pipeline.utils.config.resolve_config`)."""
-    from pipeline.cache.store import FeatureCache
-    from pipeline.utils.io import atomic_write
-
-    cfg = resolve_config(cfg, "report", **options)
-    r = cfg.report
-    t0 = time.perf_counter()
-    cache_path = resolve_cache(cfg)
-    root = runs_root(cfg, cache_path)
-    out = Path(r.out) if r.out else cache_path.with_name(cache_path.stem + ".report.html")
-    if out.is_dir():
-        raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. {out / 'report.html'}")
-    say = _progress(cfg)
-    notes: list[str] = []
-    with FeatureCache(cache_path) as cache:
-        if cache.multilabel:
-            from pipeline.heads.multilabel import refuse_multilabel
-
-            refuse_multilabel("report", f"the cache {Path(cache_path).name}")
-        rows = list_runs(root, cache.fingerprint)
-        board = _board(rows)
-        best = best_run(rows)
-        detail = _detail_dirs(cfg, r.run, best)
-        layer = cache.layer_name(_run_layer(detail[0]) if detail else None)
-        say(f"report: {len(board)} leaderboard rows; mapping features of {layer}")
-        fmap, n_map = _feature_map(cache, layer, r.map_rows, r.tsne_rows)
-        meta = dict(cache.meta)
-        sections = [_header(cache, cache_path, root), _cache_section(cache, cache_path)]
-    sections.append(_leaderboard(board, best["id"] if best else None))
-    shown = 0
-    for d in detail:
-        say(f"report: details of {d.name}")
-        html_, n = _run_section(d, meta, r.thumbnails, notes, best is not None and d.name == best["id"])
-        sections.append(html_)
-        shown += n
-    sections.append(_map_section(fmap, layer, n_map))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, _page(f"featcache report · {cache_path.stem}", sections))
-    return Report(
-        out, cache_path, board, [d.name for d in detail], best["id"] if best else None, shown, n_map,
-        time.perf_counter() - t0, notes,
-    )  # fmt: skip
-
-
-def _progress(cfg: Config):
-    if not cfg.extract.progress:
-        return lambda msg: None
-    return lambda msg: print(msg, file=sys.stderr, flush=True)
-
-
-def _board(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs and fine-tuned runs, then every trial of every search (the search rows themselves are summaries)."""
-    board = [r for r in rows if r["kind"] != "search"]
-    for r in rows:
-        if r["kind"] == "search":
-            board += search_trials(Path(r["path"]))
-    return board
-
-
-def _detail_dirs(cfg: Config, run: str | None, best: dict[str, Any] | None) -> list[Path]:
-    out = [Path(best["path"])] if best else []
-    if run:
-        chosen = resolve_run(cfg, run)
-        if chosen.name.startswith("search-"):
-            raise FeatcacheError(
-                f"--run {run}: a search has no test predictions; pick a train or fine-tuned run (`featcache runs ls`)"
-            )
-        if not (chosen / METRICS).is_file():
-            raise FeatcacheError(f"--run {run}: {chosen} has no metrics.json (an unfinished run?)")
-        out = [chosen] + [d for d in out if d.resolve() != chosen.resolve()]
-    return out
-
-
-def _run_layer(run_dir: Path) -> str | None:
-    return read_metrics(run_dir, missing_ok=True).layer
-
-
-# -- small HTML helpers ---------------------------------------------------------------------------------
-
-
-def _png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def _img(data: bytes, alt: str, cls: str = "plot") -> str:
-    return f'<img class="{cls}" alt="{escape(alt)}" src="{_png_uri(data)}">'
-
-
-def _plot(draw, *args) -> bytes:
-    buf = io.BytesIO()
-    draw(buf, *args)
-    return buf.getvalue()
-
-
-def _num(v: Any, digits: int = 4) -> str:
-    """A numeric cell: the shown value, and the raw one in ``data-v`` for sorting (blank when missing)."""
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return '<td class="n" data-v="">-</td>'
-    shown = f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-    return f'<td class="n" data-v="{float(v)!r}">{shown}</td>'
-
-
-def _dl(items: list[tuple[str, Any]]) -> str:
-    return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in items) + "</dl>"
-
-
-def _page(title: str, sections: list[str]) -> str:
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)}</title><style>\n{_asset('report.css')}</style></head>\n<body>\n"
-        + "\n".join(sections)
-        + f"\n<script>\n{_asset('report.js')}</script>\n</body></html>\n"
-    )
-
+from pipeline.utils.runs import read_metrics
 
 # -- the cache -----------------------------------------------------------------------------------------
 
 
-def _header(cache, cache_path: Path, root: Path) -> str:
+def header(cache, cache_path: Path, root: Path) -> str:
     return (
         f"<h1>featcache report · {escape(str(cache.meta.get('dataset', '?')))}</h1>"
         f'<p class="sub">cache <code>{escape(str(cache_path))}</code> · runs <code>{escape(str(root))}</code>'
@@ -202,7 +28,7 @@ def _header(cache, cache_path: Path, root: Path) -> str:
     )
 
 
-def _cache_section(cache, cache_path: Path) -> str:
+def cache_section(cache, cache_path: Path) -> str:
     from pipeline.data.augment import is_view_key
 
     m = cache.meta
@@ -224,9 +50,13 @@ def _cache_section(cache, cache_path: Path) -> str:
     ]
     head = "".join(f'<th data-type="num">{s}</th>' for s in SPLITS)
     body = []
-    for i, name in enumerate(cache.class_names):
-        counts = [int(((cache.labels == i) & (cache.split == j)).sum()) for j in range(len(SPLITS))]
-        body.append(f"<tr><td>{escape(name)}</td>" + "".join(_num(c) for c in counts) + _num(sum(counts)))
+    groups = list(enumerate(cache.class_names))
+    if cache.multilabel:  # an image counts under each of its classes, and under "(no label)" without one
+        groups.append((len(groups), "(no label)"))
+    for i, name in groups:
+        member = _member(cache.labels, i)
+        counts = [int((member & (cache.split == j)).sum()) for j in range(len(SPLITS))]
+        body.append(f"<tr><td>{escape(name)}</td>" + "".join(num(c) for c in counts) + num(sum(counts)))
     totals = [int((cache.split == j).sum()) for j in range(len(SPLITS))]
     foot = (
         "<tr><th>all</th>"
@@ -237,7 +67,14 @@ def _cache_section(cache, cache_path: Path) -> str:
         f'<table class="sortable"><thead><tr><th data-key="class">class</th>{head}'
         f'<th data-type="num">total</th></tr></thead><tbody>{"".join(body)}</tbody><tfoot>{foot}</tfoot></table>'
     )
-    return f"<h2>Cache</h2>{_dl(info)}<h3>Rows per split and class</h3>{table}{_skipped(cache_path)}"
+    return f"<h2>Cache</h2>{dl(info)}<h3>Rows per split and class</h3>{table}{_skipped(cache_path)}"
+
+
+def _member(labels: np.ndarray, i: int) -> np.ndarray:
+    """The rows of class ``i``: a label index, or a column of a multi-hot matrix (one past it: no label)."""
+    if labels.ndim == 1:
+        return labels == i
+    return labels[:, i] == 1 if i < labels.shape[1] else labels.sum(axis=1) == 0
 
 
 def _skipped(cache_path: Path, limit: int = 200) -> str:
@@ -266,7 +103,7 @@ def _skipped(cache_path: Path, limit: int = 200) -> str:
 
 # -- the leaderboard -----------------------------------------------------------------------------------
 
-_COLUMNS = (
+COLUMNS = (
     ("id", "run", "text"),
     ("kind", "kind", "text"),
     ("head", "head", "text"),
@@ -283,10 +120,10 @@ _COLUMNS = (
 )
 
 
-def _board_row(r: dict[str, Any], best_id: str | None) -> str:
+def _board_row(r: dict[str, Any], best_id: str | None, columns) -> str:
     cls = "best" if r["id"] == best_id else "failed" if r.get("status") not in (None, "ok") else ""
     cells = []
-    for key, _, kind in _COLUMNS:
+    for key, _, kind in columns:
         v = r.get(key)
         if key == "params":
             v = json.dumps(v, sort_keys=True) if v else "{}"
@@ -295,18 +132,19 @@ def _board_row(r: dict[str, Any], best_id: str | None) -> str:
         if key == "val_accuracy" and r.get("status") not in (None, "ok"):
             cells.append(f'<td class="n" data-v="" title="{escape(r.get("error") or "")}">failed</td>')
         elif kind == "num":
-            cells.append(_num(v, 2 if key in ("seconds", "resource") else 4))
+            cells.append(num(v, 2 if key in ("seconds", "resource") else 4))
         else:
             title = f' title="{escape(r["metric"])}"' if key == "id" and r.get("metric") else ""
             cells.append(f"<td{title}>{escape(str(v if v is not None else '-'))}</td>")
     return f'<tr class="{cls}">' + "".join(cells) + "</tr>"
 
 
-def _leaderboard(board: list[dict[str, Any]], best_id: str | None) -> str:
+def leaderboard(board: list[dict[str, Any]], best_id: str | None, columns=COLUMNS) -> str:
+    """The sortable table of every run and trial; ``columns`` are ``(row key, header, "num" or "text")``."""
     if not board:
         return "<h2>Leaderboard</h2><p>no runs yet: <code>featcache train</code> or <code>featcache search</code>.</p>"
-    head = "".join(f'<th data-key="{k}" data-type="{t}">{escape(label)}</th>' for k, label, t in _COLUMNS)
-    body = "\n".join(_board_row(r, best_id) for r in board)
+    head = "".join(f'<th data-key="{k}" data-type="{t}">{escape(label)}</th>' for k, label, t in columns)
+    body = "\n".join(_board_row(r, best_id, columns) for r in board)
     cv = sorted({r["metric"] for r in board if r["kind"] == "trial" and r.get("metric") != "val accuracy"})
     note = (
         f'<p class="sub">search trials scored by {escape(", ".join(cv))} show it in the val column.</p>'
@@ -325,9 +163,7 @@ def _leaderboard(board: list[dict[str, Any]], best_id: str | None) -> str:
 # -- one run in detail ---------------------------------------------------------------------------------
 
 
-def _run_section(
-    run_dir: Path, meta: dict, n_thumbs: int, notes: list[str], is_best: bool
-) -> tuple[str, int]:
+def run_section(run_dir: Path, meta: dict, n_thumbs: int, notes: list[str], is_best: bool) -> tuple[str, int]:
     from pipeline.utils.plots import plot_confusion, plot_learning_curves
 
     m = read_metrics(run_dir)
@@ -337,7 +173,7 @@ def _run_section(
     info = [
         ("head", f"{m.get('head')} {json.dumps(m.get('params') or {}, sort_keys=True)}"),
         ("layer · transforms", f"{m.get('layer')} · {' → '.join(m.get('transforms') or []) or 'none'}"),
-        ("accuracy", " · ".join(f"{s} {_fmt((m.get(s) or {}).get('accuracy'))}" for s in ("val", "test"))),
+        ("accuracy", " · ".join(f"{s} {fmt((m.get(s) or {}).get('accuracy'))}" for s in ("val", "test"))),
         ("created", m.get("created")),
         ("folder", str(run_dir)),
     ]
@@ -345,7 +181,7 @@ def _run_section(
         info.insert(0, ("fine-tuned from", Path(m.get("source_run", "?")).name))
     parts = [
         f'<h2>{kind.capitalize()} {escape(run_dir.name)} <span class="sub">({label})</span></h2>',
-        _dl(info),
+        dl(info),
     ]
     parts.append(_per_class(m, names))
     imgs = []
@@ -354,8 +190,8 @@ def _run_section(
         if s.get("confusion_matrix"):
             title = f"{m.get('head')} · {split} · acc {s['accuracy']:.3f}"
             imgs.append(
-                _img(
-                    _plot(plot_confusion, s["confusion_matrix"], names, title),
+                img(
+                    plot(plot_confusion, s["confusion_matrix"], names, title),
                     f"confusion, {split}",
                     "plot half",
                 )
@@ -366,15 +202,11 @@ def _run_section(
     if history.get("loss"):
         title = f"{m.get('head')} learning curves ({len(history['loss'])} epochs)"
         parts.append(
-            "<h3>Learning curves</h3>" + _img(_plot(plot_learning_curves, history, title), "learning curves")
+            "<h3>Learning curves</h3>" + img(plot(plot_learning_curves, history, title), "learning curves")
         )
     thumbs, n = _misclassified(run_dir, meta, n_thumbs, notes)
     parts.append(thumbs)
     return "\n".join(parts), n
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else "-"
 
 
 def _per_class(m: dict[str, Any], names: list[str]) -> str:
@@ -387,11 +219,11 @@ def _per_class(m: dict[str, Any], names: list[str]) -> str:
     body = []
     for name in names:
         cells = [
-            _num(m[s]["per_class"].get(name, {}).get(k), 3)
+            num(m[s]["per_class"].get(name, {}).get(k), 3)
             for s in splits
             for k in ("precision", "recall", "f1")
         ]
-        cells += [_num(m[s]["per_class"].get(name, {}).get("support")) for s in splits]
+        cells += [num(m[s]["per_class"].get(name, {}).get("support")) for s in splits]
         body.append(f"<tr><td>{escape(name)}</td>{''.join(cells)}</tr>")
     return (
         "<h3>Per class</h3>"
@@ -409,14 +241,12 @@ def _misclassified(run_dir: Path, meta: dict, n: int, notes: list[str]) -> tuple
         wrong = list(csv.DictReader(f))[:n]
     if not wrong:
         return "<h3>Misclassified test images</h3><p>none: every test image was classified correctly.</p>", 0
-    pngs, why = _thumbnails(meta, [w["key"] for w in wrong])
+    pngs, why = read_thumbnails(meta, [w["key"] for w in wrong])
     if why:
         notes.append(f"{run_dir.name}: {why}")
     figs = []
     for w in wrong:
-        pic = (
-            _img(pngs[w["key"]], w["key"], "thumb") if w["key"] in pngs else "<div>(image unavailable)</div>"
-        )
+        pic = img(pngs[w["key"]], w["key"], "thumb") if w["key"] in pngs else "<div>(image unavailable)</div>"
         figs.append(
             f'<figure>{pic}<figcaption title="{escape(w["key"])}">true {escape(w["true"])}<br>'
             f"predicted <b>{escape(w['predicted'])}</b> ({float(w['probability']):.0%})</figcaption></figure>"
@@ -430,7 +260,7 @@ def _misclassified(run_dir: Path, meta: dict, n: int, notes: list[str]) -> tuple
     )
 
 
-def _thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str, bytes], str]:
+def read_thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str, bytes], str]:
     """PNG thumbnails of ``keys``, read through the image pipeline extraction used; (pngs, why some lack)."""
     from pipeline.cache.fingerprint import decode_policy
     from pipeline.data.images import thumbnails
@@ -452,7 +282,7 @@ def _thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[str,
 # -- the feature map -----------------------------------------------------------------------------------
 
 
-def _feature_map(
+def feature_map(
     cache, layer: str, map_rows: int, tsne_rows: int, seed: int = 0
 ) -> tuple[bytes | None, tuple[int, int]]:
     """PCA of up to ``map_rows`` cached rows and t-SNE of the first ``tsne_rows`` of them, as one PNG."""
@@ -469,7 +299,9 @@ def _feature_map(
         return None, (0, 0)
     X = cache.features(layer, rows).reshape(len(rows), -1).astype(np.float64)
     X = (X - X.mean(0)) / (X.std(0) + 1e-6)
-    y = cache.labels[rows]
+    y, names = cache.labels[rows], list(cache.class_names)
+    if y.ndim == 2:  # multi-label: coloured by the first of its classes
+        y, names = np.where(y.any(axis=1), y.argmax(axis=1), y.shape[1]), names + ["(no label)"]
     pca = PCA(n_components=2, random_state=seed).fit(X)
     ev = pca.explained_variance_ratio_
     maps = {"PCA": (pca.transform(X), y, (f"PC 1 ({ev[0]:.0%} of variance)", f"PC 2 ({ev[1]:.0%})"))}
@@ -480,16 +312,16 @@ def _feature_map(
         # one OpenMP thread: on a busy machine the Barnes-Hut threads spin-wait (200 rows took 118 s, not 6)
         with threadpool_limits(limits=1):
             maps["t-SNE"] = (tsne.fit_transform(Xt), y[:k], ("t-SNE 1", "t-SNE 2"))
-    title = f"cached features of {layer}, coloured by class"
-    png = _plot(plot_feature_map, maps, list(cache.class_names), title)
+    title = f"cached features of {layer}, coloured by " + ("first label" if cache.multilabel else "class")
+    png = plot(plot_feature_map, maps, names, title)
     return png, (len(rows), k if "t-SNE" in maps else 0)
 
 
-def _map_section(png: bytes | None, layer: str, n: tuple[int, int]) -> str:
+def map_section(png: bytes | None, layer: str, n: tuple[int, int]) -> str:
     if png is None:
         return "<h2>Feature map</h2><p>too few rows to map.</p>"
     return (
         f'<h2>Feature map</h2><p class="sub">{n[0]} cached rows of <code>{escape(layer)}</code> (standardized)'
         f" projected on their first two principal components; t-SNE (scikit-learn) of {n[1]} of them."
-        " Classes that form separate clouds are easy for a linear head.</p>" + _img(png, "feature map")
+        " Classes that form separate clouds are easy for a linear head.</p>" + img(png, "feature map")
     )
