@@ -231,10 +231,16 @@ def plot_accuracy_cost(
         have = [p for p in points if isinstance(p.get(key), (int, float)) and p.get("accuracy") is not None]
         xs, ys = [float(p[key]) for p in have], [float(p["accuracy"]) for p in have]
         ax.scatter(xs, ys, s=28, color="tab:blue", zorder=3)
+        mid = (min(xs) + max(xs)) / 2 if xs else 0.0
         for p, x, y in zip(have, xs, ys, strict=True):
-            ax.annotate(str(p["label"])[:32], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            right = x > mid  # a label right of the middle is written leftwards, so it stays in the plot
+            ax.annotate(
+                str(p["label"])[:40], (x, y), textcoords="offset points", xytext=(-4 if right else 4, 4),
+                ha="right" if right else "left", fontsize=7,
+            )  # fmt: skip
         if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
+        ax.margins(x=0.15, y=0.12)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
