@@ -8,6 +8,7 @@ import base64
 import csv
 import io
 import json
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.mosaics import CLASSES, HAVE_FASHION, write_mosaics
 pytestmark = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST (Debian dataset) not installed")
 
 N = 300
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NAMES = sorted(CLASSES.values())
 
 
@@ -183,16 +185,22 @@ def _png(src: str):
     return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
 
 
-def test_report_on_a_multilabel_run(noisy):
+@pytest.fixture(scope="module")
+def ml_report(noisy):
     from pipeline.stages.report import report
     from pipeline.stages.train import train
-    from pipeline.utils.runs import read_metrics
 
     tmp, _, _, _ = noisy
     run = train(_cfg(tmp), head="logistic", train__params={"C": 0.1})
-    m = read_metrics(run.run_dir)
     out = tmp / "ml-report.html"
-    rep = report(_cfg(tmp), out=out, thumbnails=6, map_rows=200, tsne_rows=0)
+    return run, out, report(_cfg(tmp), out=out, thumbnails=6, map_rows=200, tsne_rows=0)
+
+
+def test_report_on_a_multilabel_run(ml_report):
+    from pipeline.utils.runs import read_metrics
+
+    run, out, rep = ml_report
+    m = read_metrics(run.run_dir)
     page = Tables(out.read_text(encoding="utf-8"))
     assert rep.best == run.run_dir.name and rep.detailed == [run.run_dir.name]
 
@@ -215,6 +223,18 @@ def test_report_on_a_multilabel_run(noisy):
     text = out.read_text(encoding="utf-8")
     assert f"{m['test']['macro_map']:.4f}" in text and "label-frequency baseline" in text
     assert "(no label)" in text  # the cache's table counts the mosaics without a label
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian `chromium` is not installed (make install)")
+def test_multilabel_report_sorts_per_class_in_headless_chromium(ml_report, tmp_path):
+    from tests.test_report import chromium
+
+    _, out, _ = ml_report
+    dom = chromium(out.resolve().as_uri() + "#sort=test_AP", tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0 and "per-class" in dom.stdout, dom.stderr[-2000:]
+    rows = Tables(dom.stdout).tables["per-class"]["rows"][1:]
+    ap = [float(r[1]) for r in rows]
+    assert len(ap) == len(NAMES) and ap == sorted(ap, reverse=True)
 
 
 @pytest.fixture(scope="module")

@@ -133,8 +133,10 @@ def _per_class(m: dict[str, Any], names: list[str]) -> str:
         return ""
     cols = (("ap", "test AP", 3), ("threshold", "threshold", 3), ("precision", "test precision", 3))
     cols += (("recall", "test recall", 3), ("f1", "test F1", 3), ("support", "test n", 0))
-    head = "".join(f'<th data-type="num">{escape(h)}</th>' for _, h, _ in cols)
-    head += '<th data-type="num">val AP</th><th data-type="num">val n</th>'
+    head = "".join(
+        f'<th data-key="{h.replace(" ", "_")}" data-type="num">{escape(h)}</th>' for _, h, _ in cols
+    )
+    head += '<th data-key="val_AP" data-type="num">val AP</th><th data-key="val_n" data-type="num">val n</th>'
     thresholds = dict(zip(names, m.thresholds, strict=True)) if m.get("thresholds") else {}
     body = []
     for name in names:
