@@ -50,8 +50,7 @@ class AuditResult:
     seconds: dict[str, float]
     settings: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
-
-    multilabel: bool = False
+    multilabel: bool = False  # label_issues hold suspect labels per image (``suspect``), not ``suggested``
 
     def to_json(self) -> dict[str, Any]:
         fields = (

@@ -4,7 +4,14 @@
     leaderboard of train runs, fine-tuned runs and search trials (sortable: click a column header)
     for the best run on val (and ``--run``): per-class precision/recall/F1, confusion matrices,
         learning curves, thumbnails of the most confidently wrong test images
+    the leaderboard of the newest ``featcache compare`` beside the cache (or ``--compare``), with test
+        accuracy against extraction cost
     a 2-D map of the cached features (PCA; t-SNE on a sample), coloured by class
+
+A multi-label cache gets the same page measured as multi-label (:mod:`.multilabel`): mAP in the
+leaderboard, per-class AP and thresholds, precision-recall curves, the test images with the most wrong labels.
+The sections live in :mod:`.sections` (single-label), :mod:`.multilabel` and :mod:`.comparison`; the HTML
+pieces in :mod:`.html`.
 
 The page loads nothing: pictures are PNG ``data:`` URIs, and the CSS and the few lines of JavaScript
 (``report_assets/``, package data) are inlined, so it can be mailed or archived as one file. Plots are
@@ -76,7 +83,7 @@ class Report:
 def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     """Write the HTML report of ``cfg``'s cache (``report.out``, default ``<cache>.report.html`` beside it),
     detailing the best run and ``report.run``; keywords (``out``, ``run``, ``thumbnails``, ``map_rows``,
-    ``tsne_rows``, ...) override ``cfg`` as in every stage (:func:`pipeline.utils.config.resolve_config`)."""
+    ``tsne_rows``, ``compare``, ...) override ``cfg`` as in every stage (:func:`pipeline.utils.config.resolve_config`)."""
     from pipeline.cache.store import FeatureCache
     from pipeline.utils.io import atomic_write
 
