@@ -94,6 +94,12 @@ def test_ridge_head_and_refusals(mosaic_cache):
     assert run.metrics["test"]["macro_map"] > run.metrics["test"]["map_baseline"] + 0.2
     with pytest.raises(FeatcacheError, match="does not train on a multi-label cache yet"):
         train(_cfg(tmp, tmp / "data" / "labels.csv"), head="knn")
+    with pytest.raises(FeatcacheError, match='class_weight = "balanced" only'):
+        train(
+            _cfg(tmp, tmp / "data" / "labels.csv"),
+            head="keras_linear",
+            train__params={"class_weight": {"bag": 2}},
+        )
 
 
 def test_predict_prints_labels_above_their_thresholds(mosaic_cache):
@@ -123,17 +129,16 @@ def test_predict_prints_labels_above_their_thresholds(mosaic_cache):
     assert all(c in table for r in results for _, c, _ in r.labels)
 
 
-def test_search_audit_report_finetune_export_refuse_in_one_line(mosaic_cache):
+def test_audit_report_finetune_export_refuse_in_one_line(mosaic_cache):
     from pipeline.stages.audit import audit
     from pipeline.stages.export import export
     from pipeline.stages.report import report
-    from pipeline.stages.search import search
     from pipeline.stages.train import train
     from pipeline.utils.errors import FeatcacheError
 
     tmp, _, _ = mosaic_cache
     cfg = _cfg(tmp, tmp / "data" / "labels.csv")
-    for stage in (search, audit, report):
+    for stage in (audit, report):
         with pytest.raises(FeatcacheError, match=f"{stage.__name__}: the cache .* is multi-label"):
             stage(cfg)
     run = train(cfg, head="ridge")

@@ -259,6 +259,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
                 loss=keras.losses.BinaryCrossentropy(),
                 metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
             )
+            self.model_.optimizer.build(self.model_.trainable_variables)  # saved and loaded whole
         return self._finish(history)
 
     def _passes(self, steps_per_pass: float) -> int:

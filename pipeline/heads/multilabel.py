@@ -42,7 +42,7 @@ def check_multilabel_head(name: str, params: dict[str, Any]) -> None:
             f"head {name!r} does not train on a multi-label cache yet; use one of {', '.join(MULTILABEL_HEADS)}"
         )
     cw = params.get("class_weight")
-    if cw is not None and cw != "balanced":
+    if cw is not None and cw not in ("balanced", "none"):  # "none": TOML's None
         raise FeatcacheError('a multi-label head takes class_weight = "balanced" only (weighted per class)')
 
 
