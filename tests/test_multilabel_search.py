@@ -115,10 +115,9 @@ def test_search_ranks_by_macro_map_resumes_and_refits(mosaics):
     best = run.best
     with FeatureCache(cache_path) as cache:
         data = Data.from_cache(cache, best["layer"], np.arange(cache.n_rows), False)
-        fitted = fit_multilabel(
-            data, cache.rows("train"), best["head"], json.loads(best["params"]), best["transforms"].split("+")
-        )
         val = cache.rows("val")
+        params, chain = json.loads(best["params"]), best["transforms"].split("+")
+        fitted = fit_multilabel(data, cache.rows("train"), best["head"], params, chain, val_rows=val)
         P, _ = label_scores(fitted.model, data.take(val))
         assert macro_map(cache.labels[val], P) == pytest.approx(best["score"], abs=2e-3)
     # the refit is a multi-label run that predicts label sets

@@ -88,7 +88,7 @@ class KerasHead(ClassifierMixin, BaseEstimator):
     ``hidden=()`` is ``Dense(n, softmax)`` (``Dropout`` + ``Dense(1)`` logit when binary); ``hidden=(256,)``
     adds ``Dense(256, relu)`` layers. ``dropout=None`` means 0.2 for binary and 0 otherwise.
 
-    Fitted on an N×C multi-hot matrix (``y.ndim == 2``) it is multi-label (``multilabel_``): ``Dense(C,
+    Fitted on an N×C multi-hot matrix (C ≥ 2 columns of 0/1) it is multi-label (``multilabel_``): ``Dense(C,
     sigmoid)`` with binary cross-entropy per class, ``class_weight="balanced"`` weighting each class's
     positives by its negatives / positives; ``predict_proba`` is the N×C sigmoid scores and ``predict``
     the multi-hot rows at 0.5 (featcache picks a threshold per class on val). Early stopping
@@ -287,16 +287,16 @@ class KerasHead(ClassifierMixin, BaseEstimator):
 
     def _validate_xy(self, X, y) -> tuple[np.ndarray, np.ndarray]:
         """scikit-learn's own input validation: finite 2-D float X, 1-D class labels of the same length."""
-        from sklearn.utils.multiclass import check_classification_targets
+        from sklearn.utils.multiclass import check_classification_targets, type_of_target
         from sklearn.utils.validation import validate_data
 
-        self.multilabel_ = np.ndim(y) == 2
+        # a 0/1 matrix of at least two columns; a column vector is single-label, as scikit-learn reads it
+        ya = np.asarray(y)
+        self.multilabel_ = ya.ndim == 2 and type_of_target(ya) == "multilabel-indicator"
         X, y = validate_data(self, X, y, dtype=np.float32, y_numeric=False, multi_output=self.multilabel_)
         check_classification_targets(y)
         if self.multilabel_:
             self.classes_ = np.arange(y.shape[1])
-            if y.shape[1] < 1 or not np.isin(y, (0, 1)).all():
-                raise FeatcacheValueError("keras head: a multi-label target must be a 0/1 matrix")
             return X, y.astype(np.float32)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:

@@ -112,6 +112,10 @@ def _logistic_scores(params, prep, X_eval, previous, seed):
 
     ests, P = [], np.zeros((len(X_eval), prep.y.shape[1]))
     for c in range(prep.y.shape[1]):
+        if prep.y[:, c].min() == prep.y[:, c].max():  # constant here (a small subset): as one-vs-rest does
+            P[:, c] = float(prep.y[0, c])
+            ests.append(None)
+            continue
         est = make_head("logistic", params, seed=seed, n_train=len(prep.y)).estimator
         warm_start_from(est, previous[c] if previous is not None else None)
         est.fit(prep.X, prep.y[:, c])
