@@ -94,6 +94,12 @@ def test_ridge_head_and_refusals(mosaic_cache):
     assert run.metrics["test"]["macro_map"] > run.metrics["test"]["map_baseline"] + 0.2
     with pytest.raises(FeatcacheError, match="does not train on a multi-label cache yet"):
         train(_cfg(tmp, tmp / "data" / "labels.csv"), head="knn")
+    with pytest.raises(FeatcacheError, match='class_weight = "balanced" only'):
+        train(
+            _cfg(tmp, tmp / "data" / "labels.csv"),
+            head="keras_linear",
+            train__params={"class_weight": {"bag": 2}},
+        )
 
 
 def test_predict_prints_labels_above_their_thresholds(mosaic_cache):
@@ -121,27 +127,6 @@ def test_predict_prints_labels_above_their_thresholds(mosaic_cache):
     assert [x["class"] for x in out[0]["labels"]] == [c for _, c, _ in results[0].labels]
     table = format_table(results)
     assert all(c in table for r in results for _, c, _ in r.labels)
-
-
-def test_search_finetune_export_refuse_in_one_line(mosaic_cache):
-    from pipeline.stages.export import export
-    from pipeline.stages.search import search
-    from pipeline.stages.train import train
-    from pipeline.utils.errors import FeatcacheError
-
-    tmp, _, _ = mosaic_cache
-    cfg = _cfg(tmp, tmp / "data" / "labels.csv")
-    for stage in (search,):
-        with pytest.raises(FeatcacheError, match=f"{stage.__name__}: the cache .* is multi-label"):
-            stage(cfg)
-    run = train(cfg, head="ridge")
-    with pytest.raises(
-        FeatcacheError, match="export: run .* is multi-label, which export does not support yet"
-    ):
-        export(str(run.run_dir), cfg=cfg)
-    res = run_cli("finetune", "--run", str(run.run_dir), "--cache-dir", str(tmp / "cache"))
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().count("\n") == 0 and "finetune does not support yet" in res.stderr
 
 
 def test_single_label_csv_unchanged(tmp_path):

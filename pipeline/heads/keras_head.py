@@ -54,11 +54,44 @@ def class_weights(classes: np.ndarray, y: np.ndarray, spec: Any) -> dict[int, fl
     raise FeatcacheValueError(f"class_weight must be 'balanced', a mapping or none, got {spec!r}")
 
 
+def positive_weights(Y: np.ndarray, spec: Any) -> np.ndarray | None:
+    """A multi-label head's weight on each class's positives: ``"balanced"`` is negatives / positives of the
+    class (so its positive and negative rows weigh the same in the loss, as ``pos_weight`` of a weighted
+    binary cross-entropy), ``None`` is 1 everywhere. A class with no positive keeps weight 1."""
+    if spec is None:
+        return None
+    if spec != "balanced":
+        raise FeatcacheValueError(
+            'a multi-label head takes class_weight = "balanced" only (weighted per class)'
+        )
+    pos = Y.sum(axis=0).astype(np.float64)
+    return np.where(pos > 0, (len(Y) - pos) / np.maximum(pos, 1.0), 1.0).astype(np.float32)
+
+
+def weighted_bce(pos_weight: np.ndarray):
+    """Binary cross-entropy of sigmoid outputs with each class's positive term weighted (training only:
+    the saved model is compiled with Keras's own loss, so loading it needs no custom object)."""
+    from keras import ops
+
+    pw = ops.convert_to_tensor(np.asarray(pos_weight, np.float32))
+
+    def loss(y, p):
+        p = ops.clip(p, 1e-7, 1.0 - 1e-7)
+        return ops.mean(-(pw * y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p)), axis=-1)
+
+    return loss
+
+
 class KerasHead(ClassifierMixin, BaseEstimator):
     """A small Keras classifier with the scikit-learn estimator API (fit/predict/predict_proba, clone-able).
 
     ``hidden=()`` is ``Dense(n, softmax)`` (``Dropout`` + ``Dense(1)`` logit when binary); ``hidden=(256,)``
-    adds ``Dense(256, relu)`` layers. ``dropout=None`` means 0.2 for binary and 0 otherwise. Early stopping
+    adds ``Dense(256, relu)`` layers. ``dropout=None`` means 0.2 for binary and 0 otherwise.
+
+    Fitted on an N×C multi-hot matrix (C ≥ 2 columns of 0/1) it is multi-label (``multilabel_``): ``Dense(C,
+    sigmoid)`` with binary cross-entropy per class, ``class_weight="balanced"`` weighting each class's
+    positives by its negatives / positives; ``predict_proba`` is the N×C sigmoid scores and ``predict``
+    the multi-hot rows at 0.5 (featcache picks a threshold per class on val). Early stopping
     watches ``validation_data`` when given (the cache's val split), else ``validation_fraction`` of the
     training rows when that is at least ``MIN_VAL_ROWS`` rows, so it never needs the test split.
 
@@ -121,12 +154,13 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             if not ok:
                 raise FeatcacheValueError(f"keras head: invalid {name}={getattr(self, name)!r}")
 
-    def _build(self, n_features: int, n_classes: int):
+    def _build(self, n_features: int, n_classes: int, pos_weight: np.ndarray | None = None):
         import keras
 
         keras.utils.set_random_seed(int(self.random_state))
         reg = keras.regularizers.L2(float(self.l2)) if self.l2 else None
-        binary = n_classes == 2
+        multilabel = bool(getattr(self, "multilabel_", False))
+        binary = n_classes == 2 and not multilabel
         inputs = keras.Input((n_features,), name="features")
         x = inputs
         for i, units in enumerate(self.hidden):
@@ -136,7 +170,13 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         rate = (0.2 if binary else 0.0) if self.dropout is None else float(self.dropout)
         if rate > 0:
             x = keras.layers.Dropout(rate, name="dropout")(x)
-        if binary:
+        if multilabel:
+            out = keras.layers.Dense(n_classes, activation="sigmoid", kernel_regularizer=reg, name="sigmoid")(
+                x
+            )
+            loss = keras.losses.BinaryCrossentropy() if pos_weight is None else weighted_bce(pos_weight)
+            metric = keras.metrics.BinaryAccuracy(name="accuracy")
+        elif binary:
             out = keras.layers.Dense(1, kernel_regularizer=reg, name="logit")(x)
             loss = keras.losses.BinaryCrossentropy(from_logits=True)
             metric = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
@@ -178,11 +218,15 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         """Fit in memory; ``validation_data`` (the val split, raw labels) drives early stopping."""
         self._check_params()
         X, y = self._validate_xy(X, y)
-        yi = encode_labels(self.classes_, y)
-        weights = class_weights(self.classes_, y, self.class_weight)
         w = _sample_weight(sample_weight, len(y))
-        if weights:
-            w = w * np.asarray([weights[i] for i in yi], np.float32)
+        pos_weight = None
+        if self.multilabel_:
+            yi, pos_weight = y, positive_weights(y, self.class_weight)
+        else:
+            yi = encode_labels(self.classes_, y)
+            weights = class_weights(self.classes_, y, self.class_weight)
+            if weights:
+                w = w * np.asarray([weights[i] for i in yi], np.float32)
         if validation_data is not None:
             val = self._encoded_val(validation_data)
         else:
@@ -190,8 +234,12 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         batch = min(int(self.batch_size), len(yi))
         passes = self._passes(len(yi) / batch)
         if passes > 1:  # Keras shuffles across the copies: each epoch is several shuffled passes
-            X, yi, w = np.tile(X, (passes, 1)), np.tile(yi, passes), np.tile(w, passes)
-        self.model_ = self._build(X.shape[1], len(self.classes_))
+            X, yi, w = (
+                np.tile(X, (passes, 1)),
+                np.tile(yi, (passes,) + (1,) * (yi.ndim - 1)),
+                np.tile(w, passes),
+            )
+        self.model_ = self._build(X.shape[1], len(self.classes_), pos_weight)
         history = self.model_.fit(
             X,
             self._target(yi),
@@ -203,6 +251,15 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             callbacks=self._callbacks(val is not None),
             verbose=int(self.verbose),
         )
+        if pos_weight is not None:  # the saved model holds Keras's own loss, not the training closure
+            import keras
+
+            self.model_.compile(
+                optimizer=keras.optimizers.Adam(float(self.learning_rate)),
+                loss=keras.losses.BinaryCrossentropy(),
+                metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+            )
+            self.model_.optimizer.build(self.model_.trainable_variables)  # saved and loaded whole
         return self._finish(history)
 
     def _passes(self, steps_per_pass: float) -> int:
@@ -210,10 +267,12 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         return max(1, int(np.ceil(int(self.min_epoch_steps) / steps_per_pass)))
 
     def _target(self, yi: np.ndarray) -> np.ndarray:
-        return yi.astype(np.float32) if len(self.classes_) == 2 else yi
+        return yi.astype(np.float32) if len(self.classes_) == 2 or self.multilabel_ else yi
 
     def _encoded_val(self, validation_data) -> tuple[np.ndarray, np.ndarray] | None:
         Xv, yv = np.asarray(validation_data[0], np.float32), np.asarray(validation_data[1])
+        if self.multilabel_:
+            return (Xv, yv) if len(yv) else None
         seen = np.isin(yv, self.classes_)  # a class absent from training cannot be scored by this head
         return (Xv[seen], encode_labels(self.classes_, yv[seen])) if seen.any() else None
 
@@ -228,11 +287,17 @@ class KerasHead(ClassifierMixin, BaseEstimator):
 
     def _validate_xy(self, X, y) -> tuple[np.ndarray, np.ndarray]:
         """scikit-learn's own input validation: finite 2-D float X, 1-D class labels of the same length."""
-        from sklearn.utils.multiclass import check_classification_targets
+        from sklearn.utils.multiclass import check_classification_targets, type_of_target
         from sklearn.utils.validation import validate_data
 
-        X, y = validate_data(self, X, y, dtype=np.float32, y_numeric=False)
+        # a 0/1 matrix of at least two columns; a column vector is single-label, as scikit-learn reads it
+        ya = np.asarray(y)
+        self.multilabel_ = ya.ndim == 2 and type_of_target(ya) == "multilabel-indicator"
+        X, y = validate_data(self, X, y, dtype=np.float32, y_numeric=False, multi_output=self.multilabel_)
         check_classification_targets(y)
+        if self.multilabel_:
+            self.classes_ = np.arange(y.shape[1])
+            return X, y.astype(np.float32)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise FeatcacheValueError("keras head: training data has one class (need at least 2)")
@@ -246,6 +311,9 @@ class KerasHead(ClassifierMixin, BaseEstimator):
         """
         self._check_params()
         y_all = np.asarray(y_all)
+        if y_all.ndim == 2:
+            raise FeatcacheValueError("keras head: a multi-label head trains in memory only")
+        self.multilabel_ = False
         self.classes_ = np.unique(y_all)
         if len(self.classes_) < 2:
             raise FeatcacheValueError("keras head: training data has a single class")
@@ -279,6 +347,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
             out = np.asarray(self.model_(X, training=False), dtype=np.float64)
         else:
             out = np.asarray(self.model_.predict(X, batch_size=4096, verbose=0), dtype=np.float64)
+        if getattr(self, "multilabel_", False):
+            return out
         if len(self.classes_) == 2:
             p = 1.0 / (1.0 + np.exp(-out[:, 0]))
             return np.stack([1.0 - p, p], axis=1)
@@ -286,6 +356,8 @@ class KerasHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         proba = self.predict_proba(X)  # first: it checks that the head is fitted
+        if getattr(self, "multilabel_", False):
+            return (proba >= 0.5).astype(np.int64)
         return self.classes_[np.argmax(proba, axis=1)]
 
     # -- pickling (joblib, clone of a fitted head): the Keras model travels as .keras bytes

@@ -65,30 +65,56 @@ def classification_metrics(pred: Predictions, class_names: list[str]) -> dict[st
     return out
 
 
+def class_aps(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """Average precision of each class's scores; NaN for a class with no positive row (AP is undefined)."""
+    from sklearn.metrics import average_precision_score
+
+    ap = np.full(Y.shape[1], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in np.flatnonzero(Y.sum(axis=0) > 0):
+            ap[c] = average_precision_score(Y[:, c], P[:, c])
+    return ap
+
+
+def macro_map(Y: np.ndarray, P: np.ndarray) -> float:
+    """Macro mAP: the mean AP over the classes with a positive row (0 when none has): a search's score."""
+    ap = class_aps(Y, P)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
+
+
+def micro_map(Y: np.ndarray, P: np.ndarray) -> float:
+    """AP of every (row, class) score pooled: the frequent classes weigh more."""
+    from sklearn.metrics import average_precision_score
+
+    if not Y.any():
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(average_precision_score(Y, P, average="micro"))
+
+
 def multilabel_metrics(pred: Predictions, class_names: list[str], thresholds) -> dict[str, Any]:
     """Macro/micro mAP, per-class AP, micro/macro F1 at ``thresholds``, subset accuracy, label cardinality.
 
     Macro scores average the classes with a positive row in the split (AP is undefined without one);
     ``map_baseline`` is the macro mAP of a constant score (each class's frequency), the floor to beat."""
-    from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+    from sklearn.metrics import precision_recall_fscore_support
 
     Y, Yp, P = pred.y_true, pred.y_pred, pred.proba
     if len(Y) == 0:
         return {"n": 0}
     support = Y.sum(axis=0)
     present = np.flatnonzero(support > 0)
-    ap = np.full(len(class_names), np.nan)
+    ap = class_aps(Y, P)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for c in present:
-            ap[c] = average_precision_score(Y[:, c], P[:, c])
         prec, rec, f1, _ = precision_recall_fscore_support(Y, Yp, average=None, zero_division=0)
         micro = precision_recall_fscore_support(Y, Yp, average="micro", zero_division=0)
-        micro_map = average_precision_score(Y, P, average="micro") if len(present) else 0.0
     return {
         "n": int(len(Y)),
-        "macro_map": float(np.mean(ap[present])) if len(present) else 0.0,
-        "micro_map": float(micro_map),
+        "macro_map": macro_map(Y, P),
+        "micro_map": micro_map(Y, P),
         "map_baseline": float(np.mean(support[present] / len(Y))) if len(present) else 0.0,
         "macro_f1": float(np.mean(f1[present])) if len(present) else 0.0,
         "micro_f1": float(micro[2]),

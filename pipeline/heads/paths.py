@@ -78,6 +78,65 @@ def fit_predict_on_path(
     return _plain_fit(head, params, prep, X_eval, seed), None
 
 
+def fit_scores_on_path(
+    head: str, params: dict[str, Any], prep, X_eval: np.ndarray, previous: Any, seed: int
+) -> tuple[np.ndarray, Any]:
+    """:func:`fit_predict_on_path` on a multi-label cache (``prep.y`` multi-hot): N×C per-class scores of
+    ``X_eval``, as :func:`pipeline.heads.multilabel.label_scores` gives them for the one-vs-rest fit
+    (ridge along its one decomposition, logistic C warm-started class by class, the linear SVM's L-BFGS
+    solving all classes at once), and what the next step may continue from."""
+    from pipeline.heads.multilabel import fit_prepared_multilabel, label_scores, multilabel_params
+
+    params = multilabel_params(head, params)
+    if path_param(head, params) is not None:
+        return MULTILABEL_STEPS[head](params, prep, X_eval, previous, seed)
+    _, est, _ = fit_prepared_multilabel(head, params, prep, seed)
+    return label_scores(est, X_eval)[0], None
+
+
+def _sigmoid(d: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-d))
+
+
+def _ridge_scores(params, prep, X_eval, previous, seed):
+    from pipeline.heads.registry import make_head
+
+    make_head("ridge", params)
+    path = previous if previous is not None else RidgePath(prep.X, prep.y, X_eval)
+    return _sigmoid(path.decision(float(params["alpha"]))), path
+
+
+def _logistic_scores(params, prep, X_eval, previous, seed):
+    """One binary logistic regression per class, as ``OneVsRestClassifier`` fits them, each warm-started."""
+    from pipeline.heads.registry import make_head
+
+    ests, P = [], np.zeros((len(X_eval), prep.y.shape[1]))
+    for c in range(prep.y.shape[1]):
+        if prep.y[:, c].min() == prep.y[:, c].max():  # constant here (a small subset): as one-vs-rest does
+            P[:, c] = float(prep.y[0, c])
+            ests.append(None)
+            continue
+        est = make_head("logistic", params, seed=seed, n_train=len(prep.y)).estimator
+        warm_start_from(est, previous[c] if previous is not None else None)
+        est.fit(prep.X, prep.y[:, c])
+        P[:, c] = est.predict_proba(X_eval)[:, 1]
+        ests.append(est)
+    return P, ests
+
+
+def _linear_svm_scores(params, prep, X_eval, previous, seed):
+    from pipeline.heads.multilabel import fit_prepared_multilabel, label_scores
+    from pipeline.heads.registry import make_head
+
+    if liblinear_is_quick(path_value("linear_svm", params), prep.X):
+        _, est, _ = fit_prepared_multilabel("linear_svm", params, prep, seed)
+        return label_scores(est, X_eval)[0], None
+    make_head("linear_svm", params)
+    svm = SquaredHingeSVM(**{k: v for k, v in params.items() if k in SVM_PARAMS})
+    svm.fit(prep.X, prep.y, coef0=previous.W if previous is not None else None)
+    return _sigmoid(np.atleast_2d(svm.decision_function(X_eval).T).T), svm
+
+
 def _plain_fit(name: str, params: dict[str, Any], prep, X_eval: np.ndarray, seed: int) -> np.ndarray:
     from pipeline.heads.fitting import fit_prepared, predict_prepared
     from pipeline.heads.registry import make_head
@@ -124,9 +183,12 @@ class RidgePath:
     def __init__(self, X: np.ndarray, y: np.ndarray, X_eval: np.ndarray):
         from sklearn.preprocessing import LabelBinarizer
 
-        lb = LabelBinarizer(pos_label=1, neg_label=-1)
-        Y = lb.fit_transform(y).astype(np.float64)
-        self.classes = lb.classes_
+        if np.ndim(y) == 2:  # a multi-hot matrix: each column one-vs-rest, as RidgeClassifier per class
+            Y, self.classes = 2.0 * np.asarray(y, np.float64) - 1.0, np.arange(np.shape(y)[1])
+        else:
+            lb = LabelBinarizer(pos_label=1, neg_label=-1)
+            Y = lb.fit_transform(y).astype(np.float64)
+            self.classes = lb.classes_
         X = np.asarray(X, np.float64)
         x_mean, self.y_mean = X.mean(axis=0), Y.mean(axis=0)
         Xc, Yc = X - x_mean, Y - self.y_mean
@@ -188,13 +250,17 @@ class SquaredHingeSVM:
     def fit(self, X: np.ndarray, y: np.ndarray, coef0: np.ndarray | None = None) -> SquaredHingeSVM:
         from scipy.optimize import minimize
 
-        self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise ValueError("needs samples of at least two classes")
-        cols = self.classes_[1:] if len(self.classes_) == 2 else self.classes_
+        if np.ndim(y) == 2:  # a multi-hot matrix: one binary problem per column, as one-vs-rest
+            self.classes_ = np.arange(np.shape(y)[1])
+            Y = (2.0 * np.asarray(y, np.float32) - 1.0).astype(np.float32)
+        else:
+            self.classes_ = np.unique(y)
+            if len(self.classes_) < 2:
+                raise ValueError("needs samples of at least two classes")
+            cols = self.classes_[1:] if len(self.classes_) == 2 else self.classes_
+            Y = np.where(np.asarray(y)[:, None] == cols[None, :], 1.0, -1.0).astype(np.float32)
         # The two matrix products of a step in float32 (the features' own precision; ~1.5× faster), the
         # weights, the objective and the gradient's sum with W in float64 for L-BFGS.
-        Y = np.where(np.asarray(y)[:, None] == cols[None, :], 1.0, -1.0).astype(np.float32)
         Xa = np.hstack([np.asarray(X, np.float32), np.full((len(X), 1), self.scaling, np.float32)])
         C = self.C
 
@@ -236,6 +302,9 @@ class SquaredHingeSVM:
         d = self.decision_function(X)
         return self.classes_[(d > 0).astype(int)] if d.ndim == 1 else self.classes_[np.argmax(d, axis=1)]
 
+
+#: the multi-label step of each head with a path (same parameters and ``only`` as :data:`PATHS`)
+MULTILABEL_STEPS = {"ridge": _ridge_scores, "logistic": _logistic_scores, "linear_svm": _linear_svm_scores}
 
 PATHS: dict[str, PathSpec] = {
     "ridge": PathSpec("alpha", frozenset({"alpha"}), _ridge_step),

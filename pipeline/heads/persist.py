@@ -53,6 +53,8 @@ def save_model(run_dir: Path, model) -> tuple[str, list[str]]:
             "n_features_in": int(head.n_features_in_),
             "step": model.steps[-1][0],
         }
+        if getattr(head, "multilabel_", False):  # Dense(C, sigmoid): one probability per class
+            state["task"] = "multilabel"
         write_json(run_dir / "head.json", state)
         return "keras", [*files, "head.keras", "head.json"]
     with atomic_path(run_dir / "model.skops") as tmp:
@@ -178,6 +180,7 @@ def _load_keras(run_dir: Path, files: set[str], trust_pickle: bool):
         params["hidden"] = tuple(params["hidden"])
     head = KerasHead(**params)
     head.classes_ = np.asarray(state["classes"])
+    head.multilabel_ = state.get("task") == "multilabel"
     head.n_features_in_ = int(state["n_features_in"])
     head.model_ = keras.saving.load_model(run_dir / "head.keras", safe_mode=True)
     steps = list(transforms.steps) if transforms is not None else []

@@ -21,7 +21,7 @@ from pipeline.cache.reader import Data, close_cache, use_streaming
 from pipeline.data.splits import small_class_note
 from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
 from pipeline.heads.metrics import classification_metrics, multilabel_metrics
-from pipeline.heads.multilabel import choose_thresholds, fit_multilabel, predict_multilabel
+from pipeline.heads.multilabel import choose_thresholds, fit_multilabel, multilabel_params, predict_multilabel
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import describe_transforms, parse_transforms
 from pipeline.utils.config import MULTILABEL, SPLITS, Config, TrainConfig
@@ -159,9 +159,11 @@ def fit_run(
 
 
 def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any]):
-    """One-vs-rest fit, thresholds chosen on val (0.5 without val rows), val and test scored at them."""
+    """One-vs-rest (or Keras sigmoid) fit, thresholds chosen on val (0.5 without val rows), val and test scored at them."""
     names = cache.class_names
-    fitted = fit_multilabel(data, cache.rows("train"), t.head, params, t.transforms, seed=t.seed)
+    fitted = fit_multilabel(
+        data, cache.rows("train"), t.head, params, t.transforms, seed=t.seed, val_rows=cache.rows("val")
+    )
     val = predict_multilabel(fitted.model, data, cache.rows("val"))
     thresholds = choose_thresholds(val.y_true, val.proba) if len(val.rows) else np.full(len(names), 0.5)
     if not len(val.rows):
@@ -172,6 +174,7 @@ def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any]):
     scores = {name: multilabel_metrics(p, names, thresholds) for name, p in preds.items()}
     task = {
         "task": MULTILABEL,
+        "params": multilabel_params(t.head, params),  # with the multi-label defaults it was fitted with
         "thresholds": dict(zip(names, thresholds.tolist(), strict=True)),
         "probabilities": "predict_proba per class"
         if preds["test"].calibrated

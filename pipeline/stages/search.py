@@ -1,4 +1,5 @@
 """Search heads, hyperparameters, transforms and cached layers on the val split (or k-fold CV on train+val).
+On a multi-label cache the score is macro mAP and the space keeps the heads that train multi-label.
 
 A space is a TOML file (``pipeline/configs/search_space.toml`` is the built-in one, and documents the format). Trials
 run through joblib (``n_jobs``) and each finished trial is appended to ``trials.jsonl`` at once, keyed by a
@@ -29,6 +30,7 @@ from pipeline.tuning import (
     convertible_space,
     halving,
     load_space,
+    multilabel_space,
     plan_folds,
     refit_best,
     strategy_candidates,
@@ -76,21 +78,23 @@ def search(
         progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cache_path = resolve_cache(cfg)
     with FeatureCache(cache_path) as cache:
-        if cache.multilabel:
-            from pipeline.heads.multilabel import refuse_multilabel
-
-            refuse_multilabel("search", f"the cache {cache_path.name}")
-        space = load_space(s.space, cache.layer_name(cfg.train.layer))
+        space = load_space(s.space, cache.layer_name(cfg.train.layer), cache.multilabel)
         if s.convertible:
             space = convertible_space(space)
+        notes_space = []
+        if cache.multilabel:
+            space, notes_space = multilabel_space(space)
         for e in space.entries:
             for layer in e.layers:
                 cache.layer_name(layer)  # a layer this cache does not have fails now, not in a worker
         candidates = strategy_candidates(space, s.strategy, s.n_trials, seed)
         plan, rows, notes = plan_folds(cache, s.cv, seed)
+        notes = notes_space + notes
         layers = sorted({c.layer for c in candidates})
         n_bytes = sum(len(rows) * int(cache.dataset(layer).shape[1]) * 4 for layer in layers)
-        streamed = use_streaming(cfg.train.streaming, n_bytes)
+        # multi-label heads fit in memory (``train.streaming = stream`` fails in each trial, in one line)
+        auto_memory = cache.multilabel and cfg.train.streaming == "auto"
+        streamed = not auto_memory and use_streaming(cfg.train.streaming, n_bytes)
         data = {layer: Data.from_cache(cache, layer, rows, streamed) for layer in layers}
         fingerprint = cache.fingerprint
         out = runs_root(cfg, cache_path) / f"search-{search_id(space, fingerprint, cfg)}"
@@ -135,7 +139,17 @@ def _run(runner: TrialRunner, candidates, s: SearchConfig, plan, notes: list[str
     seconds = time.perf_counter() - t0
     n_run, n_reused = runner.n_run, runner.n_reused
     return SearchRun(
-        runner.journal.parent, s.strategy, board, best, len(candidates), n_run, n_reused, seconds, s.cv, notes
+        runner.journal.parent,
+        s.strategy,
+        board,
+        best,
+        len(candidates),
+        n_run,
+        n_reused,
+        seconds,
+        s.cv,
+        notes,
+        multilabel=plan.multilabel,
     )
 
 

@@ -16,7 +16,14 @@ from pipeline.tuning.folds import Plan, plan_folds
 from pipeline.tuning.leaderboard import SearchRun, build_leaderboard, write_outputs, write_summary
 from pipeline.tuning.refit import Refit, refit_best
 from pipeline.tuning.scheduler import TrialRunner, halving
-from pipeline.tuning.space import Candidate, Space, convertible_space, load_space, strategy_candidates
+from pipeline.tuning.space import (
+    Candidate,
+    Space,
+    convertible_space,
+    load_space,
+    multilabel_space,
+    strategy_candidates,
+)
 
 __all__ = [
     "Candidate",
@@ -29,6 +36,7 @@ __all__ = [
     "convertible_space",
     "halving",
     "load_space",
+    "multilabel_space",
     "plan_folds",
     "refit_best",
     "strategy_candidates",

@@ -17,6 +17,7 @@ class Plan:
     folds: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     rank: np.ndarray  # a fixed random rank per cache row: halving's subsets are nested prefixes
     n_classes: int
+    multilabel: bool = False  # multi-hot labels: trials are scored by macro mAP, not accuracy
 
 
 def subset_rows(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarray:
@@ -34,20 +35,24 @@ def plan_folds(cache, cv: int, seed: int) -> tuple[Plan, np.ndarray, list[str]]:
     if len(train_rows) == 0:
         raise FeatcacheError("no training rows: the cache's train split is empty")
     rank = np.random.default_rng(seed).permutation(cache.n_rows)
-    n_classes = len(cache.class_names)
+    n_classes, multilabel = len(cache.class_names), bool(cache.multilabel)
     if cv == 0:
         if len(val_rows) == 0:
             raise FeatcacheError(
                 "the val split is empty: set data.val_fraction > 0 and re-extract, or search with --cv K"
             )
         return (
-            Plan([(train_rows, val_rows, val_rows)], rank, n_classes),
+            Plan([(train_rows, val_rows, val_rows)], rank, n_classes, multilabel),
             np.concatenate([train_rows, val_rows]),
             notes,
         )
     from sklearn.model_selection import KFold, StratifiedKFold
 
     pool = np.sort(np.concatenate([train_rows, val_rows]))
+    if multilabel:  # stratifying needs one label a row: plain k-fold, shuffled
+        notes.append("multi-label: plain (unstratified) k-fold; folds are shuffled rows")
+        folds = [(pool[a], pool[b], None) for a, b in KFold(cv, shuffle=True, random_state=seed).split(pool)]
+        return Plan(folds, rank, n_classes, True), pool, notes
     y = cache.labels[pool]
     counts = np.bincount(y)
     splitter = StratifiedKFold(cv, shuffle=True, random_state=seed)

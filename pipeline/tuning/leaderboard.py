@@ -36,6 +36,12 @@ class SearchRun:
     cv: int
     notes: list[str] = field(default_factory=list)
     refit: Refit | None = None  # the best configuration trained as a run (``search.refit``)
+    multilabel: bool = False  # a multi-label cache: the score is macro mAP
+
+    @property
+    def metric(self) -> str:
+        """What the score is, in words: ``val accuracy``, ``5-fold CV macro mAP``..."""
+        return score_metric(self.cv, self.multilabel)
 
     @property
     def refit_dir(self) -> Path | None:
@@ -48,9 +54,10 @@ class SearchRun:
 
     def refit_lines(self) -> list[str]:
         m, name = self.refit.metrics, self.refit.run_dir.name
+        what, key = ("macro mAP", "macro_map") if self.multilabel else ("accuracy", "accuracy")
         scores = " · ".join(
-            f"{split} accuracy {acc:.4f}"
-            for split, acc in (("val", m.val_accuracy), ("test", m.test_accuracy))
+            f"{split} {what} {acc:.4f}"
+            for split, acc in ((s, m.split(s).get(key)) for s in ("val", "test"))
             if acc is not None
         )
         again = " (reused: trained from the same best trial before)" if self.refit.reused else ""
@@ -60,12 +67,16 @@ class SearchRun:
         ]
 
     def summary(self, top: int = 30) -> str:
-        metric = f"{self.cv}-fold CV accuracy" if self.cv else "val accuracy"
+        score, second, col = (
+            ("macro_map", "micro_map", "micro_map")
+            if self.multilabel
+            else ("score", "bal_acc", "balanced_accuracy")
+        )
         lines = [
             f"search: {self.strategy} · {self.n_candidates} candidates · {self.n_run} trials run, {self.n_reused} reused"
-            f" · {self.seconds:.1f} s · ranked by {metric}",
+            f" · {self.seconds:.1f} s · ranked by {self.metric}",
             "",
-            f"{'#':>3} {'score':>7} {'±':>6} {'bal_acc':>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<22} params",
+            f"{'#':>3} {score:>7} {'±':>6} {second:>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<22} params",
         ]
         for row in self.leaderboard[:top]:
             if row["status"] != "ok":
@@ -75,7 +86,7 @@ class SearchRun:
                 continue
             warn = "  ! " + row["warning"].split(":")[0] if row.get("warning") else ""
             lines.append(
-                f"{row['rank']:>3} {row['score']:>7.4f} {row['score_std']:>6.3f} {row['balanced_accuracy']:>7.4f} {row['resource']:>5.0%}"
+                f"{row['rank']:>3} {row['score']:>7.4f} {row['score_std']:>6.3f} {row[col]:>7.4f} {row['resource']:>5.0%}"
                 f" {row['seconds']:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}{warn}"
             )
         if len(self.leaderboard) > top:
@@ -102,6 +113,11 @@ class SearchRun:
         return "\n".join(lines)
 
 
+def score_metric(cv: int, multilabel: bool = False) -> str:
+    """What a search's score is, in words (the leaderboard's heading, ``best.toml``'s comment)."""
+    return f"{f'{cv}-fold CV' if cv else 'val'} {'macro mAP' if multilabel else 'accuracy'}"
+
+
 def rank_key(rec: dict[str, Any]):
     """Best first; equal scores keep the candidates' order (not their timing): the same search, the same
     ranking, in one process or on a cluster."""
@@ -125,6 +141,11 @@ def build_leaderboard(results: dict[Candidate, tuple[float, dict[str, Any]]]) ->
                 "score_std": rec.get("score_std"),
                 "balanced_accuracy": rec.get("balanced_accuracy"),
                 "macro_f1": rec.get("macro_f1"),
+                **(
+                    {"macro_map": rec.get("score"), "micro_map": rec.get("micro_map")}
+                    if "micro_map" in rec
+                    else {}
+                ),
                 "seconds": rec.get("seconds"),
                 "error": rec.get("error", ""),
                 "warning": rec.get("warning", ""),
@@ -162,10 +183,12 @@ def _toml_key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", str(k)) else json.dumps(str(k))
 
 
-def best_toml(best: dict[str, Any], cache_path: Path, seed: int, search_dir: Path, cv: int) -> str:
+def best_toml(
+    best: dict[str, Any], cache_path: Path, seed: int, search_dir: Path, cv: int, multilabel: bool = False
+) -> str:
     """A ``[train]`` fragment: ``featcache train --config best.toml`` refits the winner and evaluates on test."""
     train = best_train(best, cache_path, seed)
-    metric = f"{cv}-fold CV accuracy" if cv else "val accuracy"
+    metric = score_metric(cv, multilabel)
     return "\n".join(
         [
             f"# Best configuration found by `featcache search` in {search_dir}",
@@ -183,7 +206,8 @@ def best_toml(best: dict[str, Any], cache_path: Path, seed: int, search_dir: Pat
 
 
 def write_outputs(run: SearchRun, space: Space, cache_path: Path, seed: int) -> None:
-    """``leaderboard.csv`` and ``.json``, ``scores.png``, ``best.toml`` (when a trial succeeded)."""
+    """``leaderboard.csv`` and ``.json``, ``scores.png``, ``best.toml`` (when a trial succeeded); on a
+    multi-label cache the CSV's score columns are ``macro_map`` and ``micro_map``."""
     fields = [
         "rank",
         "score",
@@ -201,6 +225,8 @@ def write_outputs(run: SearchRun, space: Space, cache_path: Path, seed: int) -> 
         "warning",
         "key",
     ]
+    if run.multilabel:
+        fields[1:5] = ["macro_map", "score_std", "micro_map"]
     with atomic_path(run.dir / "leaderboard.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -212,7 +238,8 @@ def write_outputs(run: SearchRun, space: Space, cache_path: Path, seed: int) -> 
     write_json(run.dir / "leaderboard.json", board)
     _plot(run, space)
     if run.best:
-        atomic_write(run.dir / "best.toml", best_toml(run.best, cache_path, seed, run.dir, run.cv))
+        text = best_toml(run.best, cache_path, seed, run.dir, run.cv, run.multilabel)
+        atomic_write(run.dir / "best.toml", text)
 
 
 def write_summary(
@@ -228,6 +255,7 @@ def write_summary(
         "strategy": run.strategy,
         "space": space.source,
         "cv": run.cv,
+        **({"task": "multilabel", "metric": run.metric} if run.multilabel else {}),
         "n_candidates": run.n_candidates,
         "n_run": run.n_run,
         "n_reused": run.n_reused,
@@ -255,6 +283,5 @@ def _plot(run: SearchRun, space: Space) -> None:
         for r in rows
     ]
     columns = ["head", "transforms", "layer"] + searched
-    plot_search(
-        run.dir / "scores.png", points, [r["score"] for r in rows], columns, "search: score by parameter"
-    )
+    title = "search: macro mAP by parameter" if run.multilabel else "search: score by parameter"
+    plot_search(run.dir / "scores.png", points, [r["score"] for r in rows], columns, title)

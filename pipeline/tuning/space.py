@@ -123,9 +123,11 @@ class Space:
         return sum(len(e.grid()) for e in self.entries) if self.finite else None
 
 
-def default_space_path() -> Path:
-    """The built-in space, shipped inside the package (``pipeline/configs/search_space.toml``)."""
-    p = Path(__file__).resolve().parents[1] / "configs" / "search_space.toml"
+def default_space_path(multilabel: bool = False) -> Path:
+    """The built-in space, shipped inside the package (``pipeline/configs/search_space.toml``; on a
+    multi-label cache ``search_space_multilabel.toml``)."""
+    name = "search_space_multilabel.toml" if multilabel else "search_space.toml"
+    p = Path(__file__).resolve().parents[1] / "configs" / name
     if not p.is_file():
         raise FeatcacheError(f"built-in search space {p} not found (a broken install?); pass --space FILE")
     return p
@@ -192,8 +194,8 @@ def parse_space(raw: dict[str, Any], source: str, default_layer: str) -> Space:
     return Space(entries, source)
 
 
-def load_space(path: str | Path | None, default_layer: str) -> Space:
-    p = Path(path) if path else default_space_path()
+def load_space(path: str | Path | None, default_layer: str, multilabel: bool = False) -> Space:
+    p = Path(path) if path else default_space_path(multilabel)
     return parse_space(read_toml(p, "search space"), str(p), default_layer)
 
 
@@ -208,6 +210,21 @@ def convertible_space(space: Space) -> Space:
             " cannot be converted); add a linear, MLP or Keras head to the space"
         )
     return Space(kept, space.source)
+
+
+def multilabel_space(space: Space) -> tuple[Space, list[str]]:
+    """``space`` without the heads a multi-label cache cannot train, and a note naming them."""
+    from pipeline.heads.multilabel import MULTILABEL_HEADS
+
+    kept = [e for e in space.entries if e.head in MULTILABEL_HEADS]
+    skipped = sorted({e.head for e in space.entries if e.head not in MULTILABEL_HEADS})
+    if not kept:
+        raise FeatcacheError(
+            f"{space.source}: no head in this space trains on a multi-label cache; use one of "
+            f"{', '.join(MULTILABEL_HEADS)}"
+        )
+    notes = [f"multi-label cache: skipped {', '.join(skipped)} (no multi-label training)"] if skipped else []
+    return Space(kept, space.source), notes
 
 
 def grid_candidates(space: Space) -> list[Candidate]:

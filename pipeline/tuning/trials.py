@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.heads.metrics import balanced_accuracy, macro_f1
+from pipeline.heads.metrics import balanced_accuracy, macro_f1, macro_map, micro_map
 from pipeline.tuning.folds import Plan, subset_rows
 from pipeline.tuning.space import Candidate
 from pipeline.utils.errors import FeatcacheError
@@ -36,15 +36,16 @@ def _failed(e: Exception, t0: float) -> dict[str, Any]:
     }
 
 
-def _scored(accs, bals, f1s, notes: list[str], t0: float, c0: float) -> dict[str, Any]:
-    """A finished trial's record: fold means (accuracy is the score), time and the solver's warnings."""
+def _scored(scores: dict[str, list[float]], notes: list[str], t0: float, c0: float) -> dict[str, Any]:
+    """A finished trial's record: fold means (the first of ``scores`` is the score: accuracy, or macro mAP
+    on a multi-label cache), time and the solver's warnings."""
+    main = next(iter(scores.values()))
     return {
         "status": "ok",
-        "score": float(np.mean(accs)),
-        "score_std": float(np.std(accs)) if len(accs) > 1 else 0.0,
-        "balanced_accuracy": float(np.mean(bals)),
-        "macro_f1": float(np.mean(f1s)),
-        "folds": len(accs),
+        "score": float(np.mean(main)),
+        "score_std": float(np.std(main)) if len(main) > 1 else 0.0,
+        **{name: float(np.mean(v)) for name, v in list(scores.items())[1:]},
+        "folds": len(main),
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
         "pid": os.getpid(),
@@ -57,19 +58,35 @@ def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> 
     from pipeline.heads.fitting import fit_model, predict_rows
 
     t0, c0 = time.perf_counter(), time.process_time()
-    accs, bals, f1s, notes = [], [], [], []
+    scores: dict[str, list[float]] = {}
+    notes: list[str] = []
     try:
         for fit_rows, eval_rows, es_rows in plan.folds:
             rows = subset_rows(fit_rows, plan.rank, fraction)
             fitted = fit_model(data, rows, es_rows, cand.head, cand.params, list(cand.transforms), seed=seed)
             notes += [n for n in fitted.notes if n not in notes]
             pred = predict_rows(fitted.model, data, eval_rows, plan.n_classes)
-            accs.append(float(np.mean(pred.y_true == pred.y_pred)))
-            bals.append(balanced_accuracy(pred.y_true, pred.y_pred))
-            f1s.append(macro_f1(pred.y_true, pred.y_pred))
+            _add(scores, fold_scores(pred.y_true, pred.y_pred, False))
     except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
         return _failed(e, t0)
-    return _scored(accs, bals, f1s, notes, t0, c0)
+    return _scored(scores, notes, t0, c0)
+
+
+def fold_scores(y_true: np.ndarray, pred: np.ndarray, multilabel: bool) -> dict[str, float]:
+    """One fold's scores, the trial's score first: accuracy (of predicted labels), or macro mAP (of N×C
+    per-class scores) on a multi-label cache."""
+    if multilabel:
+        return {"macro_map": macro_map(y_true, pred), "micro_map": micro_map(y_true, pred)}
+    return {
+        "accuracy": float(np.mean(y_true == pred)),
+        "balanced_accuracy": balanced_accuracy(y_true, pred),
+        "macro_f1": macro_f1(y_true, pred),
+    }
+
+
+def _add(scores: dict[str, list[float]], fold: dict[str, float]) -> None:
+    for name, v in fold.items():
+        scores.setdefault(name, []).append(v)
 
 
 @dataclass
@@ -102,6 +119,7 @@ def worker_run(shared: WorkerState, task, emit) -> None:
 def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
     """Transforms of ``cand``'s chain fitted on this fold's fit rows, once per worker (a few kept)."""
     from pipeline.heads.fitting import prepare
+    from pipeline.heads.multilabel import prepare_multilabel
     from pipeline.heads.transforms import build_transforms
 
     key = (cand.layer, cand.transforms, fold, fraction)
@@ -114,7 +132,11 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
     steps = build_transforms(
         list(cand.transforms), n_samples=len(rows), n_features=data.n_features, seed=shared.seed
     )
-    prep = prepare(data, np.sort(rows), es_rows if es_rows is not None and len(es_rows) else None, steps)
+    es_rows = es_rows if es_rows is not None and len(es_rows) else None
+    if shared.plan.multilabel:
+        prep = prepare_multilabel(data, np.sort(rows), None if es_rows is None else np.sort(es_rows), steps)
+    else:
+        prep = prepare(data, np.sort(rows), es_rows, steps)
     eval_rows = np.sort(eval_rows)
     X_eval = data.take(eval_rows)
     for _, est in steps:
@@ -128,13 +150,13 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
 
 
 def _fit_predict(shared: WorkerState, cand: Candidate, prep_key, prep, X_eval) -> np.ndarray:
-    """Predictions of ``cand`` fitted on prepared rows, continuing the path its head left on them."""
-    from pipeline.heads.paths import fit_predict_on_path, path_group
+    """Predictions of ``cand`` fitted on prepared rows (labels; N×C scores on a multi-label cache),
+    continuing the path its head left on them."""
+    from pipeline.heads.paths import fit_predict_on_path, fit_scores_on_path, path_group
 
     path_key = (prep_key, cand.head, path_group(cand.head, cand.params))
-    y_pred, kept = fit_predict_on_path(
-        cand.head, cand.params, prep, X_eval, shared.paths.get(path_key), shared.seed
-    )
+    step = fit_scores_on_path if shared.plan.multilabel else fit_predict_on_path
+    y_pred, kept = step(cand.head, cand.params, prep, X_eval, shared.paths.get(path_key), shared.seed)
     if kept is not None:
         shared.paths[path_key] = kept
     return y_pred
@@ -145,7 +167,8 @@ def shared_trial(
 ) -> dict[str, Any]:
     """:func:`run_trial` on work shared across trials; stops early when a fold leaves it far behind ``leader``."""
     t0, c0 = time.perf_counter(), time.process_time()
-    accs, bals, f1s, notes = [], [], [], []
+    scores: dict[str, list[float]] = {}
+    notes: list[str] = []
     n_folds = len(shared.plan.folds)
     try:
         for fold in range(n_folds):
@@ -154,9 +177,8 @@ def shared_trial(
                 warnings.simplefilter("always")
                 y_pred = _fit_predict(shared, cand, prep_key, prep, X_eval)
             notes += [n for n in _warning_notes(caught) if n not in notes]
-            accs.append(float(np.mean(y_eval == y_pred)))
-            bals.append(balanced_accuracy(y_eval, y_pred))
-            f1s.append(macro_f1(y_eval, y_pred))
+            _add(scores, fold_scores(y_eval, y_pred, shared.plan.multilabel))
+            accs = next(iter(scores.values()))  # the score of each fold so far
             if leader is not None and fold + 1 < n_folds and float(np.mean(accs)) < leader - PRUNE_MARGIN:
                 return {
                     "status": "pruned",
@@ -170,7 +192,7 @@ def shared_trial(
                 }
     except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
         return _failed(e, t0)
-    return _scored(accs, bals, f1s, notes, t0, c0)
+    return _scored(scores, notes, t0, c0)
 
 
 def _warning_notes(caught) -> list[str]:

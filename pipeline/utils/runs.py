@@ -245,6 +245,16 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "fingerprint": m.cache_fingerprint,
         "path": str(run_dir),
         "readable": bool(m),
+        **(_map_keys(m.split("val"), m.split("test")) if m.multilabel else {}),
+    }
+
+
+def _map_keys(val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+    """A multi-label row's scores: macro mAP where a single-label row has accuracy (``runs ls`` shows it)."""
+    return {
+        "task": MULTILABEL,
+        "val_macro_map": val.get("macro_map"),
+        "test_macro_map": test.get("macro_map"),
     }
 
 
@@ -255,6 +265,7 @@ def search_row(search_dir: Path) -> dict[str, Any]:
     best = info.get("best") or {}
     stamp_file = search_dir / "search.json" if info else search_dir / TRIALS_FILE
     cv = int(info.get("cv") or 0)
+    ml = info.get("task") == MULTILABEL
     return {
         "id": search_dir.name,
         "kind": "search",
@@ -263,9 +274,9 @@ def search_row(search_dir: Path) -> dict[str, Any]:
         "layer": best.get("layer"),
         "transforms": best.get("transforms") or "-",
         "params": json.loads(best["params"]) if isinstance(best.get("params"), str) else {},
-        "val_accuracy": best.get("score"),
+        "val_accuracy": None if ml else best.get("score"),
         "test_accuracy": None,
-        "metric": f"{cv}-fold CV accuracy" if cv else "val accuracy",
+        "metric": info.get("metric") or (f"{cv}-fold CV accuracy" if cv else "val accuracy"),
         "strategy": info.get("strategy"),
         "n_trials": len(trials),
         "seconds": info.get("seconds"),
@@ -275,6 +286,7 @@ def search_row(search_dir: Path) -> dict[str, Any]:
         "fingerprint": (info.get("cache") or {}).get("fingerprint"),
         "path": str(search_dir),
         "readable": bool(info),
+        **(_map_keys({"macro_map": best.get("score")}, {}) if ml else {}),
     }
 
 
@@ -295,7 +307,7 @@ def search_trials(search_dir: Path) -> list[dict[str, Any]]:
                 "val_accuracy": t.get("score"),
                 "test_accuracy": None,
                 "val_macro_f1": t.get("macro_f1"),
-                "metric": f"{cv}-fold CV accuracy" if cv else "val accuracy",
+                "metric": info.get("metric") or (f"{cv}-fold CV accuracy" if cv else "val accuracy"),
                 "resource": t.get("resource"),
                 "status": t.get("status"),
                 "error": t.get("error", ""),
@@ -372,14 +384,22 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
+def _score(r: dict[str, Any], split: str) -> str:
+    """``runs ls``'s val/test cell: accuracy, or ``mAP 0.87`` (macro mAP) for a multi-label run or search."""
+    if r.get("task") != MULTILABEL:
+        return _fmt(r[f"{split}_accuracy"])
+    v = r.get(f"{split}_macro_map")
+    return f"mAP {v:.2f}" if isinstance(v, float) else "-"
+
+
 def format_runs(rows: Sequence[dict[str, Any]]) -> str:
-    """``runs ls``: one line a run (id, kind, head, val and test accuracy, created)."""
+    """``runs ls``: one line a run (id, kind, head, val and test accuracy or ``mAP`` macro mAP, created)."""
     width = max([len(r["id"]) for r in rows] + [2])
     lines = [f"{'id':<{width}}  {'kind':<8} {'head':<13} {'val_acc':>8} {'test_acc':>8}  created"]
     for r in rows:
         lines.append(
-            f"{r['id']:<{width}}  {r['kind']:<8} {str(r['head'])[:13]:<13} {_fmt(r['val_accuracy']):>8}"
-            f" {_fmt(r['test_accuracy']):>8}  {r['created']}"
+            f"{r['id']:<{width}}  {r['kind']:<8} {str(r['head'])[:13]:<13} {_score(r, 'val'):>8}"
+            f" {_score(r, 'test'):>8}  {r['created']}"
         )
     return "\n".join(lines)
 

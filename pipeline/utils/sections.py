@@ -195,7 +195,8 @@ class SearchConfig:
         "",
         flag="--space",
         metavar="FILE",
-        help="search space TOML (default: the built-in pipeline/configs/search_space.toml)",
+        help="search space TOML (default: the built-in pipeline/configs/search_space.toml;"
+        " search_space_multilabel.toml on a multi-label cache)",
     )
     strategy: str = opt("random", flag="--strategy", choices=STRATEGIES, help="how candidates are drawn")
     n_trials: int = opt(100, flag="--n-trials", metavar="N", min=1, help="candidates for random and halving")
