@@ -123,12 +123,10 @@ def test_predict_prints_labels_above_their_thresholds(mosaic_cache):
     assert all(c in table for r in results for _, c, _ in r.labels)
 
 
-def test_search_audit_report_finetune_export_refuse_in_one_line(mosaic_cache):
+def test_search_audit_report_refuse_in_one_line(mosaic_cache):
     from pipeline.stages.audit import audit
-    from pipeline.stages.export import export
     from pipeline.stages.report import report
     from pipeline.stages.search import search
-    from pipeline.stages.train import train
     from pipeline.utils.errors import FeatcacheError
 
     tmp, _, _ = mosaic_cache
@@ -136,14 +134,6 @@ def test_search_audit_report_finetune_export_refuse_in_one_line(mosaic_cache):
     for stage in (search, audit, report):
         with pytest.raises(FeatcacheError, match=f"{stage.__name__}: the cache .* is multi-label"):
             stage(cfg)
-    run = train(cfg, head="ridge")
-    with pytest.raises(
-        FeatcacheError, match="export: run .* is multi-label, which export does not support yet"
-    ):
-        export(str(run.run_dir), cfg=cfg)
-    res = run_cli("finetune", "--run", str(run.run_dir), "--cache-dir", str(tmp / "cache"))
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().count("\n") == 0 and "finetune does not support yet" in res.stderr
 
 
 def test_single_label_csv_unchanged(tmp_path):

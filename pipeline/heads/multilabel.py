@@ -128,5 +128,5 @@ def refuse_multilabel(stage: str, what: str) -> None:
     """The one line a stage that does not handle multi-label data yet answers with (exit 2 from the CLI)."""
     raise FeatcacheError(
         f"{stage}: {what} is multi-label, which {stage} does not support yet (multi-label works with "
-        f"extract, train and predict on a stage-2 run)"
+        f"extract, train, predict, finetune and export)"
     )
