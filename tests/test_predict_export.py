@@ -68,6 +68,16 @@ def test_every_export_matches_keras(exported):
     assert f["tflite-int8"]["accuracy"] >= r["keras_accuracy"] - max(0.05, 1 / r["eval_images"]) - 1e-9
     saved = json.loads((Path(f["keras"]["path"]).parent / "export.json").read_text())
     assert saved["class_names"] == ["china", "flower"] and saved["image_size"] == 64
+    # a single-label export.json keeps its keys and their order (multi-label runs add task and thresholds)
+    assert list(saved) == [
+        "run", "run_kind", "class_names", "image_size", "resize", "decode", "eval_split", "eval_images",
+        "sample_images", "keras_accuracy", "tolerances", "formats", "ok",
+    ]  # fmt: skip
+    assert list(saved["formats"]["tflite"]) == [
+        "path", "bytes", "input", "max_abs_diff", "max_abs_diff_raw_size", "accuracy", "keras_accuracy",
+        "accuracy_delta", "ok", "seconds",
+    ]  # fmt: skip
+    assert saved["tolerances"]["tflite-int8"] == {"accuracy_drop": 0.05}
 
 
 def test_stage2_run_exports_through_the_rebuilt_model(stage3, tmp_path):

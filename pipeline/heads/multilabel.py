@@ -169,11 +169,3 @@ def predict_multilabel(model, data: Data, rows: np.ndarray, thresholds=None) -> 
         P, calibrated = np.zeros(Y.shape, np.float64), True
     t = np.full(Y.shape[1], 0.5) if thresholds is None else thresholds
     return Predictions(rows, Y, above(P, t), P, calibrated)
-
-
-def refuse_multilabel(stage: str, what: str) -> None:
-    """The one line a stage that does not handle multi-label data yet answers with (exit 2 from the CLI)."""
-    raise FeatcacheError(
-        f"{stage}: {what} is multi-label, which {stage} does not support yet (multi-label works with "
-        f"extract, train, audit, report and predict on a stage-2 run)"
-    )

@@ -95,8 +95,25 @@ def _sklearn_head_layers(est, calibrated: bool) -> list[keras.layers.Layer]:
     raise _not_convertible(f"head {type(est).__name__}")
 
 
-def _keras_head_layers(head) -> list[keras.layers.Layer]:
-    """Copy a KerasHead's layers (config + weights); its output becomes stage 2's probabilities."""
+def _multilabel_head_layers(est) -> list[keras.layers.Layer]:
+    """A one-vs-rest linear head: one Dense of the C per-class coefficient rows, sigmoid per class (what
+    ``predict_proba`` of each binary logistic regression is, and the sigmoid of each margin
+    :func:`pipeline.heads.multilabel.label_scores` reports for ridge and the linear SVM)."""
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.svm import LinearSVC
+
+    linear = (LogisticRegression, LinearSVC, RidgeClassifier, SGDClassifier)
+    if not isinstance(est, OneVsRestClassifier) or not all(isinstance(e, linear) for e in est.estimators_):
+        raise _not_convertible(f"multi-label head {type(est).__name__}")
+    W = np.concatenate([np.atleast_2d(np.asarray(e.coef_, np.float64)) for e in est.estimators_]).T
+    b = np.concatenate([np.ravel(np.asarray(e.intercept_, np.float64)) for e in est.estimators_])
+    return [_dense("head_dense", W, b, "sigmoid")]
+
+
+def _keras_head_layers(head, multilabel: bool = False) -> list[keras.layers.Layer]:
+    """Copy a KerasHead's layers (config + weights); its output becomes stage 2's probabilities (a
+    multi-label head's own final sigmoid as it is)."""
     layers = []
     for layer in head.model_.layers:
         if isinstance(layer, keras.layers.InputLayer):
@@ -111,19 +128,27 @@ def _keras_head_layers(head) -> list[keras.layers.Layer]:
         x = clone(x)
         clone.set_weights(orig.get_weights())
         out.append(clone)
+    if multilabel:
+        return out
     binary = len(head.classes_) == 2
     out.append(ScoresToProba("binary_logit" if binary else "normalize", name="probabilities"))
     return out
 
 
-def build_head_model(pipeline, n_features: int, n_classes: int, calibrated: bool) -> keras.Model:
-    """features (N×D, as cached) → probabilities over the cache's classes, from a fitted sklearn Pipeline."""
+def build_head_model(
+    pipeline, n_features: int, n_classes: int, calibrated: bool, multilabel: bool = False
+) -> keras.Model:
+    """features (N×D, as cached) → probabilities over the cache's classes, from a fitted sklearn Pipeline
+    (``multilabel``: one sigmoid probability per class, not a softmax over them)."""
     from pipeline.heads.keras_head import KerasHead
 
     est = pipeline.steps[-1][1]
     transforms = _transform_layers(pipeline.steps[:-1])
-    head = _keras_head_layers(est) if isinstance(est, KerasHead) else _sklearn_head_layers(est, calibrated)
-    columns = np.asarray(est.classes_).astype(int).tolist()
+    if isinstance(est, KerasHead):
+        head = _keras_head_layers(est, multilabel)
+    else:
+        head = _multilabel_head_layers(est) if multilabel else _sklearn_head_layers(est, calibrated)
+    columns = list(range(n_classes)) if multilabel else np.asarray(est.classes_).astype(int).tolist()
     inp = keras.Input((n_features,), name="features")
     x = inp
     for layer in transforms + head:
@@ -133,9 +158,17 @@ def build_head_model(pipeline, n_features: int, n_classes: int, calibrated: bool
     return keras.Model(inp, x, name="head")
 
 
-def stage2_scores(pipeline, X: np.ndarray, n_classes: int) -> tuple[np.ndarray, bool]:
-    """Exactly what stage 2 reports for feature rows ``X``: (N × n_classes probabilities, calibrated)."""
+def stage2_scores(
+    pipeline, X: np.ndarray, n_classes: int, multilabel: bool = False
+) -> tuple[np.ndarray, bool]:
+    """Exactly what stage 2 reports for feature rows ``X``: (N × n_classes probabilities, calibrated);
+    a multi-label run's per-class scores (:func:`pipeline.heads.multilabel.label_scores`)."""
     from pipeline.heads.fitting import decision_scores
+
+    if multilabel:
+        from pipeline.heads.multilabel import label_scores
+
+        return label_scores(pipeline, X)
 
     p, calibrated = decision_scores(pipeline, X)
     full = np.zeros((len(X), n_classes), np.float64)

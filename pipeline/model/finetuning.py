@@ -80,13 +80,20 @@ def set_trainable(rebuilt, spec: str) -> dict[str, Any]:
 
 
 def compile_model(rebuilt, learning_rate: float) -> None:
-    """(Re)compile after changing ``trainable``: outputs are probabilities, labels are class indices."""
+    """(Re)compile after changing ``trainable``: outputs are probabilities, labels are class indices (a
+    multi-label run: per-class sigmoids against multi-hot rows, binary cross-entropy, and as ``accuracy``
+    the share of (image, class) decisions right at 0.5)."""
     import keras
 
+    if rebuilt.multilabel:
+        loss, acc = keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
+    else:
+        loss, acc = (
+            keras.losses.SparseCategoricalCrossentropy(),
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+        )
     rebuilt.train_model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(learning_rate)),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        optimizer=keras.optimizers.Adam(learning_rate=float(learning_rate)), loss=loss, metrics=[acc]
     )
 
 
@@ -94,7 +101,8 @@ def labelled_dataset(
     ds, part: SplitImages, size: int, policy: str, batch_size: int, shuffle_seed: int | None, *, decode: str
 ):
     """tf.data of (images, labels, weights) batches in a seeded order; an image that cannot be read any more
-    (it was quarantined at extraction) gets weight 0, so every batch keeps its known size."""
+    (it was quarantined at extraction) gets weight 0, so every batch keeps its known size. Labels are class
+    indices, or a multi-label cache's multi-hot rows (as float32, what binary cross-entropy takes)."""
     import tensorflow as tf
 
     from pipeline.data.images import image_batches
@@ -103,7 +111,8 @@ def labelled_dataset(
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(order))
     samples = [part.samples[i] for i in order]
-    labels = tf.constant(part.labels[order].astype(np.int64))
+    multi_hot = np.ndim(part.labels) == 2
+    labels = tf.constant(part.labels[order].astype(np.float32 if multi_hot else np.int64))
 
     @tf.autograph.experimental.do_not_convert
     def with_labels(idx, images, ok, why):
@@ -112,10 +121,9 @@ def labelled_dataset(
     return image_batches(ds, samples, size, policy, batch_size, decode=decode).map(with_labels)
 
 
-def evaluate(model, ds, part: SplitImages, rebuilt, batch_size: int, calibrated: bool):
-    """(stage-2-format metrics, probabilities) of ``model`` on a split's images."""
-    from pipeline.heads.fitting import Predictions
-    from pipeline.heads.metrics import classification_metrics
+def evaluate(model, ds, part: SplitImages, rebuilt, batch_size: int, calibrated: bool, thresholds=None):
+    """(stage-2-format metrics, probabilities, readable mask) of ``model`` on a split's images; a multi-label
+    run's at ``thresholds`` (one per class; None: chosen on these images, as stage 2 chooses them on val)."""
     from pipeline.model.runners import predict_images
 
     if not len(part.rows):
@@ -123,8 +131,66 @@ def evaluate(model, ds, part: SplitImages, rebuilt, batch_size: int, calibrated:
     proba, ok = predict_images(
         model, ds, part.samples, rebuilt.image_size, rebuilt.resize, batch_size, decode=rebuilt.decode
     )
-    pred = Predictions(part.rows[ok], part.labels[ok], proba[ok].argmax(1), proba[ok], calibrated)
-    return classification_metrics(pred, rebuilt.class_names), proba, ok
+    return score_split(part, proba, ok, rebuilt, calibrated, thresholds), proba, ok
+
+
+def score_split(part: SplitImages, proba, ok, rebuilt, calibrated: bool, thresholds=None) -> dict[str, Any]:
+    """Stage 2's metrics of the readable rows' probabilities (multi-label: :func:`multilabel_metrics`)."""
+    from pipeline.heads.fitting import Predictions
+    from pipeline.heads.metrics import classification_metrics, multilabel_metrics
+    from pipeline.heads.multilabel import above, choose_thresholds
+
+    y, p = part.labels[ok], proba[ok]
+    if not rebuilt.multilabel:
+        pred = Predictions(part.rows[ok], y, p.argmax(1), p, calibrated)
+        return classification_metrics(pred, rebuilt.class_names)
+    if thresholds is None:
+        thresholds = choose_thresholds(y, p)
+    pred = Predictions(part.rows[ok], y, above(p, thresholds), p, calibrated)
+    return multilabel_metrics(pred, rebuilt.class_names, np.asarray(thresholds, np.float64))
+
+
+def loss_and_hits(proba: np.ndarray, labels: np.ndarray) -> tuple[float, float, int]:
+    """What Keras reports for these probabilities (epoch 0 of the learning curves): (mean loss, right
+    decisions, decisions). Class indices: sparse categorical cross-entropy, one decision per image (its top
+    class); multi-hot rows: binary cross-entropy, one decision per image and class (Keras' binary accuracy,
+    ``p > 0.5``). Probabilities are clipped at Keras' epsilon, 1e-7."""
+    eps = 1e-7
+    if np.ndim(labels) == 2:
+        y = np.asarray(labels, np.float64)
+        p = np.clip(proba, eps, 1 - eps)
+        loss = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+        return float(loss), float(((proba > 0.5) == (y > 0.5)).sum()), int(y.size)
+    labels = np.asarray(labels, int)
+    p = np.clip(proba[np.arange(len(labels)), labels], eps, 1.0)
+    return float(-np.log(p).mean()), float((proba.argmax(1) == labels).sum()), len(labels)
+
+
+def stage2_thresholds(rebuilt):
+    """The stage-2 run's per-class thresholds (multi-label), or None."""
+    return np.asarray(rebuilt.metrics.thresholds, np.float64) if rebuilt.multilabel else None
+
+
+def rechoose_thresholds(rebuilt, val: SplitImages, p_val, ok_val, notes: list[str]):
+    """A multi-label run's per-class thresholds chosen on val for the fine-tuned model, as stage 2 chose
+    them for its head (0.5 each without val images); None for a single-label run."""
+    if not rebuilt.multilabel:
+        return None
+    from pipeline.heads.multilabel import choose_thresholds
+
+    if not len(val.rows) or not ok_val.any():
+        notes.append("no val images to choose the thresholds on: every class's threshold is 0.5")
+        return np.full(rebuilt.n_classes, 0.5)
+    return choose_thresholds(val.labels[ok_val], p_val[ok_val])
+
+
+def task_fields(rebuilt, thresholds) -> dict[str, Any]:
+    """A multi-label run's ``task`` and per-class ``thresholds`` (as stage-2 runs record them); {} else."""
+    if not rebuilt.multilabel:
+        return {}
+    from pipeline.utils.config import MULTILABEL
+
+    return {"task": MULTILABEL, "thresholds": dict(zip(rebuilt.class_names, thresholds, strict=True))}
 
 
 class Checkpoint:

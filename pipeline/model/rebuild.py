@@ -11,7 +11,8 @@ extraction uses), the cut and the pooling are :mod:`pipeline.features.backbones.
 MLPs become Dense layers with the fitted coefficients, the transforms become layers with the fitted
 statistics, Keras heads are copied layer by layer with their weights. The model outputs exactly what stage
 2 reports for a row: ``predict_proba`` when the head has it, else the softmax of its decision scores, spread
-over the cache's classes. :func:`rebuild` checks the converted head against the fitted scikit-learn
+over the cache's classes; for a multi-label run one sigmoid probability per class (a one-vs-rest linear
+head is one Dense layer of its per-class coefficient rows with a sigmoid). :func:`rebuild` checks the converted head against the fitted scikit-learn
 pipeline on cached features and refuses a conversion that differs by more than :data:`HEAD_TOLERANCE`.
 
 Why ``FrozenBackbone``: in Keras 3 a functional model passes the outer ``training`` flag down to every
@@ -145,6 +146,11 @@ class Rebuilt:
         return len(self.class_names)
 
     @property
+    def multilabel(self) -> bool:
+        """A multi-label run: the model's outputs are one sigmoid probability per class."""
+        return self.metrics.multilabel
+
+    @property
     def decode(self) -> str:
         """The ``data.decode`` policy of the run's features: what every image this model sees is read with."""
         return self.source.decode
@@ -197,8 +203,9 @@ def rebuild(run_dir: str | Path, *, augment=(), check_rows: int = 256, trust_pic
     metrics, pipeline = loaded.metrics, loaded.model
     source = run_source(metrics)
     class_names, n_features, calibrated = metrics.class_names, metrics.n_features, metrics.calibrated
-    head = build_head_model(pipeline, n_features, len(class_names), calibrated)
-    head_check = _check_head(head, pipeline, source, len(class_names), check_rows)
+    multilabel = metrics.multilabel
+    head = build_head_model(pipeline, n_features, len(class_names), calibrated, multilabel)
+    head_check = _check_head(head, pipeline, source, len(class_names), check_rows, multilabel)
     fm, cut = _backbone_cut(source)
     pooling = source.backbone.get("pooling", "avg")
     model, train_model, core = assemble(
@@ -210,7 +217,9 @@ def rebuild(run_dir: str | Path, *, augment=(), check_rows: int = 256, trust_pic
     )  # fmt: skip
 
 
-def _check_head(head, pipeline, source: RunSource, n_classes: int, n_rows: int) -> float | None:
+def _check_head(
+    head, pipeline, source: RunSource, n_classes: int, n_rows: int, multilabel: bool = False
+) -> float | None:
     """Converted head vs the scikit-learn pipeline on cached features (val rows first): raise if they differ."""
     if source.cache_path is None:
         return None
@@ -219,7 +228,7 @@ def _check_head(head, pipeline, source: RunSource, n_classes: int, n_rows: int) 
     with FeatureCache(source.cache_path) as c:
         rows = np.concatenate([c.rows("val"), c.rows("test"), c.rows("train")])[:n_rows]
         X = c.features(source.layer, np.sort(rows))
-    want, _ = stage2_scores(pipeline, X, n_classes)
+    want, _ = stage2_scores(pipeline, X, n_classes, multilabel)
     got = np.asarray(head(X.astype(np.float32), training=False), np.float64)
     diff = float(np.max(np.abs(got - want))) if len(X) else 0.0
     if not diff <= HEAD_TOLERANCE:
@@ -228,6 +237,14 @@ def _check_head(head, pipeline, source: RunSource, n_classes: int, n_rows: int) 
             "please report this"
         )
     return diff
+
+
+def _same(got: np.ndarray, want: np.ndarray, rebuilt: Rebuilt) -> int:
+    """Rows predicted alike: the same top class, or for a multi-label run the same label set."""
+    if not rebuilt.multilabel:
+        return int((got.argmax(1) == want.argmax(1)).sum())
+    t = np.asarray(rebuilt.metrics.thresholds)[None, :]
+    return int(np.all((got >= t) == (want >= t), axis=1).sum())
 
 
 def cache_dataset(meta: dict[str, Any]):
@@ -264,7 +281,7 @@ def equivalence(rebuilt: Rebuilt, split: str = "val", batch_size: int = 32, limi
         if limit:
             rows, samples = rows[:limit], samples[:limit]
         X = c.features(rebuilt.source.layer, rows)
-    want, _ = stage2_scores(rebuilt.pipeline, X, rebuilt.n_classes)
+    want, _ = stage2_scores(rebuilt.pipeline, X, rebuilt.n_classes, rebuilt.multilabel)
     got, ok = predict_images(
         rebuilt.model, ds, samples, rebuilt.image_size, rebuilt.resize, batch_size, decode=rebuilt.decode
     )
@@ -275,6 +292,6 @@ def equivalence(rebuilt: Rebuilt, split: str = "val", batch_size: int = 32, limi
         "split": split,
         "n": int(ok.sum()),
         "max_abs_diff": float(diff.max()),
-        "same_predictions": int((got[ok].argmax(1) == want[ok].argmax(1)).sum()),
+        "same_predictions": _same(got[ok], want[ok], rebuilt),
         "missing": len(missing),
     }

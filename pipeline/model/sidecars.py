@@ -7,24 +7,18 @@ They may come from anyone with the model, so every value is checked before it is
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.utils.errors import FeatcacheError
 
 
 def sidecars_near(path: Path):
     """The parsed ``export.json`` / ``metrics.json`` files beside a model file (or folder) and one level up."""
-    for d in (path.parent if path.is_file() else path, (path.parent if path.is_file() else path).parent):
-        for name in ("export.json", "metrics.json"):
-            f = d / name
-            if f.is_file():
-                try:
-                    info = json.loads(f.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    continue
-                if isinstance(info, dict):
-                    yield info
+    for _, info in _sidecar_files(path):
+        yield info
 
 
 def class_names_near(path: Path, n: int) -> list[str]:
@@ -45,6 +39,55 @@ def decode_near(path: Path) -> str:
     return "exact"
 
 
+def thresholds_near(path: Path, names: list[str]) -> list[float] | None:
+    """A multi-label model's per-class thresholds (in ``names`` order) from the first sidecar beside it that
+    names its classes; None for a single-label model. A sidecar that says multi-label is checked."""
+    for f, info in _sidecar_files(path):
+        if info.get("class_names") == names or "thresholds" in info or "task" in info:
+            return checked_thresholds(info, names, f)
+    return None
+
+
+def _sidecar_files(path: Path):
+    """(file, parsed dict) of :func:`sidecars_near`'s files, in its order."""
+    for d in (path.parent if path.is_file() else path, (path.parent if path.is_file() else path).parent):
+        for name in ("export.json", "metrics.json"):
+            f = d / name
+            if f.is_file():
+                try:
+                    info = json.loads(f.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                if isinstance(info, dict):
+                    yield f, info
+
+
+def checked_thresholds(info: dict[str, Any], names: list[str] | None, f: Path) -> list[float] | None:
+    """``task`` and ``thresholds`` of a sidecar, checked: None when it is single-label (no ``task``), else a
+    threshold in [0, 1] for each of ``names``, in their order."""
+    from pipeline.utils.config import MULTILABEL
+
+    task, t = info.get("task"), info.get("thresholds")
+    if task is None and t is None:
+        return None
+    ok = (
+        task == MULTILABEL
+        and isinstance(names, list)
+        and isinstance(t, dict)
+        and set(t) == set(names)
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+            for v in t.values()
+        )
+    )
+    if not ok:
+        raise FeatcacheError(
+            f"{f}: not a sidecar featcache wrote (a multi-label model has task: {MULTILABEL} and thresholds: "
+            "a threshold in [0, 1] for each of its class_names)"
+        )
+    return [float(t[n]) for n in names]
+
+
 @dataclass
 class ExportInfo:
     """What an exported model's ``export.json`` tells predict, checked: it may come from anyone."""
@@ -52,6 +95,7 @@ class ExportInfo:
     class_names: list[str] | None = None
     image_size: int | None = None
     resize: str = "stretch"
+    thresholds: list[float] | None = None  # a multi-label model's per-class thresholds (class_names order)
 
 
 def export_info(path: Path) -> ExportInfo:
@@ -78,4 +122,4 @@ def export_info(path: Path) -> ExportInfo:
             f"{f}: not an export.json featcache wrote (class_names: a list of names, image_size: pixels, "
             f"resize: {'|'.join(RESIZE_POLICIES)})"
         )
-    return ExportInfo(names, size, resize)
+    return ExportInfo(names, size, resize, checked_thresholds(info, names, f))

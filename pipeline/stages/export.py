@@ -24,6 +24,11 @@ features came from, read files with ``load_images`` too (an S×S image goes thro
 Every export is checked twice: its outputs against the Keras model's on sample images (max |Δ probability|),
 and its accuracy on the whole validation split next to the Keras model's. :data:`TOLERANCES` says what
 passes; full-int8 calibrates on decoded *training* images drawn from the cache (``--calibration N``).
+
+A multi-label run exports the same formats with one sigmoid probability per class; its ``export.json`` adds
+``task: "multilabel"`` and the run's per-class ``thresholds`` (what predict reads), and each format is scored
+by val macro mAP instead of accuracy (``macro_map``, ``keras_macro_map``, ``macro_map_delta``; tolerance
+``map_drop``) plus ``same_labels``, the share of val images given the label set the Keras model gives.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.features.tflite import TFLiteRunner, check_conversion_memory, convert_frozen, freeze
-from pipeline.utils.config import Config, resolve_config
+from pipeline.utils.config import MULTILABEL, Config, resolve_config
 from pipeline.utils.errors import FeatcacheError, first_line
 from pipeline.utils.io import atomic_path, atomic_write
 
@@ -61,6 +66,14 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "tflite": {"max_abs_diff": 1e-4},
     "tflite-dynamic": {"accuracy_drop": 0.02},
     "tflite-int8": {"accuracy_drop": 0.05},
+}
+
+#: A multi-label run's tolerances: val macro mAP for accuracy, and the SavedModel's 1e-5 for the reloaded
+#: ``.keras`` file too: its sigmoids sit near 0.5, where the float32 noise of a function traced for another
+#: input shape (the raw-size check) is largest in absolute terms (measured: 1.5e-6 on the mosaics' test).
+MULTILABEL_TOLERANCES: dict[str, dict[str, float]] = {
+    **{f: {"map_drop": t["accuracy_drop"]} if "accuracy_drop" in t else t for f, t in TOLERANCES.items()},
+    "keras": {"max_abs_diff": 1e-5},
 }
 
 
@@ -100,6 +113,16 @@ class Exportable:
     resize: str
     cache_path: Path | None
     decode: str = "exact"  # the data.decode policy of the run's features (runs from before it: exact)
+    thresholds: list[float] | None = None  # a multi-label run's per-class thresholds (None: single-label)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
+    @property
+    def score(self) -> str:
+        """The val score each format is compared on: ``accuracy``, or ``macro_map`` (multi-label)."""
+        return "macro_map" if self.multilabel else "accuracy"
 
 
 def load_exportable(run_dir: str | Path, trust_pickle: bool = False) -> Exportable:
@@ -117,7 +140,7 @@ def load_exportable(run_dir: str | Path, trust_pickle: bool = False) -> Exportab
         return Exportable(
             model, model.get_layer("core"), run_dir, "finetune", metrics, metrics.class_names,
             int(metrics["image_size"]), str(metrics["resize"]), cache if cache and cache.is_file() else None,
-            metrics.decode,
+            metrics.decode, metrics.thresholds if metrics.multilabel else None,
         )  # fmt: skip
     rb = rebuild(run_dir, trust_pickle=trust_pickle)
     src = run_source(metrics)
@@ -132,6 +155,7 @@ def load_exportable(run_dir: str | Path, trust_pickle: bool = False) -> Exportab
         rb.resize,
         src.cache_path,
         rb.decode,
+        metrics.thresholds if metrics.multilabel else None,
     )
 
 
@@ -166,11 +190,20 @@ def _images(
 
 
 def _accuracy(
-    run, images: np.ndarray, labels: np.ndarray, batch: int = 64
+    run, images: np.ndarray, labels: np.ndarray, batch: int = 64, src: Exportable | None = None
 ) -> tuple[float | None, np.ndarray]:
+    """(accuracy, or a multi-label run's macro mAP, of ``run`` on ``images``; its probabilities)."""
     if not len(images):
         return None, np.zeros((0, 0))
     proba = np.concatenate([run(images[i : i + batch]) for i in range(0, len(images), batch)])
+    if src is not None and src.multilabel:
+        from pipeline.heads.fitting import Predictions
+        from pipeline.heads.metrics import multilabel_metrics
+        from pipeline.heads.multilabel import above
+
+        t = np.asarray(src.thresholds, np.float64)
+        pred = Predictions(np.arange(len(labels)), labels, above(proba, t), proba, True)
+        return float(multilabel_metrics(pred, src.class_names, t)["macro_map"]), proba
     return float((proba.argmax(1) == labels).mean()), proba
 
 
@@ -209,17 +242,12 @@ def export(
     """
     from pipeline.cache.locate import resolve_run
     from pipeline.utils.io import write_json
-    from pipeline.utils.runs import read_metrics
 
     if cfg is None and (isinstance(run_dir, Config) or str(run_dir or "").endswith(".toml")):
         cfg, run_dir = run_dir, None  # a run is a folder or an id, never a Config or a .toml file
     cfg = resolve_config(cfg, "export", run=run_dir, formats=formats, out=out, **options)
     formats = parse_formats(cfg.export.formats)
     run = resolve_run(cfg, cfg.export.run)
-    if read_metrics(run, missing_ok=True).multilabel:
-        from pipeline.heads.multilabel import refuse_multilabel
-
-        refuse_multilabel("export", f"run {Path(run).name}")
     src = load_exportable(run, cfg.security.trust_pickle)
     if src.cache_path is None:
         raise FeatcacheError(f"the cache of {src.run_dir} is gone: export checks each format on its images")
@@ -234,11 +262,12 @@ def export(
         "image_size": src.image_size,
         "resize": src.resize,
         "decode": src.decode,
+        **_task(src),
         "eval_split": ev.split,
         "eval_images": int(len(ev.images)),
         "sample_images": int(len(ev.sample)),
-        "keras_accuracy": ev.keras_accuracy,
-        "tolerances": {f: TOLERANCES[f] for f in formats},
+        f"keras_{src.score}": ev.keras_accuracy,
+        "tolerances": {f: (MULTILABEL_TOLERANCES if src.multilabel else TOLERANCES)[f] for f in formats},
         "formats": {},
     }
     rng = np.random.default_rng(cfg.train.seed)
@@ -247,12 +276,20 @@ def export(
         say(f"exporting {fmt} ...")
         path = out / FILES[fmt]
         run, raw_diff = _write_format(fmt, src, path, ev, cfg.export.calibration, rng)
-        entry = _check(fmt, path, run, raw_diff, ev, src.image_size)
+        entry = _check(fmt, path, run, raw_diff, ev, src)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         report["formats"][fmt] = entry
     report["ok"] = all(e["ok"] for e in report["formats"].values())
     write_json(out / "export.json", report)
     return report
+
+
+def _task(src: Exportable) -> dict[str, Any]:
+    """A multi-label run's ``task`` and per-class ``thresholds`` for ``export.json`` ({} for single-label:
+    its export.json stays as it was)."""
+    if not src.multilabel:
+        return {}
+    return {"task": MULTILABEL, "thresholds": dict(zip(src.class_names, src.thresholds, strict=True))}
 
 
 def _evaluation(src: Exportable, say) -> _Evaluation:
@@ -271,7 +308,7 @@ def _evaluation(src: Exportable, say) -> _Evaluation:
     from pipeline.model.runners import keras_runner
 
     keras_run = keras_runner(src.model)
-    acc, proba = _accuracy(keras_run, images[ok], part.labels[ok])
+    acc, proba = _accuracy(keras_run, images[ok], part.labels[ok], src=src)
     raw = _raw_images(ds, part.samples[:3], src.image_size, src.decode)
     return _Evaluation(ds, train, split, images[ok], part.labels[ok], raw, keras_run, acc, proba)
 
@@ -297,9 +334,11 @@ def _write_format(fmt: str, src: Exportable, path: Path, ev: _Evaluation, calibr
     return TFLiteRunner(path), None
 
 
-def _check(fmt: str, path: Path, run, raw_diff, ev: _Evaluation, S: int) -> dict[str, Any]:
-    """One format's entry in ``export.json``: its outputs and accuracy against the Keras model's."""
-    acc, _ = _accuracy(run, ev.images, ev.labels)
+def _check(fmt: str, path: Path, run, raw_diff, ev: _Evaluation, src: Exportable) -> dict[str, Any]:
+    """One format's entry in ``export.json``: its outputs and accuracy (multi-label: macro mAP and label
+    sets) against the Keras model's."""
+    S, score = src.image_size, src.score
+    acc, proba = _accuracy(run, ev.images, ev.labels, src=src)
     sample = ev.sample
     diff = float(np.abs(run(sample) - ev.keras_proba[: len(sample)]).max()) if len(sample) else None
     entry = {
@@ -310,23 +349,27 @@ def _check(fmt: str, path: Path, run, raw_diff, ev: _Evaluation, S: int) -> dict
         else f"N×{S}×{S}×3 float32 raw RGB 0..255 (read files with pipeline.load_images, see export.json)",
         "max_abs_diff": diff,
         "max_abs_diff_raw_size": raw_diff,
-        "accuracy": acc,
-        "keras_accuracy": ev.keras_accuracy,
-        "accuracy_delta": None if acc is None or ev.keras_accuracy is None else acc - ev.keras_accuracy,
+        score: acc,
+        f"keras_{score}": ev.keras_accuracy,
+        f"{score}_delta": None if acc is None or ev.keras_accuracy is None else acc - ev.keras_accuracy,
     }
-    entry["ok"] = _passes(fmt, entry, len(ev.images))
+    if src.multilabel and len(ev.images):
+        t = np.asarray(src.thresholds)[None, :]
+        entry["same_labels"] = float(np.all((proba >= t) == (ev.keras_proba >= t), axis=1).mean())
+    entry["ok"] = _passes(fmt, entry, len(ev.images), src.multilabel)
     return entry
 
 
-def _passes(fmt: str, e: dict[str, Any], n: int) -> bool:
-    tol = TOLERANCES[fmt]
+def _passes(fmt: str, e: dict[str, Any], n: int, multilabel: bool = False) -> bool:
+    tol = (MULTILABEL_TOLERANCES if multilabel else TOLERANCES)[fmt]
     if "max_abs_diff" in tol:
         diffs = [d for d in (e["max_abs_diff"], e["max_abs_diff_raw_size"]) if d is not None]
         return all(d <= tol["max_abs_diff"] for d in diffs)
-    if e["accuracy_delta"] is None:
+    delta, drop = ("macro_map_delta", "map_drop") if multilabel else ("accuracy_delta", "accuracy_drop")
+    if e[delta] is None:
         return True
-    allowed = max(tol["accuracy_drop"], 1.0 / max(n, 1)) + 1e-9
-    return -e["accuracy_delta"] <= allowed
+    allowed = (tol[drop] if multilabel else max(tol[drop], 1.0 / max(n, 1))) + 1e-9
+    return -e[delta] <= allowed
 
 
 def _raw_images(ds, samples, size: int, decode: str) -> list[np.ndarray]:
@@ -371,25 +414,30 @@ def _size(path: Path) -> int:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    ml = report.get("task") == MULTILABEL
+    score, label, short = ("macro_map", "macro mAP", "ΔmAP") if ml else ("accuracy", "accuracy", "Δacc")
     lines = [
         f"exported {report['run']} ({report['run_kind']}) · input {report['image_size']} px, resize {report['resize']}"
-        f", decode {report.get('decode', 'exact')}",
+        f", decode {report.get('decode', 'exact')}"
+        + (f" · multi-label, {len(report['thresholds'])} classes" if ml else ""),
         f"checked on {report['sample_images']} sample images and {report['eval_images']} {report['eval_split']} images"
-        f" (Keras accuracy {_pct(report['keras_accuracy'])})",
+        f" (Keras {label} {_pct(report[f'keras_{score}'])})",
         "",
-        f"{'format':<15} {'size':>10} {'max|Δp|':>10} {'accuracy':>9} {'Δacc':>7}  tolerance            ok",
+        f"{'format':<15} {'size':>10} {'max|Δp|':>10} {label:>9} {short:>7}  tolerance            ok",
     ]
     for fmt, e in report["formats"].items():
         tol = report["tolerances"][fmt]
         t = (
             f"|Δp| ≤ {tol['max_abs_diff']:g}"
             if "max_abs_diff" in tol
+            else f"mAP drop ≤ {tol['map_drop']:g}"
+            if ml
             else f"acc drop ≤ {tol['accuracy_drop']:g}"
         )
         d = "-" if e["max_abs_diff"] is None else f"{e['max_abs_diff']:.1e}"
-        delta = "-" if e["accuracy_delta"] is None else f"{e['accuracy_delta']:+.3f}"
+        delta = "-" if e[f"{score}_delta"] is None else f"{e[f'{score}_delta']:+.3f}"
         lines.append(
-            f"{fmt:<15} {e['bytes'] / 1e6:>8.1f}MB {d:>10} {_pct(e['accuracy']):>9} {delta:>7}  {t:<20} {'yes' if e['ok'] else 'NO'}"
+            f"{fmt:<15} {e['bytes'] / 1e6:>8.1f}MB {d:>10} {_pct(e[score]):>9} {delta:>7}  {t:<20} {'yes' if e['ok'] else 'NO'}"
         )
     lines.append("")
     lines.append(

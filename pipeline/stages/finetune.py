@@ -32,10 +32,15 @@ from pipeline.model.finetuning import (
     compile_model,
     evaluate,
     labelled_dataset,
+    loss_and_hits,
     parse_unfreeze,
+    rechoose_thresholds,
+    score_split,
     set_trainable,
+    stage2_thresholds,
+    task_fields,
 )
-from pipeline.utils.config import SPLITS, Config, resolve_config
+from pipeline.utils.config import MULTILABEL, SPLITS, Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, file_lock
 from pipeline.utils.runs import finished_runs, read_metrics
@@ -55,6 +60,7 @@ class FinetuneRun:
         m = self.metrics
         ft = m["finetune"]
         eq = m.get("equivalence") or {}
+        key = "macro_map" if m.get("task") == MULTILABEL else "accuracy"
         lines = [
             f"fine-tuned {m['source_run']} · unfreeze {ft['unfreeze']} ({len(ft['unfrozen_layers'])} backbone layers,"
             f" {ft['trainable_params']:,} trainable params) · Adam {ft['learning_rate']:g}",
@@ -63,16 +69,14 @@ class FinetuneRun:
             + (f" · resumed after epoch {self.resumed_from}" if self.resumed_from else "")
             + f" · train {m['fit']['train_seconds']:.1f} s · total {m['fit']['seconds']:.1f} s",
             "",
-            f"{'split':<6} {'n':>6} {'before':>9} {'after':>9}   (accuracy)",
+            f"{'split':<6} {'n':>6} {'before':>9} {'after':>9}   ({key.replace('_map', ' mAP')})",
         ]
         for split in ("val", "test"):
             b, a = m["before"].get(split) or {}, m.get(split) or {}
             if not a.get("n"):
                 lines.append(f"{split:<6} {0:>6} {'-':>9} {'-':>9}")
                 continue
-            lines.append(
-                f"{split:<6} {a['n']:>6} {b.get('accuracy', float('nan')):>9.4f} {a['accuracy']:>9.4f}"
-            )
+            lines.append(f"{split:<6} {a['n']:>6} {b.get(key, float('nan')):>9.4f} {a[key]:>9.4f}")
         if eq.get("max_abs_diff") is not None:
             lines.append("")
             lines.append(
@@ -124,10 +128,6 @@ def finetune(cfg: Config | str | Path | None = None, **options: Any) -> Finetune
     augmentation_layers(cfg.finetune.augment)  # unknown names fail before any work
     tensorboard_available(cfg)
     source = resolve_run(cfg, cfg.finetune.run, finetuned=False)
-    if read_metrics(source, missing_ok=True).multilabel:
-        from pipeline.heads.multilabel import refuse_multilabel
-
-        refuse_multilabel("finetune", f"run {source.name}")
     check_convertible(source)
     run_dir = finetune_dir(source, cfg)
     if (run_dir / "manifest.json").is_file():
@@ -233,8 +233,12 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
     elif state.get("best_weights"):
         rb.train_model.load_weights(str(ckpt.dir / state["best_weights"]))
     bs = int(f.batch_size)
-    after_val, _, _ = evaluate(rb.model, ds, parts["val"], rb, bs, True)
-    after_test, p_test, ok_test = evaluate(rb.model, ds, parts["test"], rb, bs, True)
+    after_val, p_val, ok_val = evaluate(rb.model, ds, parts["val"], rb, bs, True, stage2_thresholds(rb))
+    thresholds = rechoose_thresholds(rb, parts["val"], p_val, ok_val, notes)
+    if thresholds is not None:  # a multi-label run's thresholds, chosen again on val for the new model
+        after_val = score_split(parts["val"], p_val, ok_val, rb, True, thresholds)
+    after_test, p_test, ok_test = evaluate(rb.model, ds, parts["test"], rb, bs, True, thresholds)
+    state["thresholds"] = None if thresholds is None else [float(t) for t in thresholds]
     state["after_seconds"] = time.perf_counter() - t_after
     metrics = _record(cfg, rb, source, run_dir, state, trainable, after_val, after_test, notes, t_start)
     _write(run_dir, rb, metrics, parts["test"], p_test, ok_test, cache_keys(rb))
@@ -251,40 +255,37 @@ def _kept_before(cfg: Config, state: dict[str, Any], has_val: bool) -> bool:
     return not state.get("best_epoch")
 
 
-def _cross_entropy(proba: np.ndarray, labels: np.ndarray) -> float:
-    """Keras' sparse categorical cross-entropy on probabilities (clipped at its epsilon, 1e-7)."""
-    p = np.clip(proba[np.arange(len(labels)), labels], 1e-7, 1.0)
-    return float(-np.log(p).mean())
-
-
 def _train_epoch0(cache, rb, part: SplitImages, chunk: int = 4096) -> dict[str, float]:
     """The rebuilt model's train loss and accuracy before any epoch, from the cached features (it equals
     the stage-2 head on them), read in chunks: the learning curves' epoch 0."""
     from pipeline.model.convert import stage2_scores
 
     loss = hits = 0.0
+    decisions = 0
     rows = np.sort(np.asarray(part.rows))
     if not len(rows):
         return {}
     labels = cache.labels
     for i in range(0, len(rows), chunk):
         r = rows[i : i + chunk]
-        p, _ = stage2_scores(rb.pipeline, cache.features(rb.source.layer, r), rb.n_classes)
-        y = np.asarray(labels[r], int)
-        loss += _cross_entropy(p, y) * len(r)
-        hits += float((p.argmax(1) == y).sum())
-    return {"loss": loss / len(rows), "accuracy": hits / len(rows)}
+        p, _ = stage2_scores(rb.pipeline, cache.features(rb.source.layer, r), rb.n_classes, rb.multilabel)
+        chunk_loss, chunk_hits, n = loss_and_hits(p, labels[r])
+        loss += chunk_loss * len(r)
+        hits += chunk_hits
+        decisions += n
+    return {"loss": loss / len(rows), "accuracy": hits / decisions}
 
 
 def _initial_state(rb, ds, parts, val_X, bs: int, t_start: float) -> dict[str, Any]:
     """The checkpoint state before epoch 1: the rebuilt model's metrics and its equivalence with stage 2."""
     from pipeline.model.convert import stage2_scores
 
-    before_val, p_val, ok_val = evaluate(rb.model, ds, parts["val"], rb, bs, rb.calibrated)
-    before_test, _, _ = evaluate(rb.model, ds, parts["test"], rb, bs, rb.calibrated)
+    t0 = stage2_thresholds(rb)
+    before_val, p_val, ok_val = evaluate(rb.model, ds, parts["val"], rb, bs, rb.calibrated, t0)
+    before_test, _, _ = evaluate(rb.model, ds, parts["test"], rb, bs, rb.calibrated, t0)
     eq = {"split": "val", "n": 0, "max_abs_diff": None}
     if val_X is not None and ok_val.any():
-        want, _ = stage2_scores(rb.pipeline, val_X, rb.n_classes)
+        want, _ = stage2_scores(rb.pipeline, val_X, rb.n_classes, rb.multilabel)
         eq = {
             "split": "val",
             "n": int(ok_val.sum()),
@@ -310,11 +311,8 @@ def _initial_state(rb, ds, parts, val_X, bs: int, t_start: float) -> dict[str, A
 def _val_epoch0(p_val: np.ndarray, ok: np.ndarray, part: SplitImages) -> dict[str, float]:
     if not ok.any():
         return {}
-    y = np.asarray(part.labels, int)[ok]
-    return {
-        "val_loss": _cross_entropy(p_val[ok], y),
-        "val_accuracy": float((p_val[ok].argmax(1) == y).mean()),
-    }
+    loss, hits, n = loss_and_hits(p_val[ok], part.labels[ok])
+    return {"val_loss": loss, "val_accuracy": hits / n}
 
 
 def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Checkpoint) -> None:
@@ -407,7 +405,9 @@ def _record(
         "transforms": src.get("transforms"),
         "class_names": rb.class_names,
         "n_features": src.get("n_features"),
-        "probabilities": "softmax (fine-tuned end to end with log loss)",
+        "probabilities": "sigmoid per class (fine-tuned end to end with binary cross-entropy)"
+        if rb.multilabel else "softmax (fine-tuned end to end with log loss)",
+        **task_fields(rb, state["thresholds"]),
         "image_size": rb.image_size,
         "resize": rb.resize,
         "decode": rb.decode,
@@ -431,8 +431,8 @@ def _record(
             "seconds": round(float(state["before_seconds"]) + float(state["train_seconds"]) + float(state["after_seconds"]), 3),
             "wall_seconds_this_process": round(time.perf_counter() - t_start, 3),
         },
-        "head_alone": {"fit_seconds": (src.get("fit") or {}).get("seconds"), "val": _acc(src.get("val")),
-                       "test": _acc(src.get("test"))},
+        "head_alone": {"fit_seconds": (src.get("fit") or {}).get("seconds"), "val": _acc(src.get("val"), rb),
+                       "test": _acc(src.get("test"), rb)},
         "equivalence": state["equivalence"],
         "before": state["before"],
         "val": after_val,
@@ -445,8 +445,9 @@ def _record(
     }  # fmt: skip
 
 
-def _acc(split: dict | None):
-    return (split or {}).get("accuracy")
+def _acc(split: dict | None, rb=None):
+    """A split's headline score: accuracy, or a multi-label run's macro mAP."""
+    return (split or {}).get("macro_map" if rb is not None and rb.multilabel else "accuracy")
 
 
 def _write(run_dir: Path, rb, metrics, test_part: SplitImages, p_test, ok_test, keys: list[str]) -> None:
@@ -464,7 +465,7 @@ def _write(run_dir: Path, rb, metrics, test_part: SplitImages, p_test, ok_test, 
             "fine-tuning learning curves",
             epoch0=metrics.get("history_epoch0"),
         )
-    if len(test_part.rows):
+    if len(test_part.rows) and not rb.multilabel:  # misclassified.csv: single-label runs
         ok = ok_test
         y_true, proba = test_part.labels[ok], p_test[ok]
         y_pred = proba.argmax(1)

@@ -6,7 +6,8 @@ Models (``--model``):
   from there), else the features are computed by the same backbone, cut and pooling; then the fitted head.
   Any head works, including those that cannot be exported (kNN, gradient boosting).
 * a fine-tuned run folder (``<runs>/finetune/<id>``), or an exported ``.keras`` file, ``saved_model/``
-  folder or ``.tflite`` file (class names from ``export.json`` or ``metrics.json`` beside it).
+  folder or ``.tflite`` file (class names from ``export.json`` or ``metrics.json`` beside it; a multi-label
+  model's per-class thresholds too, so it prints the labels above them as a stage-2 run does).
 
 Images are decoded and resized exactly as extraction does (:func:`pipeline.data.images.make_image_dataset`),
 with the ``data.decode`` policy of the model's features: the run's cache, or ``decode`` in the ``metrics.json`` /
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.model.sidecars import class_names_near, decode_near, export_info
+from pipeline.model.sidecars import class_names_near, decode_near, export_info, thresholds_near
 from pipeline.utils.config import Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 
@@ -183,6 +184,7 @@ def _keras_predictor(path: Path, batch_size: int, names_from: Path | None = None
     names = class_names_near(names_from or path, n)
     run = keras_runner(model)
     p = Predictor("keras", names, size, policy, path, decode=decode_near(names_from or path))
+    p.thresholds = thresholds_near(names_from or path, names)  # a multi-label model's, from its sidecar
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
@@ -199,6 +201,7 @@ def _savedmodel_predictor(path: Path, batch_size: int) -> Predictor:
     run = savedmodel_runner(path)
     size, policy = info.image_size, info.resize
     p = Predictor("savedmodel", info.class_names, size, policy, path, decode=decode_near(path))
+    p.thresholds = info.thresholds
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
@@ -212,6 +215,8 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     n = run.n_outputs
     names = info.class_names if len(info.class_names or []) == n else [str(i) for i in range(n)]
     p = Predictor("tflite", names, size, policy, path, decode=decode_near(path))
+    if info.thresholds is not None and len(info.thresholds) == n:
+        p.thresholds = info.thresholds
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
