@@ -43,6 +43,10 @@ SECTIONS = {
         "benchmarks.bench_audit",
         "Audit from the cache: planted label errors and near-duplicates (issue 18)",
     ),
+    "multilabel": (
+        "benchmarks.bench_multilabel",
+        "Multi-label mosaics of Fashion-MNIST: mAP of train and search, rebuilt model, cost per image (issue 30)",
+    ),
     "decode": (
         "benchmarks.bench_decode",
         "Phone photos: the decode policy (DCT scaling) against exact decoding (issue 15)",

@@ -349,7 +349,9 @@ def _train_epochs(cfg: Config, rb, ds, parts, state: dict[str, Any], ckpt: Check
             improved = state["best_val_loss"] is None or vl < state["best_val_loss"]
             acc0 = (state.get("epoch0") or {}).get("val_accuracy")
             if acc0 is not None and not f.keep_worse and "val_accuracy" in h:
-                improved = improved and float(h["val_accuracy"][-1]) >= acc0  # no worse on accuracy
+                # no worse on accuracy, compared at Keras's float32 (an equal share must not lose to its
+                # float64 copy: 0.76136362 < 0.76136364)
+                improved = improved and np.float32(h["val_accuracy"][-1]) >= np.float32(acc0)
             if improved:
                 state["best_val_loss"], state["best_epoch"], state["wait"] = vl, e + 1, 0
             else:
