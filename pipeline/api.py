@@ -114,10 +114,11 @@ class Run:
 
     def __repr__(self) -> str:
         m = self.metrics
+        key = "macro_map" if m.multilabel else "accuracy"  # a multi-label run is scored by macro mAP
         scores = "".join(
-            f", {split}_accuracy={acc:.4f}"
-            for split, acc in (("val", m.val_accuracy), ("test", m.test_accuracy))
-            if acc is not None
+            f", {split}_{key}={v:.4f}"
+            for split in ("val", "test")
+            if isinstance(v := m.split(split).get(key), float)
         )
         return f"Run({self.id!r}, kind={self.kind!r}, head={m.head!r}{scores})"
 
