@@ -52,6 +52,16 @@ COLUMNS = (
     "cache_bytes",
     "cache",
 )
+#: a multi-label cache's rows also hold these (after ``test_accuracy``); they rank by ``val_map``
+MULTILABEL_COLUMNS = ("val_map", "test_map", "micro_map")
+
+
+def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """:data:`COLUMNS`, with :data:`MULTILABEL_COLUMNS` when the rows are a multi-label cache's."""
+    if not any("val_map" in r for r in rows):
+        return COLUMNS
+    at = COLUMNS.index("test_accuracy") + 1
+    return COLUMNS[:at] + MULTILABEL_COLUMNS + COLUMNS[at:]
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Candidate:
     cache: Path | None = None
     pending: int = 0  # images its extraction still has to run through the backbone
     estimate: float | None = None  # seconds, from the probe
+    model: Any = None  # the probe's FeatureModel, kept for the extraction (not built twice)
 
     @property
     def key(self) -> str:
@@ -144,6 +155,11 @@ def make_candidates(cfg: Config) -> list[Candidate]:
     return out
 
 
+#: the probes' models are kept for their extractions while their weights total at most this; past it, a
+#: model is dropped after its probe and the extraction builds it again
+KEEP_MODEL_BYTES = 1 << 30
+
+
 def _check(c: Candidate, probe_images: int) -> None:
     """``c``'s cache path and pending images; with work to do, its model built (layers, weights) and timed."""
     from pipeline.cache.locate import resolve_cache_path
@@ -175,6 +191,8 @@ def _probe(c: Candidate, images: int) -> float | None:
     from pipeline.features.backbones.build import build_feature_model
 
     fm = build_feature_model(c.cfg.backbone, c.cfg.extract.precision)
+    if not c.cfg.cluster.address:  # a cluster's workers build their own
+        c.model = fm
     if not images:
         return None
     x = np.random.default_rng(0).uniform(0, 255, (images, fm.image_size, fm.image_size, 3))
@@ -188,12 +206,16 @@ def _probe(c: Candidate, images: int) -> float | None:
 def check_candidates(cands: list[Candidate], probe_images: int) -> None:
     """Check every candidate before any extraction; all the bad ones in one line. A candidate whose cache is
     complete builds no model: its cache proves its settings."""
-    bad = []
+    bad, kept = [], 0
     for c in cands:
         try:
             _check(c, probe_images)
         except FeatcacheError as e:
             bad.append(f"{c.label}: {e}")
+        if c.model is not None:
+            kept += 4 * int(c.model.base.count_params())  # float32 weights
+            if bad or kept > KEEP_MODEL_BYTES:
+                c.model = None
     if bad:
         raise FeatcacheError(f"compare: {len(bad)} bad candidate(s), nothing extracted: " + "; ".join(bad))
 
@@ -266,7 +288,9 @@ def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: 
         when = f", estimated {c.estimate:.0f} s" if c.estimate is not None else ""
         progress(f"compare: {c.label}: {c.pending} images to extract{when}")
     cpu0 = time.process_time()
-    done = extractor(c.cfg, progress_bar=bar)
+    model, c.model = c.model, None  # the extraction's now: freed with it
+    done = extractor(c.cfg, progress_bar=bar, feature_model=model)
+    del model
     cpu = time.process_time() - cpu0
     result.extracted += done.extracted
     extract = {
@@ -296,32 +320,36 @@ def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: 
 
 
 def leaderboard(records: list[dict]) -> list[dict[str, Any]]:
-    """One row per candidate and layer, best first by val accuracy (a tie keeps the candidates' order)."""
+    """One row per candidate and layer, best first by val accuracy, or by val macro mAP for a multi-label
+    cache (a tie keeps the candidates' order)."""
     rows = []
     for rec in records:
         for layer, scores in rec["layers"].items():
             rows.append(
                 {k: v for k, v in rec.items() if k not in ("key", "layers")} | {"layer": layer} | scores
             )
-    rows.sort(key=lambda r: -r["val_accuracy"])
+    rows.sort(key=lambda r: -(r["val_map"] if "val_map" in r else r["val_accuracy"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
-    return [{k: r.get(k) for k in COLUMNS} | {"shots": r["shots"]} for r in rows]
+    cols = columns(rows)
+    return [{k: r.get(k) for k in cols} | {"shots": r["shots"]} for r in rows]
 
 
 def write_leaderboard(out: Path, rows: list[dict[str, Any]]) -> None:
-    """``leaderboard.csv`` (k-shot as ``shot_K_mean``/``shot_K_std`` columns) and ``leaderboard.json``."""
+    """``leaderboard.csv`` (k-shot as ``shot_K_mean``/``shot_K_std`` columns; a multi-label cache's k-shot
+    scores are test macro mAP) and ``leaderboard.json``."""
     import csv
     import io
 
     shots = sorted({k for r in rows for k in r["shots"]}, key=int)
-    header = [*COLUMNS, *(f"shot_{k}_{m}" for k in shots for m in ("mean", "std"))]
+    cols = columns(rows)
+    header = [*cols, *(f"shot_{k}_{m}" for k in shots for m in ("mean", "std"))]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     for r in rows:
         kshot = [r["shots"].get(k, {}).get(m) for k in shots for m in ("mean", "std")]
-        w.writerow([r[k] for k in COLUMNS] + kshot)
+        w.writerow([r[k] for k in cols] + kshot)
     with atomic_path(out / "leaderboard.csv") as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
     with atomic_path(out / "leaderboard.json") as tmp:
@@ -339,17 +367,20 @@ def _size(n: float | None) -> str:
 
 
 def format_leaderboard(rows: list[dict[str, Any]]) -> str:
-    """The leaderboard as a text table."""
+    """The leaderboard as a text table (a multi-label cache's: val/test macro mAP and test micro mAP)."""
     shots = sorted({k for r in rows for k in r["shots"]}, key=int)
-    head = (
-        f"{'#':>2} {'candidate':<28} {'layer':<22} {'val':>6} {'test':>6} {'mF1':>6} {'dim':>6} {'img/s':>7}"
-    )
+    multilabel = "val_map" in columns(rows)
+    scores = ("val_map", "test_map", "micro_map") if multilabel else ("val_accuracy", "test_accuracy")
+    names = ("val mAP", "test mAP", "µmAP") if multilabel else ("val", "test")
+    head = f"{'#':>2} {'candidate':<28} {'layer':<22}" + "".join(f" {n:>{max(6, len(n))}}" for n in names)
+    head += f" {'mF1':>6} {'dim':>6} {'img/s':>7}"
     head += f" {'CPU s':>7} {'cache':>9}" + "".join(f" {k + '-shot':>12}" for k in shots)
     lines = [head]
     for r in rows:
         ips = f"{r['images_per_second']:.1f}" if r["images_per_second"] else "-"
-        line = f"{r['rank']:>2} {r['label'][:28]:<28} {r['layer'][:22]:<22} {r['val_accuracy']:>6.3f}"
-        line += f" {r['test_accuracy']:>6.3f} {r['macro_f1']:>6.3f} {r['dim']:>6} {ips:>7}"
+        line = f"{r['rank']:>2} {r['label'][:28]:<28} {r['layer'][:22]:<22}"
+        line += "".join(f" {r[k]:>{max(6, len(n))}.3f}" for k, n in zip(scores, names, strict=True))
+        line += f" {r['macro_f1']:>6.3f} {r['dim']:>6} {ips:>7}"
         line += f" {r['cpu_seconds']:>7.1f} {_size(r['cache_bytes']):>9}"
         line += "".join(f" {r['shots'][k]['mean']:>6.3f}±{r['shots'][k]['std']:.3f}" for k in shots)
         lines.append(line)
