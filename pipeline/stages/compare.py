@@ -2,8 +2,9 @@
 
     candidates (``--backbones a,b`` or ``[[candidate]]`` tables) → every one checked (its cache path and,
     when it has work to do, its model built and timed on a short probe) → each extracted through the normal
-    cache, one progress bar across all → :mod:`pipeline.tuning.probe` scores each cached layer → the
-    leaderboard, best first by val accuracy, in ``<cache_dir>/compare-<id>/``; the best cache becomes the newest
+    cache with that model (built once), one progress bar across all → :mod:`pipeline.tuning.probe` scores
+    each cached layer → the leaderboard, best first by val accuracy (val macro mAP on a multi-label cache),
+    in ``<cache_dir>/compare-<id>/``; the best cache becomes the newest
 
 Each finished candidate is appended to ``compare.jsonl`` at once, so a killed compare rerun with the same
 candidates lands in the same folder and does no backbone work for what is done. Extraction is the
@@ -160,7 +161,7 @@ def make_candidates(cfg: Config) -> list[Candidate]:
 KEEP_MODEL_BYTES = 1 << 30
 
 
-def _check(c: Candidate, probe_images: int) -> None:
+def _check(c: Candidate, probe_images: int, ds) -> None:
     """``c``'s cache path and pending images; with work to do, its model built (layers, weights) and timed."""
     from pipeline.cache.locate import resolve_cache_path
     from pipeline.cache.quarantine import quarantine_path, read_quarantine
@@ -172,9 +173,8 @@ def _check(c: Candidate, probe_images: int) -> None:
     spec = get_spec(c.cfg.backbone.name)
     if spec.preset is not None:
         settle(c.cfg.backbone, given_keys(c.cfg), spec.preset)
-    c.cache, _, ds = resolve_cache_path(c.cfg)
+    c.cache, _, _ = resolve_cache_path(c.cfg, ds)
     n = len(ds.samples)
-    ds.close()
     cached = len(read_quarantine(quarantine_path(c.cache)))  # unreadable before: not decoded again
     if c.cache.exists():
         with FeatureCache(c.cache) as cache:
@@ -203,13 +203,13 @@ def _probe(c: Candidate, images: int) -> float | None:
     return (time.perf_counter() - t0) / images * c.pending
 
 
-def check_candidates(cands: list[Candidate], probe_images: int) -> None:
+def check_candidates(cands: list[Candidate], probe_images: int, ds) -> None:
     """Check every candidate before any extraction; all the bad ones in one line. A candidate whose cache is
-    complete builds no model: its cache proves its settings."""
+    complete builds no model: its cache proves its settings. ``ds``: the dataset they share (listed once)."""
     bad, kept = [], 0
     for c in cands:
         try:
-            _check(c, probe_images)
+            _check(c, probe_images, ds)
         except FeatcacheError as e:
             bad.append(f"{c.label}: {e}")
         if c.model is not None:
@@ -245,7 +245,18 @@ def compare(
     if progress is None and cfg.extract.progress:
         progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cands = make_candidates(cfg)
-    check_candidates(cands, cfg.compare.probe_images)
+    from pipeline.data.sources import load_dataset
+
+    # the candidates differ in [backbone] only: their dataset is listed once, not twice per candidate
+    ds = load_dataset(cands[0].cfg.data, Path(cands[0].cfg.extract.cache_dir) / "shards")
+    try:
+        return _compare(cfg, cands, ds, extractor, progress, t0)
+    finally:
+        ds.close()
+
+
+def _compare(cfg: Config, cands: list[Candidate], ds, extractor, progress, t0: float) -> CompareResult:
+    check_candidates(cands, cfg.compare.probe_images, ds)
     out = Path(cfg.extract.cache_dir) / f"compare-{compare_id(cands, cfg)}"
     out.mkdir(parents=True, exist_ok=True)
     result = CompareResult(out, [])
@@ -255,7 +266,7 @@ def compare(
         todo = [c for c in cands if not (c.key in records and c.cache.exists())]
         with _bar(cfg, sum(c.pending for c in todo)) as bar:
             for c in todo:
-                records[c.key] = _run_candidate(c, cfg, extractor, bar, progress, result)
+                records[c.key] = _run_candidate(c, cfg, extractor, bar, progress, result, ds)
                 append_trial(out / JOURNAL, records[c.key])
         result.rows = leaderboard([records[c.key] for c in cands])
         write_leaderboard(out, result.rows)
@@ -279,7 +290,7 @@ def _bar(cfg: Config, total: int):
         bar.close()
 
 
-def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: CompareResult) -> dict:
+def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: CompareResult, ds) -> dict:
     """Extract ``c`` through the normal cache (timed), then score each of its layers."""
     from pipeline.cache.store import FeatureCache
     from pipeline.tuning.probe import score_layer
@@ -289,7 +300,7 @@ def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: 
         progress(f"compare: {c.label}: {c.pending} images to extract{when}")
     cpu0 = time.process_time()
     model, c.model = c.model, None  # the extraction's now: freed with it
-    done = extractor(c.cfg, progress_bar=bar, feature_model=model)
+    done = extractor(c.cfg, dataset=ds, progress_bar=bar, feature_model=model)
     del model
     cpu = time.process_time() - cpu0
     result.extracted += done.extracted
