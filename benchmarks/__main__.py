@@ -37,6 +37,10 @@ SECTIONS = {
         "benchmarks.bench_search",
         "A 100-trial random search over five head families vs one extraction pass (issue 16)",
     ),
+    "compare": (
+        "benchmarks.bench_compare",
+        "featcache compare: its cost over the plain extractions, and a Fashion-MNIST leaderboard (issue 29)",
+    ),
     "cache": ("benchmarks.bench_cache", "Cache behaviour, extraction memory and start-up (items 4-6)"),
     "shards": ("benchmarks.bench_shards", "Data at scale: folder vs tar shards vs Parquet (issue 14)"),
     "audit": (

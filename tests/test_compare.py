@@ -97,6 +97,24 @@ def test_leaderboard_ranks_as_a_probe_trained_by_hand(setup):
     assert str(newest) == rows[0]["cache"]  # train and search continue on the winner
 
 
+def test_the_probes_model_extracts_what_a_plain_extract_does(setup, tmp_path):
+    """The check's model is handed to the extraction (built once): the features are a plain extract's."""
+    kw, result = setup
+    row = next(r for r in result.rows if r["backbone"] == "mobilenet_v2")
+    plain = extract(
+        data=kw["data"],
+        cache_dir=str(tmp_path),
+        limit=300,
+        backbone="mobilenet_v2",
+        weights="none",
+        image_size=32,
+        extract__progress=False,
+    )
+    assert Path(plain.path).name == Path(row["cache"]).name
+    with pipeline.open_cache(plain.path) as a, pipeline.open_cache(row["cache"]) as b:
+        assert a.keys == b.keys and np.array_equal(a.features(), b.features())
+
+
 def test_a_second_compare_does_no_backbone_work(setup):
     kw, first = setup
     spy = Spy()
@@ -136,6 +154,7 @@ def test_json_and_csv_shape(setup, capsys):
     keys = {"label", "backbone", "layer", "image_size", "cache", "val_accuracy", "test_accuracy", "macro_f1"}
     keys |= {"mean_recall", "dim", "images_per_second", "cpu_seconds", "cache_bytes", "shots"}
     assert all(keys <= set(r) for r in rows)
+    assert not any("val_map" in r for r in rows)  # multi-label columns only for a multi-label cache
     vals = [r["val_accuracy"] for r in rows]
     assert vals == sorted(vals, reverse=True)
     assert {r["backbone"] for r in rows} == {"efficientnet_lite0", "mobilenet_v2"}
@@ -161,3 +180,65 @@ def test_backbones_list_and_no_candidates(setup):
         got.rows[0]["cache"]
         == result.rows[[r["label"] for r in result.rows].index("efficientnet_lite0@32")]["cache"]
     )
+
+
+def _own_val_map(cache_path: str) -> float:
+    """The multi-label probe trained here, by hand: L2-normalized features, one logistic regression per
+    class, C swept on val by macro mAP (the classes with a positive val row)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+    from threadpoolctl import threadpool_limits
+
+    with pipeline.open_cache(cache_path) as cache:
+        (xt, yt), (xv, yv) = cache.xy("train"), cache.xy("val")
+    # divided as the protocol does: random MobileNetV2 features are near-collinear, so even a last-bit
+    # difference (sklearn's normalize) moves the large-C fits
+    xt, xv = (
+        x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True) for x in (xt, xv)
+    )
+    present = np.flatnonzero(yv.sum(axis=0) > 0)
+    best = 0.0
+    with threadpool_limits(limits=1, user_api="blas"):
+        for c in np.logspace(-2, 4, 7):
+            p = np.stack(
+                [
+                    LogisticRegression(C=c, max_iter=1000).fit(xt, yt[:, j]).predict_proba(xv)[:, 1]
+                    for j in present
+                ],
+                axis=1,
+            )
+            best = max(
+                best,
+                float(np.mean([average_precision_score(yv[:, j], p[:, i]) for i, j in enumerate(present)])),
+            )
+    return best
+
+
+def test_multilabel_cache_ranks_by_val_map(tmp_path):
+    from tests.mosaics import HAVE_FASHION, write_mosaics
+
+    if not HAVE_FASHION:
+        pytest.skip("Fashion-MNIST (Debian dataset) not installed")
+    write_mosaics(tmp_path / "data", 200)
+    cands = tmp_path / "candidates.toml"
+    cands.write_text(CANDIDATES.replace("image_size = 48", 'image_size = 32\nlayers = ["block5c_add"]'))
+    result = pipeline.compare(
+        data=str(tmp_path / "data" / "labels.csv"),
+        cache_dir=str(tmp_path / "cache"),
+        candidates=str(cands),
+        shots=[2],
+        seeds=2,
+        extract__progress=False,
+    )
+    rows = result.rows
+    assert len(rows) == 3 and all(r["val_accuracy"] is None and r["test_accuracy"] is None for r in rows)
+    own = [_own_val_map(r["cache"]) for r in rows]
+    assert [r["val_map"] for r in rows] == pytest.approx(own)
+    assert own == sorted(own, reverse=True)
+    for r in rows:
+        assert 0 < r["test_map"] <= 1 and 0 < r["micro_map"] <= 1 and 0 <= r["macro_f1"] <= 1
+        assert 0 < r["shots"]["2"]["mean"] <= 1
+    with open(result.dir / "leaderboard.csv") as f:
+        header = next(csv.reader(f))
+    assert header[header.index("test_accuracy") + 1 :][:3] == ["val_map", "test_map", "micro_map"]
+    assert "val mAP" in result.summary()

@@ -2,8 +2,9 @@
 
     candidates (``--backbones a,b`` or ``[[candidate]]`` tables) → every one checked (its cache path and,
     when it has work to do, its model built and timed on a short probe) → each extracted through the normal
-    cache, one progress bar across all → :mod:`pipeline.tuning.probe` scores each cached layer → the
-    leaderboard, best first by val accuracy, in ``<cache_dir>/compare-<id>/``; the best cache becomes the newest
+    cache with that model (built once), one progress bar across all → :mod:`pipeline.tuning.probe` scores
+    each cached layer → the leaderboard, best first by val accuracy (val macro mAP on a multi-label cache),
+    in ``<cache_dir>/compare-<id>/``; the best cache becomes the newest
 
 Each finished candidate is appended to ``compare.jsonl`` at once, so a killed compare rerun with the same
 candidates lands in the same folder and does no backbone work for what is done. Extraction is the
@@ -52,6 +53,16 @@ COLUMNS = (
     "cache_bytes",
     "cache",
 )
+#: a multi-label cache's rows also hold these (after ``test_accuracy``); they rank by ``val_map``
+MULTILABEL_COLUMNS = ("val_map", "test_map", "micro_map")
+
+
+def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """:data:`COLUMNS`, with :data:`MULTILABEL_COLUMNS` when the rows are a multi-label cache's."""
+    if not any("val_map" in r for r in rows):
+        return COLUMNS
+    at = COLUMNS.index("test_accuracy") + 1
+    return COLUMNS[:at] + MULTILABEL_COLUMNS + COLUMNS[at:]
 
 
 @dataclass
@@ -63,6 +74,7 @@ class Candidate:
     cache: Path | None = None
     pending: int = 0  # images its extraction still has to run through the backbone
     estimate: float | None = None  # seconds, from the probe
+    model: Any = None  # the probe's FeatureModel, kept for the extraction (not built twice)
 
     @property
     def key(self) -> str:
@@ -144,7 +156,12 @@ def make_candidates(cfg: Config) -> list[Candidate]:
     return out
 
 
-def _check(c: Candidate, probe_images: int) -> None:
+#: the probes' models are kept for their extractions while their weights total at most this; past it, a
+#: model is dropped after its probe and the extraction builds it again
+KEEP_MODEL_BYTES = 1 << 30
+
+
+def _check(c: Candidate, probe_images: int, ds) -> None:
     """``c``'s cache path and pending images; with work to do, its model built (layers, weights) and timed."""
     from pipeline.cache.locate import resolve_cache_path
     from pipeline.cache.quarantine import quarantine_path, read_quarantine
@@ -156,9 +173,8 @@ def _check(c: Candidate, probe_images: int) -> None:
     spec = get_spec(c.cfg.backbone.name)
     if spec.preset is not None:
         settle(c.cfg.backbone, given_keys(c.cfg), spec.preset)
-    c.cache, _, ds = resolve_cache_path(c.cfg)
+    c.cache, _, _ = resolve_cache_path(c.cfg, ds)
     n = len(ds.samples)
-    ds.close()
     cached = len(read_quarantine(quarantine_path(c.cache)))  # unreadable before: not decoded again
     if c.cache.exists():
         with FeatureCache(c.cache) as cache:
@@ -175,6 +191,8 @@ def _probe(c: Candidate, images: int) -> float | None:
     from pipeline.features.backbones.build import build_feature_model
 
     fm = build_feature_model(c.cfg.backbone, c.cfg.extract.precision)
+    if not c.cfg.cluster.address:  # a cluster's workers build their own
+        c.model = fm
     if not images:
         return None
     x = np.random.default_rng(0).uniform(0, 255, (images, fm.image_size, fm.image_size, 3))
@@ -185,15 +203,19 @@ def _probe(c: Candidate, images: int) -> float | None:
     return (time.perf_counter() - t0) / images * c.pending
 
 
-def check_candidates(cands: list[Candidate], probe_images: int) -> None:
+def check_candidates(cands: list[Candidate], probe_images: int, ds) -> None:
     """Check every candidate before any extraction; all the bad ones in one line. A candidate whose cache is
-    complete builds no model: its cache proves its settings."""
-    bad = []
+    complete builds no model: its cache proves its settings. ``ds``: the dataset they share (listed once)."""
+    bad, kept = [], 0
     for c in cands:
         try:
-            _check(c, probe_images)
+            _check(c, probe_images, ds)
         except FeatcacheError as e:
             bad.append(f"{c.label}: {e}")
+        if c.model is not None:
+            kept += 4 * int(c.model.base.count_params())  # float32 weights
+            if bad or kept > KEEP_MODEL_BYTES:
+                c.model = None
     if bad:
         raise FeatcacheError(f"compare: {len(bad)} bad candidate(s), nothing extracted: " + "; ".join(bad))
 
@@ -223,7 +245,18 @@ def compare(
     if progress is None and cfg.extract.progress:
         progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cands = make_candidates(cfg)
-    check_candidates(cands, cfg.compare.probe_images)
+    from pipeline.data.sources import load_dataset
+
+    # the candidates differ in [backbone] only: their dataset is listed once, not twice per candidate
+    ds = load_dataset(cands[0].cfg.data, Path(cands[0].cfg.extract.cache_dir) / "shards")
+    try:
+        return _compare(cfg, cands, ds, extractor, progress, t0)
+    finally:
+        ds.close()
+
+
+def _compare(cfg: Config, cands: list[Candidate], ds, extractor, progress, t0: float) -> CompareResult:
+    check_candidates(cands, cfg.compare.probe_images, ds)
     out = Path(cfg.extract.cache_dir) / f"compare-{compare_id(cands, cfg)}"
     out.mkdir(parents=True, exist_ok=True)
     result = CompareResult(out, [])
@@ -233,7 +266,7 @@ def compare(
         todo = [c for c in cands if not (c.key in records and c.cache.exists())]
         with _bar(cfg, sum(c.pending for c in todo)) as bar:
             for c in todo:
-                records[c.key] = _run_candidate(c, cfg, extractor, bar, progress, result)
+                records[c.key] = _run_candidate(c, cfg, extractor, bar, progress, result, ds)
                 append_trial(out / JOURNAL, records[c.key])
         result.rows = leaderboard([records[c.key] for c in cands])
         write_leaderboard(out, result.rows)
@@ -257,7 +290,7 @@ def _bar(cfg: Config, total: int):
         bar.close()
 
 
-def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: CompareResult) -> dict:
+def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: CompareResult, ds) -> dict:
     """Extract ``c`` through the normal cache (timed), then score each of its layers."""
     from pipeline.cache.store import FeatureCache
     from pipeline.tuning.probe import score_layer
@@ -266,7 +299,9 @@ def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: 
         when = f", estimated {c.estimate:.0f} s" if c.estimate is not None else ""
         progress(f"compare: {c.label}: {c.pending} images to extract{when}")
     cpu0 = time.process_time()
-    done = extractor(c.cfg, progress_bar=bar)
+    model, c.model = c.model, None  # the extraction's now: freed with it
+    done = extractor(c.cfg, dataset=ds, progress_bar=bar, feature_model=model)
+    del model
     cpu = time.process_time() - cpu0
     result.extracted += done.extracted
     extract = {
@@ -296,32 +331,36 @@ def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: 
 
 
 def leaderboard(records: list[dict]) -> list[dict[str, Any]]:
-    """One row per candidate and layer, best first by val accuracy (a tie keeps the candidates' order)."""
+    """One row per candidate and layer, best first by val accuracy, or by val macro mAP for a multi-label
+    cache (a tie keeps the candidates' order)."""
     rows = []
     for rec in records:
         for layer, scores in rec["layers"].items():
             rows.append(
                 {k: v for k, v in rec.items() if k not in ("key", "layers")} | {"layer": layer} | scores
             )
-    rows.sort(key=lambda r: -r["val_accuracy"])
+    rows.sort(key=lambda r: -(r["val_map"] if "val_map" in r else r["val_accuracy"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
-    return [{k: r.get(k) for k in COLUMNS} | {"shots": r["shots"]} for r in rows]
+    cols = columns(rows)
+    return [{k: r.get(k) for k in cols} | {"shots": r["shots"]} for r in rows]
 
 
 def write_leaderboard(out: Path, rows: list[dict[str, Any]]) -> None:
-    """``leaderboard.csv`` (k-shot as ``shot_K_mean``/``shot_K_std`` columns) and ``leaderboard.json``."""
+    """``leaderboard.csv`` (k-shot as ``shot_K_mean``/``shot_K_std`` columns; a multi-label cache's k-shot
+    scores are test macro mAP) and ``leaderboard.json``."""
     import csv
     import io
 
     shots = sorted({k for r in rows for k in r["shots"]}, key=int)
-    header = [*COLUMNS, *(f"shot_{k}_{m}" for k in shots for m in ("mean", "std"))]
+    cols = columns(rows)
+    header = [*cols, *(f"shot_{k}_{m}" for k in shots for m in ("mean", "std"))]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     for r in rows:
         kshot = [r["shots"].get(k, {}).get(m) for k in shots for m in ("mean", "std")]
-        w.writerow([r[k] for k in COLUMNS] + kshot)
+        w.writerow([r[k] for k in cols] + kshot)
     with atomic_path(out / "leaderboard.csv") as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
     with atomic_path(out / "leaderboard.json") as tmp:
@@ -339,17 +378,20 @@ def _size(n: float | None) -> str:
 
 
 def format_leaderboard(rows: list[dict[str, Any]]) -> str:
-    """The leaderboard as a text table."""
+    """The leaderboard as a text table (a multi-label cache's: val/test macro mAP and test micro mAP)."""
     shots = sorted({k for r in rows for k in r["shots"]}, key=int)
-    head = (
-        f"{'#':>2} {'candidate':<28} {'layer':<22} {'val':>6} {'test':>6} {'mF1':>6} {'dim':>6} {'img/s':>7}"
-    )
+    multilabel = "val_map" in columns(rows)
+    scores = ("val_map", "test_map", "micro_map") if multilabel else ("val_accuracy", "test_accuracy")
+    names = ("val mAP", "test mAP", "µmAP") if multilabel else ("val", "test")
+    head = f"{'#':>2} {'candidate':<28} {'layer':<22}" + "".join(f" {n:>{max(6, len(n))}}" for n in names)
+    head += f" {'mF1':>6} {'dim':>6} {'img/s':>7}"
     head += f" {'CPU s':>7} {'cache':>9}" + "".join(f" {k + '-shot':>12}" for k in shots)
     lines = [head]
     for r in rows:
         ips = f"{r['images_per_second']:.1f}" if r["images_per_second"] else "-"
-        line = f"{r['rank']:>2} {r['label'][:28]:<28} {r['layer'][:22]:<22} {r['val_accuracy']:>6.3f}"
-        line += f" {r['test_accuracy']:>6.3f} {r['macro_f1']:>6.3f} {r['dim']:>6} {ips:>7}"
+        line = f"{r['rank']:>2} {r['label'][:28]:<28} {r['layer'][:22]:<22}"
+        line += "".join(f" {r[k]:>{max(6, len(n))}.3f}" for k, n in zip(scores, names, strict=True))
+        line += f" {r['macro_f1']:>6.3f} {r['dim']:>6} {ips:>7}"
         line += f" {r['cpu_seconds']:>7.1f} {_size(r['cache_bytes']):>9}"
         line += "".join(f" {r['shots'][k]['mean']:>6.3f}±{r['shots'][k]['std']:.3f}" for k in shots)
         lines.append(line)

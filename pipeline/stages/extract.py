@@ -114,6 +114,7 @@ class ExtractJob:
     unreadable: Unreadable
     calibration: Calibration | None = None  # what a tflite-int8 engine is calibrated on
     bar: Any = None  # a progress bar shared with other extractions (compare's), else one of its own
+    model: Any = None  # a FeatureModel built for ``cfg`` already (compare's check), else built here
     #: sample key → (content digest, size, mtime)
     digests: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)  # digests the previous cache holds
@@ -159,6 +160,7 @@ def extract(
     keep_missing: bool = False,
     calibration: Calibration | None = None,
     progress_bar: Any = None,
+    feature_model: Any = None,
     **options: Any,
 ) -> ExtractResult:
     """Bring the cache for ``config`` up to date and return what was done.
@@ -169,13 +171,16 @@ def extract(
     replaces ``[data]``'s source; ``keep_missing`` keeps cached rows that are not in it (an accumulating
     cache, as the scikit-learn transformer uses) instead of dropping them. ``calibration`` replaces the
     sample of train images a ``tflite-int8`` engine is calibrated on. ``progress_bar`` (a tqdm bar) counts
-    this extraction's images instead of a bar of its own.
+    this extraction's images instead of a bar of its own. ``feature_model``: the ``FeatureModel`` of
+    ``[backbone]`` and ``extract.precision`` built already (by compare's check), so it is not built twice.
     """
     t_start = time.perf_counter()
     cfg = resolve_config(config, "extract", **options)
     spec = get_spec(cfg.backbone.name)  # an unknown backbone fails before any work
     if spec.preset is not None:
         settle(cfg.backbone, given_keys(cfg), spec.preset)
+    if feature_model is not None and feature_model.spec.name != spec.name:
+        raise ValueError(f"feature_model is {feature_model.spec.name}'s, not {spec.name}'s")
     cache_dir = Path(cfg.extract.cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -202,9 +207,8 @@ def extract(
                 old = None
         if rebuild:
             clear_partial(final)
-        job = ExtractJob(
-            cfg, ds, final, key, fp, old, result, Unreadable(cfg.data.on_error), calibration, progress_bar
-        )
+        bad = Unreadable(cfg.data.on_error)
+        job = ExtractJob(cfg, ds, final, key, fp, old, result, bad, calibration, progress_bar, feature_model)
         try:
             done = _update(job, t_start, keep_missing)
             touch_cache(final)  # the cache just made is the newest: later stages follow it
@@ -309,7 +313,7 @@ def _run_here(job: ExtractJob) -> tuple[dict[str, int], dict]:
 
     area.prepare()
     configure_tf_threads(job.cfg.extract.threads)
-    fm = build_feature_model(job.cfg.backbone, job.cfg.extract.precision)
+    fm = job.model or build_feature_model(job.cfg.backbone, job.cfg.extract.precision)
     writer = job.part_writer(fm.dims)
     try:
         _run_backbone(job, fm, writer)
@@ -458,7 +462,7 @@ def _extract_views(job: ExtractJob, todo: list[tuple[Row, Sample, int]], spec) -
 
     cfg, result = job.cfg, job.result
     configure_tf_threads(cfg.extract.threads)
-    fm = build_feature_model(cfg.backbone, cfg.extract.precision)
+    fm = job.model or build_feature_model(cfg.backbone, cfg.extract.precision)
     layers = augmentation_layers(spec["augment"])
     writer = job.part_writer(fm.dims)
     x = cfg.extract

@@ -6,6 +6,13 @@ it is refitted on train+val with that C and scored once on the test split: accur
 per-class recall. A k-shot probe draws k train images per class (seeded, ``seeds`` draws), chooses C on
 the same val split and reports the test accuracy's mean and standard deviation over the draws. Nothing else
 is tuned, so the scores compare the features, not the effort spent on each head.
+
+A multi-label cache (N×C multi-hot labels) gets the standard multi-label probe instead
+(:func:`multilabel_probe`): the same L2-normalized features, one binary logistic regression per class
+(one-vs-rest), C swept on train and chosen by val macro mAP; that model (no refit: val has chosen each class's
+F1-best threshold, :func:`pipeline.heads.multilabel.choose_thresholds`) scores test: macro mAP, micro mAP and
+macro-F1 at those thresholds. Its k-shot probe draws k train images *having* each class (their union; a class
+that they all have, or none has, gets a constant score) and reports the test macro mAP.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.heads.metrics import balanced_accuracy, macro_f1
+from pipeline.heads.fitting import Predictions
+from pipeline.heads.metrics import balanced_accuracy, macro_f1, multilabel_metrics
+from pipeline.heads.multilabel import choose_thresholds
 
 #: the inverse regularization strengths swept on val
 C_GRID = tuple(float(c) for c in np.logspace(-2, 4, 7))
@@ -95,6 +104,73 @@ def k_shot(train: Split, val: Split, test: Split, k: int, seeds: int) -> dict[st
     return {"mean": float(np.mean(scores)), "std": float(np.std(scores))}
 
 
+def _fit_ovr(train: Split, c: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as _fit; and a class constant in a k-shot draw is scored constant
+        return OneVsRestClassifier(LogisticRegression(C=c, max_iter=MAX_ITER)).fit(train.x, train.y)
+
+
+def _map_scores(model, split: Split, thresholds=None) -> dict:
+    """:func:`~pipeline.heads.metrics.multilabel_metrics` of ``model`` on ``split`` (0.5 thresholds: None)."""
+    P = np.asarray(model.predict_proba(split.x), np.float64)
+    t = np.full(split.y.shape[1], 0.5) if thresholds is None else thresholds
+    pred = Predictions(np.arange(len(split.y)), split.y, (P >= t).astype(np.uint8), P, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return multilabel_metrics(pred, [str(i) for i in range(split.y.shape[1])], t) | {"proba": P}
+
+
+def multilabel_sweep(train: Split, val: Split) -> tuple[float, dict, object]:
+    """(best C, its val scores, its model) by val macro mAP over :data:`C_GRID`; the smaller C wins a tie."""
+    best = None
+    for c in C_GRID:
+        model = _fit_ovr(train, c)
+        scores = _map_scores(model, val)
+        if best is None or scores["macro_map"] > best[1]["macro_map"]:
+            best = (c, scores, model)
+    return best
+
+
+def multilabel_probe(train: Split, val: Split, test: Split) -> dict[str, float | None]:
+    """The multi-label protocol's scores: C by val macro mAP, thresholds on val, that model on test."""
+    counts = train.y.sum(axis=0)
+    if len(train.y) == 0 or counts.min() == 0 or counts.max() == len(train.y):
+        raise ValueError(f"class {int(np.argmin(counts))} is not both present and absent in the train split")
+    c, val_scores, model = multilabel_sweep(train, val)
+    thresholds = choose_thresholds(val.y, val_scores["proba"])
+    test_scores = _map_scores(model, test, thresholds) if len(test.y) else {}
+    return {
+        "C": c,
+        "val_accuracy": None,
+        "test_accuracy": None,
+        "val_map": val_scores["macro_map"],
+        "test_map": test_scores.get("macro_map", 0.0),
+        "micro_map": test_scores.get("micro_map", 0.0),
+        "macro_f1": test_scores.get("macro_f1", 0.0),
+        "mean_recall": None,
+    }
+
+
+def multilabel_shot_rows(Y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The union of k train positions having each class (all of a class that has fewer), drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(Y[:, c]))[:k] for c in range(Y.shape[1])]
+    return np.unique(np.concatenate(picked))
+
+
+def multilabel_k_shot(train: Split, val: Split, test: Split, k: int, seeds: int) -> dict[str, float]:
+    """Test macro mAP of k-shot probes (C chosen on val each time): mean and std over ``seeds`` draws."""
+    scores = []
+    for seed in range(seeds):
+        rows = multilabel_shot_rows(train.y, k, seed)
+        _, _, model = multilabel_sweep(Split(train.x[rows], train.y[rows]), val)
+        scores.append(_map_scores(model, test)["macro_map"] if len(test.y) else 0.0)
+    return {"mean": float(np.mean(scores)), "std": float(np.std(scores))}
+
+
 def score_layer(cache, layer: str, shots: list[int], seeds: int) -> dict:
     """The protocol on one layer of an open :class:`~pipeline.cache.store.FeatureCache`.
 
@@ -103,8 +179,9 @@ def score_layer(cache, layer: str, shots: list[int], seeds: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     train, val, test = (Split.of(*cache.xy(s, layer)) for s in ("train", "val", "test"))
+    probe, few = (multilabel_probe, multilabel_k_shot) if cache.multilabel else (linear_probe, k_shot)
     with threadpool_limits(limits=1, user_api="blas"):
-        out: dict = linear_probe(train, val, test)
-        out["shots"] = {str(k): k_shot(train, val, test, k, seeds) for k in shots}
+        out: dict = probe(train, val, test)
+        out["shots"] = {str(k): few(train, val, test, k, seeds) for k in shots}
     out["dim"] = int(train.x.shape[1])
     return out
