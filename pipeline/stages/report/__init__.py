@@ -14,7 +14,7 @@ The sections live in :mod:`.sections` (single-label), :mod:`.multilabel` and :mo
 pieces in :mod:`.html`.
 
 The page loads nothing: pictures are PNG ``data:`` URIs, and the CSS and the few lines of JavaScript
-(``report_assets/``, package data) are inlined, so it can be mailed or archived as one file. Plots are
+(``report/assets/``, package data) are inlined, so it can be mailed or archived as one file. Plots are
 drawn by :mod:`pipeline.utils.plots`; thumbnails are read through the same image pipeline extraction used
 (:func:`pipeline.data.images.image_batches`), so they show what the backbone saw.
 """

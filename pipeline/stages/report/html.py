@@ -1,5 +1,5 @@
 """The report page's HTML pieces: inline PNG pictures, sortable numeric cells, definition lists, and the
-page itself with its style sheet and script inlined (``report_assets/``, package data)."""
+page itself with its style sheet and script inlined (``assets/``, package data)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import numpy as np
 #: The page's style sheet and script, package data read by :func:`asset`. A click on a header sorts its
 #: table (numbers high→low first, text a→z; again to reverse; blanks last); ``report.html#sort=KEY`` clicks
 #: the header whose data-key is KEY once loaded: how the tests drive it.
-ASSETS = "report_assets"
+ASSETS = "assets"
 
 
 def asset(name: str) -> str:
     from importlib.resources import files
 
-    return files("pipeline.stages").joinpath(ASSETS).joinpath(name).read_text(encoding="utf-8")
+    return files("pipeline.stages.report").joinpath(ASSETS).joinpath(name).read_text(encoding="utf-8")
 
 
 def png_uri(data: bytes) -> str:
