@@ -56,3 +56,18 @@ def write_mosaics(
         truth.append(names)
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     return truth
+
+
+def mosaic_config(tmp: Path, source: Path | None = None, **extra):
+    """The tests' config on mosaics under ``tmp/data`` (or ``source``): 32 px, the cache in ``tmp/cache``,
+    no progress bars; ``extra`` are dotted keys on top."""
+    from pipeline.utils.config import load_config
+
+    keys = {
+        "data.source": str(source if source is not None else tmp / "data" / "labels.csv"),
+        "extract.cache_dir": str(tmp / "cache"),
+        "backbone.image_size": 32,
+        "extract.batch_size": 32,
+        "extract.progress": False,
+    }
+    return load_config(None, {**keys, **extra})

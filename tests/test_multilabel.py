@@ -9,25 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.utils.config import load_config
 from tests.conftest import run_cli
 from tests.mosaics import CLASSES, HAVE_FASHION, write_mosaics
+from tests.mosaics import mosaic_config as _cfg
 
 pytestmark = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST (Debian dataset) not installed")
-
-
-def _cfg(tmp: Path, source: Path, **extra):
-    return load_config(
-        None,
-        {
-            "data.source": str(source),
-            "extract.cache_dir": str(tmp / "cache"),
-            "backbone.image_size": 32,
-            "extract.batch_size": 32,
-            "extract.progress": False,
-            **extra,
-        },
-    )
 
 
 @pytest.fixture(scope="module")

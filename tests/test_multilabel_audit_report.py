@@ -17,26 +17,13 @@ import pytest
 
 from pipeline.utils.config import load_config
 from tests.mosaics import CLASSES, HAVE_FASHION, write_mosaics
+from tests.mosaics import mosaic_config as _cfg
 
 pytestmark = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST (Debian dataset) not installed")
 
 N = 300
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NAMES = sorted(CLASSES.values())
-
-
-def _cfg(tmp: Path, **extra):
-    return load_config(
-        None,
-        {
-            "data.source": str(tmp / "data" / "labels.csv"),
-            "extract.cache_dir": str(tmp / "cache"),
-            "backbone.image_size": 32,
-            "extract.batch_size": 32,
-            "extract.progress": False,
-            **extra,
-        },
-    )
 
 
 def _plant(root: Path, truth: list[set[str]], rate: float = 0.05, seed: int = 1) -> set[tuple[str, str]]:

@@ -7,30 +7,15 @@ Real data: 2×2 Fashion-MNIST mosaics (tests/mosaics.py), 32 px, the real Effici
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from pipeline.utils.config import load_config
 from tests.mosaics import CLASSES, HAVE_FASHION, write_mosaics
+from tests.mosaics import mosaic_config as _cfg
 
 pytestmark = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST (Debian dataset) not installed")
 
 TOL = 1e-4  # the bar single-label runs meet: max |Δ probability| rebuilt model vs the stage-2 head
-
-
-def _cfg(tmp: Path, **extra):
-    return load_config(
-        None,
-        {
-            "data.source": str(tmp / "data" / "labels.csv"),
-            "extract.cache_dir": str(tmp / "cache"),
-            "backbone.image_size": 32,
-            "extract.batch_size": 32,
-            "extract.progress": False,
-            **extra,
-        },
-    )
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.utils.config import load_config
 from tests.conftest import run_cli
 from tests.mosaics import CLASSES, HAVE_FASHION, write_mosaics
+from tests.mosaics import mosaic_config as _cfg
 
 pytestmark = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST (Debian dataset) not installed")
 
@@ -32,20 +31,6 @@ params = { class_weight = ["balanced"] }
 [[heads]]
 name = "knn"
 """
-
-
-def _cfg(tmp: Path, **extra):
-    return load_config(
-        None,
-        {
-            "data.source": str(tmp / "data" / "labels.csv"),
-            "extract.cache_dir": str(tmp / "cache"),
-            "backbone.image_size": 32,
-            "extract.batch_size": 32,
-            "extract.progress": False,
-            **extra,
-        },
-    )
 
 
 @pytest.fixture(scope="module")

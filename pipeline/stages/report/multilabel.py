@@ -16,26 +16,21 @@ from typing import Any
 import numpy as np
 
 from pipeline.stages.report.html import dl, fmt, img, num, plot
+from pipeline.stages.report.sections import COLUMNS as SINGLE_LABEL_COLUMNS
 from pipeline.stages.report.sections import read_thumbnails
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.runs import read_metrics
 
 #: the leaderboard's columns on a multi-label cache: mAP where a single-label cache shows accuracy
-COLUMNS = (
-    ("id", "run", "text"),
-    ("kind", "kind", "text"),
-    ("head", "head", "text"),
-    ("params", "params", "text"),
-    ("transforms", "transforms", "text"),
-    ("layer", "layer", "text"),
-    ("val_macro_map", "val macro mAP", "num"),
-    ("val_macro_f1", "val macro-F1", "num"),
-    ("test_macro_map", "test macro mAP", "num"),
-    ("test_micro_map", "test micro mAP", "num"),
-    ("test_macro_f1", "test macro-F1", "num"),
-    ("seconds", "time (s)", "num"),
-    ("created", "created", "text"),
-)
+MAP_COLUMNS = {
+    "val_accuracy": [("val_macro_map", "val macro mAP", "num")],
+    "test_accuracy": [
+        ("test_macro_map", "test macro mAP", "num"),
+        ("test_micro_map", "test micro mAP", "num"),
+    ],
+    "resource": [],
+}
+COLUMNS = tuple(c for col in SINGLE_LABEL_COLUMNS for c in MAP_COLUMNS.get(col[0], [col]))
 
 
 def multilabel_board(board: list[dict[str, Any]]) -> list[dict[str, Any]]:
