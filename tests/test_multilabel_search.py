@@ -141,5 +141,4 @@ def test_cv_search_uses_plain_folds_and_the_builtin_space_parses(mosaics):
         "ridge",
         "linear_svm",
         "keras_linear",
-        "keras_mlp",
     }
