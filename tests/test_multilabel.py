@@ -57,7 +57,8 @@ def test_multilabel_cache_holds_a_multi_hot_matrix(mosaic_cache):
 
 def test_train_one_vs_rest_beats_the_frequency_baseline(mosaic_cache):
     from pipeline.stages.train import train
-    from pipeline.utils.runs import describe_run, format_run, read_metrics
+    from pipeline.utils.run_text import format_run
+    from pipeline.utils.runs import describe_run, read_metrics
 
     tmp, _, result = mosaic_cache
     run = train(_cfg(tmp, tmp / "data" / "labels.csv"), head="logistic", train__params={"C": 0.1})

@@ -54,7 +54,8 @@ def test_rebuilt_model_equals_the_stage2_scores(ml, head):
 
 
 def test_finetune_writes_a_multilabel_run(ml, finetuned):
-    from pipeline.utils.runs import describe_run, format_run, read_metrics
+    from pipeline.utils.run_text import format_run
+    from pipeline.utils.runs import describe_run, read_metrics
 
     m = read_metrics(finetuned.run_dir)
     assert m.multilabel and set(m["thresholds"]) == set(CLASSES.values())
