@@ -461,6 +461,8 @@ def test_a_feature_model_built_from_other_settings_is_refused(tmp_path, photo_fo
     # the default layer asked by name is the same model
     named = load_config(
         None,
-        small_config(tmp_path / "c", photo_folder, **{"backbone.image_size": 32, "backbone.layers": ["top_activation"]}),
+        small_config(
+            tmp_path / "c", photo_folder, **{"backbone.image_size": 32, "backbone.layers": ["top_activation"]}
+        ),
     )
     assert extract(named, feature_model=same).path.exists()
