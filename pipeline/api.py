@@ -114,7 +114,7 @@ class Run:
 
     def __repr__(self) -> str:
         m = self.metrics
-        key = "macro_map" if m.multilabel else "accuracy"  # a multi-label run is scored by macro mAP
+        key = m.score_key  # a multi-label run is scored by macro mAP
         scores = "".join(
             f", {split}_{key}={v:.4f}"
             for split in ("val", "test")

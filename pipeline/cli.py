@@ -236,7 +236,8 @@ def _runs_root(args):
 
 
 def cmd_runs_ls(args) -> int:
-    from pipeline.utils.runs import format_runs, list_runs
+    from pipeline.utils.run_text import format_runs
+    from pipeline.utils.runs import list_runs
 
     root, fingerprint = _runs_root(args)
     rows = list_runs(root, fingerprint)
@@ -251,7 +252,8 @@ def cmd_runs_ls(args) -> int:
 
 def cmd_runs_show(args) -> int:
     from pipeline.cache.locate import resolve_run
-    from pipeline.utils.runs import describe_run, format_run
+    from pipeline.utils.run_text import format_run
+    from pipeline.utils.runs import describe_run
 
     cfg = _load(args)
     choose_cache(cfg)

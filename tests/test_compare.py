@@ -115,6 +115,24 @@ def test_the_probes_model_extracts_what_a_plain_extract_does(setup, tmp_path):
         assert a.keys == b.keys and np.array_equal(a.features(), b.features())
 
 
+def test_the_checks_model_is_handed_over_and_accepted(setup, tmp_path):
+    """compare builds each model from its candidate's config: the extraction accepts it, it is not built twice."""
+    kw, _ = setup
+    cands = tmp_path / "one.toml"
+    cands.write_text('[[candidate]]\nname = "mobilenet_v2"\nweights = "none"\nimage_size = 32\n')
+    models = []
+
+    def spy(cfg, **options):
+        models.append(options.get("feature_model"))
+        return extract(cfg, **options)
+
+    result = compare_stage(
+        extractor=spy, **{**kw, "cache_dir": str(tmp_path / "cache"), "candidates": str(cands), "limit": 100}
+    )
+    assert result.extracted == 100 and len(models) == 1
+    assert models[0] is not None and models[0].settings["image_size"] == 32
+
+
 def test_a_second_compare_does_no_backbone_work(setup):
     kw, first = setup
     spy = Spy()

@@ -431,3 +431,38 @@ def test_fashion_mnist_builtin_demo_and_stable_splits():
 def test_python_api_rejects_unknown_override(tmp_path):
     with pytest.raises(FeatcacheError, match="data.sauce"):
         extract(None, data__sauce="x")
+
+
+def test_a_feature_model_built_from_other_settings_is_refused(tmp_path, photo_folder):
+    """``extract(feature_model=)`` writes only a model built from this config's [backbone] and precision:
+    another's rows would be stored under this config's fingerprint."""
+    from pipeline.features.backbones.build import build_feature_model
+    from pipeline.utils.config import BackboneConfig
+
+    cfg = load_config(None, small_config(tmp_path / "c", photo_folder, **{"backbone.image_size": 32}))
+    same = build_feature_model(BackboneConfig(image_size=32))
+    done = extract(cfg, feature_model=same)
+    assert done.extracted == 20
+    with FeatureCache(done.path) as c:
+        assert c.layers == ["top_activation"]
+    others = {
+        "image_size": (BackboneConfig(image_size=48), "float32"),
+        "weights": (BackboneConfig(image_size=32, weights="none"), "float32"),
+        "pooling": (BackboneConfig(image_size=32, pooling="max"), "float32"),
+        "layers": (BackboneConfig(image_size=32, layers=["block6d_add"]), "float32"),
+        "precision": (BackboneConfig(image_size=32), "mixed_float16"),
+        "name": (BackboneConfig(name="mobilenet_v2", weights="none", image_size=32), "float32"),
+    }
+    for key, (backbone, precision) in others.items():
+        model = build_feature_model(backbone, precision)
+        with pytest.raises(FeatcacheError, match=f"built with {key} ") as e:
+            extract(cfg, rebuild=True, feature_model=model)
+        assert "\n" not in str(e.value)
+    # the default layer asked by name is the same model
+    named = load_config(
+        None,
+        small_config(
+            tmp_path / "c", photo_folder, **{"backbone.image_size": 32, "backbone.layers": ["top_activation"]}
+        ),
+    )
+    assert extract(named, feature_model=same).path.exists()

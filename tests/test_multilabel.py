@@ -57,7 +57,8 @@ def test_multilabel_cache_holds_a_multi_hot_matrix(mosaic_cache):
 
 def test_train_one_vs_rest_beats_the_frequency_baseline(mosaic_cache):
     from pipeline.stages.train import train
-    from pipeline.utils.runs import describe_run, format_run, read_metrics
+    from pipeline.utils.run_text import format_run
+    from pipeline.utils.runs import describe_run, read_metrics
 
     tmp, _, result = mosaic_cache
     run = train(_cfg(tmp, tmp / "data" / "labels.csv"), head="logistic", train__params={"C": 0.1})
@@ -185,3 +186,63 @@ def test_webdataset_json_labels_and_parquet_label_sequences(tmp_path):
     with FeatureCache(extract(_cfg(tmp_path, tmp_path / "data.parquet")).path) as c:
         assert c.multilabel and c.labels.shape == (30, 4)
         assert [{names[j] for j in np.flatnonzero(row)} for row in c.labels] == truth
+
+
+def test_a_run_with_malformed_thresholds_is_one_line_naming_its_metrics(mosaic_cache, tmp_path):
+    import shutil
+
+    from pipeline.stages.predict import predict
+    from pipeline.stages.train import train
+    from pipeline.utils.errors import FeatcacheError
+    from pipeline.utils.runs import read_metrics, write_manifest
+
+    tmp, _, _ = mosaic_cache
+    cfg = _cfg(tmp, tmp / "data" / "labels.csv")
+    run = train(cfg, head="ridge")
+    good = read_metrics(run.run_dir)
+    assert (
+        good.thresholds == [good["thresholds"][c] for c in good.class_names] and good.score_key == "macro_map"
+    )
+    one = dict(list(good["thresholds"].items())[:1])
+    bad_values = (None, one, {**good["thresholds"], "ghost": 0.5}, dict.fromkeys(good["thresholds"], "x"))
+    for i, bad in enumerate(
+        (*bad_values, dict.fromkeys(good["thresholds"], 1.5), dict.fromkeys(good["thresholds"], float("nan")))
+    ):
+        d = tmp_path / f"run{i}"
+        shutil.copytree(run.run_dir, d)
+        data = json.loads((d / "metrics.json").read_text())
+        data["thresholds"] = bad
+        (d / "metrics.json").write_text(json.dumps(data))
+        with pytest.raises(FeatcacheError, match=r"metrics\.json: not a run featcache wrote") as e:
+            read_metrics(d).thresholds  # noqa: B018
+        assert str(d) in str(e.value) and "\n" not in str(e.value)
+    manifest = json.loads((tmp_path / "run1" / "manifest.json").read_text())
+    write_manifest(tmp_path / "run1", manifest["kind"], manifest["model_files"])  # a consistent run folder
+    with pytest.raises(FeatcacheError, match=r"run1/metrics\.json: not a run featcache wrote"):
+        predict(str(tmp_path / "run1"), [str(tmp / "data" / "m0000.png")], cfg)
+
+
+def test_positive_weights_leave_an_always_present_class_at_one():
+    from pipeline.heads.keras_head import positive_weights
+
+    Y = np.array([[1, 0, 1], [1, 1, 0], [1, 0, 0], [1, 0, 0]], np.uint8)
+    Y0 = np.hstack([Y, np.zeros((4, 1), np.uint8)])  # and a class nobody has
+    np.testing.assert_allclose(positive_weights(Y0, "balanced"), [1.0, 3.0, 3.0, 1.0])
+    assert positive_weights(Y0, None) is None
+
+
+def test_probe_with_an_empty_val_split_and_the_class_it_names(mosaic_cache):
+    from pipeline.cache.store import FeatureCache
+    from pipeline.tuning.probe import Split, multilabel_probe
+
+    _, _, result = mosaic_cache
+    with FeatureCache(result.path) as cache:
+        train, test = (Split.of(*cache.xy(s)) for s in ("train", "test"))
+    empty = Split(train.x[:0], train.y[:0])
+    out = multilabel_probe(train, empty, test)  # as the single-label probe: val scores 0, the smallest C
+    assert out["val_map"] == 0.0 and 0 < out["test_map"] <= 1
+    y = train.y.copy()
+    y[:, 2] = 1  # class 2 is in every row; the rarest class (argmin of the counts) is fine
+    assert int(np.argmin(y.sum(axis=0))) != 2
+    with pytest.raises(ValueError, match="class 2 is not both present and absent"):
+        multilabel_probe(Split(train.x, y), test, test)

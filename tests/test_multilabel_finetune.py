@@ -54,7 +54,8 @@ def test_rebuilt_model_equals_the_stage2_scores(ml, head):
 
 
 def test_finetune_writes_a_multilabel_run(ml, finetuned):
-    from pipeline.utils.runs import describe_run, format_run, read_metrics
+    from pipeline.utils.run_text import format_run
+    from pipeline.utils.runs import describe_run, read_metrics
 
     m = read_metrics(finetuned.run_dir)
     assert m.multilabel and set(m["thresholds"]) == set(CLASSES.values())
@@ -166,3 +167,21 @@ def test_export_json_thresholds_are_checked_and_single_label_ones_still_read(tmp
         (tmp_path / "export.json").write_text(json.dumps(bad))
         with pytest.raises(FeatcacheError, match="not a sidecar featcache wrote"):
             export_info(tmp_path / "export.json")
+
+
+def test_a_tflite_model_whose_sidecar_has_other_classes_is_refused(ml, exported, tmp_path):
+    import shutil
+
+    from pipeline.stages.predict import predict
+    from pipeline.utils.errors import FeatcacheError
+
+    out, _ = exported
+    shutil.copy(out / "model.tflite", tmp_path / "model.tflite")
+    info = json.loads((out / "export.json").read_text())
+    kept = info["class_names"][:3]  # the model has four outputs
+    info |= {"class_names": kept, "thresholds": {c: info["thresholds"][c] for c in kept}}
+    (tmp_path / "export.json").write_text(json.dumps(info))
+    image = str(ml["tmp"] / "data" / "m0000.png")
+    with pytest.raises(FeatcacheError, match="3 class thresholds, the model has 4 outputs") as e:
+        predict(str(tmp_path / "model.tflite"), [image], _cfg(ml["tmp"]))
+    assert "\n" not in str(e.value)

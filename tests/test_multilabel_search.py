@@ -142,3 +142,22 @@ def test_cv_search_uses_plain_folds_and_the_builtin_space_parses(mosaics):
         "linear_svm",
         "keras_linear",
     }
+
+
+def test_streaming_is_refused_up_front_and_solver_warnings_reach_the_leaderboard(mosaics, tmp_path):
+    from pipeline.stages.search import search
+    from pipeline.utils.errors import FeatcacheError
+
+    tmp, _, _ = mosaics
+    with pytest.raises(FeatcacheError, match="multi-label heads train in memory only"):
+        search(_cfg(tmp, **{"search.space": str(tmp / "space.toml"), "train.streaming": "stream"}))
+    space = tmp_path / "space.toml"  # liblinear stopped after 2 iterations: a plain (off-path) fit
+    space.write_text(
+        '[[heads]]\nname = "linear_svm"\nparams = { C = [10.0], dual = [true], max_iter = [2] }\n'
+    )
+    keys = {"search.space": str(space), "search.strategy": "grid", "search.n_jobs": 1, "search.refit": False}
+    run = search(_cfg(tmp, **keys))
+    (row,) = run.leaderboard
+    assert row["status"] == "ok" and "ConvergenceWarning" in row["warning"], row
+    with open(run.dir / "leaderboard.csv", newline="") as f:
+        assert "ConvergenceWarning" in next(csv.DictReader(f))["warning"]

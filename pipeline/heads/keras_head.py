@@ -57,7 +57,8 @@ def class_weights(classes: np.ndarray, y: np.ndarray, spec: Any) -> dict[int, fl
 def positive_weights(Y: np.ndarray, spec: Any) -> np.ndarray | None:
     """A multi-label head's weight on each class's positives: ``"balanced"`` is negatives / positives of the
     class (so its positive and negative rows weigh the same in the loss, as ``pos_weight`` of a weighted
-    binary cross-entropy), ``None`` is 1 everywhere. A class with no positive keeps weight 1."""
+    binary cross-entropy), ``None`` is 1 everywhere. A class with no positive, or with no negative (a
+    weight of 0 would silence its only kind of row), keeps weight 1."""
     if spec is None:
         return None
     if spec != "balanced":
@@ -65,7 +66,8 @@ def positive_weights(Y: np.ndarray, spec: Any) -> np.ndarray | None:
             'a multi-label head takes class_weight = "balanced" only (weighted per class)'
         )
     pos = Y.sum(axis=0).astype(np.float64)
-    return np.where(pos > 0, (len(Y) - pos) / np.maximum(pos, 1.0), 1.0).astype(np.float32)
+    ok = (pos > 0) & (pos < len(Y))
+    return np.where(ok, (len(Y) - pos) / np.maximum(pos, 1.0), 1.0).astype(np.float32)
 
 
 def weighted_bce(pos_weight: np.ndarray):

@@ -27,6 +27,7 @@ OVR_HEADS = ("logistic", "linear_svm", "ridge")
 NATIVE_HEADS = ("keras_linear", "keras_mlp")
 #: the heads a multi-label cache trains
 MULTILABEL_HEADS = OVR_HEADS + NATIVE_HEADS
+MEMORY_ONLY = "multi-label heads train in memory only; set train.streaming = memory"
 
 #: What a multi-label head gets when the configuration does not say (``train.params`` wins). Each class is a
 #: binary problem on all the rows with about as many features as positives (1,280 features, ~1,000
@@ -93,6 +94,13 @@ def fit_prepared_multilabel(name: str, params: dict[str, Any], prep: Prepared, s
     return head, est, notes
 
 
+def constant_class(Y: np.ndarray) -> int | None:
+    """The first class that every row of ``Y`` has, or none has (nothing to learn for it); None if none is."""
+    counts = Y.sum(axis=0)
+    bad = np.flatnonzero((counts == 0) | (counts == len(Y)))
+    return int(bad[0]) if len(bad) else None
+
+
 def fit_multilabel(
     data: Data,
     train_rows: np.ndarray,
@@ -110,15 +118,15 @@ def fit_multilabel(
     params = multilabel_params(head_name, params)
     check_multilabel_head(head_name, params)
     if data.streamed:
-        raise FeatcacheError("multi-label heads train in memory only; set train.streaming = memory")
+        raise FeatcacheError(MEMORY_ONLY)
     t0 = time.perf_counter()
     train_rows = np.sort(np.asarray(train_rows))
     Y = data.labels[train_rows]
-    counts = Y.sum(axis=0) if len(train_rows) else np.zeros(0)
-    if len(train_rows) == 0 or counts.min() == 0 or counts.max() == len(train_rows):
+    bad = constant_class(Y)
+    if len(train_rows) == 0 or bad is not None:
         raise FeatcacheError(
             "multi-label training needs every class both present and absent in the train split"
-            + (f" (class {int(np.argmin(counts))} is not)" if len(train_rows) else "")
+            + (f" (class {bad} is not)" if len(train_rows) else "")
         )
     steps = build_transforms(
         list(transforms), streaming=False, n_samples=len(train_rows), n_features=data.n_features, seed=seed

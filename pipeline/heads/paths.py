@@ -80,18 +80,19 @@ def fit_predict_on_path(
 
 def fit_scores_on_path(
     head: str, params: dict[str, Any], prep, X_eval: np.ndarray, previous: Any, seed: int
-) -> tuple[np.ndarray, Any]:
+) -> tuple[np.ndarray, Any, list[str]]:
     """:func:`fit_predict_on_path` on a multi-label cache (``prep.y`` multi-hot): N×C per-class scores of
     ``X_eval``, as :func:`pipeline.heads.multilabel.label_scores` gives them for the one-vs-rest fit
     (ridge along its one decomposition, logistic C warm-started class by class, the linear SVM's L-BFGS
-    solving all classes at once), and what the next step may continue from."""
+    solving all classes at once), what the next step may continue from, and the solver's warnings that
+    :func:`~pipeline.heads.multilabel.fit_prepared_multilabel` recorded (the others are still raised)."""
     from pipeline.heads.multilabel import fit_prepared_multilabel, label_scores, multilabel_params
 
     params = multilabel_params(head, params)
     if path_param(head, params) is not None:
         return MULTILABEL_STEPS[head](params, prep, X_eval, previous, seed)
-    _, est, _ = fit_prepared_multilabel(head, params, prep, seed)
-    return label_scores(est, X_eval)[0], None
+    _, est, notes = fit_prepared_multilabel(head, params, prep, seed)
+    return label_scores(est, X_eval)[0], None, notes
 
 
 def _sigmoid(d: np.ndarray) -> np.ndarray:
@@ -103,7 +104,7 @@ def _ridge_scores(params, prep, X_eval, previous, seed):
 
     make_head("ridge", params)
     path = previous if previous is not None else RidgePath(prep.X, prep.y, X_eval)
-    return _sigmoid(path.decision(float(params["alpha"]))), path
+    return _sigmoid(path.decision(float(params["alpha"]))), path, []
 
 
 def _logistic_scores(params, prep, X_eval, previous, seed):
@@ -121,7 +122,7 @@ def _logistic_scores(params, prep, X_eval, previous, seed):
         est.fit(prep.X, prep.y[:, c])
         P[:, c] = est.predict_proba(X_eval)[:, 1]
         ests.append(est)
-    return P, ests
+    return P, ests, []
 
 
 def _linear_svm_scores(params, prep, X_eval, previous, seed):
@@ -129,12 +130,12 @@ def _linear_svm_scores(params, prep, X_eval, previous, seed):
     from pipeline.heads.registry import make_head
 
     if liblinear_is_quick(path_value("linear_svm", params), prep.X):
-        _, est, _ = fit_prepared_multilabel("linear_svm", params, prep, seed)
-        return label_scores(est, X_eval)[0], None
+        _, est, notes = fit_prepared_multilabel("linear_svm", params, prep, seed)
+        return label_scores(est, X_eval)[0], None, notes
     make_head("linear_svm", params)
     svm = SquaredHingeSVM(**{k: v for k, v in params.items() if k in SVM_PARAMS})
     svm.fit(prep.X, prep.y, coef0=previous.W if previous is not None else None)
-    return _sigmoid(np.atleast_2d(svm.decision_function(X_eval).T).T), svm
+    return _sigmoid(np.atleast_2d(svm.decision_function(X_eval).T).T), svm, []
 
 
 def _plain_fit(name: str, params: dict[str, Any], prep, X_eval: np.ndarray, seed: int) -> np.ndarray:

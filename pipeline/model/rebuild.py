@@ -243,8 +243,10 @@ def _same(got: np.ndarray, want: np.ndarray, rebuilt: Rebuilt) -> int:
     """Rows predicted alike: the same top class, or for a multi-label run the same label set."""
     if not rebuilt.multilabel:
         return int((got.argmax(1) == want.argmax(1)).sum())
-    t = np.asarray(rebuilt.metrics.thresholds)[None, :]
-    return int(np.all((got >= t) == (want >= t), axis=1).sum())
+    from pipeline.heads.multilabel import above
+
+    t = rebuilt.metrics.thresholds
+    return int(np.all(above(got, t) == above(want, t), axis=1).sum())
 
 
 def cache_dataset(meta: dict[str, Any]):

@@ -7,7 +7,6 @@ They may come from anyone with the model, so every value is checked before it is
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,28 +63,14 @@ def _sidecar_files(path: Path):
 
 def checked_thresholds(info: dict[str, Any], names: list[str] | None, f: Path) -> list[float] | None:
     """``task`` and ``thresholds`` of a sidecar, checked: None when it is single-label (no ``task``), else a
-    threshold in [0, 1] for each of ``names``, in their order."""
+    threshold in [0, 1] for each of ``names``, in their order (:func:`pipeline.utils.thresholds.checked_thresholds`)."""
     from pipeline.utils.config import MULTILABEL
+    from pipeline.utils.thresholds import checked_thresholds as in_order
 
     task, t = info.get("task"), info.get("thresholds")
     if task is None and t is None:
         return None
-    ok = (
-        task == MULTILABEL
-        and isinstance(names, list)
-        and isinstance(t, dict)
-        and set(t) == set(names)
-        and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
-            for v in t.values()
-        )
-    )
-    if not ok:
-        raise FeatcacheError(
-            f"{f}: not a sidecar featcache wrote (a multi-label model has task: {MULTILABEL} and thresholds: "
-            "a threshold in [0, 1] for each of its class_names)"
-        )
-    return [float(t[n]) for n in names]
+    return in_order(t if task == MULTILABEL else None, names, f, "sidecar")
 
 
 @dataclass

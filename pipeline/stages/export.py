@@ -45,6 +45,7 @@ from pipeline.features.tflite import TFLiteRunner, check_conversion_memory, conv
 from pipeline.utils.config import MULTILABEL, Config, resolve_config
 from pipeline.utils.errors import FeatcacheError, first_line
 from pipeline.utils.io import atomic_path, atomic_write
+from pipeline.utils.runs import RunMetrics
 
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-dynamic", "tflite-int8")
 
@@ -107,7 +108,7 @@ class Exportable:
     core: Any  # keras.Model, N×S×S×3 raw pixels → probabilities
     run_dir: Path
     kind: str  # "finetune" | "stage2"
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     class_names: list[str]
     image_size: int
     resize: str
@@ -122,7 +123,7 @@ class Exportable:
     @property
     def score(self) -> str:
         """The val score each format is compared on: ``accuracy``, or ``macro_map`` (multi-label)."""
-        return "macro_map" if self.multilabel else "accuracy"
+        return self.metrics.score_key
 
 
 def load_exportable(run_dir: str | Path, trust_pickle: bool = False) -> Exportable:
@@ -354,8 +355,10 @@ def _check(fmt: str, path: Path, run, raw_diff, ev: _Evaluation, src: Exportable
         f"{score}_delta": None if acc is None or ev.keras_accuracy is None else acc - ev.keras_accuracy,
     }
     if src.multilabel and len(ev.images):
-        t = np.asarray(src.thresholds)[None, :]
-        entry["same_labels"] = float(np.all((proba >= t) == (ev.keras_proba >= t), axis=1).mean())
+        from pipeline.heads.multilabel import above
+
+        same = above(proba, src.thresholds) == above(ev.keras_proba, src.thresholds)
+        entry["same_labels"] = float(np.all(same, axis=1).mean())
     entry["ok"] = _passes(fmt, entry, len(ev.images), src.multilabel)
     return entry
 

@@ -172,15 +172,18 @@ def extract(
     cache, as the scikit-learn transformer uses) instead of dropping them. ``calibration`` replaces the
     sample of train images a ``tflite-int8`` engine is calibrated on. ``progress_bar`` (a tqdm bar) counts
     this extraction's images instead of a bar of its own. ``feature_model``: the ``FeatureModel`` of
-    ``[backbone]`` and ``extract.precision`` built already (by compare's check), so it is not built twice.
+    ``[backbone]`` and ``extract.precision`` built already (by compare's check), so it is not built twice;
+    one built from other settings is refused (its rows would be stored under this config's fingerprint).
     """
     t_start = time.perf_counter()
     cfg = resolve_config(config, "extract", **options)
     spec = get_spec(cfg.backbone.name)  # an unknown backbone fails before any work
     if spec.preset is not None:
         settle(cfg.backbone, given_keys(cfg), spec.preset)
-    if feature_model is not None and feature_model.spec.name != spec.name:
-        raise ValueError(f"feature_model is {feature_model.spec.name}'s, not {spec.name}'s")
+    if feature_model is not None:
+        from pipeline.features.backbones.build import check_built_from
+
+        check_built_from(feature_model, cfg.backbone, cfg.extract.precision)
     cache_dir = Path(cfg.extract.cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

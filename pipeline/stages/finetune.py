@@ -40,10 +40,10 @@ from pipeline.model.finetuning import (
     stage2_thresholds,
     task_fields,
 )
-from pipeline.utils.config import MULTILABEL, SPLITS, Config, resolve_config
+from pipeline.utils.config import SPLITS, Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, file_lock
-from pipeline.utils.runs import finished_runs, read_metrics
+from pipeline.utils.runs import RunMetrics, finished_runs, read_metrics
 
 FORMAT = 2  # bump when the checkpoint layout or the recipe changes
 
@@ -60,7 +60,7 @@ class FinetuneRun:
         m = self.metrics
         ft = m["finetune"]
         eq = m.get("equivalence") or {}
-        key = "macro_map" if m.get("task") == MULTILABEL else "accuracy"
+        key = RunMetrics(m).score_key
         lines = [
             f"fine-tuned {m['source_run']} · unfreeze {ft['unfreeze']} ({len(ft['unfrozen_layers'])} backbone layers,"
             f" {ft['trainable_params']:,} trainable params) · Adam {ft['learning_rate']:g}",
@@ -449,7 +449,7 @@ def _record(
 
 def _acc(split: dict | None, rb=None):
     """A split's headline score: accuracy, or a multi-label run's macro mAP."""
-    return (split or {}).get("macro_map" if rb is not None and rb.multilabel else "accuracy")
+    return (split or {}).get(rb.metrics.score_key if rb is not None else "accuracy")
 
 
 def _write(run_dir: Path, rb, metrics, test_part: SplitImages, p_test, ok_test, keys: list[str]) -> None:

@@ -215,8 +215,12 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     n = run.n_outputs
     names = info.class_names if len(info.class_names or []) == n else [str(i) for i in range(n)]
     p = Predictor("tflite", names, size, policy, path, decode=decode_near(path))
-    if info.thresholds is not None and len(info.thresholds) == n:
-        p.thresholds = info.thresholds
+    if info.thresholds is not None and len(info.thresholds) != n:
+        raise FeatcacheError(
+            f"{path}: its export.json has {len(info.thresholds)} class thresholds, the model has {n} outputs;"
+            " the sidecar does not match the model"
+        )
+    p.thresholds = info.thresholds
     p.predict = lambda ds, samples: (*_batched(ds, samples, p, batch_size, run), "model")
     return p
 
@@ -395,9 +399,11 @@ def _above(predictor: Predictor, proba: np.ndarray) -> list[tuple[int, str, floa
     """Every class whose probability reaches its threshold, most probable first (None: single-label)."""
     if predictor.thresholds is None:
         return None
+    from pipeline.heads.multilabel import above
+
+    on = above(proba[None, :], predictor.thresholds)[0]
     order = np.argsort(-proba, kind="stable")
-    t = predictor.thresholds
-    return [(int(j), predictor.class_names[int(j)], float(proba[j])) for j in order if proba[j] >= t[int(j)]]
+    return [(int(j), predictor.class_names[int(j)], float(proba[j])) for j in order if on[j]]
 
 
 def format_table(results: list[ImageResult]) -> str:

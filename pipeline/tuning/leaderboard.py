@@ -54,7 +54,7 @@ class SearchRun:
 
     def refit_lines(self) -> list[str]:
         m, name = self.refit.metrics, self.refit.run_dir.name
-        what, key = ("macro mAP", "macro_map") if self.multilabel else ("accuracy", "accuracy")
+        what, key = "macro mAP" if self.multilabel else "accuracy", m.score_key
         scores = " · ".join(
             f"{split} {what} {acc:.4f}"
             for split, acc in ((s, m.split(s).get(key)) for s in ("val", "test"))

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.heads.fitting import Predictions
 from pipeline.heads.metrics import balanced_accuracy, macro_f1, multilabel_metrics
-from pipeline.heads.multilabel import choose_thresholds
+from pipeline.heads.multilabel import above, choose_thresholds, constant_class
 
 #: the inverse regularization strengths swept on val
 C_GRID = tuple(float(c) for c in np.logspace(-2, 4, 7))
@@ -115,9 +115,11 @@ def _fit_ovr(train: Split, c: float):
 
 def _map_scores(model, split: Split, thresholds=None) -> dict:
     """:func:`~pipeline.heads.metrics.multilabel_metrics` of ``model`` on ``split`` (0.5 thresholds: None)."""
-    P = np.asarray(model.predict_proba(split.x), np.float64)
     t = np.full(split.y.shape[1], 0.5) if thresholds is None else thresholds
-    pred = Predictions(np.arange(len(split.y)), split.y, (P >= t).astype(np.uint8), P, True)
+    if not len(split.y):  # an empty split scores 0, as the single-label probe's accuracy does
+        return {"macro_map": 0.0, "micro_map": 0.0, "macro_f1": 0.0, "proba": np.zeros(split.y.shape)}
+    P = np.asarray(model.predict_proba(split.x), np.float64)
+    pred = Predictions(np.arange(len(split.y)), split.y, above(P, t), P, True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return multilabel_metrics(pred, [str(i) for i in range(split.y.shape[1])], t) | {"proba": P}
@@ -136,12 +138,14 @@ def multilabel_sweep(train: Split, val: Split) -> tuple[float, dict, object]:
 
 def multilabel_probe(train: Split, val: Split, test: Split) -> dict[str, float | None]:
     """The multi-label protocol's scores: C by val macro mAP, thresholds on val, that model on test."""
-    counts = train.y.sum(axis=0)
-    if len(train.y) == 0 or counts.min() == 0 or counts.max() == len(train.y):
-        raise ValueError(f"class {int(np.argmin(counts))} is not both present and absent in the train split")
+    if len(train.y) == 0:
+        raise ValueError("the train split is empty")
+    bad = constant_class(train.y)
+    if bad is not None:
+        raise ValueError(f"class {bad} is not both present and absent in the train split")
     c, val_scores, model = multilabel_sweep(train, val)
     thresholds = choose_thresholds(val.y, val_scores["proba"])
-    test_scores = _map_scores(model, test, thresholds) if len(test.y) else {}
+    test_scores = _map_scores(model, test, thresholds)
     return {
         "C": c,
         "val_accuracy": None,
@@ -167,7 +171,7 @@ def multilabel_k_shot(train: Split, val: Split, test: Split, k: int, seeds: int)
     for seed in range(seeds):
         rows = multilabel_shot_rows(train.y, k, seed)
         _, _, model = multilabel_sweep(Split(train.x[rows], train.y[rows]), val)
-        scores.append(_map_scores(model, test)["macro_map"] if len(test.y) else 0.0)
+        scores.append(_map_scores(model, test)["macro_map"])
     return {"mean": float(np.mean(scores)), "std": float(np.std(scores))}
 
 

@@ -149,17 +149,23 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
     return key, shared.prepared[key]
 
 
-def _fit_predict(shared: WorkerState, cand: Candidate, prep_key, prep, X_eval) -> np.ndarray:
+def _fit_predict(
+    shared: WorkerState, cand: Candidate, prep_key, prep, X_eval
+) -> tuple[np.ndarray, list[str]]:
     """Predictions of ``cand`` fitted on prepared rows (labels; N×C scores on a multi-label cache),
-    continuing the path its head left on them."""
+    continuing the path its head left on them, and the solver warnings a multi-label fit recorded."""
     from pipeline.heads.paths import fit_predict_on_path, fit_scores_on_path, path_group
 
     path_key = (prep_key, cand.head, path_group(cand.head, cand.params))
-    step = fit_scores_on_path if shared.plan.multilabel else fit_predict_on_path
-    y_pred, kept = step(cand.head, cand.params, prep, X_eval, shared.paths.get(path_key), shared.seed)
+    args = (cand.head, cand.params, prep, X_eval, shared.paths.get(path_key), shared.seed)
+    notes: list[str] = []
+    if shared.plan.multilabel:
+        y_pred, kept, notes = fit_scores_on_path(*args)
+    else:
+        y_pred, kept = fit_predict_on_path(*args)
     if kept is not None:
         shared.paths[path_key] = kept
-    return y_pred
+    return y_pred, notes
 
 
 def shared_trial(
@@ -175,8 +181,8 @@ def shared_trial(
             prep_key, (prep, X_eval, y_eval) = _prepared(shared, cand, fold, fraction)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                y_pred = _fit_predict(shared, cand, prep_key, prep, X_eval)
-            notes += [n for n in _warning_notes(caught) if n not in notes]
+                y_pred, recorded = _fit_predict(shared, cand, prep_key, prep, X_eval)
+            notes += [n for n in _warning_notes(caught) + recorded if n not in notes]
             _add(scores, fold_scores(y_eval, y_pred, shared.plan.multilabel))
             accs = next(iter(scores.values()))  # the score of each fold so far
             if leader is not None and fold + 1 < n_folds and float(np.mean(accs)) < leader - PRUNE_MARGIN:

@@ -30,6 +30,8 @@ class FeatureModel:
     dims: dict[str, int]
     map_shapes: dict[str, list[int]] = field(default_factory=dict)  # pre-pooling shape of each layer
     prefix_tokens: int | None = None  # a KerasHub token model: CLS + register tokens before the patches
+    #: what it was built from (:func:`built_from`): an extraction handed this model checks it is its own
+    settings: dict = field(default_factory=dict)
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     def weights_digest(self) -> str:
@@ -142,7 +144,48 @@ def build_feature_model(cfg: BackboneConfig, precision: str = "float32") -> Feat
 
     ``precision`` ``mixed_float16`` builds it to compute in float16 (features come back as float32)."""
     with dtype_policy(precision):
-        return _build(cfg)
+        fm = _build(cfg)
+    fm.settings = built_from(cfg, precision, fm.layers, fm.image_size)
+    return fm
+
+
+def built_from(cfg: BackboneConfig, precision: str, layers: list[str], image_size: int) -> dict:
+    """The settings a feature model's features depend on (``resize`` is not one: it acts before the model),
+    ``layers`` and ``image_size`` as resolved; ``asked_layers`` as given (empty: the backbone's default)."""
+    return {
+        "name": get_spec(cfg.name).name,
+        "weights": cfg.weights,
+        "layers": list(layers),
+        "asked_layers": list(cfg.layers),
+        "pooling": cfg.pooling,
+        "image_size": int(image_size),
+        "precision": precision,
+    }
+
+
+def check_built_from(fm: FeatureModel, cfg: BackboneConfig, precision: str) -> None:
+    """Refuse a model built from other settings than ``cfg`` and ``precision``: its features would go into a
+    cache named by ``cfg``'s fingerprint."""
+    have = fm.settings
+    if not have:
+        raise FeatcacheError("feature_model: not built by build_feature_model (its settings are unknown)")
+    spec = get_spec(cfg.name)
+    want = {
+        "name": spec.name,
+        "weights": cfg.weights,
+        "layers": list(cfg.layers) if cfg.layers else have["layers"],
+        "pooling": cfg.pooling,
+        "image_size": int(cfg.image_size or spec.default_size),
+        "precision": precision,
+    }
+    if not cfg.layers and have["asked_layers"]:
+        want["layers"] = []  # the default layer asked, a named one built: not the same request
+    for key, value in want.items():
+        if have[key] != value:
+            raise FeatcacheError(
+                f"feature_model was built with {key} {have[key]!r}, this extraction needs {value!r} "
+                "(build it from the same [backbone] and extract.precision)"
+            )
 
 
 def _build(cfg: BackboneConfig) -> FeatureModel:
