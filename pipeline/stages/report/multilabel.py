@@ -4,7 +4,8 @@ F1, support), precision-recall curves per class on test, and the test images wit
 (the multi-label counterpart of the confusion matrix and the most confidently wrong images).
 
 A run's ``metrics.json`` holds its scores but not its per-image test scores, so the curves and the worst
-images come from the run's model on the cache's test rows (loaded after its manifest is verified)."""
+images come from the run's stage-2 model on the cache's test rows (loaded after its manifest is verified);
+a fine-tuned run's model reads images, and the report never runs the backbone, so it has neither."""
 
 from __future__ import annotations
 
