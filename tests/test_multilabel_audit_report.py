@@ -275,3 +275,94 @@ def test_report_shows_the_newest_compare_beside_the_cache(compared):
     assert "accuracy vs cost" in Tables(again.read_text(encoding="utf-8")).imgs
     with pytest.raises(FeatcacheError, match="--compare .*: no leaderboard.json"):
         report(cfg, out=again, compare=str(root))
+
+
+def test_multilabel_report_shows_search_trials_failures_and_a_keras_head(noisy):
+    """Search trials on a multi-label cache show their val macro mAP (a failed one says so in that column);
+    a Keras head's section calls it a sigmoid per class (not one-vs-rest) and draws its curves."""
+    from pipeline.stages.report import report
+    from pipeline.stages.search import search
+    from pipeline.stages.train import train
+    from pipeline.utils.runs import read_metrics
+
+    tmp, _, _, _ = noisy
+    runs = {"train.runs_dir": str(tmp / "runs-search")}
+    space = tmp / "space.toml"
+    space.write_text('[[heads]]\nname = "logistic"\nparams = { C = [0.01, 0.1, -1.0] }\n')
+    found = search(
+        _cfg(tmp, **runs, **{"search.space": str(space), "search.n_jobs": 1, "search.refit": False})
+    )
+    keras = train(_cfg(tmp, **runs), head="keras_linear", train__params={"epochs": 3}).run_dir
+    out = tmp / "ml-search.html"
+    rep = report(_cfg(tmp, **runs), out=out, run=keras.name, thumbnails=0, map_rows=50, tsne_rows=0)
+
+    board = Tables(out.read_text(encoding="utf-8")).tables["leaderboard"]
+    head, rows = board["rows"][0], {r[0]: r for r in board["rows"][1:]}
+    col = head.index("val macro mAP")
+    trials = {f"{found.dir.name}/{t['key'][:8]}": t for t in found.leaderboard}
+    assert len(trials) == 3 and set(trials) <= set(rows)
+    ok = [t for t in trials.values() if t["status"] == "ok"]
+    assert len(ok) == 2 and all(0 < t["score"] <= 1 for t in ok)
+    for rid, t in trials.items():
+        cell = rows[rid][col]
+        assert cell == ("failed" if t["status"] != "ok" else f"{t['score']:.4f}"), (rid, t)
+    m = read_metrics(keras)
+    assert rows[keras.name][col] == f"{m['val']['macro_map']:.4f}"
+    assert rows[keras.name][head.index("test macro mAP")] == f"{m['test']['macro_map']:.4f}"
+    assert rows[keras.name][head.index("test micro mAP")] == f"{m['test']['micro_map']:.4f}"
+    assert rep.best == keras.name and rep.detailed == [keras.name]
+
+    text = out.read_text(encoding="utf-8")
+    assert "keras_linear" in text and "(a sigmoid per class)" in text and "(one-vs-rest)" not in text
+    assert "precision-recall curves" in Tables(text).imgs and not rep.notes
+    assert "search trials scored by" not in text  # val macro mAP is what the column says
+
+
+def test_report_shows_a_multilabel_compare_of_this_cache_only(noisy, compared):
+    """A multi-label compare beside the cache is shown by mAP; a newer compare of another dataset (the
+    digits one, copied beside) is not; a newer broken leaderboard is a note on the page, not an error,
+    unless named with --compare."""
+    import os
+
+    import pipeline
+    from pipeline.stages.report import report
+    from pipeline.utils.errors import FeatcacheError
+
+    tmp, _, _, cache = noisy
+    cands = tmp / "candidates.toml"
+    cands.write_text('[[candidate]]\nname = "efficientnet_lite0"\nimage_size = 32\n')
+    result = pipeline.compare(
+        data=str(tmp / "data" / "labels.csv"), cache_dir=str(tmp / "cache"), candidates=str(cands),
+        extract__progress=False,
+    )  # fmt: skip
+    assert {Path(r["cache"]).resolve() for r in result.rows} == {Path(cache).resolve()}
+    other = tmp / "cache" / "compare-digits"
+    shutil.copytree(compared[1].dir, other)
+    broken = tmp / "cache" / "compare-broken"
+    broken.mkdir()
+    (broken / "leaderboard.json").write_text('{"candidates": [', encoding="utf-8")
+    newest = (result.dir / "leaderboard.json").stat().st_mtime_ns
+    os.utime(other / "leaderboard.json", ns=(newest + 10**9, newest + 10**9))
+    os.utime(broken / "leaderboard.json", ns=(newest + 2 * 10**9, newest + 2 * 10**9))
+
+    out = tmp / "ml-compare.html"
+    rep = report(_cfg(tmp), out=out, thumbnails=0, map_rows=50, tsne_rows=0)
+    text = out.read_text(encoding="utf-8")
+    page = Tables(text)
+    table = page.tables["compare"]
+    head, rows = table["rows"][0], table["rows"][1:]
+    assert head[4:7] == ["val mAP", "test mAP", "test micro mAP"] and "val acc" not in head
+    saved = json.loads((result.dir / "leaderboard.json").read_text())["candidates"]
+    assert [r[1] for r in rows] == [s["label"] for s in saved]
+    for r, s in zip(rows, saved, strict=True):
+        assert [float(x) for x in r[4:7]] == pytest.approx(
+            [s["val_map"], s["test_map"], s["micro_map"]], abs=5e-5
+        )
+    assert result.dir.name in text and "compare-digits" not in text
+    assert "best first by val macro mAP" in text and "by val accuracy" not in text
+    assert _png(page.imgs["mAP vs cost"]).format == "PNG"
+    assert [n for n in rep.notes if "compare-broken" in n and "unreadable" in n]
+    assert "compare-broken" in text  # the note is on the page too
+
+    with pytest.raises(FeatcacheError, match="compare-broken.*unreadable"):
+        report(_cfg(tmp), out=out, compare=str(broken))

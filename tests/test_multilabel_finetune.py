@@ -185,3 +185,27 @@ def test_a_tflite_model_whose_sidecar_has_other_classes_is_refused(ml, exported,
     with pytest.raises(FeatcacheError, match="3 class thresholds, the model has 4 outputs") as e:
         predict(str(tmp_path / "model.tflite"), [image], _cfg(ml["tmp"]))
     assert "\n" not in str(e.value)
+
+
+def test_report_of_a_finetuned_multilabel_run_says_why_it_has_no_curves(ml, finetuned, tmp_path):
+    """A fine-tuned run's model reads images, so the report (which never runs the backbone) draws no
+    precision-recall curves for it and says why; its scores and per-class table are still shown, and the
+    stage-2 run it came from still gets its curves."""
+    from pipeline.stages.report import report
+    from pipeline.stages.report.multilabel import FINETUNE_NO_CURVES
+    from tests.test_multilabel_audit_report import Tables
+
+    out = tmp_path / "ft.html"
+    run_dir = finetuned.run_dir
+    rep = report(_cfg(ml["tmp"]), out=out, run=run_dir.name, thumbnails=0, map_rows=50, tsne_rows=0)
+    text = out.read_text(encoding="utf-8")
+    page = Tables(text)
+    assert rep.detailed[0] == run_dir.name
+    assert any(h.startswith(f"Fine-tuned run {run_dir.name} (") for h in page.headings)
+    start = text.index(f"Fine-tuned run {run_dir.name}")
+    ft_section = text[start : text.find("<h2>", start)]
+    assert "fine-tuned end to end, a sigmoid per class" in ft_section and "one-vs-rest" not in ft_section
+    assert FINETUNE_NO_CURVES in ft_section.replace("&#x27;", "'") and "per-class" in page.tables
+    assert "test scores unavailable" not in text
+    if rep.best != run_dir.name:  # the stage-2 run, best on val, is scored from its own model
+        assert "precision-recall curves" in page.imgs

@@ -191,23 +191,29 @@ def plot_search(
 
 
 def plot_pr_curves(
-    path: Path | BinaryIO, Y: np.ndarray, P: np.ndarray, class_names: Sequence[str], title: str
+    path: Path | BinaryIO,
+    Y: np.ndarray,
+    P: np.ndarray,
+    class_names: Sequence[str],
+    aps: Sequence[float | None],
+    title: str,
 ) -> None:
     """One precision-recall curve per class of a multi-label split (``Y`` N×C multi-hot, ``P`` scores), its
-    AP in the legend; a class without a positive row has no curve."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
+    average precision (``aps``, as the run's metrics measured it) in the legend; a class without a positive
+    row has no curve."""
+    from sklearn.metrics import precision_recall_curve
 
     plt = _plt()
     n = len(class_names)
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
-    for c, name in enumerate(class_names):
+    for c, (name, ap) in enumerate(zip(class_names, aps, strict=True)):
         if not Y[:, c].any():
             continue
         prec, rec, _ = precision_recall_curve(Y[:, c], P[:, c])
-        ap = average_precision_score(Y[:, c], P[:, c])
         colour = cmap(c) if n <= 20 else cmap(c / max(1, n - 1))
-        ax.step(rec, prec, where="post", color=colour, label=f"{name} (AP {ap:.3f})")
+        label = f"{name} (AP {ap:.3f})" if ap is not None else name
+        ax.step(rec, prec, where="post", color=colour, label=label)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
@@ -221,10 +227,15 @@ def plot_pr_curves(
 
 
 def plot_accuracy_cost(
-    path: Path | BinaryIO, points: Sequence[dict[str, Any]], axes_keys: Sequence[tuple[str, str]], title: str
+    path: Path | BinaryIO,
+    points: Sequence[dict[str, Any]],
+    axes_keys: Sequence[tuple[str, str]],
+    title: str,
+    score: str = "test accuracy",
 ) -> None:
-    """Accuracy against a cost, one panel per ``(key, axis label)`` of ``axes_keys``: every point is a dict
-    with ``label``, ``accuracy`` and those keys (a point without a key's value is left off that panel)."""
+    """A score against a cost, one panel per ``(key, axis label)`` of ``axes_keys``: every point is a dict
+    with ``label``, ``accuracy`` (the score, ``score`` on its axis: test accuracy, or a multi-label cache's
+    test macro mAP) and those keys (a point without a key's value is left off that panel)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(axes_keys), figsize=(5.6 * len(axes_keys), 4.2), squeeze=False)
     for ax, (key, xlabel) in zip(axes[0], axes_keys, strict=True):
@@ -242,7 +253,7 @@ def plot_accuracy_cost(
             ax.set_xscale("log")
         ax.margins(x=0.15, y=0.12)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(score)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

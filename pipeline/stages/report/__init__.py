@@ -4,8 +4,8 @@
     leaderboard of train runs, fine-tuned runs and search trials (sortable: click a column header)
     for the best run on val (and ``--run``): per-class precision/recall/F1, confusion matrices,
         learning curves, thumbnails of the most confidently wrong test images
-    the leaderboard of the newest ``featcache compare`` beside the cache (or ``--compare``), with test
-        accuracy against extraction cost
+    the leaderboard of the newest ``featcache compare`` beside the cache that compared it (or ``--compare``),
+        with test accuracy (macro mAP, multi-label) against extraction cost
     a 2-D map of the cached features (PCA; t-SNE on a sample), coloured by class
 
 A multi-label cache gets the same page measured as multi-label (:mod:`.multilabel`): mAP in the
@@ -96,8 +96,8 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     if out.is_dir():
         raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. {out / 'report.html'}")
     say = _progress(cfg)
-    notes: list[str] = []
     compared = find_compare(cache_path, r.compare)
+    notes: list[str] = list(compared.notes)
     with FeatureCache(cache_path) as cache:
         multilabel = cache.multilabel
         rows = list_runs(root, cache.fingerprint)
@@ -113,7 +113,7 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
         sections = [header(cache, cache_path, root), cache_section(cache, cache_path)]
         scores = {d: test_scores(d, cache) for d in detail} if multilabel else {}
         keys = list(cache.keys) if multilabel else []
-    columns = {"columns": MULTILABEL_COLUMNS} if multilabel else {}
+    columns = {"columns": MULTILABEL_COLUMNS, "metric": "val macro mAP"} if multilabel else {}
     sections.append(leaderboard(board, best["id"] if best else None, **columns))
     shown = 0
     for d in detail:
@@ -125,7 +125,7 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
             html_, n = run_section(d, meta, r.thumbnails, notes, is_best)
         sections.append(html_)
         shown += n
-    if compared is not None:
+    if compared.folder is not None or compared.notes:
         sections.append(compare_section(compared, cache_path))
     sections.append(map_section(fmap, layer, n_map))
     out.parent.mkdir(parents=True, exist_ok=True)

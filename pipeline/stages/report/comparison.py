@@ -1,10 +1,12 @@
 """The report's backbone comparison: the leaderboard ``featcache compare`` wrote (``leaderboard.json`` in
-``<cache_dir>/compare-<id>/``, read as a file: the report never imports another stage) and test accuracy
-against extraction cost, one labelled point per candidate and layer."""
+``<cache_dir>/compare-<id>/``, read as a file: the report never imports another stage) and the test score
+against extraction cost, one labelled point per candidate and layer. A multi-label cache's compare ranks by
+val macro mAP (its rows carry ``val_map``, ``test_map`` and ``micro_map``, no accuracy), and so does its table."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,27 @@ _COLS = (
     ("cpu_seconds", "CPU s", 1),
     ("cache_bytes", "cache MB", 1),
 )
+#: a multi-label compare's scores, where a single-label one shows accuracy
+_MAP_COLS = {
+    "val_accuracy": [("val_map", "val mAP", 4)],
+    "test_accuracy": [("test_map", "test mAP", 4), ("micro_map", "test micro mAP", 4)],
+}
+_MULTILABEL_COLS = tuple(c for col in _COLS for c in _MAP_COLS.get(col[0], [col]))
 
 
-def find_compare(cache_path: Path, chosen: str) -> Path | None:
-    """The compare folder to show: ``chosen`` (a folder or its leaderboard.json), else the newest
-    ``compare-*/`` with a leaderboard beside the cache; None when there is none."""
+@dataclass
+class Compared:
+    """The compare shown (its folder and rows; None when there is none) and why others were not."""
+
+    folder: Path | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def find_compare(cache_path: Path, chosen: str) -> Compared:
+    """The compare to show: ``chosen`` (a folder or its leaderboard.json: anything wrong with it is an
+    error), else the newest ``compare-*/`` beside the cache whose rows include this cache (one that cannot
+    be read is a note, not an error: the report does not depend on it)."""
     if chosen:
         p = Path(chosen).expanduser()
         folder = p.parent if p.name == LEADERBOARD else p
@@ -39,9 +57,21 @@ def find_compare(cache_path: Path, chosen: str) -> Path | None:
             raise FeatcacheError(
                 f"--compare {chosen}: no {LEADERBOARD} there (a `featcache compare` folder?)"
             )
-        return folder
+        return Compared(folder, read_compare(folder))
+    here = Path(cache_path).resolve()
     found = [p.parent for p in Path(cache_path).parent.glob(f"compare-*/{LEADERBOARD}")]
-    return max(found, key=lambda p: ((p / LEADERBOARD).stat().st_mtime_ns, p.name)) if found else None
+    found.sort(key=lambda p: ((p / LEADERBOARD).stat().st_mtime_ns, p.name), reverse=True)
+    out = Compared()
+    for folder in found:
+        try:
+            rows = read_compare(folder)
+        except FeatcacheError as e:
+            out.notes.append(f"compare not shown: {e}")
+            continue
+        if any(r.get("cache") and Path(str(r["cache"])).resolve() == here for r in rows):
+            out.folder, out.rows = folder, rows
+            break
+    return out
 
 
 def read_compare(folder: Path) -> list[dict[str, Any]]:
@@ -55,20 +85,26 @@ def read_compare(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def compare_section(folder: Path, cache_path: Path) -> str:
-    """The leaderboard table and the accuracy-vs-cost plot."""
+def compare_section(compared: Compared, cache_path: Path) -> str:
+    """The leaderboard table and the score-vs-cost plot; the notes on compares not shown."""
     from pipeline.utils.plots import plot_accuracy_cost
 
-    rows = read_compare(folder)
+    notes = "".join(f'<p class="note">{escape(n)}</p>' for n in compared.notes)
+    if compared.folder is None:
+        return f"<h2>Backbone comparison</h2>{notes}" if notes else ""
+    folder, rows = compared.folder, compared.rows
+    multilabel = any("val_map" in r for r in rows)
+    cols = _MULTILABEL_COLS if multilabel else _COLS
+    score, score_key = ("test macro mAP", "test_map") if multilabel else ("test accuracy", "test_accuracy")
     here = str(Path(cache_path).resolve())
     head = "".join(
         f'<th data-key="{k}" data-type="{"text" if d is None else "num"}">{escape(h)}</th>'
-        for k, h, d in _COLS
+        for k, h, d in cols
     )
     body = []
     for r in rows:
         cells = []
-        for k, _, d in _COLS:
+        for k, _, d in cols:
             v = r.get(k)
             if k == "cache_bytes" and isinstance(v, (int, float)):
                 v = v / 2**20
@@ -78,7 +114,7 @@ def compare_section(folder: Path, cache_path: Path) -> str:
     points = [
         {
             "label": f"{r.get('label')} · {r.get('layer')}",
-            "accuracy": r.get("test_accuracy"),
+            "accuracy": r.get(score_key),
             "images_per_second": r.get("images_per_second"),
             "cpu_seconds": r.get("cpu_seconds"),
         }
@@ -89,13 +125,14 @@ def compare_section(folder: Path, cache_path: Path) -> str:
         for k, label in (("images_per_second", "extraction images / s"), ("cpu_seconds", "extraction CPU s"))
         if any(isinstance(p[k], (int, float)) for p in points)
     ]
-    title = f"{folder.name}: test accuracy against extraction cost"
-    pic = img(plot(plot_accuracy_cost, points, panels, title), "accuracy vs cost") if panels and rows else ""
+    title = f"{folder.name}: {score} against extraction cost"
+    alt = "mAP vs cost" if multilabel else "accuracy vs cost"
+    pic = img(plot(plot_accuracy_cost, points, panels, title, score), alt) if panels and rows else ""
     return (
-        f'<h2>Backbone comparison</h2><p class="sub">the leaderboard of <code>featcache compare</code> in'
+        f'<h2>Backbone comparison</h2>{notes}<p class="sub">the leaderboard of <code>featcache compare</code> in'
         f" <code>{escape(str(folder))}</code>: one linear probe per candidate and cached layer, best first by"
-        " val accuracy; the row of this report's cache is highlighted. Images/s and CPU seconds are those of"
-        " the run that extracted each cache.</p>"
+        f" {'val macro mAP' if multilabel else 'val accuracy'}; the row of this report's cache is highlighted."
+        " Images/s and CPU seconds are those of the run that extracted each cache.</p>"
         f'<div class="scroll"><table class="sortable" id="compare"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>{pic}"
     )

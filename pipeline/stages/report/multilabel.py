@@ -4,7 +4,8 @@ F1, support), precision-recall curves per class on test, and the test images wit
 (the multi-label counterpart of the confusion matrix and the most confidently wrong images).
 
 A run's ``metrics.json`` holds its scores but not its per-image test scores, so the curves and the worst
-images come from the run's model on the cache's test rows (loaded after its manifest is verified)."""
+images come from the run's stage-2 model on the cache's test rows (loaded after its manifest is verified);
+a fine-tuned run's model reads images, and the report never runs the backbone, so it has neither."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ from pipeline.stages.report.html import dl, fmt, img, num, plot
 from pipeline.stages.report.sections import COLUMNS as SINGLE_LABEL_COLUMNS
 from pipeline.stages.report.sections import read_thumbnails
 from pipeline.utils.errors import FeatcacheError
-from pipeline.utils.runs import read_metrics
+from pipeline.utils.runs import best_run, read_metrics
+
+#: why a fine-tuned run has no curves: its model reads images, and the report never runs the backbone
+FINETUNE_NO_CURVES = (
+    "a fine-tuned run's model is the backbone and head together and scores images, not cached features;"
+    " the report does not run the backbone, so its per-class scores above are those `featcache finetune`"
+    " measured"
+)
 
 #: the leaderboard's columns on a multi-label cache: mAP where a single-label cache shows accuracy
 MAP_COLUMNS = {
@@ -34,16 +42,19 @@ COLUMNS = tuple(c for col in SINGLE_LABEL_COLUMNS for c in MAP_COLUMNS.get(col[0
 
 
 def multilabel_board(board: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The leaderboard rows with each run's val/test macro mAP and test micro mAP (from its metrics.json)."""
+    """The leaderboard rows with each run's val/test macro mAP (its row's, from :func:`run_row`) and test
+    micro mAP (from its metrics.json); a search trial's val macro mAP is its score."""
     out = []
     for r in board:
-        m = read_metrics(r["path"], missing_ok=True) if r["kind"] in ("train", "finetune") else {}
-        val, test = (m.get("val") or {}), (m.get("test") or {})
+        if r["kind"] == "trial":  # scored by val (or CV) macro mAP, carried as the trial's score
+            out.append({**r, "val_macro_map": r.get("val_accuracy"), "test_macro_map": None})
+            continue
+        test = read_metrics(r["path"], missing_ok=True).split("test")
         out.append(
             {
                 **r,
-                "val_macro_map": val.get("macro_map"),
-                "test_macro_map": test.get("macro_map"),
+                "val_macro_map": r.get("val_macro_map"),
+                "test_macro_map": r.get("test_macro_map"),
                 "test_micro_map": test.get("micro_map"),
             }
         )
@@ -51,11 +62,10 @@ def multilabel_board(board: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def best_multilabel(board: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The run with the best val macro mAP (test never chooses); newest on ties, or the newest without val."""
-    cands = [r for r in board if r["kind"] in ("train", "finetune")]
-    if not cands:
-        return None
-    return max(cands, key=lambda r: (r.get("val_macro_map") or 0.0, r["created"], r["id"]))
+    """:func:`best_run`'s choice (train and fine-tuned runs, val never test, newest on ties) by val macro mAP."""
+    runs = [r for r in board if r["kind"] in ("train", "finetune")]
+    best = best_run([{**r, "val_accuracy": r.get("val_macro_map")} for r in runs])
+    return next(r for r in runs if r["id"] == best["id"]) if best else None
 
 
 def test_scores(run_dir: Path, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
@@ -64,6 +74,8 @@ def test_scores(run_dir: Path, cache) -> tuple[np.ndarray, np.ndarray, np.ndarra
     from pipeline.heads.persist import load_model
 
     m = read_metrics(run_dir)
+    if m.kind == "finetune":
+        return FINETUNE_NO_CURVES
     rows = cache.rows("test")
     if not len(rows):
         return "the test split is empty"
@@ -86,10 +98,12 @@ def multilabel_run_section(
 
     m = read_metrics(run_dir)
     names = m.class_names
+    kind = "Fine-tuned run" if m.kind == "finetune" else "Run"
     label = "best on val (macro mAP)" if is_best else "chosen with --run"
     val, test = m.get("val") or {}, m.get("test") or {}
+    how = _head_kind(m)
     info = [
-        ("head", f"{m.get('head')} {json.dumps(m.get('params') or {}, sort_keys=True)} (one-vs-rest)"),
+        ("head", f"{m.get('head')} {json.dumps(m.get('params') or {}, sort_keys=True)}" + (f" ({how})" if how else "")),
         ("layer · transforms", f"{m.get('layer')} · {' → '.join(m.get('transforms') or []) or 'none'}"),
         ("macro mAP", f"val {fmt(val.get('macro_map'))} · test {fmt(test.get('macro_map'))}"
          f" (label-frequency baseline {fmt(test.get('map_baseline'))})"),
@@ -101,8 +115,10 @@ def multilabel_run_section(
         ("created", m.get("created")),
         ("folder", str(run_dir)),
     ]  # fmt: skip
+    if m.kind == "finetune":
+        info.insert(0, ("fine-tuned from", Path(m.get("source_run", "?")).name))
     parts = [
-        f'<h2>Run {escape(run_dir.name)} <span class="sub">({label}, multi-label)</span></h2>',
+        f'<h2>{kind} {escape(run_dir.name)} <span class="sub">({label}, multi-label)</span></h2>',
         dl(info),
         _per_class(m, names),
     ]
@@ -112,14 +128,34 @@ def multilabel_run_section(
         return "\n".join(parts), 0
     rows, Y, P = scores
     title = f"{m.get('head')} · test · macro mAP {fmt(test.get('macro_map'))}"
+    aps = _test_aps(m, names, Y, P)
     parts.append(
         '<h3>Precision-recall curves (test)</h3><p class="sub">one curve per class, from the run\'s scores'
         " of the test images; the legend gives each class's average precision.</p>"
-        + img(plot(plot_pr_curves, Y, P, names, title), "precision-recall curves")
+        + img(plot(plot_pr_curves, Y, P, names, aps, title), "precision-recall curves")
     )
     thumbs, n = _worst_rows(run_dir, rows, Y, P, m.thresholds, keys, names, meta, n_thumbs, notes)
     parts.append(thumbs)
     return "\n".join(parts), n
+
+
+def _head_kind(m) -> str:
+    """How the run scores each class, from its head's name (and whether it was fine-tuned)."""
+    from pipeline.heads.multilabel import NATIVE_HEADS, OVR_HEADS
+
+    if m.kind == "finetune":
+        return "fine-tuned end to end, a sigmoid per class"
+    return "one-vs-rest" if m.head in OVR_HEADS else "a sigmoid per class" if m.head in NATIVE_HEADS else ""
+
+
+def _test_aps(m, names: list[str], Y: np.ndarray, P: np.ndarray) -> list[float | None]:
+    """Each class's test AP as the run measured it (the per-class table's), else from its scores."""
+    from pipeline.heads.metrics import class_aps
+
+    per_class = m.split("test").get("per_class") or {}
+    if all(name in per_class for name in names):
+        return [per_class[name].get("ap") for name in names]
+    return [None if np.isnan(a) else float(a) for a in class_aps(Y, P)]
 
 
 def _per_class(m: dict[str, Any], names: list[str]) -> str:
@@ -150,7 +186,9 @@ def _per_class(m: dict[str, Any], names: list[str]) -> str:
 
 def _worst_rows(run_dir, rows, Y, P, thresholds, keys, names, meta, n: int, notes) -> tuple[str, int]:
     """The test images with the most wrong labels at the thresholds, the most confidently wrong first."""
-    wrong = Y != (P >= np.asarray(thresholds)[None, :])
+    from pipeline.heads.multilabel import above
+
+    wrong = Y != above(P, thresholds)
     # how far each wrong label's score is on the wrong side: |y - p| summed over the wrong labels
     badness = (np.abs(Y - P) * wrong).sum(axis=1)
     order = [int(i) for i in np.argsort(-badness, kind="stable") if wrong[i].any()][: max(0, n)]

@@ -121,7 +121,9 @@ COLUMNS = (
 
 
 def _board_row(r: dict[str, Any], best_id: str | None, columns) -> str:
-    cls = "best" if r["id"] == best_id else "failed" if r.get("status") not in (None, "ok") else ""
+    failed = r.get("status") not in (None, "ok")
+    cls = "best" if r["id"] == best_id else "failed" if failed else ""
+    score = next((key for key, _, kind in columns if kind == "num"), None)  # a failed trial says so here
     cells = []
     for key, _, kind in columns:
         v = r.get(key)
@@ -129,7 +131,7 @@ def _board_row(r: dict[str, Any], best_id: str | None, columns) -> str:
             v = json.dumps(v, sort_keys=True) if v else "{}"
         if key == "resource" and v is None:
             v = 1.0
-        if key == "val_accuracy" and r.get("status") not in (None, "ok"):
+        if key == score and failed:
             cells.append(f'<td class="n" data-v="" title="{escape(r.get("error") or "")}">failed</td>')
         elif kind == "num":
             cells.append(num(v, 2 if key in ("seconds", "resource") else 4))
@@ -139,13 +141,16 @@ def _board_row(r: dict[str, Any], best_id: str | None, columns) -> str:
     return f'<tr class="{cls}">' + "".join(cells) + "</tr>"
 
 
-def leaderboard(board: list[dict[str, Any]], best_id: str | None, columns=COLUMNS) -> str:
-    """The sortable table of every run and trial; ``columns`` are ``(row key, header, "num" or "text")``."""
+def leaderboard(
+    board: list[dict[str, Any]], best_id: str | None, columns=COLUMNS, metric: str = "val accuracy"
+) -> str:
+    """The sortable table of every run and trial; ``columns`` are ``(row key, header, "num" or "text")``,
+    the first ``num`` one the val score (``metric``: trials scored otherwise get a note)."""
     if not board:
         return "<h2>Leaderboard</h2><p>no runs yet: <code>featcache train</code> or <code>featcache search</code>.</p>"
     head = "".join(f'<th data-key="{k}" data-type="{t}">{escape(label)}</th>' for k, label, t in columns)
     body = "\n".join(_board_row(r, best_id, columns) for r in board)
-    cv = sorted({r["metric"] for r in board if r["kind"] == "trial" and r.get("metric") != "val accuracy"})
+    cv = sorted({r["metric"] for r in board if r["kind"] == "trial" and r.get("metric") != metric})
     note = (
         f'<p class="sub">search trials scored by {escape(", ".join(cv))} show it in the val column.</p>'
         if cv
