@@ -95,12 +95,17 @@ def k_shot_rows(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def k_shot(train: Split, val: Split, test: Split, k: int, seeds: int) -> dict[str, float]:
-    """Test accuracy of k-shot probes (C chosen on val each time): mean and std over ``seeds`` draws."""
+    """Test accuracy (multi-label rows: macro mAP) of k-shot probes, C chosen on val each time: mean and std
+    over ``seeds`` draws."""
+    multi = train.y.ndim == 2
     scores = []
     for seed in range(seeds):
-        rows = k_shot_rows(train.y, k, seed)
-        _, _, model = sweep(Split(train.x[rows], train.y[rows]), val)
-        scores.append(_accuracy(model, test))
+        rows = (multilabel_shot_rows if multi else k_shot_rows)(train.y, k, seed)
+        few = Split(train.x[rows], train.y[rows])
+        if multi:
+            scores.append(_map_scores(multilabel_sweep(few, val)[2], test)["macro_map"])
+        else:
+            scores.append(_accuracy(sweep(few, val)[2], test))
     return {"mean": float(np.mean(scores)), "std": float(np.std(scores))}
 
 
@@ -165,16 +170,6 @@ def multilabel_shot_rows(Y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.unique(np.concatenate(picked))
 
 
-def multilabel_k_shot(train: Split, val: Split, test: Split, k: int, seeds: int) -> dict[str, float]:
-    """Test macro mAP of k-shot probes (C chosen on val each time): mean and std over ``seeds`` draws."""
-    scores = []
-    for seed in range(seeds):
-        rows = multilabel_shot_rows(train.y, k, seed)
-        _, _, model = multilabel_sweep(Split(train.x[rows], train.y[rows]), val)
-        scores.append(_map_scores(model, test)["macro_map"])
-    return {"mean": float(np.mean(scores)), "std": float(np.std(scores))}
-
-
 def score_layer(cache, layer: str, shots: list[int], seeds: int) -> dict:
     """The protocol on one layer of an open :class:`~pipeline.cache.store.FeatureCache`.
 
@@ -183,9 +178,9 @@ def score_layer(cache, layer: str, shots: list[int], seeds: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     train, val, test = (Split.of(*cache.xy(s, layer)) for s in ("train", "val", "test"))
-    probe, few = (multilabel_probe, multilabel_k_shot) if cache.multilabel else (linear_probe, k_shot)
+    probe = multilabel_probe if cache.multilabel else linear_probe
     with threadpool_limits(limits=1, user_api="blas"):
         out: dict = probe(train, val, test)
-        out["shots"] = {str(k): few(train, val, test, k, seeds) for k in shots}
+        out["shots"] = {str(k): k_shot(train, val, test, k, seeds) for k in shots}
     out["dim"] = int(train.x.shape[1])
     return out
