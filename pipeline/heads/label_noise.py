@@ -256,6 +256,16 @@ def out_of_fold_multilabel_proba(
     return proba
 
 
+#: standardized values are clipped to ±Z_CLIP for the per-class probes: a channel nearly constant in a fold's
+#: training rows (common at small image sizes) otherwise standardizes to |z| > 100 on one image and makes
+#: its probabilities 0.00/1.00 for every class — confident, wrong, and flagged first
+Z_CLIP = 5.0
+
+
+def _clipped(scaler, X: np.ndarray) -> np.ndarray:
+    return np.clip(scaler.transform(X), -Z_CLIP, Z_CLIP)
+
+
 def _fit_fold_ovr(X, Y, train, held_out, other, C: float, seed: int):
     from threadpoolctl import threadpool_limits
 
@@ -266,8 +276,8 @@ def _fit_fold_ovr(X, Y, train, held_out, other, C: float, seed: int):
     out_other = np.zeros((len(other), Y.shape[1]))
     with threadpool_limits(limits=1, user_api="blas"):  # as in _fit_fold: small products, busy cores
         scaler = build_transforms(["standardize"])[0][1].fit(X[train])
-        Xt, Xte = scaler.transform(X[train]), scaler.transform(X[held_out])
-        Xo = scaler.transform(X[other]) if len(other) else None
+        Xt, Xte = _clipped(scaler, X[train]), _clipped(scaler, X[held_out])
+        Xo = _clipped(scaler, X[other]) if len(other) else None
         for c in range(Y.shape[1]):
             y = Y[train, c]
             if y.min() == y.max():  # nothing to separate in this fold
