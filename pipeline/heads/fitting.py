@@ -42,6 +42,19 @@ def _sample_weight(head: Head, classes: np.ndarray, y_all: np.ndarray, y: np.nda
     return np.asarray([weights[int(i)] for i in np.searchsorted(classes, y)], np.float64)
 
 
+def warning_notes(caught, notes: list[str] | None = None, limit: int | None = 8) -> list[str]:
+    """``notes`` and one line for each distinct UserWarning or RuntimeWarning (a solver's ConvergenceWarning
+    is one) in ``caught``, at most ``limit`` lines in all: what a fit reports beside its scores."""
+    out = list(notes or [])
+    for w in caught:
+        msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
+        if issubclass(w.category, (UserWarning, RuntimeWarning)) and msg not in out:
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(msg)
+    return out
+
+
 def fit_model(
     data: Data,
     train_rows: np.ndarray,
@@ -82,14 +95,7 @@ def fit_model(
             )
         else:
             _fit_memory(data, train_rows, val_rows if has_val else None, head, steps, fitted)
-    for w in caught:
-        msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
-        if (
-            issubclass(w.category, (UserWarning, RuntimeWarning))
-            and msg not in fitted.notes
-            and len(fitted.notes) < 8
-        ):
-            fitted.notes.append(msg)
+    fitted.notes = warning_notes(caught, fitted.notes)
     fitted.model = Pipeline(steps + [("head", head.estimator)])
     fitted.history = getattr(head.estimator, "history_", None)
     fitted.seconds = time.perf_counter() - t0

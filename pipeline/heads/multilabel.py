@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.reader import Data
-from pipeline.heads.fitting import Fitted, Predictions, Prepared
+from pipeline.heads.fitting import Fitted, Predictions, Prepared, warning_notes
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import build_transforms
 from pipeline.utils.errors import FeatcacheError, first_line
@@ -80,18 +80,13 @@ def fit_prepared_multilabel(name: str, params: dict[str, Any], prep: Prepared, s
         est = OneVsRestClassifier(est)
     elif prep.X_val is not None:
         kwargs["validation_data"] = (prep.X_val, prep.y_val)
-    notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             est.fit(prep.X, prep.y, **kwargs)
         except (ValueError, TypeError) as e:
             raise FeatcacheError(f"head {name!r}: {first_line(e, 300)}") from None
-    for w in caught:
-        msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
-        if msg not in notes and len(notes) < 8:
-            notes.append(msg)
-    return head, est, notes
+    return head, est, warning_notes(caught)
 
 
 def constant_class(Y: np.ndarray) -> int | None:

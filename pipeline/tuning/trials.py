@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.heads.fitting import warning_notes
 from pipeline.heads.metrics import balanced_accuracy, macro_f1, macro_map, micro_map
 from pipeline.tuning.folds import Plan, subset_rows
 from pipeline.tuning.space import Candidate
@@ -182,7 +183,7 @@ def shared_trial(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 y_pred, recorded = _fit_predict(shared, cand, prep_key, prep, X_eval)
-            notes += [n for n in _warning_notes(caught) + recorded if n not in notes]
+            notes += [n for n in warning_notes(caught, limit=None) + recorded if n not in notes]
             _add(scores, fold_scores(y_eval, y_pred, shared.plan.multilabel))
             accs = next(iter(scores.values()))  # the score of each fold so far
             if leader is not None and fold + 1 < n_folds and float(np.mean(accs)) < leader - PRUNE_MARGIN:
@@ -199,13 +200,3 @@ def shared_trial(
     except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
         return _failed(e, t0)
     return _scored(scores, notes, t0, c0)
-
-
-def _warning_notes(caught) -> list[str]:
-    out = []
-    for w in caught:
-        if issubclass(w.category, (UserWarning, RuntimeWarning)):
-            msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
-            if msg not in out:
-                out.append(msg)
-    return out
