@@ -139,8 +139,12 @@ def label_scores(model, X: np.ndarray) -> tuple[np.ndarray, bool]:
     """N×C per-class scores in [0, 1]; True when they are ``predict_proba``, False for sigmoid margins."""
     if hasattr(model, "predict_proba"):
         return np.asarray(model.predict_proba(X), np.float64), True
-    d = np.asarray(model.decision_function(X), np.float64)
-    return 1.0 / (1.0 + np.exp(-d)), False
+    return margin_scores(model.decision_function(X)), False
+
+
+def margin_scores(d) -> np.ndarray:
+    """Per-class scores in [0, 1] of a margin head (ridge, linear SVM): the sigmoid of its margins."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(d, np.float64)))
 
 
 def choose_thresholds(Y: np.ndarray, P: np.ndarray) -> np.ndarray:

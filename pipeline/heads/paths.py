@@ -95,16 +95,13 @@ def fit_scores_on_path(
     return label_scores(est, X_eval)[0], None, notes
 
 
-def _sigmoid(d: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-d))
-
-
 def _ridge_scores(params, prep, X_eval, previous, seed):
+    from pipeline.heads.multilabel import margin_scores
     from pipeline.heads.registry import make_head
 
     make_head("ridge", params)
     path = previous if previous is not None else RidgePath(prep.X, prep.y, X_eval)
-    return _sigmoid(path.decision(float(params["alpha"]))), path, []
+    return margin_scores(path.decision(float(params["alpha"]))), path, []
 
 
 def _logistic_scores(params, prep, X_eval, previous, seed):
@@ -126,7 +123,7 @@ def _logistic_scores(params, prep, X_eval, previous, seed):
 
 
 def _linear_svm_scores(params, prep, X_eval, previous, seed):
-    from pipeline.heads.multilabel import fit_prepared_multilabel, label_scores
+    from pipeline.heads.multilabel import fit_prepared_multilabel, label_scores, margin_scores
     from pipeline.heads.registry import make_head
 
     if liblinear_is_quick(path_value("linear_svm", params), prep.X):
@@ -135,7 +132,7 @@ def _linear_svm_scores(params, prep, X_eval, previous, seed):
     make_head("linear_svm", params)
     svm = SquaredHingeSVM(**{k: v for k, v in params.items() if k in SVM_PARAMS})
     svm.fit(prep.X, prep.y, coef0=previous.W if previous is not None else None)
-    return _sigmoid(np.atleast_2d(svm.decision_function(X_eval).T).T), svm, []
+    return margin_scores(np.atleast_2d(svm.decision_function(X_eval).T).T), svm, []
 
 
 def _plain_fit(name: str, params: dict[str, Any], prep, X_eval: np.ndarray, seed: int) -> np.ndarray:
