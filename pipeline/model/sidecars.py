@@ -43,7 +43,7 @@ def thresholds_near(path: Path, names: list[str]) -> list[float] | None:
     names its classes; None for a single-label model. A sidecar that says multi-label is checked."""
     for f, info in _sidecar_files(path):
         if info.get("class_names") == names or "thresholds" in info or "task" in info:
-            return checked_thresholds(info, names, f)
+            return sidecar_thresholds(info, names, f)
     return None
 
 
@@ -61,16 +61,16 @@ def _sidecar_files(path: Path):
                     yield f, info
 
 
-def checked_thresholds(info: dict[str, Any], names: list[str] | None, f: Path) -> list[float] | None:
+def sidecar_thresholds(info: dict[str, Any], names: list[str] | None, f: Path) -> list[float] | None:
     """``task`` and ``thresholds`` of a sidecar, checked: None when it is single-label (no ``task``), else a
     threshold in [0, 1] for each of ``names``, in their order (:func:`pipeline.utils.thresholds.checked_thresholds`)."""
     from pipeline.utils.config import MULTILABEL
-    from pipeline.utils.thresholds import checked_thresholds as in_order
+    from pipeline.utils.thresholds import checked_thresholds
 
     task, t = info.get("task"), info.get("thresholds")
     if task is None and t is None:
         return None
-    return in_order(t if task == MULTILABEL else None, names, f, "sidecar")
+    return checked_thresholds(t if task == MULTILABEL else None, names, f, "sidecar")
 
 
 @dataclass
@@ -107,4 +107,4 @@ def export_info(path: Path) -> ExportInfo:
             f"{f}: not an export.json featcache wrote (class_names: a list of names, image_size: pixels, "
             f"resize: {'|'.join(RESIZE_POLICIES)})"
         )
-    return ExportInfo(names, size, resize, checked_thresholds(info, names, f))
+    return ExportInfo(names, size, resize, sidecar_thresholds(info, names, f))
