@@ -198,13 +198,9 @@ def _accuracy(
         return None, np.zeros((0, 0))
     proba = np.concatenate([run(images[i : i + batch]) for i in range(0, len(images), batch)])
     if src is not None and src.multilabel:
-        from pipeline.heads.fitting import Predictions
-        from pipeline.heads.metrics import multilabel_metrics
-        from pipeline.heads.multilabel import above
+        from pipeline.heads.metrics import macro_map
 
-        t = np.asarray(src.thresholds, np.float64)
-        pred = Predictions(np.arange(len(labels)), labels, above(proba, t), proba, True)
-        return float(multilabel_metrics(pred, src.class_names, t)["macro_map"]), proba
+        return macro_map(labels, proba), proba
     return float((proba.argmax(1) == labels).mean()), proba
 
 
