@@ -31,9 +31,16 @@ def memory_budget() -> int:
     return int(available * MEMORY_FRACTION)
 
 
-def use_streaming(mode: str, n_bytes: int, budget: int | None = None) -> bool:
-    """``memory``/``stream`` force the path; ``auto`` streams when the features exceed the budget."""
-    if mode == "memory":
+#: multi-label heads fit the whole multi-hot matrix at once, so a multi-label cache is never streamed
+MEMORY_ONLY = "multi-label heads train in memory only; set train.streaming = memory"
+
+
+def use_streaming(mode: str, n_bytes: int, budget: int | None = None, *, multilabel: bool = False) -> bool:
+    """``memory``/``stream`` force the path; ``auto`` streams when the features exceed the budget. A
+    multi-label cache is read into memory (``stream`` is refused: :data:`MEMORY_ONLY`)."""
+    if multilabel and mode == "stream":
+        raise FeatcacheError(MEMORY_ONLY)
+    if mode == "memory" or (multilabel and mode == "auto"):
         return False
     if mode == "stream":
         return True

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.reader import Data
+from pipeline.cache.reader import MEMORY_ONLY, Data
 from pipeline.heads.fitting import Fitted, Predictions, Prepared, warning_notes
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import build_transforms
@@ -27,7 +27,6 @@ OVR_HEADS = ("logistic", "linear_svm", "ridge")
 NATIVE_HEADS = ("keras_linear", "keras_mlp")
 #: the heads a multi-label cache trains
 MULTILABEL_HEADS = OVR_HEADS + NATIVE_HEADS
-MEMORY_ONLY = "multi-label heads train in memory only; set train.streaming = memory"
 
 #: What a multi-label head gets when the configuration does not say (``train.params`` wins). Each class is a
 #: binary problem on all the rows with about as many features as positives (1,280 features, ~1,000

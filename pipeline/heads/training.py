@@ -116,8 +116,7 @@ def fit_run(
         params = resolve_params(t.params, cache.class_names)
         train_rows, val_rows, test_rows = cache.rows("train"), cache.rows("val"), cache.rows("test")
         dim = int(cache.dataset(layer).shape[1])
-        in_memory = cache.multilabel and t.streaming == "auto"  # multi-label heads fit in memory
-        streamed = not in_memory and use_streaming(t.streaming, cache.n_rows * dim * 4)
+        streamed = use_streaming(t.streaming, cache.n_rows * dim * 4, multilabel=cache.multilabel)
         data = Data.from_cache(cache, layer, np.arange(cache.n_rows), streamed)
         if cache.multilabel:
             fitted, preds, scores, task = _fit_multilabel(cache, data, t, params)

@@ -38,7 +38,6 @@ from pipeline.tuning import (
     write_summary,
 )
 from pipeline.utils.config import Config, SearchConfig, resolve_config
-from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import file_lock
 from pipeline.utils.journal import TRIALS_FILE
 
@@ -70,7 +69,6 @@ def search(
     from pipeline.cache.locate import resolve_cache, runs_root
     from pipeline.cache.reader import Data, close_cache, use_streaming
     from pipeline.cache.store import FeatureCache
-    from pipeline.heads.multilabel import MEMORY_ONLY
     from pipeline.utils.plots import preload as preload_plots
 
     cfg = resolve_config(cfg, "search", **options)
@@ -80,8 +78,6 @@ def search(
         progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cache_path = resolve_cache(cfg)
     with FeatureCache(cache_path) as cache:
-        if cache.multilabel and cfg.train.streaming == "stream":
-            raise FeatcacheError(MEMORY_ONLY)  # every trial would fail
         space = load_space(s.space, cache.layer_name(cfg.train.layer), cache.multilabel)
         if s.convertible:
             space = convertible_space(space)
@@ -96,9 +92,7 @@ def search(
         notes = notes_space + notes
         layers = sorted({c.layer for c in candidates})
         n_bytes = sum(len(rows) * int(cache.dataset(layer).shape[1]) * 4 for layer in layers)
-        # multi-label heads fit in memory (``train.streaming = stream`` was refused above)
-        auto_memory = cache.multilabel and cfg.train.streaming == "auto"
-        streamed = not auto_memory and use_streaming(cfg.train.streaming, n_bytes)
+        streamed = use_streaming(cfg.train.streaming, n_bytes, multilabel=cache.multilabel)
         data = {layer: Data.from_cache(cache, layer, rows, streamed) for layer in layers}
         fingerprint = cache.fingerprint
         out = runs_root(cfg, cache_path) / f"search-{search_id(space, fingerprint, cfg)}"
