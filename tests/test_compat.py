@@ -74,20 +74,68 @@ def test_an_array_dataset_keeps_its_0_1_cache_under_the_new_default():
     assert fingerprint(feature_key(cfg, spec, digest, decodes=False)) == want["fingerprint"]
 
 
-def test_an_old_cache_is_found_and_reused_not_re_extracted(old_tree):
-    overrides = {
-        "data.source": str(old_tree / "tiny.npz"),
+def _record_source(cache: Path, source: Path) -> None:
+    """Make the 0.1 cache say it was extracted from ``source`` (it recorded the path it was written from),
+    keeping its metadata checksum valid, as 0.1 itself would have written it there."""
+    import h5py
+
+    from pipeline.cache.h5 import attrs_digest
+
+    with h5py.File(cache, "r+") as f:
+        f.attrs["source"] = str(source)
+        f.attrs["attrs_sha256"] = attrs_digest(f.attrs)
+
+
+OLD_CACHE = "tiny-efficientnet_lite0-9b4e57aab9c5.h5"
+
+
+def _old_overrides(old_tree: Path, source: Path) -> dict:
+    return {
+        "data.source": str(source),
         "extract.cache_dir": str(old_tree / "cache"),
         "backbone.image_size": "32",
+        "extract.progress": "false",
     }
-    path, _, _ = resolve_cache_path(load_config(None, overrides))
-    assert path.is_file() and path.name == "tiny-efficientnet_lite0-9b4e57aab9c5.h5"
-    with FeatureCache(path) as c:
-        assert c.fingerprint.startswith("9b4e57aab9c5") and c.n_rows == 40
+
+
+@pytest.mark.parametrize("recorded", ["this source", "a source that is gone"])
+def test_an_old_cache_of_this_source_is_found_and_reused_not_re_extracted(old_tree, recorded):
+    """A 0.1 cache has no source tag in its name: it is still this source's cache when the source it
+    recorded is this one, or no longer exists (a moved folder), and extract records its source once."""
     from pipeline.stages.extract import extract
 
-    result = extract(load_config(None, {**overrides, "extract.progress": "false"}))
-    assert (result.extracted, result.reused) == (0, 40)
+    source = old_tree / "tiny.npz"
+    _record_source(
+        old_tree / "cache" / OLD_CACHE, source if recorded == "this source" else old_tree / "gone.npz"
+    )
+    overrides = _old_overrides(old_tree, source)
+    path, _, _ = resolve_cache_path(load_config(None, overrides))
+    assert path.is_file() and path.name == OLD_CACHE
+    with FeatureCache(path) as c:
+        assert c.fingerprint.startswith("9b4e57aab9c5") and c.n_rows == 40 and "source_id" not in c.meta
+    result = extract(load_config(None, overrides))
+    assert (result.path.name, result.extracted, result.reused) == (OLD_CACHE, 0, 40)
+    with FeatureCache(path) as c:  # recorded once: from now on it is matched by its source
+        assert c.meta["source_id"] == str(source.resolve()) and c.n_rows == 40
+    assert sorted(p.name for p in (old_tree / "cache").glob("*.h5")) == [OLD_CACHE]
+
+
+def test_an_old_cache_of_another_existing_source_is_never_rebuilt_for_this_one(old_tree):
+    """Two sources named alike: the 0.1 cache recorded another ``tiny.npz`` that still exists. This one
+    gets a cache of its own (its rows copied by content, nothing extracted); the old file is untouched."""
+    from pipeline.stages.extract import extract
+
+    other = old_tree / "elsewhere" / "tiny.npz"
+    other.parent.mkdir()
+    shutil.copy(old_tree / "tiny.npz", other)
+    _record_source(old_tree / "cache" / OLD_CACHE, other)
+    before = (old_tree / "cache" / OLD_CACHE).read_bytes()
+    result = extract(load_config(None, _old_overrides(old_tree, old_tree / "tiny.npz")))
+    assert result.path.name != OLD_CACHE and result.path.name.startswith("tiny-")
+    assert (result.extracted, result.reused, result.donated) == (0, 40, 40)
+    assert (old_tree / "cache" / OLD_CACHE).read_bytes() == before
+    with FeatureCache(result.path) as new, FeatureCache(old_tree / "cache" / OLD_CACHE) as old:
+        assert new.ids == old.ids and np.array_equal(new.features(), old.features())
 
 
 @pytest.mark.parametrize("kind", ["logistic", "keras_linear"])

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.data.augment import VIEWS_RECIPE
 from pipeline.data.decode import DCT_MARGIN
+from pipeline.data.storage import is_url
 from pipeline.features.backbones.registry import BackboneSpec
 from pipeline.features.calibration import Calibration, engine_part
 from pipeline.utils.config import Config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_write, sha256_file
+
+#: the names of the built-in demo source (one source, wherever its files are found)
+BUILTIN_SOURCES = ("fashion_mnist", "fashion-mnist")
 
 FORMAT_VERSION = 2  # bump when the meaning of stored features changes (2: area resize for shrinking)
 
@@ -158,3 +163,22 @@ def views_key(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:
     if not augment:
         raise FeatcacheError("extract.augment_views needs at least one augmentation in finetune.augment")
     return {**key, "augment_views": {"k": k, "augment": augment, "recipe": VIEWS_RECIPE}}
+
+
+def source_identity(source: str) -> str:
+    """Which source a cache belongs to: the resolved path (symlinks followed) of a folder, CSV, ``.npz``,
+    Parquet folder or local shard pattern, the URL of a remote one, ``fashion_mnist`` for the demo. Two
+    sources named alike (``a/imgs``, ``b/imgs``) differ here, so they never share a cache."""
+    src = source.strip()
+    if src in BUILTIN_SOURCES:
+        return "fashion_mnist"
+    if src.startswith("file://"):
+        src = src[len("file://") :]
+    if is_url(src):
+        return src.rstrip("/")
+    return os.path.realpath(os.path.expanduser(src)).rstrip("/") or "/"
+
+
+def source_tag(identity: str) -> str:
+    """The short digest of a source identity that a cache's file name carries."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:8]

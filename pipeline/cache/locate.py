@@ -1,21 +1,31 @@
 """Where things are: the cache a stage works on, the runs folder beside it, the run a stage starts from.
 
+**Whose cache.** A cache belongs to one source: its file name carries a tag of the source's identity
+(:func:`pipeline.cache.fingerprint.source_identity`: the resolved path or the URL), and its ``source_id``
+attribute the identity itself, so two folders both named ``imgs`` never share, rebuild or drop each
+other's rows. Rows stay keyed by content: a moved, renamed or copied source gets a cache of its own whose
+rows are copied from the other caches of the same features (:func:`donor_caches`), never extracted twice.
+A cache written before caches recorded their source is matched by its name, as then, unless the source it
+recorded still exists and is another one (:func:`belongs`); ``extract`` records its source once.
+
 **Which cache** (:func:`select_cache`, used by train, search, finetune, export and every later stage):
 
 1. ``train.cache`` (``--cache FILE``) names the file: that one.
 2. Otherwise the newest complete cache (by modification time; ``extract`` touches the cache it made or
-   found, even when nothing changed) in ``extract.cache_dir`` that agrees with every setting the user
-   *chose* (:func:`pipeline.utils.config.given_keys`): the dataset (``--data``/``data.name``; none named =
-   any dataset), and each of ``--backbone``, ``--weights``, ``--layer``, ``--pooling``, ``--image-size``,
-   ``--resize``, ``extract.dtype``, ``extract.precision`` and ``extract.engine`` (``tflite-int8`` selects
-   the int8 caches, any other engine the float ones). Settings left at their defaults do not filter, so
-   the stages follow the cache the user just made; settings given select exactly the caches that have them.
+   found, even when nothing changed) in ``extract.cache_dir`` of the source ``--data`` names (none named =
+   any source), agreeing with each of ``--backbone``, ``--weights``, ``--layer``, ``--pooling``,
+   ``--image-size``, ``--resize``, ``extract.dtype``, ``extract.precision`` and ``extract.engine``
+   (``tflite-int8`` selects the int8 caches, any other engine the float ones) that the user *chose*
+   (:func:`pipeline.utils.config.given_keys`). Settings left at their defaults do not filter, so the stages
+   follow the cache the user just made of that data; settings given select exactly the caches that have them.
 
-The choice is said in one line (:attr:`CacheChoice.note`), with how to pick another.
+The choice is said in one line (:attr:`CacheChoice.note`) naming the cache's source and settings, with how
+to pick another.
 
 **Which run** (:func:`resolve_run`, for every command that takes one): a run folder, a run id or a unique
 prefix of one, looked for where runs are written (:func:`run_roots`); none named, the newest finished run of
-the selected cache.
+the selected cache. When it has none, :func:`no_runs_error` names another cache of the same source that has
+runs, and the flags that select it.
 """
 
 from __future__ import annotations
@@ -26,15 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.fingerprint import (
+    BUILTIN_SOURCES,
     engine_key,
     feature_key,
     fingerprint,
     remember_weights_digest,
+    source_identity,
+    source_tag,
     views_key,
     weights_digest,
 )
 from pipeline.cache.store import cache_stem
 from pipeline.data.sources import Dataset, load_dataset
+from pipeline.data.storage import is_url
 from pipeline.features.backbones.registry import get_spec
 from pipeline.features.calibration import Calibration, for_config
 from pipeline.utils.config import Config, given_keys
@@ -69,7 +83,7 @@ def dataset_name(data) -> str:
     src = data.source.strip()
     if data.name:
         name = data.name
-    elif src in ("fashion_mnist", "fashion-mnist"):
+    elif src in BUILTIN_SOURCES:
         return "fashion_mnist"
     else:
         p = Path(src).expanduser()
@@ -90,6 +104,39 @@ def cache_attrs(path: Path) -> dict[str, Any] | None:
             return {k: attr_value(v) for k, v in f.attrs.items()}
     except OSError:
         return None
+
+
+def belongs(meta: dict[str, Any], identity: str, dataset: str) -> bool:
+    """Whether a cache was made from the source ``identity`` (named ``dataset``).
+
+    A cache records its source's identity (``source_id``). One written before it did is matched by its
+    name, as it was then, unless the source it recorded is another one that still exists: that cache
+    belongs to it, and is never rebuilt for, or served as, this one."""
+    if "source_id" in meta:
+        return meta["source_id"] == identity
+    if meta.get("dataset") != dataset:
+        return False
+    recorded = str(meta.get("source") or "")
+    if not recorded or identity in ("fashion_mnist",) or source_identity(recorded) == identity:
+        return True
+    return not (is_url(recorded) or os.path.exists(recorded))
+
+
+def dataset_identity(cfg: Config, ds: Dataset) -> str:
+    """The identity of the source a dataset was listed from: ``[data] source``'s, or for a dataset handed
+    to ``extract`` as it is (predict's or the transformer's images), its own ``source``."""
+    return ds.source if ds.source.startswith("<") else source_identity(cfg.data.source)
+
+
+def _dataset_caches(root: Path) -> list[tuple[int, Path, dict[str, Any]]]:
+    """(mtime, path, attributes) of every complete cache of a dataset in ``root``."""
+    found = []
+    for p in sorted(root.glob("*.h5")) if root.is_dir() else []:
+        meta = cache_attrs(p)
+        if meta is None or str(meta.get("source", "")).endswith(("<paths>", "<array>")):
+            continue  # not a finished cache, or FeatureExtractor's own (images, not a dataset)
+        found.append((p.stat().st_mtime_ns, p, meta))
+    return found
 
 
 def _agrees(cfg: Config, key: str, meta: dict[str, Any]) -> bool:
@@ -117,8 +164,30 @@ def _agrees(cfg: Config, key: str, meta: dict[str, Any]) -> bool:
     return have == want
 
 
-def _describe(meta: dict[str, Any]) -> str:
-    return f"{meta.get('dataset')}, {meta.get('backbone')}, {meta.get('image_size')} px"
+def describe_cache(meta: dict[str, Any]) -> str:
+    """A cache's source and settings in a few words: what a "which cache" line names."""
+    source = meta.get("source_id") or meta.get("source") or "?"
+    parts = [f"{meta.get('backbone')}", f"{meta.get('image_size')} px"]
+    parts.append("layer " + ",".join(meta.get("layers") or ["?"]))
+    parts.append(f"pooling {meta.get('pooling')}")
+    if isinstance((meta.get("feature_key") or {}).get("engine"), dict):
+        parts.append("tflite-int8")
+    if meta.get("dtype") not in (None, "float32"):
+        parts.append(str(meta["dtype"]))
+    return f"{meta.get('dataset')} from {source}: " + ", ".join(parts)
+
+
+def _no_cache(root: Path, named: str, every: list, dataset: str | None, source: str | None) -> FeatcacheError:
+    """No cache of the named data: say where it looked, and whose caches of that name are there."""
+    if named:
+        others = sorted(
+            {str(m.get("source_id") or m.get("source")) for _, _, m in every if m.get("dataset") == dataset}
+        )
+        there = f" (caches named {dataset} there belong to {', '.join(others)})" if others else ""
+        return FeatcacheError(
+            f"no cache of {source or dataset} in {root.resolve()}{there}: run `featcache extract --data {named}` first"
+        )
+    return FeatcacheError(f"no cache in {root.resolve()}: run `featcache extract --data PATH` first")
 
 
 def select_cache(cfg: Config) -> CacheChoice:
@@ -127,37 +196,39 @@ def select_cache(cfg: Config) -> CacheChoice:
         path = Path(cfg.train.cache).expanduser()
         if not path.is_file():
             raise FeatcacheError(f"--cache: no cache at {path}: run `featcache extract` first")
-        return CacheChoice(path.resolve())
+        return CacheChoice(path.resolve(), meta=cache_attrs(path))
     given = given_keys(cfg)
     dataset = dataset_name(cfg.data) if given & {"data.source", "data.name"} else None
-    keys = [k for k in SELECTION_KEYS if k in given]
+    source = source_identity(cfg.data.source) if "data.source" in given else None
     root = Path(cfg.extract.cache_dir).expanduser()
-    found = []
-    for p in sorted(root.glob("*.h5")) if root.is_dir() else []:
-        meta = cache_attrs(p)
-        if meta is None or str(meta.get("source", "")).endswith(("<paths>", "<array>")):
-            continue  # not a finished cache, or FeatureExtractor's own (images, not a dataset)
-        if dataset is None or meta.get("dataset") == dataset:
-            found.append((p.stat().st_mtime_ns, p, meta))
-    of = f"of dataset {dataset} " if dataset else ""
+    every = _dataset_caches(root)
+    if source is not None:
+        found = [f for f in every if belongs(f[2], source, dataset)]
+    else:
+        found = [f for f in every if dataset is None or f[2].get("dataset") == dataset]
     if not found:
-        hint = f" --data {cfg.data.source}" if dataset else " --data PATH"
-        raise FeatcacheError(f"no cache {of}in {root.resolve()}: run `featcache extract{hint}` first")
+        raise _no_cache(root, cfg.data.source if source else cfg.data.name, every, dataset, source)
+    keys = [k for k in SELECTION_KEYS if k in given]
     matching = [f for f in found if all(_agrees(cfg, k, f[2]) for k in keys)]
     if not matching:
         chosen = ", ".join(
             f"{k.split('.')[1]}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])}" for k in keys
         )
-        there = "; ".join(sorted({_describe(m) for _, _, m in found}))
+        there = "; ".join(sorted({describe_cache(m) for _, _, m in found}))
         raise FeatcacheError(
-            f"no cache {of}in {root.resolve()} has {chosen} (there are: {there}): run `featcache extract`"
-            " with the same settings first, or drop them to take the newest"
+            f"no cache of {source or dataset or 'any data'} in {root.resolve()} has {chosen} (there are: {there}):"
+            " run `featcache extract` with the same settings first, or drop them to take the newest"
         )
     _, path, meta = max(matching, key=lambda f: (f[0], str(f[1])))
-    which = "newest cache" + (f" of {dataset}" if dataset else " in the cache folder")
+    which = "newest cache" + (" of this data" if dataset else " in the cache folder")
     if keys:
         which += " with the settings given"
-    note = f"cache: {path.resolve()} ({which}: {_describe(meta)}; {PICK_ANOTHER})"
+    note = f"cache: {path.resolve()} ({which}: {describe_cache(meta)}; {PICK_ANOTHER})"
+    if "source_id" not in meta:
+        note += (
+            "\nnote: this cache was written before caches recorded their source, so it was matched by its name;"
+            " `featcache extract` on it records its source once"
+        )
     return CacheChoice(path.resolve(), note, meta)
 
 
@@ -172,7 +243,9 @@ def touch_cache(path: Path) -> None:
 def resolve_cache_path(
     cfg: Config, ds: Dataset | None = None, calibration: Calibration | None = None
 ) -> tuple[Path, dict[str, Any], Dataset]:
-    """Where ``cfg``'s cache lives (building nothing when the weights digest is known without the model).
+    """Where ``cfg``'s cache lives (building nothing when the weights digest is known without the model):
+    ``<dataset>-<source tag>-<backbone>-<fingerprint>.h5``, or the cache an earlier version wrote for this
+    source under the name without a tag (:func:`belongs`).
 
     ``calibration``: a ``tflite-int8`` engine's calibration set (default: a sample of ``ds``'s train images).
     """
@@ -187,7 +260,25 @@ def resolve_cache_path(
         remember_weights_digest(spec, cfg.backbone.layers, cfg.extract.cache_dir, digest)
     key = engine_key(cfg, feature_key(cfg, spec, digest, decodes=ds.is_files), calibration)
     key = views_key(cfg, key)  # views change the rows
-    return Path(cfg.extract.cache_dir) / (cache_stem(ds.name, spec.name, fingerprint(key)) + ".h5"), key, ds
+    fp, identity, root = fingerprint(key), dataset_identity(cfg, ds), Path(cfg.extract.cache_dir)
+    path = root / (cache_stem(ds.name, spec.name, fp, source_tag(identity)) + ".h5")
+    legacy = root / (cache_stem(ds.name, spec.name, fp) + ".h5")
+    if not path.exists() and legacy.is_file():
+        meta = cache_attrs(legacy)
+        if meta is not None and belongs(meta, identity, ds.name):
+            path = legacy
+    return path, key, ds
+
+
+def donor_caches(final: Path, fp: str) -> list[Path]:
+    """Other complete caches of the same features (fingerprint ``fp``) beside ``final``, newest first:
+    rows of the same content are copied from them instead of being extracted again (a moved or copied
+    source). Only features are taken: labels, splits and keys always come from the source listed."""
+    return [
+        p
+        for _, p, m in sorted(_dataset_caches(final.parent), reverse=True)
+        if p != final and m.get("fingerprint") == fp
+    ]
 
 
 def resolve_cache(cfg: Config) -> Path:
@@ -220,11 +311,46 @@ def resolve_run(cfg: Config, name: str | Path | None = None, *, finetuned: bool 
 
     if name:
         return find_run(name, run_roots(cfg))
-    cache = resolve_cache(cfg)
-    root = runs_root(cfg, cache)
-    found = finished_runs(root, cache, finetuned)
+    choice = select_cache(cfg)
+    found = finished_runs(runs_root(cfg, choice.path), choice.path, finetuned)
     if found:
         return found[0].resolve()
-    of = f" of {cache}" if finetuned or finished_runs(root, finetuned=False) else ""
+    raise no_runs_error(cfg, choice, finetuned)
+
+
+def no_runs_error(cfg: Config, choice: CacheChoice, finetuned: bool = True) -> FeatcacheError:
+    """The chosen cache has no finished run: one line naming, where there is one, the newest other cache of
+    the same source that has runs, and the flags that select it."""
+    from pipeline.utils.runs import finished_runs
+
+    root = runs_root(cfg, choice.path)
     then = " (and `featcache finetune`)" if finetuned else ""
-    raise FeatcacheError(f"no finished runs{of} in {root}: run `featcache train`{then} first")
+    meta = choice.meta or {}
+    identity = meta.get("source_id") or source_identity(str(meta.get("source") or ""))
+    for _, other, m in sorted(_dataset_caches(choice.path.parent), reverse=True):
+        if other.resolve() == choice.path or not belongs(m, identity, str(meta.get("dataset"))):
+            continue
+        runs = finished_runs(runs_root(cfg, other), other, finetuned)
+        if runs:
+            flags = " ".join(_selecting_flags(meta, m)) or f"--cache {other.resolve()}"
+            return FeatcacheError(
+                f"no finished runs of {choice.path.name} ({describe_cache(meta)}) in {root}; {len(runs)} run(s) of"
+                f" {other.name} ({describe_cache(m)}): add {flags}, or run `featcache train`{then} on this one"
+            )
+    return FeatcacheError(f"no finished runs of {choice.path} in {root}: run `featcache train`{then} first")
+
+
+def _selecting_flags(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """The selection flags that tell the cache ``want`` from the cache ``have`` (both of one source)."""
+    flags = []
+    for key, attr in SELECTION_KEYS.items():
+        value = want.get(attr)
+        if value == have.get(attr) or attr in ("weights", "engine", "precision"):
+            continue
+        if attr == "layers":
+            flags += [f"--layer {layer}" for layer in value or []]
+        elif attr == "backbone":
+            flags.append(f"--backbone {value}")
+        else:
+            flags.append(f"--{key.split('.')[1].replace('_', '-')} {value}")
+    return flags

@@ -12,7 +12,8 @@ Layout of a complete cache ``<name>.h5`` (readable with plain h5py or ``h5dump``
     /sizes, /mtimes     N int64                         file stat, so a rerun need not re-read files
     attrs: fingerprint, feature_key, backbone, weights, weights_digest, layers, map_shapes, pooling,
            image_size, resize, decode (0.2; absent = exact), preprocess, dtype, engine, dataset, source,
-           versions, config, created, task (``multilabel``; absent = single-label) (:func:`cache_attrs`), then format, n_rows, complete and attrs_sha256
+           source_id (the source's identity, :func:`pipeline.cache.fingerprint.source_identity`; absent in
+           caches written before it: matched by name, see :mod:`pipeline.cache.locate`), versions, config, created, task (``multilabel``; absent = single-label) (:func:`cache_attrs`), then format, n_rows, complete and attrs_sha256
            (added by :func:`pipeline.cache.write.write_cache`, ``complete`` and the digest last)
 
 An interrupted run's ``<name>.partial/manifest.json`` carries :func:`part_manifest` plus ``rows_written``
@@ -65,6 +66,7 @@ def cache_attrs(
     map_shapes: dict,
     engine: str,
     old_meta: dict[str, Any] | None,
+    source_id: str,
 ) -> dict[str, Any]:
     """The cache file's metadata: what made the features, from what, with which versions.
 
@@ -92,6 +94,7 @@ def cache_attrs(
         "source": ds.source
         if is_url(ds.source) or not (ds.is_files or Path(ds.source).exists())
         else os.path.abspath(ds.source),
+        "source_id": source_id,
         "versions": package_versions(),
         "config": {
             "data": cfg.to_dict()["data"],

@@ -22,9 +22,12 @@ from pipeline.utils.config import MULTILABEL, SPLITS
 from pipeline.utils.errors import FeatcacheError
 
 
-def cache_stem(dataset: str, backbone: str, fingerprint: str) -> str:
+def cache_stem(dataset: str, backbone: str, fingerprint: str, source_tag: str = "") -> str:
+    """``<dataset>-<source tag>-<backbone>-<fingerprint>``: the source's tag keeps two sources named alike
+    apart (caches written before 0.3 have none: ``<dataset>-<backbone>-<fingerprint>``)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("._") or "data"
-    return f"{safe}-{backbone}-{fingerprint[:12]}"
+    tag = f"-{source_tag}" if source_tag else ""
+    return f"{safe}{tag}-{backbone}-{fingerprint[:12]}"
 
 
 def partial_dir(final: Path) -> Path:

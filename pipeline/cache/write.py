@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,8 +273,10 @@ def write_cache(
     dtype: str = "float32",
     compression: str = "none",
     chunk_rows: int = 1024,
+    donors: Sequence[FeatureCache] = (),
 ) -> None:
-    """Build the complete cache from the previous one and the parts, in ``chunk_rows`` slices, atomically."""
+    """Build the complete cache from the previous one, the parts and ``donors`` (other caches of the same
+    fingerprint, whose rows of the same content are the same features), in ``chunk_rows`` slices, atomically."""
     h5py = h5py_module()
     guard = None
     try:
@@ -284,7 +287,8 @@ def write_cache(
             with h5py.File(guard, "w", libver=("v110", "v110")) as f:
                 ck = {"fletcher32": True} if rows else {}
                 comp = ck if compression == "none" else {"compression": compression, **ck}
-                _write_features(f, rows, layer_dims, old, parts, dtype, comp, chunk_rows, guard)
+                sources = [c for c in (old, *donors) if c is not None]
+                _write_features(f, rows, layer_dims, sources, parts, dtype, comp, chunk_rows, guard)
                 _write_columns(f, rows, class_names, attrs, ck)
             guard.close()  # fsync, and raise the first failed write, if any
     except BaseException as e:
@@ -296,10 +300,13 @@ def write_cache(
         raise
 
 
-def _write_features(f, rows: list[Row], layer_dims, old, parts, dtype: str, comp, chunk_rows: int, guard):
-    """Each layer's feature matrix, rows taken from the previous cache or from the parts, slice by slice."""
+def _write_features(f, rows: list[Row], layer_dims, sources, parts, dtype: str, comp, chunk_rows: int, guard):
+    """Each layer's feature matrix, rows taken from the first of ``sources`` (cached features) that holds
+    their digest, else from the parts, slice by slice."""
     n = len(rows)
-    old_index = {d: i for i, d in enumerate(old.ids)} if old is not None else {}
+    index: dict[str, tuple[int, int]] = {}
+    for k, cache in reversed(list(enumerate(sources))):  # the first source that has a digest wins
+        index.update((d, (k, i)) for i, d in enumerate(cache.ids))
     reader = PartReader()
     g = f.create_group("features")
     for layer, dim in layer_dims.items():
@@ -309,18 +316,24 @@ def _write_features(f, rows: list[Row], layer_dims, old, parts, dtype: str, comp
         chunk = rows[start : start + chunk_rows]
         for layer in layer_dims:
             block = np.empty((len(chunk), layer_dims[layer]), dtype)
-            from_old = [(j, old_index[r.digest]) for j, r in enumerate(chunk) if r.digest in old_index]
-            if from_old:
-                js, idx = map(np.asarray, zip(*from_old, strict=True))
-                order = np.argsort(idx)
-                uniq, inverse = np.unique(idx[order], return_inverse=True)
-                data = old.features(layer, uniq, dtype)
-                block[js[order]] = data[inverse]
+            for k, cache in enumerate(sources):
+                _copy_rows(block, chunk, index, k, cache, layer, dtype)
             for j, r in enumerate(chunk):
-                if r.digest not in old_index:
+                if r.digest not in index:
                     block[j] = reader.get(parts[r.digest], layer)
             g[layer][start : start + len(chunk)] = block
         guard.check()  # a failed write stops the rebuild at once
+
+
+def _copy_rows(block, chunk: list[Row], index, k: int, cache: FeatureCache, layer: str, dtype: str) -> None:
+    """The rows of ``chunk`` that source ``k`` serves, read from it in increasing order into ``block``."""
+    mine = [(j, index[r.digest][1]) for j, r in enumerate(chunk) if index.get(r.digest, (-1,))[0] == k]
+    if not mine:
+        return
+    js, idx = map(np.asarray, zip(*mine, strict=True))
+    order = np.argsort(idx)
+    uniq, inverse = np.unique(idx[order], return_inverse=True)
+    block[js[order]] = cache.features(layer, uniq, dtype)[inverse]
 
 
 def _write_columns(f, rows: list[Row], class_names: list[str], attrs: dict[str, Any], ck) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.fingerprint import fingerprint
-from pipeline.cache.locate import resolve_cache_path, touch_cache
+from pipeline.cache.locate import dataset_identity, donor_caches, resolve_cache_path, touch_cache
 from pipeline.cache.quarantine import Unreadable, quarantine_path, read_quarantine, write_quarantine
 from pipeline.cache.schema import cache_attrs, part_manifest
 from pipeline.cache.store import FeatureCache
@@ -62,6 +62,8 @@ class ExtractResult:
     rows: int = 0  # samples in the cache now
     extracted: int = 0  # ran through the backbone in this run
     reused: int = 0  # served from the previous cache or from parts of an interrupted run
+    donated: int = 0  # of those, copied by content from another cache of the same features (``donors``)
+    donors: list[Path] = field(default_factory=list)  # the other caches rows were copied from
     skipped: int = 0  # unreadable, listed in the quarantine file
     removed: int = 0  # were cached, no longer in the dataset
     ignored: int = 0  # non-image or hidden files seen while scanning
@@ -86,6 +88,11 @@ class ExtractResult:
             + (f" · {self.ignored} non-image files ignored" if self.ignored else "")
             + (f" · {self.unlabelled} with no label" if self.unlabelled else ""),
         ]
+        if self.donated:
+            lines.append(
+                f"reused by content: {self.donated} rows from {', '.join(p.name for p in self.donors)}"
+                " (the same images, seen in another source's cache)"
+            )
         if self.extracted:
             lines.append(
                 f"speed: {self.images_per_second:.1f} images/s on {self.engine or '?'} "
@@ -120,6 +127,9 @@ class ExtractJob:
     cached: set[str] = field(default_factory=set)  # digests the previous cache holds
     parts: dict[str, PartRows] = field(default_factory=dict)  # digests in an interrupted run's parts
     pending: list[Sample] = field(default_factory=list)  # samples the backbone has to see in this run
+    donors: list[FeatureCache] = field(default_factory=list)  # other caches of ``fp`` that serve rows
+    share: bool = True  # rows may come from ``donors`` (not with --rebuild)
+    donated: set[str] = field(default_factory=set)  # digests served by ``donors``
 
     def digest(self, s: Sample) -> str:
         return self.digests[s.key][0]
@@ -212,13 +222,15 @@ def extract(
             clear_partial(final)
         bad = Unreadable(cfg.data.on_error)
         job = ExtractJob(cfg, ds, final, key, fp, old, result, bad, calibration, progress_bar, feature_model)
+        job.share = not rebuild
         try:
             done = _update(job, t_start, keep_missing)
             touch_cache(final)  # the cache just made is the newest: later stages follow it
             return done
         finally:
-            if old is not None:
-                old.close()
+            for c in [old, *job.donors]:
+                if c is not None:
+                    c.close()
 
 
 def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResult:
@@ -230,6 +242,8 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
     job.unreadable.extend(found)  # with ``fail``, the first one stops the run here
     job.parts = scan_parts(job.final, job.fp)
     job.pending = _pending(job)
+    if job.pending and job.share:
+        _take_donors(job)
     try:
         layer_dims, map_shapes = _run_pending(job)
     finally:
@@ -249,14 +263,19 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
         result.unlabelled = sum(1 for r in rows if not any(r.label))
     result.skipped = len(bad)
     result.reused = len(rows) - result.extracted
+    result.donated = sum(1 for r in rows if r.digest in job.donated)
     new_ids = {r.digest for r in rows}
     result.removed = len([d for d in (old.ids if old is not None else []) if d not in new_ids])
     result.problems = [(s.key, reason) for s, _, reason in bad]
     result.quarantine = write_quarantine(quarantine_path(job.final), bad)
 
-    if not (old is not None and not job.pending and same_rows(old, rows, ds.class_names)):
+    up_to_date = old is not None and "source_id" in old.meta  # else: an earlier version's, recorded once
+    if not (up_to_date and not job.pending and same_rows(old, rows, ds.class_names)):
         old_meta = old.meta if old is not None else None
-        attrs = cache_attrs(cfg, ds, job.key, job.fp, layer_dims, map_shapes, result.engine, old_meta)
+        identity = dataset_identity(cfg, ds)
+        attrs = cache_attrs(
+            cfg, ds, job.key, job.fp, layer_dims, map_shapes, result.engine, old_meta, identity
+        )
         write_cache(
             job.final,
             rows,
@@ -267,12 +286,36 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
             job.parts,
             cfg.extract.dtype,
             cfg.extract.compression,
+            donors=job.donors,
         )
         if old is not None:
             old.close()
     clear_partial(job.final)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _take_donors(job: ExtractJob) -> None:
+    """Open the other caches of the same features beside this one; the digests they hold are not
+    extracted again (their rows are copied by content: a moved, renamed or copied source)."""
+    have = job.cached | set(job.parts)
+    wanted = {job.digest(s) for s in job.pending}
+    for path in donor_caches(job.final, job.fp):
+        try:
+            donor = FeatureCache(path)
+        except FeatcacheError:
+            continue  # a damaged or unfinished cache serves nothing
+        useful = wanted.intersection(donor.ids) - have
+        if not useful:
+            donor.close()
+            continue
+        job.donors.append(donor)
+        job.donated |= useful
+        have |= useful
+        job.result.donors.append(path)
+    if job.donated:
+        job.cached |= job.donated
+        job.pending = [s for s in job.pending if job.digest(s) not in job.donated]
 
 
 def _pending(job: ExtractJob) -> list[Sample]:
@@ -299,9 +342,10 @@ def _pending(job: ExtractJob) -> list[Sample]:
 def _run_pending(job: ExtractJob) -> tuple[dict[str, int], dict]:
     """Extract ``job.pending`` into parts (rescanned into ``job.parts``); return layer dims and map shapes."""
     if not job.pending:
-        if job.old is not None:
-            dims = {layer: job.old.dataset(layer).shape[1] for layer in job.old.layers}
-            return dims, job.old.meta.get("map_shapes", {})
+        have = job.old if job.old is not None else next(iter(job.donors), None)
+        if have is not None:
+            dims = {layer: have.dataset(layer).shape[1] for layer in have.layers}
+            return dims, have.meta.get("map_shapes", {})
         return part_dims(job.parts), {}
     dims, map_shapes = _run_on_cluster(job) if job.cfg.cluster.address else _run_here(job)
     job.rescan_parts()

@@ -122,7 +122,8 @@ class BackboneConfig:
         min=16,
         max=2048,
         zero="default",
-        help="input size in pixels (0 = the backbone's default)",
+        help="input size in pixels (0: extract uses the backbone's default; later stages follow the newest cache of"
+        " the data)",
     )
     resize: str = opt(
         "stretch", flag="--resize", choices=RESIZE_POLICIES, help="stretch, crop (center) or pad (letterbox)"

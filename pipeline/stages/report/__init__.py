@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.locate import resolve_cache, resolve_run, runs_root
+from pipeline.cache.locate import no_runs_error, resolve_run, runs_root, select_cache
 from pipeline.stages.report.comparison import compare_section, find_compare
 from pipeline.stages.report.html import page
 from pipeline.stages.report.multilabel import (
@@ -90,7 +90,8 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     cfg = resolve_config(cfg, "report", **options)
     r = cfg.report
     t0 = time.perf_counter()
-    cache_path = resolve_cache(cfg)
+    choice = select_cache(cfg)
+    cache_path = choice.path
     root = runs_root(cfg, cache_path)
     out = Path(r.out) if r.out else cache_path.with_name(cache_path.stem + ".report.html")
     if out.is_dir():
@@ -101,6 +102,8 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     with FeatureCache(cache_path) as cache:
         multilabel = cache.multilabel
         rows = list_runs(root, cache.fingerprint)
+        if not rows:  # nothing to report on: never an empty page with exit 0
+            raise no_runs_error(cfg, choice, finetuned=False)
         board = _board(rows)
         if multilabel:
             board = multilabel_board(board)
