@@ -220,7 +220,7 @@ def select_cache(cfg: Config) -> CacheChoice:
             " run `featcache extract` with the same settings first, or drop them to take the newest"
         )
     _, path, meta = max(matching, key=lambda f: (f[0], str(f[1])))
-    which = "newest cache" + (" of this data" if dataset else " in the cache folder")
+    which = "newest cache" + (f" of {dataset}" if dataset else " in the cache folder")
     if keys:
         which += " with the settings given"
     note = f"cache: {path.resolve()} ({which}: {describe_cache(meta)}; {PICK_ANOTHER})"
