@@ -152,10 +152,11 @@ def cmd_cache_ls(args) -> int:
     if not infos:
         print(f"no caches in {cfg.extract.cache_dir}")
         return 0
-    print(f"{'status':<10} {'rows':>8} {'size':>9}  {'backbone':<20} {'dataset':<16} path")
+    print(f"{'status':<10} {'rows':>8} {'size':>9}  {'backbone':<20} {'dataset':<16} path  (source)")
     for i in infos:
         print(
             f"{i['status']:<10} {i['rows']:>8} {_human(i['size']):>9}  {str(i.get('backbone') or '?'):<20} {str(i.get('dataset') or '?'):<16} {i['path']}"
+            + (f"  ({i['source']})" if i.get("source") else "")
         )
     return 0
 

@@ -62,6 +62,8 @@ def test_two_sources_named_alike_get_a_cache_each_and_keep_their_rows(twins):
     ):
         assert (a.n_rows, a.class_names, a.meta["source_id"]) == (10, ["china", "flower"], str(t["a"]))
         assert (b.n_rows, b.class_names, b.meta["source_id"]) == (8, ["sea", "tree"], str(t["b"]))
+    listed = run_cli("cache", "ls", "--cache-dir", str(t["cache_dir"])).stdout
+    assert f"({t['a']})" in listed and f"({t['b']})" in listed
     # a's rows are still there after b's extraction, and a rerun of a has nothing to do
     again = _extract(t["a"], t["cache_dir"])
     assert "0 extracted · 10 reused" in again.stdout and " 0 removed" in again.stdout

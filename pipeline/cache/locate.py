@@ -117,7 +117,11 @@ def belongs(meta: dict[str, Any], identity: str, dataset: str) -> bool:
     if meta.get("dataset") != dataset:
         return False
     recorded = str(meta.get("source") or "")
-    if not recorded or identity in ("fashion_mnist",) or source_identity(recorded) == identity:
+    if (
+        not recorded
+        or identity == source_identity(BUILTIN_SOURCES[0])
+        or source_identity(recorded) == identity
+    ):
         return True
     return not (is_url(recorded) or os.path.exists(recorded))
 

@@ -229,6 +229,7 @@ def describe(path: Path) -> dict[str, Any]:
                 rows=c.n_rows,
                 backbone=c.meta.get("backbone"),
                 dataset=c.meta.get("dataset"),
+                source=c.meta.get("source_id") or c.meta.get("source"),
                 layers=c.layers,
             )
     except FeatcacheError as e:
