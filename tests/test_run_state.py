@@ -49,11 +49,24 @@ def grown(tmp_path_factory) -> dict:
     photos, cache_dir = root / "photos", root / "cache"
     write_photo_folder(photos, per_class=8)
     cache = _extract(photos, cache_dir)
-    old = _train(cache)
+    old, old_search = _train(cache), _search(cache, root)
     write_photo_folder(photos, per_class=8, seed=7, start=8)
     assert _extract(photos, cache_dir) == cache  # the same cache file, grown
-    new = _train(cache)
-    return {"root": root, "photos": photos, "cache_dir": cache_dir, "cache": cache, "old": old, "new": new}
+    new, new_search = _train(cache), _search(cache, root)
+    return {
+        "root": root, "photos": photos, "cache_dir": cache_dir, "cache": cache, "old": old, "new": new,
+        "searches": (old_search, new_search),
+    }  # fmt: skip
+
+
+def _search(cache: Path, root: Path) -> str:
+    """A two-trial grid search, no refit: its folder's name."""
+    space = root / "space.toml"
+    space.write_text('[[heads]]\nname = "ridge"\nparams = { alpha = [0.1, 10.0] }\n')
+    r = _cli(
+        "search", "--cache", str(cache), "--space", str(space), "--strategy", "grid", "--no-refit", "--quiet"
+    )
+    return next(Path(w).parent.name for w in r.stdout.split() if "/search-" in w)
 
 
 def test_a_run_records_the_rows_it_was_scored_on(grown):
@@ -75,11 +88,24 @@ def test_the_old_run_is_stale_in_runs_ls_and_show(grown):
     text = _cli("runs", "ls", "--cache", str(grown["cache"])).stdout
     line = next(x for x in text.splitlines() if x.startswith(grown["old"].name))
     assert line.rstrip().endswith("stale") and f" {old['val_n']} " in line
-    assert not next(x for x in text.splitlines() if x.startswith(grown["new"].name)).rstrip().endswith("stale")
+    assert (
+        not next(x for x in text.splitlines() if x.startswith(grown["new"].name)).rstrip().endswith("stale")
+    )
     assert "stale: scored on an older state" in text
     shown = _cli("runs", "show", grown["old"].name, "--cache", str(grown["cache"])).stdout
     assert f"val {old['val_n']} rows" in shown and "STALE" in shown
-    assert "the cache's current rows" in _cli("runs", "show", grown["new"].name, "--cache", str(grown["cache"])).stdout
+    assert (
+        "the cache's current rows"
+        in _cli("runs", "show", grown["new"].name, "--cache", str(grown["cache"])).stdout
+    )
+
+
+def test_a_search_after_the_cache_grew_starts_afresh_and_the_old_one_is_stale(grown):
+    old, new = grown["searches"]
+    assert old != new  # not the old folder, whose trials were scored on the old rows
+    rows = {r["id"]: r for r in _ls(grown["cache"])}
+    assert (rows[old]["state"], rows[new]["state"]) == ("stale", "current")
+    assert rows[old]["val_n"] < rows[new]["val_n"]
 
 
 def test_the_report_ranks_current_runs_only(grown, tmp_path):
@@ -93,11 +119,13 @@ def test_the_report_ranks_current_runs_only(grown, tmp_path):
         out = tmp_path / "r.html"
         r = _cli("report", "--cache", str(grown["cache"]), "--set", f"report.out={out}", "--quiet")
         assert f"best on val: {grown['new'].name}" in r.stdout
-        assert "2 leaderboard rows were scored on an older state of the cache" in r.stdout
+        # the two stale runs and the old search's two trials
+        assert "4 leaderboard rows were scored on an older state of the cache" in r.stdout
         html = out.read_text()
         current, stale = html.split("<h3>Stale runs</h3>")
         assert grown["new"].name in current and grown["old"].name not in current
         assert grown["old"].name in stale and stale_copy.name in stale
+        assert grown["searches"][0] in stale and grown["searches"][1] in current
     finally:
         shutil.rmtree(stale_copy)
 
@@ -110,7 +138,7 @@ def test_runs_ls_on_a_runs_folder_of_two_caches(grown):
     other_cache = _extract(other, grown["cache_dir"])
     empty = _cli("runs", "ls", "--cache", str(other_cache)).stdout.strip()
     assert empty == (
-        f"no runs of {other_cache.name} in {grown['cache_dir'].resolve() / 'runs'}; it holds 2 runs of other"
+        f"no runs of {other_cache.name} in {grown['cache_dir'].resolve() / 'runs'}; it holds 4 runs of other"
         " caches: `featcache runs ls --all` lists them"
     )
     run = _train(other_cache)
@@ -124,9 +152,9 @@ def test_runs_ls_on_a_runs_folder_of_two_caches(grown):
     first, second = text.split(headers[1])
     assert grown["old"].name in first and grown["new"].name in first and run.name in second
     rows = json.loads(_cli("runs", "ls", "--all", "--json", "--cache-dir", str(grown["cache_dir"])).stdout)
+    mine = [grown["old"].name, grown["new"].name, *grown["searches"]]
     assert {r["id"]: r["cache"] for r in rows} == {
-        grown["old"].name: grown["cache"].name,
-        grown["new"].name: grown["cache"].name,
+        **dict.fromkeys(mine, grown["cache"].name),
         run.name: other_cache.name,
     }
     assert {r["id"]: r["state"] for r in rows}[grown["old"].name] == "stale"
@@ -138,3 +166,23 @@ def test_a_moved_cache_folder_keeps_its_runs(grown, tmp_path):
     shutil.copytree(grown["cache_dir"], moved)
     rows = {r["id"]: r["state"] for r in _ls(moved / grown["cache"].name)}
     assert rows[grown["old"].name] == "stale" and rows[grown["new"].name] == "current"
+
+
+@pytest.mark.parametrize("version", ["v0.1", "v0.2"])
+def test_runs_from_before_the_state_list_as_unknown_and_stale_only_when_a_size_differs(version, tmp_path):
+    """0.1/0.2 runs record split sizes, no digest: listed (the cache folder moved: matched by file name),
+    marked ``?`` and ranked as before; a val size that differs from the cache's makes one stale."""
+    tree = tmp_path / version
+    shutil.copytree(Path(__file__).parent / "fixtures" / version, tree)
+    (cache,) = (tree / "cache").glob("*.h5")
+    rows = _ls(cache)
+    assert rows and all(r["state"] == "unknown" and r["val_n"] == 6 and r["test_n"] == 3 for r in rows)
+    text = _cli("runs", "ls", "--cache", str(cache)).stdout
+    assert all(x.rstrip().endswith("?") for x in text.splitlines()[1 : 1 + len(rows)])
+    assert "state unknown" in _cli("runs", "show", rows[0]["id"], "--cache", str(cache)).stdout
+    run = tree / "cache" / "runs" / rows[0]["id"]
+    m = json.loads((run / "metrics.json").read_text())
+    m["val"]["n"] = m["cache"]["rows"]["val"] = 5  # scored on 5 val rows: not the cache's 6
+    (run / "metrics.json").write_text(json.dumps(m))
+    states = {r["id"]: r["state"] for r in _ls(cache)}
+    assert states[rows[0]["id"]] == "stale" and list(states.values()).count("unknown") == len(rows) - 1

@@ -29,20 +29,17 @@ def cache_state(cache) -> dict[str, dict[str, Any]]:
     added elsewhere, which renumbers the classes, does not change a split whose rows did not change);
     file names and row order do not count: a moved or re-listed folder keeps its state.
     """
-    ids = np.asarray(cache.ids, dtype=object)
-    names = np.asarray([str(c) for c in cache.class_names], dtype=object)
+    ids, names = cache.ids, [str(c) for c in cache.class_names]
     out = {}
     for i, split in enumerate(SPLITS):
         rows = np.flatnonzero(cache.split == i)
-        order = rows[np.argsort(ids[rows], kind="stable")]
         if cache.multilabel:
-            labels = [" ".join(names[np.flatnonzero(cache.labels[r])]) for r in order]
+            labels = [" ".join(names[j] for j in np.flatnonzero(cache.labels[r])) for r in rows]
         else:
-            labels = names[cache.labels[order]].tolist() if len(order) else []
-        h = hashlib.sha256()
-        for cid, label in zip(ids[order].tolist(), labels, strict=True):
-            h.update(f"{cid}\t{label}\n".encode())
-        out[split] = {"n": int(len(rows)), "digest": "sha256:" + h.hexdigest()}
+            labels = [names[k] for k in cache.labels[rows].tolist()]
+        pairs = sorted(zip([ids[r] for r in rows.tolist()], labels, strict=True))
+        text = "".join(f"{cid}\t{label}\n" for cid, label in pairs)
+        out[split] = {"n": int(len(rows)), "digest": "sha256:" + hashlib.sha256(text.encode()).hexdigest()}
     return out
 
 

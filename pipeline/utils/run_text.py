@@ -40,13 +40,13 @@ def format_runs(rows: Sequence[dict[str, Any]]) -> str:
     rows each was scored on, created, and ``stale`` or ``?`` for runs not scored on the cache as it is)."""
     width = max([len(r["id"]) for r in rows] + [2])
     lines = [
-        f"{'id':<{width}}  {'kind':<8} {'head':<13} {'val_acc':>8} {'n_val':>6} {'test_acc':>8} {'n_test':>6}"
+        f"{'id':<{width}}  {'kind':<8} {'head':<13} {'val_acc':>8} {'test_acc':>8} {'n_val':>6} {'n_test':>6}"
         "  created              data"
     ]
     for r in rows:
         lines.append(
             f"{r['id']:<{width}}  {r['kind']:<8} {str(r['head'])[:13]:<13} {_score(r, 'val'):>8}"
-            f" {_n(r.get('val_n')):>6} {_score(r, 'test'):>8} {_n(r.get('test_n')):>6}  {r['created']:<20}"
+            f" {_score(r, 'test'):>8} {_n(r.get('val_n')):>6} {_n(r.get('test_n')):>6}  {r['created']:<20}"
             f" {MARKS.get(r.get('state'), '')}".rstrip()
         )
     states = {r.get("state") for r in rows}
