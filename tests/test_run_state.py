@@ -186,3 +186,15 @@ def test_runs_from_before_the_state_list_as_unknown_and_stale_only_when_a_size_d
     (run / "metrics.json").write_text(json.dumps(m))
     states = {r["id"]: r["state"] for r in _ls(cache)}
     assert states[rows[0]["id"]] == "stale" and list(states.values()).count("unknown") == len(rows) - 1
+
+
+def test_a_fine_tuned_run_records_the_state_it_was_scored_on(grown):
+    r = _cli(
+        "finetune", "--cache", str(grown["cache"]), "--run", grown["new"].name, "--epochs", "1", "--quiet"
+    )
+    ft = Path(r.stdout.strip().splitlines()[-1].removeprefix("run: ").strip())
+    m, source = read_metrics(ft), read_metrics(grown["new"])
+    assert m.kind == "finetune" and m.cache["state"] == source.cache["state"]
+    assert m.cache["rows"] == {s: v["n"] for s, v in source.cache["state"].items()}
+    row = next(r for r in _ls(grown["cache"]) if r["id"] == ft.name)
+    assert (row["kind"], row["state"], row["val_n"]) == ("finetune", "current", m.split("val")["n"])

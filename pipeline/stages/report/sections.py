@@ -199,7 +199,12 @@ def run_section(run_dir: Path, meta: dict, n_thumbs: int, notes: list[str], is_b
     info = [
         ("head", f"{m.get('head')} {json.dumps(m.get('params') or {}, sort_keys=True)}"),
         ("layer · transforms", f"{m.get('layer')} · {' → '.join(m.get('transforms') or []) or 'none'}"),
-        ("accuracy", " · ".join(f"{s} {fmt((m.get(s) or {}).get('accuracy'))}" for s in ("val", "test"))),
+        (
+            "accuracy",
+            " · ".join(
+                f"{s} {fmt(m.split(s).get('accuracy'))} ({m.split_rows(s)} images)" for s in ("val", "test")
+            ),
+        ),
         ("created", m.get("created")),
         ("folder", str(run_dir)),
     ]
