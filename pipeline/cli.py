@@ -225,40 +225,37 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _runs_root(args):
+def cmd_runs_ls(args) -> int:
     from pipeline.cache.locate import resolve_cache, runs_root
-    from pipeline.cache.store import FeatureCache
+    from pipeline.cache.state import runs_by_cache, runs_of_cache
+    from pipeline.utils.run_text import format_cache_runs, format_runs, no_runs
 
     cfg = _load(args)
+    if args.all:  # every run of the runs folder, grouped by the cache each was made from
+        root = runs_root(cfg, Path(cfg.train.cache or Path(cfg.extract.cache_dir) / "-").expanduser())
+        groups = runs_by_cache(root, [Path(cfg.extract.cache_dir).expanduser(), root.parent])
+        rows = [r for g in groups for r in g.rows]
+        print(json.dumps(rows, indent=2, default=str) if args.json else format_cache_runs(groups, root))
+        return 0
     choose_cache(cfg)
     cache_path = resolve_cache(cfg)
-    with FeatureCache(cache_path) as cache:
-        return runs_root(cfg, cache_path), cache.fingerprint
-
-
-def cmd_runs_ls(args) -> int:
-    from pipeline.utils.run_text import format_runs
-    from pipeline.utils.runs import list_runs
-
-    root, fingerprint = _runs_root(args)
-    rows = list_runs(root, fingerprint)
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-    elif not rows:
-        print(f"no runs in {root}: run `featcache train` first")
-    else:
-        print(format_runs(rows))
+    root = runs_root(cfg, cache_path)
+    rows = runs_of_cache(root, cache_path)
+    text = format_runs(rows) if rows else no_runs(root, cache_path)
+    print(json.dumps(rows, indent=2, default=str) if args.json else text)
     return 0
 
 
 def cmd_runs_show(args) -> int:
     from pipeline.cache.locate import resolve_run
+    from pipeline.cache.state import run_state
     from pipeline.utils.run_text import format_run
     from pipeline.utils.runs import describe_run
 
     cfg = _load(args)
     choose_cache(cfg)
-    info = describe_run(resolve_run(cfg, args.run))
+    run_dir = resolve_run(cfg, args.run)
+    info = describe_run(run_dir, run_state(run_dir, [cfg.extract.cache_dir]))
     print(json.dumps(info, indent=2, default=str) if args.json else format_run(info))
     return 0
 
@@ -427,6 +424,7 @@ def _add_runs(sub) -> None:
         rsub, "runs ls", cmd_runs_ls, help="one line a run: id, kind, head, val/test accuracy, created"
     )
     q.add_argument("--json", action="store_true", help="print the rows as JSON")
+    q.add_argument("--all", action="store_true", help="every run in the runs folder, grouped by cache")
     q = _command(
         rsub, "runs show", cmd_runs_show, help="one run's settings, metrics, per-class scores and files"
     )

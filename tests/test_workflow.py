@@ -67,7 +67,8 @@ def test_later_stages_take_the_newest_cache_unless_settings_pin_it(two_sizes):
     assert _select(t, **{"data.source": photos}).path == t["48"]
     # settings that no cache has: one line naming what there is
     with pytest.raises(
-        FeatcacheError, match=r"has image_size=64 \(there are: .*photos from .*photos: efficientnet_lite0, 32 px"
+        FeatcacheError,
+        match=r"has image_size=64 \(there are: .*photos from .*photos: efficientnet_lite0, 32 px",
     ):
         _select(t, **{"data.source": photos, "backbone.image_size": "64"})
     with pytest.raises(FeatcacheError, match="has pooling=max"):

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.cache.locate import runs_root
 from pipeline.cache.reader import Data, close_cache, use_streaming
+from pipeline.cache.state import cache_state
 from pipeline.data.splits import small_class_note
 from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
 from pipeline.heads.metrics import classification_metrics, multilabel_metrics
@@ -254,7 +255,9 @@ def _metrics(
             "backbone": cache.meta.get("backbone"),
             "dataset": cache.meta.get("dataset"),
             "image_size": cache.meta.get("image_size"),
+            "source": cache.meta.get("source"),
             "rows": counts,
+            "state": cache_state(cache),  # the rows it was trained and scored on: stale once they change
         },
         "val": scores["val"],
         "test": scores["test"],

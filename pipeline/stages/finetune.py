@@ -181,6 +181,7 @@ def check_convertible(source: Path) -> None:
 def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
     import keras
 
+    from pipeline.cache.state import cache_state
     from pipeline.cache.store import FeatureCache
     from pipeline.model.rebuild import cache_dataset, rebuild
 
@@ -200,6 +201,7 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
         parts = {s: split_images(cache, ds, s) for s in SPLITS}
         val_X = cache.features(rb.source.layer, parts["val"].rows) if len(parts["val"].rows) else None
         train0 = _train_epoch0(cache, rb, parts["train"]) if state is None else None
+        scored_on = cache_state(cache)
     if not len(parts["train"].rows):
         raise FeatcacheError("no training images: the cache's train split is empty or its images are gone")
 
@@ -241,6 +243,8 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
     state["thresholds"] = None if thresholds is None else [float(t) for t in thresholds]
     state["after_seconds"] = time.perf_counter() - t_after
     metrics = _record(cfg, rb, source, run_dir, state, trainable, after_val, after_test, notes, t_start)
+    rows = {s: v["n"] for s, v in scored_on.items()}
+    metrics["cache"] = {**(metrics["cache"] or {}), "rows": rows, "state": scored_on}  # this run's data
     _write(run_dir, rb, metrics, parts["test"], p_test, ok_test, cache_keys(rb))
     ckpt.remove()
     return FinetuneRun(run_dir, metrics, resumed_from=resumed_from)

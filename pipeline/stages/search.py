@@ -68,6 +68,7 @@ def search(
     best configuration as a run (``search.refit``: :attr:`SearchRun.refit_dir`)."""
     from pipeline.cache.locate import resolve_cache, runs_root
     from pipeline.cache.reader import Data, close_cache, use_streaming
+    from pipeline.cache.state import cache_state, searched_data
     from pipeline.cache.store import FeatureCache
     from pipeline.utils.plots import preload as preload_plots
 
@@ -94,8 +95,9 @@ def search(
         n_bytes = sum(len(rows) * int(cache.dataset(layer).shape[1]) * 4 for layer in layers)
         streamed = use_streaming(cfg.train.streaming, n_bytes, multilabel=cache.multilabel)
         data = {layer: Data.from_cache(cache, layer, rows, streamed) for layer in layers}
-        fingerprint = cache.fingerprint
-        out = runs_root(cfg, cache_path) / f"search-{search_id(space, fingerprint, cfg)}"
+        fingerprint, scored_on = cache.fingerprint, cache_state(cache)
+        data_id = searched_data(fingerprint, scored_on)  # trials are reused only on the same rows
+        out = runs_root(cfg, cache_path) / f"search-{search_id(space, data_id, cfg)}"
         out.mkdir(parents=True, exist_ok=True)
         busy = f"{out}: another featcache search is running this search; wait for it or use another space"
         try:
@@ -106,7 +108,7 @@ def search(
                 preload_plots()  # while the trials run
                 with _cluster(cfg) as client:
                     runner = TrialRunner(
-                        out / TRIALS_FILE, data, plan, fingerprint, s.cv, seed, s.n_jobs, progress, client
+                        out / TRIALS_FILE, data, plan, data_id, s.cv, seed, s.n_jobs, progress, client
                     )
                     run = _run(runner, candidates, s, plan, notes, t0)
                 write_outputs(run, space, cache_path, seed)
@@ -116,7 +118,8 @@ def search(
                             progress("refit: the best configuration, as a run")
                         run.refit = refit_best(cfg, run.best, out, cache_path)
                 finally:
-                    write_summary(run, space, cache_path, fingerprint, cfg.to_dict()["search"], streamed)
+                    search_config = cfg.to_dict()["search"]
+                    write_summary(run, space, cache_path, fingerprint, search_config, streamed, scored_on)
         finally:
             close_cache(cache_path)
     return run

@@ -56,7 +56,7 @@ class SearchRun:
         m, name = self.refit.metrics, self.refit.run_dir.name
         what, key = "macro mAP" if self.multilabel else "accuracy", m.score_key
         scores = " · ".join(
-            f"{split} {what} {acc:.4f}"
+            f"{split} {what} {acc:.4f} ({m.split_rows(split)} images)"
             for split, acc in ((s, m.split(s).get(key)) for s in ("val", "test"))
             if acc is not None
         )
@@ -249,8 +249,10 @@ def write_summary(
     fingerprint: str,
     search_config: dict[str, Any],
     streamed: bool,
+    state: dict[str, Any] | None = None,
 ) -> None:
-    """``search.json``: what was searched and how, the best trial, and the run the refit trained."""
+    """``search.json``: what was searched and how, the best trial, and the run the refit trained;
+    ``state``: the cache's state it was scored on (:func:`pipeline.cache.state.cache_state`)."""
     summary = {
         "strategy": run.strategy,
         "space": space.source,
@@ -261,7 +263,7 @@ def write_summary(
         "n_reused": run.n_reused,
         "seconds": run.seconds,
         "streamed": streamed,
-        "cache": {"path": str(Path(cache_path).resolve()), "fingerprint": fingerprint},
+        "cache": {"path": str(Path(cache_path).resolve()), "fingerprint": fingerprint, "state": state},
         "best": {k: v for k, v in run.best.items() if k != "_cand"} if run.best else None,
         "refit": run.refit.to_json() if run.refit else None,
         "search_config": search_config,

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.utils.config import MULTILABEL
+from pipeline.utils.config import MULTILABEL, SPLITS
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import sha256_file, write_json
 from pipeline.utils.journal import TRIALS_FILE, read_trials
+from pipeline.utils.staleness import ranked, run_status
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -108,6 +109,23 @@ class RunMetrics(dict):
     @property
     def cache_fingerprint(self) -> str | None:
         return self.cache.get("fingerprint")
+
+    @property
+    def cache_name(self) -> str | None:
+        """The file name of the cache the run was trained on (what :func:`run_of_cache` matches)."""
+        return Path(str(self.cache["path"])).name if self.cache.get("path") else None
+
+    def split_rows(self, name: str) -> int | None:
+        """How many rows of split ``name`` the run was scored on: its recorded state, else its scores'
+        ``n``, else the split counts older runs record; None when it does not say."""
+        for n in (
+            (self.cache.get("state") or {}).get(name, {}).get("n"),
+            self.split(name).get("n") if name != "train" else None,
+            (self.cache.get("rows") or {}).get(name),
+        ):
+            if isinstance(n, int):
+                return n
+        return None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -231,10 +249,22 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
 
 
-def run_row(run_dir: Path) -> dict[str, Any]:
-    """One finished run (``train`` or ``finetune``) as a flat row: what ``runs ls`` and the report list."""
+def run_of_cache(recorded: dict[str, Any], cache_path: str | Path, fingerprint: str | None = None) -> bool:
+    """Whether a run (or search) was made from the cache at ``cache_path``; ``recorded`` is what it says of
+    its cache (``path``, ``fingerprint``). Matched by the cache file's *name*, so a moved cache folder
+    keeps its runs (caches of two sources may share a fingerprint and a runs folder, never a name); a run
+    that records no path is matched by ``fingerprint``, and one that records neither is listed."""
+    if recorded.get("path"):
+        return Path(str(recorded["path"])).name == Path(cache_path).name
+    return recorded.get("fingerprint") in (None, fingerprint)
+
+
+def run_row(run_dir: Path, current: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One finished run (``train`` or ``finetune``) as a flat row: what ``runs ls`` and the report list;
+    ``current``: its cache's state now, to say whether the run is stale (``state``)."""
     m = read_metrics(run_dir, missing_ok=True)
     fit = m.get("fit") or {}
+    counts = {s: m.split_rows(s) for s in SPLITS}
     return {
         "id": run_dir.name,
         "kind": m.kind,
@@ -253,6 +283,10 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "source": Path(m["source_run"]).name if m.get("source_run") else None,
         "unfreeze": (m.get("finetune") or {}).get("unfreeze"),
         "fingerprint": m.cache_fingerprint,
+        "cache": m.cache_name,
+        "val_n": counts["val"],
+        "test_n": counts["test"],
+        "state": run_status(m.cache.get("state"), counts, current),
         "path": str(run_dir),
         "readable": bool(m),
         **(_map_keys(m.split("val"), m.split("test")) if m.multilabel else {}),
@@ -268,9 +302,12 @@ def _map_keys(val: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def search_row(search_dir: Path) -> dict[str, Any]:
-    """A search folder as one row: its best trial (scored on val, or by k-fold CV: ``metric`` says which)."""
+def search_row(search_dir: Path, current: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A search folder as one row: its best trial (scored on val, or by k-fold CV: ``metric`` says which);
+    stale (``state``) when the rows it scored on (val; train and val with CV) changed since."""
     info = _read_json(search_dir / "search.json") or {}
+    cache = info.get("cache") or {}
+    recorded = cache.get("state") or {}
     trials = read_trials(search_dir / TRIALS_FILE)
     best = info.get("best") or {}
     stamp_file = search_dir / "search.json" if info else search_dir / TRIALS_FILE
@@ -293,7 +330,11 @@ def search_row(search_dir: Path) -> dict[str, Any]:
         "epochs": None,
         "created": _stamp(stamp_file.stat().st_mtime) if stamp_file.exists() else "-",
         "source": None,
-        "fingerprint": (info.get("cache") or {}).get("fingerprint"),
+        "fingerprint": cache.get("fingerprint"),
+        "cache": Path(str(cache["path"])).name if cache.get("path") else None,
+        "val_n": (recorded.get("val") or {}).get("n"),
+        "test_n": None,
+        "state": run_status(recorded, {}, current, ("train", "val") if cv else ("val",)),
         "path": str(search_dir),
         "readable": bool(info),
         **(_map_keys({"macro_map": best.get("score")}, {}) if ml else {}),
@@ -329,16 +370,17 @@ def search_trials(search_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["status"] != "ok", -(r["resource"] or 0), -(r["val_accuracy"] or 0)))
 
 
-def finished_runs(root: str | Path, cache: Path | None = None, finetuned: bool = True) -> list[Path]:
+def finished_runs(
+    root: str | Path, cache: Path | None = None, finetuned: bool = True, fingerprint: str | None = None
+) -> list[Path]:
     """Finished runs under ``root`` (stage 2, and ``finetune/*`` when ``finetuned``), newest first;
-    only those trained on ``cache`` when it is given."""
+    only those trained on ``cache`` when it is given (:func:`run_of_cache`; ``fingerprint``: the cache's)."""
     root = Path(root)
     found = [p.parent for p in root.glob(f"*/{MANIFEST}")]
     if finetuned:
         found += [p.parent for p in root.glob(f"{FINETUNED}/*/{MANIFEST}")]
     if cache is not None:
-        want = Path(cache).resolve()
-        found = [p for p in found if read_metrics(p, missing_ok=True).cache_path == want]
+        found = [p for p in found if run_of_cache(read_metrics(p, missing_ok=True).cache, cache, fingerprint)]
     return sorted(found, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, reverse=True)
 
 
@@ -371,36 +413,55 @@ def find_run(name: str | Path, roots: Sequence[Path]) -> Path:
     raise FeatcacheError(f"run not found: {name} (in {where}; `featcache runs ls` lists them)")
 
 
-def list_runs(root: str | Path, fingerprint: str | None = None) -> list[dict[str, Any]]:
-    """One row per finished run, fine-tuned run and search under ``root``, oldest first; with
-    ``fingerprint``, only those made from that cache (a runs folder may serve several caches)."""
-    rows = [search_row(p) if p.name.startswith(SEARCH_PREFIX) else run_row(p) for p in run_folders(root)]
-    if fingerprint:
+def list_runs(
+    root: str | Path,
+    fingerprint: str | None = None,
+    *,
+    cache: str | Path | None = None,
+    state: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per finished run, fine-tuned run and search under ``root``, oldest first. A runs folder may
+    serve several caches: with ``cache`` (its path), only the runs made from it (:func:`run_of_cache`),
+    else with ``fingerprint`` only those of that fingerprint. ``state``: that cache's state now
+    (:func:`pipeline.cache.state.cache_state`), to mark each row current or stale (``state``)."""
+    rows = [
+        search_row(p, state) if p.name.startswith(SEARCH_PREFIX) else run_row(p, state)
+        for p in run_folders(root)
+    ]
+    if cache is not None:
+        rows = [
+            r
+            for r in rows
+            if run_of_cache({"path": r["cache"], "fingerprint": r["fingerprint"]}, cache, fingerprint)
+        ]
+    elif fingerprint:
         rows = [r for r in rows if r["fingerprint"] in (None, fingerprint)]
     return sorted(rows, key=lambda r: (r["created"], r["id"]))
 
 
 def best_run(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The train or fine-tuned run with the best val accuracy (test is never used to choose); newest on ties."""
-    cands = [r for r in rows if r["kind"] in ("train", "finetune") and r.get("val_accuracy") is not None]
-    if not cands:
-        cands = [r for r in rows if r["kind"] in ("train", "finetune")]
+    """The train or fine-tuned run with the best val accuracy (test is never used to choose); newest on ties.
+    Stale runs (scored on an older state of the cache) are never chosen: their val set was another."""
+    runs = [r for r in rows if r["kind"] in ("train", "finetune") and ranked(r)]
+    cands = [r for r in runs if r.get("val_accuracy") is not None] or runs
     if not cands:
         return None
     return max(cands, key=lambda r: (r.get("val_accuracy") or 0.0, r["created"], r["id"]))
 
 
-def describe_run(path: Path) -> dict[str, Any]:
-    """Everything ``runs show`` prints: the row, plus the metrics and manifest (runs) or the trials (searches)."""
+def describe_run(path: Path, current: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything ``runs show`` prints: the row, plus the metrics and manifest (runs) or the trials (searches);
+    ``current``: the state of the cache the run was made from, now (stale or not)."""
     if path.name.startswith(SEARCH_PREFIX):
         return {
-            **search_row(path),
+            **search_row(path, current),
             "search": _read_json(path / "search.json"),
             "trials": search_trials(path),
         }
     manifest = _read_json(path / MANIFEST) or {}
     return {
-        **run_row(path),
+        **run_row(path, current),
+        "now": {s: v["n"] for s, v in (current or {}).items()},  # the cache's split sizes today
         "metrics": _read_json(path / METRICS),  # the file as it is
         "files": sorted(manifest.get("files", {})),
         "model_files": manifest.get("model_files", []),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.locate import no_runs_error, resolve_run, runs_root, select_cache
+from pipeline.cache.state import cache_state
 from pipeline.stages.report.comparison import compare_section, find_compare
 from pipeline.stages.report.html import page
 from pipeline.stages.report.multilabel import (
@@ -50,6 +51,7 @@ from pipeline.stages.report.sections import (
 from pipeline.utils.config import Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.runs import METRICS, best_run, list_runs, read_metrics, search_trials
+from pipeline.utils.staleness import ranked
 
 
 @dataclass
@@ -101,10 +103,16 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     notes: list[str] = list(compared.notes)
     with FeatureCache(cache_path) as cache:
         multilabel = cache.multilabel
-        rows = list_runs(root, cache.fingerprint)
+        rows = list_runs(root, cache.fingerprint, cache=cache_path, state=cache_state(cache))
         if not rows:  # nothing to report on: never an empty page with exit 0
             raise no_runs_error(cfg, choice, finetuned=False)
         board = _board(rows)
+        stale = sum(not ranked(r) for r in board)
+        if stale:
+            notes.append(
+                f"{stale} leaderboard rows were scored on an older state of the cache (val/test rows changed"
+                " since): shown apart as stale, not ranked"
+            )
         if multilabel:
             board = multilabel_board(board)
         best = best_multilabel(board) if multilabel else best_run(rows)
@@ -149,8 +157,8 @@ def _board(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs and fine-tuned runs, then every trial of every search (the search rows themselves are summaries)."""
     board = [r for r in rows if r["kind"] != "search"]
     for r in rows:
-        if r["kind"] == "search":
-            board += search_trials(Path(r["path"]))
+        if r["kind"] == "search":  # its trials were scored on the data the search was
+            board += [{**t, "state": r["state"], "val_n": r["val_n"]} for t in search_trials(Path(r["path"]))]
     return board
 
 

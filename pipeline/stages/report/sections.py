@@ -16,6 +16,7 @@ from pipeline.stages.report.html import dl, fmt, img, num, plot
 from pipeline.utils.config import SPLITS
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.runs import read_metrics
+from pipeline.utils.staleness import ranked
 
 # -- the cache -----------------------------------------------------------------------------------------
 
@@ -114,6 +115,8 @@ COLUMNS = (
     ("val_macro_f1", "val macro-F1", "num"),
     ("test_accuracy", "test acc", "num"),
     ("test_macro_f1", "test macro-F1", "num"),
+    ("val_n", "n val", "num"),
+    ("test_n", "n test", "num"),
     ("resource", "rows", "num"),
     ("seconds", "time (s)", "num"),
     ("created", "created", "text"),
@@ -144,12 +147,14 @@ def _board_row(r: dict[str, Any], best_id: str | None, columns) -> str:
 def leaderboard(
     board: list[dict[str, Any]], best_id: str | None, columns=COLUMNS, metric: str = "val accuracy"
 ) -> str:
-    """The sortable table of every run and trial; ``columns`` are ``(row key, header, "num" or "text")``,
-    the first ``num`` one the val score (``metric``: trials scored otherwise get a note)."""
+    """The sortable table of every run and trial scored on the cache as it is; ``columns`` are ``(row key,
+    header, "num" or "text")``, the first ``num`` one the val score (``metric``: trials scored otherwise get
+    a note). Stale rows (scored on an older state of the cache) follow in a table of their own, unranked."""
     if not board:
         return "<h2>Leaderboard</h2><p>no runs yet: <code>featcache train</code> or <code>featcache search</code>.</p>"
     head = "".join(f'<th data-key="{k}" data-type="{t}">{escape(label)}</th>' for k, label, t in columns)
-    body = "\n".join(_board_row(r, best_id, columns) for r in board)
+    current = [r for r in board if ranked(r)]
+    body = "\n".join(_board_row(r, best_id, columns) for r in current)
     cv = sorted({r["metric"] for r in board if r["kind"] == "trial" and r.get("metric") != metric})
     note = (
         f'<p class="sub">search trials scored by {escape(", ".join(cv))} show it in the val column.</p>'
@@ -157,10 +162,26 @@ def leaderboard(
         else ""
     )
     return (
-        f'<h2>Leaderboard</h2><p class="sub">{len(board)} rows · click a column header to sort · the best'
+        f'<h2>Leaderboard</h2><p class="sub">{len(current)} rows · click a column header to sort · the best'
         " run on val is highlighted (test scores never choose) · search trials have no test score (a search"
-        " never reads the test split); <i>rows</i> is the share of training rows a trial used.</p>"
+        " never reads the test split); <i>rows</i> is the share of training rows a trial used; <i>n val</i>"
+        " and <i>n test</i> the images each run was scored on.</p>"
         f'{note}<div class="scroll"><table class="sortable" id="leaderboard"><thead><tr>{head}</tr></thead>'
+        f"<tbody>\n{body}\n</tbody></table></div>" + _stale_board(board, head, columns)
+    )
+
+
+def _stale_board(board: list[dict[str, Any]], head: str, columns) -> str:
+    """The runs and trials scored on an older state of the cache: shown apart, never ranked."""
+    stale = [r for r in board if not ranked(r)]
+    if not stale:
+        return ""
+    body = "\n".join(_board_row(r, None, columns) for r in stale)
+    return (
+        f'<h3>Stale runs</h3><p class="sub">{len(stale)} rows scored on an older state of this cache (its val'
+        " or test rows changed since): not comparable with the leaderboard above, never ranked; train them"
+        " again to compare.</p>"
+        f'<div class="scroll"><table class="sortable" id="stale"><thead><tr>{head}</tr></thead>'
         f"<tbody>\n{body}\n</tbody></table></div>"
     )
 
@@ -178,7 +199,12 @@ def run_section(run_dir: Path, meta: dict, n_thumbs: int, notes: list[str], is_b
     info = [
         ("head", f"{m.get('head')} {json.dumps(m.get('params') or {}, sort_keys=True)}"),
         ("layer · transforms", f"{m.get('layer')} · {' → '.join(m.get('transforms') or []) or 'none'}"),
-        ("accuracy", " · ".join(f"{s} {fmt((m.get(s) or {}).get('accuracy'))}" for s in ("val", "test"))),
+        (
+            "accuracy",
+            " · ".join(
+                f"{s} {fmt(m.split(s).get('accuracy'))} ({m.split_rows(s)} images)" for s in ("val", "test")
+            ),
+        ),
         ("created", m.get("created")),
         ("folder", str(run_dir)),
     ]
