@@ -4,7 +4,7 @@
 (:func:`pipeline.cache.fingerprint.source_identity`: the resolved path or the URL), and its ``source_id``
 attribute the identity itself, so two folders both named ``imgs`` never share, rebuild or drop each
 other's rows. Rows stay keyed by content: a moved, renamed or copied source gets a cache of its own whose
-rows are copied from the other caches of the same features (:func:`donor_caches`), never extracted twice.
+rows are copied from the other caches of the same features (:func:`open_donors`), never extracted twice.
 A cache written before caches recorded their source is matched by its name, as then, unless the source it
 recorded still exists and is another one (:func:`belongs`); ``extract`` records its source once.
 
@@ -46,7 +46,7 @@ from pipeline.cache.fingerprint import (
     views_key,
     weights_digest,
 )
-from pipeline.cache.store import cache_stem
+from pipeline.cache.store import FeatureCache, cache_stem
 from pipeline.data.sources import Dataset, load_dataset
 from pipeline.data.storage import is_url
 from pipeline.features.backbones.registry import get_spec
@@ -274,15 +274,26 @@ def resolve_cache_path(
     return path, key, ds
 
 
-def donor_caches(final: Path, fp: str) -> list[Path]:
-    """Other complete caches of the same features (fingerprint ``fp``) beside ``final``, newest first:
-    rows of the same content are copied from them instead of being extracted again (a moved or copied
-    source). Only features are taken: labels, splits and keys always come from the source listed."""
-    return [
-        p
-        for _, p, m in sorted(_dataset_caches(final.parent), reverse=True)
-        if p != final and m.get("fingerprint") == fp
-    ]
+def open_donors(final: Path, fp: str, wanted: set[str]) -> tuple[list[FeatureCache], set[str]]:
+    """The other complete caches of the same features (fingerprint ``fp``) beside ``final`` that hold some
+    of the ``wanted`` content digests, opened, newest first, and the digests they serve: those rows are
+    copied by content instead of being extracted again (a moved, renamed or copied source). Only features
+    are taken: labels, splits and keys always come from the source listed."""
+    donors, served = [], set()
+    for _, path, meta in sorted(_dataset_caches(final.parent), reverse=True):
+        if path == final or meta.get("fingerprint") != fp or not wanted - served:
+            continue
+        try:
+            donor = FeatureCache(path)
+        except FeatcacheError:
+            continue  # a damaged cache serves nothing
+        useful = (wanted - served).intersection(donor.ids)
+        if useful:
+            donors.append(donor)
+            served |= useful
+        else:
+            donor.close()
+    return donors, served
 
 
 def resolve_cache(cfg: Config) -> Path:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.fingerprint import fingerprint
-from pipeline.cache.locate import dataset_identity, donor_caches, resolve_cache_path, touch_cache
+from pipeline.cache.locate import dataset_identity, open_donors, resolve_cache_path, touch_cache
 from pipeline.cache.quarantine import Unreadable, quarantine_path, read_quarantine, write_quarantine
 from pipeline.cache.schema import cache_attrs, part_manifest
 from pipeline.cache.store import FeatureCache
@@ -242,8 +242,12 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
     job.unreadable.extend(found)  # with ``fail``, the first one stops the run here
     job.parts = scan_parts(job.final, job.fp)
     job.pending = _pending(job)
-    if job.pending and job.share:
-        _take_donors(job)
+    if job.pending and job.share:  # rows of the same content in other caches of these features
+        wanted = {job.digest(s) for s in job.pending}
+        job.donors, job.donated = open_donors(job.final, job.fp, wanted - job.cached - set(job.parts))
+        job.result.donors = [c.path for c in job.donors]
+        job.cached |= job.donated
+        job.pending = [s for s in job.pending if job.digest(s) not in job.donated]
     try:
         layer_dims, map_shapes = _run_pending(job)
     finally:
@@ -293,29 +297,6 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
     clear_partial(job.final)
     result.seconds = time.perf_counter() - t_start
     return result
-
-
-def _take_donors(job: ExtractJob) -> None:
-    """Open the other caches of the same features beside this one; the digests they hold are not
-    extracted again (their rows are copied by content: a moved, renamed or copied source)."""
-    have = job.cached | set(job.parts)
-    wanted = {job.digest(s) for s in job.pending}
-    for path in donor_caches(job.final, job.fp):
-        try:
-            donor = FeatureCache(path)
-        except FeatcacheError:
-            continue  # a damaged or unfinished cache serves nothing
-        useful = wanted.intersection(donor.ids) - have
-        if not useful:
-            donor.close()
-            continue
-        job.donors.append(donor)
-        job.donated |= useful
-        have |= useful
-        job.result.donors.append(path)
-    if job.donated:
-        job.cached |= job.donated
-        job.pending = [s for s in job.pending if job.digest(s) not in job.donated]
 
 
 def _pending(job: ExtractJob) -> list[Sample]:
