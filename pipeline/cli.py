@@ -53,7 +53,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
         *("finetune.tensorboard", "security.trust_pickle"),
     ),
     "predict": (
-        "extract.cache_dir",
+        *PICK,
         "predict.top_k",
         "predict.batch_size",
         "security.trust_pickle",
@@ -280,7 +280,18 @@ def cmd_runs_upgrade(args) -> int:
 def cmd_predict(args) -> int:
     from pipeline.stages.predict import format_csv, format_json, format_table, predict
 
-    _, results = predict(args.model, args.images, _load(args))
+    cfg = _load(args)
+    model = args.model
+    if not model:  # the newest finished run of the selected cache, as finetune and export take it
+        from pipeline.stages.predict import newest_model
+
+        choose_cache(cfg)
+        model = newest_model(cfg)
+        print(
+            f"model: {model.name}, the newest finished run of this cache (--model to pick another)",
+            file=sys.stderr,
+        )
+    _, results = predict(model, args.images, cfg)
     fmt = format_json if args.json else format_csv if args.csv else format_table
     text = fmt(results)
     print(text, end="" if text.endswith("\n") else "\n")
@@ -381,9 +392,9 @@ def _add_predict(sub) -> None:
     p = _command(sub, "predict", cmd_predict, help=help_)
     p.add_argument(
         "--model",
-        required=True,
         metavar="RUN_OR_FILE",
-        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite",
+        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite "
+        "(default: the newest finished run of the selected cache)",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     out = p.add_mutually_exclusive_group()

@@ -19,6 +19,11 @@ class Plan:
     n_classes: int
     multilabel: bool = False  # multi-hot labels: trials are scored by macro mAP, not accuracy
 
+    @property
+    def n_eval(self) -> int:
+        """The rows a trial is scored on, all folds together: scores closer than 1/n_eval are a tie."""
+        return int(sum(len(f[1]) for f in self.folds))
+
 
 def subset_rows(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarray:
     """The first ``fraction`` of ``rows`` by ``rank``: a smaller fraction is a prefix of a larger one."""
