@@ -134,11 +134,11 @@ def _run(runner: TrialRunner, candidates, s: SearchConfig, plan, notes: list[str
             results = {c: (1.0, got[c]) for c in candidates}
     finally:
         runner.close()
-    board = build_leaderboard(results, plan.n_eval)
+    board = build_leaderboard(results, plan.resolution)
     best = next((r for r in board if r["status"] == "ok"), None)
     seconds = time.perf_counter() - t0
     n_run, n_reused = runner.n_run, runner.n_reused
-    tie = tie_note(board, plan.n_eval, score_metric(s.cv, plan.multilabel))
+    tie = tie_note(board, plan.n_eval, plan.resolution, score_metric(s.cv, plan.multilabel))
     notes = notes + ([tie] if tie else [])
     return SearchRun(
         runner.journal.parent,

@@ -1,8 +1,8 @@
 """Ranking a search's trials and writing what it found: the leaderboard (CSV, JSON), the summary
 (``search.json`` and the text the CLI prints, naming the refit run), ``best.toml`` and the ``scores.png`` plot.
 
-Ranking (:func:`rank_records`) is by score, full-size trials first. Scores closer than the eval rows can
-resolve (under 1/n with n scored rows) tie: a tie goes to the lower val log loss (a trial without one, a
+Ranking (:func:`rank_records`) is by score, full-size trials first. Scores closer than the scored rows can
+resolve tie (an accuracy on n rows: under 1/n apart; a macro mAP: equal): a tie goes to the lower val log loss (a trial without one, a
 margin head's or an old journal's, after), then the simpler model
 (:func:`pipeline.heads.registry.model_complexity`), then the score, then the candidates' order, so the same
 search ranks the same way in one process or on a cluster.
@@ -128,12 +128,12 @@ def score_metric(cv: int, multilabel: bool = False) -> str:
     return f"{f'{cv}-fold CV' if cv else 'val'} {'macro mAP' if multilabel else 'accuracy'}"
 
 
-def rank_records(items: list[tuple[Candidate, float, dict[str, Any]]], n_eval: int) -> list[int]:
+def rank_records(items: list[tuple[Candidate, float, dict[str, Any]]], resolution: float) -> list[int]:
     """The order of ``(candidate, fraction, record)`` items, best first: scored trials, then the most rows
-    (halving's last rung), then score; scores less than ``1/n_eval`` below the best remaining one tie with it
-    (n_eval scored rows cannot tell them apart) and go by val log loss (unknown last), the simpler model,
-    the score, the candidates' order (stable: not their timing)."""
-    tol = 1.0 / max(n_eval, 1) - 1e-9
+    (halving's last rung), then score; scores less than ``resolution`` below the best remaining one tie with
+    it (:attr:`pipeline.tuning.folds.Plan.resolution`: the scored rows cannot tell them apart) and go by val
+    log loss (unknown last), the simpler model, the score, the candidates' order (stable: not their timing)."""
+    tol = max(resolution - 1e-9, 1e-12)
 
     def tie_key(i: int):
         cand, _, rec = items[i]
@@ -164,31 +164,31 @@ def rank_records(items: list[tuple[Candidate, float, dict[str, Any]]], n_eval: i
     return out
 
 
-def top_tie(board: list[dict[str, Any]], n_eval: int) -> int:
-    """How many ranked rows tie with the first (scores less than 1/n_eval apart, same rows): 0 when none ok."""
+def top_tie(board: list[dict[str, Any]], resolution: float) -> int:
+    """How many ranked rows tie with the first (scores less than ``resolution`` apart, same rows)."""
     if not board or board[0]["status"] != "ok":
         return 0
-    tol, first = 1.0 / max(n_eval, 1) - 1e-9, board[0]
+    tol, first = max(resolution - 1e-9, 1e-12), board[0]
     same = [r for r in board if r["status"] == "ok" and r["resource"] == first["resource"]]
     return sum(1 for r in same if first["score"] - r["score"] < tol)
 
 
-def tie_note(board: list[dict[str, Any]], n_eval: int, metric: str) -> str | None:
-    """One line when the top trials tie: the eval rows are too few to separate them, so the tie-breaks chose."""
-    n = top_tie(board, n_eval)
+def tie_note(board: list[dict[str, Any]], n_eval: int, resolution: float, metric: str) -> str | None:
+    """One line when the top trials tie: the scored rows are too few to separate them, so the tie-breaks chose."""
+    n = top_tie(board, resolution)
     if n < 2:
         return None
+    why = f"; {n_eval} scored rows cannot separate scores less than 1/{n_eval} apart" if resolution else ""
     return (
-        f"{n} trials tie at the top ({metric} {board[0]['score']:.4f}; {n_eval} scored rows cannot separate "
-        f"scores less than 1/{n_eval} apart): ranked by val log loss, then the simpler model "
-        "(docs/stages.md#featcache-search)"
+        f"{n} trials tie at the top ({metric} {board[0]['score']:.4f}{why}): ranked by val log loss, "
+        "then the simpler model (docs/stages.md#featcache-search)"
     )
 
 
 def build_leaderboard(
-    results: dict[Candidate, tuple[float, dict[str, Any]]], n_eval: int
+    results: dict[Candidate, tuple[float, dict[str, Any]]], resolution: float
 ) -> list[dict[str, Any]]:
-    """One row per trial, ranked by :func:`rank_records` (``n_eval``: the rows a trial is scored on)."""
+    """One row per trial, ranked by :func:`rank_records` (``resolution``: the tie width of the score)."""
     rows = []
     for cand, (fraction, rec) in results.items():
         rows.append(
@@ -216,7 +216,7 @@ def build_leaderboard(
                 "_cand": cand,
             }
         )
-    order = rank_records([(r["_cand"], r["resource"], r) for r in rows], n_eval)
+    order = rank_records([(r["_cand"], r["resource"], r) for r in rows], resolution)
     rows = [rows[i] for i in order]
     for i, r in enumerate(rows, 1):
         r["rank"] = i

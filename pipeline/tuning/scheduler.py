@@ -230,7 +230,7 @@ def halving(runner: TrialRunner, cands: list[Candidate], n_train: int, n_classes
         for c in alive:
             results[c] = (fraction, got[c])
         if r < rungs - 1:
-            order = rank_records([(c, fraction, got[c]) for c in alive], runner.plan.n_eval)
+            order = rank_records([(c, fraction, got[c]) for c in alive], runner.plan.resolution)
             ranked = [alive[i] for i in order]
             alive = ranked[: max(1, int(math.ceil(len(alive) / HALVING_FACTOR)))]
     return results
