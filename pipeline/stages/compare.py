@@ -236,10 +236,12 @@ def check_candidates(cands: list[Candidate], probe_images: int, ds) -> None:
         raise FeatcacheError(f"compare: {len(bad)} bad candidate(s), nothing extracted: " + "; ".join(bad))
 
 
-def compare_id(cands: list[Candidate], cfg: Config) -> str:
-    """The compare folder's name: its candidates, their caches and the protocol's settings."""
+def compare_id(cands: list[Candidate], cfg: Config, n_images: int) -> str:
+    """The compare folder's name: its candidates, their caches, the images listed (more images: a new
+    compare, which extracts only the new ones) and the protocol's settings."""
     ident = {
         "candidates": [c.key for c in cands],
+        "images": n_images,
         "shots": cfg.compare.shots,
         "seeds": cfg.compare.seeds,
         "protocol": PROTOCOL,
@@ -273,7 +275,7 @@ def compare(
 
 def _compare(cfg: Config, cands: list[Candidate], ds, extractor, progress, t0: float) -> CompareResult:
     check_candidates(cands, cfg.compare.probe_images, ds)
-    out = Path(cfg.extract.cache_dir) / f"compare-{compare_id(cands, cfg)}"
+    out = Path(cfg.extract.cache_dir) / f"compare-{compare_id(cands, cfg, len(ds.samples))}"
     out.mkdir(parents=True, exist_ok=True)
     result = CompareResult(out, [])
     busy = f"{out}: another featcache compare is running these candidates; wait for it"
