@@ -281,17 +281,9 @@ def cmd_predict(args) -> int:
     from pipeline.stages.predict import format_csv, format_json, format_table, predict
 
     cfg = _load(args)
-    model = args.model
-    if not model:  # the newest finished run of the selected cache, as finetune and export take it
-        from pipeline.stages.predict import newest_model
-
+    if not args.model:  # the newest finished run of the cache the selection picks (it says which)
         choose_cache(cfg)
-        model = newest_model(cfg)
-        print(
-            f"model: {model.name}, the newest finished run of this cache (--model to pick another)",
-            file=sys.stderr,
-        )
-    _, results = predict(model, args.images, cfg)
+    _, results = predict(args.model, args.images, cfg)
     fmt = format_json if args.json else format_csv if args.csv else format_table
     text = fmt(results)
     print(text, end="" if text.endswith("\n") else "\n")

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,10 +367,14 @@ def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir
 
 def newest_model(cfg: Config) -> Path:
     """The run ``predict`` takes when none is named: the newest finished run (stage 2 or fine-tuned) of the
-    cache ``cfg`` selects, as ``export`` takes it."""
+    cache ``cfg`` selects, as ``export`` takes it; one line on stderr says which."""
     from pipeline.cache.locate import resolve_run
 
-    return resolve_run(cfg)
+    run = resolve_run(cfg)
+    print(
+        f"model: {run.name}, the newest finished run of this cache (--model to pick another)", file=sys.stderr
+    )
+    return run
 
 
 def predict(
