@@ -53,7 +53,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
         *("finetune.tensorboard", "security.trust_pickle"),
     ),
     "predict": (
-        "extract.cache_dir",
+        *PICK,
         "predict.top_k",
         "predict.batch_size",
         "security.trust_pickle",
@@ -278,7 +278,10 @@ def cmd_runs_upgrade(args) -> int:
 def cmd_predict(args) -> int:
     from pipeline.stages.predict import format_csv, format_json, format_table, predict
 
-    _, results = predict(args.model, args.images, _load(args))
+    cfg = _load(args)
+    if not args.model:  # the newest finished run of the cache the selection picks (it says which)
+        choose_cache(cfg)
+    _, results = predict(args.model, args.images, cfg)
     fmt = format_json if args.json else format_csv if args.csv else format_table
     text = fmt(results)
     print(text, end="" if text.endswith("\n") else "\n")
@@ -379,9 +382,9 @@ def _add_predict(sub) -> None:
     p = _command(sub, "predict", cmd_predict, help=help_)
     p.add_argument(
         "--model",
-        required=True,
         metavar="RUN_OR_FILE",
-        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite",
+        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite "
+        "(default: the newest finished run of the selected cache)",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     out = p.add_mutually_exclusive_group()

@@ -13,6 +13,7 @@ import pytest
 import pipeline
 from pipeline.cli import main
 from pipeline.stages.compare import compare as compare_stage
+from pipeline.stages.compare import format_leaderboard
 from pipeline.stages.extract import extract
 from pipeline.utils.errors import FeatcacheError
 
@@ -260,3 +261,40 @@ def test_multilabel_cache_ranks_by_val_map(tmp_path):
         header = next(csv.reader(f))
     assert header[header.index("test_accuracy") + 1 :][:3] == ["val_map", "test_map", "micro_map"]
     assert "val mAP" in result.summary()
+
+
+def test_compare_counts_what_each_candidate_extracted_and_prices_only_that(setup):
+    """A candidate whose cache held most images extracted only the new ones, and its cost is per image it
+    extracted; one whose cache held them all extracted nothing and is "cached", not the cheapest."""
+    from html.parser import HTMLParser
+
+    from pipeline.stages.report.comparison import Compared, compare_section
+
+    kw, first = setup
+    assert all(r["extracted"] == 300 and r["reused"] == 0 for r in first.rows)
+    spy = Spy()
+    grown = compare_stage(extractor=spy, **{**kw, "limit": 310})  # 10 new images for every candidate
+    assert spy.extracted == grown.extracted == 3 * 10
+    for r in grown.rows:
+        assert (r["extracted"], r["reused"]) == (10, 300)
+        assert r["cpu_seconds_per_image"] == pytest.approx(r["cpu_seconds"] / 10)
+    assert "10 extracted, 300 reused from its cache" in grown.summary()
+    cached = compare_stage(extractor=spy, **{**kw, "limit": 310, "shots": [2]})  # same caches, new compare
+    assert spy.extracted == 30 and all(r["extracted"] == 0 and r["reused"] == 310 for r in cached.rows)
+    assert all(r["cpu_seconds_per_image"] is None for r in cached.rows)
+    table = format_leaderboard(cached.rows)
+    assert table.splitlines()[0].split().count("extracted") == 1 and table.count("cached") == len(cached.rows)
+    again = compare_stage(extractor=spy, **{**kw, "limit": 310, "shots": [2]})  # journaled: no extraction
+    assert "images this call: 0" in again.summary() and "scored before" in again.summary()
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cells: list[str] = []
+
+        def handle_data(self, data):
+            self.cells.append(data)
+
+    page = Cells()
+    page.feed(compare_section(Compared(cached.dir, cached.rows), Path(cached.rows[0]["cache"])))
+    assert page.cells.count("cached") == len(cached.rows)

@@ -297,6 +297,14 @@ def test_shared_work_scores_as_an_independent_fit(digits_cache):
                 plain["score"],
                 fast["score"],
             )
+            if head in ("ridge", "linear_svm"):  # margin heads: no probabilities, no log loss
+                assert plain["log_loss"] is None and fast["log_loss"] is None
+            else:
+                assert abs(plain["log_loss"] - fast["log_loss"]) <= max(10 * tol, 1e-9), (
+                    cand.label(),
+                    plain["log_loss"],
+                    fast["log_loss"],
+                )
         assert len(shared.prepared) <= 4  # a few chains kept per worker, not every one
 
 

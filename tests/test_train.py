@@ -111,8 +111,11 @@ def test_every_head_beats_chance_and_writes_a_complete_run(runs, head):
     assert m["transforms"] == list(FAST[head][1]) and len(m["transform_chain"]) == len(FAST[head][1])
     assert m["config"]["train"]["head"] == head
     rows = (run.run_dir / "misclassified.csv").read_text().splitlines()
-    assert rows[0] == "key,true,predicted,probability"
-    assert len(rows) - 1 == m["test"]["n"] - np.trace(np.asarray(m["test"]["confusion_matrix"]))
+    assert rows[0] == "key,true,predicted,probability,split"
+    for split in ("test", "val"):  # every wrong prediction of both splits, each row naming its split
+        wrong = np.asarray(m[split]["confusion_matrix"])
+        assert sum(r.endswith("," + split) for r in rows[1:]) == m[split]["n"] - np.trace(wrong)
+        assert m[split]["misclassified"] == m[split]["n"] - np.trace(wrong)
     manifest = json.loads((run.run_dir / "manifest.json").read_text())
     assert {"metrics.json", "misclassified.csv", *manifest["model_files"]} <= set(manifest["files"])
     if head.startswith("keras"):

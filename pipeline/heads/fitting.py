@@ -244,7 +244,8 @@ def predict_rows(model, data: Data, rows: np.ndarray, n_classes: int, batch_rows
     return Predictions(rows, data.labels[rows], y_pred, full, calibrated)
 
 
-def predict_prepared(estimator, X: np.ndarray) -> np.ndarray:
-    """Predicted class labels of already transformed rows, as :func:`predict_rows` picks them."""
-    p, _ = decision_scores(estimator, X)
-    return np.asarray(estimator.classes_).astype(np.int64)[np.argmax(p, axis=1)]
+def predict_prepared(estimator, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predicted class labels of already transformed rows, as :func:`predict_rows` picks them, and their
+    class probabilities (columns: ``estimator.classes_``) when the head has them (None: a margin head)."""
+    p, calibrated = decision_scores(estimator, X)
+    return np.asarray(estimator.classes_).astype(np.int64)[np.argmax(p, axis=1)], p if calibrated else None

@@ -24,13 +24,36 @@ def macro_f1(y, yp) -> float:
     return float(f1_score(y, yp, average="macro", labels=np.unique(y), zero_division=0))
 
 
+PROBA_FLOOR = 1e-15  # a probability of 0 scores as this: one sure mistake costs -log(1e-15) ≈ 34.5
+
+
+def class_log_loss(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+    """Mean -log p(true class): ``proba``'s columns are ``classes`` (sorted; a class missing there has
+    probability 0), each row renormalized after the floor. A run's val/test log loss and a search trial's."""
+    y, classes = np.asarray(y), np.asarray(classes)
+    if not len(y):
+        return float("nan")
+    p = np.clip(np.asarray(proba, np.float64), PROBA_FLOOR, 1.0)
+    p = p / p.sum(axis=1, keepdims=True)
+    col = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)
+    p_true = np.where(classes[col] == y, p[np.arange(len(y)), col], PROBA_FLOOR)
+    return float(-np.mean(np.log(np.maximum(p_true, PROBA_FLOOR))))
+
+
+def binary_log_loss(Y: np.ndarray, P: np.ndarray) -> float:
+    """Multi-label log loss: the binary log loss of each class's score, averaged over classes (every class
+    weighs the same, as macro mAP does)."""
+    Y = np.asarray(Y, np.float64)
+    P = np.clip(np.asarray(P, np.float64), PROBA_FLOOR, 1.0 - PROBA_FLOOR)
+    return float(-np.mean(Y * np.log(P) + (1.0 - Y) * np.log(1.0 - P)))
+
+
 def classification_metrics(pred: Predictions, class_names: list[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, per-class precision/recall, log loss, confusion matrix."""
     from sklearn.metrics import (
         accuracy_score,
         balanced_accuracy_score,
         confusion_matrix,
-        log_loss,
         precision_recall_fscore_support,
     )
 
@@ -50,8 +73,7 @@ def classification_metrics(pred: Predictions, class_names: list[str]) -> dict[st
             "log_loss": None,
         }
         if pred.calibrated:
-            p = np.clip(pred.proba, 1e-15, 1.0)
-            out["log_loss"] = float(log_loss(y, p / p.sum(axis=1, keepdims=True), labels=labels))
+            out["log_loss"] = class_log_loss(y, pred.proba, np.arange(len(class_names)))
     out["per_class"] = {
         name: {
             "precision": float(prec[i]),

@@ -33,7 +33,9 @@ class PathSpec:
 
     ``only``: the parameters a configuration may set and stay on the path (None: any); with others
     (solver, class_weight, loss, ...) it is the estimator's own fit. ``step(params, prep, X_eval, previous,
-    seed)`` returns the predictions and what the next step may continue from (None: keep ``previous``).
+    seed)`` returns the predicted labels, the class probabilities when the head has them (columns: the
+    sorted classes of ``prep.y``; None for a margin head) and what the next step may continue from (None:
+    keep ``previous``).
     """
 
     param: str
@@ -68,23 +70,25 @@ def path_group(head: str, params: dict[str, Any]) -> str | None:
 
 def fit_predict_on_path(
     head: str, params: dict[str, Any], prep, X_eval: np.ndarray, previous: Any, seed: int
-) -> tuple[np.ndarray, Any]:
+) -> tuple[np.ndarray, np.ndarray | None, Any]:
     """Fit ``head`` with ``params`` on prepared rows and predict ``X_eval``, continuing ``previous`` (what the
-    last step on the same path returned, or None). Returns the predictions and what the next step on the
+    last step on the same path returned, or None). Returns the predicted labels, the class probabilities
+    (columns: ``np.unique(prep.y)``; None for a margin head: ridge, linear SVM) and what the next step on the
     path may continue from (None: nothing new). Scores as an independent fit would, within solver tolerance.
     """
     if path_param(head, params) is not None:
         return PATHS[head].step(params, prep, X_eval, previous, seed)
-    return _plain_fit(head, params, prep, X_eval, seed), None
+    return (*_plain_fit(head, params, prep, X_eval, seed), None)
 
 
 def fit_scores_on_path(
     head: str, params: dict[str, Any], prep, X_eval: np.ndarray, previous: Any, seed: int
-) -> tuple[np.ndarray, Any, list[str]]:
+) -> tuple[np.ndarray, bool, Any, list[str]]:
     """:func:`fit_predict_on_path` on a multi-label cache (``prep.y`` multi-hot): N×C per-class scores of
     ``X_eval``, as :func:`pipeline.heads.multilabel.label_scores` gives them for the one-vs-rest fit
     (ridge along its one decomposition, logistic C warm-started class by class, the linear SVM's L-BFGS
-    solving all classes at once), what the next step may continue from, and the solver's warnings that
+    solving all classes at once), whether they are probabilities (False: sigmoid margins), what the next
+    step may continue from, and the solver's warnings that
     :func:`~pipeline.heads.multilabel.fit_prepared_multilabel` recorded (the others are still raised)."""
     from pipeline.heads.multilabel import fit_prepared_multilabel, label_scores, multilabel_params
 
@@ -92,7 +96,7 @@ def fit_scores_on_path(
     if path_param(head, params) is not None:
         return MULTILABEL_STEPS[head](params, prep, X_eval, previous, seed)
     _, est, notes = fit_prepared_multilabel(head, params, prep, seed)
-    return label_scores(est, X_eval)[0], None, notes
+    return (*label_scores(est, X_eval), None, notes)
 
 
 def _ridge_scores(params, prep, X_eval, previous, seed):
@@ -101,7 +105,7 @@ def _ridge_scores(params, prep, X_eval, previous, seed):
 
     make_head("ridge", params)
     path = previous if previous is not None else RidgePath(prep.X, prep.y, X_eval)
-    return margin_scores(path.decision(float(params["alpha"]))), path, []
+    return margin_scores(path.decision(float(params["alpha"]))), False, path, []
 
 
 def _logistic_scores(params, prep, X_eval, previous, seed):
@@ -119,7 +123,7 @@ def _logistic_scores(params, prep, X_eval, previous, seed):
         est.fit(prep.X, prep.y[:, c])
         P[:, c] = est.predict_proba(X_eval)[:, 1]
         ests.append(est)
-    return P, ests, []
+    return P, True, ests, []
 
 
 def _linear_svm_scores(params, prep, X_eval, previous, seed):
@@ -128,14 +132,14 @@ def _linear_svm_scores(params, prep, X_eval, previous, seed):
 
     if liblinear_is_quick(path_value("linear_svm", params), prep.X):
         _, est, notes = fit_prepared_multilabel("linear_svm", params, prep, seed)
-        return label_scores(est, X_eval)[0], None, notes
+        return (*label_scores(est, X_eval), None, notes)
     make_head("linear_svm", params)
     svm = SquaredHingeSVM(**{k: v for k, v in params.items() if k in SVM_PARAMS})
     svm.fit(prep.X, prep.y, coef0=previous.W if previous is not None else None)
-    return margin_scores(np.atleast_2d(svm.decision_function(X_eval).T).T), svm, []
+    return margin_scores(np.atleast_2d(svm.decision_function(X_eval).T).T), False, svm, []
 
 
-def _plain_fit(name: str, params: dict[str, Any], prep, X_eval: np.ndarray, seed: int) -> np.ndarray:
+def _plain_fit(name: str, params: dict[str, Any], prep, X_eval: np.ndarray, seed: int):
     from pipeline.heads.fitting import fit_prepared, predict_prepared
     from pipeline.heads.registry import make_head
 
@@ -151,7 +155,7 @@ def _ridge_step(params, prep, X_eval, previous, seed):
 
     make_head("ridge", params)  # validates the configuration as a plain fit would
     path = previous if previous is not None else RidgePath(prep.X, prep.y, X_eval)
-    return path.predict(float(params["alpha"])), path
+    return path.predict(float(params["alpha"])), None, path
 
 
 def _logistic_step(params, prep, X_eval, previous, seed):
@@ -161,18 +165,18 @@ def _logistic_step(params, prep, X_eval, previous, seed):
     head = make_head("logistic", params, seed=seed, n_train=len(prep.y))
     warm_start_from(head.estimator, previous)
     fit_prepared(head, prep)
-    return predict_prepared(head.estimator, X_eval), head.estimator
+    return (*predict_prepared(head.estimator, X_eval), head.estimator)
 
 
 def _linear_svm_step(params, prep, X_eval, previous, seed):
     from pipeline.heads.registry import make_head
 
     if liblinear_is_quick(path_value("linear_svm", params), prep.X):
-        return _plain_fit("linear_svm", params, prep, X_eval, seed), None
+        return (*_plain_fit("linear_svm", params, prep, X_eval, seed), None)
     make_head("linear_svm", params)  # validates the configuration as a plain fit would
     svm = SquaredHingeSVM(**{k: v for k, v in params.items() if k in SVM_PARAMS})
     svm.fit(prep.X, prep.y, coef0=previous.W if previous is not None else None)
-    return svm.predict(X_eval), svm
+    return svm.predict(X_eval), None, svm
 
 
 class RidgePath:

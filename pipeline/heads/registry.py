@@ -254,3 +254,29 @@ def _keras_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
 
 def _hgb_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
     return {"X_val": Xv, "y_val": yv}
+
+
+#: a search's last tie-break, simplest family first: linear heads (one weight per feature and class), then
+#: k-NN (no fitted weights, but every training row kept), then the networks, then boosted trees
+SIMPLICITY = {"ridge": 0, "logistic": 0, "linear_svm": 0, "keras_linear": 0, "knn": 1, "mlp": 2, "keras_mlp": 2, "hgb": 3}  # fmt: skip
+
+
+def model_complexity(name: str, params: dict[str, Any], transforms) -> tuple[float, ...]:
+    """How complex a configuration is (smaller: simpler), compared in order: the head's family
+    (:data:`SIMPLICITY`), its hidden units (networks), the features it sees (a ``pca:K`` chain: K, else all),
+    then its regularization (smaller ``C``, larger ``alpha``, more neighbours: simpler)."""
+    p = {short: params[full] for short, full in get_head_spec(name).aliases if full in params} | params
+    hidden = p.get("hidden", (256,) if name in ("mlp", "keras_mlp") else ())
+    units = sum(int(h) for h in (hidden if isinstance(hidden, (list, tuple)) else [hidden]))
+    widths = [float(t.split(":", 1)[1]) for t in transforms if str(t).startswith("pca:")]
+    inputs = min((w for w in widths if w >= 1), default=float("inf"))
+    try:
+        if "C" in p:
+            reg = float(p["C"])
+        elif "alpha" in p:
+            reg = -float(p["alpha"])
+        else:
+            reg = -float(p.get("n_neighbors", p.get("k", 5 if name == "knn" else 0)))
+    except (TypeError, ValueError):
+        reg = 0.0
+    return (SIMPLICITY.get(name, len(SIMPLICITY)), units, inputs, reg)

@@ -144,7 +144,7 @@ def fit_run(
             **task,
             **(extra or {}),
         }
-        _write_run(out, fitted, metrics, preds["test"], cache)
+        _write_run(out, fitted, metrics, preds, cache)
     close_cache(cache_path)
     return TrainRun(
         out,
@@ -267,7 +267,9 @@ def _metrics(
     }
 
 
-def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Predictions, cache) -> None:
+def _write_run(
+    run_dir: Path, fitted: Fitted, metrics: dict[str, Any], preds: dict[str, Predictions], cache
+) -> None:
     from pipeline.heads.persist import save_model
     from pipeline.utils.io import write_json
     from pipeline.utils.plots import plot_learning_curves, plot_split_confusions, write_misclassified
@@ -283,10 +285,14 @@ def _write_run(run_dir: Path, fitted: Fitted, metrics: dict[str, Any], test: Pre
         write_json(run_dir / METRICS, metrics)
         write_manifest(run_dir, kind, model_files)
         return
-    keys = [cache.keys[int(r)] for r in test.rows]
-    prob = test.proba[np.arange(len(test.rows)), test.y_pred] if len(test.rows) else np.zeros(0)
-    metrics["test"]["misclassified"] = write_misclassified(
-        run_dir / "misclassified.csv", keys, test.y_true, test.y_pred, prob, cache.class_names
-    )
+    parts = []
+    for split in ("test", "val"):
+        p = preds[split]
+        prob = p.proba[np.arange(len(p.rows)), p.y_pred] if len(p.rows) else np.zeros(0)
+        parts.append((split, [cache.keys[int(r)] for r in p.rows], p.y_true, p.y_pred, prob))
+    counts = write_misclassified(run_dir / "misclassified.csv", parts, cache.class_names)
+    for split, n in counts.items():
+        if metrics[split].get("n"):
+            metrics[split]["misclassified"] = n
     write_json(run_dir / METRICS, metrics)
     write_manifest(run_dir, kind, model_files)

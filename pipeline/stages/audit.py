@@ -245,15 +245,6 @@ def _near_duplicates(X, split, keys, threshold: float, margin: float, exact: flo
     return out
 
 
-def report_paths(cache_path: Path) -> dict[str, Path]:
-    """The CSV files written beside the cache: ``<cache stem>.label_issues.csv`` and ``.near_duplicates.csv``."""
-    stem = Path(cache_path).with_suffix("")
-    return {
-        "label issues": Path(f"{stem}.label_issues.csv"),
-        "near-duplicates": Path(f"{stem}.near_duplicates.csv"),
-    }
-
-
 def _label_issues_csv(result: AuditResult) -> str:
     """Single-label: one row per image. Multi-label: one row per suspect label, ranked by its score, with
     the image's given labels (``;``-separated)."""
@@ -287,9 +278,10 @@ def _label_issues_csv(result: AuditResult) -> str:
 
 
 def write_reports(result: AuditResult) -> dict[str, Path]:
+    from pipeline.cache.audit_files import audit_paths
     from pipeline.utils.io import atomic_write
 
-    paths = report_paths(result.cache)
+    paths = audit_paths(result.cache)
     atomic_write(paths["label issues"], _label_issues_csv(result))
     atomic_write(
         paths["near-duplicates"],

@@ -50,6 +50,8 @@ COLUMNS = (
     "cpu_seconds",
     "extract_seconds",
     "extracted",
+    "reused",
+    "cpu_seconds_per_image",
     "cache_bytes",
     "cache",
 )
@@ -88,6 +90,7 @@ class CompareResult:
     extracted: int = 0  # images run through a backbone by this call
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    journaled: list[str] = field(default_factory=list)  # candidates scored by an earlier call (compare.jsonl)
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -99,13 +102,26 @@ class CompareResult:
     def summary(self) -> str:
         return (
             format_leaderboard(self.rows)
-            + f"\n\nleaderboard: {self.dir / 'leaderboard.csv'}"
+            + "\n\n"
+            + self.work_line()
+            + f"\nleaderboard: {self.dir / 'leaderboard.csv'}"
             + (
                 f"\nbest: {self.best['label']} (cache {self.best['cache']}, now the newest)"
                 if self.best
                 else ""
             )
         )
+
+    def work_line(self) -> str:
+        """What each candidate ran through its backbone: extracted by the call that scored it, or reused."""
+        seen: dict[str, str] = {}
+        for r in self.rows:
+            if r["label"] in self.journaled:
+                seen[r["label"]] = "scored before (compare.jsonl)"
+            elif r.get("extracted") is not None:
+                seen[r["label"]] = f"{r['extracted']} extracted, {r.get('reused') or 0} reused from its cache"
+        parts = "; ".join(f"{k}: {v}" for k, v in seen.items())
+        return f"images this call: {self.extracted} through a backbone ({parts})"
 
 
 def _default_label(table: dict[str, Any]) -> str:
@@ -220,10 +236,12 @@ def check_candidates(cands: list[Candidate], probe_images: int, ds) -> None:
         raise FeatcacheError(f"compare: {len(bad)} bad candidate(s), nothing extracted: " + "; ".join(bad))
 
 
-def compare_id(cands: list[Candidate], cfg: Config) -> str:
-    """The compare folder's name: its candidates, their caches and the protocol's settings."""
+def compare_id(cands: list[Candidate], cfg: Config, n_images: int) -> str:
+    """The compare folder's name: its candidates, their caches, the images listed (more images: a new
+    compare, which extracts only the new ones) and the protocol's settings."""
     ident = {
         "candidates": [c.key for c in cands],
+        "images": n_images,
         "shots": cfg.compare.shots,
         "seeds": cfg.compare.seeds,
         "protocol": PROTOCOL,
@@ -257,13 +275,14 @@ def compare(
 
 def _compare(cfg: Config, cands: list[Candidate], ds, extractor, progress, t0: float) -> CompareResult:
     check_candidates(cands, cfg.compare.probe_images, ds)
-    out = Path(cfg.extract.cache_dir) / f"compare-{compare_id(cands, cfg)}"
+    out = Path(cfg.extract.cache_dir) / f"compare-{compare_id(cands, cfg, len(ds.samples))}"
     out.mkdir(parents=True, exist_ok=True)
     result = CompareResult(out, [])
     busy = f"{out}: another featcache compare is running these candidates; wait for it"
     with file_lock(out / "compare.lock", busy):
         records = read_trials(out / JOURNAL)
         todo = [c for c in cands if not (c.key in records and c.cache.exists())]
+        result.journaled = [c.label for c in cands if c not in todo]
         with _bar(cfg, sum(c.pending for c in todo)) as bar:
             for c in todo:
                 records[c.key] = _run_candidate(c, cfg, extractor, bar, progress, result, ds)
@@ -306,8 +325,11 @@ def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: 
     result.extracted += done.extracted
     extract = {
         "extracted": done.extracted,
+        "reused": done.reused,
         "images_per_second": done.images_per_second if done.extracted else None,
         "cpu_seconds": cpu,
+        # the call's CPU time over the images it extracted: a reused cache is not cheap, it is "cached"
+        "cpu_seconds_per_image": cpu / done.extracted if done.extracted else None,
         "extract_seconds": done.seconds,
         "estimate_seconds": c.estimate,
         "cache_bytes": Path(done.path).stat().st_size,
@@ -384,15 +406,17 @@ def format_leaderboard(rows: list[dict[str, Any]]) -> str:
     scores = ("val_map", "test_map", "micro_map") if multilabel else ("val_accuracy", "test_accuracy")
     names = ("val mAP", "test mAP", "µmAP") if multilabel else ("val", "test")
     head = f"{'#':>2} {'candidate':<28} {'layer':<22}" + "".join(f" {n:>{max(6, len(n))}}" for n in names)
-    head += f" {'mF1':>6} {'dim':>6} {'img/s':>7}"
-    head += f" {'CPU s':>7} {'cache':>9}" + "".join(f" {k + '-shot':>12}" for k in shots)
+    head += f" {'mF1':>6} {'dim':>6} {'extracted':>9} {'img/s':>7}"
+    head += f" {'CPU s/img':>9} {'cache':>9}" + "".join(f" {k + '-shot':>12}" for k in shots)
     lines = [head]
     for r in rows:
         ips = f"{r['images_per_second']:.1f}" if r["images_per_second"] else "-"
+        per = r.get("cpu_seconds_per_image")
+        cost = f"{per:.3f}" if per else "cached" if r.get("extracted") == 0 else "-"
         line = f"{r['rank']:>2} {r['label'][:28]:<28} {r['layer'][:22]:<22}"
         line += "".join(f" {r[k]:>{max(6, len(n))}.3f}" for k, n in zip(scores, names, strict=True))
-        line += f" {r['macro_f1']:>6.3f} {r['dim']:>6} {ips:>7}"
-        line += f" {r['cpu_seconds']:>7.1f} {_size(r['cache_bytes']):>9}"
+        line += f" {r['macro_f1']:>6.3f} {r['dim']:>6} {str(r.get('extracted', '-')):>9} {ips:>7}"
+        line += f" {cost:>9} {_size(r['cache_bytes']):>9}"
         line += "".join(f" {r['shots'][k]['mean']:>6.3f}±{r['shots'][k]['std']:.3f}" for k in shots)
         lines.append(line)
     return "\n".join(lines)

@@ -245,7 +245,8 @@ def _finetune(cfg: Config, source: Path, run_dir: Path) -> FinetuneRun:
     metrics = _record(cfg, rb, source, run_dir, state, trainable, after_val, after_test, notes, t_start)
     rows = {s: v["n"] for s, v in scored_on.items()}
     metrics["cache"] = {**(metrics["cache"] or {}), "rows": rows, "state": scored_on}  # this run's data
-    _write(run_dir, rb, metrics, parts["test"], p_test, ok_test, cache_keys(rb))
+    scored = {"test": (parts["test"], p_test, ok_test), "val": (parts["val"], p_val, ok_val)}
+    _write(run_dir, rb, metrics, scored, cache_keys(rb))
     ckpt.remove()
     return FinetuneRun(run_dir, metrics, resumed_from=resumed_from)
 
@@ -456,7 +457,8 @@ def _acc(split: dict | None, rb=None):
     return (split or {}).get(rb.metrics.score_key if rb is not None else "accuracy")
 
 
-def _write(run_dir: Path, rb, metrics, test_part: SplitImages, p_test, ok_test, keys: list[str]) -> None:
+def _write(run_dir: Path, rb, metrics, scored: dict, keys: list[str]) -> None:
+    """The run's files; ``scored``: split → (its images, probabilities, readable mask), test then val."""
     from pipeline.utils.io import write_json
     from pipeline.utils.plots import plot_learning_curves, plot_split_confusions, write_misclassified
     from pipeline.utils.runs import write_manifest
@@ -471,17 +473,15 @@ def _write(run_dir: Path, rb, metrics, test_part: SplitImages, p_test, ok_test, 
             "fine-tuning learning curves",
             epoch0=metrics.get("history_epoch0"),
         )
-    if len(test_part.rows) and not rb.multilabel:  # misclassified.csv: single-label runs
-        ok = ok_test
-        y_true, proba = test_part.labels[ok], p_test[ok]
-        y_pred = proba.argmax(1)
-        metrics["test"]["misclassified"] = write_misclassified(
-            run_dir / "misclassified.csv",
-            [keys[int(r)] for r in test_part.rows[ok]],
-            y_true,
-            y_pred,
-            proba[np.arange(len(y_pred)), y_pred],
-            rb.class_names,
-        )
+    if not rb.multilabel:  # misclassified.csv: single-label runs
+        rows = []
+        for split, (part, p, ok) in scored.items():
+            y_pred = p[ok].argmax(1)
+            prob = p[ok][np.arange(len(y_pred)), y_pred]
+            rows.append((split, [keys[int(r)] for r in part.rows[ok]], part.labels[ok], y_pred, prob))
+        counts = write_misclassified(run_dir / "misclassified.csv", rows, rb.class_names)
+        for split, n in counts.items():
+            if (metrics.get(split) or {}).get("n"):
+                metrics[split]["misclassified"] = n
     write_json(run_dir / "metrics.json", metrics)
     write_manifest(run_dir, "finetune", ["model.keras"])

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,19 +365,33 @@ def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir
     return feats, ok, why
 
 
+def newest_model(cfg: Config) -> Path:
+    """The run ``predict`` takes when none is named: the newest finished run (stage 2 or fine-tuned) of the
+    cache ``cfg`` selects, as ``export`` takes it; one line on stderr says which."""
+    from pipeline.cache.locate import resolve_run
+
+    run = resolve_run(cfg)
+    print(
+        f"model: {run.name}, the newest finished run of this cache (--model to pick another)", file=sys.stderr
+    )
+    return run
+
+
 def predict(
-    model: str | Path, images: list[str], cfg: Config | str | Path | None = None, **options: Any
+    model: str | Path | None, images: list[str], cfg: Config | str | Path | None = None, **options: Any
 ) -> tuple[Predictor, list[ImageResult]]:
     """Top-``predict.top_k`` (class index, name, probability) per image; unreadable images get an ``error``.
 
     ``model`` is a run folder, a run id or id prefix (looked up where ``cfg``'s runs are), a ``.keras``
-    file, a SavedModel folder or a ``.tflite`` file. Every path is checked before TensorFlow is imported.
+    file, a SavedModel folder or a ``.tflite`` file; None: :func:`newest_model`. Every path is checked
+    before TensorFlow is imported.
     ``cfg`` and keywords as every stage takes them (:func:`pipeline.utils.config.resolve_config`):
     ``top_k``, ``batch_size``, ``cluster`` (an address as ``--cluster`` takes: a stage-2 run's missing
     features on a Dask cluster) and ``trust_pickle`` (load a featcache 0.1 run's pickles: they can run code).
     """
     cfg = resolve_config(cfg, "predict", **options)
     top_k, batch_size = cfg.predict.top_k, cfg.predict.batch_size
+    model = model or newest_model(cfg)
     check_model_kind(model_path(model, cfg))
     paths = expand_inputs(images)
     predictor = load_predictor(model, batch_size, cfg, cfg.cluster.address, cfg.security.trust_pickle)

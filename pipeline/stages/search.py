@@ -33,7 +33,9 @@ from pipeline.tuning import (
     multilabel_space,
     plan_folds,
     refit_best,
+    score_metric,
     strategy_candidates,
+    tie_note,
     write_outputs,
     write_summary,
 )
@@ -90,7 +92,7 @@ def search(
                 cache.layer_name(layer)  # a layer this cache does not have fails now, not in a worker
         candidates = strategy_candidates(space, s.strategy, s.n_trials, seed)
         plan, rows, notes = plan_folds(cache, s.cv, seed)
-        notes = notes_space + notes
+        notes = notes_space + notes + _small_val_note(cache, s.cv)
         layers = sorted({c.layer for c in candidates})
         n_bytes = sum(len(rows) * int(cache.dataset(layer).shape[1]) * 4 for layer in layers)
         streamed = use_streaming(cfg.train.streaming, n_bytes, multilabel=cache.multilabel)
@@ -135,10 +137,12 @@ def _run(runner: TrialRunner, candidates, s: SearchConfig, plan, notes: list[str
             results = {c: (1.0, got[c]) for c in candidates}
     finally:
         runner.close()
-    board = build_leaderboard(results)
+    board = build_leaderboard(results, plan.resolution)
     best = next((r for r in board if r["status"] == "ok"), None)
     seconds = time.perf_counter() - t0
     n_run, n_reused = runner.n_run, runner.n_reused
+    tie = tie_note(board, plan.n_eval, plan.resolution, score_metric(s.cv, plan.multilabel))
+    notes = notes + ([tie] if tie else [])
     return SearchRun(
         runner.journal.parent,
         s.strategy,
@@ -152,6 +156,19 @@ def _run(runner: TrialRunner, candidates, s: SearchConfig, plan, notes: list[str
         notes,
         multilabel=plan.multilabel,
     )
+
+
+def _small_val_note(cache, cv: int) -> list[str]:
+    """``train``'s note on classes too small for the val split (the test split plays no part in a search)."""
+    import numpy as np
+
+    from pipeline.data.splits import small_class_note
+
+    if cv or cache.multilabel:
+        return []
+    val_only = np.where(np.asarray(cache.split) == 1, 1, 0)
+    note = small_class_note(cache.labels, val_only, cache.class_names)
+    return [note] if note else []
 
 
 def _cluster(cfg: Config):

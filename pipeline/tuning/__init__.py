@@ -13,7 +13,14 @@ No module here knows a head by name: head-specific shortcuts live in :mod:`pipel
 """
 
 from pipeline.tuning.folds import Plan, plan_folds
-from pipeline.tuning.leaderboard import SearchRun, build_leaderboard, write_outputs, write_summary
+from pipeline.tuning.leaderboard import (
+    SearchRun,
+    build_leaderboard,
+    score_metric,
+    tie_note,
+    write_outputs,
+    write_summary,
+)
 from pipeline.tuning.refit import Refit, refit_best
 from pipeline.tuning.scheduler import TrialRunner, halving
 from pipeline.tuning.space import (
@@ -39,7 +46,9 @@ __all__ = [
     "multilabel_space",
     "plan_folds",
     "refit_best",
+    "score_metric",
     "strategy_candidates",
+    "tie_note",
     "write_outputs",
     "write_summary",
 ]

@@ -19,6 +19,17 @@ class Plan:
     n_classes: int
     multilabel: bool = False  # multi-hot labels: trials are scored by macro mAP, not accuracy
 
+    @property
+    def n_eval(self) -> int:
+        """The rows a trial is scored on, all folds together."""
+        return int(sum(len(f[1]) for f in self.folds))
+
+    @property
+    def resolution(self) -> float:
+        """The smallest score difference the scored rows can resolve: 1/n for an accuracy on n rows (a
+        difference under it is a tie); a macro mAP has no such step (only equal scores tie)."""
+        return 0.0 if self.multilabel else 1.0 / max(self.n_eval, 1)
+
 
 def subset_rows(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarray:
     """The first ``fraction`` of ``rows`` by ``rank``: a smaller fraction is a prefix of a larger one."""

@@ -1,8 +1,11 @@
 """Ranking a search's trials and writing what it found: the leaderboard (CSV, JSON), the summary
 (``search.json`` and the text the CLI prints, naming the refit run), ``best.toml`` and the ``scores.png`` plot.
 
-Ranking is by score, full-size trials first; equal scores keep the candidates' order, so the same search
-ranks the same way in one process or on a cluster.
+Ranking (:func:`rank_records`) is by score, full-size trials first. Scores closer than the scored rows can
+resolve tie (an accuracy on n rows: under 1/n apart; a macro mAP: equal): a tie goes to the lower val log loss (a trial without one, a
+margin head's or an old journal's, after), then the simpler model
+(:func:`pipeline.heads.registry.model_complexity`), then the score, then the candidates' order, so the same
+search ranks the same way in one process or on a cluster.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.heads.registry import model_complexity
 from pipeline.tuning.refit import Refit, best_train
 from pipeline.tuning.space import Candidate, Dist, Space
 from pipeline.utils.errors import FeatcacheError
@@ -76,17 +80,18 @@ class SearchRun:
             f"search: {self.strategy} · {self.n_candidates} candidates · {self.n_run} trials run, {self.n_reused} reused"
             f" · {self.seconds:.1f} s · ranked by {self.metric}",
             "",
-            f"{'#':>3} {score:>7} {'±':>6} {second:>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<22} params",
+            f"{'#':>3} {score:>7} {'±':>6} {second:>7} {'logloss':>7} {'rows':>5} {'fit_s':>6}  {'head':<12} {'layer':<16} {'transforms':<22} params",
         ]
         for row in self.leaderboard[:top]:
             if row["status"] != "ok":
                 lines.append(
-                    f"{row['rank']:>3} {row['status']:>7} {'':>6} {'':>7} {'':>5} {row['seconds'] or 0:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}  ({row['error']})"
+                    f"{row['rank']:>3} {row['status']:>7} {'':>6} {'':>7} {'':>7} {'':>5} {row['seconds'] or 0:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}  ({row['error']})"
                 )
                 continue
             warn = "  ! " + row["warning"].split(":")[0] if row.get("warning") else ""
+            loss = "-" if row.get("log_loss") is None else f"{row['log_loss']:.4f}"
             lines.append(
-                f"{row['rank']:>3} {row['score']:>7.4f} {row['score_std']:>6.3f} {row[col]:>7.4f} {row['resource']:>5.0%}"
+                f"{row['rank']:>3} {row['score']:>7.4f} {row['score_std']:>6.3f} {row[col]:>7.4f} {loss:>7} {row['resource']:>5.0%}"
                 f" {row['seconds']:>6.1f}  {row['head']:<12} {row['layer'][:16]:<16} {row['transforms'][:22]:<22} {row['params']}{warn}"
             )
         if len(self.leaderboard) > top:
@@ -96,7 +101,12 @@ class SearchRun:
             lines.append(
                 f"best: {self.best['head']} {self.best['params']} [{self.best['transforms']}] on {self.best['layer']} · score {self.best['score']:.4f}"
             )
-            lines.append(f"best config: {self.best_toml}  (featcache train --config {self.best_toml})")
+            use = (
+                "the refit run below is it, trained; train --config only to change a setting"
+                if self.refit
+                else f"featcache train --config {self.best_toml}"
+            )
+            lines.append(f"best config: {self.best_toml}  ({use})")
         if self.refit:
             lines += self.refit_lines()
         counts = {
@@ -118,15 +128,67 @@ def score_metric(cv: int, multilabel: bool = False) -> str:
     return f"{f'{cv}-fold CV' if cv else 'val'} {'macro mAP' if multilabel else 'accuracy'}"
 
 
-def rank_key(rec: dict[str, Any]):
-    """Best first; equal scores keep the candidates' order (not their timing): the same search, the same
-    ranking, in one process or on a cluster."""
-    ok = rec.get("status") == "ok"
-    return (0 if ok else 1, -(rec.get("score") or 0.0))
+def rank_records(items: list[tuple[Candidate, float, dict[str, Any]]], resolution: float) -> list[int]:
+    """The order of ``(candidate, fraction, record)`` items, best first: scored trials, then the most rows
+    (halving's last rung), then score; scores less than ``resolution`` below the best remaining one tie with
+    it (:attr:`pipeline.tuning.folds.Plan.resolution`: the scored rows cannot tell them apart) and go by val
+    log loss (unknown last), the simpler model, the score, the candidates' order (stable: not their timing)."""
+    tol = max(resolution - 1e-9, 1e-12)
+
+    def tie_key(i: int):
+        cand, _, rec = items[i]
+        loss = rec.get("log_loss")
+        return (
+            loss is None,
+            loss or 0.0,
+            model_complexity(cand.head, cand.params, cand.transforms),
+            -(rec.get("score") or 0.0),
+        )
+
+    def coarse(i: int):
+        _, fraction, rec = items[i]
+        return (rec.get("status") != "ok", -fraction)
+
+    order = sorted(range(len(items)), key=lambda i: (coarse(i), -(items[i][2].get("score") or 0.0)))
+    out: list[int] = []
+    while order:
+        head = order[0]
+        if items[head][2].get("status") != "ok":
+            out += order
+            break
+        top = items[head][2]["score"]
+        group = [i for i in order if coarse(i) == coarse(head) and top - items[i][2]["score"] < tol]
+        out += sorted(group, key=tie_key)
+        taken = set(group)
+        order = [i for i in order if i not in taken]
+    return out
 
 
-def build_leaderboard(results: dict[Candidate, tuple[float, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per trial, ranked: scored trials first, then the most rows (halving's last rung), then score."""
+def top_tie(board: list[dict[str, Any]], resolution: float) -> int:
+    """How many ranked rows tie with the first (scores less than ``resolution`` apart, same rows)."""
+    if not board or board[0]["status"] != "ok":
+        return 0
+    tol, first = max(resolution - 1e-9, 1e-12), board[0]
+    same = [r for r in board if r["status"] == "ok" and r["resource"] == first["resource"]]
+    return sum(1 for r in same if first["score"] - r["score"] < tol)
+
+
+def tie_note(board: list[dict[str, Any]], n_eval: int, resolution: float, metric: str) -> str | None:
+    """One line when the top trials tie: the scored rows are too few to separate them, so the tie-breaks chose."""
+    n = top_tie(board, resolution)
+    if n < 2:
+        return None
+    why = f"; {n_eval} scored rows cannot separate scores less than 1/{n_eval} apart" if resolution else ""
+    return (
+        f"{n} trials tie at the top ({metric} {board[0]['score']:.4f}{why}): ranked by val log loss, "
+        "then the simpler model (docs/stages.md#featcache-search)"
+    )
+
+
+def build_leaderboard(
+    results: dict[Candidate, tuple[float, dict[str, Any]]], resolution: float
+) -> list[dict[str, Any]]:
+    """One row per trial, ranked by :func:`rank_records` (``resolution``: the tie width of the score)."""
     rows = []
     for cand, (fraction, rec) in results.items():
         rows.append(
@@ -141,6 +203,7 @@ def build_leaderboard(results: dict[Candidate, tuple[float, dict[str, Any]]]) ->
                 "score_std": rec.get("score_std"),
                 "balanced_accuracy": rec.get("balanced_accuracy"),
                 "macro_f1": rec.get("macro_f1"),
+                "log_loss": rec.get("log_loss"),
                 **(
                     {"macro_map": rec.get("score"), "micro_map": rec.get("micro_map")}
                     if "micro_map" in rec
@@ -153,7 +216,8 @@ def build_leaderboard(results: dict[Candidate, tuple[float, dict[str, Any]]]) ->
                 "_cand": cand,
             }
         )
-    rows.sort(key=lambda r: (r["status"] != "ok", -r["resource"], -(r["score"] or 0.0)))  # ties: space order
+    order = rank_records([(r["_cand"], r["resource"], r) for r in rows], resolution)
+    rows = [rows[i] for i in order]
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
@@ -186,14 +250,16 @@ def _toml_key(k: str) -> str:
 def best_toml(
     best: dict[str, Any], cache_path: Path, seed: int, search_dir: Path, cv: int, multilabel: bool = False
 ) -> str:
-    """A ``[train]`` fragment: ``featcache train --config best.toml`` refits the winner and evaluates on test."""
+    """A ``[train]`` fragment: the winner as ``featcache train --config best.toml`` trains it (what the refit
+    already did; edit a setting first to train a variant)."""
     train = best_train(best, cache_path, seed)
     metric = score_metric(cv, multilabel)
     return "\n".join(
         [
             f"# Best configuration found by `featcache search` in {search_dir}",
             f"# {metric}: {best['score']:.4f} (the test split was not used; `featcache train` reports it)",
-            f"# Use: featcache train --config {search_dir / 'best.toml'}",
+            "# With search.refit (the default) the search already trained it as a run (search.json: refit.run);",
+            f"# to train it again with a setting changed: featcache train --config {search_dir / 'best.toml'}",
             "",
             "[train]",
             *(
@@ -214,6 +280,7 @@ def write_outputs(run: SearchRun, space: Space, cache_path: Path, seed: int) -> 
         "score_std",
         "balanced_accuracy",
         "macro_f1",
+        "log_loss",
         "head",
         "layer",
         "transforms",

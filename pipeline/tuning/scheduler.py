@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.tuning.folds import Plan
-from pipeline.tuning.leaderboard import rank_key
+from pipeline.tuning.leaderboard import rank_records
 from pipeline.tuning.space import Candidate
 from pipeline.tuning.trials import worker_init, worker_run
 from pipeline.utils.journal import append_trial, read_trials
@@ -230,6 +230,7 @@ def halving(runner: TrialRunner, cands: list[Candidate], n_train: int, n_classes
         for c in alive:
             results[c] = (fraction, got[c])
         if r < rungs - 1:
-            ranked = sorted(alive, key=lambda c: rank_key(got[c]))
+            order = rank_records([(c, fraction, got[c]) for c in alive], runner.plan.resolution)
+            ranked = [alive[i] for i in order]
             alive = ranked[: max(1, int(math.ceil(len(alive) / HALVING_FACTOR)))]
     return results

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.heads.fitting import warning_notes
-from pipeline.heads.metrics import balanced_accuracy, macro_f1, macro_map, micro_map
+from pipeline.heads.metrics import (
+    balanced_accuracy,
+    binary_log_loss,
+    class_log_loss,
+    macro_f1,
+    macro_map,
+    micro_map,
+)
 from pipeline.tuning.folds import Plan, subset_rows
 from pipeline.tuning.space import Candidate
 from pipeline.utils.errors import FeatcacheError
@@ -39,12 +46,14 @@ def _failed(e: Exception, t0: float) -> dict[str, Any]:
 
 def _scored(scores: dict[str, list[float]], notes: list[str], t0: float, c0: float) -> dict[str, Any]:
     """A finished trial's record: fold means (the first of ``scores`` is the score: accuracy, or macro mAP
-    on a multi-label cache), time and the solver's warnings."""
+    on a multi-label cache), the val log loss (None: a margin head has no probabilities), time and the
+    solver's warnings."""
     main = next(iter(scores.values()))
     return {
         "status": "ok",
         "score": float(np.mean(main)),
         "score_std": float(np.std(main)) if len(main) > 1 else 0.0,
+        "log_loss": None,
         **{name: float(np.mean(v)) for name, v in list(scores.items())[1:]},
         "folds": len(main),
         "seconds": time.perf_counter() - t0,
@@ -67,22 +76,32 @@ def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> 
             fitted = fit_model(data, rows, es_rows, cand.head, cand.params, list(cand.transforms), seed=seed)
             notes += [n for n in fitted.notes if n not in notes]
             pred = predict_rows(fitted.model, data, eval_rows, plan.n_classes)
-            _add(scores, fold_scores(pred.y_true, pred.y_pred, False))
+            proba = pred.proba if pred.calibrated else None
+            _add(scores, fold_scores(pred.y_true, pred.y_pred, False, proba, np.arange(plan.n_classes)))
     except Exception as e:  # noqa: BLE001 - one failing candidate must not end the search
         return _failed(e, t0)
     return _scored(scores, notes, t0, c0)
 
 
-def fold_scores(y_true: np.ndarray, pred: np.ndarray, multilabel: bool) -> dict[str, float]:
+def fold_scores(
+    y_true: np.ndarray,
+    pred: np.ndarray,
+    multilabel: bool,
+    proba: np.ndarray | None = None,
+    classes: np.ndarray | None = None,
+) -> dict[str, float]:
     """One fold's scores, the trial's score first: accuracy (of predicted labels), or macro mAP (of N×C
-    per-class scores) on a multi-label cache."""
+    per-class scores) on a multi-label cache; ``log_loss`` when the head gives probabilities (``proba``,
+    its columns ``classes``; on a multi-label cache ``pred`` itself): a search's first tie-break."""
     if multilabel:
-        return {"macro_map": macro_map(y_true, pred), "micro_map": micro_map(y_true, pred)}
-    return {
+        out = {"macro_map": macro_map(y_true, pred), "micro_map": micro_map(y_true, pred)}
+        return out | ({"log_loss": binary_log_loss(y_true, pred)} if proba is not None else {})
+    out = {
         "accuracy": float(np.mean(y_true == pred)),
         "balanced_accuracy": balanced_accuracy(y_true, pred),
         "macro_f1": macro_f1(y_true, pred),
     }
+    return out | ({"log_loss": class_log_loss(y_true, proba, classes)} if proba is not None else {})
 
 
 def _add(scores: dict[str, list[float]], fold: dict[str, float]) -> None:
@@ -152,21 +171,23 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
 
 def _fit_predict(
     shared: WorkerState, cand: Candidate, prep_key, prep, X_eval
-) -> tuple[np.ndarray, list[str]]:
-    """Predictions of ``cand`` fitted on prepared rows (labels; N×C scores on a multi-label cache),
-    continuing the path its head left on them, and the solver warnings a multi-label fit recorded."""
+) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Predictions of ``cand`` fitted on prepared rows (labels; N×C scores on a multi-label cache), their
+    probabilities (None: a margin head's), continuing the path its head left on them, and the solver
+    warnings a multi-label fit recorded."""
     from pipeline.heads.paths import fit_predict_on_path, fit_scores_on_path, path_group
 
     path_key = (prep_key, cand.head, path_group(cand.head, cand.params))
     args = (cand.head, cand.params, prep, X_eval, shared.paths.get(path_key), shared.seed)
     notes: list[str] = []
     if shared.plan.multilabel:
-        y_pred, kept, notes = fit_scores_on_path(*args)
+        y_pred, calibrated, kept, notes = fit_scores_on_path(*args)
+        proba = y_pred if calibrated else None
     else:
-        y_pred, kept = fit_predict_on_path(*args)
+        y_pred, proba, kept = fit_predict_on_path(*args)
     if kept is not None:
         shared.paths[path_key] = kept
-    return y_pred, notes
+    return y_pred, proba, notes
 
 
 def shared_trial(
@@ -182,9 +203,10 @@ def shared_trial(
             prep_key, (prep, X_eval, y_eval) = _prepared(shared, cand, fold, fraction)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                y_pred, recorded = _fit_predict(shared, cand, prep_key, prep, X_eval)
+                y_pred, proba, recorded = _fit_predict(shared, cand, prep_key, prep, X_eval)
             notes += [n for n in warning_notes(caught, limit=None) + recorded if n not in notes]
-            _add(scores, fold_scores(y_eval, y_pred, shared.plan.multilabel))
+            classes = None if shared.plan.multilabel else np.unique(prep.y)
+            _add(scores, fold_scores(y_eval, y_pred, shared.plan.multilabel, proba, classes))
             accs = next(iter(scores.values()))  # the score of each fold so far
             if leader is not None and fold + 1 < n_folds and float(np.mean(accs)) < leader - PRUNE_MARGIN:
                 return {

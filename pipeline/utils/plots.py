@@ -131,23 +131,36 @@ def plot_feature_map(
     _save(fig, path)
 
 
+MISCLASSIFIED_COLUMNS = ["key", "true", "predicted", "probability", "split"]
+
+
 def write_misclassified(
     path: Path,
-    keys: Sequence[str],
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    prob: np.ndarray,
+    parts: Sequence[tuple[str, Sequence[str], np.ndarray, np.ndarray, np.ndarray]],
     class_names: Sequence[str],
-) -> int:
-    """One row per wrong test prediction, most confident mistakes first: where to look at the data."""
-    wrong = np.flatnonzero(y_true != y_pred)
-    wrong = wrong[np.argsort(-prob[wrong], kind="stable")]
+) -> dict[str, int]:
+    """One row per wrong prediction of each split, where to look at the data: ``parts`` are (split, keys,
+    true labels, predicted labels, probability of the predicted class), written in that order (test, then
+    val), the most confident mistakes first within each. Returns the count per split. Runs written before
+    the ``split`` column hold test rows only."""
+    counts: dict[str, int] = {}
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["key", "true", "predicted", "probability"])
-        for i in wrong:
-            w.writerow([keys[i], class_names[int(y_true[i])], class_names[int(y_pred[i])], f"{prob[i]:.4f}"])
-    return len(wrong)
+        w.writerow(MISCLASSIFIED_COLUMNS)
+        for split, keys, y_true, y_pred, prob in parts:
+            wrong = np.flatnonzero(np.asarray(y_true) != np.asarray(y_pred))
+            wrong = wrong[np.argsort(-np.asarray(prob)[wrong], kind="stable")]
+            counts[split] = len(wrong)
+            for i in wrong:
+                true, pred = class_names[int(y_true[i])], class_names[int(y_pred[i])]
+                w.writerow([keys[i], true, pred, f"{prob[i]:.4f}", split])
+    return counts
+
+
+def read_misclassified(path: Path) -> list[dict[str, str]]:
+    """``misclassified.csv``'s rows, each with its ``split`` (``test`` in a file from before that column)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{**row, "split": row.get("split") or "test"} for row in csv.DictReader(f)]
 
 
 def plot_search(
@@ -235,10 +248,15 @@ def plot_accuracy_cost(
 ) -> None:
     """A score against a cost, one panel per ``(key, axis label)`` of ``axes_keys``: every point is a dict
     with ``label``, ``accuracy`` (the score, ``score`` on its axis: test accuracy, or a multi-label cache's
-    test macro mAP) and those keys (a point without a key's value is left off that panel)."""
+    test macro mAP) and those keys (a point without a key's value is left off that panel; one marked
+    ``cached``, which had no extraction to measure, is named in the panel's corner instead)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(axes_keys), figsize=(5.6 * len(axes_keys), 4.2), squeeze=False)
     for ax, (key, xlabel) in zip(axes[0], axes_keys, strict=True):
+        cached = [str(p["label"])[:40] for p in points if p.get("cached") and p.get(key) is None]
+        if cached:
+            text = "cached (nothing extracted):\n" + "\n".join(cached[:6])
+            ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize=7, va="bottom", color="0.35")
         have = [p for p in points if isinstance(p.get(key), (int, float)) and p.get("accuracy") is not None]
         xs, ys = [float(p[key]) for p in have], [float(p["accuracy"]) for p in have]
         ax.scatter(xs, ys, s=28, color="tab:blue", zorder=3)

@@ -4,6 +4,8 @@
     leaderboard of train runs, fine-tuned runs and search trials (sortable: click a column header)
     for the best run on val (and ``--run``): per-class precision/recall/F1, confusion matrices,
         learning curves, thumbnails of the most confidently wrong test images
+    the audit's findings when ``featcache audit`` wrote them beside the cache: suspected label errors with
+        thumbnails, near-duplicate pairs across splits (leaks); a note when there is no audit
     the leaderboard of the newest ``featcache compare`` beside the cache that compared it (or ``--compare``),
         with test accuracy (macro mAP, multi-label) against extraction cost
     a 2-D map of the cached features (PCA; t-SNE on a sample), coloured by class
@@ -30,6 +32,7 @@ from typing import Any
 from pipeline.cache.locate import no_runs_error, resolve_run, runs_root, select_cache
 from pipeline.cache.state import cache_state
 from pipeline.stages.report.comparison import compare_section, find_compare
+from pipeline.stages.report.findings import audit_section
 from pipeline.stages.report.html import page
 from pipeline.stages.report.multilabel import (
     COLUMNS as MULTILABEL_COLUMNS,
@@ -67,6 +70,7 @@ class Report:
     map_rows: tuple[int, int]  # rows in the PCA map, rows in the t-SNE map
     seconds: float
     notes: list[str] = field(default_factory=list)
+    audit: str = ""  # what the audit section shows, in words
 
     def summary(self) -> str:
         kinds = [r["kind"] for r in self.runs]
@@ -77,6 +81,7 @@ class Report:
             f"detailed: {', '.join(self.detailed) or '-'} · {self.thumbnails} misclassified thumbnails"
             f" · feature map: PCA {self.map_rows[0]} rows, t-SNE {self.map_rows[1]} rows",
         ]
+        lines.append(f"audit: {self.audit}")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"open: {self.path.resolve().as_uri()}")
         return "\n".join(lines)
@@ -136,6 +141,8 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
             html_, n = run_section(d, meta, r.thumbnails, notes, is_best)
         sections.append(html_)
         shown += n
+    audit_html, found = audit_section(cache_path, meta, notes)
+    sections.append(audit_html)
     if compared.folder is not None or compared.notes:
         sections.append(compare_section(compared, cache_path))
     sections.append(map_section(fmap, layer, n_map))
@@ -143,8 +150,14 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     atomic_write(out, page(f"featcache report · {cache_path.stem}", sections))
     return Report(
         out, cache_path, board, [d.name for d in detail], best["id"] if best else None, shown, n_map,
-        time.perf_counter() - t0, notes,
+        time.perf_counter() - t0, notes, _audit_words(found),
     )  # fmt: skip
+
+
+def _audit_words(found) -> str:
+    if found is None:
+        return "none beside the cache (`featcache audit` finds label errors and leaks)"
+    return f"{len(found.label_issues)} likely label errors · {len(found.leaks)} near-duplicate pairs across splits"
 
 
 def _progress(cfg: Config):

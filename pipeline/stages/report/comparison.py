@@ -25,8 +25,11 @@ _COLS = (
     ("test_accuracy", "test acc", 4),
     ("macro_f1", "macro-F1", 4),
     ("dim", "dim", 0),
+    ("extracted", "extracted", 0),
+    ("reused", "reused", 0),
     ("images_per_second", "images/s", 1),
     ("cpu_seconds", "CPU s", 1),
+    ("cpu_seconds_per_image", "CPU s / image", 3),
     ("cache_bytes", "cache MB", 1),
 )
 #: a multi-label compare's scores, where a single-label one shows accuracy
@@ -85,6 +88,15 @@ def read_compare(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def cost_per_image(row: dict[str, Any]) -> float | None:
+    """CPU seconds per image the candidate's call extracted (None: nothing extracted, its cache was reused);
+    a leaderboard from before the column gets it from ``cpu_seconds`` and ``extracted``."""
+    if row.get("cpu_seconds_per_image") is not None:
+        return float(row["cpu_seconds_per_image"])
+    n, cpu = row.get("extracted"), row.get("cpu_seconds")
+    return float(cpu) / n if isinstance(n, int) and n > 0 and isinstance(cpu, (int, float)) else None
+
+
 def compare_section(compared: Compared, cache_path: Path) -> str:
     """The leaderboard table and the score-vs-cost plot; the notes on compares not shown."""
     from pipeline.utils.plots import plot_accuracy_cost
@@ -105,9 +117,12 @@ def compare_section(compared: Compared, cache_path: Path) -> str:
     for r in rows:
         cells = []
         for k, _, d in cols:
-            v = r.get(k)
+            v = cost_per_image(r) if k == "cpu_seconds_per_image" else r.get(k)
             if k == "cache_bytes" and isinstance(v, (int, float)):
                 v = v / 2**20
+            if v is None and k == "cpu_seconds_per_image" and r.get("extracted") == 0:
+                cells.append('<td class="n" data-v="">cached</td>')
+                continue
             cells.append(f"<td>{escape(str(v if v is not None else '-'))}</td>" if d is None else num(v, d))
         cls = ' class="best"' if str(r.get("cache") or "") == here else ""
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
@@ -116,14 +131,17 @@ def compare_section(compared: Compared, cache_path: Path) -> str:
             "label": f"{r.get('label')} · {r.get('layer')}",
             "accuracy": r.get(score_key),
             "images_per_second": r.get("images_per_second"),
-            "cpu_seconds": r.get("cpu_seconds"),
+            "cpu_seconds_per_image": cost_per_image(r),
+            "cached": r.get("extracted") == 0,
         }
         for r in rows
     ]
+    axes = (
+        ("images_per_second", "extraction images / s"),
+        ("cpu_seconds_per_image", "CPU s per extracted image"),
+    )
     panels = [
-        (k, label)
-        for k, label in (("images_per_second", "extraction images / s"), ("cpu_seconds", "extraction CPU s"))
-        if any(isinstance(p[k], (int, float)) for p in points)
+        (k, label) for k, label in axes if any(isinstance(p[k], (int, float)) or p["cached"] for p in points)
     ]
     title = f"{folder.name}: {score} against extraction cost"
     alt = "mAP vs cost" if multilabel else "accuracy vs cost"
@@ -132,7 +150,8 @@ def compare_section(compared: Compared, cache_path: Path) -> str:
         f'<h2>Backbone comparison</h2>{notes}<p class="sub">the leaderboard of <code>featcache compare</code> in'
         f" <code>{escape(str(folder))}</code>: one linear probe per candidate and cached layer, best first by"
         f" {'val macro mAP' if multilabel else 'val accuracy'}; the row of this report's cache is highlighted."
-        " Images/s and CPU seconds are those of the run that extracted each cache.</p>"
+        " Images/s and CPU seconds are those of the compare call that scored each candidate, and the cost is per"
+        " image it extracted: a candidate whose cache already held every image extracted nothing (cached).</p>"
         f'<div class="scroll"><table class="sortable" id="compare"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>{pic}"
     )

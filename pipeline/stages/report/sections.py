@@ -264,14 +264,18 @@ def _per_class(m: dict[str, Any], names: list[str]) -> str:
 
 
 def _misclassified(run_dir: Path, meta: dict, n: int, notes: list[str]) -> tuple[str, int]:
-    """Thumbnails of the most confidently wrong test images (``misclassified.csv`` is sorted that way)."""
+    """Thumbnails of the most confidently wrong images, test then val (``misclassified.csv`` is written
+    that way; a run from before its ``split`` column lists test images only)."""
+    from pipeline.utils.plots import read_misclassified
+
     path = run_dir / "misclassified.csv"
     if not path.is_file() or n <= 0:
         return "", 0
-    with open(path, newline="", encoding="utf-8") as f:
-        wrong = list(csv.DictReader(f))[:n]
+    rows = read_misclassified(path)
+    splits = " and ".join(dict.fromkeys(["test", *(r["split"] for r in rows)])) if rows else "test"
+    wrong = rows[:n]
     if not wrong:
-        return "<h3>Misclassified test images</h3><p>none: every test image was classified correctly.</p>", 0
+        return f"<h3>Misclassified images</h3><p>none: every {splits} image was classified correctly.</p>", 0
     pngs, why = read_thumbnails(meta, [w["key"] for w in wrong])
     if why:
         notes.append(f"{run_dir.name}: {why}")
@@ -279,13 +283,16 @@ def _misclassified(run_dir: Path, meta: dict, n: int, notes: list[str]) -> tuple
     for w in wrong:
         pic = img(pngs[w["key"]], w["key"], "thumb") if w["key"] in pngs else "<div>(image unavailable)</div>"
         figs.append(
-            f'<figure>{pic}<figcaption title="{escape(w["key"])}">true {escape(w["true"])}<br>'
+            f'<figure>{pic}<figcaption title="{escape(w["key"])}">{escape(w["split"])} · true {escape(w["true"])}<br>'
             f"predicted <b>{escape(w['predicted'])}</b> ({float(w['probability']):.0%})</figcaption></figure>"
         )
     note = f'<p class="note">{escape(why)}</p>' if why else ""
+    counts = " · ".join(
+        f"{k} {sum(r['split'] == k for r in rows)}" for k in dict.fromkeys(r["split"] for r in rows)
+    )
     return (
-        '<h3>Most confidently wrong test images</h3><p class="sub">as the backbone saw them'
-        f" ({escape(str(meta.get('image_size')))} px, resize {escape(str(meta.get('resize')))}); "
+        f'<h3>Most confidently wrong images ({escape(counts)})</h3><p class="sub">test first, then val; as the'
+        f" backbone saw them ({escape(str(meta.get('image_size')))} px, resize {escape(str(meta.get('resize')))}); "
         f'all of them in <code>{escape(str(path))}</code></p>{note}<div class="thumbs">{"".join(figs)}</div>',
         len(pngs),
     )
