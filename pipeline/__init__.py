@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from pipeline.utils.quiet import quiet_api
 from pipeline.utils.version import VERSION as __version__  # noqa: F401 - the package version
+
+quiet_api()  # before anything imports TensorFlow: the API is as quiet as the CLI
 
 _LAZY = {
     "Config": "utils.config",

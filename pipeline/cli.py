@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -468,8 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = build_parser()
+    parser = build_parser()  # TF_CPP_MIN_LOG_LEVEL: set by ``import pipeline`` (pipeline.utils.quiet)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -51,6 +51,13 @@ def test_multilabel_cache_holds_a_multi_hot_matrix(mosaic_cache):
             row = c.labels[order[f"m{i:04d}.png"]]
             assert {c.class_names[j] for j in np.flatnonzero(row)} == names
         assert len(c.rows("val")) and len(c.rows("test"))
+        for code, split in enumerate(("train", "val", "test")):  # the summary's counts: rows, and positives
+            assert result.splits[split] == int((c.split == code).sum())
+            positives = c.labels[c.split == code].sum(axis=0)
+            assert result.class_rows[split] == {
+                n: int(k) for n, k in zip(c.class_names, positives, strict=True)
+            }
+    assert f"splits: {result.splits['train']} train · {result.splits['val']} val" in result.summary()
     info = run_cli("cache", "info", str(result.path))
     assert info.returncode == 0 and "task: multilabel" in info.stdout, info.stderr
 

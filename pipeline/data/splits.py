@@ -48,23 +48,38 @@ def assign_split(
     return "train"
 
 
-#: a class with fewer rows than this in the val or test split makes that split's per-class numbers noise
+#: a class with fewer rows than this in the val or test split (a multi-label class: fewer positives) makes
+#: that split's per-class numbers noise: ``train`` says so in its notes, ``extract`` in its summary
 SMALL_SPLIT_ROWS = 5
 
 
-def small_class_note(labels, split, class_names) -> str | None:
-    """One line when a class is too small for its val/test split (splits stay as they are: stable), or None."""
+def class_counts(labels, split, class_names) -> dict[str, dict[str, int]]:
+    """Split → class → rows of that class, for every split in ``SPLITS`` order; with multi-hot ``labels``
+    (a multi-label cache, N × classes) each class's positives."""
     import numpy as np
 
     labels, split = np.asarray(labels), np.asarray(split)
-    small = []
-    for code, name in ((1, "val"), (2, "test")):
+    out = {}
+    for name, code in SPLIT_CODES.items():
         part = labels[split == code]
-        if not len(part):
+        if labels.ndim == 2:
+            n = part.sum(axis=0) if len(part) else np.zeros(len(class_names), int)
+        else:
+            n = np.bincount(part.astype(np.int64), minlength=len(class_names))
+        out[name] = {c: int(k) for c, k in zip(class_names, n, strict=False)}
+    return out
+
+
+def small_split_note(counts: dict[str, dict[str, int]]) -> str | None:
+    """One line naming the classes with fewer than :data:`SMALL_SPLIT_ROWS` rows (multi-label: positives) in
+    a non-empty val or test split of :func:`class_counts` (splits stay as they are: stable), or None."""
+    small = []
+    for name in ("val", "test"):
+        part = counts.get(name, {})
+        if not sum(part.values()):
             continue
-        for c, cname in enumerate(class_names):
-            n = int((part == c).sum())
-            if n < SMALL_SPLIT_ROWS and (labels == c).any():
+        for cname, n in part.items():
+            if n < SMALL_SPLIT_ROWS and any(c.get(cname) for c in counts.values()):
                 small.append(f"{cname} ({n} in {name})")
     if not small:
         return None
@@ -73,3 +88,24 @@ def small_class_note(labels, split, class_names) -> str | None:
         f"classes too small for their split: {shown}; their val/test numbers are noise "
         "(splits stay stable): `featcache search --cv 5` scores on folds of train+val instead"
     )
+
+
+def split_counts(rows, class_names) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Rows per split (``SPLITS`` order) and their :func:`class_counts`, of cache rows (``.split``, ``.label``)."""
+    import numpy as np
+
+    split = np.array([r.split for r in rows], np.int64)
+    per_split = {name: int((split == code).sum()) for name, code in SPLIT_CODES.items()}
+    return per_split, class_counts([r.label for r in rows], split, class_names)
+
+
+def split_lines(per_split: dict[str, int], counts: dict[str, dict[str, int]]) -> list[str]:
+    """A summary's lines for :func:`split_counts`: the rows of each split, then :func:`small_split_note`."""
+    lines = ["splits: " + " · ".join(f"{n} {name}" for name, n in per_split.items())] if per_split else []
+    small = small_split_note(counts)
+    return lines + ([f"warning: {small}"] if small else [])
+
+
+def small_class_note(labels, split, class_names) -> str | None:
+    """:func:`small_split_note` of a single-label cache's ``labels`` and ``split`` columns."""
+    return small_split_note(class_counts(labels, split, class_names))

@@ -59,3 +59,24 @@ def extraction_batch_size(engine: str, image_size: int, batch_size: int, given: 
     if given or not runs_on_gpu(engine):
         return batch_size
     return gpu_batch_size(image_size)
+
+
+def gpu_name() -> str:
+    """The first visible GPU's model name as its driver reports it (``NVIDIA H100 80GB HBM3``): the one
+    TensorFlow places the backbone on; its TensorFlow name when the driver says nothing; "" without a GPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return ""
+    try:
+        details = tf.config.experimental.get_device_details(gpus[0])
+    except (RuntimeError, ValueError):
+        details = {}
+    return str(details.get("device_name") or gpus[0].name)
+
+
+def engine_device(engine) -> str:
+    """Where ``engine`` runs the backbone: the GPU's name for TensorFlow on a GPU, else ``CPU`` (TFLite
+    engines always run on the CPU)."""
+    return (gpu_name() or "GPU") if getattr(engine, "gpu", False) else "CPU"

@@ -115,6 +115,7 @@ class ShardResult:
     seconds: float = 0.0
     size: int = 0
     worker: str = field(default="")
+    device: str = ""  # where the worker ran the backbone (:func:`pipeline.features.devices.engine_device`)
 
 
 def plan_shards(pending: list[Sample], batch_size: int, workers: int) -> list[list[Sample]]:
@@ -227,7 +228,7 @@ def run_shard(settings: ShardSettings, shard: int, ds: Dataset, model=None) -> S
     """Extract every sample of ``ds`` (one shard): features of the readable ones, reasons for the rest.
 
     ``model``: the driver's converted int8 model, for a ``tflite-int8`` job."""
-    from pipeline.features.devices import extraction_batch_size
+    from pipeline.features.devices import engine_device, extraction_batch_size
 
     fm, engine = _model_and_engine(settings, model)
     t0 = time.perf_counter()
@@ -272,6 +273,7 @@ def run_shard(settings: ShardSettings, shard: int, ds: Dataset, model=None) -> S
         time.perf_counter() - t0,
         len(ds.samples),
         _worker_name(),
+        engine_device(engine),
     )
 
 

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.features.backbones.registry import check_int8
+from pipeline.features.compiled import compiled
 from pipeline.features.probes import (
     PROBE_IMAGES,
     best_rates,
@@ -114,7 +115,8 @@ class TensorFlowEngine:
         if gpu and compute_dtype(fm) == "float32":
             tf.config.experimental.enable_tensor_float_32_execution(False)
         self._layers = list(fm.layers)
-        self._fn = tf.function(lambda x: fm.model(x, training=False), reduce_retracing=True)
+        self._fn = compiled(fm.model)
+        self._model = fm.model  # :func:`compiled` holds it weakly
 
     def _run(self, x) -> dict[str, np.ndarray]:
         out = self._fn(x)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pipeline.model.layers  # noqa: F401 - registers the custom layers a featc
 from pipeline.data.images import image_batches
 from pipeline.data.preprocess import ResizeImages
 from pipeline.features.backbones.keras_hub import load_objects
+from pipeline.features.compiled import compiled
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -39,32 +39,12 @@ def keras_runner(model) -> KerasRunner:
 
 
 def savedmodel_runner(path: Path):
-    import tensorflow as tf
 
     loaded = tf.saved_model.load(str(path))
     fn = loaded.signatures.get("serve") or loaded.signatures["serving_default"]
     (key,) = fn.structured_outputs.keys()
     arg = next(iter(fn.structured_input_signature[1]))
     return lambda x: fn(**{arg: tf.constant(np.asarray(x, np.float32))})[key].numpy()
-
-
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compiled(model):
-    """``model(x, training=False)`` as one tf.function per model (tracing a backbone costs seconds)."""
-    fn = _COMPILED.get(model)
-    if fn is None:
-        ref = weakref.ref(model)  # the cache must not keep the model alive: callers hold it (KerasRunner)
-
-        def call(x):
-            m = ref()
-            if m is None:  # a caller dropped its model and kept the function: a bug, said plainly
-                raise RuntimeError("the Keras model was freed: hold it (KerasRunner) while running it")
-            return m(x, training=False)
-
-        fn = _COMPILED[model] = tf.function(call, reduce_retracing=True)
-    return fn
 
 
 def predict_images(model, ds, samples, size: int, policy: str, batch_size: int = 32, *, decode: str):

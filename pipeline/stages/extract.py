@@ -47,7 +47,7 @@ from pipeline.cache.write import (
 from pipeline.data.augment import VIEW_SUFFIX, augmented_view
 from pipeline.data.images import make_image_dataset, numpy_batches
 from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes, load_dataset
-from pipeline.data.splits import SPLIT_CODES
+from pipeline.data.splits import SPLIT_CODES, split_counts, split_lines
 from pipeline.features.backbones.hub_presets import settle
 from pipeline.features.backbones.registry import check_int8, get_spec
 from pipeline.features.calibration import Calibration, for_config
@@ -75,6 +75,9 @@ class ExtractResult:
     quarantine: Path | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
     unlabelled: int = 0  # multi-label rows with no class (all negative)
+    device: str = ""  # where the backbone ran in this run: "CPU" or "GPU (its name)" (empty: none ran)
+    splits: dict[str, int] = field(default_factory=dict)  # rows in the cache now: train, val, test
+    class_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # split → class → rows (positives)
 
     @property
     def images_per_second(self) -> float:
@@ -96,13 +99,13 @@ class ExtractResult:
         if self.extracted:
             lines.append(
                 f"speed: {self.images_per_second:.1f} images/s on {self.engine or '?'} "
-                f"({self.batches} batches, {self.seconds:.1f} s total)"
+                f"({self.device or '?'}, {self.batches} batches, {self.seconds:.1f} s total)"
                 + (f"\n  ({self.engine_why})" if self.engine_why else "")
             )
         else:
             lines.append(f"no backbone work ({self.seconds:.2f} s)")
-        if self.quarantine:
-            lines.append(f"skipped files and reasons: {self.quarantine}")
+        lines += split_lines(self.splits, self.class_rows)
+        lines += [f"skipped files and reasons: {self.quarantine}"] if self.quarantine else []
         return "\n".join(lines)
 
 
@@ -263,6 +266,7 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
 
     bad = job.unreadable.items
     result.rows = len(rows)
+    result.splits, result.class_rows = split_counts(rows, ds.class_names)
     if ds.multilabel:
         result.unlabelled = sum(1 for r in rows if not any(r.label))
     result.skipped = len(bad)
@@ -354,7 +358,7 @@ def _run_here(job: ExtractJob) -> tuple[dict[str, int], dict]:
 
 def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
     """Batch after batch: the unreadable samples to ``job.unreadable``, the others' features to parts."""
-    from pipeline.features.devices import extraction_batch_size
+    from pipeline.features.devices import engine_device, extraction_batch_size
     from pipeline.features.engines import make_engine
 
     x, pending, result = job.cfg.extract, job.pending, job.result
@@ -373,6 +377,7 @@ def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
         fm, x.engine, x.threads, x.cache_dir, images=len(pending), calibration=job.calibration
     )
     result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
+    result.device = engine_device(engine)  # CPU, or the GPU's name
     with _backbone_pass(job, len(pending)) as progress:
         bg = BackgroundWriter(writer)
         try:
@@ -432,7 +437,7 @@ def _run_on_cluster(job: ExtractJob) -> tuple[dict[str, int], dict]:
                             job.cannot_read(samples[pos], reason)
                         if writer is None:
                             writer, dims, map_shapes = job.part_writer(r.dims), r.dims, r.map_shapes
-                            job.result.engine = r.engine
+                            job.result.engine, job.result.device = r.engine, r.device
                         _write_shard(job, writer, samples, r)
                         progress.update(r.size)
             except KeyboardInterrupt:
