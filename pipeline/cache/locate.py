@@ -8,7 +8,7 @@
    *chose* (:func:`pipeline.utils.config.given_keys`): the dataset (``--data``/``data.name``; none named =
    any dataset), and each of ``--backbone``, ``--weights``, ``--layer``, ``--pooling``, ``--image-size``,
    ``--resize``, ``extract.dtype``, ``extract.precision`` and ``extract.engine`` (``tflite-int8`` selects
-   the int8 caches, any other engine the float ones). Settings left at their defaults do not filter, so
+   the int8 caches, ``tflite-dynamic`` the dynamic-range ones, any other engine the float ones). Settings left at their defaults do not filter, so
    the stages follow the cache the user just made; settings given select exactly the caches that have them.
 
 The choice is said in one line (:attr:`CacheChoice.note`), with how to pick another.
@@ -27,8 +27,10 @@ from typing import Any
 
 from pipeline.cache.fingerprint import (
     engine_key,
+    engine_selects,
     feature_key,
     fingerprint,
+    keyed_engine,
     remember_weights_digest,
     views_key,
     weights_digest,
@@ -103,7 +105,7 @@ def _agrees(cfg: Config, key: str, meta: dict[str, Any]) -> bool:
     if key in ("extract.engine", "extract.precision"):  # in the feature key only where they change features
         feature_key = meta.get("feature_key") or {}
         if key == "extract.engine":
-            return isinstance(feature_key.get("engine"), dict) == (want == "tflite-int8")
+            return keyed_engine(feature_key) == engine_selects(want)
         return feature_key.get("precision", "float32") == want
     if key == "backbone.image_size":
         return have == (want or get_spec(meta.get("backbone", cfg.backbone.name)).default_size)

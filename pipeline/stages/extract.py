@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from pipeline.data.images import make_image_dataset, numpy_batches
 from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes, load_dataset
 from pipeline.data.splits import SPLIT_CODES
 from pipeline.features.backbones.hub_presets import settle
-from pipeline.features.backbones.registry import check_int8, get_spec
+from pipeline.features.backbones.registry import check_engine, dynamic_hint, get_spec
 from pipeline.features.calibration import Calibration, for_config
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import Config, given_keys, resolve_config
@@ -68,6 +69,7 @@ class ExtractResult:
     batches: int = 0  # backbone forward passes
     engine: str = ""  # which runtime ran the backbone in this run (empty: none ran)
     engine_why: str = ""  # why ``auto`` chose it, when it says
+    engine_fidelity: dict[str, Any] = field(default_factory=dict)  # tflite-dynamic: its gate's figures
     seconds: float = 0.0
     backbone_seconds: float = 0.0
     quarantine: Path | None = None
@@ -112,7 +114,7 @@ class ExtractJob:
     old: FeatureCache | None  # the previous complete cache (None: there is none, or --rebuild)
     result: ExtractResult
     unreadable: Unreadable
-    calibration: Calibration | None = None  # what a tflite-int8 engine is calibrated on
+    calibration: Calibration | None = None  # tflite-int8: calibrated on it; tflite-dynamic: gated on it
     bar: Any = None  # a progress bar shared with other extractions (compare's), else one of its own
     model: Any = None  # a FeatureModel built for ``cfg`` already (compare's check), else built here
     #: sample key → (content digest, size, mtime)
@@ -192,8 +194,7 @@ def extract(
     if not os.access(cache_dir, os.W_OK):
         raise FeatcacheError(f"cache_dir {cache_dir}: not writable")
 
-    if cfg.extract.engine == "tflite-int8":
-        check_int8(get_spec(cfg.backbone.name))  # before any digest or decode
+    check_engine(spec, cfg.extract.engine)  # a quantized engine refused for this backbone: before any work
     ds = dataset if dataset is not None else load_dataset(cfg.data, cache_dir / "shards")
     calibration = calibration if calibration is not None else for_config(cfg, ds)
     final, key, ds = resolve_cache_path(cfg, ds, calibration)
@@ -256,7 +257,9 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
 
     if not (old is not None and not job.pending and same_rows(old, rows, ds.class_names)):
         old_meta = old.meta if old is not None else None
-        attrs = cache_attrs(cfg, ds, job.key, job.fp, layer_dims, map_shapes, result.engine, old_meta)
+        attrs = cache_attrs(
+            cfg, ds, job.key, job.fp, layer_dims, map_shapes, result.engine, old_meta, result.engine_fidelity
+        )
         write_cache(
             job.final,
             rows,
@@ -303,6 +306,9 @@ def _run_pending(job: ExtractJob) -> tuple[dict[str, int], dict]:
             dims = {layer: job.old.dataset(layer).shape[1] for layer in job.old.layers}
             return dims, job.old.meta.get("map_shapes", {})
         return part_dims(job.parts), {}
+    hint = dynamic_hint(get_spec(job.cfg.backbone.name), job.cfg.extract.engine)
+    if hint and job.cfg.extract.progress:
+        print(f"featcache: {hint}", file=sys.stderr, flush=True)
     dims, map_shapes = _run_on_cluster(job) if job.cfg.cluster.address else _run_here(job)
     job.rescan_parts()
     return dims, map_shapes
@@ -348,6 +354,7 @@ def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
         fm, x.engine, x.threads, x.cache_dir, images=len(pending), calibration=job.calibration
     )
     result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
+    result.engine_fidelity = dict(getattr(engine, "fidelity", {}))
     with _backbone_pass(job, len(pending)) as progress:
         bg = BackgroundWriter(writer)
         try:
@@ -407,7 +414,7 @@ def _run_on_cluster(job: ExtractJob) -> tuple[dict[str, int], dict]:
                             job.cannot_read(samples[pos], reason)
                         if writer is None:
                             writer, dims, map_shapes = job.part_writer(r.dims), r.dims, r.map_shapes
-                            job.result.engine = r.engine
+                            job.result.engine, job.result.engine_fidelity = r.engine, r.fidelity
                         _write_shard(job, writer, samples, r)
                         progress.update(r.size)
             except KeyboardInterrupt:
