@@ -233,5 +233,5 @@ def test_a_cnn_is_refused_in_one_line_and_a_float_transformer_extraction_hints(v
         "extract", "--data", "fashion_mnist", "--limit", "40", "--cache-dir", str(tmp_path),
         "--backbone", str(vit["preset"]), "--set", "extract.engine=tflite",
     )  # fmt: skip
-    hints = [x for x in r.stderr.splitlines() if "hint:" in x]
+    hints = [x for x in (r.stdout + r.stderr).splitlines() if "hint:" in x]
     assert r.returncode == 0 and len(hints) == 1 and "extract.engine=tflite-dynamic" in hints[0], r.stderr

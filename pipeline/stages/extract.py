@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +67,7 @@ class ExtractResult:
     ignored: int = 0  # non-image or hidden files seen while scanning
     batches: int = 0  # backbone forward passes
     engine: str = ""  # which runtime ran the backbone in this run (empty: none ran)
-    engine_why: str = ""  # why ``auto`` chose it, when it says
+    engine_why: str = ""  # why ``auto`` chose it, when it says; a transformer's hint at tflite-dynamic
     engine_fidelity: dict[str, Any] = field(default_factory=dict)  # tflite-dynamic: its gate's figures
     seconds: float = 0.0
     backbone_seconds: float = 0.0
@@ -306,9 +305,6 @@ def _run_pending(job: ExtractJob) -> tuple[dict[str, int], dict]:
             dims = {layer: job.old.dataset(layer).shape[1] for layer in job.old.layers}
             return dims, job.old.meta.get("map_shapes", {})
         return part_dims(job.parts), {}
-    hint = dynamic_hint(get_spec(job.cfg.backbone.name), job.cfg.extract.engine)
-    if hint and job.cfg.extract.progress:
-        print(f"featcache: {hint}", file=sys.stderr, flush=True)
     dims, map_shapes = _run_on_cluster(job) if job.cfg.cluster.address else _run_here(job)
     job.rescan_parts()
     return dims, map_shapes
@@ -353,8 +349,8 @@ def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
     engine = make_engine(
         fm, x.engine, x.threads, x.cache_dir, images=len(pending), calibration=job.calibration
     )
-    result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
-    result.engine_fidelity = dict(getattr(engine, "fidelity", {}))
+    result.engine, result.engine_fidelity = engine.name, dict(getattr(engine, "fidelity", {}))
+    result.engine_why = "; ".join(filter(None, [getattr(engine, "why", ""), dynamic_hint(fm.spec, x.engine)]))
     with _backbone_pass(job, len(pending)) as progress:
         bg = BackgroundWriter(writer)
         try:
