@@ -235,3 +235,25 @@ def test_a_cnn_is_refused_in_one_line_and_a_float_transformer_extraction_hints(v
     )  # fmt: skip
     hints = [x for x in (r.stdout + r.stderr).splitlines() if "hint:" in x]
     assert r.returncode == 0 and len(hints) == 1 and "extract.engine=tflite-dynamic" in hints[0], r.stderr
+
+
+def test_compare_candidates_take_the_dynamic_engine_and_a_refused_one_is_named_first(vit):
+    """``compare --set extract.engine=tflite-dynamic``: the transformer's dynamic cache (complete: reused, no
+    model built) is probed; with a CNN candidate beside it, the CNN is named before any extraction."""
+    import pipeline
+
+    kw = {
+        "data": "fashion_mnist",
+        "limit": LIMIT,
+        "cache_dir": str(vit["root"] / "cache"),
+        "extract__engine": "tflite-dynamic",
+        "extract__progress": False,
+        "shots": [],
+    }
+    result = pipeline.compare(backbones=str(vit["preset"]), **kw)
+    (row,) = result.rows
+    assert Path(row["cache"]) == vit["dynamic"].path and row["test_accuracy"] > 0.6 and not row["extracted"]
+    before = len(list((vit["root"] / "cache").glob("*.h5")))
+    with pytest.raises(FeatcacheError, match="efficientnet_lite0.*runs slower with dynamic-range int8"):
+        pipeline.compare(backbones=f"{vit['preset']},efficientnet_lite0", **kw)
+    assert len(list((vit["root"] / "cache").glob("*.h5"))) == before
