@@ -25,6 +25,10 @@ SECTIONS = {
         "benchmarks.bench_int8",
         "Full-integer int8 against float32: speed, features, accuracy (issue 28)",
     ),
+    "dynamic": (
+        "benchmarks.bench_dynamic",
+        "Dynamic-range int8 against float32 TFLite for KerasHub ViT-S/14 and ViT-B/16 (issue 38)",
+    ),
     "hub": (
         "benchmarks.bench_hub",
         "KerasHub ViT-S/14 and ViT-B/16: extraction vs the bare pass of the same engine (issue 27)",

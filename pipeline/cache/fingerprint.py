@@ -19,7 +19,7 @@ from pipeline.data.augment import VIEWS_RECIPE
 from pipeline.data.decode import DCT_MARGIN
 from pipeline.data.storage import is_url
 from pipeline.features.backbones.registry import BackboneSpec
-from pipeline.features.calibration import Calibration, engine_part
+from pipeline.features.calibration import DYNAMIC_PART, Calibration, engine_part
 from pipeline.utils.config import Config
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_write, sha256_file
@@ -136,12 +136,16 @@ def fingerprint(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+#: Engines whose features differ from float32's, so they are named in the feature key.
+KEYED_ENGINES = ("tflite-int8", "tflite-dynamic")
+
+
 def engine_key(cfg: Config, key: dict[str, Any], calibration: Calibration | None = None) -> dict[str, Any]:
     """``key`` plus the engine's share, only where the engine changes features: ``tflite-int8`` (with its
-    calibration set) and a precision other than float32. The float engines agree within 1e-4 and add
-    nothing, so every float32 key is what it was."""
+    calibration set), ``tflite-dynamic`` and a precision other than float32. The float engines agree within
+    1e-4 and add nothing, so every float32 key is what it was."""
     x = cfg.extract
-    if x.engine != "tflite-int8" and x.precision == "float32":
+    if x.engine not in KEYED_ENGINES and x.precision == "float32":
         return key
     key = dict(key)
     if x.precision != "float32":
@@ -150,7 +154,21 @@ def engine_key(cfg: Config, key: dict[str, Any], calibration: Calibration | None
         if calibration is None:
             raise ValueError("a tflite-int8 key needs its calibration set")
         key["engine"] = engine_part(calibration)
+    if x.engine == "tflite-dynamic":
+        key["engine"] = dict(DYNAMIC_PART)
     return key
+
+
+def keyed_engine(key: dict[str, Any]) -> str:
+    """The engine a cache's feature key names (``tflite-int8``, ``tflite-dynamic``), "" for float features."""
+    part = key.get("engine")
+    return str(part.get("name", "tflite-int8")) if isinstance(part, dict) else ""
+
+
+def engine_selects(engine: str) -> str:
+    """What :func:`keyed_engine` a cache must show for ``extract.engine=engine``: "" (the float caches) for
+    every engine that does not change features."""
+    return engine if engine in KEYED_ENGINES else ""
 
 
 def views_key(cfg: Config, key: dict[str, Any]) -> dict[str, Any]:

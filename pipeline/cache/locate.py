@@ -15,7 +15,8 @@ recorded still exists and is another one (:func:`belongs`); ``extract`` records 
    found, even when nothing changed) in ``extract.cache_dir`` of the source ``--data`` names (none named =
    any source), agreeing with each of ``--backbone``, ``--weights``, ``--layer``, ``--pooling``,
    ``--image-size``, ``--resize``, ``extract.dtype``, ``extract.precision`` and ``extract.engine``
-   (``tflite-int8`` selects the int8 caches, any other engine the float ones) that the user *chose*
+   (``tflite-int8`` selects the int8 caches, ``tflite-dynamic`` the dynamic-range ones, any other engine
+   the float ones) that the user *chose*
    (:func:`pipeline.utils.config.given_keys`). Settings left at their defaults do not filter, so the stages
    follow the cache the user just made of that data; settings given select exactly the caches that have them.
 
@@ -38,8 +39,10 @@ from typing import Any
 from pipeline.cache.fingerprint import (
     BUILTIN_SOURCES,
     engine_key,
+    engine_selects,
     feature_key,
     fingerprint,
+    keyed_engine,
     remember_weights_digest,
     source_identity,
     source_tag,
@@ -154,7 +157,7 @@ def _agrees(cfg: Config, key: str, meta: dict[str, Any]) -> bool:
     if key in ("extract.engine", "extract.precision"):  # in the feature key only where they change features
         feature_key = meta.get("feature_key") or {}
         if key == "extract.engine":
-            return isinstance(feature_key.get("engine"), dict) == (want == "tflite-int8")
+            return keyed_engine(feature_key) == engine_selects(want)
         return feature_key.get("precision", "float32") == want
     if key == "backbone.image_size":
         return have == (want or get_spec(meta.get("backbone", cfg.backbone.name)).default_size)

@@ -67,10 +67,13 @@ def cache_attrs(
     engine: str,
     old_meta: dict[str, Any] | None,
     source_id: str,
+    fidelity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The cache file's metadata: what made the features, from what, with which versions.
 
-    ``engine`` ran the backbone in this run ("" when none ran: the file keeps ``old_meta``'s engine)."""
+    ``engine`` ran the backbone in this run ("" when none ran: the file keeps ``old_meta``'s engine);
+    ``fidelity``: a ``tflite-dynamic`` engine's gate figures (``engine_fidelity``, kept from ``old_meta`` when
+    this run measured none)."""
     b = cfg.backbone
     task = (
         {"task": MULTILABEL} if ds.multilabel else {}
@@ -103,4 +106,11 @@ def cache_attrs(
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **task,
+        **_fidelity(fidelity, old_meta),
     }
+
+
+def _fidelity(fidelity: dict[str, Any] | None, old_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``engine_fidelity`` attribute of a dynamic-range cache (every other cache has none)."""
+    kept = fidelity or (old_meta or {}).get("engine_fidelity")
+    return {"engine_fidelity": kept} if kept else {}

@@ -89,15 +89,16 @@ def from_samples(ds: Dataset, pairs: list[tuple[Sample, str]], resize: str, deco
 
 
 def for_config(cfg, ds: Dataset) -> Calibration | None:
-    """The calibration set of a ``tflite-int8`` extraction of ``ds`` (None for every other engine)."""
-    if cfg.extract.engine != "tflite-int8":
+    """The calibration set of a ``tflite-int8`` extraction of ``ds``, or the gate set of a ``tflite-dynamic``
+    one (:mod:`pipeline.features.fidelity`): the same sample; None for every other engine."""
+    engine = cfg.extract.engine
+    if engine not in ("tflite-int8", "tflite-dynamic"):
         return None
     d = cfg.data
     pairs = train_sample(ds, cfg.extract.calibration, d.val_fraction, d.test_fraction)
     if not pairs:
-        raise FeatcacheError(
-            f"extract.engine=tflite-int8 calibrates on train images: {ds.source} has none readable"
-        )
+        does = "calibrates" if engine == "tflite-int8" else "checks its features"
+        raise FeatcacheError(f"extract.engine={engine} {does} on train images: {ds.source} has none readable")
     return from_samples(ds, pairs, cfg.backbone.resize, d.decode, "train")
 
 
@@ -167,3 +168,12 @@ def recorded(part: dict[str, Any], cache_meta: dict[str, Any]) -> Calibration:
 def engine_part(calibration: Calibration) -> dict[str, Any]:
     """The ``engine`` entry of an int8 cache's feature key."""
     return {"name": "tflite-int8", "recipe": CALIBRATION_RECIPE, "calibration": dict(calibration.key)}
+
+
+#: Bump when the dynamic-range conversion changes (changes every ``tflite-dynamic`` fingerprint).
+DYNAMIC_RECIPE = 1
+
+#: The ``engine`` entry of a ``tflite-dynamic`` cache's feature key. Its gate set is not in it: dynamic-range
+#: quantization calibrates nothing, so the features depend on the model alone and adding images to the
+#: dataset keeps the cache (the gate set's figures are in the cache's ``engine_fidelity`` attribute).
+DYNAMIC_PART = {"name": "tflite-dynamic", "recipe": DYNAMIC_RECIPE}

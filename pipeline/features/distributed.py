@@ -8,8 +8,9 @@ for every later task with the same settings. The task returns the features of th
 the reasons for those it could not; a bad image never fails a task. The driver writes what comes back.
 
 A ``tflite-int8`` job is calibrated and converted once, by the driver (into ``cache_dir`` like one process
-would, or reused from there); the converted model goes to each worker once (scattered), so the workers
-need neither the calibration images nor a shared disk, and all of them run the very same int8 model. On a
+would, or reused from there), and a ``tflite-dynamic`` job converted and gated once there; the converted
+model goes to each worker once (scattered), so the workers need neither the calibration images nor a
+shared disk, and all of them run the very same quantized model. On a
 worker with a GPU, ``auto`` runs TensorFlow there, as one process would (:mod:`pipeline.features.devices`).
 """
 
@@ -116,6 +117,7 @@ class ShardResult:
     size: int = 0
     worker: str = field(default="")
     device: str = ""  # where the worker ran the backbone (:func:`pipeline.features.devices.engine_device`)
+    fidelity: dict[str, Any] = field(default_factory=dict)  # tflite-dynamic: the driver's gate figures
 
 
 def plan_shards(pending: list[Sample], batch_size: int, workers: int) -> list[list[Sample]]:
@@ -142,11 +144,13 @@ def run_shards(
     """``pending`` as planned shards on ``client``'s workers, one task each; every finished shard (its
     position in ``pending``, its samples, its result) as it arrives. A task that failed on every worker it
     tried, or a lost scheduler, is one line (``on_lost`` says what the user keeps); tasks not done are
-    cancelled when the caller closes the iterator. ``calibration``: a ``tflite-int8`` job's set."""
+    cancelled when the caller closes the iterator. ``calibration``: a ``tflite-int8`` job's calibration set,
+    a ``tflite-dynamic`` job's gate set (None: not gated, as for predict of a cache gated already)."""
     from distributed import as_completed
 
     shards = plan_shards(pending, settings.batch_size, max(1, sum(client.nthreads().values())))
-    model = int8_model(settings, calibration) if settings.engine == "tflite-int8" else None
+    quantized = settings.engine in ("tflite-int8", "tflite-dynamic")
+    model = quantized_model(settings, calibration) if quantized else None
     if model is not None:
         model = client.scatter(model, broadcast=True)  # once per worker, not once per task
     futures = [
@@ -184,24 +188,24 @@ def shard_dataset(ds: Dataset, samples: list[Sample]) -> Dataset:
     return Dataset(ds.name, ds.source, renumbered, list(ds.class_names), arrays=ds.arrays[rows])
 
 
-def int8_model(settings: ShardSettings, calibration) -> tuple[bytes, dict[str, str]]:
-    """The driver's ``tflite-int8`` model for ``settings`` (converted once, or reused from ``cache_dir``):
-    the flatbuffer and its output names, what a worker's engine needs."""
+def quantized_model(settings: ShardSettings, calibration) -> tuple[bytes, dict[str, str], dict[str, Any]]:
+    """The driver's ``tflite-int8`` or ``tflite-dynamic`` model for ``settings`` (converted once, or reused
+    from ``cache_dir``; checked as one process checks it): the flatbuffer, its output names and the gate's
+    figures, what a worker's engine needs."""
     from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import load_or_convert
+    from pipeline.features.engines import make_engine
 
     fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)))
-    engine, meta = load_or_convert(
-        fm, settings.threads, settings.cache_dir or None, quantize="int8", calibration=calibration
-    )
-    return engine.source, dict(meta["outputs"])
+    cache = settings.cache_dir or None
+    engine = make_engine(fm, settings.engine, settings.threads, cache, calibration=calibration)
+    return engine.source, dict(engine.output_names), dict(engine.fidelity)
 
 
 _MODELS: dict[ShardSettings, tuple[Any, Any]] = {}  # this process's feature model and engine per settings
 
 
 def _model_and_engine(settings: ShardSettings, model: tuple[bytes, dict[str, str]] | None = None):
-    """Built once per worker process and kept for later tasks; ``model``: the driver's int8 model."""
+    """Built once per worker process and kept for later tasks; ``model``: the driver's quantized model."""
     got = _MODELS.get(settings)
     if got is not None:
         return got
@@ -215,7 +219,8 @@ def _model_and_engine(settings: ShardSettings, model: tuple[bytes, dict[str, str
     configure_tf_threads(settings.tf_threads or threads)
     fm = build_feature_model(BackboneConfig(**json.loads(settings.backbone)), settings.precision)
     if model is not None:
-        engine = TFLiteEngine(model[0], fm.layers, model[1], threads, name="tflite-int8")
+        engine = TFLiteEngine(model[0], fm.layers, model[1], threads, name=settings.engine)
+        engine.fidelity = dict(model[2])
     else:
         engine = make_engine(fm, settings.engine, threads, settings.cache_dir or None, images=settings.images)
     _MODELS.clear()  # one model per process: a new job's settings replace the old ones
@@ -227,7 +232,7 @@ def _model_and_engine(settings: ShardSettings, model: tuple[bytes, dict[str, str
 def run_shard(settings: ShardSettings, shard: int, ds: Dataset, model=None) -> ShardResult:
     """Extract every sample of ``ds`` (one shard): features of the readable ones, reasons for the rest.
 
-    ``model``: the driver's converted int8 model, for a ``tflite-int8`` job."""
+    ``model``: the driver's converted model, for a ``tflite-int8`` or ``tflite-dynamic`` job."""
     from pipeline.features.devices import engine_device, extraction_batch_size
 
     fm, engine = _model_and_engine(settings, model)
@@ -274,6 +279,7 @@ def run_shard(settings: ShardSettings, shard: int, ds: Dataset, model=None) -> S
         len(ds.samples),
         _worker_name(),
         engine_device(engine),
+        dict(getattr(engine, "fidelity", {})),
     )
 
 

@@ -16,6 +16,10 @@ pixels (a tf tensor or a numpy array), with a ``name``:
     :class:`~pipeline.features.calibration.Calibration` set. Features change (mean cosine ~0.99 to
     float32), so it is opt-in, part of the cache fingerprint, and never chosen by ``auto``; backbone
     families that measured badly are refused (:func:`~pipeline.features.backbones.registry.check_int8`).
+``tflite-dynamic``
+    Dynamic-range int8 (int8 weights, activations quantized per row at run time) for KerasHub transformers
+    (CNNs are refused: slower). Features change a little: opt-in, in the fingerprint, never chosen by ``auto``,
+    gated on the dataset's own train images (:mod:`pipeline.features.fidelity`).
 ``auto``
     ``tensorflow`` on a GPU (:mod:`pipeline.features.devices`). On the CPU, ``tflite`` when the backbone
     converts, its features match TensorFlow's and it ran faster than TensorFlow on this machine; otherwise
@@ -42,8 +46,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.features.backbones.registry import check_int8
+from pipeline.features.backbones.registry import check_dynamic, check_int8
 from pipeline.features.compiled import compiled
+from pipeline.features.fidelity import gate
 from pipeline.features.probes import (
     PROBE_IMAGES,
     best_rates,
@@ -67,19 +72,19 @@ from pipeline.utils.workers import usable_cores
 #: Largest accepted ``max|engine - tensorflow| / max|tensorflow|`` per layer, checked once per conversion.
 FEATURE_TOLERANCE = 1e-4
 
-
 #: Bump when the conversion recipe changes (invalidates every cached ``.tflite``).
 CONVERSION_FORMAT = 1
 
-
 #: ``auto`` keeps TensorFlow unless TFLite measured at least this much faster at conversion time.
 AUTO_MIN_SPEEDUP = 1.05
-
 
 #: ``auto`` does not convert for a job smaller than this (when told its size): converting and validating
 #: EfficientNet-Lite0 takes ~3 s, which TFLite's speed-up repays after several hundred images.
 AUTO_MIN_IMAGES = 500
 
+#: The engine each conversion mode (:func:`convert`'s ``quantize``) makes, and the quantized ones' modes.
+ENGINE_NAMES = {"none": "tflite", "int8": "tflite-int8", "dynamic-int8": "tflite-dynamic"}
+QUANTIZED = {name: q for q, name in ENGINE_NAMES.items() if q != "none"}
 
 #: ``tflite-int8`` is refused when its mean cosine to TensorFlow's features on (the first 16 of) its
 #: calibration images is lower: they are the dataset's own, the probe photos may be far from it.
@@ -167,7 +172,8 @@ class TFLiteEngine:
         micro_batch: int = 0,
         name: str = "tflite",
     ):
-        self.name = name  # tflite | tflite-int8
+        self.name = name  # tflite | tflite-int8 | tflite-dynamic
+        self.fidelity: dict[str, Any] = {}  # tflite-dynamic: its figures on the dataset's gate set
         self.runner = TFLiteRunner(model, threads, micro_batch, what="tflite engine")
         self.runtime, self.threads, self.micro_batch = (
             self.runner.runtime,
@@ -199,8 +205,8 @@ def convert(fm, quantize: str = "none", representative=None) -> tuple[bytes, dic
     Returns the flatbuffer and ``{tflite output tensor name: layer}``. Outputs are a tuple in ``fm.layers``
     order; the frozen graph names them ``Identity``, ``Identity_1``, ... and the converter keeps those
     names, so the mapping is by name, never by position or shape (checked again when loading).
-    ``quantize="dynamic-int8"`` stores weights as int8 (dynamic-range quantization): an explicit,
-    feature-changing opt-in, never used by ``auto``; ``quantize="int8"`` is full-integer int8, calibrated on
+    ``quantize="dynamic-int8"`` stores weights as int8 (dynamic-range, as ``export --format tflite-dynamic``
+    converts): the ``tflite-dynamic`` engine; ``quantize="int8"`` is full-integer int8, calibrated on
     ``representative`` (N×S×S×3 float32 images), float32 in and out: the ``tflite-int8`` engine.
     """
     modes = {"none": "float", "dynamic-int8": "dynamic", "int8": "int8"}
@@ -289,16 +295,17 @@ def load_or_convert(
     Raises :class:`EngineUnavailable` when conversion fails, would not fit in memory (not recorded: that
     depends on the moment), or the converted features differ from TensorFlow's by more than
     :data:`FEATURE_TOLERANCE` (``quantize="none"``) or have a mean cosine under :data:`INT8_MIN_COSINE`
-    (``quantize="int8"``, calibrated on ``calibration``).
+    (``quantize="int8"``, calibrated on ``calibration``). With ``quantize="dynamic-int8"``, ``calibration``
+    is the gate set (:func:`pipeline.features.fidelity.gate`; None: no gate, for a cache already gated).
     """
     threads = threads or usable_cores()
     if quantize == "int8" and calibration is None:
         raise ValueError("int8 quantization needs a calibration set")
     if cache_dir is not None:
         model_path, meta_path, key = engine_paths(fm, cache_dir, quantize, calibration)
-        cached = _load_cached(fm, threads, model_path, meta_path, key, retry_failed, _engine_name(quantize))
+        cached = _load_cached(fm, threads, model_path, meta_path, key, retry_failed, ENGINE_NAMES[quantize])
         if cached is not None:
-            return cached
+            return _gated(fm, *cached, meta_path, quantize, calibration)
     else:
         model_path = meta_path = None
         key = engine_key(fm, quantize, calibration)
@@ -319,20 +326,24 @@ def load_or_convert(
     if verbose:
         error = (
             f"mean feature cosine {meta['mean_cosine']:.4f}"
-            if quantize == "int8"
+            if quantize != "none"
             else f"max relative difference {max(meta['max_relative_diff'].values()):.1e}"
         )
         _note(
-            f"converted {fm.spec.name} to TFLite{' int8' if quantize == 'int8' else ''} in "
+            f"converted {fm.spec.name} to TFLite{'' if quantize == 'none' else ' ' + quantize} in "
             f"{meta['convert_seconds']:.1f} s: {error} vs TensorFlow, {meta['speedup']:.2f}× its speed "
             f"on {meta['probe_images']} probe images"
             + (f" (cached at {model_path})" if model_path is not None else "")
         )
+    return _gated(fm, engine, meta, meta_path, quantize, calibration)
+
+
+def _gated(fm, engine: TFLiteEngine, meta: dict, meta_path, quantize: str, gate_set):
+    """A dynamic-range engine checked on its gate set (its figures in ``engine.fidelity``); others as they are."""
+    if quantize == "dynamic-int8" and gate_set is not None:
+        reference = lambda: TensorFlowEngine(fm)  # noqa: E731 - built only when the set is new
+        engine.fidelity = gate(fm.spec.name, engine, meta, meta_path, gate_set, reference, fm.image_size)
     return engine, meta
-
-
-def _engine_name(quantize: str) -> str:
-    return "tflite-int8" if quantize == "int8" else "tflite"
 
 
 def _load_cached(fm, threads: int, model_path: Path, meta_path: Path, key, retry_failed: bool, name: str):
@@ -368,11 +379,11 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any],
     x = probe_images(fm.image_size)
     reference = TensorFlowEngine(fm)
     try:
-        engine = TFLiteEngine(blob, fm.layers, outputs, threads, name=_engine_name(quantize))
+        engine = TFLiteEngine(blob, fm.layers, outputs, threads, name=ENGINE_NAMES[quantize])
         meta.update(runtime=engine.runtime, threads=threads, delegated=engine.delegated)
         diffs = compare(engine, reference, x)
         own = extra.get("representative", x)[:PROBE_IMAGES]
-        cosine = mean_cosine(engine(own), reference(own)) if quantize == "int8" else 1.0
+        cosine = mean_cosine(engine(own), reference(own)) if quantize != "none" else 1.0
         tf_rate, lite_rate = best_rates([reference, engine], x)
     except EngineUnavailable:
         raise
@@ -393,9 +404,9 @@ def _convert_and_validate(fm, threads: int, quantize: str, meta: dict[str, Any],
             f"TFLite features of {fm.spec.name} differ from TensorFlow's by {worst:.2g} (relative) > "
             f"{FEATURE_TOLERANCE:g}"
         )
-    if quantize == "int8":
+    if quantize != "none":  # dynamic-int8: on the probe photos (its gate is on the dataset's images)
         meta["mean_cosine"] = round(cosine, 5)
-    if not cosine >= INT8_MIN_COSINE:
+    if quantize == "int8" and not cosine >= INT8_MIN_COSINE:
         raise EngineUnavailable(
             f"{fm.spec.name} does not quantize well to int8: mean feature cosine {cosine:.3f} to TensorFlow's "
             f"on its calibration images (< {INT8_MIN_COSINE}); use extract.engine=auto or tflite"
@@ -449,22 +460,22 @@ def make_engine(
     the caller (:func:`configure_tf_threads`) before TensorFlow starts. ``images``, when
     the caller knows how many images will run, lets ``auto`` skip a first conversion that a job smaller
     than :data:`AUTO_MIN_IMAGES` would not pay back (a model converted earlier is always used).
-    ``calibration`` is the set ``tflite-int8`` is calibrated on. A model built with mixed precision runs
-    on TensorFlow only.
+    ``calibration`` is the set ``tflite-int8`` is calibrated on, or ``tflite-dynamic`` gated on. A model
+    built with mixed precision runs on TensorFlow only.
     """
     from pipeline.features.devices import visible_gpus
 
     mixed = compute_dtype(fm) != "float32"
-    if mixed and name in ("tflite", "tflite-int8"):
+    if mixed and name in ("tflite", *QUANTIZED):
         raise FeatcacheError(f"extract.precision=mixed_float16 runs on TensorFlow: not with engine {name}")
     if name == "tensorflow":
         return TensorFlowEngine(fm, gpu=bool(visible_gpus()))
     if name == "tflite":
         engine, _ = load_or_convert(fm, threads, cache_dir, retry_failed=True)
         return engine
-    if name == "tflite-int8":
-        check_int8(fm.spec)
-        engine, _ = load_or_convert(fm, threads, cache_dir, quantize="int8", calibration=calibration)
+    if name in QUANTIZED:
+        (check_int8 if name == "tflite-int8" else check_dynamic)(fm.spec)
+        engine, _ = load_or_convert(fm, threads, cache_dir, quantize=QUANTIZED[name], calibration=calibration)
         return engine
     gpus = visible_gpus() if name == "auto" else []
     if gpus:

@@ -44,15 +44,20 @@ def probe_images(size: int, n: int = PROBE_IMAGES) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def mean_cosine(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
-    """The lowest, over layers, of the mean per-image cosine similarity of ``got`` to ``want``."""
-    worst = 1.0
+def cosine_stats(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> tuple[float, float]:
+    """The mean and the minimum per-image cosine similarity of ``got`` to ``want``, each the worst over layers."""
+    mean, low = 1.0, 1.0
     for layer, w in want.items():
         a, b = np.asarray(got[layer], np.float64), np.asarray(w, np.float64)
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0), 0.0)
-        worst = min(worst, float(cos.mean()))
-    return worst
+        mean, low = min(mean, float(cos.mean())), min(low, float(cos.min()))
+    return mean, low
+
+
+def mean_cosine(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    """The lowest, over layers, of the mean per-image cosine similarity of ``got`` to ``want``."""
+    return cosine_stats(got, want)[0]
 
 
 def compare(engine, reference, images) -> dict[str, float]:

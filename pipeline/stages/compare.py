@@ -183,10 +183,11 @@ def _check(c: Candidate, probe_images: int, ds) -> None:
     from pipeline.cache.quarantine import quarantine_path, read_quarantine
     from pipeline.cache.store import FeatureCache
     from pipeline.features.backbones.hub_presets import settle
-    from pipeline.features.backbones.registry import get_spec
+    from pipeline.features.backbones.registry import check_engine, get_spec
     from pipeline.utils.config import given_keys
 
     spec = get_spec(c.cfg.backbone.name)
+    check_engine(spec, c.cfg.extract.engine)  # a quantized engine refused for this backbone: named up front
     if spec.preset is not None:
         settle(c.cfg.backbone, given_keys(c.cfg), spec.preset)
     c.cache, _, _ = resolve_cache_path(c.cfg, ds)

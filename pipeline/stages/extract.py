@@ -49,7 +49,7 @@ from pipeline.data.images import make_image_dataset, numpy_batches
 from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes, load_dataset
 from pipeline.data.splits import SPLIT_CODES, split_counts, split_lines
 from pipeline.features.backbones.hub_presets import settle
-from pipeline.features.backbones.registry import check_int8, get_spec
+from pipeline.features.backbones.registry import check_engine, dynamic_hint, get_spec
 from pipeline.features.calibration import Calibration, for_config
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import Config, given_keys, resolve_config
@@ -69,7 +69,8 @@ class ExtractResult:
     ignored: int = 0  # non-image or hidden files seen while scanning
     batches: int = 0  # backbone forward passes
     engine: str = ""  # which runtime ran the backbone in this run (empty: none ran)
-    engine_why: str = ""  # why ``auto`` chose it, when it says
+    engine_why: str = ""  # why ``auto`` chose it, when it says; a transformer's hint at tflite-dynamic
+    engine_fidelity: dict[str, Any] = field(default_factory=dict)  # tflite-dynamic: its gate's figures
     seconds: float = 0.0
     backbone_seconds: float = 0.0
     quarantine: Path | None = None
@@ -122,7 +123,7 @@ class ExtractJob:
     old: FeatureCache | None  # the previous complete cache (None: there is none, or --rebuild)
     result: ExtractResult
     unreadable: Unreadable
-    calibration: Calibration | None = None  # what a tflite-int8 engine is calibrated on
+    calibration: Calibration | None = None  # tflite-int8: calibrated on it; tflite-dynamic: gated on it
     bar: Any = None  # a progress bar shared with other extractions (compare's), else one of its own
     model: Any = None  # a FeatureModel built for ``cfg`` already (compare's check), else built here
     #: sample key → (content digest, size, mtime)
@@ -205,8 +206,7 @@ def extract(
     if not os.access(cache_dir, os.W_OK):
         raise FeatcacheError(f"cache_dir {cache_dir}: not writable")
 
-    if cfg.extract.engine == "tflite-int8":
-        check_int8(get_spec(cfg.backbone.name))  # before any digest or decode
+    check_engine(spec, cfg.extract.engine)  # a quantized engine refused for this backbone: before any work
     ds = dataset if dataset is not None else load_dataset(cfg.data, cache_dir / "shards")
     calibration = calibration if calibration is not None else for_config(cfg, ds)
     final, key, ds = resolve_cache_path(cfg, ds, calibration)
@@ -282,7 +282,16 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
         old_meta = old.meta if old is not None else None
         identity = dataset_identity(cfg, ds)
         attrs = cache_attrs(
-            cfg, ds, job.key, job.fp, layer_dims, map_shapes, result.engine, old_meta, identity
+            cfg,
+            ds,
+            job.key,
+            job.fp,
+            layer_dims,
+            map_shapes,
+            result.engine,
+            old_meta,
+            identity,
+            result.engine_fidelity,
         )
         write_cache(
             job.final,
@@ -376,7 +385,8 @@ def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
     engine = make_engine(
         fm, x.engine, x.threads, x.cache_dir, images=len(pending), calibration=job.calibration
     )
-    result.engine, result.engine_why = engine.name, getattr(engine, "why", "")
+    result.engine, result.engine_fidelity = engine.name, dict(getattr(engine, "fidelity", {}))
+    result.engine_why = "; ".join(filter(None, [getattr(engine, "why", ""), dynamic_hint(fm.spec, x.engine)]))
     result.device = engine_device(engine)  # CPU, or the GPU's name
     with _backbone_pass(job, len(pending)) as progress:
         bg = BackgroundWriter(writer)
@@ -438,6 +448,7 @@ def _run_on_cluster(job: ExtractJob) -> tuple[dict[str, int], dict]:
                         if writer is None:
                             writer, dims, map_shapes = job.part_writer(r.dims), r.dims, r.map_shapes
                             job.result.engine, job.result.device = r.engine, r.device
+                            job.result.engine_fidelity = r.fidelity
                         _write_shard(job, writer, samples, r)
                         progress.update(r.size)
             except KeyboardInterrupt:

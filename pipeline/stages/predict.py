@@ -318,14 +318,15 @@ def _feature_model(src, precision: str = "float32"):
 
 def run_engine(src) -> tuple[str, str, Any]:
     """The engine, precision and int8 calibration set the run's cache was extracted with (from its feature
-    key): ``auto`` and float32 for every float cache."""
+    key): ``auto`` and float32 for every float cache, ``tflite-dynamic`` for a dynamic-range one."""
+    from pipeline.cache.fingerprint import keyed_engine
     from pipeline.features.calibration import recorded
 
     key = (src.cache_meta or {}).get("feature_key") or {}
-    precision = str(key.get("precision", "float32"))
-    if not isinstance(key.get("engine"), dict):
-        return "auto", precision, None
-    return "tflite-int8", precision, recorded(key["engine"], src.cache_meta)
+    precision, engine = str(key.get("precision", "float32")), keyed_engine(key)
+    if engine != "tflite-int8":  # tflite-dynamic: no calibration, its gate passed when the cache was made
+        return engine or "auto", precision, None
+    return engine, precision, recorded(key["engine"], src.cache_meta)
 
 
 def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir):

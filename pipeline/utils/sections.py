@@ -22,7 +22,7 @@ ON_ERROR = ("skip", "fail")
 DECODE_POLICIES = ("dct", "exact")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
-ENGINES = ("auto", "tensorflow", "tflite", "tflite-int8")
+ENGINES = ("auto", "tensorflow", "tflite", "tflite-int8", "tflite-dynamic")
 PRECISIONS = ("float32", "mixed_float16")
 STREAMING = ("auto", "memory", "stream")
 STRATEGIES = ("grid", "random", "halving")
@@ -146,9 +146,14 @@ class ExtractConfig:
         "auto",
         choices=ENGINES,
         help="auto converts to TFLite once when that is faster (or runs TensorFlow on a visible GPU); "
-        "tensorflow | tflite force one; tflite-int8: full-integer int8, calibrated on the train images",
+        "tensorflow | tflite force one; tflite-int8: full-integer int8, calibrated on the train images; "
+        "tflite-dynamic: dynamic-range int8 for KerasHub transformers, checked on the train images",
     )
-    calibration: int = opt(32, min=1, help="tflite-int8: train images its quantization is calibrated on")
+    calibration: int = opt(
+        32,
+        min=1,
+        help="tflite-int8: train images its quantization is calibrated on; tflite-dynamic: checked on",
+    )
     precision: str = opt(
         "float32", choices=PRECISIONS, help="float32 | mixed_float16 (TensorFlow, meant for a GPU)"
     )

@@ -104,6 +104,51 @@ def check_int8(spec: BackboneSpec) -> None:
         )
 
 
+#: Families ``extract.engine=tflite-dynamic`` (dynamic-range int8: int8 weights, activations quantized per row
+#: at run time, XNNPACK's ``qd8`` kernels) refuses: their dynamic-range model ran slower than float32 TFLite
+#: (random weights at 160 px, 16 probe photos, best of 3 interleaved, 2 threads, AVX512-VNNI + AMX;
+#: ``python -m benchmarks.bench_dynamic --cnn``, docs/engines.md, "Dynamic-range int8"). KerasHub
+#: transformers, whose time is in matrix products, ran 3–5× faster; ResNet50 read faster (13.8×) only
+#: because its random-weight float32 model ran abnormally slowly (6.9 images/s), so it is not refused.
+DYNAMIC_REFUSED = {
+    "efficientnet_lite0": "its dynamic-range model ran at 0.40× the speed of float32 TFLite",
+    "mobilenet": "MobileNetV2's dynamic-range model ran at 0.37× the speed of float32 TFLite",
+    "efficientnet": "EfficientNet-B0's dynamic-range model ran at 0.60× the speed of float32 TFLite",
+    "convnext": "ConvNeXt-Tiny's dynamic-range model ran at 0.38× the speed of float32 TFLite",
+}
+
+#: What the one-line hint says a transformer gains (``python -m benchmarks --only dynamic``, docs/engines.md).
+DYNAMIC_MEASURED = "{gain}"
+
+
+def check_dynamic(spec: BackboneSpec) -> None:
+    """Refuse ``extract.engine=tflite-dynamic`` for a family in :data:`DYNAMIC_REFUSED`, with what was measured."""
+    why = next((why for family, why in DYNAMIC_REFUSED.items() if spec.name.startswith(family)), "")
+    if why and spec.preset is None:
+        raise FeatcacheError(
+            f"extract.engine=tflite-dynamic: {spec.name} runs slower with dynamic-range int8 ({why}); "
+            "it is meant for KerasHub transformers: use extract.engine=auto or tflite"
+        )
+
+
+def check_engine(spec: BackboneSpec, engine: str) -> None:
+    """Refuse, before any work, a quantized engine the backbone's family measured badly with."""
+    if engine == "tflite-int8":
+        check_int8(spec)
+    elif engine == "tflite-dynamic":
+        check_dynamic(spec)
+
+
+def dynamic_hint(spec: BackboneSpec, engine: str) -> str:
+    """One line for a KerasHub transformer extracted on a float engine: the dynamic-range engine exists ("" else)."""
+    if spec.preset is None or engine not in ("auto", "tensorflow", "tflite"):
+        return ""
+    return (
+        f"hint: {spec.name} is a transformer: extract.engine=tflite-dynamic (dynamic-range int8) ran "
+        f"{DYNAMIC_MEASURED}; its features differ slightly (its own cache, checked against float32)"
+    )
+
+
 def normalize_name(name: str) -> str:
     """``EfficientNetB0``, ``efficientnet-b0`` and ``efficientnet_b0`` all name the same backbone."""
     n = name.strip().lower().replace("-", "_")
