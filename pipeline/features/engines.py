@@ -4,8 +4,7 @@ An engine is a callable ``engine(images) -> {layer: np.ndarray}`` over a float32
 pixels (a tf tensor or a numpy array), with a ``name``:
 
 ``tensorflow``
-    The reference: a compiled ``model(x, training=False)`` (not ``predict`` in a loop, which leaks memory
-    over many calls).
+    The reference: a compiled ``model(x, training=False)`` (``predict`` in a loop leaks memory).
 ``tflite``
     The same Keras graph (preprocessing + backbone + pooling), frozen and converted once to a float32
     TFLite flatbuffer and run by the LiteRT interpreter (``ai-edge-litert``; ``tf.lite`` when LiteRT is
@@ -17,9 +16,8 @@ pixels (a tf tensor or a numpy array), with a ``name``:
     float32), so it is opt-in, part of the cache fingerprint, and never chosen by ``auto``; backbone
     families that measured badly are refused (:func:`~pipeline.features.backbones.registry.check_int8`).
 ``tflite-dynamic``
-    Dynamic-range int8 (int8 weights, activations quantized per row at run time) for KerasHub transformers
-    (CNNs are refused: slower). Features change a little: opt-in, in the fingerprint, never chosen by ``auto``,
-    gated on the dataset's own train images (:mod:`pipeline.features.fidelity`).
+    Dynamic-range int8 for KerasHub transformers (CNNs refused: slower); opt-in, in the fingerprint, never
+    chosen by ``auto``, gated on the dataset's own train images (:mod:`pipeline.features.fidelity`).
 ``auto``
     ``tensorflow`` on a GPU (:mod:`pipeline.features.devices`). On the CPU, ``tflite`` when the backbone
     converts, its features match TensorFlow's and it ran faster than TensorFlow on this machine; otherwise
@@ -28,8 +26,8 @@ pixels (a tf tensor or a numpy array), with a ``name``:
 Conversion is paid once: the flatbuffer is cached at ``<cache_dir>/engines/<backbone>-<hash>.tflite``
 (written atomically), keyed by everything that defines the feature model (weights *content*, layers,
 pooling, preprocessing, image size) and by the TensorFlow / runtime versions. A JSON sidecar next to it
-records how it was validated: right after converting, both engines run on a few crops of real photos
-(scikit-learn's sample images) and the largest relative difference per layer,
+records how it was validated: right after converting, both engines run on crops of real photos and the
+largest relative difference per layer,
 ``max|tflite - tf| / max|tf|``, must be ≤ :data:`FEATURE_TOLERANCE`; it also records both engines' speed
 on that batch, which is how ``auto`` decides. A failed conversion is recorded too, so ``auto`` does not
 retry it on every run (explicit ``tflite`` always retries, and raises with the reason).

@@ -12,14 +12,15 @@ sample meets ``data.on_error`` in one place, :class:`pipeline.cache.quarantine.U
 Only samples whose content digest is not cached yet reach the backbone, so a rerun with nothing changed
 does no backbone work (and never imports TensorFlow), adding N images extracts only those N, and an
 interrupted run resumes from its last written batch.
+
+The stage's modules: this one (the stage: what is missing, the backbone pass here), :mod:`.job` (the run's
+state and its result), :mod:`.cluster` (the pass on a Dask cluster) and :mod:`.views` (augmented views).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,11 @@ import numpy as np
 from pipeline.cache.fingerprint import fingerprint
 from pipeline.cache.locate import dataset_identity, open_donors, resolve_cache_path, touch_cache
 from pipeline.cache.quarantine import Unreadable, quarantine_path, read_quarantine, write_quarantine
-from pipeline.cache.schema import cache_attrs, part_manifest
+from pipeline.cache.schema import cache_attrs
 from pipeline.cache.store import FeatureCache
 from pipeline.cache.write import (
     BackgroundWriter,
-    PartRows,
     PartWriter,
-    Row,
     cache_rows,
     clear_partial,
     extraction_lock,
@@ -44,126 +43,20 @@ from pipeline.cache.write import (
     scan_parts,
     write_cache,
 )
-from pipeline.data.augment import VIEW_SUFFIX, augmented_view
-from pipeline.data.images import make_image_dataset, numpy_batches
-from pipeline.data.sources import Dataset, Sample, content_digests, digest_bytes, load_dataset
-from pipeline.data.splits import SPLIT_CODES, split_counts, split_lines
+from pipeline.data.images import numpy_batches
+from pipeline.data.sources import Dataset, Sample, content_digests, load_dataset
+from pipeline.data.splits import split_counts
 from pipeline.features.backbones.hub_presets import settle
 from pipeline.features.backbones.registry import check_engine, dynamic_hint, get_spec
 from pipeline.features.calibration import Calibration, for_config
+from pipeline.stages.extract.cluster import run_on_cluster
+from pipeline.stages.extract.job import ExtractJob, ExtractResult, backbone_pass
+from pipeline.stages.extract.views import augmented_views
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import Config, given_keys, resolve_config
 from pipeline.utils.errors import FeatcacheError
 
-
-@dataclass
-class ExtractResult:
-    path: Path
-    rows: int = 0  # samples in the cache now
-    extracted: int = 0  # ran through the backbone in this run
-    reused: int = 0  # served from the previous cache or from parts of an interrupted run
-    donated: int = 0  # of those, copied by content from another cache of the same features (``donors``)
-    donors: list[Path] = field(default_factory=list)  # the other caches rows were copied from
-    skipped: int = 0  # unreadable, listed in the quarantine file
-    removed: int = 0  # were cached, no longer in the dataset
-    ignored: int = 0  # non-image or hidden files seen while scanning
-    batches: int = 0  # backbone forward passes
-    engine: str = ""  # which runtime ran the backbone in this run (empty: none ran)
-    engine_why: str = ""  # why ``auto`` chose it, when it says; a transformer's hint at tflite-dynamic
-    engine_fidelity: dict[str, Any] = field(default_factory=dict)  # tflite-dynamic: its gate's figures
-    seconds: float = 0.0
-    backbone_seconds: float = 0.0
-    quarantine: Path | None = None
-    problems: list[tuple[str, str]] = field(default_factory=list)
-    unlabelled: int = 0  # multi-label rows with no class (all negative)
-    device: str = ""  # where the backbone ran in this run: "CPU" or "GPU (its name)" (empty: none ran)
-    splits: dict[str, int] = field(default_factory=dict)  # rows in the cache now: train, val, test
-    class_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # split → class → rows (positives)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.extracted / self.backbone_seconds if self.backbone_seconds else 0.0
-
-    def summary(self) -> str:
-        lines = [
-            f"cache: {self.path}",
-            f"samples: {self.rows} in cache · {self.extracted} extracted · {self.reused} reused · "
-            f"{self.skipped} skipped · {self.removed} removed"
-            + (f" · {self.ignored} non-image files ignored" if self.ignored else "")
-            + (f" · {self.unlabelled} with no label" if self.unlabelled else ""),
-        ]
-        if self.donated:
-            lines.append(
-                f"reused by content: {self.donated} rows from {', '.join(p.name for p in self.donors)}"
-                " (the same images, seen in another source's cache)"
-            )
-        if self.extracted:
-            lines.append(
-                f"speed: {self.images_per_second:.1f} images/s on {self.engine or '?'} "
-                f"({self.device or '?'}, {self.batches} batches, {self.seconds:.1f} s total)"
-                + (f"\n  ({self.engine_why})" if self.engine_why else "")
-            )
-        else:
-            lines.append(f"no backbone work ({self.seconds:.2f} s)")
-        lines += split_lines(self.splits, self.class_rows)
-        lines += [f"skipped files and reasons: {self.quarantine}"] if self.quarantine else []
-        return "\n".join(lines)
-
-
-@dataclass
-class ExtractJob:
-    """One run of :func:`extract`, handed from step to step: what is extracted into which cache, and what the
-    steps found so far (digests, parts, what the backbone still has to see, what could not be read)."""
-
-    cfg: Config
-    ds: Dataset
-    final: Path  # the complete cache file this run brings up to date
-    key: dict[str, Any]  # the feature key; ``fp`` is its fingerprint
-    fp: str
-    old: FeatureCache | None  # the previous complete cache (None: there is none, or --rebuild)
-    result: ExtractResult
-    unreadable: Unreadable
-    calibration: Calibration | None = None  # tflite-int8: calibrated on it; tflite-dynamic: gated on it
-    bar: Any = None  # a progress bar shared with other extractions (compare's), else one of its own
-    model: Any = None  # a FeatureModel built for ``cfg`` already (compare's check), else built here
-    #: sample key → (content digest, size, mtime)
-    digests: dict[str, tuple[str, int, int]] = field(default_factory=dict)
-    cached: set[str] = field(default_factory=set)  # digests the previous cache holds
-    parts: dict[str, PartRows] = field(default_factory=dict)  # digests in an interrupted run's parts
-    pending: list[Sample] = field(default_factory=list)  # samples the backbone has to see in this run
-    donors: list[FeatureCache] = field(default_factory=list)  # other caches of ``fp`` that serve rows
-    share: bool = True  # rows may come from ``donors`` (not with --rebuild)
-    donated: set[str] = field(default_factory=set)  # digests served by ``donors``
-
-    def digest(self, s: Sample) -> str:
-        return self.digests[s.key][0]
-
-    def cannot_read(self, s: Sample, reason: str) -> None:
-        self.unreadable.add(s, self.digest(s), reason)
-
-    def part_writer(self, dims: dict[str, int]) -> PartWriter:
-        return PartWriter(self.final, part_manifest(self.fp, self.key, self.ds, dims))
-
-    def rescan_parts(self) -> None:
-        self.parts = scan_parts(self.final, self.fp)
-
-
-@contextlib.contextmanager
-def _backbone_pass(job: ExtractJob, total: int):
-    """A progress bar over ``total`` images; the time the pass takes counts as backbone time."""
-    from tqdm import tqdm
-
-    enabled = job.cfg.extract.progress
-    progress = job.bar or tqdm(
-        total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True, smoothing=0.1
-    )
-    t0 = time.perf_counter()
-    try:
-        yield progress
-    finally:
-        if progress is not job.bar:
-            progress.close()
-        job.result.backbone_seconds += time.perf_counter() - t0
+__all__ = ["ExtractJob", "ExtractResult", "extract"]
 
 
 def extract(
@@ -262,7 +155,7 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
         raise FeatcacheError(
             f"{ds.source}: no readable images ({len(job.unreadable)} unreadable; see the list above)"
         )
-    rows = _augmented_views(job, rows)
+    rows = augmented_views(job, rows)
 
     bad = job.unreadable.items
     result.rows = len(rows)
@@ -341,7 +234,7 @@ def _run_pending(job: ExtractJob) -> tuple[dict[str, int], dict]:
             dims = {layer: have.dataset(layer).shape[1] for layer in have.layers}
             return dims, have.meta.get("map_shapes", {})
         return part_dims(job.parts), {}
-    dims, map_shapes = _run_on_cluster(job) if job.cfg.cluster.address else _run_here(job)
+    dims, map_shapes = run_on_cluster(job) if job.cfg.cluster.address else _run_here(job)
     job.rescan_parts()
     return dims, map_shapes
 
@@ -388,7 +281,7 @@ def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
     result.engine, result.engine_fidelity = engine.name, dict(getattr(engine, "fidelity", {}))
     result.engine_why = "; ".join(filter(None, [getattr(engine, "why", ""), dynamic_hint(fm.spec, x.engine)]))
     result.device = engine_device(engine)  # CPU, or the GPU's name
-    with _backbone_pass(job, len(pending)) as progress:
+    with backbone_pass(job, len(pending)) as progress:
         bg = BackgroundWriter(writer)
         try:
             with frozen_gc():
@@ -407,130 +300,3 @@ def _run_backbone(job: ExtractJob, fm, writer: PartWriter) -> None:
                     progress.update(len(idx))
         finally:
             bg.close()
-
-
-def _run_on_cluster(job: ExtractJob) -> tuple[dict[str, int], dict]:
-    """``job.pending`` as deterministic shards on the Dask cluster ``[cluster] address`` names, one task each.
-
-    The driver is the one writer: each shard's features come back and become parts here, as they arrive,
-    exactly like a local run's batches; a rerun after any interruption resumes from those parts. A worker
-    lost mid-task has its task rerun elsewhere by Dask; its result is written once, when it arrives.
-    """
-    from pipeline.features.distributed import ShardSettings, run_shards
-    from pipeline.utils.cluster import cluster_client
-
-    cfg, x = job.cfg, job.cfg.extract
-    with cluster_client(cfg.cluster.address, quiet=not x.progress) as client:
-        settings = ShardSettings.make(
-            cfg.backbone,
-            x.engine,
-            x.threads,
-            x.cache_dir,
-            x.batch_size,
-            x.dtype,
-            len(job.pending),
-            cfg.data.decode,
-            cfg.cluster.address,
-            precision=x.precision,
-            batch_given="extract.batch_size" in given_keys(cfg),
-        )
-        resume = "finished shards are kept, run the same command again to resume"
-        writer: PartWriter | None = None  # made at the first result: it knows the layer dims
-        shards = run_shards(
-            client, settings, job.ds, job.pending, cfg.cluster.address, resume, calibration=job.calibration
-        )
-        with _backbone_pass(job, len(job.pending)) as progress:
-            try:
-                with contextlib.closing(shards):  # unfinished tasks are cancelled before the client closes
-                    for _, samples, r in shards:
-                        for pos, reason in r.bad:  # before any part: a failing run leaves no partial folder
-                            job.cannot_read(samples[pos], reason)
-                        if writer is None:
-                            writer, dims, map_shapes = job.part_writer(r.dims), r.dims, r.map_shapes
-                            job.result.engine, job.result.device = r.engine, r.device
-                            job.result.engine_fidelity = r.fidelity
-                        _write_shard(job, writer, samples, r)
-                        progress.update(r.size)
-            except KeyboardInterrupt:
-                done = writer.rows_written if writer else 0
-                raise FeatcacheError(
-                    f"interrupted: {done} new rows kept in parts; run the same command again to resume"
-                ) from None
-    return dims, map_shapes
-
-
-def _write_shard(job: ExtractJob, writer: PartWriter, samples: list[Sample], r) -> None:
-    """One shard's features as parts (batch-sized, as a local run writes them), and the run's counts."""
-    step = job.cfg.extract.batch_size
-    for start in range(0, len(r.ids), step):
-        ids = [job.digest(samples[i]) for i in r.ids[start : start + step]]
-        writer.write(ids, {layer: f[start : start + step] for layer, f in r.features.items()})
-    job.result.extracted += len(r.ids)
-    job.result.batches += r.batches
-
-
-def _augmented_views(job: ExtractJob, rows: list[Row]) -> list[Row]:
-    """``rows`` plus the view rows of every train row; views not cached yet run through the backbone now."""
-    spec = job.key.get("augment_views")
-    if not spec:
-        return rows
-    import hashlib
-    import json
-
-    tag = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    by_key = {s.key: s for s in job.ds.samples}
-    have = {r.key for r in rows}
-    views: list[tuple[Row, Sample, int]] = []
-    for r in rows:
-        if r.split != SPLIT_CODES["train"] or VIEW_SUFFIX in r.key or r.key not in by_key:
-            continue
-        for v in range(1, spec["k"] + 1):
-            vkey = f"{r.key}{VIEW_SUFFIX}{v}"
-            if vkey not in have:
-                vid = digest_bytes(f"{r.digest}:view{v}:{tag}".encode())
-                views.append((Row(vkey, vid, r.label, r.split, r.size, r.mtime), by_key[r.key], v))
-    todo = [x for x in views if x[0].digest not in job.cached and x[0].digest not in job.parts]
-    if todo:
-        _extract_views(job, todo, spec)
-        job.rescan_parts()
-    kept = [row for row, _, _ in views if row.digest in job.cached or row.digest in job.parts]
-    return rows + kept
-
-
-def _extract_views(job: ExtractJob, todo: list[tuple[Row, Sample, int]], spec) -> None:
-    """The views in ``todo`` through the augmentation and the backbone into parts. Their images were read as
-    train rows already; one that cannot be read now is left out, and its view row with it."""
-    from pipeline.data.augment import augmentation_layers
-    from pipeline.features.backbones.build import build_feature_model
-    from pipeline.features.engines import configure_tf_threads, make_engine
-
-    cfg, result = job.cfg, job.result
-    configure_tf_threads(cfg.extract.threads)
-    fm = job.model or build_feature_model(cfg.backbone, cfg.extract.precision)
-    layers = augmentation_layers(spec["augment"])
-    writer = job.part_writer(fm.dims)
-    x = cfg.extract
-    engine = make_engine(fm, x.engine, x.threads, x.cache_dir, calibration=job.calibration)
-    samples = [s for _, s, _ in todo]
-    data = make_image_dataset(
-        job.ds, samples, fm.image_size, cfg.backbone.resize, cfg.extract.batch_size, decode=cfg.data.decode
-    )
-    dtype = np.dtype(cfg.extract.dtype)
-    with _backbone_pass(job, len(todo)) as progress:
-        try:
-            for idx, images, ok, _ in data:
-                idx, ok, x = idx.numpy(), np.reshape(ok.numpy(), -1), images.numpy()
-                keep = np.flatnonzero(ok)
-                if len(keep):
-                    views = [(x[i], *todo[int(idx[i])]) for i in keep]  # (image, view row, sample, view)
-                    batch = [augmented_view(layers, im, row.digest, v) for im, row, _, v in views]
-                    out = engine(np.stack(batch))
-                    ids = [row.digest for _, row, _, _ in views]
-                    writer.write(ids, {layer: out[layer].astype(dtype, copy=False) for layer in fm.layers})
-                    result.extracted += len(keep)
-                    result.batches += 1
-                progress.update(len(idx))
-        except KeyboardInterrupt:
-            raise FeatcacheError(
-                f"interrupted: {writer.rows_written} augmented views kept in {writer.dir}; run the same command again to resume"
-            ) from None
