@@ -383,7 +383,7 @@ def _add_predict(sub) -> None:
         "--model",
         required=True,
         metavar="RUN_OR_FILE",
-        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite",
+        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/, .tflite or .onnx",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     out = p.add_mutually_exclusive_group()
