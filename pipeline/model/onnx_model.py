@@ -9,6 +9,10 @@ line naming the extra.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +29,15 @@ class OnnxConversionError(FeatcacheError):
 
 
 def missing(need_converter: bool = True) -> str | None:
-    """Which ONNX packages are missing, as one line naming the extra; None when all are installed."""
-    from importlib.util import find_spec
+    """Which ONNX packages cannot be imported, as one line naming the extra; None when all can."""
+    import importlib
 
-    names = ["onnxruntime", *(["onnx", "tf2onnx"] if need_converter else [])]
-    gone = [n for n in names if find_spec(n) is None]
+    gone = []
+    for name in ["onnxruntime", *(["onnx", "tf2onnx"] if need_converter else [])]:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            gone.append(name)
     return f"{', '.join(gone)} not installed: {ONNX_EXTRA}" if gone else None
 
 
@@ -41,17 +49,51 @@ def require(what: str, need_converter: bool = True) -> None:
 
 
 def to_onnx(core, image_size: int, path: Path) -> None:
-    """Write ``core`` (N×S×S×3 raw pixels → probabilities) to ``path`` as ONNX, input ``image`` (N dynamic)."""
+    """Write ``core`` (N×S×S×3 raw pixels → probabilities) to ``path`` as ONNX, input ``image`` (N dynamic).
+
+    tf2onnx does not raise on a TensorFlow op it cannot express: it logs it and writes a graph ONNX Runtime
+    refuses. Its log is read here instead (and kept off stderr), so such a model is one
+    :class:`OnnxConversionError` naming the ops."""
     import tensorflow as tf
 
     require("--format onnx")
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="image")
-    try:
-        core.export(str(path), format="onnx", input_signature=[spec], opset_version=OPSET, verbose=False)
-    except Exception as e:  # noqa: BLE001 - the converter raises many types; its reason is what matters
-        raise OnnxConversionError(f"tf2onnx: {first_line(e, 300)}") from None
+    with _converter_log() as log:
+        try:
+            core.export(str(path), format="onnx", input_signature=[spec], opset_version=OPSET, verbose=False)
+        except Exception as e:  # noqa: BLE001 - the converter raises many types; its reason is what matters
+            raise OnnxConversionError(f"tf2onnx: {first_line(e, 300)}") from None
+    ops = sorted({m.group(1) for r in log for m in [UNSUPPORTED.search(r)] if m})
+    if ops:
+        raise OnnxConversionError(f"tf2onnx has no ONNX equivalent of the TensorFlow op(s) {', '.join(ops)}")
     if not Path(path).is_file():
-        raise OnnxConversionError("tf2onnx wrote no file")
+        raise OnnxConversionError(f"tf2onnx wrote no file{': ' + log[-1] if log else ''}")
+
+
+#: How tf2onnx names an op it cannot convert in its log.
+UNSUPPORTED = re.compile(r"Tensorflow op \[[^\]]*?: (\w+)\] is not supported")
+
+
+@contextlib.contextmanager
+def _converter_log():
+    """tf2onnx's warnings and errors, collected instead of printed (and Keras' numpy-2 patch warning muted)."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("tf2onnx")
+    handler, propagate = Collect(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 class OnnxRunner:
