@@ -382,7 +382,7 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "--model",
         metavar="RUN_OR_FILE",
-        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/ or .tflite "
+        help="run folder or run id (stage 2 or fine-tuned), .keras, saved_model/, .tflite or .onnx "
         "(default: the newest finished run of the selected cache)",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")

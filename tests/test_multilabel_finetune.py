@@ -88,7 +88,10 @@ def test_export_all_formats_of_a_multilabel_run(ml, exported):
     assert r["ok"] and set(r["formats"]) == set(FORMATS), format_report(r)
     assert r["task"] == "multilabel" and r["thresholds"] == thresholds
     assert "keras_accuracy" not in r and 0 < r["keras_macro_map"] <= 1
-    for fmt in ("keras", "savedmodel", "tflite"):
+    for fmt in ("tflite", "tflite-dynamic", "tflite-int8"):  # MediaPipe metadata says what the scores are
+        assert r["formats"][fmt]["metadata"]["scores"].startswith("Independent sigmoid probability of each")
+    assert r["formats"]["embedder"]["min_cosine_cache"] >= 0.999
+    for fmt in ("keras", "savedmodel", "tflite", "onnx"):
         e = r["formats"][fmt]
         assert e["max_abs_diff"] <= r["tolerances"][fmt]["max_abs_diff"], (fmt, e)
         assert e["same_labels"] >= 0.9 and abs(e["macro_map_delta"]) < 1e-3, (fmt, e)
@@ -113,7 +116,7 @@ def test_predict_from_the_export_gives_the_run_labels(ml, exported):
     images = [str(ml["tmp"] / "data" / f"m{i:04d}.png") for i in range(24)]
     _, want = predict(str(ml["logistic"]), images, cfg, top_k=2)
     thresholds = r["thresholds"]
-    for model in ("model.keras", "saved_model", "model.tflite"):
+    for model in ("model.keras", "saved_model", "model.tflite", "model.onnx"):
         p, got = predict(str(out / model), images, cfg, top_k=2)
         assert p.thresholds is not None, model
         for g, w in zip(got, want, strict=True):

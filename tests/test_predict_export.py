@@ -52,12 +52,16 @@ def exported(finetuned, tmp_path_factory) -> dict:
 def test_every_export_matches_keras(exported):
     r = exported
     assert r["ok"], json.dumps(r["formats"], indent=1)
-    assert set(r["formats"]) == {"keras", "savedmodel", "tflite", "tflite-dynamic", "tflite-int8"}
+    assert set(r["formats"]) == {
+        "keras", "savedmodel", "tflite", "tflite-dynamic", "tflite-int8", "onnx", "embedder"
+    }  # fmt: skip
     assert r["eval_split"] == "val" and r["eval_images"] >= 5 and r["keras_accuracy"] is not None
     f = r["formats"]
     assert f["keras"]["max_abs_diff"] <= 1e-6 and f["keras"]["max_abs_diff_raw_size"] <= 1e-6
     assert f["savedmodel"]["max_abs_diff"] <= 1e-5 and f["savedmodel"]["max_abs_diff_raw_size"] <= 1e-5
-    assert f["tflite"]["max_abs_diff"] <= 1e-4
+    assert f["tflite"]["max_abs_diff"] <= 1e-4 and f["onnx"]["max_abs_diff"] <= 1e-4
+    # a fine-tuned backbone's embedder matches its Keras backbone (head-only fine-tuning: the cache too)
+    assert f.pop("embedder")["min_cosine"] >= 0.999
     for e in f.values():  # each re-scored on the val split, next to the Keras accuracy
         assert Path(e["path"]).exists() and e["bytes"] > 0
         assert e["accuracy"] is not None and e["keras_accuracy"] == r["keras_accuracy"]
@@ -75,7 +79,7 @@ def test_every_export_matches_keras(exported):
     ]  # fmt: skip
     assert list(saved["formats"]["tflite"]) == [
         "path", "bytes", "input", "max_abs_diff", "max_abs_diff_raw_size", "accuracy", "keras_accuracy",
-        "accuracy_delta", "ok", "seconds",
+        "accuracy_delta", "ok", "metadata", "seconds",
     ]  # fmt: skip
     assert saved["tolerances"]["tflite-int8"] == {"accuracy_drop": 0.05}
 
@@ -211,8 +215,8 @@ def test_predict_and_export_errors_are_one_line(stage3, tmp_path):
     )
     r = run_cli("predict", "--model", str(tmp_path / "nope"), str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    r = run_cli("export", "--run", str(stage3["run"]), "--format", "onnx")
-    assert r.returncode == 2 and "unknown format 'onnx'" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("export", "--run", str(stage3["run"]), "--format", "coreml")
+    assert r.returncode == 2 and "unknown format 'coreml'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_export_refuses_a_conversion_that_would_not_fit_in_memory(stage3, tmp_path, monkeypatch):

@@ -6,8 +6,9 @@ Models (``--model``):
   from there), else the features are computed by the same backbone, cut and pooling; then the fitted head.
   Any head works, including those that cannot be exported (kNN, gradient boosting).
 * a fine-tuned run folder (``<runs>/finetune/<id>``), or an exported ``.keras`` file, ``saved_model/``
-  folder or ``.tflite`` file (class names from ``export.json`` or ``metrics.json`` beside it; a multi-label
-  model's per-class thresholds too, so it prints the labels above them as a stage-2 run does).
+  folder, ``.tflite`` file or ``.onnx`` file (ONNX Runtime: ``featcache[onnx]``); class names from
+  ``export.json`` or ``metrics.json`` beside it, and a multi-label model's per-class thresholds too, so it
+  prints the labels above them as a stage-2 run does.
 
 Images are decoded and resized exactly as extraction does (:func:`pipeline.data.images.make_image_dataset`),
 with the ``data.decode`` policy of the model's features: the run's cache, or ``decode`` in the ``metrics.json`` /
@@ -46,7 +47,7 @@ class ImageResult:
 
 @dataclass
 class Predictor:
-    kind: str  # stage2 | keras | savedmodel | tflite
+    kind: str  # stage2 | keras | savedmodel | tflite | onnx
     class_names: list[str]
     image_size: int
     resize: str
@@ -119,21 +120,28 @@ def load_predictor(
         return _savedmodel_predictor(path, batch_size)
     if path.suffix == ".keras":
         return _keras_predictor(path, batch_size)
+    if path.suffix == ".onnx":
+        return _onnx_predictor(path, batch_size)
     return _tflite_predictor(path, batch_size)
 
 
+#: The model files ``--model`` takes, by suffix.
+MODEL_FILES = (".keras", ".tflite", ".onnx")
+
+
 def check_model_kind(path: Path) -> str:
-    """Which kind of model ``path`` is (run | savedmodel | keras | tflite), before anything heavy loads."""
+    """Which kind of model ``path`` is (run | savedmodel | keras | tflite | onnx), before anything heavy
+    loads."""
     if path.is_dir() and (path / "manifest.json").is_file():
         return "run"
     if path.is_dir() and (path / "saved_model.pb").is_file():
         return "savedmodel"
-    if path.is_file() and path.suffix in (".keras", ".tflite"):
+    if path.is_file() and path.suffix in MODEL_FILES:
         return path.suffix[1:]
     what = "an unfinished run (no manifest.json)" if (path / "metrics.json").is_file() else "not a model"
     raise FeatcacheError(
-        f"--model {path}: {what}; expected a run folder or id, a .keras file, a SavedModel folder"
-        " or a .tflite file"
+        f"--model {path}: {what}; expected a run folder or id, a .keras file, a SavedModel folder,"
+        " a .tflite file or an .onnx file"
     )
 
 
@@ -143,7 +151,7 @@ def model_path(model: str | Path, cfg=None) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path.resolve()
-    if "/" in str(model) or "\\" in str(model) or path.suffix in (".keras", ".tflite"):  # a path, not an id
+    if "/" in str(model) or "\\" in str(model) or path.suffix in MODEL_FILES:  # a path, not an id
         raise FeatcacheError(f"--model: not found: {model} (neither a file, a folder nor a run id)")
     from pipeline.cache.locate import resolve_run
     from pipeline.utils.config import load_config
@@ -211,11 +219,25 @@ def _tflite_predictor(path: Path, batch_size: int) -> Predictor:
     from pipeline.features.tflite import TFLiteRunner
 
     run = TFLiteRunner(path)
+    return _file_predictor("tflite", path, run, run.n_outputs, batch_size)
+
+
+def _onnx_predictor(path: Path, batch_size: int) -> Predictor:
+    """An ``.onnx`` file (``featcache export --format onnx``) in ONNX Runtime; without the extra, one line
+    naming it. Its input is S×S, as a TFLite file's: images are decoded and resized as extraction does."""
+    from pipeline.model.onnx_model import OnnxRunner
+
+    run = OnnxRunner(path)
+    n = run.n_outputs or len(export_info(path).class_names or [])
+    return _file_predictor("onnx", path, run, n, batch_size)
+
+
+def _file_predictor(kind: str, path: Path, run, n: int, batch_size: int) -> Predictor:
+    """A predictor over an S×S model file (TFLite, ONNX): class names and thresholds from its export.json."""
     info = export_info(path)
     size, policy = run.image_size, info.resize
-    n = run.n_outputs
     names = info.class_names if len(info.class_names or []) == n else [str(i) for i in range(n)]
-    p = Predictor("tflite", names, size, policy, path, decode=decode_near(path))
+    p = Predictor(kind, names, size, policy, path, decode=decode_near(path))
     if info.thresholds is not None and len(info.thresholds) != n:
         raise FeatcacheError(
             f"{path}: its export.json has {len(info.thresholds)} class thresholds, the model has {n} outputs;"
@@ -384,8 +406,8 @@ def predict(
     """Top-``predict.top_k`` (class index, name, probability) per image; unreadable images get an ``error``.
 
     ``model`` is a run folder, a run id or id prefix (looked up where ``cfg``'s runs are), a ``.keras``
-    file, a SavedModel folder or a ``.tflite`` file; None: :func:`newest_model`. Every path is checked
-    before TensorFlow is imported.
+    file, a SavedModel folder, a ``.tflite`` or an ``.onnx`` file; None: :func:`newest_model`. Every path is
+    checked before TensorFlow is imported.
     ``cfg`` and keywords as every stage takes them (:func:`pipeline.utils.config.resolve_config`):
     ``top_k``, ``batch_size``, ``cluster`` (an address as ``--cluster`` takes: a stage-2 run's missing
     features on a Dask cluster) and ``trust_pickle`` (load a featcache 0.1 run's pickles: they can run code).

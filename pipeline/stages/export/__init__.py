@@ -11,7 +11,17 @@ format              file                                         input
 ``tflite-dynamic``  ``model-dynamic.tflite`` (int8 weights)      N×S×S×3 float32 raw RGB 0..255
 ``tflite-int8``     ``model-int8.tflite`` (int8 weights and      N×S×S×3 float32 raw RGB 0..255
                     activations, float32 in/out)
+``onnx``            ``model.onnx`` (opset 17, ONNX Runtime)      N×S×S×3 float32 raw RGB 0..255
+``embedder``        ``embedder.tflite`` (float32; the backbone   N×S×S×3 float32 raw RGB 0..255
+                    alone: out, the feature the cache holds)
 ==================  ===========================================  =============================================
+
+Every TFLite file carries MediaPipe Tasks metadata (:mod:`pipeline.model.tasks_metadata`): the classifiers
+load in MediaPipe's ``ImageClassifier`` as they are, ``embedder.tflite`` in its ``ImageEmbedder``; each
+entry's ``metadata`` is what MediaPipe reads back from the written file. The embedder is checked by cosine
+(``min_cosine``: against the Keras backbone; ``min_cosine_cache``: against the cached features of the same
+images, which a stage-2 run's embedder must meet too). ``onnx`` needs ``featcache[onnx]``; a model the ONNX
+converter refuses gets an ``error`` entry (the converter's reason) and the other formats still come out.
 
 Preprocessing (and, for Keras/SavedModel, the shared resize) is inside every export: they take raw pixels.
 TFLite has no builtin for the antialiased resize, so TFLite files take S×S images: read files with
@@ -41,13 +51,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.features.tflite import TFLiteRunner, check_conversion_memory, convert_frozen, freeze
+from pipeline.features.tflite import TFLiteRunner
+from pipeline.model.deploy import TFLITE_MODES, tflite_classifier, tflite_embedder
+from pipeline.model.onnx_model import OnnxConversionError
+from pipeline.model.tasks_metadata import available as metadata_available
+from pipeline.stages.export.text import format_report  # noqa: F401 - the stage's report, as the CLI prints it
 from pipeline.utils.config import MULTILABEL, Config, resolve_config
-from pipeline.utils.errors import FeatcacheError, first_line
+from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.io import atomic_path, atomic_write
 from pipeline.utils.runs import RunMetrics
 
-FORMATS = ("keras", "savedmodel", "tflite", "tflite-dynamic", "tflite-int8")
+FORMATS = ("keras", "savedmodel", "tflite", "tflite-dynamic", "tflite-int8", "onnx", "embedder")
 
 
 FILES = {
@@ -56,6 +70,8 @@ FILES = {
     "tflite": "model.tflite",
     "tflite-dynamic": "model-dynamic.tflite",
     "tflite-int8": "model-int8.tflite",
+    "onnx": "model.onnx",
+    "embedder": "embedder.tflite",
 }
 
 
@@ -67,6 +83,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "tflite": {"max_abs_diff": 1e-4},
     "tflite-dynamic": {"accuracy_drop": 0.02},
     "tflite-int8": {"accuracy_drop": 0.05},
+    "onnx": {"max_abs_diff": 1e-4},
+    "embedder": {"min_cosine": 0.999},  # per image, against the Keras backbone (and the cache: stage-2 runs)
 }
 
 #: A multi-label run's tolerances: val macro mAP for accuracy, and the SavedModel's 1e-5 for the reloaded
@@ -97,6 +115,10 @@ def parse_formats(spec: str | list[str]) -> list[str]:
             out.append(f)
     if not out:
         raise FeatcacheError("--format: no format given")
+    if "onnx" in out:
+        from pipeline.model.onnx_model import require
+
+        require("--format onnx")  # one line naming the extra, before anything is read
     return out
 
 
@@ -160,22 +182,6 @@ def load_exportable(run_dir: str | Path, trust_pickle: bool = False) -> Exportab
     )
 
 
-def tflite_convert(core, image_size: int, mode: str, representative=None) -> bytes:
-    """Convert the S×S core model; ``mode``: float | dynamic | int8 (float32 input and output)."""
-    from pipeline.model.layers import quantizable
-
-    check_conversion_memory("the model", core)  # a clear error, not the kernel's OOM killer
-    # quantized files trace the int8-friendly form of the head's transforms (same function, see quantizable)
-    with quantizable(core) if mode != "float" else contextlib.nullcontext():
-        frozen = freeze(lambda x: core(x, training=False), image_size)
-    try:
-        return convert_frozen(frozen, mode, representative)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the converter raises many types
-        raise FeatcacheError(f"TFLite conversion ({mode}) failed: {first_line(e, 300)}") from None
-
-
 def _images(
     ds, samples, size: int, policy: str, batch_size: int = 32, *, decode: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -217,6 +223,7 @@ class _Evaluation:
     keras_run: Any
     keras_accuracy: float | None
     keras_proba: np.ndarray
+    features: np.ndarray | None = None  # the cached features of ``images`` (the embedder's reference)
 
     @property
     def sample(self) -> np.ndarray:
@@ -272,8 +279,15 @@ def export(
         t0 = time.perf_counter()
         say(f"exporting {fmt} ...")
         path = out / FILES[fmt]
-        run, raw_diff = _write_format(fmt, src, path, ev, cfg.export.calibration, rng)
-        entry = _check(fmt, path, run, raw_diff, ev, src)
+        try:
+            run, raw_diff = _write_format(fmt, src, path, ev, cfg.export.calibration, rng)
+            entry = (
+                _check_embedder(path, run, ev, src)
+                if fmt == "embedder"
+                else _check(fmt, path, run, raw_diff, ev, src)
+            )
+        except OnnxConversionError as e:  # this backbone does not convert: say why, export the rest
+            entry = {"path": None, "error": str(e), "ok": False}
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         report["formats"][fmt] = entry
     report["ok"] = all(e["ok"] for e in report["formats"].values())
@@ -299,15 +313,17 @@ def _evaluation(src: Exportable, say) -> _Evaluation:
         ds = cache_dataset(cache.meta)
         val = split_images(cache, ds, "val")
         train = split_images(cache, ds, "train")
-    part, split = (val, "val") if len(val.rows) else (train, "train")
-    say(f"reading {len(part.samples)} {split} images ...")
-    images, ok = _images(ds, part.samples, src.image_size, src.resize, decode=src.decode)
+        part, split = (val, "val") if len(val.rows) else (train, "train")
+        say(f"reading {len(part.samples)} {split} images ...")
+        images, ok = _images(ds, part.samples, src.image_size, src.resize, decode=src.decode)
+        layer = src.metrics.layer
+        feats = cache.features(layer, part.rows[ok]) if layer in cache.layers else None
     from pipeline.model.runners import keras_runner
 
     keras_run = keras_runner(src.model)
     acc, proba = _accuracy(keras_run, images[ok], part.labels[ok], src=src)
     raw = _raw_images(ds, part.samples[:3], src.image_size, src.decode)
-    return _Evaluation(ds, train, split, images[ok], part.labels[ok], raw, keras_run, acc, proba)
+    return _Evaluation(ds, train, split, images[ok], part.labels[ok], raw, keras_run, acc, proba, feats)
 
 
 def _write_format(fmt: str, src: Exportable, path: Path, ev: _Evaluation, calibration: int, rng):
@@ -323,11 +339,20 @@ def _write_format(fmt: str, src: Exportable, path: Path, ev: _Evaluation, calibr
         run = keras_runner(load_keras(path)) if fmt == "keras" else savedmodel_runner(path)
         diffs = (float(np.abs(run(r[None]) - ev.keras_run(r[None])).max()) for r in ev.raw_sample)
         return run, max(diffs, default=None)
-    mode = {"tflite": "float", "tflite-dynamic": "dynamic", "tflite-int8": "int8"}[fmt]
-    rep = None
-    if mode == "int8":
-        rep = _representative(ev.ds, ev.train, src, calibration, rng)
-    atomic_write(path, tflite_convert(src.core, src.image_size, mode, rep))
+    if fmt == "onnx":
+        from pipeline.model.onnx_model import OnnxRunner, to_onnx
+
+        with atomic_path(path) as tmp:
+            to_onnx(src.core, src.image_size, tmp)
+        return OnnxRunner(path), None
+    if fmt == "embedder":
+        atomic_write(path, tflite_embedder(src.core, src.image_size))
+        return TFLiteRunner(path), None
+    mode = TFLITE_MODES[fmt]
+    rep = _representative(ev.ds, ev.train, src, calibration, rng) if mode == "int8" else None
+    atomic_write(
+        path, tflite_classifier(src.core, src.image_size, mode, src.class_names, src.multilabel, rep)
+    )
     return TFLiteRunner(path), None
 
 
@@ -356,6 +381,37 @@ def _check(fmt: str, path: Path, run, raw_diff, ev: _Evaluation, src: Exportable
         same = above(proba, src.thresholds) == above(ev.keras_proba, src.thresholds)
         entry["same_labels"] = float(np.all(same, axis=1).mean())
     entry["ok"] = _passes(fmt, entry, len(ev.images), src.multilabel)
+    if fmt in TFLITE_MODES:
+        entry["metadata"] = _metadata(path)
+        labelled = (entry["metadata"] or {}).get("labels") == len(src.class_names)
+        entry["ok"] = entry["ok"] and (labelled or not metadata_available())
+    return entry
+
+
+def _metadata(path: Path) -> dict[str, Any] | None:
+    """The MediaPipe metadata of a written TFLite file, as MediaPipe's own reader reads it back."""
+    from pipeline.model.tasks_metadata import read_metadata, summary
+
+    return summary(read_metadata(path.read_bytes())) if metadata_available() else None
+
+
+def _check_embedder(path: Path, run, ev: _Evaluation, src: Exportable) -> dict[str, Any]:
+    """The embedder's entry: per-image cosine of its features to the Keras backbone's and to the cache's."""
+    from pipeline.model.deploy import embedder_cosines
+
+    S, dims = src.image_size, run.output_shape[next(iter(run.output_shape))][-1]
+    entry = {
+        "path": str(path),
+        "bytes": _size(path),
+        "input": f"N×{S}×{S}×3 float32 raw RGB 0..255 (read files with pipeline.load_images, see export.json)",
+        "output": f"N×{dims} float32: the backbone's pooled feature (what the cache holds)",
+        **embedder_cosines(run, src.core, ev.images, ev.features),
+        "metadata": _metadata(path),
+    }
+    tol = TOLERANCES["embedder"]["min_cosine"]
+    checked = [entry["min_cosine"]] + ([entry["min_cosine_cache"]] if src.kind == "stage2" else [])
+    has_metadata = entry["metadata"] is not None or not metadata_available()
+    entry["ok"] = all(c is None or c >= tol for c in checked) and has_metadata
     return entry
 
 
@@ -410,40 +466,3 @@ def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-
-
-def format_report(report: dict[str, Any]) -> str:
-    ml = report.get("task") == MULTILABEL
-    score, label, short = ("macro_map", "macro mAP", "ΔmAP") if ml else ("accuracy", "accuracy", "Δacc")
-    lines = [
-        f"exported {report['run']} ({report['run_kind']}) · input {report['image_size']} px, resize {report['resize']}"
-        f", decode {report.get('decode', 'exact')}"
-        + (f" · multi-label, {len(report['thresholds'])} classes" if ml else ""),
-        f"checked on {report['sample_images']} sample images and {report['eval_images']} {report['eval_split']} images"
-        f" (Keras {label} {_pct(report[f'keras_{score}'])})",
-        "",
-        f"{'format':<15} {'size':>10} {'max|Δp|':>10} {label:>9} {short:>7}  tolerance            ok",
-    ]
-    for fmt, e in report["formats"].items():
-        tol = report["tolerances"][fmt]
-        t = (
-            f"|Δp| ≤ {tol['max_abs_diff']:g}"
-            if "max_abs_diff" in tol
-            else f"mAP drop ≤ {tol['map_drop']:g}"
-            if ml
-            else f"acc drop ≤ {tol['accuracy_drop']:g}"
-        )
-        d = "-" if e["max_abs_diff"] is None else f"{e['max_abs_diff']:.1e}"
-        delta = "-" if e[f"{score}_delta"] is None else f"{e[f'{score}_delta']:+.3f}"
-        lines.append(
-            f"{fmt:<15} {e['bytes'] / 1e6:>8.1f}MB {d:>10} {_pct(e[score]):>9} {delta:>7}  {t:<20} {'yes' if e['ok'] else 'NO'}"
-        )
-    lines.append("")
-    lines.append(
-        f"files: {Path(next(iter(report['formats'].values()))['path']).parent}  (export.json has the details)"
-    )
-    return "\n".join(lines)
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
