@@ -103,3 +103,63 @@ def build_backbone(family: str, vocabulary_size: int, width: int = 32):
     emb = clip.vision_encoder.embedding  # a fresh CLIPVisionEncoder's position_ids are all zero
     emb.position_ids.assign(np.arange(emb.position_ids.shape[-1])[None].astype("int32"))
     return clip
+
+
+#: the small trained CLIP's classes and the one caption template it learns from
+COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210), "yellow": (220, 210, 40)}
+CAPTION = "a photo of a {}."
+
+
+def colour_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy grey 32-px images holding one coloured square each (random size and place): N×S×S×3 uint8, labels."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c, rgb in enumerate(COLOURS.values()):
+        for _ in range(n_per_class):
+            img = rng.normal(128, 40, (S, S, 3))
+            side = int(rng.integers(10, 24))
+            y, x = rng.integers(0, S - side, 2)
+            img[y : y + side, x : x + side] = np.asarray(rgb) + rng.normal(0, 20, (side, side, 3))
+            images.append(np.clip(img, 0, 255).astype(np.uint8))
+            labels.append(c)
+    return np.stack(images), np.asarray(labels)
+
+
+def train_small_clip(folder: Path, steps: int = 150, seed: int = 0) -> Path:
+    """A small CLIP trained here, contrastively, on captioned colour images ("a photo of a red."), saved
+    as a preset folder with its tokenizer: a model whose zero-shot accuracy means something."""
+    import keras
+    import keras_hub
+    import tensorflow as tf
+
+    from pipeline.heads.zeroshot import IMAGENET_TEMPLATES
+
+    keras.utils.set_random_seed(seed)
+    names = list(COLOURS)
+    sentences = [t.replace("{}", n) for t in (*IMAGENET_TEMPLATES, "{}") for n in names]
+    words = [w for s in sentences for w in re.findall(r"[a-z]+|[^\sa-z]", s.lower())]
+    tok = clip_tokenizer(words)
+    model = build_backbone("clip", tok.vocabulary_size())
+    pre = keras_hub.models.CLIPPreprocessor(tok, sequence_length=TEXT_LENGTH)
+    ids = pre({"prompts": [CAPTION.format(n) for n in names], "images": None})["token_ids"]
+    X, y = colour_images(64, seed + 1)
+    X = X.astype(np.float32) / 127.5 - 1.0
+    opt = keras.optimizers.Adam(3e-3)
+    opt.build(model.trainable_variables)
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            img = tf.math.l2_normalize(model.get_vision_embeddings(images), axis=-1)
+            txt = tf.math.l2_normalize(model.get_text_embeddings(ids), axis=-1)
+            logits = tf.exp(model.clip_head.logit_scale) * tf.matmul(img, txt, transpose_b=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = rng.choice(len(X), 32, replace=False)
+        step(tf.constant(X[idx]), tf.constant(y[idx]))
+    return save_text_preset(folder, "clip", sentences, backbone=model)
