@@ -110,16 +110,18 @@ COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210), 
 CAPTION = "a photo of a {}."
 
 
-def colour_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def colour_images(
+    n_per_class: int, seed: int, noise: float = 40.0, sides: tuple[int, int] = (10, 24)
+) -> tuple[np.ndarray, np.ndarray]:
     """Noisy grey 32-px images holding one coloured square each (random size and place): N×S×S×3 uint8, labels."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for c, rgb in enumerate(COLOURS.values()):
         for _ in range(n_per_class):
-            img = rng.normal(128, 40, (S, S, 3))
-            side = int(rng.integers(10, 24))
+            img = rng.normal(128, noise, (S, S, 3))
+            side = int(rng.integers(*sides))
             y, x = rng.integers(0, S - side, 2)
-            img[y : y + side, x : x + side] = np.asarray(rgb) + rng.normal(0, 20, (side, side, 3))
+            img[y : y + side, x : x + side] = np.asarray(rgb) + rng.normal(0, noise / 2, (side, side, 3))
             images.append(np.clip(img, 0, 255).astype(np.uint8))
             labels.append(c)
     return np.stack(images), np.asarray(labels)
