@@ -60,6 +60,10 @@ SECTIONS = {
         "Phone photos: the decode policy (DCT scaling) against exact decoding (issue 15)",
     ),
     "cluster": ("benchmarks.bench_cluster", "Extraction on a local Dask cluster vs one process (issue 13)"),
+    "zeroshot": (
+        "benchmarks.bench_zeroshot",
+        "Words as heads: prompt cost, zero-shot train time, the k-shot curve on a small CLIP (issue 36)",
+    ),
 }
 
 

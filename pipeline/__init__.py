@@ -49,6 +49,7 @@ _LAZY = {
     "list_runs": "utils.runs",
     "Run": "api",
     "compare": "api",
+    "text_embeddings": "api",
     "CompareResult": "stages.compare",
 }
 

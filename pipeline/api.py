@@ -130,3 +130,29 @@ def compare(config: Config | str | Path | None = None, **options: Any):
     from pipeline.stages.extract import extract
 
     return compare_stage(config, extractor=extract, **options)
+
+
+def text_embeddings(
+    prompts: list[str] | str,
+    backbone: str,
+    *,
+    weights: str = "imagenet",
+    cache_dir: str | Path | None = "cache",
+    normalize: bool = False,
+):
+    """The joint-space text embeddings of ``prompts`` (N × D numpy) by the text tower of ``backbone`` (a
+    KerasHub CLIP or SigLIP preset: ``hub:<preset>``, a handle or a folder), as the zero-shot head embeds
+    them; each prompt is embedded once, ever, and kept under ``<cache_dir>/text/`` (None: not kept).
+    ``normalize``: each row divided by its L2 norm, ready for cosine similarity with a ``pooled`` cache."""
+    from pipeline.cache.fingerprint import weights_digest
+    from pipeline.features.backbones.registry import get_spec
+    from pipeline.features.text import embed_prompts, text_tower
+    from pipeline.heads.zeroshot import normalize_rows
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    digest = weights_digest(get_spec(backbone), weights, ["output"], cache_dir or ".")
+    tower = text_tower(backbone, weights, digest)
+    emb = embed_prompts(tower, prompts, Path(cache_dir).resolve() if cache_dir is not None else None)
+    return normalize_rows(emb).astype("float32") if normalize else emb

@@ -27,6 +27,8 @@ TRUSTED_TYPES = frozenset(
         "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
         "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
         "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+        "pipeline.heads.zeroshot.ZeroShotClassifier",
+        "pipeline.heads.zeroshot.FewShotClassifier",
     }
 )
 

@@ -139,6 +139,18 @@ def _keras(hidden: tuple[int, ...], head: str):
     return build
 
 
+def _text(head: str):
+    def build(p, seed, n_train=None):
+        """The estimator of a text head; its text embeddings are set by :func:`pipeline.heads.zeroshot.text_weights`."""
+        from pipeline.heads import zeroshot
+
+        if head == "zeroshot":
+            return _set(zeroshot.ZeroShotClassifier(), p, head)
+        return _set(zeroshot.FewShotClassifier(random_state=seed), p, head)
+
+    return build
+
+
 HEADS: dict[str, HeadSpec] = {
     s.name: s
     for s in (
@@ -156,6 +168,8 @@ HEADS: dict[str, HeadSpec] = {
                  _keras((), "keras_linear")),
         HeadSpec("keras_mlp", "keras", "Keras Dense(256, relu) + Dense(n, softmax); hidden configurable", _keras((256,), "keras_mlp"),
                  _keras((256,), "keras_mlp")),
+        HeadSpec("zeroshot", "sklearn", "CLIP/SigLIP zero-shot from the class names (no fitting; --pooling pooled)", _text("zeroshot")),
+        HeadSpec("fewshot", "sklearn", "zero-shot and logistic logits mixed, the mix chosen on val (--pooling pooled)", _text("fewshot")),
     )
 }  # fmt: skip
 if tuple(HEADS) != HEAD_NAMES:  # the names live in utils.config, so train.head is checked before any import
@@ -222,8 +236,8 @@ def make_head(
     val_kwargs = None
     if spec.kind == "keras":
         val_kwargs = _keras_val
-    elif name == "hgb" and est.get_params().get("early_stopping") is True:
-        val_kwargs = _hgb_val
+    elif (name == "hgb" and est.get_params().get("early_stopping") is True) or name == "fewshot":
+        val_kwargs = _xy_val
     return Head(name, spec.kind, est, streaming, epochs, ignored, val_kwargs, cw, auto_step)
 
 
@@ -252,7 +266,7 @@ def _keras_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
     return {"validation_data": (Xv, yv)}
 
 
-def _hgb_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
+def _xy_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
     return {"X_val": Xv, "y_val": yv}
 
 

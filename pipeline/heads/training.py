@@ -25,7 +25,8 @@ from pipeline.heads.metrics import classification_metrics, multilabel_metrics
 from pipeline.heads.multilabel import choose_thresholds, fit_multilabel, multilabel_params, predict_multilabel
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import describe_transforms, parse_transforms
-from pipeline.utils.config import MULTILABEL, SPLITS, Config, TrainConfig
+from pipeline.heads.zeroshot import text_head_config, text_head_info, text_weights
+from pipeline.utils.config import MULTILABEL, SPLITS, TEXT_HEADS, Config, TrainConfig
 from pipeline.utils.errors import FeatcacheError
 
 
@@ -122,14 +123,21 @@ def fit_run(
         if cache.multilabel:
             fitted, preds, scores, task = _fit_multilabel(cache, data, t, params)
         else:
-            fitted = fit_model(data, train_rows, val_rows, t.head, params, t.transforms, seed=t.seed)
+            fit_params, task = params, {}
+            if t.head in TEXT_HEADS:  # the class names through the text tower; no transforms before it
+                cfg = text_head_config(cfg)
+                t = cfg.train
+                text, info = text_weights(cfg, cache, t.head)
+                fit_params, task = {**params, **text}, {"zeroshot": info}
+            fitted = fit_model(data, train_rows, val_rows, t.head, fit_params, t.transforms, seed=t.seed)
+            if task:
+                task["zeroshot"].update(text_head_info(fitted.model.steps[-1][1]))
             n_classes = len(cache.class_names)
             preds = {
                 name: predict_rows(fitted.model, data, rows, n_classes)
                 for name, rows in (("val", val_rows), ("test", test_rows))
             }
             scores = {name: classification_metrics(p, cache.class_names) for name, p in preds.items()}
-            task = {}
         notes = list(fitted.notes)
         if not len(val_rows):
             notes.append("the val split is empty: no early stopping, no val metrics")
@@ -151,7 +159,7 @@ def fit_run(
         t.head,
         dict(t.params),
         layer,
-        [str(x) for x in parse_transforms(t.transforms)],
+        [str(x) for x in parse_transforms(cfg.train.transforms)],
         streamed,
         metrics,
         fitted,

@@ -74,6 +74,15 @@ def _sklearn_head_layers(est, calibrated: bool) -> list[keras.layers.Layer]:
     from sklearn.neural_network import MLPClassifier
     from sklearn.svm import LinearSVC
 
+    from pipeline.heads.zeroshot import ZeroShotClassifier
+
+    if isinstance(est, ZeroShotClassifier):  # zero-shot and few-shot: linear on the L2-normalised embedding
+        W, b = est.coef_.T, est.intercept_
+        return [
+            L2Normalize(name="head_l2"),
+            _dense("head_dense", W, b),
+            ScoresToProba(est.activation_, name="probabilities"),
+        ]
     if isinstance(est, (LogisticRegression, LinearSVC, RidgeClassifier, SGDClassifier)):
         W, b = _linear_scores(est.coef_, est.intercept_)
         ovr = calibrated and W.shape[1] > 2 and isinstance(est, SGDClassifier)  # one-vs-rest log loss

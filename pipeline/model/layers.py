@@ -135,10 +135,11 @@ class ScoresToProba(keras.layers.Layer):
     ``softmax`` (multinomial logistic; softmax of decision scores for SVM/ridge, whose binary 1-column
     scores are laid out as ``[-s/2, s/2]`` so the softmax is ``[1-σ(s), σ(s)]``), ``ovr`` (one-vs-rest
     logistic: sigmoids normalized to sum 1), ``normalize`` (already probabilities, renormalized as
-    ``KerasHead.predict_proba`` does), ``binary_logit`` (a Keras head's single logit z → ``[1-σ(z), σ(z)]``).
+    ``KerasHead.predict_proba`` does), ``binary_logit`` (a Keras head's single logit z → ``[1-σ(z), σ(z)]``),
+    ``sigmoid`` (one sigmoid per class, not normalised: SigLIP's zero-shot probabilities).
     """
 
-    MODES = ("softmax", "ovr", "normalize", "binary_logit")
+    MODES = ("softmax", "ovr", "normalize", "binary_logit", "sigmoid")
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
@@ -154,6 +155,8 @@ class ScoresToProba(keras.layers.Layer):
             return p / tf.reduce_sum(p, axis=-1, keepdims=True)
         if self.mode == "normalize":
             return x / tf.reduce_sum(x, axis=-1, keepdims=True)
+        if self.mode == "sigmoid":
+            return tf.sigmoid(x)
         return tf.nn.softmax(tf.concat([-x / 2.0, x / 2.0], axis=-1), axis=-1)
 
     def compute_output_shape(self, input_shape):

@@ -30,7 +30,9 @@ from pipeline.utils.errors import FeatcacheError
 #: The normalization written: the graph takes raw 0..255 pixels and preprocesses them itself.
 NORM_MEAN, NORM_STD = [0.0], [1.0]
 LABEL_FILE = "labels.txt"
-MEDIAPIPE_MISSING = "MediaPipe metadata needs the deploy extra (pip install 'featcache[deploy]': mediapipe>=1.2)"
+MEDIAPIPE_MISSING = (
+    "MediaPipe metadata needs the deploy extra (pip install 'featcache[deploy]': mediapipe>=1.2)"
+)
 
 _HELPER = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
 

@@ -36,6 +36,8 @@ from pipeline.utils.sections import (  # noqa: F401 - re-exported: the config's 
     SPLITS,
     STRATEGIES,
     STREAMING,
+    TEMPLATE_SETS,
+    TEXT_HEADS,
     AuditConfig,
     BackboneConfig,
     ClusterConfig,
@@ -49,6 +51,7 @@ from pipeline.utils.sections import (  # noqa: F401 - re-exported: the config's 
     SearchConfig,
     SecurityConfig,
     TrainConfig,
+    ZeroshotConfig,
 )
 
 if sys.version_info >= (3, 11):
@@ -73,6 +76,7 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    zeroshot: ZeroshotConfig = field(default_factory=ZeroshotConfig)
     #: dotted keys the user chose (see :func:`given_keys`); not a field, so never saved or compared
     given: ClassVar[frozenset[str]] = frozenset()
 

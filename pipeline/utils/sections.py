@@ -30,7 +30,15 @@ STRATEGIES = ("grid", "random", "halving")
 
 #: the one list of head names: :data:`pipeline.heads.registry.HEADS` is checked against it when imported,
 #: so a bad ``train.head`` fails here, before any import
-HEAD_NAMES = ("logistic", "linear_svm", "ridge", "knn", "mlp", "hgb", "keras_linear", "keras_mlp")
+HEAD_NAMES = (
+    "logistic", "linear_svm", "ridge", "knn", "mlp", "hgb", "keras_linear", "keras_mlp", "zeroshot", "fewshot"
+)  # fmt: skip
+
+#: heads that read the class names through a text tower (:mod:`pipeline.heads.zeroshot`)
+TEXT_HEADS = ("zeroshot", "fewshot")
+
+#: the built-in prompt templates ``zeroshot.templates`` may name (:mod:`pipeline.heads.zeroshot`)
+TEMPLATE_SETS = ("imagenet", "photo")
 
 
 #: confident learning's filters (:mod:`pipeline.heads.label_noise`), the choices of ``audit.filter_by``
@@ -381,6 +389,39 @@ class ClusterConfig:
         check=_address,
         help="run on Dask: local (a worker per core), local:N, env (DASK_SCHEDULER_ADDRESS) "
         "or a scheduler address like tcp://host:8786; '' = this process",
+    )
+
+
+def _templates(templates: list[str]) -> str | None:
+    if not templates:
+        return f"must name at least one template (or a built-in set: {', '.join(TEMPLATE_SETS)})"
+    for t in templates:
+        if t not in TEMPLATE_SETS and t.count("{}") != 1:
+            return f"template {t!r} must hold exactly one {{}} (where the class name goes)"
+    return None
+
+
+def _prompts(prompts: dict[str, Any]) -> str | None:
+    for name, words in prompts.items():
+        if not isinstance(words, str) or not words.strip():
+            return f"class {name!r}: the words to put in the templates must be a non-empty string"
+    return None
+
+
+@dataclass
+class ZeroshotConfig:
+    """How class names become prompts for the text tower of a CLIP or SigLIP backbone."""
+
+    templates: list[str] = opt(
+        factory=lambda: ["imagenet"],
+        check=_templates,
+        help="prompt templates, each with one {} for the class words, averaged per class; or a built-in set:"
+        " imagenet (CLIP's 80 ImageNet templates), photo ('a photo of a {}.')",
+    )
+    prompts: dict[str, Any] = opt(
+        factory=dict,
+        check=_prompts,
+        help="class name → the words put in the templates (default: the class name, _ and - as spaces)",
     )
 
 

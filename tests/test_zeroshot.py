@@ -1,0 +1,270 @@
+"""Zero-shot and few-shot heads from the text tower of KerasHub CLIP and SigLIP presets.
+
+Each preset is a small random-weight model with its tokenizer, saved by KerasHub's ``save_to_preset`` and
+named by its folder (tests/text_presets.py). featcache's probabilities are checked against KerasHub's own
+model on the same images and prompts; the rebuilt end-to-end model against the stage-2 head.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from pipeline.utils.config import load_config
+
+keras_hub = pytest.importorskip("keras_hub")
+sys.path.insert(0, str(Path(__file__).parent))
+from text_presets import S, save_text_preset  # noqa: E402
+
+CLASSES = ("red", "blue", "green_square")
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+
+
+def _sentences() -> list[str]:
+    from pipeline.heads.zeroshot import IMAGENET_TEMPLATES
+
+    names = [c.replace("_", " ") for c in CLASSES] + ["tench", "very long words"]
+    return [t.replace("{}", n) for t in (*IMAGENET_TEMPLATES, "{}") for n in names]
+
+
+@pytest.fixture(scope="module")
+def zs(tmp_path_factory) -> dict:
+    """A CLIP and a SigLIP preset, a three-class folder of 32-px PNGs, and a pooled cache of each."""
+    from pipeline.stages.extract import extract
+
+    root = tmp_path_factory.mktemp("zs")
+    presets = {f: save_text_preset(root / f"tiny_{f}", f, _sentences()) for f in ("clip", "siglip")}
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 30, 30), "blue": (30, 30, 200), "green_square": (30, 200, 30)}
+    for c in CLASSES:
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(6):
+            px = np.clip(np.asarray(colours[c]) + rng.normal(0, 25, (S, S, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / "images" / c / f"{c}{i}.png")
+    out = {"root": root, "presets": presets, "images": root / "images", "ov": {}}
+    for f, folder in presets.items():
+        ov = {
+            "data.source": str(root / "images"),
+            "backbone.name": str(folder),
+            "extract.cache_dir": str(root / f"cache-{f}"),
+            "extract.batch_size": 8,
+            "extract.progress": False,
+            "extract.engine": "tensorflow",
+            "data.val_fraction": "0.3",
+            "data.test_fraction": "0.3",
+            "zeroshot.templates": TEMPLATES,
+        }
+        extract(load_config(None, ov))
+        out["ov"][f] = ov
+    return out
+
+
+def _features(cache_path: Path) -> tuple[list[str], np.ndarray]:
+    from pipeline.cache.store import FeatureCache
+
+    with FeatureCache(cache_path) as c:
+        return list(c.keys), c.features(None, np.arange(len(c.keys)))
+
+
+def keras_hub_probabilities(folder: Path, images: Path, keys: list[str], prompts: list[str], family: str):
+    """KerasHub's own converter, preprocessor and backbone: the model's logits for each image and prompt."""
+    converter = keras_hub.layers.ImageConverter.from_preset(str(folder))
+    root = keras_hub.models.Backbone.from_preset(str(folder))
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(folder))
+    cls = keras_hub.models.CLIPPreprocessor if family == "clip" else keras_hub.models.SigLIPPreprocessor
+    pre = cls(tokenizer, sequence_length=root.text_encoder.max_sequence_length)
+    ids = pre({"prompts": prompts, "images": None})["token_ids"]
+    x = converter(np.stack([np.asarray(Image.open(images / k), np.float32) for k in keys]))
+    logits = np.asarray(root({"images": x, "token_ids": ids})["vision_logits"], np.float64)
+    if family == "siglip":
+        return 1 / (1 + np.exp(-logits)), root
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True), root
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_zero_shot_equals_keras_hub(zs, family):
+    """One template: the probabilities are KerasHub's own (softmax / sigmoid of its logits) to 1e-5 on
+    TensorFlow; two templates: the CLIP ensemble (normalised, averaged, normalised) of KerasHub's text
+    embeddings."""
+    from pipeline.heads.persist import load_model
+    from pipeline.stages.train import train
+
+    ov = zs["ov"][family]
+    one = train(load_config(None, {**ov, "train.head": "zeroshot", "zeroshot.templates": ["photo"]}))
+    keys, X = _features(Path(one.metrics["cache"]["path"]))
+    names = one.metrics["class_names"]  # the cache's order (sorted folder names)
+    prompts = [f"a photo of a {c.replace('_', ' ')}." for c in names]
+    want, root = keras_hub_probabilities(zs["presets"][family], zs["images"], keys, prompts, family)
+    got = load_model(one.run_dir).predict_proba(X)
+    assert np.abs(got - want).max() <= 1e-5
+    assert one.metrics["zeroshot"]["activation"] == ("softmax" if family == "clip" else "sigmoid")
+    assert one.metrics["transforms"] == [] and one.metrics["test"]["n"] > 0
+
+    two = train(load_config(None, {**ov, "train.head": "zeroshot"}))
+    tpl = [[t.replace("{}", c.replace("_", " ")) for t in TEMPLATES] for c in names]
+    flat = [p for per in tpl for p in per]
+    tok = keras_hub.tokenizers.Tokenizer.from_preset(str(zs["presets"][family]))
+    cls = keras_hub.models.CLIPPreprocessor if family == "clip" else keras_hub.models.SigLIPPreprocessor
+    ids = cls(tok, sequence_length=root.text_encoder.max_sequence_length)({"prompts": flat, "images": None})
+    T = np.asarray(root.get_text_embeddings(ids["token_ids"]), np.float64)
+    T = (T / np.linalg.norm(T, axis=1, keepdims=True)).reshape(len(names), len(TEMPLATES), -1).mean(1)
+    T /= np.linalg.norm(T, axis=1, keepdims=True)
+    head = root.clip_head if family == "clip" else root.siglip_head
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    z = np.exp(float(head.logit_scale)) * Xn @ T.T + float(getattr(head, "logit_bias", 0.0))
+    p = 1 / (1 + np.exp(-z)) if family == "siglip" else np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    assert np.abs(load_model(two.run_dir).predict_proba(X) - p).max() <= 1e-5
+    assert two.metrics["zeroshot"]["n_prompts"] == len(flat)
+
+
+def test_prompts_are_embedded_once_and_the_python_call_returns_them(zs):
+    import pipeline
+    from pipeline.stages.train import train
+
+    ov = zs["ov"]["clip"]
+    run = train(load_config(None, {**ov, "train.head": "zeroshot"}))
+    store = Path(run.metrics["zeroshot"]["text_store"])
+    before = store.stat().st_mtime_ns
+    again = train(load_config(None, {**ov, "train.head": "zeroshot"}))
+    assert again.metrics["zeroshot"]["text_store"] == str(store) and store.stat().st_mtime_ns == before
+    with np.load(store) as z:
+        stored = dict(zip(z["prompts"].tolist(), z["embeddings"], strict=True))
+    emb = pipeline.text_embeddings(
+        ["a photo of a red.", "a drawing of a blue."], backbone=str(zs["presets"]["clip"])
+    )
+    assert emb.shape == (2, 16)
+    assert np.abs(emb[0] - stored["a photo of a red."]).max() <= 1e-6
+
+
+def test_rebuilt_zero_shot_model_equals_stage2_and_exports(zs, tmp_path):
+    from pipeline.model.rebuild import equivalence, rebuild
+    from pipeline.stages.export import export
+    from pipeline.stages.train import train
+
+    run = train(load_config(None, {**zs["ov"]["siglip"], "train.head": "zeroshot"}))
+    eq = equivalence(rebuild(run.run_dir), "val")
+    assert eq["n"] >= 3 and eq["max_abs_diff"] <= 1e-4
+    r = export(run.run_dir, "keras,tflite", tmp_path)
+    assert r["ok"], json.dumps(r["formats"], indent=1)
+
+
+def test_few_shot_is_never_worse_on_val_than_either_half(zs):
+    from pipeline.stages.train import train
+
+    ov = zs["ov"]["clip"]
+    runs = {h: train(load_config(None, {**ov, "train.head": h})) for h in ("zeroshot", "fewshot")}
+    lr = train(load_config(None, {**ov, "train.head": "logistic", "train.transforms": ["l2", "standardize"]}))
+    few = runs["fewshot"].metrics
+    assert few["val"]["accuracy"] >= max(
+        runs["zeroshot"].metrics["val"]["accuracy"], lr.metrics["val"]["accuracy"]
+    )
+    assert 0.0 <= few["zeroshot"]["mix"] <= 1.0 and len(few["zeroshot"]["val_accuracy_by_mix"]) == 11
+
+
+def _one_line(r, message: str) -> None:
+    """Exit 2 and one error line naming the problem (the stage's own "cache: ..." line may come before)."""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("featcache: error")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and message in errors[0] and r.stderr.strip().endswith(errors[0]), r.stderr
+
+
+def _cli_train(zs, family: str, *extra: str):
+    ov = zs["ov"][family]
+    return run_cli(
+        "train", "--data", ov["data.source"], "--backbone", ov["backbone.name"],
+        "--set", f"extract.cache_dir={ov['extract.cache_dir']}", "--head", "zeroshot", *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('templates = ["a photo of a thing"]', "must hold exactly one {}"),
+        ('prompts = { red = " " }', "non-empty string"),
+        ('prompts = { purple = "purple" }', "is not a class of this cache"),
+    ],
+)
+def test_bad_prompts_are_one_line(zs, tmp_path, section, message):
+    (tmp_path / "z.toml").write_text(f"[zeroshot]\n{section}\n")
+    r = _cli_train(zs, "clip", "--config", str(tmp_path / "z.toml"))
+    _one_line(r, message)
+    assert not list(Path(zs["ov"]["clip"]["extract.cache_dir"]).glob("runs/*zeroshot*/metrics.json.tmp*"))
+
+
+def test_no_text_tower_or_not_joint_space_is_one_line(zs, tmp_path):
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(zs["presets"]["clip"], folder)
+    (folder / "tokenizer.json").unlink()
+    ov = {**zs["ov"]["clip"], "backbone.name": str(folder), "extract.cache_dir": str(tmp_path / "c")}
+    from pipeline.stages.extract import extract
+
+    extract(load_config(None, ov))
+    r = run_cli(
+        "train", "--data", ov["data.source"], "--backbone", str(folder), "--set",
+        f"extract.cache_dir={tmp_path / 'c'}", "--head", "zeroshot",
+    )  # fmt: skip
+    _one_line(r, "has no tokenizer")
+    extract(load_config(None, {**zs["ov"]["clip"], "backbone.pooling": "cls"}))
+    r = _cli_train(zs, "clip", "--pooling", "cls")
+    _one_line(r, "not the joint image-text space")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A small CLIP trained here (~10 s) on captioned colour squares, and a pooled cache of held-out images."""
+    from text_presets import COLOURS, colour_images, train_small_clip
+
+    from pipeline.stages.extract import extract
+
+    root = tmp_path_factory.mktemp("trained")
+    folder = train_small_clip(root / "small_clip")
+    X, y = colour_images(12, seed=7)  # never seen in training
+    names = list(COLOURS)
+    for i, (img, c) in enumerate(zip(X, y, strict=True)):
+        (root / "images" / names[c]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "images" / names[c] / f"{i}.png")
+    ov = {
+        "data.source": str(root / "images"),
+        "backbone.name": str(folder),
+        "extract.cache_dir": str(root / "cache"),
+        "extract.progress": False,
+        "data.val_fraction": "0.25",
+        "data.test_fraction": "0.25",
+    }
+    extract(load_config(None, ov))
+    return {"root": root, "ov": ov, "folder": folder}
+
+
+def test_a_trained_small_clip_classifies_from_the_words_alone(trained, tmp_path):
+    """Chance is 0.25 (four colours); the zero-shot run, from the class names only, is far above it, and
+    `predict` on new images names their colour."""
+    ov = trained["ov"]
+    r = run_cli(
+        "train", "--data", ov["data.source"], "--backbone", ov["backbone.name"], "--set",
+        f"extract.cache_dir={ov['extract.cache_dir']}", "--set", "zeroshot.templates=photo", "--head", "zeroshot",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    run_dir = Path(r.stdout.strip().splitlines()[-1].split("run: ")[-1])
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["test"]["accuracy"] >= 0.9 and m["val"]["accuracy"] >= 0.9, (m["val"], m["test"])
+    from text_presets import COLOURS, colour_images
+
+    X, y = colour_images(2, seed=11)
+    paths = []
+    for i, img in enumerate(X):
+        paths.append(tmp_path / f"new{i}.png")  # the name says nothing of the colour
+        Image.fromarray(img).save(paths[-1])
+    p = run_cli("predict", "--model", str(run_dir), *map(str, paths), "--top-k", "1")
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines()[1:]]
+    said = {Path(r[0]).name: r[2] for r in rows if len(r) >= 3}  # long paths may be shortened on the left
+    right = sum(said[q.name] == list(COLOURS)[c] for q, c in zip(paths, y, strict=True))
+    assert right >= 7, p.stdout  # of 8 images never seen, their features computed by the rebuilt model
