@@ -268,3 +268,53 @@ def test_a_trained_small_clip_classifies_from_the_words_alone(trained, tmp_path)
     said = {Path(r[0]).name: r[2] for r in rows if len(r) >= 3}  # long paths may be shortened on the left
     right = sum(said[q.name] == list(COLOURS)[c] for q, c in zip(paths, y, strict=True))
     assert right >= 7, p.stdout  # of 8 images never seen, their features computed by the rebuilt model
+
+
+TEXT_SPACE = """
+[[heads]]
+name = "zeroshot"
+[[heads]]
+name = "fewshot"
+params = { C = [0.1, 1.0] }
+[[heads]]
+name = "logistic"
+params = { C = [1.0] }
+"""
+
+
+def test_search_space_with_text_heads_ranks_and_refits(trained, tmp_path):
+    """Trials build the text heads from their parameters and the class embeddings the search hands in (as
+    ``train`` does): each trial scores what ``train`` of that head scores on val, and the best is refitted."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.stages.search import search
+    from pipeline.stages.train import train
+    from pipeline.utils.errors import FeatcacheError
+
+    ov = {**trained["ov"], "train.runs_dir": str(tmp_path), "zeroshot.templates": ["photo"]}
+    (tmp_path / "s.toml").write_text(TEXT_SPACE)
+    with threadpool_limits(1):
+        run = search(
+            load_config(None, {**ov, "search.space": str(tmp_path / "s.toml"), "search.n_jobs": "1"})
+        )
+        assert run.n_candidates == 4 and all(r["status"] == "ok" for r in run.leaderboard), run.leaderboard
+        by = {(r["head"], r["params"]): r for r in run.leaderboard}
+        zs_run = train(load_config(None, {**ov, "train.head": "zeroshot"}))
+        few = train(load_config(None, {**ov, "train.head": "fewshot", "train.params": {"C": 0.1}}))
+    assert by[("zeroshot", "{}")]["score"] == pytest.approx(zs_run.metrics["val"]["accuracy"])
+    assert by[("zeroshot", "{}")]["score"] >= 0.9  # the trial had the words: far above chance (0.25)
+    assert by[("fewshot", '{"C": 0.1}')]["score"] == pytest.approx(few.metrics["val"]["accuracy"])
+    assert (
+        by[("fewshot", '{"C": 0.1}')]["transforms"] == "none"
+        and by[("logistic", '{"C": 1.0}')]["transforms"] == "standardize"
+    )
+    refit = json.loads((run.refit_dir / "metrics.json").read_text())
+    assert refit["head"] == run.best["head"] and refit["val"]["accuracy"] == pytest.approx(run.best["score"])
+    if refit["head"] in ("zeroshot", "fewshot"):
+        assert refit["transforms"] == [] and refit["zeroshot"]["templates"] == ["a photo of a {}."]
+
+    other = search(load_config(None, {**ov, "zeroshot.templates": ["imagenet"], "search.space": str(tmp_path / "s.toml"), "search.refit": "false"}))  # fmt: skip
+    assert other.dir != run.dir  # other prompts: other trials, never the journal of these
+    (tmp_path / "bad.toml").write_text('[[heads]]\nname = "fewshot"\ntransforms = [["standardize"]]\n')
+    with pytest.raises(FeatcacheError, match="reads the embedding as cached"):
+        search(load_config(None, {**ov, "search.space": str(tmp_path / "bad.toml")}))

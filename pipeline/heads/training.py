@@ -25,7 +25,7 @@ from pipeline.heads.metrics import classification_metrics, multilabel_metrics
 from pipeline.heads.multilabel import choose_thresholds, fit_multilabel, multilabel_params, predict_multilabel
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import describe_transforms, parse_transforms
-from pipeline.heads.zeroshot import text_head_config, text_head_info, text_weights
+from pipeline.heads.zeroshot import fit_extras, text_head_config, text_head_info
 from pipeline.utils.config import MULTILABEL, SPLITS, TEXT_HEADS, Config, TrainConfig
 from pipeline.utils.errors import FeatcacheError
 
@@ -123,12 +123,11 @@ def fit_run(
         if cache.multilabel:
             fitted, preds, scores, task = _fit_multilabel(cache, data, t, params)
         else:
-            fit_params, task = params, {}
             if t.head in TEXT_HEADS:  # the class names through the text tower; no transforms before it
                 cfg = text_head_config(cfg)
                 t = cfg.train
-                text, info = text_weights(cfg, cache, t.head)
-                fit_params, task = {**params, **text}, {"zeroshot": info}
+            extras, info = fit_extras(cfg, cache, t.head)
+            fit_params, task = {**params, **extras}, ({"zeroshot": info} if info else {})
             fitted = fit_model(data, train_rows, val_rows, t.head, fit_params, t.transforms, seed=t.seed)
             if task:
                 task["zeroshot"].update(text_head_info(fitted.model.steps[-1][1]))

@@ -256,6 +256,25 @@ def text_weights(cfg: Config, cache, head: str) -> tuple[dict[str, Any], dict[st
     return params, info
 
 
+def fit_extras(cfg: Config, cache, head: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What fitting ``head`` on ``cache`` takes beyond its configured parameters, and what a run records
+    about it: for a text head its class embeddings, logit scale and bias, activation (:func:`text_weights`);
+    nothing for the others. ``train`` and ``search``'s trials hand these in alike."""
+    from pipeline.utils.config import TEXT_HEADS
+
+    return text_weights(cfg, cache, head) if head in TEXT_HEADS else ({}, {})
+
+
+def extras_digest(infos: list[dict[str, Any]]) -> str:
+    """A short digest of what :func:`fit_extras` recorded (text model, templates, prompts): a search keys
+    its trials by it, so other prompts are other trials."""
+    import hashlib
+    import json
+
+    keep = [{k: i[k] for k in ("text_model", "templates", "prompts") if k in i} for i in infos]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def text_head_config(cfg: Config) -> Config:
     """A text head reads the embedding as cached (it L2-normalises it itself): no transforms before it."""
     out = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, transforms=[]))
