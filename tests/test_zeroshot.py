@@ -318,3 +318,43 @@ def test_search_space_with_text_heads_ranks_and_refits(trained, tmp_path):
     (tmp_path / "bad.toml").write_text('[[heads]]\nname = "fewshot"\ntransforms = [["standardize"]]\n')
     with pytest.raises(FeatcacheError, match="reads the embedding as cached"):
         search(load_config(None, {**ov, "search.space": str(tmp_path / "bad.toml")}))
+
+
+def test_compare_adds_zero_shot_and_fewshot_rows_for_a_text_tower(trained, tmp_path):
+    """A text tower's candidate gets CLIP_benchmark's zero-shot scores (those of a zero-shot run: the same
+    classifier on the same rows) and the fewshot head's k-shot scores; a candidate outside the joint space
+    (``pooling = "cls"``) gets none."""
+    import csv
+
+    import pipeline
+    from pipeline.stages.compare import format_leaderboard
+    from pipeline.stages.train import train
+
+    ov = trained["ov"]
+    (tmp_path / "c.toml").write_text(
+        f'[[candidate]]\nlabel = "clip"\nname = "{trained["folder"]}"\n'
+        f'[[candidate]]\nlabel = "clip-cls"\nname = "{trained["folder"]}"\npooling = "cls"\n'
+    )
+    result = pipeline.compare(
+        data=ov["data.source"], cache_dir=ov["extract.cache_dir"], candidates=str(tmp_path / "c.toml"),
+        shots=[1, 4], seeds=2, extract__progress=False, zeroshot__templates=["photo"],
+        data__val_fraction=0.25, data__test_fraction=0.25,
+    )  # fmt: skip
+    rows = {r["label"]: r for r in result.rows}
+    run = train(load_config(None, {**ov, "train.head": "zeroshot", "zeroshot.templates": ["photo"]}))
+    clip = rows["clip"]
+    assert (
+        clip["zeroshot_test"] == pytest.approx(run.metrics["test"]["accuracy"])
+        and clip["zeroshot_test"] >= 0.9
+    )
+    assert clip["zeroshot_val"] == pytest.approx(run.metrics["val"]["accuracy"])
+    assert set(clip["fewshot_shots"]) == {"1", "4"} and all(
+        0 <= s["mean"] <= 1 for s in clip["fewshot_shots"].values()
+    )
+    assert clip["fewshot_shots"]["4"]["mean"] >= 0.75  # starts from the words: far above chance (0.25)
+    assert rows["clip-cls"]["zeroshot_test"] is None and "fewshot_shots" not in rows["clip-cls"]
+    with open(result.dir / "leaderboard.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert {"zeroshot_test", "fewshot_4_mean", "shot_4_mean"} <= set(header)
+    table = format_leaderboard(result.rows)
+    assert "0-shot" in table and "4-shot fs" in table

@@ -265,6 +265,30 @@ def fit_extras(cfg: Config, cache, head: str) -> tuple[dict[str, Any], dict[str,
     return text_weights(cfg, cache, head) if head in TEXT_HEADS else ({}, {})
 
 
+def joint_space_text(cfg: Config, cache) -> dict[str, Any] | None:
+    """The zero-shot parameters of ``cache``'s classes when it holds a text tower's joint-space embedding
+    (a CLIP/SigLIP preset with its tokenizer, ``--pooling pooled``), else None: ``compare`` adds zero-shot
+    and few-shot rows for such candidates only."""
+    from pipeline.features.backbones.hub_presets import is_hub_name, read_preset
+    from pipeline.features.text import TEXT_FAMILIES, TOKENIZER_FILE
+
+    meta = cache.meta
+    name = str(((meta.get("config") or {}).get("backbone") or {}).get("name") or meta.get("backbone"))
+    if (
+        meta.get("pooling") != "pooled"
+        or list(meta.get("layers") or []) != ["output"]
+        or not is_hub_name(name)
+    ):
+        return None
+    try:
+        preset = read_preset(name)
+    except FeatcacheError:  # a hub preset not at hand: no text rows, the image probe still runs
+        return None
+    if preset.class_name not in TEXT_FAMILIES or not (Path(preset.folder) / TOKENIZER_FILE).is_file():
+        return None
+    return text_weights(cfg, cache, "zeroshot")[0]
+
+
 def extras_digest(infos: list[dict[str, Any]]) -> str:
     """A short digest of what :func:`fit_extras` recorded (text model, templates, prompts): a search keys
     its trials by it, so other prompts are other trials."""
