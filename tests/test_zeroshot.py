@@ -358,3 +358,53 @@ def test_compare_adds_zero_shot_and_fewshot_rows_for_a_text_tower(trained, tmp_p
     assert {"zeroshot_test", "fewshot_4_mean", "shot_4_mean"} <= set(header)
     table = format_leaderboard(result.rows)
     assert "0-shot" in table and "4-shot fs" in table
+
+
+def _two_colour_folder(root: Path, n: int, seed: int) -> Path:
+    """``n`` noisy 32-px images holding one or two coloured squares (left and right half) and ``labels.csv``
+    naming their colours: a multi-label set the small CLIP never saw."""
+    from text_presets import COLOURS
+
+    rng, names = np.random.default_rng(seed), list(COLOURS)
+    (root / "img").mkdir(parents=True)
+    lines = ["path,labels"]
+    for i in range(n):
+        img = rng.normal(128, 30, (S, S, 3))
+        picked = rng.choice(len(names), size=int(rng.integers(1, 3)), replace=False)
+        for half, c in enumerate(picked):
+            side = int(rng.integers(10, 15))
+            y, x = int(rng.integers(0, S - side)), half * 16 + int(rng.integers(0, 16 - side + 1))
+            img[y : y + side, x : x + side] = COLOURS[names[c]]
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{';'.join(names[c] for c in picked)}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+def test_zero_shot_on_a_multilabel_cache(trained, tmp_path):
+    """Each class scored alone: CLIP's scaled cosine through a sigmoid with a per-class offset fitted on
+    train, thresholds from val, a multi-label run folder; its macro mAP is far above the label-frequency
+    baseline, and the rebuilt model equals the stage-2 head."""
+    from pipeline.model.rebuild import equivalence, rebuild
+    from pipeline.stages.extract import extract
+    from pipeline.stages.train import train
+
+    csv_path = _two_colour_folder(tmp_path / "data", 48, seed=3)
+    ov = {**trained["ov"], "data.source": str(csv_path), "extract.cache_dir": str(tmp_path / "cache")}
+    extract(load_config(None, ov))
+    run = train(load_config(None, {**ov, "train.head": "zeroshot", "zeroshot.templates": ["photo"]}))
+    m = run.metrics
+    assert m["task"] == "multilabel" and set(m["thresholds"]) == {"red", "green", "blue", "yellow"}
+    assert m["test"]["macro_map"] >= 0.85 and m["test"]["macro_map"] > m["test"]["map_baseline"] + 0.3, m[
+        "test"
+    ]
+    assert m["zeroshot"]["activation"] == "softmax" and m["transforms"] == []
+    eq = equivalence(rebuild(run.run_dir), "val")
+    assert eq["n"] >= 5 and eq["max_abs_diff"] <= 1e-4
+    r = run_cli("predict", "--model", str(run.run_dir), str(tmp_path / "data" / "img" / "0.png"))
+    assert r.returncode == 0, r.stderr
+    few = run_cli(
+        "train", "--data", str(csv_path), "--backbone", ov["backbone.name"], "--set",
+        f"extract.cache_dir={tmp_path / 'cache'}", "--head", "fewshot",
+    )  # fmt: skip
+    assert few.returncode == 2 and "does not train on a multi-label cache" in few.stderr, few.stderr

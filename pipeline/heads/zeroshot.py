@@ -110,6 +110,19 @@ def _activate(z: np.ndarray, activation: str) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def sigmoid_offsets(Z: np.ndarray, Y: np.ndarray, steps: int = 50) -> np.ndarray:
+    """Per column c, the ``b_c`` that maximises the likelihood of ``Y[:, c]`` under ``sigmoid(Z[:, c] + b_c)``
+    (Newton's method on a convex 1-D problem; a column all 0 or all 1 stays at the start, its base rate)."""
+    Z, Y = np.asarray(Z, np.float64), np.asarray(Y, np.float64)
+    rate = np.clip(Y.mean(axis=0), 1e-3, 1 - 1e-3)
+    b = np.log(rate / (1 - rate)) - Z.mean(axis=0)
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(Z + b)))
+        grad, hess = (p - Y).sum(axis=0), (p * (1 - p)).sum(axis=0)
+        b -= np.clip(grad / np.maximum(hess, 1e-9), -5.0, 5.0)
+    return b
+
+
 class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
     """``activation(exp(logit_scale) · cos(x, t_c) + logit_bias)`` over the classes: no fitting.
 
@@ -138,10 +151,18 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
         return np.exp(float(self.logit_scale)) * T, np.full(len(T), float(self.logit_bias))
 
     def fit(self, X, y=None, **_):
+        """No fitting, except on a multi-label cache (``y`` N×C multi-hot), where each class is scored alone:
+        SigLIP's sigmoids as they are; CLIP's softmax is a share over the classes, so there each class gets
+        ``sigmoid(exp(logit_scale) · cos + b_c)``, ``b_c`` the maximum-likelihood offset on the rows given
+        (the slope stays the model's)."""
         self.coef_, self.intercept_ = self._zero_shot(np.asarray(X).shape[1])
         self.classes_ = np.arange(len(self.coef_))
         self.n_features_in_ = int(np.asarray(X).shape[1])
         self.activation_ = self.activation
+        if y is not None and np.ndim(y) == 2:
+            self.activation_ = "sigmoid"
+            if self.activation == "softmax":
+                self.intercept_ = sigmoid_offsets(normalize_rows(X) @ self.coef_.T, np.asarray(y))
         return self
 
     def decision_function(self, X) -> np.ndarray:
