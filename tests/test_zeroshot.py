@@ -268,3 +268,143 @@ def test_a_trained_small_clip_classifies_from_the_words_alone(trained, tmp_path)
     said = {Path(r[0]).name: r[2] for r in rows if len(r) >= 3}  # long paths may be shortened on the left
     right = sum(said[q.name] == list(COLOURS)[c] for q, c in zip(paths, y, strict=True))
     assert right >= 7, p.stdout  # of 8 images never seen, their features computed by the rebuilt model
+
+
+TEXT_SPACE = """
+[[heads]]
+name = "zeroshot"
+[[heads]]
+name = "fewshot"
+params = { C = [0.1, 1.0] }
+[[heads]]
+name = "logistic"
+params = { C = [1.0] }
+"""
+
+
+def test_search_space_with_text_heads_ranks_and_refits(trained, tmp_path):
+    """Trials build the text heads from their parameters and the class embeddings the search hands in (as
+    ``train`` does): each trial scores what ``train`` of that head scores on val, and the best is refitted."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.stages.search import search
+    from pipeline.stages.train import train
+    from pipeline.utils.errors import FeatcacheError
+
+    ov = {**trained["ov"], "train.runs_dir": str(tmp_path), "zeroshot.templates": ["photo"]}
+    (tmp_path / "s.toml").write_text(TEXT_SPACE)
+    with threadpool_limits(1):
+        run = search(
+            load_config(None, {**ov, "search.space": str(tmp_path / "s.toml"), "search.n_jobs": "1"})
+        )
+        assert run.n_candidates == 4 and all(r["status"] == "ok" for r in run.leaderboard), run.leaderboard
+        by = {(r["head"], r["params"]): r for r in run.leaderboard}
+        zs_run = train(load_config(None, {**ov, "train.head": "zeroshot"}))
+        few = train(load_config(None, {**ov, "train.head": "fewshot", "train.params": {"C": 0.1}}))
+    assert by[("zeroshot", "{}")]["score"] == pytest.approx(zs_run.metrics["val"]["accuracy"])
+    assert by[("zeroshot", "{}")]["score"] >= 0.9  # the trial had the words: far above chance (0.25)
+    assert by[("fewshot", '{"C": 0.1}')]["score"] == pytest.approx(few.metrics["val"]["accuracy"])
+    assert (
+        by[("fewshot", '{"C": 0.1}')]["transforms"] == "none"
+        and by[("logistic", '{"C": 1.0}')]["transforms"] == "standardize"
+    )
+    refit = json.loads((run.refit_dir / "metrics.json").read_text())
+    assert refit["head"] == run.best["head"] and refit["val"]["accuracy"] == pytest.approx(run.best["score"])
+    if refit["head"] in ("zeroshot", "fewshot"):
+        assert refit["transforms"] == [] and refit["zeroshot"]["templates"] == ["a photo of a {}."]
+
+    other = search(load_config(None, {**ov, "zeroshot.templates": ["imagenet"], "search.space": str(tmp_path / "s.toml"), "search.refit": "false"}))  # fmt: skip
+    assert other.dir != run.dir  # other prompts: other trials, never the journal of these
+    (tmp_path / "bad.toml").write_text('[[heads]]\nname = "fewshot"\ntransforms = [["standardize"]]\n')
+    with pytest.raises(FeatcacheError, match="reads the embedding as cached"):
+        search(load_config(None, {**ov, "search.space": str(tmp_path / "bad.toml")}))
+
+
+def test_compare_adds_zero_shot_and_fewshot_rows_for_a_text_tower(trained, tmp_path):
+    """A text tower's candidate gets CLIP_benchmark's zero-shot scores (those of a zero-shot run: the same
+    classifier on the same rows) and the fewshot head's k-shot scores; a candidate outside the joint space
+    (``pooling = "cls"``) gets none."""
+    import csv
+
+    import pipeline
+    from pipeline.stages.compare import format_leaderboard
+    from pipeline.stages.train import train
+
+    ov = trained["ov"]
+    (tmp_path / "c.toml").write_text(
+        f'[[candidate]]\nlabel = "clip"\nname = "{trained["folder"]}"\n'
+        f'[[candidate]]\nlabel = "clip-cls"\nname = "{trained["folder"]}"\npooling = "cls"\n'
+    )
+    result = pipeline.compare(
+        data=ov["data.source"], cache_dir=ov["extract.cache_dir"], candidates=str(tmp_path / "c.toml"),
+        shots=[1, 4], seeds=2, extract__progress=False, zeroshot__templates=["photo"],
+        data__val_fraction=0.25, data__test_fraction=0.25,
+    )  # fmt: skip
+    rows = {r["label"]: r for r in result.rows}
+    run = train(load_config(None, {**ov, "train.head": "zeroshot", "zeroshot.templates": ["photo"]}))
+    clip = rows["clip"]
+    assert (
+        clip["zeroshot_test"] == pytest.approx(run.metrics["test"]["accuracy"])
+        and clip["zeroshot_test"] >= 0.9
+    )
+    assert clip["zeroshot_val"] == pytest.approx(run.metrics["val"]["accuracy"])
+    assert set(clip["fewshot_shots"]) == {"1", "4"} and all(
+        0 <= s["mean"] <= 1 for s in clip["fewshot_shots"].values()
+    )
+    assert clip["fewshot_shots"]["4"]["mean"] >= 0.75  # starts from the words: far above chance (0.25)
+    assert rows["clip-cls"]["zeroshot_test"] is None and "fewshot_shots" not in rows["clip-cls"]
+    with open(result.dir / "leaderboard.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert {"zeroshot_test", "fewshot_4_mean", "shot_4_mean"} <= set(header)
+    table = format_leaderboard(result.rows)
+    assert "0-shot" in table and "4-shot fs" in table
+
+
+def _two_colour_folder(root: Path, n: int, seed: int) -> Path:
+    """``n`` noisy 32-px images holding one or two coloured squares (left and right half) and ``labels.csv``
+    naming their colours: a multi-label set the small CLIP never saw."""
+    from text_presets import COLOURS
+
+    rng, names = np.random.default_rng(seed), list(COLOURS)
+    (root / "img").mkdir(parents=True)
+    lines = ["path,labels"]
+    for i in range(n):
+        img = rng.normal(128, 30, (S, S, 3))
+        picked = rng.choice(len(names), size=int(rng.integers(1, 3)), replace=False)
+        for half, c in enumerate(picked):
+            side = int(rng.integers(10, 15))
+            y, x = int(rng.integers(0, S - side)), half * 16 + int(rng.integers(0, 16 - side + 1))
+            img[y : y + side, x : x + side] = COLOURS[names[c]]
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{';'.join(names[c] for c in picked)}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+def test_zero_shot_on_a_multilabel_cache(trained, tmp_path):
+    """Each class scored alone: CLIP's scaled cosine through a sigmoid with a per-class offset fitted on
+    train, thresholds from val, a multi-label run folder; its macro mAP is far above the label-frequency
+    baseline, and the rebuilt model equals the stage-2 head."""
+    from pipeline.model.rebuild import equivalence, rebuild
+    from pipeline.stages.extract import extract
+    from pipeline.stages.train import train
+
+    csv_path = _two_colour_folder(tmp_path / "data", 48, seed=3)
+    ov = {**trained["ov"], "data.source": str(csv_path), "extract.cache_dir": str(tmp_path / "cache")}
+    extract(load_config(None, ov))
+    run = train(load_config(None, {**ov, "train.head": "zeroshot", "zeroshot.templates": ["photo"]}))
+    m = run.metrics
+    assert m["task"] == "multilabel" and set(m["thresholds"]) == {"red", "green", "blue", "yellow"}
+    assert m["test"]["macro_map"] >= 0.85 and m["test"]["macro_map"] > m["test"]["map_baseline"] + 0.3, m[
+        "test"
+    ]
+    assert m["zeroshot"]["activation"] == "softmax" and m["transforms"] == []
+    eq = equivalence(rebuild(run.run_dir), "val")
+    assert eq["n"] >= 5 and eq["max_abs_diff"] <= 1e-4
+    r = run_cli("predict", "--model", str(run.run_dir), str(tmp_path / "data" / "img" / "0.png"))
+    assert r.returncode == 0, r.stderr
+    few = run_cli(
+        "train", "--data", str(csv_path), "--backbone", ov["backbone.name"], "--set",
+        f"extract.cache_dir={tmp_path / 'cache'}", "--head", "fewshot",
+    )  # fmt: skip
+    assert few.returncode == 2 and "does not train on a multi-label cache" in few.stderr, few.stderr

@@ -25,8 +25,8 @@ from pipeline.utils.errors import FeatcacheError, first_line
 OVR_HEADS = ("logistic", "linear_svm", "ridge")
 #: heads that fit the whole multi-hot matrix at once: Keras with a sigmoid per class and binary cross-entropy
 NATIVE_HEADS = ("keras_linear", "keras_mlp")
-#: the heads a multi-label cache trains
-MULTILABEL_HEADS = OVR_HEADS + NATIVE_HEADS
+#: the heads a multi-label cache trains (``zeroshot``: a sigmoid per class, :mod:`pipeline.heads.zeroshot`)
+MULTILABEL_HEADS = OVR_HEADS + NATIVE_HEADS + ("zeroshot",)
 
 #: What a multi-label head gets when the configuration does not say (``train.params`` wins). Each class is a
 #: binary problem on all the rows with about as many features as positives (1,280 features, ~1,000

@@ -272,7 +272,7 @@ def _xy_val(Xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
 
 #: a search's last tie-break, simplest family first: linear heads (one weight per feature and class), then
 #: k-NN (no fitted weights, but every training row kept), then the networks, then boosted trees
-SIMPLICITY = {"ridge": 0, "logistic": 0, "linear_svm": 0, "keras_linear": 0, "knn": 1, "mlp": 2, "keras_mlp": 2, "hgb": 3}  # fmt: skip
+SIMPLICITY = {"ridge": 0, "logistic": 0, "linear_svm": 0, "keras_linear": 0, "zeroshot": 0, "fewshot": 0, "knn": 1, "mlp": 2, "keras_mlp": 2, "hgb": 3}  # fmt: skip
 
 
 def model_complexity(name: str, params: dict[str, Any], transforms) -> tuple[float, ...]:

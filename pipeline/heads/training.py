@@ -25,7 +25,7 @@ from pipeline.heads.metrics import classification_metrics, multilabel_metrics
 from pipeline.heads.multilabel import choose_thresholds, fit_multilabel, multilabel_params, predict_multilabel
 from pipeline.heads.registry import make_head
 from pipeline.heads.transforms import describe_transforms, parse_transforms
-from pipeline.heads.zeroshot import text_head_config, text_head_info, text_weights
+from pipeline.heads.zeroshot import fit_extras, text_head_config, text_head_info
 from pipeline.utils.config import MULTILABEL, SPLITS, TEXT_HEADS, Config, TrainConfig
 from pipeline.utils.errors import FeatcacheError
 
@@ -120,15 +120,16 @@ def fit_run(
         dim = int(cache.dataset(layer).shape[1])
         streamed = use_streaming(t.streaming, cache.n_rows * dim * 4, multilabel=cache.multilabel)
         data = Data.from_cache(cache, layer, np.arange(cache.n_rows), streamed)
+        if t.head in TEXT_HEADS:  # the class names through the text tower; no transforms before it
+            cfg = text_head_config(cfg)
+            t = cfg.train
+        extras, info = fit_extras(cfg, cache, t.head)
+        text = {"zeroshot": info} if info else {}
         if cache.multilabel:
-            fitted, preds, scores, task = _fit_multilabel(cache, data, t, params)
+            fitted, preds, scores, task = _fit_multilabel(cache, data, t, params, extras)
+            task |= text
         else:
-            fit_params, task = params, {}
-            if t.head in TEXT_HEADS:  # the class names through the text tower; no transforms before it
-                cfg = text_head_config(cfg)
-                t = cfg.train
-                text, info = text_weights(cfg, cache, t.head)
-                fit_params, task = {**params, **text}, {"zeroshot": info}
+            fit_params, task = {**params, **extras}, text
             fitted = fit_model(data, train_rows, val_rows, t.head, fit_params, t.transforms, seed=t.seed)
             if task:
                 task["zeroshot"].update(text_head_info(fitted.model.steps[-1][1]))
@@ -166,11 +167,18 @@ def fit_run(
     )
 
 
-def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any]):
-    """One-vs-rest (or Keras sigmoid) fit, thresholds chosen on val (0.5 without val rows), val and test scored at them."""
+def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any], extras: dict[str, Any]):
+    """One-vs-rest (or Keras or zero-shot sigmoid) fit, thresholds chosen on val (0.5 without val rows), val
+    and test scored at them; ``extras``: what :func:`~pipeline.heads.zeroshot.fit_extras` hands a text head."""
     names = cache.class_names
     fitted = fit_multilabel(
-        data, cache.rows("train"), t.head, params, t.transforms, seed=t.seed, val_rows=cache.rows("val")
+        data,
+        cache.rows("train"),
+        t.head,
+        {**params, **extras},
+        t.transforms,
+        seed=t.seed,
+        val_rows=cache.rows("val"),
     )
     val = predict_multilabel(fitted.model, data, cache.rows("val"))
     thresholds = choose_thresholds(val.y_true, val.proba) if len(val.rows) else np.full(len(names), 0.5)

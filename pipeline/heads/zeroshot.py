@@ -110,6 +110,19 @@ def _activate(z: np.ndarray, activation: str) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def sigmoid_offsets(Z: np.ndarray, Y: np.ndarray, steps: int = 50) -> np.ndarray:
+    """Per column c, the ``b_c`` that maximises the likelihood of ``Y[:, c]`` under ``sigmoid(Z[:, c] + b_c)``
+    (Newton's method on a convex 1-D problem; a column all 0 or all 1 stays at the start, its base rate)."""
+    Z, Y = np.asarray(Z, np.float64), np.asarray(Y, np.float64)
+    rate = np.clip(Y.mean(axis=0), 1e-3, 1 - 1e-3)
+    b = np.log(rate / (1 - rate)) - Z.mean(axis=0)
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(Z + b)))
+        grad, hess = (p - Y).sum(axis=0), (p * (1 - p)).sum(axis=0)
+        b -= np.clip(grad / np.maximum(hess, 1e-9), -5.0, 5.0)
+    return b
+
+
 class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
     """``activation(exp(logit_scale) · cos(x, t_c) + logit_bias)`` over the classes: no fitting.
 
@@ -138,10 +151,18 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
         return np.exp(float(self.logit_scale)) * T, np.full(len(T), float(self.logit_bias))
 
     def fit(self, X, y=None, **_):
+        """No fitting, except on a multi-label cache (``y`` N×C multi-hot), where each class is scored alone:
+        SigLIP's sigmoids as they are; CLIP's softmax is a share over the classes, so there each class gets
+        ``sigmoid(exp(logit_scale) · cos + b_c)``, ``b_c`` the maximum-likelihood offset on the rows given
+        (the slope stays the model's)."""
         self.coef_, self.intercept_ = self._zero_shot(np.asarray(X).shape[1])
         self.classes_ = np.arange(len(self.coef_))
         self.n_features_in_ = int(np.asarray(X).shape[1])
         self.activation_ = self.activation
+        if y is not None and np.ndim(y) == 2:
+            self.activation_ = "sigmoid"
+            if self.activation == "softmax":
+                self.intercept_ = sigmoid_offsets(normalize_rows(X) @ self.coef_.T, np.asarray(y))
         return self
 
     def decision_function(self, X) -> np.ndarray:
@@ -254,6 +275,49 @@ def text_weights(cfg: Config, cache, head: str) -> tuple[dict[str, Any], dict[st
         "text_store": str(store_path(store, tower)),
     }
     return params, info
+
+
+def fit_extras(cfg: Config, cache, head: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What fitting ``head`` on ``cache`` takes beyond its configured parameters, and what a run records
+    about it: for a text head its class embeddings, logit scale and bias, activation (:func:`text_weights`);
+    nothing for the others. ``train`` and ``search``'s trials hand these in alike."""
+    from pipeline.utils.config import TEXT_HEADS
+
+    return text_weights(cfg, cache, head) if head in TEXT_HEADS else ({}, {})
+
+
+def joint_space_text(cfg: Config, cache) -> dict[str, Any] | None:
+    """The zero-shot parameters of ``cache``'s classes when it holds a text tower's joint-space embedding
+    (a CLIP/SigLIP preset with its tokenizer, ``--pooling pooled``), else None: ``compare`` adds zero-shot
+    and few-shot rows for such candidates only."""
+    from pipeline.features.backbones.hub_presets import is_hub_name, read_preset
+    from pipeline.features.text import TEXT_FAMILIES, TOKENIZER_FILE
+
+    meta = cache.meta
+    name = str(((meta.get("config") or {}).get("backbone") or {}).get("name") or meta.get("backbone"))
+    if (
+        meta.get("pooling") != "pooled"
+        or list(meta.get("layers") or []) != ["output"]
+        or not is_hub_name(name)
+    ):
+        return None
+    try:
+        preset = read_preset(name)
+    except FeatcacheError:  # a hub preset not at hand: no text rows, the image probe still runs
+        return None
+    if preset.class_name not in TEXT_FAMILIES or not (Path(preset.folder) / TOKENIZER_FILE).is_file():
+        return None
+    return text_weights(cfg, cache, "zeroshot")[0]
+
+
+def extras_digest(infos: list[dict[str, Any]]) -> str:
+    """A short digest of what :func:`fit_extras` recorded (text model, templates, prompts): a search keys
+    its trials by it, so other prompts are other trials."""
+    import hashlib
+    import json
+
+    keep = [{k: i[k] for k in ("text_model", "templates", "prompts") if k in i} for i in infos]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def text_head_config(cfg: Config) -> Config:

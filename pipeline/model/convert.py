@@ -112,6 +112,10 @@ def _multilabel_head_layers(est) -> list[keras.layers.Layer]:
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.svm import LinearSVC
 
+    from pipeline.heads.zeroshot import ZeroShotClassifier
+
+    if isinstance(est, ZeroShotClassifier):  # its own sigmoid per class (activation_)
+        return _sklearn_head_layers(est, True)
     linear = (LogisticRegression, LinearSVC, RidgeClassifier, SGDClassifier)
     if not isinstance(est, OneVsRestClassifier) or not all(isinstance(e, linear) for e in est.estimators_):
         raise _not_convertible(f"multi-label head {type(est).__name__}")

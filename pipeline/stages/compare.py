@@ -15,6 +15,7 @@ candidates lands in the same folder and does no backbone work for what is done. 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import sys
@@ -57,14 +58,17 @@ COLUMNS = (
 )
 #: a multi-label cache's rows also hold these (after ``test_accuracy``); they rank by ``val_map``
 MULTILABEL_COLUMNS = ("val_map", "test_map", "micro_map")
+#: a text tower's candidates also hold the zero-shot scores (:func:`pipeline.tuning.probe.zero_shot`)
+TEXT_COLUMNS = ("zeroshot_val", "zeroshot_test", "zeroshot_mean_recall")
 
 
 def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    """:data:`COLUMNS`, with :data:`MULTILABEL_COLUMNS` when the rows are a multi-label cache's."""
-    if not any("val_map" in r for r in rows):
-        return COLUMNS
+    """:data:`COLUMNS`, with :data:`MULTILABEL_COLUMNS` when the rows are a multi-label cache's and
+    :data:`TEXT_COLUMNS` when a candidate has a text tower."""
     at = COLUMNS.index("test_accuracy") + 1
-    return COLUMNS[:at] + MULTILABEL_COLUMNS + COLUMNS[at:]
+    extra = MULTILABEL_COLUMNS if any("val_map" in r for r in rows) else ()
+    extra += TEXT_COLUMNS if any(r.get("zeroshot_test") is not None for r in rows) else ()
+    return COLUMNS[:at] + extra + COLUMNS[at:]
 
 
 @dataclass
@@ -247,6 +251,8 @@ def compare_id(cands: list[Candidate], cfg: Config, n_images: int) -> str:
         "seeds": cfg.compare.seeds,
         "protocol": PROTOCOL,
     }
+    if any(c.cfg.backbone.pooling == "pooled" for c in cands):  # a text tower's candidates: its prompts
+        ident["zeroshot"] = dataclasses.asdict(cfg.zeroshot)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -313,6 +319,7 @@ def _bar(cfg: Config, total: int):
 def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: CompareResult, ds) -> dict:
     """Extract ``c`` through the normal cache (timed), then score each of its layers."""
     from pipeline.cache.store import FeatureCache
+    from pipeline.heads.zeroshot import joint_space_text
     from pipeline.tuning.probe import score_layer
 
     if progress:
@@ -337,9 +344,10 @@ def _run_candidate(c: Candidate, cfg: Config, extractor, bar, progress, result: 
     }
     b = c.cfg.backbone
     with FeatureCache(done.path) as cache:
+        text = None if cache.multilabel else joint_space_text(c.cfg, cache)  # zero-shot rows too
         try:
             layers = {
-                layer: score_layer(cache, layer, cfg.compare.shots, cfg.compare.seeds)
+                layer: score_layer(cache, layer, cfg.compare.shots, cfg.compare.seeds, text)
                 for layer in cache.layers
             }
         except ValueError as e:
@@ -366,7 +374,9 @@ def leaderboard(records: list[dict]) -> list[dict[str, Any]]:
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     cols = columns(rows)
-    return [{k: r.get(k) for k in cols} | {"shots": r["shots"]} for r in rows]
+    return [
+        {k: r.get(k) for k in cols} | {k: r[k] for k in ("shots", "fewshot_shots") if k in r} for r in rows
+    ]
 
 
 def write_leaderboard(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -377,12 +387,15 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]]) -> None:
 
     shots = sorted({k for r in rows for k in r["shots"]}, key=int)
     cols = columns(rows)
+    few = [k for k in shots if any(k in (r.get("fewshot_shots") or {}) for r in rows)]
     header = [*cols, *(f"shot_{k}_{m}" for k in shots for m in ("mean", "std"))]
+    header += [f"fewshot_{k}_{m}" for k in few for m in ("mean", "std")]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     for r in rows:
         kshot = [r["shots"].get(k, {}).get(m) for k in shots for m in ("mean", "std")]
+        kshot += [(r.get("fewshot_shots") or {}).get(k, {}).get(m) for k in few for m in ("mean", "std")]
         w.writerow([r[k] for k in cols] + kshot)
     with atomic_path(out / "leaderboard.csv") as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
@@ -403,12 +416,13 @@ def _size(n: float | None) -> str:
 def format_leaderboard(rows: list[dict[str, Any]]) -> str:
     """The leaderboard as a text table (a multi-label cache's: val/test macro mAP and test micro mAP)."""
     shots = sorted({k for r in rows for k in r["shots"]}, key=int)
-    multilabel = "val_map" in columns(rows)
+    multilabel, text = "val_map" in columns(rows), "zeroshot_test" in columns(rows)
     scores = ("val_map", "test_map", "micro_map") if multilabel else ("val_accuracy", "test_accuracy")
     names = ("val mAP", "test mAP", "µmAP") if multilabel else ("val", "test")
     head = f"{'#':>2} {'candidate':<28} {'layer':<22}" + "".join(f" {n:>{max(6, len(n))}}" for n in names)
     head += f" {'mF1':>6} {'dim':>6} {'extracted':>9} {'img/s':>7}"
     head += f" {'CPU s/img':>9} {'cache':>9}" + "".join(f" {k + '-shot':>12}" for k in shots)
+    head += (f" {'0-shot':>6}" + "".join(f" {k + '-shot fs':>12}" for k in shots)) if text else ""
     lines = [head]
     for r in rows:
         ips = f"{r['images_per_second']:.1f}" if r["images_per_second"] else "-"
@@ -419,5 +433,11 @@ def format_leaderboard(rows: list[dict[str, Any]]) -> str:
         line += f" {r['macro_f1']:>6.3f} {r['dim']:>6} {str(r.get('extracted', '-')):>9} {ips:>7}"
         line += f" {cost:>9} {_size(r['cache_bytes']):>9}"
         line += "".join(f" {r['shots'][k]['mean']:>6.3f}±{r['shots'][k]['std']:.3f}" for k in shots)
+        if text:
+            fs = r.get("fewshot_shots") or {}
+            line += f" {r['zeroshot_test']:>6.3f}" if r.get("zeroshot_test") is not None else f" {'-':>6}"
+            line += "".join(
+                f" {fs[k]['mean']:>6.3f}±{fs[k]['std']:.3f}" if k in fs else f" {'-':>12}" for k in shots
+            )
         lines.append(line)
     return "\n".join(lines)

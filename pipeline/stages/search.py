@@ -26,6 +26,7 @@ from pipeline.tuning import (
     SearchRun,
     Space,
     TrialRunner,
+    add_extras,
     build_leaderboard,
     convertible_space,
     halving,
@@ -98,7 +99,9 @@ def search(
         streamed = use_streaming(cfg.train.streaming, n_bytes, multilabel=cache.multilabel)
         data = {layer: Data.from_cache(cache, layer, rows, streamed) for layer in layers}
         fingerprint, scored_on = cache.fingerprint, cache_state(cache)
+        text_id = add_extras(plan, cfg, cache, [c.head for c in candidates])  # a text head's class embeddings
         data_id = searched_data(fingerprint, scored_on)  # trials are reused only on the same rows
+        data_id += f":{text_id}" if text_id else ""  # ... and the same prompts
         out = runs_root(cfg, cache_path) / f"search-{search_id(space, data_id, cfg)}"
         out.mkdir(parents=True, exist_ok=True)
         busy = f"{out}: another featcache search is running this search; wait for it or use another space"

@@ -12,7 +12,7 @@ Between ``heads`` (what is fitted) and ``stages`` (``featcache search`` composes
 No module here knows a head by name: head-specific shortcuts live in :mod:`pipeline.heads.paths`.
 """
 
-from pipeline.tuning.folds import Plan, plan_folds
+from pipeline.tuning.folds import Plan, add_extras, plan_folds
 from pipeline.tuning.leaderboard import (
     SearchRun,
     build_leaderboard,
@@ -39,6 +39,7 @@ __all__ = [
     "SearchRun",
     "Space",
     "TrialRunner",
+    "add_extras",
     "build_leaderboard",
     "convertible_space",
     "halving",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,12 @@ class Plan:
     rank: np.ndarray  # a fixed random rank per cache row: halving's subsets are nested prefixes
     n_classes: int
     multilabel: bool = False  # multi-hot labels: trials are scored by macro mAP, not accuracy
+    # what a head is fitted with beyond its candidate's params, by head (a text head's class embeddings)
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def fit_params(self, head: str, params: dict[str, Any]) -> dict[str, Any]:
+        """A candidate's params with its head's extras (:func:`add_extras`)."""
+        return {**params, **self.extras.get(head, {})}
 
     @property
     def n_eval(self) -> int:
@@ -74,3 +81,18 @@ def plan_folds(cache, cv: int, seed: int) -> tuple[Plan, np.ndarray, list[str]]:
         (pool[a], pool[b], None) for a, b in splitter.split(pool, y)
     ]  # early stopping stays inside fit rows
     return Plan(folds, rank, n_classes), pool, notes
+
+
+def add_extras(plan: Plan, cfg, cache, heads) -> str:
+    """Hand ``plan`` the fit parameters ``heads`` take beyond their candidates' (a text head's class
+    embeddings, :func:`pipeline.heads.zeroshot.fit_extras`, as ``train`` does) and return a digest of them
+    ("" when none): what the trials are keyed by besides the rows."""
+    from pipeline.heads.zeroshot import extras_digest, fit_extras
+
+    infos = []
+    for head in sorted(set(heads)):
+        params, info = fit_extras(cfg, cache, head)
+        if params:
+            plan.extras[head] = params
+            infos.append(info)
+    return extras_digest(infos) if infos else ""

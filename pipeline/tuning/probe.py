@@ -13,6 +13,11 @@ A multi-label cache (N×C multi-hot labels) gets the standard multi-label probe 
 F1-best threshold, :func:`pipeline.heads.multilabel.choose_thresholds`) scores test: macro mAP, micro mAP and
 macro-F1 at those thresholds. Its k-shot probe draws k train images *having* each class (their union; a class
 that they all have, or none has, gets a constant score) and reports the test macro mAP.
+
+A single-label cache of a text tower's joint space (CLIP/SigLIP, ``--pooling pooled``) also gets
+CLIP_benchmark's zero-shot protocol (:func:`zero_shot`: the class-name classifier of ``[zeroshot]``'s
+templates on val and test, no labels used) and the ``fewshot`` head on the same k-shot draws
+(:func:`few_shot`).
 """
 
 from __future__ import annotations
@@ -170,8 +175,37 @@ def multilabel_shot_rows(Y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.unique(np.concatenate(picked))
 
 
-def score_layer(cache, layer: str, shots: list[int], seeds: int) -> dict:
-    """The protocol on one layer of an open :class:`~pipeline.cache.store.FeatureCache`.
+def zero_shot(text: dict, val: Split, test: Split) -> dict[str, float]:
+    """CLIP_benchmark's zero-shot protocol: the class-name classifier (``text``: the parameters of
+    :class:`~pipeline.heads.zeroshot.ZeroShotClassifier`) scored on val and test, no image labels used."""
+    from pipeline.heads.zeroshot import ZeroShotClassifier
+
+    est = ZeroShotClassifier(**text).fit(np.zeros((1, test.x.shape[1])))
+    yv, yt = (est.predict(s.x) if len(s.y) else s.y for s in (val, test))
+    return {
+        "zeroshot_val": float(np.mean(yv == val.y)) if len(val.y) else 0.0,
+        "zeroshot_test": float(np.mean(yt == test.y)) if len(test.y) else 0.0,
+        "zeroshot_mean_recall": balanced_accuracy(test.y, yt) if len(test.y) else 0.0,
+    }
+
+
+def few_shot(text: dict, train: Split, val: Split, test: Split, k: int, seeds: int) -> dict[str, float]:
+    """Test accuracy of the ``fewshot`` head (default C, its mix chosen on val) on the k-shot draws
+    :func:`k_shot` fits the logistic probe on: mean and std over ``seeds`` draws."""
+    from pipeline.heads.zeroshot import FewShotClassifier
+
+    scores = []
+    for seed in range(seeds):
+        rows = k_shot_rows(train.y, k, seed)
+        est = FewShotClassifier(**text).fit(train.x[rows], train.y[rows], X_val=val.x, y_val=val.y)
+        scores.append(float(np.mean(est.predict(test.x) == test.y)) if len(test.y) else 0.0)
+    return {"mean": float(np.mean(scores)), "std": float(np.std(scores))}
+
+
+def score_layer(cache, layer: str, shots: list[int], seeds: int, text: dict | None = None) -> dict:
+    """The protocol on one layer of an open :class:`~pipeline.cache.store.FeatureCache`; with ``text`` (a
+    text tower's zero-shot parameters, single-label caches) also the zero-shot scores and the ``fewshot``
+    head's k-shot scores.
 
     The fits are many and small: on one BLAS thread each, which on a busy machine is many times faster
     than threads fighting over the cores (and the scores are the same)."""
@@ -182,5 +216,8 @@ def score_layer(cache, layer: str, shots: list[int], seeds: int) -> dict:
     with threadpool_limits(limits=1, user_api="blas"):
         out: dict = probe(train, val, test)
         out["shots"] = {str(k): k_shot(train, val, test, k, seeds) for k in shots}
+        if text is not None and not cache.multilabel:
+            out |= zero_shot(text, val, test)
+            out["fewshot_shots"] = {str(k): few_shot(text, train, val, test, k, seeds) for k in shots}
     out["dim"] = int(train.x.shape[1])
     return out

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.utils.config import read_toml
+from pipeline.utils.config import TEXT_HEADS, read_toml
 from pipeline.utils.errors import FeatcacheError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
@@ -185,6 +185,13 @@ def parse_space(raw: dict[str, Any], source: str, default_layer: str) -> Space:
             raise FeatcacheError(
                 f'space {source}: {h["name"]}.transforms must be a list of chains, e.g. [["standardize"]]'
             )
+        if h["name"] in TEXT_HEADS:  # the joint-space embedding as cached: the head normalises it itself
+            if "transforms" in h and any(h["transforms"]):
+                raise FeatcacheError(
+                    f"space {source}: {h['name']}.transforms: a text head reads the embedding as cached; "
+                    "give it none (transforms = [[]])"
+                )
+            chains = [[]]
         for chain in chains:
             parse_transforms(chain)
         params = {k: _choices(h["name"], k, v) for k, v in (h.get("params") or {}).items()}

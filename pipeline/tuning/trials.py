@@ -73,7 +73,8 @@ def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> 
     try:
         for fit_rows, eval_rows, es_rows in plan.folds:
             rows = subset_rows(fit_rows, plan.rank, fraction)
-            fitted = fit_model(data, rows, es_rows, cand.head, cand.params, list(cand.transforms), seed=seed)
+            params = plan.fit_params(cand.head, cand.params)
+            fitted = fit_model(data, rows, es_rows, cand.head, params, list(cand.transforms), seed=seed)
             notes += [n for n in fitted.notes if n not in notes]
             pred = predict_rows(fitted.model, data, eval_rows, plan.n_classes)
             proba = pred.proba if pred.calibrated else None
@@ -178,7 +179,8 @@ def _fit_predict(
     from pipeline.heads.paths import fit_predict_on_path, fit_scores_on_path, path_group
 
     path_key = (prep_key, cand.head, path_group(cand.head, cand.params))
-    args = (cand.head, cand.params, prep, X_eval, shared.paths.get(path_key), shared.seed)
+    params = shared.plan.fit_params(cand.head, cand.params)
+    args = (cand.head, params, prep, X_eval, shared.paths.get(path_key), shared.seed)
     notes: list[str] = []
     if shared.plan.multilabel:
         y_pred, calibrated, kept, notes = fit_scores_on_path(*args)
@@ -206,6 +208,8 @@ def shared_trial(
                 y_pred, proba, recorded = _fit_predict(shared, cand, prep_key, prep, X_eval)
             notes += [n for n in warning_notes(caught, limit=None) + recorded if n not in notes]
             classes = None if shared.plan.multilabel else np.unique(prep.y)
+            if proba is not None and not shared.plan.multilabel and proba.shape[1] == shared.plan.n_classes:
+                classes = np.arange(shared.plan.n_classes)  # a text head scores every class, seen or not
             _add(scores, fold_scores(y_eval, y_pred, shared.plan.multilabel, proba, classes))
             accs = next(iter(scores.values()))  # the score of each fold so far
             if leader is not None and fold + 1 < n_folds and float(np.mean(accs)) < leader - PRUNE_MARGIN:
