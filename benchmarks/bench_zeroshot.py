@@ -32,18 +32,15 @@ SHOTS = (1, 2, 4, 8, 16)
 
 
 def _data(work: Path, n_per_class: int) -> dict[str, Any]:
-    from PIL import Image
 
-    from tests.text_presets import COLOURS, colour_images, train_small_clip
+    from tests.text_presets import colour_images, train_small_clip, write_colour_folder
 
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
     folder = train_small_clip(work / "small_clip", steps=STEPS, seed=1)
     trained = time.perf_counter() - t0
     X, y = colour_images(n_per_class, seed=21, noise=NOISE, sides=SIDES)  # harder than training's images
-    for i, (img, c) in enumerate(zip(X, y, strict=True)):
-        (work / "images" / list(COLOURS)[c]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(work / "images" / list(COLOURS)[c] / f"{i}.png")
+    write_colour_folder(work / "images", X, y)
     ov = {
         "data.source": str(work / "images"),
         "backbone.name": str(folder),

@@ -220,17 +220,14 @@ def test_no_text_tower_or_not_joint_space_is_one_line(zs, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A small CLIP trained here (~10 s) on captioned colour squares, and a pooled cache of held-out images."""
-    from text_presets import COLOURS, colour_images, train_small_clip
+    from text_presets import colour_images, train_small_clip, write_colour_folder
 
     from pipeline.stages.extract import extract
 
     root = tmp_path_factory.mktemp("trained")
     folder = train_small_clip(root / "small_clip")
     X, y = colour_images(12, seed=7)  # never seen in training
-    names = list(COLOURS)
-    for i, (img, c) in enumerate(zip(X, y, strict=True)):
-        (root / "images" / names[c]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(root / "images" / names[c] / f"{i}.png")
+    write_colour_folder(root / "images", X, y)
     ov = {
         "data.source": str(root / "images"),
         "backbone.name": str(folder),

@@ -127,6 +127,17 @@ def colour_images(
     return np.stack(images), np.asarray(labels)
 
 
+def write_colour_folder(root: Path, X: np.ndarray, y: np.ndarray) -> Path:
+    """``colour_images``' output as a class-per-folder dataset of PNG files (``root/<colour>/<i>.png``)."""
+    from PIL import Image
+
+    names = list(COLOURS)
+    for i, (img, c) in enumerate(zip(X, y, strict=True)):
+        (root / names[c]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / names[c] / f"{i}.png")
+    return root
+
+
 def train_small_clip(folder: Path, steps: int = 150, seed: int = 0) -> Path:
     """A small CLIP trained here, contrastively, on captioned colour images ("a photo of a red."), saved
     as a preset folder with its tokenizer: a model whose zero-shot accuracy means something."""
