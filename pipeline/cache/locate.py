@@ -171,17 +171,21 @@ def _agrees(cfg: Config, key: str, meta: dict[str, Any]) -> bool:
     return have == want
 
 
-def describe_cache(meta: dict[str, Any]) -> str:
-    """A cache's source and settings in a few words: what a "which cache" line names."""
-    source = meta.get("source_id") or meta.get("source") or "?"
+def cache_settings(meta: dict[str, Any]) -> str:
+    """A cache's backbone settings in a few words (backbone, size, layers, pooling, engine, dtype)."""
     parts = [f"{meta.get('backbone')}", f"{meta.get('image_size')} px"]
     parts.append("layer " + ",".join(meta.get("layers") or ["?"]))
     parts.append(f"pooling {meta.get('pooling')}")
-    if isinstance((meta.get("feature_key") or {}).get("engine"), dict):
-        parts.append("tflite-int8")
+    parts.append(keyed_engine(meta.get("feature_key") or {}))
     if meta.get("dtype") not in (None, "float32"):
         parts.append(str(meta["dtype"]))
-    return f"{meta.get('dataset')} from {source}: " + ", ".join(parts)
+    return ", ".join(p for p in parts if p)
+
+
+def describe_cache(meta: dict[str, Any]) -> str:
+    """A cache's source and settings in a few words: what a "which cache" line names."""
+    source = meta.get("source_id") or meta.get("source") or "?"
+    return f"{meta.get('dataset')} from {source}: {cache_settings(meta)}"
 
 
 def _no_cache(root: Path, named: str, every: list, dataset: str | None, source: str | None) -> FeatcacheError:
@@ -230,7 +234,8 @@ def select_cache(cfg: Config) -> CacheChoice:
     which = "newest cache" + (f" of {dataset}" if dataset else " in the cache folder")
     if keys:
         which += " with the settings given"
-    note = f"cache: {path.resolve()} ({which}: {describe_cache(meta)}; {PICK_ANOTHER})"
+    source = meta.get("source_id") or meta.get("source")
+    note = f"cache: {path.resolve()} ({which}, from {source}: {cache_settings(meta)}; {PICK_ANOTHER})"
     if "source_id" not in meta:
         note += (
             "\nnote: this cache was written before caches recorded their source, so it was matched by its name;"
