@@ -161,7 +161,8 @@ def test_errors_about_paths_and_names_answer_before_tensorflow(tmp_path):
         ("finetune", "--data", missing, "--cache-dir", str(tmp_path)): "data source not found",
         ("train", "--head", "nope"): "unknown head 'nope'",
         ("train", "--cache-dir", str(tmp_path)): "no cache in",
-        ("export", "--run", str(tmp_path), "--format", "onnx"): "unknown format 'onnx'",
+        ("export", "--run", str(tmp_path), "--format", "coreml"): "unknown format 'coreml'",
+        ("export", "--run", str(tmp_path), "--format", "onnx"): "no manifest.json",
         ("predict", "--model", missing, str(tmp_path)): "not found",
         ("predict", "--model", str(tmp_path), missing): "not a model",
     }

@@ -56,11 +56,12 @@ class World:
 
     def __init__(self, root: Path):
         self.root = root
-        self.npz = digits_npz(root / "all" / "digits.npz")
-        old_npz = digits_npz(root / "old" / "digits.npz", N_OLD)
+        # one source that grows: the old cache holds its first N_OLD digits, then the file holds them all
+        old_npz = digits_npz(root / "src" / "digits.npz", N_OLD)
         self.old_dir = root / "old-cache"
         res = run(*extract_args(old_npz, self.old_dir, "--quiet", *ENGINE, name="digits", batch_size=32))
         assert res.returncode == 0, res.stderr
+        self.npz = digits_npz(root / "src" / "digits.npz")
         self.old = cache_content(next(self.old_dir.glob("*.h5")))
         self.calibration: dict[str, dict] = {}
         for scenario in ("fresh", "update"):

@@ -115,10 +115,6 @@ def parse_formats(spec: str | list[str]) -> list[str]:
             out.append(f)
     if not out:
         raise FeatcacheError("--format: no format given")
-    if "onnx" in out:
-        from pipeline.model.onnx_model import require
-
-        require("--format onnx")  # one line naming the extra, before anything is read
     return out
 
 
@@ -252,7 +248,11 @@ def export(
     cfg = resolve_config(cfg, "export", run=run_dir, formats=formats, out=out, **options)
     formats = parse_formats(cfg.export.formats)
     run = resolve_run(cfg, cfg.export.run)
-    src = load_exportable(run, cfg.security.trust_pickle)
+    src = load_exportable(run, cfg.security.trust_pickle)  # a folder that is no run fails here, cheaply
+    if "onnx" in formats:
+        from pipeline.model.onnx_model import require
+
+        require("--format onnx")  # one line naming the extra, before anything is written
     if src.cache_path is None:
         raise FeatcacheError(f"the cache of {src.run_dir} is gone: export checks each format on its images")
     out = Path(cfg.export.out) if cfg.export.out else src.run_dir / "export"

@@ -109,7 +109,7 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     with FeatureCache(cache_path) as cache:
         multilabel = cache.multilabel
         rows = list_runs(root, cache.fingerprint, cache=cache_path, state=cache_state(cache))
-        if not rows:  # nothing to report on: never an empty page with exit 0
+        if not rows and compared.folder is None:  # nothing to report on: never an empty page, exit 0
             raise no_runs_error(cfg, choice, finetuned=False)
         board = _board(rows)
         stale = sum(not ranked(r) for r in board)
