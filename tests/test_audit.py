@@ -135,7 +135,7 @@ def test_audit_bad_input_is_one_line(tmp_path):
 
 
 def test_cosine_scan_is_exact_with_small_blocks():
-    from pipeline.heads.neighbours import cosine_scan, l2_normalize
+    from pipeline.index.neighbours import cosine_scan, l2_normalize
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(37, 5)).astype(np.float32)
