@@ -10,7 +10,8 @@ Two kinds of data:
   features (non-negative, clustered, low intrinsic dimension: 2,000 cluster centres in a 64-d latent space,
   a random 64 → 1280 map, ReLU, isotropic noise), served to the index through a cache-shaped object over
   the array (keys, content ids, splits, ``features(rows)``), so ``open_index`` builds, saves, reloads and
-  searches exactly as on a cache file. ``BENCH_INDEX_ROWS`` (comma-separated) sets the sizes.
+  searches exactly as on a cache file. ``BENCH_INDEX_ROWS`` (comma-separated) sets the sizes; each is also measured under the
+  smaller budgets that make it IVF-Flat, IVF-SQ8 and IVF-PQ (``BENCH_INDEX_SWEEP=0``: not).
 
 Recall@10: the share of the exact top 10 (``cosine_topk``, itself blocked matrix products) found in the
 index's top 10, over 1,000 random row queries (the row itself excluded). Latency: one query at a time
@@ -21,6 +22,7 @@ extrapolated as n² (it is a fixed number of products per pair); the index's pas
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,7 @@ def measure(cache, layer: str, out: dict[str, Any], queries: int = 1000, memory_
 
     cfg = IndexConfig(exact_below=0, memory_gb=memory_gb)
     folder = index_dir(cache.path, layer)
+    shutil.rmtree(folder, ignore_errors=True)  # built from nothing, timed
     rss0 = _rss_mb()
     t0 = time.perf_counter()
     index = open_index(cache, layer, cfg, note=lambda line: None)
@@ -173,6 +176,7 @@ def audit_pairs(cache, layer: str, exact_below: int) -> set[tuple[str, str]]:
 
 def run(out_dir: Path, quick: bool) -> dict[str, Any]:
     from pipeline.cache.store import FeatureCache
+    from pipeline.utils.config import IndexConfig
 
     results: dict[str, Any] = {"real": {}, "synthetic": {}}
     path = real_cache(out_dir, quick)
@@ -189,10 +193,24 @@ def run(out_dir: Path, quick: bool) -> dict[str, Any]:
         X = synthetic(n)
         cache = ArrayCache(out_dir / f"synthetic-{n}.h5", X)
         s = results["synthetic"][str(n)] = {"rows": n, "dim": DIM}
-        measure(cache, "features", s)
+        measure(cache, "features", s, memory_gb=IndexConfig().memory_gb)
         scan_times(cache, "features", s, (5_000, 10_000) if quick else (10_000, 20_000))
+        s["smaller_budgets"] = []
+        sweep = os.environ.get("BENCH_INDEX_SWEEP", "1") != "0"  # 0: the default budget's index only
+        for gb in smaller_budgets(n, DIM) if sweep else []:
+            s["smaller_budgets"].append(sb := {"rows": n, "memory_gb": round(gb, 3)})
+            measure(cache, "features", sb, memory_gb=gb)
         del X, cache
     return results
+
+
+def smaller_budgets(n: int, d: int) -> list[float]:
+    """The budgets (GiB) that make the index IVF-Flat, IVF-SQ8 and IVF-PQ (160 bytes a row) for n × d."""
+    from pipeline.index.kinds import GIB, IndexKind, lists_for
+
+    c = lists_for(n)
+    flat, sq8 = IndexKind(f"IVF{c},Flat").bytes(n, d), IndexKind(f"IVF{c},SQ8").bytes(n, d)
+    return [flat * 1.001 / GIB, sq8 * 1.001 / GIB, n * (160 + 8) * 1.001 / GIB]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -200,9 +218,10 @@ def markdown(results: dict[str, Any]) -> str:
         "| data | rows | index | build s | index MB | open s | recall@10 | query ms (1 / batch) | exact query ms |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = [("Fashion-MNIST, Lite0 64 px", results["real"])] + [
-        ("synthetic 1280-d", s) for s in results["synthetic"].values()
-    ]
+    rows = [("Fashion-MNIST, Lite0 64 px", results["real"])]
+    for s in results["synthetic"].values():
+        rows.append(("synthetic 1280-d", s))
+        rows += [(f"synthetic, {b['memory_gb']} GiB budget", b) for b in s.get("smaller_budgets", [])]
     for name, r in rows:
         lines.append(
             f"| {name} | {r['rows']:,} | `{r['kind']}` | {r['build_s']} | {r['index_mb']} | {r['open_s']} | "

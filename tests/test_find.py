@@ -187,3 +187,23 @@ def test_find_api_and_index_kinds():
     assert choose_kind(1_000_000, 1280, 8).factory == "HNSW32,Flat"
     assert choose_kind(1_000_000, 1280, 0.5).factory.startswith("IVF4096,PQ")
     assert choose_kind(1_000_000, 1280, 0.5).bytes(1_000_000, 1280) <= 0.5 * 1024**3
+
+
+@pytest.mark.slow
+def test_find_on_a_cluster_gives_what_one_process_gives(photos, tmp_path):
+    """``--cluster local:2``: the query images' features come from Dask workers (extraction's shard tasks),
+    the search runs here — the same answers as one process."""
+    sel, folder, _ = photos
+    queries = tmp_path / "q"
+    write_photo_folder(queries, per_class=2, seed=9, start=100)  # not in the cache: computed
+    args = [str(queries), "--top-k", "3", "--json"]
+    one, two = run_cli("find", *sel, *args), run_cli("find", *sel, *args, "--cluster", "local:2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "cluster: a local cluster of 2 workers" in two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert [q["features"] for q in b] == ["computed"] * 4
+    for x, y in zip(a, b, strict=True):
+        assert [n["key"] for n in x["neighbors"]] == [n["key"] for n in y["neighbors"]]
+        assert [n["similarity"] for n in y["neighbors"]] == pytest.approx(
+            [n["similarity"] for n in x["neighbors"]], abs=1e-4
+        )

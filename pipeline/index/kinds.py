@@ -11,7 +11,9 @@ In order of preference, the first that fits ``memory_gb``:
 * ``IVF{c},PQ{m}x8``: product quantization, ``m`` bytes a row, the largest ``m`` dividing ``d`` that fits.
 
 Search breadth (HNSW ``efSearch``, IVF ``nprobe``) is set from the measured recall@10 ≥ 0.95 of
-``benchmarks/bench_index.py``; vectors are L2-normalized, so inner product is cosine similarity.
+``benchmarks/bench_index.py``; vectors are L2-normalized, so inner product is cosine similarity. A quantized
+index (SQ8, PQ) is asked for 4 × k candidates, re-ranked by the exact features read from the cache itself
+(the cache is the full-precision store a FAISS "refine" stage would otherwise keep in memory).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class IndexKind:
     factory: str
     ef_search: int = 0  # HNSW: candidates kept while walking the graph
     nprobe: int = 0  # IVF: lists scanned per query
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the index holds approximate vectors (SQ8, PQ): its candidates are re-ranked exactly."""
+        return self.factory.endswith(("SQ8",)) or ",PQ" in self.factory
 
     @property
     def trained(self) -> bool:

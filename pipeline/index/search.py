@@ -80,11 +80,14 @@ class CacheIndex:
 
     def _faiss_search(self, Q, k, allowed):
         share = 1.0 if allowed is None else max(allowed.mean(), 1e-9)
-        fetch = min(self.faiss_index.ntotal, math.ceil(k / share * 1.5))
+        want = k * (4 if self.kind.quantized else 1)
+        fetch = min(self.faiss_index.ntotal, math.ceil(want / share * 1.5))
         while True:
             self._breadth(fetch)
             sims, ids = self.faiss_index.search(np.ascontiguousarray(Q, np.float32), fetch)
             rows = np.where(ids >= 0, self.row_of[np.maximum(ids, 0)], -1)
+            if self.kind.quantized:
+                sims = self._exact_sims(Q, rows)
             if allowed is not None:
                 ok = (rows >= 0) & allowed[np.maximum(rows, 0)]
                 sims, rows = np.where(ok, sims, -np.inf), np.where(ok, rows, -1)
@@ -94,6 +97,19 @@ class CacheIndex:
             if enough or fetch >= self.faiss_index.ntotal:
                 return sims[:, :k], rows[:, :k]
             fetch = min(self.faiss_index.ntotal, fetch * 4)
+
+    def _exact_sims(self, Q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Cosine of each query to each of its candidate rows, from the cache's own features (-inf: none)."""
+        sims = np.empty(rows.shape, np.float32)
+        for s in range(0, len(Q), 256):  # memory: 256 queries × their candidates' vectors
+            part = np.maximum(rows[s : s + 256], 0)
+            uniq, inverse = np.unique(part, return_inverse=True)
+            V = self.vectors(uniq)[inverse.reshape(part.shape)]
+            sims[s : s + 256] = np.einsum("qd,qkd->qk", Q[s : s + 256], V)
+        sims = np.where(rows >= 0, sims, -np.inf)
+        order = np.argsort(-sims, axis=1, kind="stable")
+        rows[:] = np.take_along_axis(rows, order, 1)
+        return np.take_along_axis(sims, order, 1)
 
     def _breadth(self, fetch: int) -> None:
         import faiss

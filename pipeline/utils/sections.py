@@ -303,7 +303,7 @@ class IndexConfig:
         help="caches with fewer rows are searched exactly; from this many on, by a FAISS index",
     )
     memory_gb: float = opt(
-        4.0, above=0, help="the FAISS index's memory budget: its type is chosen to fit (docs/stages.md)"
+        8.0, above=0, help="the FAISS index's memory budget: its type is chosen to fit (docs/stages.md)"
     )
     novelty_percentile: float = opt(
         95.0, min=50, max=100, help="a run's novelty threshold: this percentile of its val rows' novelty"
