@@ -66,7 +66,7 @@ def choose_kind(n: int, d: int, memory_gb: float) -> IndexKind:
     budget = memory_gb * GIB
     m = int((budget / (4 * max(n, 1)) - d) / 2)
     if m >= 8:
-        return IndexKind(f"HNSW{min(m, 32)},Flat", ef_search=128)
+        return IndexKind(f"HNSW{min(m, 32)},Flat", ef_search=256)  # 128: recall@10 0.945 at 1M rows
     c = lists_for(n)
     nprobe = max(16, c // 16)
     for code in ("Flat", "SQ8"):

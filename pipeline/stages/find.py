@@ -11,7 +11,6 @@ text tower (:func:`text_features`). Exact search below ``index.exact_below`` row
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +188,3 @@ def _image_queries(cfg: Config, cache, index, paths: list[Path], allowed) -> lis
             q.update(features=None, error=why[i] or "cannot read")
         out.append(q)
     return out
-
-
-def format_json(result: FindResult) -> str:
-    return json.dumps(result.to_json(), indent=2)
