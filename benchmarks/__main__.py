@@ -51,6 +51,14 @@ SECTIONS = {
         "benchmarks.bench_audit",
         "Audit from the cache: planted label errors and near-duplicates (issue 18)",
     ),
+    "index": (
+        "benchmarks.bench_index",
+        "The similarity index: FAISS recall@10 against exact search, build, size, latency, the audit's pass (issue 37)",
+    ),
+    "novelty": (
+        "benchmarks.bench_novelty",
+        "Novelty at predict: in-distribution vs another domain flagged by a Fashion-MNIST run (issue 37)",
+    ),
     "multilabel": (
         "benchmarks.bench_multilabel",
         "Multi-label mosaics of Fashion-MNIST: mAP of train and search, rebuilt model, cost per image (issue 30)",

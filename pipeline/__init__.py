@@ -44,6 +44,8 @@ _LAZY = {
     "export": "stages.export",
     "audit": "stages.audit",
     "AuditResult": "stages.audit",
+    "find": "stages.find",
+    "FindResult": "stages.find",
     "report": "stages.report",
     "Report": "stages.report",
     "list_runs": "utils.runs",

@@ -51,21 +51,13 @@ FLAGS: dict[str, tuple[str, ...]] = {
         *PICK,
         *("finetune.tensorboard", "security.trust_pickle"),
     ),
-    "predict": (
-        *PICK,
-        "predict.top_k",
-        "predict.batch_size",
-        "security.trust_pickle",
-        "cluster.address",
-    ),
+    "predict": (*PICK, "predict.top_k", "predict.batch_size", "security.trust_pickle", "cluster.address"),
     "export": (
         *PICK,
         "security.trust_pickle",
-        "export.run",
-        "export.formats",
-        "export.out",
-        "export.calibration",
+        *("export.run", "export.formats", "export.out", "export.calibration"),
     ),
+    "find": (*PICK, "find.top_k", "find.split", "find.classes", "cluster.address"),
     "audit": (*PICK, "audit.folds", "audit.threshold", "audit.margin", "audit.exact", "audit.filter_by"),
     "report": (*PICK, "report.out", "report.run", "report.compare"),
     "compare": (
@@ -408,6 +400,12 @@ def _add_audit(sub) -> None:
     )
 
 
+def _add_find(sub) -> None:
+    from pipeline.cli_find import HELP, add_find, run_find  # its arguments and output: cli.py's 500 lines
+
+    add_find(_command(sub, "find", lambda args: run_find(args, _load(args), choose_cache), help=HELP))
+
+
 def _add_report(sub) -> None:
     help_ = "one self-contained HTML page: the cache, a leaderboard of every run, the best run in detail"
     _command(sub, "report", cmd_report, help=help_)
@@ -446,6 +444,7 @@ COMMANDS = (
     _add_predict,
     _add_export,
     _add_audit,
+    _add_find,
     _add_report,
     _add_compare,
     _add_runs,

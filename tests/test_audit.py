@@ -9,6 +9,7 @@ its answer.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,23 @@ def test_audit_api_on_the_shared_digits_cache(digits_cache):
     assert "likely label errors" in result.table(5)
 
 
+def test_audit_near_duplicates_through_the_index_are_the_exact_ones(digits_cache, tmp_path):
+    """Above ``index.exact_below`` rows the pairs come from the FAISS index: the same pairs on a real cache."""
+    import shutil
+
+    import pipeline
+
+    cache = Path(shutil.copy(digits_cache, tmp_path / digits_cache.name))  # its index beside the copy
+    cfg = pipeline.load_config(None, {"train.cache": str(cache), "extract.progress": "false"})
+    exact = pipeline.audit(cfg, write_csv=False, folds=2, threshold=0.9)
+    through = pipeline.audit(cfg, write_csv=False, folds=2, threshold=0.9, index__exact_below=10)
+    pairs = {(p["a"], p["b"]): p["similarity"] for p in exact.near_duplicates}
+    assert pairs and set(pairs) == {(p["a"], p["b"]) for p in through.near_duplicates}
+    for p in through.near_duplicates:
+        assert p["similarity"] == pytest.approx(pairs[(p["a"], p["b"])], abs=1e-4)
+    assert list(tmp_path.glob("*.index"))  # built once, kept beside the cache
+
+
 def test_audit_bad_input_is_one_line(tmp_path):
     proc = run_cli("audit", "--cache", str(tmp_path / "missing.h5"), "--json")
     assert proc.returncode == 2
@@ -135,7 +153,7 @@ def test_audit_bad_input_is_one_line(tmp_path):
 
 
 def test_cosine_scan_is_exact_with_small_blocks():
-    from pipeline.heads.neighbours import cosine_scan, l2_normalize
+    from pipeline.index.neighbours import cosine_scan, l2_normalize
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(37, 5)).astype(np.float32)

@@ -165,11 +165,12 @@ def test_predict_reuses_the_tflite_model_extraction_converted(stage3, new_images
     """New images run on the engine extraction uses: a converted backbone in the cache is reused, not redone."""
     from pipeline.features import engines
     from pipeline.heads.persist import load_run
+    from pipeline.model.image_features import feature_model
     from pipeline.model.rebuild import run_source
-    from pipeline.stages.predict import _feature_model, predict
+    from pipeline.stages.predict import predict
 
     src = run_source(load_run(stage3["run"]).metrics)
-    engines.load_or_convert(_feature_model(src), 0, src.cache_path.parent, verbose=False)
+    engines.load_or_convert(feature_model(src), 0, src.cache_path.parent, verbose=False)
     monkeypatch.setattr(engines, "AUTO_MIN_SPEEDUP", 0.0)  # whatever the probe measured on this machine
     calls: list[int] = []
     run_tflite = engines.TFLiteEngine.__call__

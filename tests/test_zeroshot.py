@@ -405,3 +405,22 @@ def test_zero_shot_on_a_multilabel_cache(trained, tmp_path):
         f"extract.cache_dir={tmp_path / 'cache'}", "--head", "fewshot",
     )  # fmt: skip
     assert few.returncode == 2 and "does not train on a multi-label cache" in few.stderr, few.stderr
+
+
+def test_find_by_text_on_a_trained_small_clip(trained):
+    """``featcache find --text``: each colour's words, through the trained CLIP's text tower, find images of
+    that colour first (the JSON form scripts rely on); the prompt is embedded once and kept."""
+    ov = trained["ov"]
+    words = ["a photo of a red.", "a photo of a blue."]
+    args = ["find", "--data", ov["data.source"], "--backbone", ov["backbone.name"]]
+    args += ["--cache-dir", ov["extract.cache_dir"], "--top-k", "5", "--json"]
+    r = run_cli(*args, "--text", words[0], "--text", words[1])
+    assert r.returncode == 0, r.stderr
+    answers = json.loads(r.stdout)
+    assert [a["query"] for a in answers] == words
+    for answer, colour in zip(answers, ("red", "blue"), strict=True):
+        labels = [n["label"] for n in answer["neighbors"]]
+        assert len(labels) == 5 and labels.count(colour) >= 4, (colour, labels)
+        sims = [n["similarity"] for n in answer["neighbors"]]
+        assert sims == sorted(sims, reverse=True)
+    assert list((Path(ov["extract.cache_dir"]) / "text").glob("*.npz"))  # the prompts were kept

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.augment import is_view_key
-from pipeline.data.sources import Dataset, Sample
+from pipeline.data.sources import Dataset, Sample, storable_key
+from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.workers import usable_cores
 
 
@@ -265,3 +267,37 @@ def split_images(cache, ds, split: str) -> SplitImages:
             file=sys.stderr,
         )
     return SplitImages(rows, samples, cache.labels[rows] if len(rows) else np.zeros(0, np.int64))
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given; folders walked recursively for image files (hidden ones skipped), sorted."""
+    from pipeline.data.decode import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for raw in items:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [
+                    Path(dirpath) / f
+                    for f in sorted(filenames)
+                    if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+                ]
+            if not found:
+                raise FeatcacheError(f"{raw}: no image files in this folder")
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FeatcacheError(f"image not found: {raw}")
+    if not out:
+        raise FeatcacheError("no images given")
+    return out
+
+
+def path_dataset(paths: list[Path]):
+    """A dataset of loose image files (no labels), keyed by their paths: what predict and find read."""
+    samples = [Sample(storable_key(str(p)), "", path=str(p)) for p in paths]
+    return Dataset("predict", "<paths>", samples, [""]), samples

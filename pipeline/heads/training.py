@@ -151,6 +151,7 @@ def fit_run(
         metrics = {
             **_metrics(cfg, cache, layer, params, fitted, preds, scores, notes, out),
             **task,
+            **run_novelty(cache, layer, cfg),
             **(extra or {}),
         }
         _write_run(out, fitted, metrics, preds, cache)
@@ -165,6 +166,16 @@ def fit_run(
         metrics,
         fitted,
     )
+
+
+def run_novelty(cache, layer: str, cfg: Config) -> dict[str, Any]:
+    """``{"novelty": ...}``: the threshold ``predict`` flags novel images above, set on the val split
+    (:func:`pipeline.index.novelty.val_threshold`); ``{}`` without val or train rows."""
+    from pipeline.index.novelty import val_threshold
+    from pipeline.index.search import open_index
+
+    found = val_threshold(open_index(cache, layer, cfg.index), cfg.index.novelty_percentile)
+    return {"novelty": found} if found else {}
 
 
 def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any], extras: dict[str, Any]):

@@ -232,26 +232,34 @@ class FewShotClassifier(ZeroShotClassifier):
         return best[2], scores
 
 
-def check_joint_space(meta: dict[str, Any], head: str) -> None:
-    """The cache must hold the model's own joint-space image embedding (``--pooling pooled``)."""
+def check_joint_space(meta: dict[str, Any], what: str) -> None:
+    """The cache must hold the model's own joint-space image embedding (``--pooling pooled``); ``what``
+    names the option that needs it (``--head zeroshot``, ``--text``)."""
     if meta.get("pooling") != "pooled" or list(meta.get("layers") or []) != ["output"]:
         raise FeatcacheError(
-            f"--head {head}: the cache holds {meta.get('pooling')} features of layer(s) "
+            f"{what}: the cache holds {meta.get('pooling')} features of layer(s) "
             f"{', '.join(meta.get('layers') or [])}, not the joint image-text space; extract the CLIP or SigLIP "
             "backbone with --pooling pooled (its default) and no --layer"
         )
 
 
+def cache_text_tower(meta: dict[str, Any]):
+    """The text tower of the backbone a cache was extracted with (its preset folder or handle)."""
+    from pipeline.features.text import text_tower
+
+    backbone = (meta.get("config") or {}).get("backbone") or {}
+    name = str(backbone.get("name") or meta.get("backbone"))
+    return text_tower(name, str(meta.get("weights")), meta.get("weights_digest"))
+
+
 def text_weights(cfg: Config, cache, head: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The zero-shot parameters of a cache's classes (text embeddings, logit scale and bias, activation)
     and what the run records about them: the templates, the prompts embedded, the text store."""
-    from pipeline.features.text import embed_prompts, store_path, text_tower
+    from pipeline.features.text import embed_prompts, store_path
 
     meta = cache.meta
-    check_joint_space(meta, head)
-    backbone = (meta.get("config") or {}).get("backbone") or {}
-    name = str(backbone.get("name") or meta.get("backbone"))  # the preset's folder or handle
-    tower = text_tower(name, str(meta.get("weights")), meta.get("weights_digest"))
+    check_joint_space(meta, f"--head {head}")
+    tower = cache_text_tower(meta)
     templates = expand_templates(list(cfg.zeroshot.templates))
     rendered = class_prompts(list(cache.class_names), templates, dict(cfg.zeroshot.prompts))
     flat = [p for per_class in rendered for p in per_class]

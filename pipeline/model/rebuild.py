@@ -67,10 +67,27 @@ class RunSource:
     decode: str = "exact"  # the data.decode policy of the features (caches from before it: exact)
 
 
+def cache_source(path: Path, meta: dict[str, Any], layer: str) -> RunSource:
+    """How the cache at ``path`` (``meta``: its attributes) made the features of ``layer``: its backbone
+    settings, input size, resize and decode policy, exactly as it recorded them."""
+    from pipeline.cache.fingerprint import decode_policy
+
+    cfg = meta.get("config", {})
+    return RunSource(
+        dict(cfg.get("backbone", {})),
+        dict(cfg.get("data", {})),
+        int(meta["image_size"]),
+        str(meta.get("resize", "stretch")),
+        layer,
+        path,
+        meta,
+        decode_policy(meta.get("feature_key") or {}),
+    )
+
+
 def run_source(metrics: RunMetrics) -> RunSource:
     """The backbone settings of a run: from its cache when present (exact), else from the run's config,
     accepted only if it reproduces the cache fingerprint the run recorded."""
-    from pipeline.cache.fingerprint import decode_policy
     from pipeline.cache.store import FeatureCache
     from pipeline.utils.config import BackboneConfig, DataConfig, ExtractConfig
 
@@ -79,17 +96,7 @@ def run_source(metrics: RunMetrics) -> RunSource:
         with FeatureCache(path) as c:
             meta = dict(c.meta)
         if meta.get("fingerprint") == metrics.cache_fingerprint:
-            cfg = meta.get("config", {})
-            return RunSource(
-                dict(cfg.get("backbone", {})),
-                dict(cfg.get("data", {})),
-                int(meta["image_size"]),
-                str(meta.get("resize", "stretch")),
-                metrics["layer"],
-                path,
-                meta,
-                decode_policy(meta.get("feature_key") or {}),
-            )
+            return cache_source(path, meta, metrics["layer"])
     from pipeline.cache.fingerprint import feature_key, fingerprint, weights_digest
     from pipeline.features.backbones.registry import get_spec
 

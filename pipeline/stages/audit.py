@@ -14,8 +14,9 @@ class), confident learning on each class's absent/present problem. Each flagged 
 labels: *missing* (labelled absent, the model says present) or *extra* (labelled present, the model says
 absent), with the class's probability; the image's score is that of its most suspicious label.
 
-**Near-duplicates.** Exact cosine similarity of the L2-normalized features, by blocked matrix products
-(:mod:`pipeline.heads.neighbours`). A pair is reported when its similarity reaches ``exact``, or when
+**Near-duplicates.** Cosine similarity of the L2-normalized features: exact, by blocked matrix products
+(:mod:`pipeline.index.neighbours`), below ``index.exact_below`` rows; above, each row's
+``index.audit_neighbours`` nearest from the cache's FAISS index (:mod:`pipeline.index.search`). A pair is reported when its similarity reaches ``exact``, or when
 (a) it reaches ``threshold``, (b) the two rows are each other's nearest neighbour and (c) it beats the
 second-nearest neighbour of either row by at least ``margin``: a copy is closer to its original than to
 anything else, while a natural look-alike (two plain T-shirts) sits in a crowd of neighbours almost as
@@ -122,6 +123,7 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
     ``write_csv``); keywords override the config (:func:`pipeline.utils.config.resolve_config`)."""
     from pipeline.cache.locate import resolve_cache
     from pipeline.cache.store import FeatureCache
+    from pipeline.index.search import open_index
 
     cfg = resolve_config(cfg, "audit", **options)
     a = cfg.audit
@@ -132,11 +134,13 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
         layer = cache.layer_name(cfg.train.layer)
         X = cache.features(layer)
         labels, split, keys, names = cache.labels, cache.split, cache.keys, cache.class_names
-    t_read = time.perf_counter()
-    find = _multilabel_issues if multilabel else _label_issues
-    issues = find(X, labels, split, keys, names, a.folds, cfg.train.seed, a.n_jobs, a.filter_by)
-    t_labels = time.perf_counter()
-    pairs = _near_duplicates(X, split, keys, a.threshold, a.margin, a.exact)
+        t_read = time.perf_counter()
+        find = _multilabel_issues if multilabel else _label_issues
+        issues = find(X, labels, split, keys, names, a.folds, cfg.train.seed, a.n_jobs, a.filter_by)
+        t_labels = time.perf_counter()
+        index = open_index(cache, layer, cfg.index, progress=cfg.extract.progress, features=X)
+        scan = index.scan(min(a.threshold, a.exact), cfg.index.audit_neighbours)
+        pairs = _near_duplicates(scan, split, keys, a.threshold, a.margin, a.exact)
     t_pairs = time.perf_counter()
     result = AuditResult(
         path,
@@ -218,12 +222,12 @@ def suspects_text(suspects: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s['issue']} {s['class']} ({s['probability']:.2f})" for s in suspects)
 
 
-def _near_duplicates(X, split, keys, threshold: float, margin: float, exact: float) -> list[dict[str, Any]]:
+def _near_duplicates(
+    scan, split, keys, threshold: float, margin: float, exact: float
+) -> list[dict[str, Any]]:
+    """The pairs of ``scan`` (:meth:`pipeline.index.search.CacheIndex.scan`) the audit reports."""
     import numpy as np
 
-    from pipeline.heads.neighbours import cosine_scan
-
-    scan = cosine_scan(X, floor=min(threshold, exact))
     nearest = scan.top_index[:, 0]
     mutual = (nearest[scan.a] == scan.b) & (nearest[scan.b] == scan.a)
     second = np.maximum(scan.top_sim[scan.a, 1], scan.top_sim[scan.b, 1])  # the partner is first

@@ -19,11 +19,9 @@ and makes the command exit with status 2 after printing the rest.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.images import expand_inputs, path_dataset
 from pipeline.model.sidecars import class_names_near, decode_near, export_info, thresholds_near
 from pipeline.utils.config import Config, resolve_config
 from pipeline.utils.errors import FeatcacheError
@@ -43,6 +42,8 @@ class ImageResult:
     source: str = ""  # cache | computed | model
     error: str | None = None
     labels: list[tuple[int, str, float]] | None = None  # a multi-label run's classes above their thresholds
+    novelty: float | None = None  # 1 - cosine to the nearest train row of the run's cache (stage-2 runs)
+    novel: bool | None = None  # novelty above the run's threshold (None: the run recorded none)
 
 
 @dataclass
@@ -55,41 +56,6 @@ class Predictor:
     predict: Any = None  # (paths, samples, ds) → (proba N×C, ok, why, sources)
     decode: str = "exact"  # the data.decode policy images are read with (that of the model's features)
     thresholds: list[float] | None = None  # a multi-label run's decision threshold per class
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files as given; folders walked recursively for image files (hidden ones skipped), sorted."""
-    from pipeline.data.decode import IMAGE_EXTENSIONS
-
-    out: list[Path] = []
-    for raw in items:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            found = []
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [
-                    Path(dirpath) / f
-                    for f in sorted(filenames)
-                    if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
-                ]
-            if not found:
-                raise FeatcacheError(f"{raw}: no image files in this folder")
-            out += found
-        elif p.exists():
-            out.append(p)
-        else:
-            raise FeatcacheError(f"image not found: {raw}")
-    if not out:
-        raise FeatcacheError("no images given")
-    return out
-
-
-def _dataset(paths: list[Path]):
-    from pipeline.data.sources import Dataset, Sample, storable_key
-
-    samples = [Sample(storable_key(str(p)), "", path=str(p)) for p in paths]
-    return Dataset("predict", "<paths>", samples, [""]), samples
 
 
 def load_predictor(
@@ -108,7 +74,7 @@ def load_predictor(
 
         if verify_run(path).get("kind") != "finetune":
             trust = trust_pickle or bool(cfg is not None and cfg.security.trust_pickle)
-            return _stage2_predictor(path, batch_size, cluster, trust)
+            return _stage2_predictor(path, batch_size, cluster, trust, cfg)
     if cluster:
         raise FeatcacheError(
             f"--cluster: predict runs on a cluster with a stage-2 run (features on the workers, the head "
@@ -160,26 +126,10 @@ def model_path(model: str | Path, cfg=None) -> Path:
 
 
 def _batched(ds, samples, p: Predictor, batch_size: int, run):
-    """Decode + shared resize in tf.data (``p``'s size, resize and decode policy), ``run`` on each S×S batch;
-    (proba, ok, why)."""
-    from pipeline.data.images import image_batches
+    """(proba, ok, why) of an end-to-end model ``run`` on images read with ``p``'s size, resize and decode."""
+    from pipeline.model.image_features import read_batches
 
-    n = len(samples)
-    proba = None
-    ok_all, why_all = np.zeros(n, bool), [""] * n
-    read = image_batches(ds, samples, p.image_size, p.resize, batch_size, decode=p.decode)
-    for idx, x, ok, why in read:
-        idx, ok, why = idx.numpy(), np.reshape(ok.numpy(), -1), np.reshape(why.numpy(), -1)
-        keep = np.flatnonzero(ok)
-        if len(keep):
-            p = np.asarray(run(x.numpy()[keep]), np.float64)
-            if proba is None:
-                proba = np.zeros((n, p.shape[1]))
-            proba[idx[keep]] = p
-        for j in np.flatnonzero(~ok):
-            why_all[int(idx[j])] = why[j].decode("utf-8", "replace")
-        ok_all[idx] = ok
-    return proba, ok_all, why_all
+    return read_batches(ds, samples, p.image_size, p.resize, p.decode, batch_size, run)
 
 
 def _keras_predictor(path: Path, batch_size: int, names_from: Path | None = None) -> Predictor:
@@ -248,7 +198,9 @@ def _file_predictor(kind: str, path: Path, run, n: int, batch_size: int) -> Pred
     return p
 
 
-def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle: bool) -> Predictor:
+def _stage2_predictor(
+    run_dir: Path, batch_size: int, cluster: str, trust_pickle: bool, cfg=None
+) -> Predictor:
     from pipeline.heads.persist import load_run
     from pipeline.model.convert import stage2_scores
     from pipeline.model.rebuild import run_source
@@ -262,130 +214,38 @@ def _stage2_predictor(run_dir: Path, batch_size: int, cluster: str, trust_pickle
         p.thresholds = metrics.thresholds
 
     def predict(ds, samples):
-        from pipeline.data.decode import DecodeError
-        from pipeline.data.sources import digest_bytes
+        from pipeline.model.image_features import source_features
 
-        n = len(samples)
-        X = np.zeros((n, metrics.n_features), np.float32)
-        have = np.zeros(n, bool)
-        sources = ["computed"] * n
-        if src.cache_path is not None:
-            from pipeline.cache.store import FeatureCache
-
-            with FeatureCache(src.cache_path) as c:
-                row_of = {d: i for i, d in enumerate(c.ids)}
-                hits = {}
-                for i, s in enumerate(samples):
-                    try:
-                        d = s.digest or digest_bytes(ds.read(s))
-                    except (DecodeError, OSError):
-                        continue  # reported by the decoding pass below
-                    if d in row_of:
-                        hits[i] = row_of[d]
-                if hits:
-                    idx = np.asarray(list(hits))
-                    X[idx] = c.features(src.layer, np.asarray([hits[i] for i in idx]))
-                    have[idx] = True
-                    for i in idx:
-                        sources[int(i)] = "cache"
-        ok = have.copy()
-        why = [""] * n
-        todo = [i for i in range(n) if not have[i]]
-        if todo:
-            # The engine that made the cache's features (:func:`run_engine`): ``auto`` reuses a TFLite model
-            # extraction already converted (validated against TensorFlow when it was converted), and an int8
-            # cache's own int8 model, so new images cost what extraction does and match the cached rows.
-            cache_dir = src.cache_path.parent if src.cache_path is not None else None
-            part = [samples[i] for i in todo]
-            name, precision, calibration = run_engine(src)
-            if cluster:
-                feats, ok_t, why_t = _cluster_features(cluster, src, ds, part, batch_size, cache_dir)
-            else:
-                from pipeline.features.engines import make_engine
-
-                fm = _feature_model(src, precision)
-                engine = make_engine(fm, name, 0, cache_dir, images=len(todo), calibration=calibration)
-                feats, ok_t, why_t = _batched(ds, part, p, batch_size, lambda x: engine(x)[src.layer])
-            for j, i in enumerate(todo):
-                ok[i], why[i] = bool(ok_t[j]), why_t[j]
-                if ok_t[j]:
-                    X[i] = feats[j]
-        proba = np.zeros((n, len(names)))
+        X, ok, why, sources = source_features(src, ds, samples, metrics.n_features, batch_size, cluster)
+        proba = np.zeros((len(samples), len(names)))
         if ok.any() and metrics.multilabel:
             from pipeline.heads.multilabel import label_scores
 
             proba[ok], _ = label_scores(loaded.model, X[ok])
         elif ok.any():
             proba[ok], _ = stage2_scores(loaded.model, X[ok], len(names))
-        return proba, ok, why, sources
+        return proba, ok, why, sources, novelty(src, X, ok, metrics.get("novelty"), cfg)
 
     p.predict = predict
     return p
 
 
-def _backbone_config(src):
-    from pipeline.model.rebuild import known_fields
-    from pipeline.utils.config import BackboneConfig
+def novelty(src, X: np.ndarray, ok: np.ndarray, recorded: dict | None, cfg=None):
+    """(each image's novelty against the train rows of the run's cache, NaN where unreadable; the run's
+    threshold or None) — :mod:`pipeline.index.novelty`; (None, None) when the cache is gone."""
+    if src.cache_path is None or not ok.any():
+        return None, None
+    from pipeline.cache.store import FeatureCache
+    from pipeline.index.novelty import novelty_scores
+    from pipeline.index.search import open_index
+    from pipeline.utils.config import IndexConfig
 
-    cfg = BackboneConfig(**known_fields(BackboneConfig, {**src.backbone, "layers": [src.layer]}))
-    cfg.image_size = src.image_size
-    return cfg
-
-
-def _feature_model(src, precision: str = "float32"):
-    from pipeline.features.backbones.build import build_feature_model
-
-    return build_feature_model(_backbone_config(src), precision)
-
-
-def run_engine(src) -> tuple[str, str, Any]:
-    """The engine, precision and int8 calibration set the run's cache was extracted with (from its feature
-    key): ``auto`` and float32 for every float cache, ``tflite-dynamic`` for a dynamic-range one."""
-    from pipeline.cache.fingerprint import keyed_engine
-    from pipeline.features.calibration import recorded
-
-    key = (src.cache_meta or {}).get("feature_key") or {}
-    precision, engine = str(key.get("precision", "float32")), keyed_engine(key)
-    if engine != "tflite-int8":  # tflite-dynamic: no calibration, its gate passed when the cache was made
-        return engine or "auto", precision, None
-    return engine, precision, recorded(key["engine"], src.cache_meta)
-
-
-def _cluster_features(address: str, src, ds, samples, batch_size: int, cache_dir):
-    """The features of ``samples`` computed by the Dask cluster at ``address`` (the shard tasks extraction
-    runs, the run's backbone settings); (features, ok, why) in ``samples`` order. The head stays here."""
-    from pipeline.features.distributed import ShardSettings, run_shards
-    from pipeline.utils.cluster import cluster_client
-
-    n = len(samples)
-    feats, ok, why = None, np.zeros(n, bool), [""] * n
-    cache = str(cache_dir or "")
-    name, precision, calibration = run_engine(src)
-    settings = ShardSettings.make(
-        _backbone_config(src),
-        name,
-        0,
-        cache,
-        batch_size,
-        "float32",
-        n,
-        src.decode,
-        address,
-        precision=precision,
-    )
-    with cluster_client(address) as client:  # the dashboard link on stderr, as extract prints it
-        again = "run the same command again"
-        shards = run_shards(client, settings, ds, samples, address, again, calibration=calibration)
-        with contextlib.closing(shards):
-            for start, _, r in shards:
-                rows = start + np.asarray(r.ids, np.int64)
-                if feats is None:
-                    feats = np.zeros((n, r.dims[src.layer]), np.float32)
-                feats[rows] = r.features[src.layer]
-                ok[rows] = True
-                for k, reason in r.bad:
-                    why[start + k] = reason
-    return feats, ok, why
+    scores = np.full(len(X), np.nan)
+    with FeatureCache(src.cache_path) as cache:
+        index = open_index(cache, src.layer, cfg.index if cfg is not None else IndexConfig())
+        scores[ok] = novelty_scores(index, X[ok])
+    threshold = (recorded or {}).get("threshold")
+    return scores, None if threshold is None else float(threshold)
 
 
 def newest_model(cfg: Config) -> Path:
@@ -418,8 +278,9 @@ def predict(
     check_model_kind(model_path(model, cfg))
     paths = expand_inputs(images)
     predictor = load_predictor(model, batch_size, cfg, cfg.cluster.address, cfg.security.trust_pickle)
-    ds, samples = _dataset([p.resolve() for p in paths])
-    proba, ok, why, sources = predictor.predict(ds, samples)
+    ds, samples = path_dataset([p.resolve() for p in paths])
+    proba, ok, why, sources, *more = predictor.predict(ds, samples)
+    scores, threshold = more[0] if more else (None, None)
     if isinstance(sources, str):
         sources = [sources] * len(samples)
     results = []
@@ -429,7 +290,11 @@ def predict(
             continue
         order = np.argsort(-proba[i], kind="stable")[:top_k]
         top = [(int(j), predictor.class_names[int(j)], float(proba[i, j])) for j in order]
-        results.append(ImageResult(str(p), top, sources[i], labels=_above(predictor, proba[i])))
+        result = ImageResult(str(p), top, sources[i], labels=_above(predictor, proba[i]))
+        if scores is not None and np.isfinite(scores[i]):
+            result.novelty = round(float(scores[i]), 6)
+            result.novel = None if threshold is None else bool(scores[i] > threshold)
+        results.append(result)
     return predictor, results
 
 
@@ -444,20 +309,32 @@ def _above(predictor: Predictor, proba: np.ndarray) -> list[tuple[int, str, floa
     return [(int(j), predictor.class_names[int(j)], float(proba[j])) for j in order if on[j]]
 
 
+def _novelty_text(r: ImageResult) -> str:
+    """``0.0412`` or ``0.3120 NOVEL`` (above the run's threshold); "" without a score."""
+    if r.novelty is None:
+        return ""
+    return f"{r.novelty:.4f}" + (" NOVEL" if r.novel else "")
+
+
 def format_table(results: list[ImageResult]) -> str:
     width = min(60, max((len(r.image) for r in results), default=5))
     cw = max([5] + [len(name) for r in results for _, name, _ in r.top])
-    lines = [f"{'image':<{width}}  {'#':>2}  {'class':<{cw}}  {'probability':>11}  features"]
+    nov = any(r.novelty is not None for r in results)
+    lines = [
+        f"{'image':<{width}}  {'#':>2}  {'class':<{cw}}  {'probability':>11}  features"
+        + ("  novelty" if nov else "")
+    ]
     for r in results:
         name = r.image if len(r.image) <= width else "…" + r.image[-(width - 1) :]
         if r.error:
             lines.append(f"{name:<{width}}   -  error: {r.error}")
             continue
+        first = f"{r.source:<8}  {_novelty_text(r)}" if nov else r.source
         if r.labels is not None and not r.labels:
-            lines.append(f"{name:<{width}}   -  no label above its threshold  {r.source}".rstrip())
+            lines.append(f"{name:<{width}}   -  no label above its threshold  {first}".rstrip())
         for k, (_, cls, prob) in enumerate(r.top if r.labels is None else r.labels, 1):
             lines.append(
-                f"{name if k == 1 else '':<{width}}  {k:>2}  {cls:<{cw}}  {prob:>11.4f}  {r.source if k == 1 else ''}".rstrip()
+                f"{name if k == 1 else '':<{width}}  {k:>2}  {cls:<{cw}}  {prob:>11.4f}  {first if k == 1 else ''}".rstrip()
             )
     return "\n".join(lines)
 
@@ -469,6 +346,8 @@ def format_json(results: list[ImageResult]) -> str:
                 "image": r.image,
                 "predictions": [{"class": c, "index": i, "probability": p} for i, c, p in r.top],
                 "features": r.source or None,
+                "novelty": r.novelty,
+                "novel": r.novel,
                 "error": r.error,
                 **(
                     {}

@@ -45,7 +45,9 @@ from pipeline.utils.sections import (  # noqa: F401 - re-exported: the config's 
     DataConfig,
     ExportConfig,
     ExtractConfig,
+    FindConfig,
     FinetuneConfig,
+    IndexConfig,
     PredictConfig,
     ReportConfig,
     SearchConfig,
@@ -69,6 +71,8 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    find: FindConfig = field(default_factory=FindConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

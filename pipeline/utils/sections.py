@@ -300,6 +300,43 @@ class AuditConfig:
     write_csv: bool = opt(True, help="write <cache>.label_issues.csv and .near_duplicates.csv")
 
 
+def _splits(splits: list[str]) -> str | None:
+    bad = [s for s in splits if s not in SPLITS]
+    return f"unknown split {bad[0]!r} (one of {', '.join(SPLITS)})" if bad else None
+
+
+@dataclass
+class IndexConfig:
+    """The similarity index over a cache's features (:mod:`pipeline.index`): ``find``, ``audit``'s
+    near-duplicates and ``predict``'s novelty."""
+
+    exact_below: int = opt(
+        100_000,
+        min=0,
+        help="caches with fewer rows are searched exactly; from this many on, by a FAISS index",
+    )
+    memory_gb: float = opt(
+        8.0, above=0, help="the FAISS index's memory budget: its type is chosen to fit (docs/stages.md)"
+    )
+    novelty_percentile: float = opt(
+        95.0, min=50, max=100, help="a run's novelty threshold: this percentile of its val rows' novelty"
+    )
+    audit_neighbours: int = opt(
+        16, min=2, help="neighbours per row the audit reads from a FAISS index (pairs among them)"
+    )
+
+
+@dataclass
+class FindConfig:
+    top_k: int = opt(10, flag="--top-k", metavar="K", min=1, help="neighbours shown per query")
+    split: list[str] = opt(
+        factory=list, flag="--split", metavar="LIST", check=_splits, help="only rows of these splits"
+    )
+    classes: list[str] = opt(
+        factory=list, flag="--class", metavar="LIST", help="only rows of these classes (any of them)"
+    )
+
+
 @dataclass
 class PredictConfig:
     top_k: int = opt(5, flag="--top-k", metavar="K", min=1, help="classes shown per image")

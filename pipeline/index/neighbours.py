@@ -2,7 +2,9 @@
 
 Rows are L2-normalized, then the upper triangle of ``X @ X.T`` is computed one ``block × block`` tile at a
 time, so the similarity matrix never exists whole: memory is the features plus one tile. Each tile updates
-every row's two nearest neighbours and collects the pairs at or above a floor.
+every row's two nearest neighbours and collects the pairs at or above a floor (:func:`cosine_scan`, the
+audit's all-pairs pass); :func:`cosine_topk` is the same tiles for queries against rows (``find``'s exact
+search, and the truth an approximate index is measured against).
 """
 
 from __future__ import annotations
@@ -29,18 +31,35 @@ def l2_normalize(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(norms, 1e-12)
 
 
-def _merge_top2(best_sim, best_idx, S: np.ndarray, offset: int) -> None:
-    """Fold the two largest entries of each row of ``S`` (columns shifted by ``offset``) into the top 2."""
+def merge_top(best_sim, best_idx, S: np.ndarray, offset: int) -> None:
+    """Fold the ``k`` largest entries of each row of ``S`` (columns shifted by ``offset``) into the top
+    ``k`` held in ``best_sim``/``best_idx`` (``k`` = their width), best first."""
+    k = best_sim.shape[1]
     if S.shape[1] == 0:
         return
-    take = min(2, S.shape[1])
+    take = min(k, S.shape[1])
     idx = np.argpartition(-S, take - 1, axis=1)[:, :take]
     sims = np.take_along_axis(S, idx, axis=1)
     all_sim = np.concatenate([best_sim, sims], axis=1)
     all_idx = np.concatenate([best_idx, idx + offset], axis=1)
-    order = np.argsort(-all_sim, axis=1, kind="stable")[:, :2]
+    order = np.argsort(-all_sim, axis=1, kind="stable")[:, :k]
     best_sim[:] = np.take_along_axis(all_sim, order, axis=1)
     best_idx[:] = np.take_along_axis(all_idx, order, axis=1)
+
+
+def cosine_topk(Q: np.ndarray, X: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``X`` most cosine-similar to each row of ``Q``, exactly: (similarities, row
+    indices), each ``len(Q) × k``, best first; -inf and -1 where ``X`` has fewer than ``k`` rows.
+
+    ``X`` may be already normalized (normalizing twice changes nothing); memory is one ``len(Q) × block`` tile.
+    """
+    Qn, Xn = l2_normalize(Q), l2_normalize(X)
+    best_sim = np.full((len(Qn), k), -np.inf, np.float32)
+    best_idx = np.full((len(Qn), k), -1, np.int64)
+    for j0 in range(0, len(Xn), block):
+        merge_top(best_sim, best_idx, Qn @ Xn[j0 : j0 + block].T, j0)
+    best_idx[~np.isfinite(best_sim)] = -1
+    return best_sim, best_idx
 
 
 def cosine_scan(X: np.ndarray, floor: float, block: int = 1024) -> SimilarityScan:
@@ -65,9 +84,9 @@ def cosine_scan(X: np.ndarray, floor: float, block: int = 1024) -> SimilaritySca
             found_a.append(r + i0)
             found_b.append(c + j0)
             found_s.append(S[r, c])
-            _merge_top2(top_sim[i0 : i0 + len(S)], top_idx[i0 : i0 + len(S)], S, j0)
+            merge_top(top_sim[i0 : i0 + len(S)], top_idx[i0 : i0 + len(S)], S, j0)
             if i0 != j0:
-                _merge_top2(top_sim[j0 : j0 + S.shape[1]], top_idx[j0 : j0 + S.shape[1]], S.T, i0)
+                merge_top(top_sim[j0 : j0 + S.shape[1]], top_idx[j0 : j0 + S.shape[1]], S.T, i0)
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
     top_idx[~np.isfinite(top_sim)] = -1
     return SimilarityScan(
