@@ -146,13 +146,15 @@ class Exportable:
 
 def load_exportable(run_dir: str | Path, trust_pickle: bool = False) -> Exportable:
     """A fine-tuned run's ``model.keras``, or a stage-2 run rebuilt end to end (verified by its manifest)."""
-    from pipeline.model.rebuild import rebuild, run_source
-    from pipeline.model.runners import load_keras
     from pipeline.utils.runs import read_metrics, verify_run
 
     run_dir = Path(run_dir)
-    manifest = verify_run(run_dir)
+    manifest = verify_run(run_dir)  # a folder that is no run answers before TensorFlow is imported
     metrics = read_metrics(run_dir)
+
+    from pipeline.model.rebuild import rebuild, run_source
+    from pipeline.model.runners import load_keras
+
     if manifest.get("kind") == "finetune":
         model = load_keras(run_dir / "model.keras")
         cache = metrics.cache_path
