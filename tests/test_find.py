@@ -15,12 +15,9 @@ from PIL import Image
 from tests.conftest import run_cli, write_photo_folder
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """(selection flags, image folder, cache file): 20 real photo crops, extracted once."""
-    root = tmp_path_factory.mktemp("find")
-    write_photo_folder(root / "photos")
-    sel = [
+def _selection(root: Path) -> list[str]:
+    """The flags that pick ``root/photos``' cache in ``root/cache`` (64 px)."""
+    return [
         "--data",
         str(root / "photos"),
         "--cache-dir",
@@ -29,6 +26,14 @@ def photos(tmp_path_factory):
         "64",
         "--quiet",
     ]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """(selection flags, image folder, cache file): 20 real photo crops, extracted once."""
+    root = tmp_path_factory.mktemp("find")
+    write_photo_folder(root / "photos")
+    sel = _selection(root)
     proc = run_cli("extract", *sel)
     assert proc.returncode == 0, proc.stderr
     (cache,) = (root / "cache").glob("*.h5")
@@ -119,15 +124,7 @@ def test_a_stale_damaged_or_foreign_index_is_rebuilt_never_served(photos, tmp_pa
     sel, folder, cache = photos
     root = tmp_path / "grow"
     shutil.copytree(folder, root / "photos")
-    grown = [
-        "--data",
-        str(root / "photos"),
-        "--cache-dir",
-        str(root / "cache"),
-        "--image-size",
-        "64",
-        "--quiet",
-    ]
+    grown = _selection(root)
     assert run_cli("extract", *grown).returncode == 0
     force = ["--set", "index.exact_below=5", "--top-k", "30", "--json"]
     (c,) = (root / "cache").glob("*.h5")
