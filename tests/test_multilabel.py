@@ -114,7 +114,7 @@ def test_predict_prints_labels_above_their_thresholds(mosaic_cache):
         hits += {c for _, c, _ in r.labels} == names
     assert hits >= 8, hits  # most mosaics get exactly their label set
     out = json.loads(format_json(results))
-    assert set(out[0]) == {"image", "predictions", "features", "error", "labels"}
+    assert set(out[0]) == {"image", "predictions", "features", "error", "labels", "novelty", "novel"}
     assert (
         set(out[0]["predictions"][0]) == {"class", "index", "probability"} and len(out[0]["predictions"]) == 2
     )

@@ -126,7 +126,7 @@ def test_predict_from_the_export_gives_the_run_labels(ml, exported):
             assert {c for _, c, _ in g.labels} - near == {c for _, c, _ in w.labels} - near, (model, g, w)
             assert [c for _, c, _ in g.top] == [c for _, c, _ in w.top] or near, (model, g, w)
         rows = json.loads(format_json(got))
-        assert set(rows[0]) == {"image", "predictions", "features", "error", "labels"}
+        assert set(rows[0]) == {"image", "predictions", "features", "error", "labels", "novelty", "novel"}
         assert set(rows[0]["predictions"][0]) == {"class", "index", "probability"}
 
 

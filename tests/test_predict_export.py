@@ -260,7 +260,7 @@ def test_predict_on_every_model_kind_survives_garbage_collection(stage3, finetun
     for what, (model, kind) in kinds.items():
         predictor = load_predictor(model, 8, cfg)
         gc.collect()  # the model must outlive this: the predictor owns it
-        proba, ok, _, _ = predictor.predict(Dataset("t", "<paths>", samples, [""]), samples)
+        proba, ok, *_ = predictor.predict(Dataset("t", "<paths>", samples, [""]), samples)
         assert predictor.kind == kind and ok.all(), what
         assert np.allclose(proba.sum(1), 1, atol=1e-5) and (proba.argmax(1) == 0).all(), what
         _, results = predict(model, images, top_k=1, cfg=cfg)
