@@ -150,6 +150,46 @@ def test_a_stale_damaged_or_foreign_index_is_rebuilt_never_served(photos, tmp_pa
     assert proc.returncode == 0 and "another cache" in proc.stderr and again == grew
 
 
+def test_an_index_build_killed_midway_leaves_nothing_served_and_is_cleaned(photos, tmp_path):
+    """``kill -9`` while the index folder is being written: no index is served (none exists yet), and
+    the next build removes the dead writer's temporary folder and writes a whole index."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sel, folder, _ = photos
+    root = tmp_path / "killed"
+    shutil.copytree(folder, root / "photos")
+    grown = _selection(root)
+    assert run_cli("extract", *grown).returncode == 0
+    force = ["--set", "index.exact_below=5", "--top-k", "3", "--json"]
+    (c,) = (root / "cache").glob("*.h5")
+    key = _truth(c)[0][0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "find", *grown, "--key", key, *force],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if list((root / "cache").glob(".*.tmp.index")):
+            break  # the index folder is being written
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not list((root / "cache").glob(".*.tmp.index")):  # the build won the race: stage its leftover
+        (index,) = (root / "cache").glob("*.index")
+        shutil.copytree(index, index.with_name(f".{index.name}.{proc.pid}.tmp.index"))
+        shutil.rmtree(index)
+    assert not list((root / "cache").glob("[!.]*.index")), "no index may exist before a build finished"
+    done, answer = _find(grown, "--key", key, *force)
+    assert done.returncode == 0 and len(answer[0]["neighbors"]) == 3, done.stderr
+    assert not list((root / "cache").glob(".*.tmp.index")), "the dead build's folder was left behind"
+    (index,) = (root / "cache").glob("*.index")
+    assert (index / "meta.json").is_file()
+
+
 def test_find_bad_input_is_one_line_exit_2(photos, tmp_path):
     sel, _, cache = photos
     bad = tmp_path / "bad.jpg"

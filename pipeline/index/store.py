@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.utils.io import atomic_path, read_json, sha256_file, write_json
+from pipeline.utils.io import atomic_path, read_json, remove_dead_temps, sha256_file, write_json
 
 FORMAT = "featcache-index-1"
 
@@ -52,6 +52,7 @@ def save(folder: Path, index, rows: np.ndarray, meta: dict[str, Any]) -> None:
     """Write the index folder atomically (the whole folder or nothing)."""
     import faiss
 
+    remove_dead_temps(folder)  # a build killed before: its half-written folder goes now
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         faiss.write_index(index, str(tmp / "index.faiss"))

@@ -58,6 +58,25 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+def remove_dead_temps(path: Path) -> None:
+    """Remove what writers of ``path`` killed mid-write left (``temp_path`` names whose process is gone);
+    a live writer's temporary is left alone."""
+    for p in Path(path).parent.glob(f".{Path(path).name}.*.tmp{Path(path).suffix}"):
+        pid = p.name[len(Path(path).name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            remove_path(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, tmp: Path | None = None, *, synced: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it replaces ``path`` durably.
