@@ -120,15 +120,18 @@ def test_find_filters_by_split_and_class(photos):
     assert [n["similarity"] for n in got] == sorted((n["similarity"] for n in got), reverse=True)
 
 
-def test_a_stale_damaged_or_foreign_index_is_rebuilt_never_served(photos, tmp_path):
-    sel, folder, cache = photos
-    root = tmp_path / "grow"
-    shutil.copytree(folder, root / "photos")
-    grown = _selection(root)
-    assert run_cli("extract", *grown).returncode == 0
-    force = ["--set", "index.exact_below=5", "--top-k", "30", "--json"]
+def _own_copy(photos, root: Path) -> tuple[Path, list[str], list[str]]:
+    """A copy of the photos under ``root`` with a cache of its own: (root, its selection flags, its keys)."""
+    shutil.copytree(photos[1], root / "photos")
+    sel = _selection(root)
+    assert run_cli("extract", *sel).returncode == 0
     (c,) = (root / "cache").glob("*.h5")
-    keys = _truth(c)[0]
+    return root, sel, _truth(c)[0]
+
+
+def test_a_stale_damaged_or_foreign_index_is_rebuilt_never_served(photos, tmp_path):
+    root, grown, keys = _own_copy(photos, tmp_path / "grow")
+    force = ["--set", "index.exact_below=5", "--top-k", "30", "--json"]
     proc, first = _find(grown, "--key", keys[0], *force)
     (index,) = (root / "cache").glob("*.index")
     meta = json.loads((index / "meta.json").read_text())
@@ -158,14 +161,9 @@ def test_an_index_build_killed_midway_leaves_nothing_served_and_is_cleaned(photo
     import sys
     import time
 
-    sel, folder, _ = photos
-    root = tmp_path / "killed"
-    shutil.copytree(folder, root / "photos")
-    grown = _selection(root)
-    assert run_cli("extract", *grown).returncode == 0
+    root, grown, keys = _own_copy(photos, tmp_path / "killed")
+    key = keys[0]
     force = ["--set", "index.exact_below=5", "--top-k", "3", "--json"]
-    (c,) = (root / "cache").glob("*.h5")
-    key = _truth(c)[0][0]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "find", *grown, "--key", key, *force],
         stdout=subprocess.DEVNULL,

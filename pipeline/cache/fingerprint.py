@@ -26,6 +26,7 @@ from pipeline.utils.io import atomic_write, sha256_file
 
 #: the names of the built-in demo source (one source, wherever its files are found)
 BUILTIN_SOURCES = ("fashion_mnist", "fashion-mnist")
+BUILTIN_IDENTITY = "fashion_mnist"  # their one source identity
 
 FORMAT_VERSION = 2  # bump when the meaning of stored features changes (2: area resize for shrinking)
 
@@ -189,7 +190,7 @@ def source_identity(source: str) -> str:
     sources named alike (``a/imgs``, ``b/imgs``) differ here, so they never share a cache."""
     src = source.strip()
     if src in BUILTIN_SOURCES:
-        return "fashion_mnist"
+        return BUILTIN_IDENTITY
     if src.startswith("file://"):
         src = src[len("file://") :]
     if is_url(src):

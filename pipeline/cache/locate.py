@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.fingerprint import (
+    BUILTIN_IDENTITY,
     BUILTIN_SOURCES,
     engine_key,
     engine_selects,
@@ -87,7 +88,7 @@ def dataset_name(data) -> str:
     if data.name:
         name = data.name
     elif src in BUILTIN_SOURCES:
-        return "fashion_mnist"
+        return BUILTIN_IDENTITY
     else:
         p = Path(src).expanduser()
         if not p.exists():
@@ -120,11 +121,7 @@ def belongs(meta: dict[str, Any], identity: str, dataset: str) -> bool:
     if meta.get("dataset") != dataset:
         return False
     recorded = str(meta.get("source") or "")
-    if (
-        not recorded
-        or identity == source_identity(BUILTIN_SOURCES[0])
-        or source_identity(recorded) == identity
-    ):
+    if not recorded or identity == BUILTIN_IDENTITY or source_identity(recorded) == identity:
         return True
     return not (is_url(recorded) or os.path.exists(recorded))
 

@@ -139,8 +139,8 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
     job.parts = scan_parts(job.final, job.fp)
     job.pending = _pending(job)
     if job.pending and job.share:  # rows of the same content in other caches of these features
-        wanted = {job.digest(s) for s in job.pending}
-        job.donors, job.donated = open_donors(job.final, job.fp, wanted - job.cached - set(job.parts))
+        wanted = {job.digest(s) for s in job.pending}  # pending: in neither this cache nor its parts
+        job.donors, job.donated = open_donors(job.final, job.fp, wanted)
         job.result.donors = [c.path for c in job.donors]
         job.cached |= job.donated
         job.pending = [s for s in job.pending if job.digest(s) not in job.donated]
