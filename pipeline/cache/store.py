@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.cache.h5 import attr_value, attrs_digest, h5py_module, short_error, to_str
 from pipeline.cache.schema import FORMAT
+from pipeline.cache.segments import StackedRows, base_generation, chain, segment_files
 from pipeline.utils.config import MULTILABEL, SPLITS
 from pipeline.utils.errors import FeatcacheError
 
@@ -34,63 +35,164 @@ def partial_dir(final: Path) -> Path:
     return final.with_name(final.stem + ".partial")
 
 
+class Strings(Sequence):
+    """A column of strings (keys, content ids) kept as one fixed-width UTF-8 array: a million rows take
+    their bytes, not a million Python objects; a row is decoded when asked for."""
+
+    def __init__(self, raw: np.ndarray):
+        if raw.dtype.kind != "S":  # variable-length strings (caches written before 0.2)
+            raw = (
+                np.asarray([to_str(v).encode("utf-8") for v in raw], dtype="S")
+                if len(raw)
+                else raw.astype("S1")
+            )
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return self.raw[i].decode("utf-8")
+        return [v.decode("utf-8") for v in self.raw[i].tolist()]
+
+    def __iter__(self):
+        return (v.decode("utf-8") for v in self.raw.tolist())
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Strings({len(self)} rows)"
+
+
+def _open_checked(path: Path):
+    """``path`` opened read-only once its format, completeness and metadata checksum are verified."""
+    h5py = h5py_module()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise FeatcacheError(
+            f"{path}: not a readable HDF5 cache ({short_error(e)}); delete it or re-extract with --rebuild"
+        ) from None
+    try:
+        a = f.attrs
+        digest = a.get("attrs_sha256")
+        checksummed = digest is not None or ("ids" in f and f["ids"].fletcher32)
+        if checksummed and digest != attrs_digest(a):
+            raise FeatcacheError(f"{path}: damaged cache (metadata checksum); re-extract with --rebuild")
+        if a.get("format") != FORMAT:
+            raise FeatcacheError(
+                f"{path}: not a featcache cache (format {a.get('format')!r}); delete it or re-extract"
+                " with --rebuild"
+            )
+        if not bool(a.get("complete", False)):
+            raise FeatcacheError(f"{path}: cache is incomplete; run `featcache extract` again to finish it")
+    except FeatcacheError:
+        f.close()
+        raise
+    except (KeyError, OSError, ValueError, RuntimeError) as e:
+        f.close()
+        raise FeatcacheError(f"{path}: damaged cache ({short_error(e)}); re-extract with --rebuild") from None
+    return f
+
+
+#: attributes that describe one segment, not the cache it extends
+SEGMENT_ATTRS = ("segment_of", "segment_first", "segment_last", "attrs_sha256")
+
+
 class FeatureCache:
-    """A complete cache opened read-only. Small columns load eagerly; features stay on disk until asked."""
+    """A complete cache opened read-only: the base file and the segments later runs added
+    (:mod:`pipeline.cache.segments`). Small columns load eagerly; features stay on disk until asked."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        h5py = h5py_module()
         if not self.path.is_file():
             raise FeatcacheError(f"cache not found: {self.path}")
+        self._f = _open_checked(self.path)
+        self._files = [self._f]
+        self.segments: list[Path] = []  # the segment files served after the base, in order
+        self.generation: str | None = None  # what a segment names to extend the base
         try:
-            self._f = h5py.File(self.path, "r")
-        except OSError as e:
-            raise FeatcacheError(
-                f"{self.path}: not a readable HDF5 cache ({short_error(e)}); delete it or re-extract with --rebuild"
-            ) from None
-        try:
-            a = self._f.attrs
-            digest = a.get("attrs_sha256")
-            checksummed = digest is not None or ("ids" in self._f and self._f["ids"].fletcher32)
-            if checksummed and digest != attrs_digest(a):
-                raise FeatcacheError(
-                    f"{self.path}: damaged cache (metadata checksum); re-extract with --rebuild"
-                )
-            if a.get("format") != FORMAT:
-                raise FeatcacheError(
-                    f"{self.path}: not a featcache cache (format {a.get('format')!r}); delete it or re-extract"
-                    " with --rebuild"
-                )
-            if not bool(a.get("complete", False)):
-                raise FeatcacheError(
-                    f"{self.path}: cache is incomplete; run `featcache extract` again to finish it"
-                )
-            self.meta: dict[str, Any] = {k: attr_value(v) for k, v in a.items()}
-            self.layers: list[str] = list(self._f["features"].keys())
-            self.class_names = [to_str(c) for c in self._f["class_names"][()]]
-            labels = self._f["labels"][()]
-            self.labels = labels.astype(np.uint8 if self.multilabel else np.int64)
-            self.split = self._f["split"][()]
-            self.keys = [to_str(k) for k in self._f["keys"][()]]
-            self.ids = [to_str(k) for k in self._f["ids"][()]]
-            self.sizes = self._f["sizes"][()]
-            self.mtimes = self._f["mtimes"][()]
-            n = len(self.keys)
-            for layer in self.layers:
-                if self._f["features"][layer].shape[0] != n:
-                    raise FeatcacheError(
-                        f"{self.path}: features/{layer} has {self._f['features'][layer].shape[0]} rows, expected {n}"
-                    )
-            if not (len(self.labels) == len(self.split) == len(self.ids) == n):
-                raise FeatcacheError(f"{self.path}: columns disagree in length; the file is damaged")
+            self.meta: dict[str, Any] = {k: attr_value(v) for k, v in self._f.attrs.items()}
+            self._open_segments()
+            self._load_columns()
         except FeatcacheError:
-            self._f.close()
+            self.close()
             raise
         except (KeyError, OSError, ValueError, RuntimeError) as e:  # h5py raises any of these on damage
-            self._f.close()
-            raise FeatcacheError(
-                f"{self.path}: damaged cache ({short_error(e)}); re-extract with --rebuild"
-            ) from None
+            self.close()
+            raise self._damaged(e) from None
+
+    def _open_segments(self) -> None:
+        """The chain of segments extending this base; a segment vanishing under us (a writer's clean-up
+        after a merge) means listing again."""
+        self.generation = generation = base_generation(self.meta)
+        if generation is None:
+            return
+        for _ in range(3):
+            opened: dict[Path, Any] = {}
+
+            def belongs(s, opened=opened) -> bool:
+                f = _open_checked(s.path)
+                if attr_value(f.attrs.get("segment_of")) != generation:
+                    f.close()
+                    return False
+                opened[s.path] = f
+                return True
+
+            try:
+                served = chain(segment_files(self.path), belongs)
+            except FeatcacheError:
+                for f in opened.values():
+                    f.close()
+                if all(s.path.exists() for s in segment_files(self.path)):
+                    raise
+                continue
+            for s in served:
+                self._files.append(opened.pop(s.path))
+                self.segments.append(s.path)
+            for f in opened.values():
+                f.close()
+            if self.segments:
+                last = {k: attr_value(v) for k, v in self._files[-1].attrs.items()}
+                self.meta.update({k: v for k, v in last.items() if k not in SEGMENT_ATTRS})
+            return
+
+    def _load_columns(self) -> None:
+        files = self._files
+        self.layers: list[str] = list(self._f["features"].keys())
+        self.class_names = [to_str(c) for c in self._f["class_names"][()]]
+        for f in files[1:]:
+            names = [to_str(c) for c in f["class_names"][()]]
+            dims = {k: f["features"][k].shape[1:] for k in f["features"]}
+            if names != self.class_names or dims != {
+                k: self._f["features"][k].shape[1:] for k in self.layers
+            }:
+                raise FeatcacheError(
+                    f"{f.filename}: segment disagrees with its cache; re-extract with --rebuild"
+                )
+
+        def column(name: str) -> np.ndarray:
+            parts = [f[name][()] for f in files]
+            return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+        labels = column("labels")
+        self.labels = labels.astype(np.uint8 if self.multilabel else np.int64)
+        self.split = column("split")
+        self.keys = Strings(column("keys"))
+        self.ids = Strings(column("ids"))
+        self.sizes = column("sizes")
+        self.mtimes = column("mtimes")
+        n = len(self.keys)
+        self.meta["n_rows"] = n
+        self.base_rows = int(self._f["keys"].shape[0])  # the rows before the segments
+        for layer in self.layers:
+            got = sum(f["features"][layer].shape[0] for f in files)
+            if got != n:
+                raise FeatcacheError(f"{self.path}: features/{layer} has {got} rows, expected {n}")
+        if not (len(self.labels) == len(self.split) == len(self.ids) == n):
+            raise FeatcacheError(f"{self.path}: columns disagree in length; the file is damaged")
 
     # -- small, convenient accessors
     @property
@@ -130,8 +232,12 @@ class FeatureCache:
         return layer
 
     def dataset(self, layer: str | None = None):
-        """The h5py dataset itself, for streaming readers."""
-        return self._f["features"][self.layer_name(layer)]
+        """The feature matrix as streaming readers slice it: the h5py dataset itself, or the base and its
+        segments stacked (:class:`~pipeline.cache.segments.StackedRows`)."""
+        name = self.layer_name(layer)
+        if len(self._files) == 1:
+            return self._f["features"][name]
+        return StackedRows([f["features"][name] for f in self._files])
 
     def rows(self, split: str | None = None) -> np.ndarray:
         """The row indices of a split (``train``, ``val`` or ``test``); every row when None."""
@@ -187,6 +293,7 @@ class FeatureCache:
         return {
             "path": str(self.path),
             "rows": self.n_rows,
+            "segments": len(self.segments),
             "layers": {layer: list(self.dataset(layer).shape) for layer in self.layers},
             "classes": self.class_names,
             "split_counts": {name: int((self.split == i).sum()) for i, name in enumerate(SPLITS)},
@@ -194,7 +301,8 @@ class FeatureCache:
         }
 
     def close(self) -> None:
-        self._f.close()
+        for f in self._files:
+            f.close()
 
     def __enter__(self):
         return self
@@ -221,7 +329,7 @@ def describe(path: Path) -> dict[str, Any]:
             m = json.loads(man.read_text())
             info.update(backbone=m.get("backbone"), dataset=m.get("dataset"), rows=m.get("rows_written", 0))
         return info
-    info["size"] = path.stat().st_size
+    info["size"] = path.stat().st_size + sum(s.path.stat().st_size for s in segment_files(path))
     try:
         with FeatureCache(path) as c:
             info.update(

@@ -251,17 +251,6 @@ def cache_rows(ds, digests, have: set[str], skip: set[str], data_cfg, old: Featu
     return rows
 
 
-def same_rows(old: FeatureCache, rows: list[Row], class_names: list[str]) -> bool:
-    """True when ``old`` holds exactly ``rows`` (keys, digests, labels, splits, classes): nothing to rewrite."""
-    return (
-        old.class_names == class_names
-        and old.keys == [r.key for r in rows]
-        and old.ids == [r.digest for r in rows]
-        and np.array_equal(old.labels, [r.label for r in rows])
-        and np.array_equal(old.split, [r.split for r in rows])
-    )
-
-
 def write_cache(
     final: Path,
     rows: list[Row],

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.fingerprint import fingerprint
+from pipeline.cache.growth import CacheFiles, update_cache
 from pipeline.cache.locate import dataset_identity, open_donors, resolve_cache_path, touch_cache
 from pipeline.cache.quarantine import Unreadable, quarantine_path, read_quarantine, write_quarantine
 from pipeline.cache.schema import cache_attrs
@@ -39,9 +40,7 @@ from pipeline.cache.write import (
     extraction_lock,
     part_dims,
     remove_stale_temps,
-    same_rows,
     scan_parts,
-    write_cache,
 )
 from pipeline.data.images import numpy_batches
 from pipeline.data.sources import Dataset, Sample, content_digests, load_dataset
@@ -170,36 +169,31 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
     result.problems = [(s.key, reason) for s, _, reason in bad]
     result.quarantine = write_quarantine(quarantine_path(job.final), bad)
 
-    up_to_date = old is not None and "source_id" in old.meta  # else: an earlier version's, recorded once
-    if not (up_to_date and not job.pending and same_rows(old, rows, ds.class_names)):
-        old_meta = old.meta if old is not None else None
-        identity = dataset_identity(cfg, ds)
-        attrs = cache_attrs(
-            cfg,
-            ds,
-            job.key,
-            job.fp,
-            layer_dims,
-            map_shapes,
-            result.engine,
-            old_meta,
-            identity,
-            result.engine_fidelity,
-        )
-        write_cache(
-            job.final,
-            rows,
-            ds.class_names,
-            layer_dims,
-            attrs,
-            old,
-            job.parts,
-            cfg.extract.dtype,
-            cfg.extract.compression,
-            donors=job.donors,
-        )
-        if old is not None:
-            old.close()
+    identity = dataset_identity(cfg, ds)
+    attrs = cache_attrs(
+        cfg,
+        ds,
+        job.key,
+        job.fp,
+        layer_dims,
+        map_shapes,
+        result.engine,
+        old.meta if old is not None else None,
+        identity,
+        result.engine_fidelity,
+    )
+    files = CacheFiles(
+        job.final,
+        ds.class_names,
+        layer_dims,
+        attrs,
+        job.parts,
+        cfg.extract.dtype,
+        cfg.extract.compression,
+        job.donors,
+    )
+    # a cache written before source identities is rewritten once, to record its source
+    result.written = update_cache(files, old, rows, rewrite=old is None or "source_id" not in old.meta)
     clear_partial(job.final)
     result.seconds = time.perf_counter() - t_start
     return result

@@ -21,6 +21,11 @@ from pipeline.data.splits import split_lines
 from pipeline.features.calibration import Calibration
 from pipeline.utils.config import Config
 
+GROWTH = {
+    "segment": "cache grew by a segment: only the new rows were written",
+    "merged": "cache grew by a segment: only the new rows were written, and the segments merged into one",
+}
+
 
 @dataclass
 class ExtractResult:
@@ -44,6 +49,7 @@ class ExtractResult:
     unlabelled: int = 0  # multi-label rows with no class (all negative)
     device: str = ""  # where the backbone ran in this run: "CPU" or "GPU (its name)" (empty: none ran)
     splits: dict[str, int] = field(default_factory=dict)  # rows in the cache now: train, val, test
+    written: str = ""  # what the cache file got: unchanged, segment, merged or rewritten
     class_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # split → class → rows (positives)
 
     @property
@@ -71,6 +77,8 @@ class ExtractResult:
             )
         else:
             lines.append(f"no backbone work ({self.seconds:.2f} s)")
+        if self.written in GROWTH:
+            lines.append(GROWTH[self.written])
         lines += split_lines(self.splits, self.class_rows)
         lines += [f"skipped files and reasons: {self.quarantine}"] if self.quarantine else []
         return "\n".join(lines)
