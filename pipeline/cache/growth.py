@@ -70,20 +70,25 @@ def new_rows(old: FeatureCache, rows: list[Row], class_names: list[str]) -> list
     return [r for r, f in zip(rows, found.tolist(), strict=True) if not f]
 
 
-def update_cache(spec: CacheFiles, old: FeatureCache | None, rows: list[Row], rewrite: bool) -> str:
+def update_cache(
+    spec: CacheFiles, old: FeatureCache | None, rows: list[Row], rewrite: bool, added: list[Row] | None = None
+) -> str:
     """Write what ``rows`` needs beyond ``old``; return what was done: ``unchanged``, ``segment``,
-    ``merged`` or ``rewritten``."""
-    added = (
-        None if rewrite or old is None or old.generation is None else new_rows(old, rows, spec.class_names)
-    )
+    ``merged`` or ``rewritten``. ``added``: the rows beyond ``old``, known already (``rows`` are then
+    just those: every row of ``old`` is kept as it is)."""
+    if added is None and not (rewrite or old is None or old.generation is None):
+        added = new_rows(old, rows, spec.class_names)
     if added is not None and not added:
         prune_segments(spec.final, old.segments)
         return "unchanged"
-    if added is None or _outgrows(old, len(added)):
+    if added is None:
         _rewrite(spec, old, rows)
         return "rewritten"
+    if _outgrows(old, len(added)):
+        _rewrite(spec, old, _rows_of(old, 0) + added)
+        return "rewritten"
     if len(old.segments) + 1 > MAX_SEGMENTS:
-        merged = _segment_rows(old) + added
+        merged = _rows_of(old, old.base_rows) + added
         path = _write_segment(spec, old, merged, 1, len(old.segments) + 1, sources=(old, *spec.donors))
         prune_segments(spec.final, [path])
         return "merged"
@@ -119,8 +124,8 @@ def _write_segment(
     return path
 
 
-def _segment_rows(old: FeatureCache) -> list[Row]:
-    """The rows ``old``'s segments hold, as the writer takes them (a merge copies them)."""
+def _rows_of(old: FeatureCache, start: int) -> list[Row]:
+    """``old``'s rows from ``start`` on, as the writer takes them (a merge or a rewrite copies them)."""
     return [
         Row(
             old.keys[i],
@@ -130,7 +135,7 @@ def _segment_rows(old: FeatureCache) -> list[Row]:
             int(old.sizes[i]),
             int(old.mtimes[i]),
         )
-        for i in range(old.base_rows, old.n_rows)
+        for i in range(start, old.n_rows)
     ]
 
 

@@ -29,17 +29,25 @@ def cache_state(cache) -> dict[str, dict[str, Any]]:
     added elsewhere, which renumbers the classes, does not change a split whose rows did not change);
     file names and row order do not count: a moved or re-listed folder keeps its state.
     """
-    ids, names = cache.ids, [str(c) for c in cache.class_names]
+    names = np.asarray([str(c).encode("utf-8") for c in cache.class_names] or [b""], dtype="S")
+    ids = np.asarray(
+        cache.ids.raw if hasattr(cache.ids, "raw") else [str(i).encode() for i in cache.ids], "S"
+    )
     out = {}
     for i, split in enumerate(SPLITS):
         rows = np.flatnonzero(cache.split == i)
         if cache.multilabel:
-            labels = [" ".join(names[j] for j in np.flatnonzero(cache.labels[r])) for r in rows]
+            labels = np.asarray(
+                [b" ".join(names[np.flatnonzero(cache.labels[r])].tolist()) for r in rows], dtype="S"
+            )
         else:
-            labels = [names[k] for k in cache.labels[rows].tolist()]
-        pairs = sorted(zip([ids[r] for r in rows.tolist()], labels, strict=True))
-        text = "".join(f"{cid}\t{label}\n" for cid, label in pairs)
-        out[split] = {"n": int(len(rows)), "digest": "sha256:" + hashlib.sha256(text.encode()).hexdigest()}
+            labels = names[cache.labels[rows]]
+        h = hashlib.sha256()
+        if len(rows):  # the rows' "<content id>\t<label names>\n" lines, sorted (bytes sort as the text)
+            order = np.lexsort((labels, ids[rows]))
+            lines = np.char.add(np.char.add(ids[rows][order], b"\t"), np.char.add(labels[order], b"\n"))
+            h.update(b"".join(lines.tolist()))
+        out[split] = {"n": int(len(rows)), "digest": "sha256:" + h.hexdigest()}
     return out
 
 

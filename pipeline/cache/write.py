@@ -293,9 +293,12 @@ def _write_features(f, rows: list[Row], layer_dims, sources, parts, dtype: str, 
     """Each layer's feature matrix, rows taken from the first of ``sources`` (cached features) that holds
     their digest, else from the parts, slice by slice."""
     n = len(rows)
-    index: dict[str, tuple[int, int]] = {}
-    for k, cache in reversed(list(enumerate(sources))):  # the first source that has a digest wins
-        index.update((d, (k, i)) for i, d in enumerate(cache.ids))
+    index: dict[str, tuple[int, int]] = {}  # digest → (source, row): the first source that has it wins
+    wanted = np.asarray(sorted({r.digest.encode() for r in rows}), dtype="S")
+    for k, cache in enumerate(sources):
+        hits = np.flatnonzero(np.isin(cache.ids.raw, wanted))  # a million cached rows: one vector op
+        for i, d in zip(hits.tolist(), cache.ids.raw[hits].tolist(), strict=True):
+            index.setdefault(d.decode(), (k, i))
     reader = PartReader()
     g = f.create_group("features")
     for layer, dim in layer_dims.items():

@@ -67,19 +67,23 @@ def _check_classes(name: str, class_names: list[str]) -> None:
 
 
 def _scan_class_folders(root: Path, split: str | None, pattern, samples, ignored, empty) -> set[str]:
+    """Append each class folder's images as samples (keys relative to the dataset root), the rest to
+    ``ignored``. A million files: one key and one path string each, built by concatenation."""
     classes = set()
+    base = root.parent if split else root
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         n_before = len(samples)
+        label = class_dir.name
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            prefix = storable_key(os.path.relpath(dirpath, base)) + "/"
             for fn in sorted(filenames):
-                full = os.path.join(dirpath, fn)
-                rel = os.path.relpath(full, root.parent if split else root)
-                if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
-                    ignored.append(storable_key(rel))
+                key = prefix + (fn if fn.isascii() else storable_key(fn))
+                dot = fn.rfind(".")
+                if fn.startswith(".") or dot <= 0 or fn[dot:].lower() not in IMAGE_EXTENSIONS:
+                    ignored.append(key)
                     continue
-                key = storable_key(rel)
-                samples.append(Sample(key, class_dir.name, split, group_of(key, pattern), full))
+                samples.append(Sample(key, label, split, group_of(key, pattern), dirpath + os.sep + fn))
         if len(samples) == n_before:
             empty.append(str(class_dir))
         classes.add(class_dir.name)

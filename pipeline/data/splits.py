@@ -90,13 +90,14 @@ def small_split_note(counts: dict[str, dict[str, int]]) -> str | None:
     )
 
 
-def split_counts(rows, class_names) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """Rows per split (``SPLITS`` order) and their :func:`class_counts`, of cache rows (``.split``, ``.label``)."""
+def split_counts(split, labels, class_names) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Rows per split (``SPLITS`` order) and their :func:`class_counts`, of cache columns (split codes and
+    labels, one per row)."""
     import numpy as np
 
-    split = np.array([r.split for r in rows], np.int64)
+    split = np.asarray(split, np.int64)
     per_split = {name: int((split == code).sum()) for name, code in SPLIT_CODES.items()}
-    return per_split, class_counts([r.label for r in rows], split, class_names)
+    return per_split, class_counts(labels, split, class_names)
 
 
 def split_lines(per_split: dict[str, int], counts: dict[str, dict[str, int]]) -> list[str]:

@@ -50,6 +50,7 @@ from pipeline.features.backbones.registry import check_engine, dynamic_hint, get
 from pipeline.features.calibration import Calibration, for_config
 from pipeline.stages.extract.cluster import run_on_cluster
 from pipeline.stages.extract.job import ExtractJob, ExtractResult, backbone_pass
+from pipeline.stages.extract.quick import cached_among, narrow_to_new
 from pipeline.stages.extract.views import augmented_views
 from pipeline.utils.collector import frozen_gc
 from pipeline.utils.config import Config, given_keys, resolve_config
@@ -131,9 +132,12 @@ def extract(
 def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResult:
     """Digest the samples, run the backbone on those not cached yet, and write the new cache if it changed."""
     cfg, ds, old, result = job.cfg, job.ds, job.old, job.result
+    if not keep_missing:
+        narrow_to_new(job)  # a rerun that finds every cached row as it was: only new files from here on
+    known = old.file_stats() if old is not None and not job.narrowed else {}
+    job.digests, found = content_digests(job.ds, known)
     if old is not None:
-        job.cached = set(old.ids)
-    job.digests, found = content_digests(ds, old.file_stats() if old is not None else {})
+        job.cached = cached_among(job) if job.narrowed else set(old.ids)
     job.unreadable.extend(found)  # with ``fail``, the first one stops the run here
     job.parts = scan_parts(job.final, job.fp)
     job.pending = _pending(job)
@@ -150,26 +154,14 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
     have = job.cached | set(job.parts)
     skip = job.unreadable.keys()
     rows = cache_rows(job.ds, job.digests, have, skip, job.cfg.data, job.old if keep_missing else None)
-    if not rows:
-        raise FeatcacheError(
-            f"{ds.source}: no readable images ({len(job.unreadable)} unreadable; see the list above)"
-        )
-    rows = augmented_views(job, rows)
+    if not job.narrowed:
+        if not rows:
+            raise FeatcacheError(
+                f"{ds.source}: no readable images ({len(job.unreadable)} unreadable; see the list above)"
+            )
+        rows = augmented_views(job, rows)
+    _tally(job, rows)
 
-    bad = job.unreadable.items
-    result.rows = len(rows)
-    result.splits, result.class_rows = split_counts(rows, ds.class_names)
-    if ds.multilabel:
-        result.unlabelled = sum(1 for r in rows if not any(r.label))
-    result.skipped = len(bad)
-    result.reused = len(rows) - result.extracted
-    result.donated = sum(1 for r in rows if r.digest in job.donated)
-    new_ids = {r.digest for r in rows}
-    result.removed = len([d for d in (old.ids if old is not None else []) if d not in new_ids])
-    result.problems = [(s.key, reason) for s, _, reason in bad]
-    result.quarantine = write_quarantine(quarantine_path(job.final), bad)
-
-    identity = dataset_identity(cfg, ds)
     attrs = cache_attrs(
         cfg,
         ds,
@@ -179,7 +171,7 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
         map_shapes,
         result.engine,
         old.meta if old is not None else None,
-        identity,
+        dataset_identity(cfg, ds),
         result.engine_fidelity,
     )
     files = CacheFiles(
@@ -193,10 +185,35 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
         job.donors,
     )
     # a cache written before source identities is rewritten once, to record its source
-    result.written = update_cache(files, old, rows, rewrite=old is None or "source_id" not in old.meta)
+    rewrite = old is None or "source_id" not in old.meta
+    result.written = update_cache(files, old, rows, rewrite, added=rows if job.narrowed else None)
     clear_partial(job.final)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _tally(job: ExtractJob, rows: list) -> None:
+    """The result's counts: rows, splits and classes of the cache as it will be, what was skipped, removed
+    and reused. ``rows``: every row, or after :func:`narrow_to_new` the new ones (the old ones all kept)."""
+    result, old, ds = job.result, job.old, job.ds
+    bad = job.unreadable.items
+    split = np.asarray([r.split for r in rows], np.int64)
+    labels = [r.label for r in rows]
+    if job.narrowed:
+        split = np.concatenate([old.split.astype(np.int64), split])
+        labels = np.concatenate([old.labels, np.asarray(labels, np.int64)])
+    result.rows = len(split)
+    result.splits, result.class_rows = split_counts(split, labels, ds.class_names)
+    if ds.multilabel:
+        result.unlabelled = sum(1 for r in rows if not any(r.label))
+    result.skipped = len(bad)
+    result.reused = result.rows - result.extracted
+    result.donated = sum(1 for r in rows if r.digest in job.donated)
+    if old is not None and not job.narrowed:
+        new_ids = {r.digest for r in rows}
+        result.removed = len([d for d in old.ids if d not in new_ids])
+    result.problems = [(s.key, reason) for s, _, reason in bad]
+    result.quarantine = write_quarantine(quarantine_path(job.final), bad)
 
 
 def _pending(job: ExtractJob) -> list[Sample]:

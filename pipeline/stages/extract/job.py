@@ -108,6 +108,7 @@ class ExtractJob:
     donors: list[FeatureCache] = field(default_factory=list)  # other caches of ``fp`` that serve rows
     share: bool = True  # rows may come from ``donors`` (not with --rebuild)
     donated: set[str] = field(default_factory=set)  # digests served by ``donors``
+    narrowed: bool = False  # ``ds`` holds only the files ``old`` lacks (every cached row is kept as it is)
 
     def digest(self, s: Sample) -> str:
         return self.digests[s.key][0]
