@@ -66,6 +66,24 @@ def _check_classes(name: str, class_names: list[str]) -> None:
         raise FeatcacheError(f"{name}: need at least 2 classes to train a classifier, found {found}")
 
 
+def _walk_files(top: str):
+    """``(folder, sorted names, exact)`` under ``top``, as ``os.walk`` (sorted, hidden folders and links to
+    folders not entered). A folder whose link count says it has no sub-folders (2 on ext4/XFS) is read by
+    ``os.listdir``, in C, rather than entry by entry: its names are not ``exact`` (one may be a link to a
+    folder; the caller checks the few names that are not images)."""
+    try:
+        no_subfolders = os.stat(top).st_nlink == 2
+        names = sorted(os.listdir(top)) if no_subfolders else []
+    except OSError:
+        no_subfolders = False
+    if no_subfolders:
+        yield top, names, False
+        return
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, sorted(filenames), True
+
+
 def _scan_class_folders(root: Path, split: str | None, pattern, samples, ignored, empty) -> set[str]:
     """Append each class folder's images as samples (keys relative to the dataset root), the rest to
     ``ignored``. A million files: one key and one path string each, built by concatenation."""
@@ -74,16 +92,17 @@ def _scan_class_folders(root: Path, split: str | None, pattern, samples, ignored
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         n_before = len(samples)
         label = class_dir.name
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, filenames, exact in _walk_files(str(class_dir)):
             prefix = storable_key(os.path.relpath(dirpath, base)) + "/"
-            for fn in sorted(filenames):
+            for fn in filenames:
                 key = prefix + (fn if fn.isascii() else storable_key(fn))
                 dot = fn.rfind(".")
                 if fn.startswith(".") or dot <= 0 or fn[dot:].lower() not in IMAGE_EXTENSIONS:
-                    ignored.append(key)
+                    if exact or not os.path.isdir(dirpath + os.sep + fn):
+                        ignored.append(key)
                     continue
-                samples.append(Sample(key, label, split, group_of(key, pattern), dirpath + os.sep + fn))
+                group = None if pattern is None else group_of(key, pattern)
+                samples.append(Sample(key, label, split, group, dirpath + os.sep + fn))
         if len(samples) == n_before:
             empty.append(str(class_dir))
         classes.add(class_dir.name)
@@ -232,6 +251,26 @@ def _parquet_folder(fs, path: str) -> bool:
         return False
 
 
+_PARQUET_NAME = re.compile(r"(?:^|\0)[^.\0][^\0]*\.parquet(?=\0|$)")  # in names joined by NUL
+
+
+def _has_parquet(root: str | Path, depth: int = 2) -> bool:
+    """A ``*.parquet`` file at most ``depth`` folders below ``root`` (names starting with a dot skipped, as
+    a glob would). A million-image folder costs one ``listdir`` and one regex pass per folder, in C; a
+    folder whose link count says it has no sub-folders (2 on ext4/XFS) is not looked into further."""
+    try:
+        names = os.listdir(root)
+        leaf = os.stat(root).st_nlink == 2
+    except OSError:
+        return False
+    if _PARQUET_NAME.search("\0".join(names)):
+        return True
+    if depth == 0 or leaf:
+        return False
+    subs = (os.path.join(root, n) for n in names if not n.startswith("."))
+    return any(_has_parquet(p, depth - 1) for p in subs if os.path.isdir(p))
+
+
 def _load(src: str, cfg: DataConfig, index_dir) -> Dataset:
     from pipeline.data.shards import load_shards, shard_kind
 
@@ -255,7 +294,7 @@ def _load(src: str, cfg: DataConfig, index_dir) -> Dataset:
             )
         raise FeatcacheError(f"data source not found: {src}")
     if p.is_dir():
-        if any(next(p.glob("*/" * depth + "*.parquet"), None) for depth in range(3)):
+        if _has_parquet(p):
             return load_shards(cfg, "parquet", index_dir, str(p))
         return _folder(p, cfg)
     if p.suffix.lower() == ".csv":

@@ -35,7 +35,9 @@ def narrow_to_new(job: ExtractJob) -> bool:
     keys = utf8_keys([s.key for s in ds.samples])
     rows = cached_rows(old, keys, sizes, mtimes)
     hit = rows >= 0
-    if int(hit.sum()) != old.n_rows or len(np.unique(rows[hit])) != old.n_rows:
+    seen = np.zeros(old.n_rows, bool)
+    seen[rows[hit]] = True
+    if int(hit.sum()) != old.n_rows or not seen.all():
         return False  # a cached file is gone or changed
     label_of = ds.label_index()
     labels = np.fromiter((label_of[s.label] for s in ds.samples), np.int64, len(ds.samples))
