@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.cache.h5 import write_error
 from pipeline.cache.segments import segment_dir, segment_name
 from pipeline.cache.store import FeatureCache
 from pipeline.cache.write import PartRows, Row, write_cache
+from pipeline.utils.io import fsync_dir
 
 MAX_SEGMENTS = 16  # more, and the segments are merged into one
 
@@ -115,7 +117,12 @@ def _write_segment(
     spec: CacheFiles, old: FeatureCache, rows: list[Row], first: int, last: int, sources
 ) -> Path:
     path = segment_dir(spec.final) / segment_name(first, last)
-    path.parent.mkdir(exist_ok=True)
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir()
+            fsync_dir(spec.final.parent)  # the folder's entry is durable before a segment in it counts
+        except OSError as e:
+            raise write_error(path.parent, e) from None
     attrs = {**spec.attrs, "segment_of": old.generation, "segment_first": first, "segment_last": last}
     write_cache(
         path, rows, spec.class_names, spec.layer_dims, attrs, None, spec.parts, spec.dtype,
