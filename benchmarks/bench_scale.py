@@ -189,6 +189,9 @@ def step_empty(d: Path, n: int, big: Path, rev: str, opts) -> dict[str, Any]:
 
     extra, alone, cache = max(1, n // 100), d / "extra", d / "empty-cache"
     link_subset(big, alone, n + extra, start=n)
+    for cls in alone.iterdir():  # a class none of the few images belong to is no class folder
+        if not any(cls.iterdir()):
+            cls.rmdir()
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir()
     if (d / "cache" / "engines").is_dir():
@@ -353,7 +356,7 @@ def bench_synthetic(work: Path, rows: int, dim: int, template: Path, opts) -> di
         if state["build"]["status"] != "ok":
             return {"rows": rows, "dim": dim, **state}
     state["file_gb"] = round(sum(p.stat().st_size for p in (d / "cache").rglob("*") if p.is_file()) / 1e9, 2)
-    state["features_gb"] = round(rows * dim * 4 / 1e9, 2)
+    state["features_mib"] = round(rows * dim * 4 / 2**20, 1)
     commands = {
         "info": ["cache", "info", str(cache)],
         "ls": ["cache", "ls", "--cache-dir", str(d / "cache")],
@@ -516,18 +519,13 @@ def markdown(r: dict[str, Any]) -> str:
 
 def _synthetic_lines(y: dict[str, Any], rev: str) -> list[str]:
     cell = lambda x: f"{_cell(y.get(x), rev)}, {_gb(y.get(x))}" if y.get(x) else "–"  # noqa: E731
-    t = y.get("train") or {}
-    ratio = (
-        f"{t['rss_mib'] / 1024 / (y['features_gb'] / 1.073741824):.1f}×"
-        if t.get("rss_mib") and "features_gb" in y
-        else "–"
-    )
+    t, feats = y.get("train") or {}, y.get("features_mib") or y["rows"] * y["dim"] * 4 / 2**20
+    ratio = f"{t['rss_mib'] / feats:.1f}×" if t.get("rss_mib") else "–"
     acc = f"{t['test_acc']:.4f}" if t.get("test_acc") is not None else "–"
     return [
-        f"Synthetic cache: {y['rows']:,} rows × {y['dim']}-d float32 (class-centred Gaussian features, written by "
-        "the cache writer: `write_synthetic_cache`), {} GB of features, file(s) {} GB. Wall time, peak RSS:".format(
-            y.get("features_gb", "?"), y.get("file_gb", "?")
-        ),
+        f"Synthetic cache: {y['rows']:,} rows × {y['dim']}-d float32 features ({feats / 1024:.2f} GB; class-centred "
+        f"Gaussian, 80/10/10 splits), written by the cache writer (`write_synthetic_cache`); file(s) "
+        f"{y.get('file_gb', '?')} GB. Wall time, peak RSS:",
         "",
         "| build | `cache info` | `cache ls` | `runs ls` | `train` | train peak RSS ÷ float32 features | train test acc |",
         "|---:|---:|---:|---:|---:|---:|---:|",
