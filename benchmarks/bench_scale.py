@@ -47,11 +47,10 @@ DIM = 1280  # Lite0's features
 
 
 def commit() -> str:
-    """The commit measured, ``+`` when pipeline/ has uncommitted changes."""
+    """The code measured: the last commit that changed pipeline/, ``+`` when it has uncommitted changes."""
     git = ["git", "-C", str(REPO)]
-    head = subprocess.run(
-        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    last = [*git, "log", "-1", "--format=%h", "--", "pipeline"]
+    head = subprocess.run(last, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "pipeline"], capture_output=True, text=True).stdout
     return head + ("+" if dirty.strip() else "")
 
@@ -438,7 +437,9 @@ def _cell(step: dict[str, Any] | None, rev: str | None = None) -> str:
 
 
 def _gb(step: dict[str, Any] | None) -> str:
-    return f"{step['rss_mib'] / 1024:.1f} GB" if step and step.get("rss_mib") else "–"
+    if not step or not step.get("rss_mib"):
+        return "–"
+    return f"{step['rss_mib'] / 1024:.1f} GB" if step["rss_mib"] >= 1024 else f"{step['rss_mib']} MiB"
 
 
 def _goals(s: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
@@ -479,8 +480,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"CPU instruction sets: **{isa}**; {r['cores']} cores. Commit {rev}. Unique {r['image_size']} px PNGs "
         f"(benchmarks/scale_data.py), efficientnet_lite0 at `--image-size {r['image_size']}`, 1280-d; real "
-        f"`featcache` subprocesses; each step stopped after {r['timeout_s']:.0f} s. ‡: measured at an earlier "
-        "commit (step skipped in this run; results.json names it).",
+        f"`featcache` subprocesses; each step stopped after {r['timeout_s']:.0f} s. Commit: the last one "
+        "that changed pipeline/; ‡: measured at another (step skipped in this run; results.json names it).",
         "",
         "| rows | first extract | no-op | +1 % | same 1 % into empty | train | peak RSS train | search 100 | audit | report |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
