@@ -79,6 +79,9 @@ SECTIONS = {
     ),
 }
 
+#: Sections a plain ``make bench`` leaves out: they take hours or tens of GB (``--only`` runs them).
+ON_REQUEST = {"scale"}
+
 
 def machine() -> str:
     import numpy as np
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    chosen = [s for s in (args.only.split(",") if args.only else SECTIONS) if s]
+    everything = [s for s in SECTIONS if s not in ON_REQUEST]
+    chosen = [s for s in (args.only.split(",") if args.only else everything) if s]
     sections = out_dir / "sections"
     sections.mkdir(exist_ok=True)
     _seed_sections(sections)
