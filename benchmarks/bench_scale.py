@@ -108,7 +108,7 @@ def child(args: list[str], timeout: float) -> dict[str, Any]:
     }
     if status == "failed":
         r["error"] = (err.strip().splitlines() or ["?"])[-1][:300]
-    r["load"] = round(os.getloadavg()[0], 1)
+    r["load"], r["limit_s"] = round(os.getloadavg()[0], 1), timeout
     return {**r, "stdout": out}
 
 
@@ -497,8 +497,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"CPU instruction sets: **{isa}**; {r['cores']} cores. Commit {rev}. Unique {r['image_size']} px PNGs "
         f"(benchmarks/scale_data.py), efficientnet_lite0 at `--image-size {r['image_size']}`, 1280-d; real "
-        f"`featcache` subprocesses; each step stopped after {r['timeout_s']:.0f} s. Commit: the last one "
-        "that changed pipeline/; ‡: measured at another (step skipped in this run; results.json names it).",
+        "`featcache` subprocesses; a step stopped at its time limit (`--scale-timeout`) shows `> T s`. Commit: "
+        "the last one that changed pipeline/; ‡: measured at another (step skipped in this run; results.json "
+        "names it).",
         "",
         "| rows | first extract | no-op | +1 % | same 1 % into empty | train | peak RSS train | search 100 | audit | report |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
