@@ -369,7 +369,12 @@ def bench_synthetic(work: Path, rows: int, dim: int, template: Path, opts) -> di
         state_file.write_text(json.dumps(state, indent=2))
         if state["build"]["status"] != "ok":
             return {"rows": rows, "dim": dim, **state}
-    state["file_gb"] = round(sum(p.stat().st_size for p in (d / "cache").rglob("*") if p.is_file()) / 1e9, 2)
+    files = [
+        p
+        for p in (d / "cache").rglob("*")
+        if p.is_file() and "runs" not in p.parts and ".index" not in str(p)
+    ]
+    state["file_gb"] = round(sum(p.stat().st_size for p in files) / 1e9, 2)  # the cache, not runs or indexes
     state["features_mib"] = round(rows * dim * 4 / 2**20, 1)
     commands = {
         "info": ["cache", "info", str(cache)],
