@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -72,7 +73,14 @@ SECTIONS = {
         "benchmarks.bench_zeroshot",
         "Words as heads: prompt cost, zero-shot train time, the k-shot curve on a small CLIP (issue 36)",
     ),
+    "scale": (
+        "benchmarks.bench_scale",
+        "A million rows: extract, no-op, +1 %, train, search, audit, report at 100k-1M rows; 10M synthetic (issue 40)",
+    ),
 }
+
+#: Sections a plain ``make bench`` leaves out: they take hours or tens of GB (``--only`` runs them).
+ON_REQUEST = {"scale"}
 
 
 def machine() -> str:
@@ -128,10 +136,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    scale = ap.add_argument_group("scale section (benchmarks/bench_scale.py)")
+    scale.add_argument("--work", help="its work folder: images, caches, results.json per size")
+    scale.add_argument("--scale-sizes", help="rows, comma-separated (default 100000,300000,1000000)")
+    scale.add_argument("--scale-images", help="the scale_data folder to link from (default <work>/images)")
+    scale.add_argument("--scale-fresh", action="store_true", help="rebuild the caches it would reuse")
+    scale.add_argument(
+        "--scale-skip",
+        help="steps left out: extract,noop,grow,empty,train,search,audit,report,"
+        "synthetic (or info,ls,runs of it)",
+    )
+    scale.add_argument("--scale-timeout", type=float, help="seconds before a step is stopped (default 3600)")
+    scale.add_argument(
+        "--scale-synthetic", type=int, help="rows of the synthetic cache (default 10M; 0: none)"
+    )
+    scale.add_argument("--scale-dim", type=int, help="its feature width (default 64)")
     args = ap.parse_args(argv)
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    chosen = [s for s in (args.only.split(",") if args.only else SECTIONS) if s]
+    everything = [s for s in SECTIONS if s not in ON_REQUEST]
+    chosen = [s for s in (args.only.split(",") if args.only else everything) if s]
     sections = out_dir / "sections"
     sections.mkdir(exist_ok=True)
     _seed_sections(sections)
@@ -142,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {title}", flush=True)
         t0 = time.perf_counter()
         module = importlib.import_module(module_name)
-        results[name] = module.run(out_dir, args.quick)
+        takes_args = "args" in inspect.signature(module.run).parameters  # sections with options of their own
+        results[name] = module.run(out_dir, args.quick, **({"args": args} if takes_args else {}))
         table = module.markdown(results[name])
         print(table, flush=True)
         text = f"## {title}\n\nMeasured {stamp}.\n\n{table}\n\n_{time.perf_counter() - t0:.0f} s_"

@@ -88,14 +88,26 @@ def make_scale_folder(root: Path, n: int, workers: int = 2) -> Path:
     return root
 
 
-def link_subset(big: Path, small: Path, n: int) -> Path:
-    """The first ``n`` images of ``big`` as hard links under ``small`` (no copy)."""
+def link_subset(big: Path, small: Path, n: int, start: int = 0) -> Path:
+    """Images ``start`` to ``n - 1`` of ``big`` (the first ``n`` by default) as hard links under ``small``
+    (no copy)."""
     for cls_dir in sorted(p for p in big.iterdir() if p.is_dir()):
         (small / cls_dir.name).mkdir(parents=True, exist_ok=True)
         for f in os.scandir(cls_dir):
-            if int(f.name[:7]) < n and not (small / cls_dir.name / f.name).exists():
+            if start <= int(f.name[:7]) < n and not (small / cls_dir.name / f.name).exists():
                 os.link(f.path, small / cls_dir.name / f.name)
     return small
+
+
+def trim_subset(small: Path, n: int) -> int:
+    """Remove the links of images numbered ``n`` or more from ``small`` (undo a growth); how many."""
+    removed = 0
+    for cls_dir in (p for p in small.iterdir() if p.is_dir()):
+        for f in os.scandir(cls_dir):
+            if int(f.name[:7]) >= n:
+                os.unlink(f.path)
+                removed += 1
+    return removed
 
 
 if __name__ == "__main__":
