@@ -47,6 +47,7 @@ class BlasLogisticRegression(LogisticRegression):
         )
 
     def fit(self, X, y, sample_weight=None):
+        self._validate_params()  # C > 0, tol >= 0, ...: scikit-learn's own checks and messages
         if not self._covered(X):
             return super().fit(X, y, sample_weight=sample_weight)
         from sklearn.utils.multiclass import check_classification_targets
@@ -73,6 +74,7 @@ class BlasLogisticRegression(LogisticRegression):
         """The fit of :meth:`fit` on rows read in chunks (re-iterable ``(X, y)`` pairs, e.g. a
         :class:`~pipeline.cache.reader.ChunkSequence`), every pass over them one loss and gradient;
         ``y_all``: every row's label, for the classes and the class weights."""
+        self._validate_params()
         if not self._covered(np.empty((0, 0))):
             raise ValueError(
                 f"streaming fits solver='lbfgs' with an L2 penalty only (solver={self.solver!r},"
