@@ -431,8 +431,11 @@ params = { C = [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0] }
     recs = lines(run.dir / "trials.jsonl")
     assert sorted(r["resource"] for r in recs) == sorted([1 / 9] * 9 + [1 / 3] * 3 + [1.0])
     assert board[0]["resource"] == 1.0 and board[0]["status"] == "ok" and run.best is board[0]
-    third = sorted((r for r in recs if r["resource"] == 1 / 9), key=lambda r: -r["score"])[:3]
-    assert {r["params"]["C"] for r in recs if r["resource"] == 1 / 3} == {r["params"]["C"] for r in third}
-    assert "successive halving over rows" in run.summary() and "search.halving_rows (500)" in run.summary()
     val = run.refit.metrics["val"]
+    first = [r for r in recs if r["resource"] == 1 / 9]
+    kept = {r["params"]["C"] for r in recs if r["resource"] == 1 / 3}
+    kept_scores = [r["score"] for r in first if r["params"]["C"] in kept]
+    dropped = [r["score"] for r in first if r["params"]["C"] not in kept]
+    assert min(kept_scores) >= max(dropped) - 1 / val["n"]  # the best third went on (ties: by log loss)
+    assert "successive halving over rows" in run.summary() and "search.halving_rows (500)" in run.summary()
     assert abs(val["accuracy"] - board[0]["score"]) <= 2 / val["n"]
