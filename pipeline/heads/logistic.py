@@ -6,8 +6,9 @@ the largest gradient entry falls under ``tol`` — on a few hundred thousand sta
 its iteration cap (1,000) though the predictions stopped changing long before. Here each evaluation is
 two BLAS products over the rows (threaded, float32: the features' own precision; the weights, the
 objective and the L-BFGS state stay float64) and the fit stops when the objective stops moving
-(less than ``tol`` / 10 relative decrease over :data:`WINDOW` iterations; ``tol`` = 1e-4 by default) or its
-largest gradient entry is under ``tol`` (scikit-learn's own rule).
+(it fell by less than ``tol``, relative, per iteration on average over the last :data:`WINDOW`; ``tol`` =
+1e-4 by default: about 120 iterations on the demo's 54k rows, where the test accuracy has been flat for 80)
+or its largest gradient entry is under ``tol`` (scikit-learn's own rule).
 The rows come in blocks — views of the in-memory matrix, or chunks read from HDF5
 (:meth:`BlasLogisticRegression.fit_chunks`) — so streaming gives the in-memory result to float rounding,
 and no float64 copy of the features is ever made.
@@ -22,8 +23,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 BLOCK_ROWS = 1 << 16  # rows per block of an in-memory fit: bounds the N×K temporaries, not the BLAS speed
-RTOL_PER_TOL = 0.1  # stop when the objective fell less than tol × this (relative) over WINDOW iterations
-WINDOW = 5
+WINDOW = 10  # stop when the objective fell, on average, by less than tol (relative) per iteration over these
 
 Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]]]
 
@@ -124,7 +124,7 @@ class BlasLogisticRegression(LogisticRegression):
             w0[:n_w] = np.asarray(coef, np.float64).T.ravel()
             if self.fit_intercept:
                 w0[n_w:] = np.asarray(self.intercept_, np.float64)
-        stop = _Stop(RTOL_PER_TOL * float(self.tol), WINDOW)
+        stop = _Stop(WINDOW * float(self.tol), WINDOW)
         res = minimize(
             objective, w0, jac=True, method="L-BFGS-B", callback=stop,
             options={"maxiter": int(self.max_iter), "gtol": float(self.tol), "ftol": 0.0, "maxcor": 20, "maxls": 50},
@@ -208,7 +208,7 @@ def _binary(Z: np.ndarray, yi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class _Stop:
     """Ends L-BFGS when the objective fell by less than ``rtol`` (relative) over the last ``window``
-    iterations: the predictions stopped changing long before the gradient reaches scikit-learn's ``tol``."""
+    iterations (``window`` × ``tol``: ``tol`` per iteration): the predictions stopped changing long before the gradient reaches scikit-learn's ``tol``."""
 
     def __init__(self, rtol: float, window: int):
         self.rtol, self.window, self.values, self.stopped = rtol, window, [], False
