@@ -92,7 +92,9 @@ def build_transforms(
     return steps
 
 
-FIT_BLOCK_ROWS = 1 << 16  # StandardScaler learns its mean and variance in blocks: no full-size temporary
+FIT_BLOCK_ROWS = (
+    8192  # StandardScaler learns its mean and variance in blocks (float64 temporaries of a block)
+)
 
 
 def transform_owned(est, X):
