@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-BLOCK_ROWS = 1 << 16  # rows per block of an in-memory fit: bounds the N×K temporaries, not the BLAS speed
+BLOCK_BYTES = 32 << 20  # an in-memory fit's rows go through X @ W and X.T @ G in blocks of about this size
 WINDOW = 10  # stop when the objective fell, on average, by less than tol (relative) per iteration over these
 
 Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]]]
@@ -60,13 +60,11 @@ class BlasLogisticRegression(LogisticRegression):
         if sample_weight is not None:
             sw = sw * _check_sample_weight(sample_weight, X, dtype=X.dtype)
 
+        rows = max(1024, BLOCK_BYTES // max(X.shape[1] * X.itemsize, 1))
+
         def blocks():
-            for i in range(0, len(X), BLOCK_ROWS):
-                yield (
-                    X[i : i + BLOCK_ROWS],
-                    yi[i : i + BLOCK_ROWS],
-                    None if sw is None else sw[i : i + BLOCK_ROWS],
-                )
+            for i in range(0, len(X), rows):
+                yield X[i : i + rows], yi[i : i + rows], None if sw is None else sw[i : i + rows]
 
         return self._solve(blocks, classes, X.shape[1], float(len(y) if sw is None else sw.sum()), X.dtype)
 

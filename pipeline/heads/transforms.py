@@ -92,9 +92,7 @@ def build_transforms(
     return steps
 
 
-FIT_BLOCK_ROWS = (
-    8192  # StandardScaler learns its mean and variance in blocks (float64 temporaries of a block)
-)
+FIT_BLOCK_ROWS = 2048  # StandardScaler learns mean and variance in blocks: float64 temporaries of ~20 MB
 
 
 def transform_owned(est, X):
