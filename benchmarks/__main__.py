@@ -38,6 +38,10 @@ SECTIONS = {
         "benchmarks.bench_training",
         "Cached training vs the notebook way, and search vs one pass (items 2-4)",
     ),
+    "stage2": (
+        "benchmarks.bench_stage2",
+        "Stage 2 near its limit: the logistic head's float32 L-BFGS vs its gradient's BLAS limit, 100k-1M rows (issue 40)",
+    ),
     "search": (
         "benchmarks.bench_search",
         "A 100-trial random search over five head families vs one extraction pass (issue 16)",

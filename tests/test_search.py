@@ -406,3 +406,36 @@ def test_the_refit_run_is_reused_retrained_when_gone_and_skipped_with_no_refit(d
     assert finished() == [third.refit_dir]  # nothing trained without the refit
     with pytest.raises(FeatcacheError, match="trained no run"):
         pipeline.Run(off)
+
+
+def test_a_large_grid_search_runs_its_first_rungs_on_row_subsets(digits_cache, tmp_path):
+    """``search.halving_rows`` forced down to this small cache: every candidate on 1/9 of the fit rows, the
+    best third on 1/3, the best ninth on all; the summary says so, and the winner is a full-size trial
+    that its refit run reproduces."""
+    from pipeline.stages.search import search
+
+    space = write_space(
+        tmp_path / "rows.toml",
+        """
+[[heads]]
+name = "logistic"
+transforms = [["standardize"]]
+params = { C = [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0] }
+""",
+    )
+    run = search(search_cfg(digits_cache, tmp_path, space, strategy="grid", halving_rows=500))
+    board = run.leaderboard
+    rungs = sorted({r["resource"] for r in board})
+    assert rungs == pytest.approx([1 / 9, 1 / 3, 1.0])
+    assert [sum(1 for r in board if r["resource"] >= f) for f in rungs] == [9, 3, 1] and run.n_run == 13
+    recs = lines(run.dir / "trials.jsonl")
+    assert sorted(r["resource"] for r in recs) == sorted([1 / 9] * 9 + [1 / 3] * 3 + [1.0])
+    assert board[0]["resource"] == 1.0 and board[0]["status"] == "ok" and run.best is board[0]
+    val = run.refit.metrics["val"]
+    first = [r for r in recs if r["resource"] == 1 / 9]
+    kept = {r["params"]["C"] for r in recs if r["resource"] == 1 / 3}
+    kept_scores = [r["score"] for r in first if r["params"]["C"] in kept]
+    dropped = [r["score"] for r in first if r["params"]["C"] not in kept]
+    assert min(kept_scores) >= max(dropped) - 1 / val["n"]  # the best third went on (ties: by log loss)
+    assert "successive halving over rows" in run.summary() and "search.halving_rows (500)" in run.summary()
+    assert abs(val["accuracy"] - board[0]["score"]) <= 2 / val["n"]

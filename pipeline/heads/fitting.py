@@ -12,8 +12,10 @@ import numpy as np
 from pipeline.cache.reader import Data
 from pipeline.heads.keras_head import class_weights
 from pipeline.heads.registry import Head, make_head, sgd_step
-from pipeline.heads.transforms import build_transforms
+from pipeline.heads.transforms import build_transforms, fit_transform_owned, transform_owned
 from pipeline.utils.errors import FeatcacheError, first_line
+
+FULL_BATCH_BYTES = 64 << 20  # a full-batch streamed fit reads chunks of about this many bytes
 
 
 @dataclass
@@ -124,16 +126,19 @@ class Prepared:
 
 def prepare(data: Data, train_rows, val_rows, steps) -> Prepared:
     """Fit ``steps`` (unfitted transforms) on ``train_rows`` and transform them and ``val_rows`` (may be None)."""
-    X, y = data.take(train_rows), data.labels[train_rows]
+    X, y = data.take(train_rows), data.labels[train_rows]  # a fresh array: transformed in place
     for _, est in steps:
-        X = est.fit_transform(X)
+        X = fit_transform_owned(est, X)
     prep = Prepared(steps, X, y)
     if val_rows is not None:
         val_rows = val_rows[
             np.isin(data.labels[val_rows], y)
         ]  # a class unseen in train cannot steer stopping
         if len(val_rows):
-            prep.X_val, prep.y_val = _apply(steps, data.take(val_rows)), data.labels[val_rows]
+            X_val = data.take(val_rows)
+            for _, est in steps:
+                X_val = transform_owned(est, X_val)
+            prep.X_val, prep.y_val = X_val, data.labels[val_rows]
     return prep
 
 
@@ -189,6 +194,17 @@ def _fit_streamed(
             raise FeatcacheError(f"head {head.name!r}: {first_line(e, 300)}") from None
         stats["generator_batches"] = int(est.stream_batches_)
         stats["chunk_reads"] += seq.reads + (val.reads if val is not None else 0)
+        return
+    if head.full_batch:  # one loss and gradient per pass over the chunks, in file order: no shuffling
+        seq = data.chunks(
+            train_rows, max(chunk_rows, FULL_BATCH_BYTES // (4 * data.n_features)), transform=transform
+        )
+        try:
+            est.fit_chunks(seq, y_all)
+        except (ValueError, TypeError) as e:
+            raise FeatcacheError(f"head {head.name!r}: {first_line(e, 300)}") from None
+        stats["passes"] = int(est.n_passes_)
+        stats["chunk_reads"] += seq.reads
         return
     seq = data.chunks(train_rows, chunk_rows, shuffle=True, seed=seed, transform=transform)
     if head.auto_step:

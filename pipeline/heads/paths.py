@@ -3,8 +3,9 @@
 * ridge: every ``alpha`` from one eigendecomposition of the centred Gram matrix (``X^T X``, or ``X X^T``
   when there are fewer rows than features); each alpha then costs a matrix product. The solution is the
   one :class:`~sklearn.linear_model.RidgeClassifier` computes (targets in {-1, 1}, intercept by centring).
-* logistic regression: consecutive values of ``C`` warm-start from the previous solution (lbfgs reaches the
-  same optimum of the same convex objective, in fewer iterations).
+* logistic regression: consecutive values of ``C`` warm-start from the previous solution (the head's
+  float32 L-BFGS, :mod:`pipeline.heads.logistic`, reaches the same optimum of the same convex objective,
+  in fewer iterations).
 * linear SVM: where ``C`` · mean |x|² is large, LinearSVC's problem solved with L-BFGS, each ``C`` starting
   from the previous one's weights; elsewhere liblinear's dual coordinate descent, which is quick there.
 
@@ -262,25 +263,28 @@ class SquaredHingeSVM:
             cols = self.classes_[1:] if len(self.classes_) == 2 else self.classes_
             Y = np.where(np.asarray(y)[:, None] == cols[None, :], 1.0, -1.0).astype(np.float32)
         # The two matrix products of a step in float32 (the features' own precision; ~1.5× faster), the
-        # weights, the objective and the gradient's sum with W in float64 for L-BFGS.
-        Xa = np.hstack([np.asarray(X, np.float32), np.full((len(X), 1), self.scaling, np.float32)])
-        C = self.C
+        # weights, the objective and the gradient's sum with W in float64 for L-BFGS. The bias column of
+        # ``intercept_scaling`` is added to the products, never to a copy of X.
+        X = np.asarray(X, np.float32)
+        C, s, d = self.C, np.float32(self.scaling), X.shape[1] + 1
 
         def f(w):
-            W = w.reshape(Xa.shape[1], Y.shape[1])
-            m = np.maximum(0.0, 1.0 - Y * (Xa @ W.astype(np.float32)))
-            grad = W - 2.0 * C * (Xa.T @ (Y * m)).astype(np.float64)
+            W = w.reshape(d, Y.shape[1])
+            Wf = W.astype(np.float32)
+            m = np.maximum(0.0, 1.0 - Y * (X @ Wf[:-1] + s * Wf[-1]))
+            Ym = Y * m
+            grad = W - 2.0 * C * np.vstack([X.T @ Ym, s * Ym.sum(axis=0, keepdims=True)]).astype(np.float64)
             loss = 0.5 * float(np.sum(W * W)) + C * float(np.sum(np.square(m, dtype=np.float64)))
             return loss, grad.ravel()
 
-        w0 = np.zeros(Xa.shape[1] * Y.shape[1]) if coef0 is None else np.asarray(coef0, np.float64).ravel()
+        w0 = np.zeros(d * Y.shape[1]) if coef0 is None else np.asarray(coef0, np.float64).ravel()
         g0 = np.abs(f(np.zeros_like(w0))[1]).max()
         res = minimize(
             f, w0, jac=True, method="L-BFGS-B",
             options={"maxiter": self.max_iter, "gtol": self.tol * g0, "ftol": 1e-12, "maxcor": 20},
         )  # fmt: skip
         self.W, self.converged, self.n_iter_ = (
-            res.x.reshape(Xa.shape[1], Y.shape[1]),
+            res.x.reshape(d, Y.shape[1]),
             bool(res.success),
             res.nit,
         )

@@ -29,6 +29,7 @@ TRUSTED_TYPES = frozenset(
         "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
         "pipeline.heads.zeroshot.ZeroShotClassifier",
         "pipeline.heads.zeroshot.FewShotClassifier",
+        "pipeline.heads.logistic.BlasLogisticRegression",  # the logistic head (a LogisticRegression)
     }
 )
 

@@ -34,6 +34,7 @@ class Head:
     val_kwargs: Callable[[np.ndarray, np.ndarray], dict[str, Any]] | None = None
     class_weight: Any = None  # applied by the fitting loop as sample weights (partial_fit heads, mlp)
     auto_step: bool = False  # SGD step size to be set from the data's scale (see ``sgd_step``)
+    full_batch: bool = False  # streams with ``fit_chunks``: every pass over the chunks one loss and gradient
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class HeadSpec:
     memory_only: frozenset[str] = frozenset()
     aliases: tuple[tuple[str, str], ...] = ()  # (short name, estimator parameter)
     stream_epochs: int = 20
+    full_batch: bool = False  # the same solver in memory and streamed (``fit_chunks``): no epochs, no SGD
 
 
 def _set(est, params: dict[str, Any], head: str):
@@ -60,10 +62,12 @@ def _set(est, params: dict[str, Any], head: str):
         ) from None
 
 
-def _logistic(p, seed):
-    from sklearn.linear_model import LogisticRegression
+def _logistic(p, seed, n_train=None):
+    """Float32-BLAS L-BFGS on scikit-learn's objective (:mod:`pipeline.heads.logistic`), in memory or
+    streamed; 1000 iterations are a cap, not the rule: it stops when the objective stops moving."""
+    from pipeline.heads.logistic import BlasLogisticRegression
 
-    return _set(LogisticRegression(max_iter=1000, random_state=seed), p, "logistic")
+    return _set(BlasLogisticRegression(max_iter=1000, random_state=seed), p, "logistic")
 
 
 def _sgd(loss: str, head: str):
@@ -154,8 +158,8 @@ def _text(head: str):
 HEADS: dict[str, HeadSpec] = {
     s.name: s
     for s in (
-        HeadSpec("logistic", "sklearn", "multinomial logistic regression (lbfgs); streams as SGD log-loss", _logistic,
-                 _sgd("log_loss", "logistic"), stream_only=frozenset({"epochs"}), memory_only=frozenset({"max_iter", "solver", "tol"})),
+        HeadSpec("logistic", "sklearn", "multinomial logistic regression (float32 L-BFGS); streams the same full-batch fit", _logistic,
+                 _logistic, stream_only=frozenset({"epochs"}), full_batch=True),
         HeadSpec("linear_svm", "sklearn", "linear SVM (liblinear); streams as SGD hinge", _linear_svm,
                  _sgd("hinge", "linear_svm"), stream_only=frozenset({"epochs"}), memory_only=frozenset({"max_iter", "dual", "tol"})),
         HeadSpec("ridge", "sklearn", "ridge classifier (closed form)", _ridge),
@@ -212,7 +216,7 @@ def make_head(
     for short, full in spec.aliases:
         if short in p:
             p[full] = p.pop(short)
-    drop = spec.memory_only if streaming else spec.stream_only
+    drop = spec.memory_only if streaming and not spec.full_batch else spec.stream_only
     ignored = sorted(k for k in p if k in drop)
     p = {k: v for k, v in p.items() if k not in drop}
     epochs = 1
@@ -223,7 +227,7 @@ def make_head(
             raise FeatcacheError(
                 f"head {name!r} cannot learn from chunks; streaming works with: {streamable}"
             )
-        if spec.kind == "sklearn":
+        if spec.kind == "sklearn" and not spec.full_batch:
             epochs = int(p.pop("epochs", spec.stream_epochs))
             if epochs < 1:
                 raise FeatcacheError(f"head {name!r}: epochs must be >= 1, got {epochs}")
@@ -231,14 +235,16 @@ def make_head(
     else:
         est = spec.build(p, seed)
     if cw_given:
-        cw = _place_class_weight(name, est, cw, native=spec.kind == "keras" or not streaming)
-    auto_step = streaming and name in ("logistic", "linear_svm") and not {"learning_rate", "eta0"} & set(p)
+        cw = _place_class_weight(
+            name, est, cw, native=spec.kind == "keras" or spec.full_batch or not streaming
+        )
+    auto_step = streaming and name == "linear_svm" and not {"learning_rate", "eta0"} & set(p)
     val_kwargs = None
     if spec.kind == "keras":
         val_kwargs = _keras_val
     elif (name == "hgb" and est.get_params().get("early_stopping") is True) or name == "fewshot":
         val_kwargs = _xy_val
-    return Head(name, spec.kind, est, streaming, epochs, ignored, val_kwargs, cw, auto_step)
+    return Head(name, spec.kind, est, streaming, epochs, ignored, val_kwargs, cw, auto_step, spec.full_batch)
 
 
 def _place_class_weight(name: str, est, cw, native: bool):

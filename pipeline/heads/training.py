@@ -254,9 +254,9 @@ def _metrics(
         fit_info["epochs"] = len(fitted.history.get("loss", []))
         if getattr(head_est, "best_epoch_", None):
             fit_info["best_epoch"] = head_est.best_epoch_
-    elif getattr(head_est, "n_iter_", None) is not None and not fitted.streamed:
+    elif getattr(head_est, "n_iter_", None) is not None and (fitted.head.full_batch or not fitted.streamed):
         fit_info["n_iter"] = np.asarray(head_est.n_iter_).max().item()
-    if fitted.head.streaming and fitted.head.kind == "sklearn":
+    if fitted.head.streaming and fitted.head.kind == "sklearn" and not fitted.head.full_batch:
         fit_info["epochs"] = fitted.head.epochs
     counts = {s: int((cache.split == i).sum()) for i, s in enumerate(SPLITS)}
     return {

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.utils.errors import FeatcacheError
 
 TRANSFORMS = ("standardize", "l2", "pca:K")
@@ -88,6 +90,33 @@ def build_transforms(
             )
             steps.append((name, pca))
     return steps
+
+
+FIT_BLOCK_ROWS = 2048  # StandardScaler learns mean and variance in blocks: float64 temporaries of ~20 MB
+
+
+def transform_owned(est, X):
+    """``est.transform(X)`` overwriting ``X`` (an array the caller owns) where the step can: standardize and
+    l2 keep the features' size and dtype, so a training matrix is never copied; PCA makes its smaller one."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if isinstance(est, (StandardScaler, Normalizer)) and isinstance(X, np.ndarray) and X.flags.writeable:
+        return est.transform(X, copy=False)
+    return est.transform(X)
+
+
+def fit_transform_owned(est, X):
+    """``est.fit_transform(X)`` as :func:`transform_owned` does it: StandardScaler's statistics learned
+    over row blocks (its ``fit`` would hold a full-size temporary), then ``X`` overwritten."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if isinstance(est, StandardScaler) and isinstance(X, np.ndarray) and len(X) > FIT_BLOCK_ROWS:
+        for i in range(0, len(X), FIT_BLOCK_ROWS):
+            est.partial_fit(X[i : i + FIT_BLOCK_ROWS])
+        return transform_owned(est, X)
+    if isinstance(est, (StandardScaler, Normalizer)):
+        return transform_owned(est.fit(X), X)
+    return est.fit_transform(X)
 
 
 def describe_transforms(steps: list[tuple[str, Any]]) -> list[dict[str, Any]]:

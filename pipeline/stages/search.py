@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tuning import (
+    ROW_RUNGS,
     SearchRun,
     Space,
     TrialRunner,
@@ -34,6 +35,8 @@ from pipeline.tuning import (
     multilabel_space,
     plan_folds,
     refit_best,
+    row_halving,
+    row_halving_note,
     score_metric,
     strategy_candidates,
     tie_note,
@@ -132,9 +135,13 @@ def search(
 
 def _run(runner: TrialRunner, candidates, s: SearchConfig, plan, notes: list[str], t0: float) -> SearchRun:
     """Every candidate's trials (halving's rungs, or each once at full size), ranked."""
+    n_fit = len(plan.folds[0][0])
     try:
         if s.strategy == "halving":
-            results = halving(runner, candidates, len(plan.folds[0][0]), plan.n_classes, notes)
+            results = halving(runner, candidates, n_fit, plan.n_classes, notes)
+        elif row_halving(s.strategy, n_fit, s.halving_rows, len(candidates)):
+            notes = notes + [row_halving_note(n_fit, s.halving_rows)]
+            results = halving(runner, candidates, n_fit, plan.n_classes, notes, rungs=ROW_RUNGS)
         else:
             got = runner.run(candidates, 1.0)
             results = {c: (1.0, got[c]) for c in candidates}

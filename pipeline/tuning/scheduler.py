@@ -212,12 +212,40 @@ class TrialRunner:
         self._lead(rec)
 
 
-def halving(runner: TrialRunner, cands: list[Candidate], n_train: int, n_classes: int, notes: list[str]):
-    """Successive halving: all candidates on a small nested subset, the best third on 3× more rows, ..."""
+ROW_RUNGS = 3  # a large random or grid search's rungs over rows: 1/9, 1/3, all
+
+
+def row_halving(strategy: str, n_fit: int, threshold: int, n_cands: int) -> bool:
+    """Whether a ``random`` or ``grid`` search runs successive halving over rows (:data:`ROW_RUNGS`
+    rungs): its fit rows reach ``search.halving_rows`` (``threshold``, 0 = never) and it has candidates
+    to drop. ``halving`` always has rungs; small searches score every candidate on all rows."""
+    return strategy in ("random", "grid") and 0 < threshold <= n_fit and n_cands >= HALVING_FACTOR
+
+
+def row_halving_note(n_fit: int, threshold: int) -> str:
+    """What a search's summary says when :func:`row_halving` applied."""
+    return (
+        f"{n_fit} fit rows >= search.halving_rows ({threshold}): successive halving over rows, every"
+        f" candidate on 1/{HALVING_FACTOR ** (ROW_RUNGS - 1)} of them, the best third on 1/{HALVING_FACTOR},"
+        " the best ninth on all (set search.halving_rows = 0 to score every candidate on all rows)"
+    )
+
+
+def halving(
+    runner: TrialRunner,
+    cands: list[Candidate],
+    n_train: int,
+    n_classes: int,
+    notes: list[str],
+    rungs: int | None = None,
+):
+    """Successive halving: all candidates on a small nested subset, the best third on 3× more rows, ...
+    ``rungs``: how many (None: from the number of candidates, one more for each factor of 3)."""
     min_rows = max(30, 5 * n_classes)
-    rungs = 1
-    while HALVING_FACTOR**rungs <= len(cands):  # 3-8 candidates: 2 rungs, 9-26: 3, ...
-        rungs += 1
+    if rungs is None:
+        rungs = 1
+        while HALVING_FACTOR**rungs <= len(cands):  # 3-8 candidates: 2 rungs, 9-26: 3, ...
+            rungs += 1
     while rungs > 1 and n_train / HALVING_FACTOR ** (rungs - 1) < min_rows:
         rungs -= 1
     if rungs == 1:

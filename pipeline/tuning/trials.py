@@ -32,6 +32,7 @@ from pipeline.utils.errors import FeatcacheError
 # k-fold CV: a trial whose mean over its first folds is this far below the leader stops there ("pruned")
 PRUNE_MARGIN = 0.10
 PREPARED_KEPT = 4  # transformed (layer, chain, fold) matrices a worker keeps for the next trials
+PREPARED_FREE_BYTES = 256 << 20  # ... within the features' size, or this much when they are smaller
 
 
 def _failed(e: Exception, t0: float) -> dict[str, Any]:
@@ -150,6 +151,7 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
     data = shared.data[cand.layer]
     fit_rows, eval_rows, es_rows = shared.plan.folds[fold]
     rows = subset_rows(fit_rows, shared.plan.rank, fraction)
+    _make_room(shared, len(rows) * data.n_features * 4, data)
     steps = build_transforms(
         list(cand.transforms), n_samples=len(rows), n_features=data.n_features, seed=shared.seed
     )
@@ -162,12 +164,27 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
     X_eval = data.take(eval_rows)
     for _, est in steps:
         X_eval = est.transform(X_eval)
-    while len(shared.prepared) >= PREPARED_KEPT:
+    shared.prepared[key] = (prep, X_eval, data.labels[eval_rows])
+    return key, shared.prepared[key]
+
+
+def _nbytes(entry) -> int:
+    prep, X_eval, _ = entry
+    return int(prep.X.nbytes + X_eval.nbytes + (prep.X_val.nbytes if prep.X_val is not None else 0))
+
+
+def _make_room(shared: WorkerState, need: int, data) -> None:
+    """Drop the least recently used prepared matrices (and the paths on them) until a new one of ``need``
+    bytes fits: at most PREPARED_KEPT of them, and together no more than the features the worker holds
+    (at a million rows one full-size chain at a time: a search's memory stays ~2× its features)."""
+    held = data.X.nbytes if data.X is not None else 0
+    while shared.prepared and (
+        len(shared.prepared) >= PREPARED_KEPT
+        or sum(_nbytes(e) for e in shared.prepared.values()) + need > max(held, need, PREPARED_FREE_BYTES)
+    ):
         old = next(iter(shared.prepared))
         del shared.prepared[old]
         shared.paths = {k: v for k, v in shared.paths.items() if k[0] != old}
-    shared.prepared[key] = (prep, X_eval, data.labels[eval_rows])
-    return key, shared.prepared[key]
 
 
 def _fit_predict(

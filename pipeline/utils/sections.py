@@ -215,6 +215,14 @@ class SearchConfig:
     strategy: str = opt("random", flag="--strategy", choices=STRATEGIES, help="how candidates are drawn")
     n_trials: int = opt(100, flag="--n-trials", metavar="N", min=1, help="candidates for random and halving")
     n_jobs: int = opt(1, flag="--n-jobs", metavar="N", check=_jobs, help="parallel trials (-1 = all cores)")
+    halving_rows: int = opt(
+        100_000,
+        flag="--halving-rows",
+        metavar="N",
+        min=0,
+        help="from N fit rows on, random and grid searches start on row subsets: every candidate on 1/9"
+        " of the rows, the best third on 1/3, the best ninth on all (0 = never)",
+    )
     cv: int = opt(
         0,
         flag="--cv",
