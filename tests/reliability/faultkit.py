@@ -208,10 +208,13 @@ def cache_content(path: Path) -> dict:
         }
 
 
-def assert_same_cache(a: Path | dict, b: Path | dict, atol: float = 1e-5) -> None:
-    """Same rows in the same order, same labels, splits and classes, features equal within ``atol``."""
+def assert_same_cache(a: Path | dict, b: Path | dict, atol: float = 1e-5, ordered: bool = True) -> None:
+    """Same rows in the same order (any order, ``ordered=False``), same labels, splits and classes, features
+    equal within ``atol``."""
     a = a if isinstance(a, dict) else cache_content(a)
     b = b if isinstance(b, dict) else cache_content(b)
+    if not ordered:
+        a, b = _by_key(a), _by_key(b)
     assert len(set(a["keys"])) == len(a["keys"]), "a key is duplicated"
     assert a["keys"] == b["keys"], "rows differ"
     assert a["ids"] == b["ids"]
@@ -221,6 +224,17 @@ def assert_same_cache(a: Path | dict, b: Path | dict, atol: float = 1e-5) -> Non
     np.testing.assert_array_equal(a["split"], b["split"])
     for layer in a["layers"]:
         np.testing.assert_allclose(a["features"][layer], b["features"][layer], atol=atol, rtol=0)
+
+
+def _by_key(c: dict) -> dict:
+    """``c`` with its rows sorted by key."""
+    order = np.argsort(np.asarray(c["keys"]), kind="stable")
+    out = dict(c, features={k: v[order] for k, v in c["features"].items()})
+    for name in ("keys", "ids"):
+        out[name] = [c[name][i] for i in order]
+    for name in ("labels", "split"):
+        out[name] = np.asarray(c[name])[order]
+    return out
 
 
 def rng(*salt) -> random.Random:

@@ -134,14 +134,13 @@ def test_train_reads_a_cache_while_extract_replaces_it(tmp_path):
     """The reader keeps the complete file it opened; the writer, frozen at random points of its writes,
     then renames a new complete file over it. Alternately grows and shrinks the same cache."""
     d = tmp_path / "cache"
-    small = digits_npz(tmp_path / "a" / "digits.npz", 300)
-    full = digits_npz(tmp_path / "b" / "digits.npz", 600)
-    res = run(*extract_args(small, d, "--quiet", name="digits", batch_size=32))
+    src = digits_npz(tmp_path / "src" / "digits.npz", 300)  # one source, growing and shrinking
+    res = run(*extract_args(src, d, "--quiet", name="digits", batch_size=32))
     assert res.returncode == 0, res.stderr
     path = the_cache(d)
     r = rng("replace")
     for i in range(6):
-        src = full if i % 2 == 0 else small
+        digits_npz(src, 600 if i % 2 == 0 else 300)  # growth writes a segment, shrinking rewrites the file
         writer = start(
             *extract_args(src, d, "--quiet", name="digits", batch_size=32),
             env=fault_env(d, action="stop", match=".h5.tmp-", after_bytes=r.randrange(1, 1_000_000)),
