@@ -97,6 +97,25 @@ def _open_checked(path: Path):
     return f
 
 
+BLOCK_ROWS = 16384  # rows read per slice: memory beyond the result stays at one block
+
+
+def _read_rows(ds, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = ds[rows[i]]``, block by block: dense stretches as one slice each (fast, and no second
+    full-size copy), sparse ones as increasing indices, which is what h5py takes."""
+    order = np.argsort(rows, kind="stable")
+    srt = rows[order]
+    cuts = np.flatnonzero(np.diff(srt // BLOCK_ROWS)) + 1
+    for at in np.split(np.arange(len(srt)), cuts):
+        seg = srt[at]
+        lo, hi = int(seg[0]), int(seg[-1]) + 1
+        if hi - lo <= 2 * len(seg):
+            out[order[at]] = ds[lo:hi][seg - lo]
+        else:
+            uniq, inverse = np.unique(seg, return_inverse=True)
+            out[order[at]] = ds[uniq][inverse]
+
+
 #: attributes that describe one segment, not the cache it extends
 SEGMENT_ATTRS = ("segment_of", "segment_first", "segment_last", "attrs_sha256")
 
@@ -264,9 +283,8 @@ class FeatureCache:
             rows = np.asarray(rows)
             if rows.size == 0:
                 return np.zeros((0, ds.shape[1]), dtype)
-            order = np.argsort(rows, kind="stable")
             out = np.empty((len(rows), ds.shape[1]), dtype)
-            out[order] = ds[rows[order]]  # h5py wants increasing indices
+            _read_rows(ds, rows, out)
             return out
         except OSError as e:  # a failed checksum, a cut-off chunk...
             raise self._damaged(e) from None
