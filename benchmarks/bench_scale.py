@@ -308,14 +308,24 @@ def bench_size(big: Path, work: Path, n: int, opts) -> dict[str, Any]:
 
 
 def write_synthetic_cache(
-    cache_dir: Path, rows: int, dim: int, template: Path, part_rows: int = 200_000
+    cache_dir: Path,
+    rows: int,
+    dim: int,
+    template: Path,
+    part_rows: int = 200_000,
+    piece_rows: int = 1_000_000,
 ) -> Path:
     """A complete cache of ``rows`` generated rows (10 classes, class-centred Gaussian features, so a head
     has something to learn) with the attributes of ``template`` (a real cache), written by the cache's own
-    writer: whole ``.npz`` parts (PartWriter), then ``write_cache``. Adapt this when the writer changes."""
+    writer as a grown cache is: a base of ``piece_rows`` rows, then segments of ``piece_rows`` rows each
+    (``pipeline.cache.segments``), each from whole ``.npz`` parts (PartWriter) by ``write_cache``; so the
+    builder holds one piece's rows in memory, never all of them."""
+    import uuid
+
     import h5py
     import numpy as np
 
+    from pipeline.cache.segments import segment_dir, segment_name
     from pipeline.cache.write import PartWriter, Row, clear_partial, scan_parts, write_cache
 
     with h5py.File(template, "r") as f:
@@ -325,23 +335,31 @@ def write_synthetic_cache(
         class_names = [x.decode() if isinstance(x, bytes) else str(x) for x in f["class_names"][()]]
         layer = next(iter(f["features"]))
     attrs = {k: json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v for k, v in attrs.items()}
+    attrs["generation"] = uuid.uuid4().hex
     final = cache_dir / template.name
     cache_dir.mkdir(parents=True, exist_ok=True)
-    writer = PartWriter(final, {"fingerprint": attrs.get("fingerprint")})
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((len(class_names), dim), dtype=np.float32)
-    for start in range(0, rows, part_rows):
-        idx = np.arange(start, min(rows, start + part_rows))
-        x = centres[idx % len(class_names)] + 2.0 * rng.standard_normal((len(idx), dim), dtype=np.float32)
-        writer.write([f"{i:032x}" for i in idx], {layer: x})
-    parts = scan_parts(final, attrs.get("fingerprint"))
     k, split = len(class_names), (0, 0, 0, 0, 0, 0, 0, 0, 1, 2)  # 80 % train, 10 % val, 10 % test
-    table = [
-        Row(f"{class_names[i % k]}/{i:08d}.png", f"{i:032x}", i % k, split[i // k % 10], 1, 0)
-        for i in range(rows)
-    ]
-    write_cache(final, table, class_names, {layer: dim}, attrs, None, parts)
-    clear_partial(final)
+    for piece, lo in enumerate(range(0, rows, piece_rows)):
+        hi = min(rows, lo + piece_rows)
+        writer = PartWriter(final, {"fingerprint": attrs.get("fingerprint")})
+        for start in range(lo, hi, part_rows):
+            idx = np.arange(start, min(hi, start + part_rows))
+            x = centres[idx % k] + 2.0 * rng.standard_normal((len(idx), dim), dtype=np.float32)
+            writer.write([f"{i:032x}" for i in idx], {layer: x})
+        parts = scan_parts(final, attrs.get("fingerprint"))
+        table = [
+            Row(f"{class_names[i % k]}/{i:08d}.png", f"{i:032x}", i % k, split[i // k % 10], 1, 0)
+            for i in range(lo, hi)
+        ]
+        target, extra = final, {}
+        if piece:
+            target = segment_dir(final) / segment_name(piece, piece)
+            target.parent.mkdir(exist_ok=True)
+            extra = {"segment_of": attrs["generation"], "segment_first": piece, "segment_last": piece}
+        write_cache(target, table, class_names, {layer: dim}, {**attrs, **extra}, None, parts)
+        clear_partial(final)
     return final
 
 
