@@ -29,7 +29,7 @@ def narrow_to_new(job: ExtractJob) -> bool:
         return False
     old, ds = job.old, job.ds
     try:
-        sizes, mtimes = file_stats([s.path for s in ds.samples])
+        sizes, mtimes = file_stats([s.path for s in ds.samples], job.cfg.extract.threads)
     except OSError:
         return False  # a file gone since the listing: the general path says which
     keys = utf8_keys([s.key for s in ds.samples])
