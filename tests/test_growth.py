@@ -83,10 +83,14 @@ def test_segments_merge_past_the_limit_and_a_removal_rewrites(tmp_path, monkeypa
     assert done == ["segment", "segment", "merged"]
     assert _segments(base) == ["seg-000001-000003.h5"] and _sha(base) == base_sha
     assert len(_by_key(base)) == 18
+    write_photo_folder(data, per_class=1, seed=39, start=110)  # the run after a merge is run 4
+    assert extract(**_settings(data, tmp_path / "c")).written == "segment"
+    assert _segments(base) == ["seg-000001-000003.h5", "seg-000004-000004.h5"]
+    assert len(_by_key(base)) == 20
 
     next((data / "china").iterdir()).unlink()
     r = extract(**_settings(data, tmp_path / "c"))
-    assert (r.written, r.rows, r.removed) == ("rewritten", 17, 1)
+    assert (r.written, r.rows, r.removed) == ("rewritten", 19, 1)
     assert _segments(base) == [] and not segment_dir(base).exists()
 
 

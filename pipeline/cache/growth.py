@@ -91,10 +91,10 @@ def update_cache(
         return "rewritten"
     if len(old.segments) + 1 > MAX_SEGMENTS:
         merged = _rows_of(old, old.base_rows) + added
-        path = _write_segment(spec, old, merged, 1, len(old.segments) + 1, sources=(old, *spec.donors))
+        path = _write_segment(spec, old, merged, 1, old.last_run + 1, sources=(old, *spec.donors))
         prune_segments(spec.final, [path])
         return "merged"
-    path = _write_segment(spec, old, added, len(old.segments) + 1, len(old.segments) + 1, spec.donors)
+    path = _write_segment(spec, old, added, old.last_run + 1, old.last_run + 1, spec.donors)
     prune_segments(spec.final, [*old.segments, path])
     return "segment"
 

@@ -132,6 +132,7 @@ class FeatureCache:
         self._files = [self._f]
         self.segments: list[Path] = []  # the segment files served after the base, in order
         self.generation: str | None = None  # what a segment names to extend the base
+        self.last_run = 0  # the growth run the last segment served ends with (the next one is +1)
         try:
             self.meta: dict[str, Any] = {k: attr_value(v) for k, v in self._f.attrs.items()}
             self._open_segments()
@@ -171,6 +172,7 @@ class FeatureCache:
             for s in served:
                 self._files.append(opened.pop(s.path))
                 self.segments.append(s.path)
+                self.last_run = s.last
             for f in opened.values():
                 f.close()
             if self.segments:
