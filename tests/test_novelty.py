@@ -53,3 +53,22 @@ def test_predict_flags_another_domain_as_novel(digits_cache, tmp_path):
     assert other >= 0.9 and same <= 0.3, (other, same)
     proc = run_cli("predict", "--model", str(run), str(photos[0]))  # the table shows it too
     assert proc.returncode == 0 and "novelty" in proc.stdout and "NOVEL" in proc.stdout
+
+
+def test_a_large_cache_sets_its_threshold_without_building_an_index(digits_cache, tmp_path):
+    """From ``index.exact_below`` rows on, train streams every train row against a sample of val rows
+    (here every val row: fewer than the sample): the same threshold as the exact search, no index built."""
+    found = {}
+    for below in (10**9, 10):
+        runs = tmp_path / f"runs-{below}"
+        proc = run_cli(
+            "train", "--cache", str(digits_cache), "--head", "ridge",
+            "--set", f"train.runs_dir={runs}", "--set", f"index.exact_below={below}",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        (run,) = [p for p in runs.iterdir() if (p / "metrics.json").is_file()]
+        found[below] = json.loads((run / "metrics.json").read_text())["novelty"]
+    assert found[10]["index"].startswith("exact, on ") and "val_sample" in found[10]
+    assert abs(found[10]["threshold"] - found[10**9]["threshold"]) < 1e-5
+    assert found[10]["val_flagged"] == found[10**9]["val_flagged"]
+    assert not list(digits_cache.parent.glob("*.index*")), "no index was built"

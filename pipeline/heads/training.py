@@ -151,7 +151,7 @@ def fit_run(
         metrics = {
             **_metrics(cfg, cache, layer, params, fitted, preds, scores, notes, out),
             **task,
-            **run_novelty(cache, layer, cfg),
+            **run_novelty(cache, layer, cfg, data),
             **(extra or {}),
         }
         _write_run(out, fitted, metrics, preds, cache)
@@ -168,14 +168,26 @@ def fit_run(
     )
 
 
-def run_novelty(cache, layer: str, cfg: Config) -> dict[str, Any]:
+def run_novelty(cache, layer: str, cfg: Config, data: Data) -> dict[str, Any]:
     """``{"novelty": ...}``: the threshold ``predict`` flags novel images above, set on the val split
-    (:func:`pipeline.index.novelty.val_threshold`); ``{}`` without val or train rows."""
-    from pipeline.index.novelty import val_threshold
+    (:func:`pipeline.index.novelty.val_threshold`); ``{}`` without val or train rows. From
+    ``index.exact_below`` rows on, a sample of the val rows against every train row, read from ``data``
+    block by block (:func:`~pipeline.index.novelty.sampled_threshold`): a run never waits for an index."""
+    from pipeline.index.novelty import VAL_SAMPLE, sampled_threshold, val_threshold
     from pipeline.index.search import open_index
 
-    found = val_threshold(open_index(cache, layer, cfg.index), cfg.index.novelty_percentile)
-    return {"novelty": found} if found else {}
+    pct = cfg.index.novelty_percentile
+    if cache.n_rows < cfg.index.exact_below:
+        found = val_threshold(open_index(cache, layer, cfg.index), pct)
+        return {"novelty": found} if found else {}
+    train, val = cache.rows("train"), cache.rows("val")
+    if not len(train) or not len(val):
+        return {}
+    rng = np.random.default_rng(cfg.train.seed)
+    sample = np.sort(rng.choice(val, min(len(val), VAL_SAMPLE), replace=False))
+    step = 16384
+    blocks = (data.take(train[i : i + step]) for i in range(0, len(train), step))
+    return {"novelty": sampled_threshold(blocks, data.take(sample), pct, len(val))}
 
 
 def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any], extras: dict[str, Any]):

@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.index.neighbours import l2_normalize
 from pipeline.utils.config import SPLITS
+
+#: val rows a threshold is estimated on from ``index.exact_below`` cache rows on (every train row is searched)
+VAL_SAMPLE = 500
 
 
 def novelty_scores(index, X: np.ndarray) -> np.ndarray:
@@ -39,5 +43,25 @@ def val_threshold(index, percentile: float) -> dict[str, Any] | None:
         "percentile": percentile,
         "score": "1 - cosine to the nearest train row",
         "index": index.name,
+        "val_flagged": round(float((scores > threshold).mean()), 4),
+    }
+
+
+def sampled_threshold(train_blocks, val: np.ndarray, percentile: float, n_val: int) -> dict[str, Any]:
+    """:func:`val_threshold` for a large cache, without building its index: the novelty of ``val`` (a
+    sample of the ``n_val`` val rows' features) to the nearest of *every* train row, the train rows
+    streamed in ``train_blocks`` (memory: one block), exact."""
+    Q = l2_normalize(val)
+    best = np.full(len(Q), -np.inf, np.float32)
+    for block in train_blocks:
+        best = np.maximum(best, (Q @ l2_normalize(block).T).max(axis=1))
+    scores = 1.0 - best.astype(np.float64)
+    threshold = float(np.percentile(scores, percentile))
+    return {
+        "threshold": round(threshold, 6),
+        "percentile": percentile,
+        "score": "1 - cosine to the nearest train row",
+        "index": f"exact, on {len(Q)} of the {n_val} val rows",
+        "val_sample": len(Q),
         "val_flagged": round(float((scores > threshold).mean()), 4),
     }
