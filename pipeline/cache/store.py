@@ -349,9 +349,11 @@ def describe(path: Path) -> dict[str, Any]:
             m = json.loads(man.read_text())
             info.update(backbone=m.get("backbone"), dataset=m.get("dataset"), rows=m.get("rows_written", 0))
         return info
-    info["size"] = path.stat().st_size + sum(s.path.stat().st_size for s in segment_files(path))
+    info["size"] = path.stat().st_size
     try:
         with FeatureCache(path) as c:
+            with contextlib.suppress(OSError):  # a segment merged away since it was opened
+                info["size"] += sum(p.stat().st_size for p in c.segments)
             info.update(
                 status="complete",
                 rows=c.n_rows,
