@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.index.kinds import IndexKind, choose_kind
 from pipeline.index.neighbours import SimilarityScan, cosine_scan, cosine_topk, l2_normalize
+from pipeline.index.rows import read_rows
 from pipeline.index.store import index_dir, load, row_identities, save
 
 BLOCK = 8192  # rows read from the cache (and added to FAISS) at a time
@@ -59,7 +60,7 @@ class CacheIndex:
             return self.normalized
         if self.normalized is not None:
             return self.normalized[rows]
-        return l2_normalize(self.cache.features(self.layer, rows))
+        return l2_normalize(read_rows(self.cache, self.layer, rows))
 
     def search(
         self, Q: np.ndarray, k: int, allowed: np.ndarray | None = None, exclude: np.ndarray | None = None
@@ -200,7 +201,9 @@ def open_index(
         )
     if known is not None:
         idx.faiss_index = stored.index
-        missing = np.setdiff1d(np.arange(cache.n_rows), known)
+        gone = np.ones(cache.n_rows, bool)
+        gone[known] = False
+        missing = np.flatnonzero(gone)
         idx.row_of = np.concatenate([known, missing]).astype(np.int64)
         idx.built = {"rebuilt": False, "added": int(len(missing))}
         if len(missing):
@@ -222,9 +225,11 @@ def _known_rows(stored, ident: np.ndarray, kind: IndexKind) -> np.ndarray | None
     cache has grown into another kind of index): a rebuild."""
     if stored.meta.get("kind") != kind.factory:
         return None
-    pos = {int(v): r for r, v in enumerate(ident.tolist())}
-    rows = np.fromiter((pos.get(int(v), -1) for v in stored.rows.tolist()), np.int64, len(stored.rows))
-    return None if (rows < 0).any() else rows
+    order = np.argsort(ident, kind="stable")  # arrays, not a dict of every row
+    at = np.minimum(np.searchsorted(ident[order], stored.rows), len(ident) - 1)
+    rows = order[at] if len(ident) else np.zeros(len(stored.rows), np.int64)
+    found = len(ident) > 0 and bool((ident[rows] == stored.rows).all())
+    return rows.astype(np.int64) if found or not len(stored.rows) else None
 
 
 def _new_faiss(idx: CacheIndex, d: int, progress: bool):

@@ -297,6 +297,12 @@ class AuditConfig:
         help="confident learning's filter for label issues",
     )
     n_jobs: int = opt(1, check=_jobs, help="folds fitted in parallel (-1 = all cores)")
+    fit_rows: int = opt(
+        50_000,
+        min=0,
+        help="label errors: the fold models fit a random per-class sample of this many train+val rows"
+        " (0 = all); every row is still scored",
+    )
     write_csv: bool = opt(True, help="write <cache>.label_issues.csv and .near_duplicates.csv")
 
 
