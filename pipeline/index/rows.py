@@ -40,3 +40,22 @@ def read_rows(cache, layer: str, rows: np.ndarray) -> np.ndarray:
     except OSError as e:  # a failed checksum, a cut-off chunk
         raise FeatcacheError(f"{cache.path}: damaged cache ({e}); re-extract with --rebuild") from None
     return out
+
+
+def find_rows(column, wanted) -> dict[str, int]:
+    """``{value: row}`` for the values of ``wanted`` found in ``column`` (a cache's ``ids`` or ``keys``: a
+    list, or a NumPy array of str), the first row of each; one pass, and no dict of every row."""
+    wanted = set(wanted)
+    if not wanted:
+        return {}
+    if isinstance(column, np.ndarray):
+        rows = np.flatnonzero(np.isin(column, np.asarray(sorted(wanted), dtype=column.dtype)))
+        found: dict[str, int] = {}
+        for r in rows.tolist():
+            found.setdefault(str(column[r]), r)
+        return found
+    found = {}
+    for r, v in enumerate(column):
+        if v in wanted and v not in found:
+            found[v] = r
+    return found
