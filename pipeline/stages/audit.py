@@ -238,7 +238,7 @@ def _fitted_on(settings: dict[str, Any]) -> str:
     used, of = settings.get("fit_rows"), settings.get("fit_of")
     if used is None or used >= of:
         return ""
-    return f" fitted on a random sample of {used} of {of} train+val rows (audit.fit_rows), every row scored"
+    return f" fitted on a random per-class sample of about {used} of {of} train+val rows (audit.fit_rows), every row scored"
 
 
 def _pairs_by(settings: dict[str, Any]) -> str:
