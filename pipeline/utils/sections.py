@@ -378,7 +378,7 @@ class ReportConfig:
         "", flag="--run", metavar="RUN", help="also show this run in detail (id, id prefix or folder)"
     )
     thumbnails: int = opt(12, min=0, help="misclassified test images shown per detailed run")
-    map_rows: int = opt(2000, min=0, help="rows in the PCA feature map")
+    map_rows: int = opt(2000, min=0, help="rows in the PCA feature map: a random sample, only those read")
     tsne_rows: int = opt(500, min=0, help="rows of those in the t-SNE map")
     compare: str = opt(
         "",
