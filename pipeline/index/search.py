@@ -146,17 +146,17 @@ class CacheIndex:
 
 
 def _mutual_pairs(a, b, s, top_idx, top_sim, floor):
-    """Pairs seen only from the larger row (the smaller one had ``neighbours`` closer rows) are added."""
-    seen = set(zip(a.tolist(), b.tolist(), strict=True))
-    extra = [
-        (int(j), int(i), float(top_sim[i, c]))
-        for i in np.flatnonzero(top_sim[:, 0] >= floor)
-        for c in range(2)
-        if (j := top_idx[i, c]) >= 0 and j < i and top_sim[i, c] >= floor and (int(j), int(i)) not in seen
-    ]
-    if extra:
-        ea, eb, es = (np.asarray(x) for x in zip(*extra, strict=True))
-        a, b, s = np.concatenate([a, ea]), np.concatenate([b, eb]), np.concatenate([s, es]).astype(np.float32)
+    """Pairs seen only from the larger row (the smaller one had ``neighbours`` closer rows) are added; by
+    arrays (a pair is the code ``smaller · n + larger``), never a set of every pair found."""
+    n = len(top_idx)
+    i = np.repeat(np.arange(n, dtype=np.int64), top_idx.shape[1])
+    j, sim = top_idx.ravel().astype(np.int64), top_sim.ravel()
+    late = (j >= 0) & (j < i) & (sim >= floor)
+    ej, ei, es = j[late], i[late], sim[late]
+    new = ~np.isin(ej * n + ei, a * n + b)
+    if new.any():
+        a, b = np.concatenate([a, ej[new]]), np.concatenate([b, ei[new]])
+        s = np.concatenate([s, es[new]]).astype(np.float32)
     return a, b, s
 
 
