@@ -47,6 +47,13 @@ def is_view_key(key: str) -> bool:
     return VIEW_SUFFIX in key
 
 
+def view_mask(keys) -> np.ndarray:
+    """Which of ``keys`` (a list, or a NumPy array of str) are views: one boolean array, no object per row."""
+    if isinstance(keys, np.ndarray):
+        return np.strings.find(keys.astype(str, copy=False), VIEW_SUFFIX) >= 0
+    return np.fromiter((VIEW_SUFFIX in k for k in keys), bool, len(keys))
+
+
 def augmented_view(layers: list, image, digest: str, view: int):
     """View ``view`` of ``image`` (its content ``digest``), the same whatever the batch: every random draw
     of ``layers`` (:func:`augmentation_layers`) is seeded by (digest, view)."""

@@ -53,8 +53,12 @@ class LabelIssues:
     score: np.ndarray  # 1 - p(given label): higher = more likely mislabelled
 
 
+#: rows of the features read at a time when the rows outside the fit sample are scored
+SCORE_BLOCK = 65_536
+
+
 def out_of_fold_proba(
-    X: np.ndarray,
+    X,
     y: np.ndarray,
     fit_mask: np.ndarray,
     n_classes: int,
@@ -63,6 +67,7 @@ def out_of_fold_proba(
     alpha: float = 0.125,
     seed: int = 0,
     n_jobs: int = 1,
+    fit_rows: int = 0,
 ) -> np.ndarray:
     """Probabilities for every row, none from a model that saw that row.
 
@@ -70,38 +75,94 @@ def out_of_fold_proba(
     standardize + logistic regression, with ``C = 1 / (alpha · n_fit)`` so that the penalty per row stays
     the same whatever the size of the dataset; the other rows (test) get the mean of the k fold models, none of
     which was fitted on them.
+
+    ``fit_rows`` (0: all): with more train + val rows than this, the folds split a random per-class sample of
+    that many (:func:`fit_sample`) and the train + val rows outside it are scored like test rows, so the
+    cost of the fits stays that of ``fit_rows`` rows whatever the cache's size. ``X``: an N×D array, or a
+    function ``rows → features`` (a cache's rows, read :data:`SCORE_BLOCK` rows at a time, never all).
     """
-    from joblib import Parallel, delayed
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    fit_rows = np.flatnonzero(fit_mask)
-    other = np.flatnonzero(~fit_mask)
-    counts = np.bincount(y[fit_rows], minlength=n_classes)
-    if len(fit_rows) < 4 or (counts > 0).sum() < 2:
+    all_fit = np.flatnonzero(fit_mask)
+    counts = np.bincount(y[all_fit], minlength=n_classes)
+    if len(all_fit) < 4 or (counts > 0).sum() < 2:
         raise FeatcacheError(
-            f"audit needs at least 4 train+val rows in 2 classes, the cache has {len(fit_rows)} "
+            f"audit needs at least 4 train+val rows in 2 classes, the cache has {len(all_fit)} "
             f"in {(counts > 0).sum()}"
         )
+    k = max(2, min(int(folds), len(all_fit)))
+    sample = fit_sample(all_fit, y, fit_rows, 2 * k, seed)
+    counts = np.bincount(y[sample], minlength=n_classes)
     smallest = int(counts[counts > 0].min())
-    k = max(2, min(int(folds), len(fit_rows)))
     if smallest >= 2:  # stratified: every fold model sees every class
         splitter = StratifiedKFold(n_splits=min(k, smallest), shuffle=True, random_state=seed)
     else:  # a class with one row cannot be in two folds
         splitter = KFold(n_splits=k, shuffle=True, random_state=seed)
-    splits = list(splitter.split(fit_rows, y[fit_rows]))
-    fits = Parallel(n_jobs=n_jobs)(
-        delayed(_fit_fold)(X, y, fit_rows[tr], fit_rows[te], other, n_classes, 1.0 / (alpha * len(tr)), seed)
-        for tr, te in splits
-    )
-    proba = np.zeros((len(y), n_classes), np.float64)
-    for (_, te), (p_te, p_other) in zip(splits, fits, strict=True):
-        proba[fit_rows[te]] = p_te
-        if len(other):
-            proba[other] += p_other / len(splits)
+    splits = list(splitter.split(sample, y[sample]))
+    fit = lambda Xs, tr: _fit_fold(Xs[tr], y[sample[tr]], n_classes, 1.0 / (alpha * len(tr)), seed)  # noqa: E731
+    return _cross_fit(X, len(y), sample, splits, fit, n_classes, n_jobs)
+
+
+def fit_sample(rows: np.ndarray, y: np.ndarray | None, size: int, floor: int, seed: int) -> np.ndarray:
+    """``rows`` when ``size`` is 0 or not smaller; else about ``size`` of them at random, sorted, each class
+    of ``y`` (None: no classes) in its share but at least ``floor`` rows (or all it has), so every fold
+    model still sees every class."""
+    if size <= 0 or len(rows) <= size:
+        return rows
+    rng = np.random.default_rng(seed)
+    if y is None:
+        return np.sort(rng.choice(rows, size, replace=False))
+    by_class = rows[np.argsort(y[rows], kind="stable")]
+    counts = np.bincount(y[rows])
+    take = []
+    for members in np.split(by_class, np.cumsum(counts)[:-1]):
+        m = min(len(members), max(round(len(members) * size / len(rows)), floor))
+        if m:
+            take.append(rng.choice(members, m, replace=False))
+    return np.sort(np.concatenate(take))
+
+
+def _cross_fit(X, n: int, sample: np.ndarray, splits, fit, width: int, n_jobs: int) -> np.ndarray:
+    """Fold models fitted on ``sample``'s folds (``fit(sample features, train positions)``); each sample
+    row scored by the model that left it out, every other row by the mean of the models, in blocks."""
+    from joblib import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+
+    read = X if callable(X) else (lambda rows: X[rows])
+    Xs = read(sample)
+    models = Parallel(n_jobs=n_jobs)(delayed(fit)(Xs, tr) for tr, _ in splits)
+    proba = np.zeros((n, width), np.float64)
+    for (_, te), model in zip(splits, models, strict=True):
+        proba[sample[te]] = model(Xs[te])
+    del Xs
+    outside = np.ones(n, bool)
+    outside[sample] = False
+    other = np.flatnonzero(outside)
+    # one BLAS thread, as the fits: small products on busy cores
+    with threadpool_limits(limits=1, user_api="blas"):
+        for start in range(0, len(other), SCORE_BLOCK):
+            rows = other[start : start + SCORE_BLOCK]
+            block = read(rows)
+            proba[rows] = sum(model(block) for model in models) / len(models)
     return proba
 
 
-def _fit_fold(X, y, train, held_out, other, n_classes: int, C: float, seed: int):
+@dataclass
+class _FoldModel:
+    """One fold's fitted pipeline; called on features, it gives one column per class of the cache."""
+
+    model: object
+    cols: np.ndarray  # the classes it saw (a class absent from the fold's rows has no column)
+    n_classes: int
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(X), self.n_classes))
+        if len(X):
+            out[:, self.cols] = self.model.predict_proba(X)
+        return out
+
+
+def _fit_fold(X, y, n_classes: int, C: float, seed: int) -> _FoldModel:
     from sklearn.pipeline import Pipeline
     from threadpoolctl import threadpool_limits
 
@@ -113,16 +174,8 @@ def _fit_fold(X, y, train, held_out, other, n_classes: int, C: float, seed: int)
     # one BLAS thread: these products are small, and a threaded BLAS on busy cores spins (measured 16×
     # slower on 2 shared cores); parallelism, when wanted, is across folds (``n_jobs``)
     with threadpool_limits(limits=1, user_api="blas"):
-        model.fit(X[train], y[train])
-    cols = np.asarray(model.classes_, dtype=int)  # a class absent from this fold's rows has no column
-
-    def proba(rows):
-        out = np.zeros((len(rows), n_classes))
-        if len(rows):
-            out[:, cols] = model.predict_proba(X[rows])
-        return out
-
-    return proba(held_out), proba(other)
+        model.fit(X, y)
+    return _FoldModel(model, np.asarray(model.classes_, dtype=int), n_classes)
 
 
 def confident_guess(labels: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +274,7 @@ class LabelIssuesPerClass:
 
 
 def out_of_fold_multilabel_proba(
-    X: np.ndarray,
+    X,
     Y: np.ndarray,
     fit_mask: np.ndarray,
     *,
@@ -229,31 +282,23 @@ def out_of_fold_multilabel_proba(
     alpha: float = 0.125,
     seed: int = 0,
     n_jobs: int = 1,
+    fit_rows: int = 0,
 ) -> np.ndarray:
     """N×C one-vs-rest probabilities, none from a model that saw the row: :func:`out_of_fold_proba`'s protocol
-    (k folds over train + val, test scored by the mean of the fold models) with one binary standardize +
-    logistic regression per class; a class absent (or present everywhere) in a fold's training rows gets
-    that fold's constant rate."""
-    from joblib import Parallel, delayed
+    (k folds over train + val, or a random sample of ``fit_rows`` of them; the other rows scored by the mean
+    of the fold models) with one binary standardize + logistic regression per class; a class absent (or
+    present everywhere) in a fold's training rows gets that fold's constant rate."""
     from sklearn.model_selection import KFold
 
     Y = np.asarray(Y, dtype=np.uint8)
-    fit_rows = np.flatnonzero(fit_mask)
-    other = np.flatnonzero(~fit_mask)
-    if len(fit_rows) < 4:
-        raise FeatcacheError(f"audit needs at least 4 train+val rows, the cache has {len(fit_rows)}")
-    k = max(2, min(int(folds), len(fit_rows)))
-    splits = list(KFold(n_splits=k, shuffle=True, random_state=seed).split(fit_rows))
-    fits = Parallel(n_jobs=n_jobs)(
-        delayed(_fit_fold_ovr)(X, Y, fit_rows[tr], fit_rows[te], other, 1.0 / (alpha * len(tr)), seed)
-        for tr, te in splits
-    )
-    proba = np.zeros(Y.shape, np.float64)
-    for (_, te), (p_te, p_other) in zip(splits, fits, strict=True):
-        proba[fit_rows[te]] = p_te
-        if len(other):
-            proba[other] += p_other / len(splits)
-    return proba
+    all_fit = np.flatnonzero(fit_mask)
+    if len(all_fit) < 4:
+        raise FeatcacheError(f"audit needs at least 4 train+val rows, the cache has {len(all_fit)}")
+    k = max(2, min(int(folds), len(all_fit)))
+    sample = fit_sample(all_fit, None, fit_rows, 0, seed)
+    splits = list(KFold(n_splits=k, shuffle=True, random_state=seed).split(sample))
+    fit = lambda Xs, tr: _fit_fold_ovr(Xs[tr], Y[sample[tr]], 1.0 / (alpha * len(tr)), seed)  # noqa: E731
+    return _cross_fit(X, len(Y), sample, splits, fit, Y.shape[1], n_jobs)
 
 
 #: standardized values are clipped to ±Z_CLIP for the per-class probes: a channel nearly constant in a fold's
@@ -266,28 +311,40 @@ def _clipped(scaler, X: np.ndarray) -> np.ndarray:
     return np.clip(scaler.transform(X), -Z_CLIP, Z_CLIP)
 
 
-def _fit_fold_ovr(X, Y, train, held_out, other, C: float, seed: int):
+@dataclass
+class _FoldModelOVR:
+    """One fold's scaler and per-class heads (a float: the class's constant rate in the fold)."""
+
+    scaler: object
+    heads: list
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(X), len(self.heads)))
+        if not len(X):
+            return out
+        Xc = _clipped(self.scaler, X)
+        for c, head in enumerate(self.heads):
+            out[:, c] = head if isinstance(head, float) else head.predict_proba(Xc)[:, 1]
+        return out
+
+
+def _fit_fold_ovr(X, Y, C: float, seed: int) -> _FoldModelOVR:
     from threadpoolctl import threadpool_limits
 
     from pipeline.heads.registry import make_head
     from pipeline.heads.transforms import build_transforms
 
-    out_te = np.zeros((len(held_out), Y.shape[1]))
-    out_other = np.zeros((len(other), Y.shape[1]))
+    heads: list = []
     with threadpool_limits(limits=1, user_api="blas"):  # as in _fit_fold: small products, busy cores
-        scaler = build_transforms(["standardize"])[0][1].fit(X[train])
-        Xt, Xte = _clipped(scaler, X[train]), _clipped(scaler, X[held_out])
-        Xo = _clipped(scaler, X[other]) if len(other) else None
+        scaler = build_transforms(["standardize"])[0][1].fit(X)
+        Xt = _clipped(scaler, X)
         for c in range(Y.shape[1]):
-            y = Y[train, c]
+            y = Y[:, c]
             if y.min() == y.max():  # nothing to separate in this fold
-                out_te[:, c] = out_other[:, c] = float(y[0]) if len(y) else 0.0
+                heads.append(float(y[0]) if len(y) else 0.0)
                 continue
-            head = make_head("logistic", {"C": C, "max_iter": 300}, seed=seed).estimator.fit(Xt, y)
-            out_te[:, c] = head.predict_proba(Xte)[:, 1]
-            if Xo is not None:
-                out_other[:, c] = head.predict_proba(Xo)[:, 1]
-    return out_te, out_other
+            heads.append(make_head("logistic", {"C": C, "max_iter": 300}, seed=seed).estimator.fit(Xt, y))
+    return _FoldModelOVR(scaler, heads)
 
 
 def find_multilabel_issues(

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.index.kinds import IndexKind, choose_kind
 from pipeline.index.neighbours import SimilarityScan, cosine_scan, cosine_topk, l2_normalize
+from pipeline.index.rows import read_rows
 from pipeline.index.store import index_dir, load, row_identities, save
 
 BLOCK = 8192  # rows read from the cache (and added to FAISS) at a time
@@ -59,7 +60,7 @@ class CacheIndex:
             return self.normalized
         if self.normalized is not None:
             return self.normalized[rows]
-        return l2_normalize(self.cache.features(self.layer, rows))
+        return l2_normalize(read_rows(self.cache, self.layer, rows))
 
     def search(
         self, Q: np.ndarray, k: int, allowed: np.ndarray | None = None, exclude: np.ndarray | None = None
@@ -145,17 +146,17 @@ class CacheIndex:
 
 
 def _mutual_pairs(a, b, s, top_idx, top_sim, floor):
-    """Pairs seen only from the larger row (the smaller one had ``neighbours`` closer rows) are added."""
-    seen = set(zip(a.tolist(), b.tolist(), strict=True))
-    extra = [
-        (int(j), int(i), float(top_sim[i, c]))
-        for i in np.flatnonzero(top_sim[:, 0] >= floor)
-        for c in range(2)
-        if (j := top_idx[i, c]) >= 0 and j < i and top_sim[i, c] >= floor and (int(j), int(i)) not in seen
-    ]
-    if extra:
-        ea, eb, es = (np.asarray(x) for x in zip(*extra, strict=True))
-        a, b, s = np.concatenate([a, ea]), np.concatenate([b, eb]), np.concatenate([s, es]).astype(np.float32)
+    """Pairs seen only from the larger row (the smaller one had ``neighbours`` closer rows) are added; by
+    arrays (a pair is the code ``smaller · n + larger``), never a set of every pair found."""
+    n = len(top_idx)
+    i = np.repeat(np.arange(n, dtype=np.int64), top_idx.shape[1])
+    j, sim = top_idx.ravel().astype(np.int64), top_sim.ravel()
+    late = (j >= 0) & (j < i) & (sim >= floor)
+    ej, ei, es = j[late], i[late], sim[late]
+    new = ~np.isin(ej * n + ei, a * n + b)
+    if new.any():
+        a, b = np.concatenate([a, ej[new]]), np.concatenate([b, ei[new]])
+        s = np.concatenate([s, es[new]]).astype(np.float32)
     return a, b, s
 
 
@@ -200,7 +201,9 @@ def open_index(
         )
     if known is not None:
         idx.faiss_index = stored.index
-        missing = np.setdiff1d(np.arange(cache.n_rows), known)
+        gone = np.ones(cache.n_rows, bool)
+        gone[known] = False
+        missing = np.flatnonzero(gone)
         idx.row_of = np.concatenate([known, missing]).astype(np.int64)
         idx.built = {"rebuilt": False, "added": int(len(missing))}
         if len(missing):
@@ -222,9 +225,11 @@ def _known_rows(stored, ident: np.ndarray, kind: IndexKind) -> np.ndarray | None
     cache has grown into another kind of index): a rebuild."""
     if stored.meta.get("kind") != kind.factory:
         return None
-    pos = {int(v): r for r, v in enumerate(ident.tolist())}
-    rows = np.fromiter((pos.get(int(v), -1) for v in stored.rows.tolist()), np.int64, len(stored.rows))
-    return None if (rows < 0).any() else rows
+    order = np.argsort(ident, kind="stable")  # arrays, not a dict of every row
+    at = np.minimum(np.searchsorted(ident[order], stored.rows), len(ident) - 1)
+    rows = order[at] if len(ident) else np.zeros(len(stored.rows), np.int64)
+    found = len(ident) > 0 and bool((ident[rows] == stored.rows).all())
+    return rows.astype(np.int64) if found or not len(stored.rows) else None
 
 
 def _new_faiss(idx: CacheIndex, d: int, progress: bool):

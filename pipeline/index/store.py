@@ -33,10 +33,11 @@ def index_dir(cache_path: str | Path, layer: str) -> Path:
 
 def row_identities(keys: list[str], ids: list[str]) -> np.ndarray:
     """One uint64 per row: the first 8 bytes of sha256(key, content digest)."""
-    out = np.empty(len(keys), np.uint64)
-    for i, (k, d) in enumerate(zip(keys, ids, strict=True)):
-        out[i] = int.from_bytes(hashlib.sha256(f"{k}\0{d}".encode()).digest()[:8], "little")
-    return out
+    if len(keys) != len(ids):
+        raise ValueError(f"{len(keys)} keys, {len(ids)} ids")
+    sha = hashlib.sha256
+    digests = b"".join(sha(f"{k}\0{d}".encode()).digest()[:8] for k, d in zip(keys, ids, strict=True))
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 @dataclass

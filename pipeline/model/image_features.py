@@ -68,20 +68,19 @@ def cached_rows(src, ds, samples) -> dict[int, int]:
     from pipeline.cache.store import FeatureCache
     from pipeline.data.decode import DecodeError
     from pipeline.data.sources import digest_bytes
+    from pipeline.index.rows import find_rows
 
     if src.cache_path is None:
         return {}
-    with FeatureCache(src.cache_path) as c:
-        row_of = {d: i for i, d in enumerate(c.ids)}
-    hits = {}
+    digest_of = {}
     for i, s in enumerate(samples):
         try:
-            d = s.digest or digest_bytes(ds.read(s))
+            digest_of[i] = s.digest or digest_bytes(ds.read(s))
         except (DecodeError, OSError):
             continue  # reported by the decoding pass
-        if d in row_of:
-            hits[i] = row_of[d]
-    return hits
+    with FeatureCache(src.cache_path) as c:
+        row_of = find_rows(c.ids, digest_of.values())  # the images' digests only, not a dict of every row
+    return {i: row_of[d] for i, d in digest_of.items() if d in row_of}
 
 
 def source_features(src, ds, samples, dim: int, batch_size: int, cluster: str = "", progress: bool = False):

@@ -79,7 +79,7 @@ class AuditResult:
                 if self.multilabel
                 else "(confident learning, "
             )
-            + f"{self.settings['folds']}-fold logistic regression)",
+            + f"{self.settings['folds']}-fold logistic regression{_fitted_on(self.settings)})",
         ]
         if self.label_issues and self.multilabel:
             lines.append(f"  {'score':>6}  {'split':<5}  {'suspect labels (p)':<40} key")
@@ -97,7 +97,7 @@ class AuditResult:
             "",
             f"near-duplicate pairs: {len(self.near_duplicates)}, {leaks} across splits "
             f"(mutual nearest neighbours, cosine ≥ {self.settings['threshold']} and ≥ the next neighbour "
-            f"+ {self.settings['margin']}; or cosine ≥ {self.settings['exact']})",
+            f"+ {self.settings['margin']}; or cosine ≥ {self.settings['exact']}; {_pairs_by(self.settings)})",
         ]
         if self.near_duplicates:
             lines.append(f"  {'cosine':>6}  {'splits':<11} {'leak':<4}  pair")
@@ -123,6 +123,7 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
     ``write_csv``); keywords override the config (:func:`pipeline.utils.config.resolve_config`)."""
     from pipeline.cache.locate import resolve_cache
     from pipeline.cache.store import FeatureCache
+    from pipeline.index.rows import read_rows
     from pipeline.index.search import open_index
 
     cfg = resolve_config(cfg, "audit", **options)
@@ -132,16 +133,21 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
     with FeatureCache(path) as cache:
         multilabel = cache.multilabel
         layer = cache.layer_name(cfg.train.layer)
-        X = cache.features(layer)
         labels, split, keys, names = cache.labels, cache.split, cache.keys, cache.class_names
+        # all rows in memory only where the exact pass needs them; above, read in blocks as needed
+        exact = cache.n_rows < cfg.index.exact_below
+        X = cache.features(layer) if exact else (lambda rows: read_rows(cache, layer, rows))
         t_read = time.perf_counter()
         find = _multilabel_issues if multilabel else _label_issues
-        issues = find(X, labels, split, keys, names, a.folds, cfg.train.seed, a.n_jobs, a.filter_by)
+        issues = find(X, labels, split, keys, names, a, cfg.train.seed)
         t_labels = time.perf_counter()
-        index = open_index(cache, layer, cfg.index, progress=cfg.extract.progress, features=X)
+        index = open_index(
+            cache, layer, cfg.index, progress=cfg.extract.progress, features=X if exact else None
+        )
         scan = index.scan(min(a.threshold, a.exact), cfg.index.audit_neighbours)
         pairs = _near_duplicates(scan, split, keys, a.threshold, a.margin, a.exact)
     t_pairs = time.perf_counter()
+    n_fit = int((split != SPLITS.index("test")).sum())
     result = AuditResult(
         path,
         layer,
@@ -160,6 +166,10 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
             "threshold": a.threshold,
             "margin": a.margin,
             "exact": a.exact,
+            "fit_rows": min(a.fit_rows or n_fit, n_fit),
+            "fit_of": n_fit,
+            "index": index.name,
+            "neighbours": cfg.index.audit_neighbours,
         },
         multilabel=multilabel,
     )
@@ -168,12 +178,15 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
     return result
 
 
-def _label_issues(X, labels, split, keys, names, folds, seed, n_jobs, filter_by) -> list[dict[str, Any]]:
+def _label_issues(X, labels, split, keys, names, a, seed: int) -> list[dict[str, Any]]:
+    """``a``: the ``[audit]`` settings (folds, n_jobs, fit_rows, filter_by)."""
     from pipeline.heads.label_noise import find_label_issues, out_of_fold_proba
 
     fit_mask = split != SPLITS.index("test")
-    proba = out_of_fold_proba(X, labels, fit_mask, len(names), folds=folds, seed=seed, n_jobs=n_jobs)
-    found = find_label_issues(labels, proba, filter_by)
+    proba = out_of_fold_proba(
+        X, labels, fit_mask, len(names), folds=a.folds, seed=seed, n_jobs=a.n_jobs, fit_rows=a.fit_rows
+    )
+    found = find_label_issues(labels, proba, a.filter_by)
     return [
         {
             "key": keys[r],
@@ -186,15 +199,17 @@ def _label_issues(X, labels, split, keys, names, folds, seed, n_jobs, filter_by)
     ]
 
 
-def _multilabel_issues(X, Y, split, keys, names, folds, seed, n_jobs, filter_by) -> list[dict[str, Any]]:
+def _multilabel_issues(X, Y, split, keys, names, a, seed: int) -> list[dict[str, Any]]:
     """One entry per image with a suspect label (cleanlab's per-class reduction), most suspicious first."""
     import numpy as np
 
     from pipeline.heads.label_noise import find_multilabel_issues, out_of_fold_multilabel_proba
 
     fit_mask = split != SPLITS.index("test")
-    proba = out_of_fold_multilabel_proba(X, Y, fit_mask, folds=folds, seed=seed, n_jobs=n_jobs)
-    found = find_multilabel_issues(Y, proba, filter_by)
+    proba = out_of_fold_multilabel_proba(
+        X, Y, fit_mask, folds=a.folds, seed=seed, n_jobs=a.n_jobs, fit_rows=a.fit_rows
+    )
+    found = find_multilabel_issues(Y, proba, a.filter_by)
     by_row: dict[int, list[dict[str, Any]]] = {}
     for r, c, g, p, sc in zip(found.rows, found.classes, found.given, found.proba, found.score, strict=True):
         by_row.setdefault(int(r), []).append(
@@ -215,6 +230,21 @@ def _multilabel_issues(X, Y, split, keys, names, folds, seed, n_jobs, filter_by)
         }
         for r, suspects in by_row.items()  # insertion order: by each image's most suspicious label
     ]
+
+
+def _fitted_on(settings: dict[str, Any]) -> str:
+    """`` on a random sample of 50000 of 800000 train+val rows, every row scored`` when ``audit.fit_rows``
+    sampled them (a settings dict from before it: nothing)."""
+    used, of = settings.get("fit_rows"), settings.get("fit_of")
+    if used is None or used >= of:
+        return ""
+    return f" fitted on a random per-class sample of about {used} of {of} train+val rows (audit.fit_rows), every row scored"
+
+
+def _pairs_by(settings: dict[str, Any]) -> str:
+    if settings.get("index", "exact") == "exact":
+        return "exact, all pairs"
+    return f"index {settings['index']}, {settings['neighbours']} nearest neighbours a row"
 
 
 def suspects_text(suspects: list[dict[str, Any]]) -> str:

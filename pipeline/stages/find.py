@@ -79,7 +79,9 @@ def text_features(cache, layer: str, texts: list[str]) -> np.ndarray:
 
 
 def _key_rows(cache, keys: list[str]) -> list[int]:
-    row_of = {k: i for i, k in enumerate(cache.keys)}
+    from pipeline.index.rows import find_rows
+
+    row_of = find_rows(cache.keys, keys)
     missing = [k for k in keys if k not in row_of]
     if missing:
         raise FeatcacheError(f"--key {missing[0]}: not in the cache {cache.path.name}")

@@ -305,6 +305,12 @@ class AuditConfig:
         help="confident learning's filter for label issues",
     )
     n_jobs: int = opt(1, check=_jobs, help="folds fitted in parallel (-1 = all cores)")
+    fit_rows: int = opt(
+        50_000,
+        min=0,
+        help="label errors: the fold models fit a random per-class sample of this many train+val rows"
+        " (0 = all); every row is still scored",
+    )
     write_csv: bool = opt(True, help="write <cache>.label_issues.csv and .near_duplicates.csv")
 
 
@@ -380,7 +386,7 @@ class ReportConfig:
         "", flag="--run", metavar="RUN", help="also show this run in detail (id, id prefix or folder)"
     )
     thumbnails: int = opt(12, min=0, help="misclassified test images shown per detailed run")
-    map_rows: int = opt(2000, min=0, help="rows in the PCA feature map")
+    map_rows: int = opt(2000, min=0, help="rows in the PCA feature map: a random sample, only those read")
     tsne_rows: int = opt(500, min=0, help="rows of those in the t-SNE map")
     compare: str = opt(
         "",

@@ -8,7 +8,8 @@
         thumbnails, near-duplicate pairs across splits (leaks); a note when there is no audit
     the leaderboard of the newest ``featcache compare`` beside the cache that compared it (or ``--compare``),
         with test accuracy (macro mAP, multi-label) against extraction cost
-    a 2-D map of the cached features (PCA; t-SNE on a sample), coloured by class
+    a 2-D map of the cached features (PCA of a random sample of ``report.map_rows`` rows, 2,000; t-SNE of
+        ``report.tsne_rows`` of them, 500), coloured by class: whatever the cache's size, only the sample is read
 
 A multi-label cache gets the same page measured as multi-label (:mod:`.multilabel`): mAP in the
 leaderboard, per-class AP and thresholds, precision-recall curves, the test images with the most wrong labels.
@@ -67,10 +68,11 @@ class Report:
     detailed: list[str]  # ids of the runs shown in detail
     best: str | None
     thumbnails: int
-    map_rows: tuple[int, int]  # rows in the PCA map, rows in the t-SNE map
+    map_rows: tuple[int, int]  # rows in the PCA map, rows in the t-SNE map (a sample of map_of)
     seconds: float
     notes: list[str] = field(default_factory=list)
     audit: str = ""  # what the audit section shows, in words
+    map_of: int = 0  # the cache's rows the map's sample was drawn from
 
     def summary(self) -> str:
         kinds = [r["kind"] for r in self.runs]
@@ -79,7 +81,8 @@ class Report:
             f"runs: {kinds.count('train')} train, {kinds.count('finetune')} fine-tuned,"
             f" {kinds.count('trial')} search trials · best on val: {self.best or '-'}",
             f"detailed: {', '.join(self.detailed) or '-'} · {self.thumbnails} misclassified thumbnails"
-            f" · feature map: PCA {self.map_rows[0]} rows, t-SNE {self.map_rows[1]} rows",
+            f" · feature map: PCA {self.map_rows[0]} rows, t-SNE {self.map_rows[1]} rows"
+            + (f" (a random sample of the {self.map_of})" if 0 < self.map_rows[0] < self.map_of else ""),
         ]
         lines.append(f"audit: {self.audit}")
         lines += [f"note: {n}" for n in self.notes]
@@ -92,6 +95,7 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     detailing the best run and ``report.run``; keywords (``out``, ``run``, ``thumbnails``, ``map_rows``,
     ``tsne_rows``, ``compare``, ...) override ``cfg`` as in every stage (:func:`pipeline.utils.config.resolve_config`)."""
     from pipeline.cache.store import FeatureCache
+    from pipeline.data.augment import view_mask
     from pipeline.utils.io import atomic_write
 
     cfg = resolve_config(cfg, "report", **options)
@@ -125,6 +129,7 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
         layer = cache.layer_name(_run_layer(detail[0]) if detail else None)
         say(f"report: {len(board)} leaderboard rows; mapping features of {layer}")
         fmap, n_map = feature_map(cache, layer, r.map_rows, r.tsne_rows)
+        n_rows = int((~view_mask(cache.keys)).sum())  # the rows the map samples: no augmented views
         meta = dict(cache.meta)
         sections = [header(cache, cache_path, root), cache_section(cache, cache_path)]
         scores = {d: test_scores(d, cache) for d in detail} if multilabel else {}
@@ -145,12 +150,12 @@ def report(cfg: Config | str | Path | None = None, **options: Any) -> Report:
     sections.append(audit_html)
     if compared.folder is not None or compared.notes:
         sections.append(compare_section(compared, cache_path))
-    sections.append(map_section(fmap, layer, n_map))
+    sections.append(map_section(fmap, layer, n_map, n_rows))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, page(f"featcache report · {cache_path.stem}", sections))
     return Report(
         out, cache_path, board, [d.name for d in detail], best["id"] if best else None, shown, n_map,
-        time.perf_counter() - t0, notes, _audit_words(found),
+        time.perf_counter() - t0, notes, _audit_words(found), n_rows,
     )  # fmt: skip
 
 

@@ -30,11 +30,11 @@ def header(cache, cache_path: Path, root: Path) -> str:
 
 
 def cache_section(cache, cache_path: Path) -> str:
-    from pipeline.data.augment import is_view_key
+    from pipeline.data.augment import view_mask
 
     m = cache.meta
     dims = ", ".join(f"{layer} ({int(np.prod(cache.dataset(layer).shape[1:]))})" for layer in cache.layers)
-    views = sum(1 for k in cache.keys if is_view_key(k))
+    views = int(view_mask(cache.keys).sum())
     info = [
         ("dataset", m.get("dataset")),
         ("source", m.get("source")),
@@ -323,19 +323,19 @@ def read_thumbnails(meta: dict, keys: list[str], side: int = 112) -> tuple[dict[
 def feature_map(
     cache, layer: str, map_rows: int, tsne_rows: int, seed: int = 0
 ) -> tuple[bytes | None, tuple[int, int]]:
-    """PCA of up to ``map_rows`` cached rows and t-SNE of the first ``tsne_rows`` of them, as one PNG."""
+    """PCA of a random sample of up to ``map_rows`` cached rows (:func:`map_sample`) and t-SNE of the first
+    ``tsne_rows`` of them, as one PNG; whatever the cache's size, only the sample is read."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    from pipeline.data.augment import is_view_key
+    from pipeline.index.rows import read_rows
     from pipeline.utils.plots import plot_feature_map
 
-    rows = np.asarray([r for r, k in enumerate(cache.keys) if not is_view_key(k)], np.int64)
-    rows = np.random.default_rng(seed).permutation(rows)[: max(0, map_rows)]
+    rows = map_sample(cache.keys, max(0, map_rows), seed)
     if len(rows) < 3:
         return None, (0, 0)
-    X = cache.features(layer, rows).reshape(len(rows), -1).astype(np.float64)
+    X = read_rows(cache, layer, rows).reshape(len(rows), -1).astype(np.float64)
     X = (X - X.mean(0)) / (X.std(0) + 1e-6)
     y, names = cache.labels[rows], list(cache.class_names)
     if y.ndim == 2:  # multi-label: coloured by the first of its classes
@@ -355,11 +355,37 @@ def feature_map(
     return png, (len(rows), k if "t-SNE" in maps else 0)
 
 
-def map_section(png: bytes | None, layer: str, n: tuple[int, int]) -> str:
+#: consecutive rows the map's sample takes at each random place: a few chunks of the file, not one per row
+MAP_RUN = 16
+
+
+def map_sample(keys, size: int, seed: int = 0) -> np.ndarray:
+    """Up to ``size`` rows that are not augmented views, in random order: all of them when there are no
+    more, else runs of :data:`MAP_RUN` consecutive rows at random places (rows of a class sit together in
+    a cache, so many places make a mixed sample; one run costs one chunk read, a lone row one too)."""
+    from pipeline.data.augment import view_mask
+
+    rng = np.random.default_rng(seed)
+    ok = np.flatnonzero(~view_mask(keys))
+    if len(ok) <= size:
+        return rng.permutation(ok)
+    run = min(MAP_RUN, max(1, size))
+    starts = rng.choice(len(ok) // run, -(-size // run), replace=False) * run
+    picked = ok[(starts[:, None] + np.arange(run)).ravel()]
+    return rng.permutation(picked)[:size]
+
+
+def map_section(png: bytes | None, layer: str, n: tuple[int, int], total: int) -> str:
     if png is None:
         return "<h2>Feature map</h2><p>too few rows to map.</p>"
+    what = (
+        f"all {n[0]} cached rows"
+        if n[0] >= total
+        else f"a random sample of {n[0]} of the {total} cached rows"
+    )
     return (
-        f'<h2>Feature map</h2><p class="sub">{n[0]} cached rows of <code>{escape(layer)}</code> (standardized)'
-        f" projected on their first two principal components; t-SNE (scikit-learn) of {n[1]} of them."
+        f'<h2>Feature map</h2><p class="sub">{what} of <code>{escape(layer)}</code> (standardized; the sample'
+        f" size is <code>report.map_rows</code>) projected on their first two principal components; t-SNE"
+        f" (scikit-learn) of {n[1]} of them (<code>report.tsne_rows</code>)."
         " Classes that form separate clouds are easy for a linear head.</p>" + img(png, "feature map")
     )
