@@ -103,7 +103,7 @@ def test_report_map_reads_a_sample_of_runs_and_says_so(digits_cache):
 @pytest.mark.parametrize("as_array", [False, True])
 def test_find_rows_and_read_rows(digits_cache, as_array):
     from pipeline.cache.store import FeatureCache
-    from pipeline.index.rows import find_rows, read_rows
+    from pipeline.index.rows import find_rows
 
     with FeatureCache(digits_cache) as cache:
         keys = np.asarray(cache.keys) if as_array else cache.keys
@@ -114,5 +114,5 @@ def test_find_rows_and_read_rows(digits_cache, as_array):
         everything = cache.features(layer)
         rng = np.random.default_rng(0)
         for rows in (rng.permutation(cache.n_rows), rng.choice(cache.n_rows, 9), np.array([5, 3, 5, 0])):
-            np.testing.assert_array_equal(read_rows(cache, layer, rows), everything[rows])
-        assert read_rows(cache, layer, np.zeros(0, int)).shape == (0, everything.shape[1])
+            np.testing.assert_array_equal(cache.features(layer, rows), everything[rows])
+        assert cache.features(layer, np.zeros(0, int)).shape == (0, everything.shape[1])

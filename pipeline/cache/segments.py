@@ -80,6 +80,7 @@ class StackedRows:
         self.starts = np.cumsum([0] + [p.shape[0] for p in parts])
         self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
         self.dtype = parts[0].dtype
+        self.chunks = parts[0].chunks
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -21,7 +21,6 @@ import numpy as np
 
 from pipeline.index.kinds import IndexKind, choose_kind
 from pipeline.index.neighbours import SimilarityScan, cosine_scan, cosine_topk, l2_normalize
-from pipeline.index.rows import read_rows
 from pipeline.index.store import index_dir, load, row_identities, save
 
 BLOCK = 8192  # rows read from the cache (and added to FAISS) at a time
@@ -60,7 +59,7 @@ class CacheIndex:
             return self.normalized
         if self.normalized is not None:
             return self.normalized[rows]
-        return l2_normalize(read_rows(self.cache, self.layer, rows))
+        return l2_normalize(self.cache.features(self.layer, rows))
 
     def search(
         self, Q: np.ndarray, k: int, allowed: np.ndarray | None = None, exclude: np.ndarray | None = None

@@ -123,7 +123,6 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
     ``write_csv``); keywords override the config (:func:`pipeline.utils.config.resolve_config`)."""
     from pipeline.cache.locate import resolve_cache
     from pipeline.cache.store import FeatureCache
-    from pipeline.index.rows import read_rows
     from pipeline.index.search import open_index
 
     cfg = resolve_config(cfg, "audit", **options)
@@ -136,7 +135,7 @@ def audit(cfg: Config | str | Path | None = None, **options: Any) -> AuditResult
         labels, split, keys, names = cache.labels, cache.split, cache.keys, cache.class_names
         # all rows in memory only where the exact pass needs them; above, read in blocks as needed
         exact = cache.n_rows < cfg.index.exact_below
-        X = cache.features(layer) if exact else (lambda rows: read_rows(cache, layer, rows))
+        X = cache.features(layer) if exact else (lambda rows: cache.features(layer, rows))
         t_read = time.perf_counter()
         find = _multilabel_issues if multilabel else _label_issues
         issues = find(X, labels, split, keys, names, a, cfg.train.seed)

@@ -329,13 +329,12 @@ def feature_map(
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    from pipeline.index.rows import read_rows
     from pipeline.utils.plots import plot_feature_map
 
     rows = map_sample(cache.keys, max(0, map_rows), seed)
     if len(rows) < 3:
         return None, (0, 0)
-    X = read_rows(cache, layer, rows).reshape(len(rows), -1).astype(np.float64)
+    X = cache.features(layer, rows).reshape(len(rows), -1).astype(np.float64)
     X = (X - X.mean(0)) / (X.std(0) + 1e-6)
     y, names = cache.labels[rows], list(cache.class_names)
     if y.ndim == 2:  # multi-label: coloured by the first of its classes
