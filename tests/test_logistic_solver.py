@@ -156,3 +156,62 @@ def test_a_fitted_head_saves_and_loads_through_the_trusted_list(digits, tmp_path
     back = load_skops(tmp_path / files[0])
     assert kind == "sklearn" and isinstance(back.steps[-1][1], LogisticRegression)
     np.testing.assert_array_equal(back.predict_proba(Xte), model.predict_proba(Xte))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_many_rows_start_on_a_subsample_and_reach_the_same_optimum(digits, monkeypatch, weighted):
+    """From ``SUBSAMPLE_FROM`` rows (forced down to this cache): a stage on 1/8 of each class's rows, then
+    all rows from its solution — the same objective's optimum as a fit on all rows from the start, class
+    and sample weights included."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from pipeline.heads import logistic
+    from pipeline.heads.logistic import BlasLogisticRegression
+
+    X, y, Xte, yte = digits
+    kw, sw = {"C": 0.1}, None
+    if weighted:
+        keep = (y != 3) | (np.arange(len(y)) % 5 == 0)  # class 3 made rare: "balanced" matters
+        X, y = X[keep], y[keep]
+        sw = np.random.default_rng(0).uniform(0.5, 2.0, len(y))
+        kw["class_weight"] = "balanced"
+    scratch = BlasLogisticRegression(**kw).fit(X, y, sample_weight=sw)
+    optimum = BlasLogisticRegression(**kw, tol=1e-8, max_iter=3000).fit(X, y, sample_weight=sw)
+    monkeypatch.setattr(logistic, "SUBSAMPLE_FROM", 1000)
+    monkeypatch.setattr(logistic, "SUBSAMPLE_MIN", 100)
+    staged = BlasLogisticRegression(**kw).fit(X, y, sample_weight=sw)
+    assert [s["rows"] for s in scratch.stages_] == [len(y)]
+    sub, full = staged.stages_
+    assert sub["rows"] == sum(max(1, round(np.sum(y == c) / 8)) for c in np.unique(y))
+    assert full["rows"] == len(y) and staged.n_passes_ == full["passes"]
+    assert staged.n_iter_[0] == full["n_iter"]
+    w = np.ones(len(y)) if sw is None else sw
+    if weighted:
+        w = w * compute_class_weight("balanced", classes=np.unique(y), y=y)[np.searchsorted(np.unique(y), y)]
+    best, a, b = (_objective(e, X, y, w) for e in (optimum, scratch, staged))
+    assert b - best <= 2e-3 * best and abs(a - b) <= 2e-3 * best
+    assert (staged.predict(Xte) == scratch.predict(Xte)).mean() >= 0.99
+    assert abs(staged.score(Xte, yte) - scratch.score(Xte, yte)) <= 0.01
+    again = BlasLogisticRegression(**kw).fit(X, y, sample_weight=sw)
+    np.testing.assert_array_equal(again.coef_, staged.coef_)  # the subsample is seeded
+
+
+def test_a_streamed_fit_takes_the_same_subsample_in_one_extra_pass(digits_cache, monkeypatch):
+    from pipeline.cache.reader import Data
+    from pipeline.cache.store import FeatureCache
+    from pipeline.heads import fitting, logistic
+    from pipeline.heads.fitting import fit_model
+
+    monkeypatch.setattr(fitting, "FULL_BATCH_BYTES", 256 * 1280 * 4)
+    monkeypatch.setattr(logistic, "SUBSAMPLE_FROM", 1000)
+    monkeypatch.setattr(logistic, "SUBSAMPLE_MIN", 100)
+    with FeatureCache(digits_cache) as c:
+        tr, va = c.rows("train"), c.rows("val")
+        memory = Data.from_cache(c, c.default_layer(), np.arange(c.n_rows), streamed=False)
+        streamed = Data.from_cache(c, c.default_layer(), np.arange(c.n_rows), streamed=True)
+    a = fit_model(memory, tr, va, "logistic", {"C": 0.1}, ["standardize"])
+    b = fit_model(streamed, tr, va, "logistic", {"C": 0.1}, ["standardize"], chunk_rows=256)
+    ea, eb = a.model.steps[-1][1], b.model.steps[-1][1]
+    assert b.streamed and [s["rows"] for s in eb.stages_] == [s["rows"] for s in ea.stages_]
+    assert len(eb.stages_) == 2 and b.stats["passes"] == eb.stages_[-1]["passes"] + 1
+    np.testing.assert_allclose(eb.coef_, ea.coef_, atol=2e-3 * np.abs(ea.coef_).max())

@@ -410,9 +410,12 @@ def test_the_refit_run_is_reused_retrained_when_gone_and_skipped_with_no_refit(d
 
 def test_a_large_grid_search_runs_its_first_rungs_on_row_subsets(digits_cache, tmp_path):
     """``search.halving_rows`` forced down to this small cache: every candidate on 1/9 of the fit rows, the
-    best third on 1/3, the best ninth on all; the summary says so, and the winner is a full-size trial
-    that its refit run reproduces."""
+    best third on 1/3, the best ninth on all; the summary gives the rungs' sizes, and the winner is a
+    full-size trial that its refit run reproduces."""
+    import numpy as np
+
     from pipeline.stages.search import search
+    from pipeline.tuning.folds import subset_rows
 
     space = write_space(
         tmp_path / "rows.toml",
@@ -438,4 +441,42 @@ params = { C = [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0] }
     dropped = [r["score"] for r in first if r["params"]["C"] not in kept]
     assert min(kept_scores) >= max(dropped) - 1 / val["n"]  # the best third went on (ties: by log loss)
     assert "successive halving over rows" in run.summary() and "search.halving_rows (500)" in run.summary()
+    from pipeline.cache.store import FeatureCache
+
+    with FeatureCache(digits_cache) as cache:
+        n_fit = len(cache.rows("train"))
+    fit = np.arange(n_fit)
+    sizes = [len(subset_rows(fit, fit, f)) for f in rungs]
+    assert sizes[-1] == n_fit and sizes[0] == -(-n_fit // 9) and sizes[0] >= 500 / 20
+    assert f"in 3 rungs of {', '.join(f'{k:,}' for k in sizes)} rows" in run.summary()
     assert abs(val["accuracy"] - board[0]["score"]) <= 2 / val["n"]
+
+
+@pytest.mark.parametrize(
+    ("n_fit", "n_cands", "sizes"),
+    [
+        (100_000, 100, [11_112, 33_334, 100_000]),  # at the threshold: 1/9, 1/3, all
+        (300_000, 100, [11_112, 33_334, 100_000, 300_000]),
+        (800_000, 100, [9_877, 29_630, 88_889, 266_667, 800_000]),
+        (800_000, 9, [88_889, 266_667, 800_000]),  # few candidates: no rung of one
+        (10_000_000, 100, [123_457, 370_371, 1_111_112, 3_333_334, 10_000_000]),
+    ],
+)
+def test_row_halving_starts_small_and_grows_three_times_per_rung(n_fit, n_cands, sizes):
+    """The rungs over rows at the default ``search.halving_rows`` (100,000): the first holds at least
+    100,000 / 20 rows, each next 3× more, one rung per factor of 3 in the candidates at most."""
+    from pipeline.tuning.folds import subset_size
+    from pipeline.tuning.scheduler import (
+        min_rung_rows,
+        row_halving,
+        row_halving_note,
+        rung_count,
+        rung_fractions,
+    )
+
+    assert row_halving("random", n_fit, 100_000, n_cands)
+    rungs = rung_count(n_cands, n_fit, min_rung_rows(10, 100_000))
+    assert [subset_size(n_fit, f) for f in rung_fractions(rungs)] == sizes
+    assert f"in {len(sizes)} rungs of {', '.join(f'{k:,}' for k in sizes)} rows" in row_halving_note(
+        n_fit, 100_000, n_cands, 10
+    )

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tuning import (
-    ROW_RUNGS,
     SearchRun,
     Space,
     TrialRunner,
@@ -140,8 +139,8 @@ def _run(runner: TrialRunner, candidates, s: SearchConfig, plan, notes: list[str
         if s.strategy == "halving":
             results = halving(runner, candidates, n_fit, plan.n_classes, notes)
         elif row_halving(s.strategy, n_fit, s.halving_rows, len(candidates)):
-            notes = notes + [row_halving_note(n_fit, s.halving_rows)]
-            results = halving(runner, candidates, n_fit, plan.n_classes, notes, rungs=ROW_RUNGS)
+            notes = notes + [row_halving_note(n_fit, s.halving_rows, len(candidates), plan.n_classes)]
+            results = halving(runner, candidates, n_fit, plan.n_classes, notes, s.halving_rows)
         else:
             got = runner.run(candidates, 1.0)
             results = {c: (1.0, got[c]) for c in candidates}

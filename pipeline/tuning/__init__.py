@@ -22,7 +22,7 @@ from pipeline.tuning.leaderboard import (
     write_summary,
 )
 from pipeline.tuning.refit import Refit, refit_best
-from pipeline.tuning.scheduler import ROW_RUNGS, TrialRunner, halving, row_halving, row_halving_note
+from pipeline.tuning.scheduler import TrialRunner, halving, row_halving, row_halving_note
 from pipeline.tuning.space import (
     Candidate,
     Space,
@@ -33,7 +33,6 @@ from pipeline.tuning.space import (
 )
 
 __all__ = [
-    "ROW_RUNGS",
     "Candidate",
     "Plan",
     "Refit",

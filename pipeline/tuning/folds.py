@@ -42,8 +42,13 @@ def subset_rows(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarr
     """The first ``fraction`` of ``rows`` by ``rank``: a smaller fraction is a prefix of a larger one."""
     if fraction >= 1.0:
         return rows
-    keep = max(1, int(math.ceil(len(rows) * fraction)))
+    keep = subset_size(len(rows), fraction)
     return np.sort(rows[np.argsort(rank[rows], kind="stable")[:keep]])
+
+
+def subset_size(n: int, fraction: float) -> int:
+    """How many of ``n`` rows :func:`subset_rows` keeps for ``fraction``."""
+    return n if fraction >= 1.0 else max(1, int(math.ceil(n * fraction)))
 
 
 def plan_folds(cache, cv: int, seed: int) -> tuple[Plan, np.ndarray, list[str]]:

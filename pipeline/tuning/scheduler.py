@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.tuning.folds import Plan
+from pipeline.tuning.folds import Plan, subset_size
 from pipeline.tuning.leaderboard import rank_records
 from pipeline.tuning.space import Candidate
 from pipeline.tuning.trials import worker_init, worker_run
@@ -212,22 +212,51 @@ class TrialRunner:
         self._lead(rec)
 
 
-ROW_RUNGS = 3  # a large random or grid search's rungs over rows: 1/9, 1/3, all
+ROW_START_DIVISOR = (
+    20  # row halving's first rung: about search.halving_rows / this (5,000 rows at the default)
+)
 
 
 def row_halving(strategy: str, n_fit: int, threshold: int, n_cands: int) -> bool:
-    """Whether a ``random`` or ``grid`` search runs successive halving over rows (:data:`ROW_RUNGS`
-    rungs): its fit rows reach ``search.halving_rows`` (``threshold``, 0 = never) and it has candidates
-    to drop. ``halving`` always has rungs; small searches score every candidate on all rows."""
+    """Whether a ``random`` or ``grid`` search runs successive halving over rows (:func:`halving`):
+    its fit rows reach ``search.halving_rows`` (``threshold``, 0 = never) and it has candidates to drop.
+    ``halving`` always has rungs; small searches score every candidate on all rows."""
     return strategy in ("random", "grid") and 0 < threshold <= n_fit and n_cands >= HALVING_FACTOR
 
 
-def row_halving_note(n_fit: int, threshold: int) -> str:
-    """What a search's summary says when :func:`row_halving` applied."""
+def rung_count(n_cands: int, n_fit: int, first_rows: float) -> int:
+    """Successive halving's rungs, the one rule: one more for each factor of 3 in the candidates (3-8: 2,
+    9-26: 3, 27-80: 4, 81-242: 5, ...), fewer while the first rung (``n_fit`` / 3^(rungs - 1)) would hold
+    under ``first_rows``."""
+    rungs = 1
+    while HALVING_FACTOR**rungs <= n_cands:
+        rungs += 1
+    while rungs > 1 and n_fit / HALVING_FACTOR ** (rungs - 1) < first_rows:
+        rungs -= 1
+    return rungs
+
+
+def rung_fractions(rungs: int) -> list[float]:
+    """Each rung's share of the fit rows: ..., 1/9, 1/3, 1."""
+    return [1.0 / HALVING_FACTOR ** (rungs - 1 - r) for r in range(rungs)]
+
+
+def min_rung_rows(n_classes: int, threshold: int = 0) -> float:
+    """The fewest rows a first rung may hold: 5 per class (at least 30) and, when halving over rows,
+    ``search.halving_rows`` / :data:`ROW_START_DIVISOR` (so a search at the threshold runs 3 rungs,
+    and each 3× more rows adds one while candidates remain to drop)."""
+    return max(30, 5 * n_classes, threshold / ROW_START_DIVISOR)
+
+
+def row_halving_note(n_fit: int, threshold: int, n_cands: int, n_classes: int) -> str:
+    """What a search's summary says when :func:`row_halving` applied: the rungs' sizes."""
+    rungs = rung_count(n_cands, n_fit, min_rung_rows(n_classes, threshold))
+    sizes = ", ".join(f"{subset_size(n_fit, f):,}" for f in rung_fractions(rungs))
     return (
-        f"{n_fit} fit rows >= search.halving_rows ({threshold}): successive halving over rows, every"
-        f" candidate on 1/{HALVING_FACTOR ** (ROW_RUNGS - 1)} of them, the best third on 1/{HALVING_FACTOR},"
-        " the best ninth on all (set search.halving_rows = 0 to score every candidate on all rows)"
+        f"{n_fit} fit rows >= search.halving_rows ({threshold}): successive halving over rows in {rungs}"
+        f" rungs of {sizes} rows (the first at least search.halving_rows / {ROW_START_DIVISOR}), every"
+        f" candidate on the first, the best third of each rung on the next (set search.halving_rows = 0"
+        " to score every candidate on all rows)"
     )
 
 
@@ -237,23 +266,17 @@ def halving(
     n_train: int,
     n_classes: int,
     notes: list[str],
-    rungs: int | None = None,
+    threshold: int = 0,
 ):
     """Successive halving: all candidates on a small nested subset, the best third on 3× more rows, ...
-    ``rungs``: how many (None: from the number of candidates, one more for each factor of 3)."""
-    min_rows = max(30, 5 * n_classes)
-    if rungs is None:
-        rungs = 1
-        while HALVING_FACTOR**rungs <= len(cands):  # 3-8 candidates: 2 rungs, 9-26: 3, ...
-            rungs += 1
-    while rungs > 1 and n_train / HALVING_FACTOR ** (rungs - 1) < min_rows:
-        rungs -= 1
+    as many rungs as :func:`rung_count` gives; ``threshold``: ``search.halving_rows`` when halving over
+    rows (its first rung then holds at least :func:`min_rung_rows`)."""
+    rungs = rung_count(len(cands), n_train, min_rung_rows(n_classes, threshold))
     if rungs == 1:
         notes.append("too few candidates or rows for halving: every candidate ran on all rows")
     results: dict[Candidate, tuple[float, dict[str, Any]]] = {}
     alive = list(cands)
-    for r in range(rungs):
-        fraction = 1.0 / HALVING_FACTOR ** (rungs - 1 - r)
+    for r, fraction in enumerate(rung_fractions(rungs)):
         got = runner.run(alive, fraction)
         for c in alive:
             results[c] = (fraction, got[c])

@@ -220,8 +220,8 @@ class SearchConfig:
         flag="--halving-rows",
         metavar="N",
         min=0,
-        help="from N fit rows on, random and grid searches start on row subsets: every candidate on 1/9"
-        " of the rows, the best third on 1/3, the best ninth on all (0 = never)",
+        help="from N fit rows on, random and grid searches halve over rows: every candidate on a subset of"
+        " at least N/20 rows, the best third on 3x more at each rung, up to all (0 = never)",
     )
     cv: int = opt(
         0,
