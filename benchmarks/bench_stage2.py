@@ -26,7 +26,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SIZES = tuple(int(n) for n in os.environ.get("BENCH_STAGE2_ROWS", "100000,300000,1000000").split(","))
 QUICK_SIZES = (20_000, 50_000)
-BEFORE = os.environ.get("BENCH_STAGE2_BEFORE", "0") == "1"  # also fit from scratch on all rows (no subsample)
 NOISE = 0.5  # of each feature's standard deviation
 
 
@@ -151,46 +150,11 @@ def one_size(features: Path, n: int) -> dict[str, Any]:
         "fit_per_pass_s": round(fit_s / est.n_passes_, 4),
         "limit_ratio": round(fit_s / (est.n_passes_ * grad_s), 2),
         "test_acc": round(float(est.score(Xte, yte)), 4),
-        "stages": est.stages_,  # rows, iterations, passes of each stage (subsample first)
         "start_mib": round(base, 1),
         "peak_mib": round(vm_hwm_mib(), 1),
         "python_mib": round(python, 1),
         # the rows held plus all the fit added, against the rows' float32 size: train's "≤ 2×" goal
         "peak_over_features": round((vm_hwm_mib() - python) / (X.nbytes / 2**20 + Xte.nbytes / 2**20), 2),
-        **(before(X, y, Xte, yte, est) if BEFORE else {}),
-    }
-
-
-def before(X, y, Xte, yte, est) -> dict[str, Any]:
-    """The same rows fitted on all of them from the start (no subsample stage): time, passes, accuracy,
-    objective against the staged fit's."""
-    from pipeline.heads import logistic
-    from pipeline.heads.registry import make_head
-
-    logistic.SUBSAMPLE_FROM = len(y) + 1
-    ref = make_head("logistic").estimator
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref.fit(X, y)
-    fit_s = time.perf_counter() - t0
-
-    def objective(e) -> float:
-        w = np.concatenate([np.asarray(e.coef_, np.float64).T.ravel(), np.asarray(e.intercept_, np.float64)])
-        k, d = len(e.classes_), X.shape[1]
-        blocks = [
-            (X[i : i + 65536], np.searchsorted(e.classes_, y[i : i + 65536]), None)
-            for i in range(0, len(X), 65536)
-        ]
-        return logistic.Objective(lambda: blocks, d, k, 1.0 / (e.C * len(y)), float(len(y)), True)(w)[0]
-
-    return {
-        "before_fit_s": round(fit_s, 2),
-        "before_n_iter": int(ref.n_iter_[0]),
-        "before_passes": int(ref.n_passes_),
-        "before_test_acc": round(float(ref.score(Xte, yte)), 4),
-        "objective_rel_diff": float(f"{(objective(est) - objective(ref)) / objective(ref):.2e}"),
-        "agree": round(float(np.mean(est.predict(Xte) == ref.predict(Xte))), 4),
     }
 
 
@@ -251,11 +215,6 @@ def run(out_dir: Path, quick: bool) -> dict[str, Any]:
     }
 
 
-def stages_text(x: dict[str, Any]) -> str:
-    """Iterations per stage: "40 on 50,000 + 12 on 300,000"."""
-    return " + ".join(f"{g['n_iter']} on {g['rows']:,}" for g in x.get("stages", [])) or str(x["n_iter"])
-
-
 def markdown(r: dict[str, Any]) -> str:
     s = r["sklearn"]
     lines = [
@@ -263,25 +222,16 @@ def markdown(r: dict[str, Any]) -> str:
         " Fashion-MNIST (32 px) tiled with noise, 1280-d, 10 classes, float32; each size in a fresh process"
         " (benchmarks/bench_stage2.py).",
         "",
-        "| rows | features | fit | iterations (subsample stage(s) + all rows) | passes over all rows | one gradient (2 matmuls) | fit / (passes × gradient) | test acc | RSS: interpreter / rows made / peak | (peak − interpreter) / rows |",
+        "| rows | features | fit | iterations | passes | one gradient (2 matmuls) | fit / (passes × gradient) | test acc | RSS: interpreter / rows made / peak | (peak − interpreter) / rows |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in r["sizes"]:
         lines.append(
-            f"| {x['rows']:,} | {x['features_mib']:.0f} MiB | {x['fit_s']} s |"
-            f" {stages_text(x)} | {x['passes']} |"
+            f"| {x['rows']:,} | {x['features_mib']:.0f} MiB | {x['fit_s']} s | {x['n_iter']} | {x['passes']} |"
             f" {x['gradient_s']} s | {x['limit_ratio']} | {x['test_acc']} |"
             f" {x['python_mib']:.0f} / {x['start_mib']:.0f} / {x['peak_mib']:.0f} MiB |"
             f" {x['peak_over_features']} |"
         )
-    for x in r["sizes"]:
-        if "before_fit_s" in x:
-            lines.append(
-                f"\n{x['rows']:,} rows from scratch on all rows (the fit before the subsample stage):"
-                f" {x['before_fit_s']} s, {x['before_n_iter']} iterations, {x['before_passes']} passes,"
-                f" test acc {x['before_test_acc']}; objective of the staged fit {x['objective_rel_diff']:+.1e}"
-                f" relative to it; the same prediction on {x['agree']:.1%} of the test rows."
-            )
     if s is None:
         return "\n".join(lines)
     lines += [

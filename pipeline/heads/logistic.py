@@ -12,13 +12,6 @@ or its largest gradient entry is under ``tol`` (scikit-learn's own rule).
 The rows come in blocks — views of the in-memory matrix, or chunks read from HDF5
 (:meth:`BlasLogisticRegression.fit_chunks`) — so streaming gives the in-memory result to float rounding,
 and no float64 copy of the features is ever made.
-
-From :data:`SUBSAMPLE_FROM` rows on (and unless warm-started), the fit first runs on a seeded random
-subsample (1/:data:`SUBSAMPLE_DIVISOR` of every class's rows, at least :data:`SUBSAMPLE_MIN` in all, with
-their class and sample weights; itself fitted this way when it is large enough), then continues on all rows
-from its solution to the same stopping rule: the same objective and optimum, but most iterations are paid
-on the subsample (at 800k rows: ~20 full passes instead of ~100). Streamed rows (:meth:`fit_chunks`) give
-their subsample in one extra pass, held in memory (1/8 of the rows).
 """
 
 from __future__ import annotations
@@ -30,11 +23,6 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 BLOCK_BYTES = 32 << 20  # an in-memory fit's rows go through X @ W and X.T @ G in blocks of about this size
-SUBSAMPLE_FROM = (
-    200_000  # from this many rows, the fit starts on a subsample (below: all rows from the start)
-)
-SUBSAMPLE_DIVISOR = 8  # the subsample: this fraction of each class's rows ...
-SUBSAMPLE_MIN = 50_000  # ... and at least this many rows in all
 WINDOW = 10  # stop when the objective fell, on average, by less than tol (relative) per iteration over these
 
 Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]]]
@@ -78,11 +66,7 @@ class BlasLogisticRegression(LogisticRegression):
             for i in range(0, len(X), rows):
                 yield X[i : i + rows], yi[i : i + rows], None if sw is None else sw[i : i + rows]
 
-        def take(idx):
-            return X[idx], None if sw is None else sw[idx]
-
-        sw_sum = float(len(y) if sw is None else sw.sum())
-        return self._solve(blocks, classes, X.shape[1], sw_sum, X.dtype, yi, take)
+        return self._solve(blocks, classes, X.shape[1], float(len(y) if sw is None else sw.sum()), X.dtype)
 
     def fit_chunks(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], y_all: np.ndarray):
         """The fit of :meth:`fit` on rows read in chunks (re-iterable ``(X, y)`` pairs, e.g. a
@@ -106,19 +90,7 @@ class BlasLogisticRegression(LogisticRegression):
         n_features = first.shape[1]
         self.n_features_in_ = n_features
         sw_sum = float(len(y_all) if cw is None else cw[yi_all].sum())
-
-        def take(idx):  # one pass over the chunks, keeping the subsample's rows (chunks come in row order)
-            parts, start = [], 0
-            for Xc, yc in chunks:
-                lo, hi = np.searchsorted(idx, [start, start + len(Xc)])
-                if not np.array_equal(yc, y_all[start : start + len(Xc)]):
-                    raise ValueError("fit_chunks: the chunks' labels are not y_all in order")
-                parts.append(np.asarray(Xc)[idx[lo:hi] - start])
-                start += len(Xc)
-            self.n_passes_ += 1
-            return np.concatenate(parts), None if cw is None else cw[yi_all[idx]]
-
-        return self._solve(blocks, classes, n_features, sw_sum, first.dtype, yi_all, take)
+        return self._solve(blocks, classes, n_features, sw_sum, first.dtype)
 
     def _weights(self, classes, yi, sample_weight, dtype, n, per_class=False):
         """``class_weight`` as scikit-learn applies it (one factor per class, ``balanced`` included):
@@ -130,9 +102,7 @@ class BlasLogisticRegression(LogisticRegression):
         cw = compute_class_weight(self.class_weight, classes=classes, y=classes[yi]).astype(dtype)
         return cw if per_class else cw[yi]
 
-    def _solve(self, blocks: Blocks, classes, n_features: int, sw_sum: float, dtype, yi, take):
-        """L-BFGS over ``blocks``; ``yi`` (every row's class index) and ``take`` (rows by index → their
-        features and weights) for the subsample's stage."""
+    def _solve(self, blocks: Blocks, classes: np.ndarray, n_features: int, sw_sum: float, dtype):
         from scipy.optimize import minimize
 
         if len(classes) < 2:
@@ -152,9 +122,6 @@ class BlasLogisticRegression(LogisticRegression):
             w0[:n_w] = np.asarray(coef, np.float64).T.ravel()
             if self.fit_intercept:
                 w0[n_w:] = np.asarray(self.intercept_, np.float64)
-        self.n_passes_, self.stages_ = 0, []
-        if not w0.any() and len(yi) >= SUBSAMPLE_FROM:
-            w0 = self._subsample_start(classes, yi, take, n_w, k)
         stop = _Stop(WINDOW * float(self.tol), WINDOW)
         res = minimize(
             objective, w0, jac=True, method="L-BFGS-B", callback=stop,
@@ -164,8 +131,7 @@ class BlasLogisticRegression(LogisticRegression):
         self.coef_ = w[:n_w].reshape(n_features, k).T.astype(dtype)
         self.intercept_ = (w[n_w:] if self.fit_intercept else np.zeros(k)).astype(dtype)
         self.n_iter_ = np.asarray([res.nit], np.int32)
-        self.n_passes_ += objective.calls  # loss/gradient evaluations: passes over all rows
-        self.stages_.append({"rows": len(yi), "n_iter": int(res.nit), "passes": objective.calls})
+        self.n_passes_ = objective.calls  # loss/gradient evaluations: passes over the rows
         self.converged_ = stop.stopped or bool(res.success)
         if not self.converged_:
             from sklearn.exceptions import ConvergenceWarning
@@ -176,34 +142,6 @@ class BlasLogisticRegression(LogisticRegression):
                 stacklevel=3,
             )
         return self
-
-    def _subsample_start(self, classes, yi, take, n_w: int, k: int) -> np.ndarray:
-        """The solution on the subsample (see the module), as the full fit's starting point."""
-        idx = subsample(yi, len(classes), self.random_state)
-        Xs, sws = take(idx)
-        params = {**self.get_params(), "class_weight": None, "warm_start": False}
-        sub = BlasLogisticRegression(**params).fit(Xs, classes[yi[idx]], sample_weight=sws)
-        self.stages_ = sub.stages_
-        del Xs
-        w0 = np.zeros(n_w + (k if self.fit_intercept else 0))
-        w0[:n_w] = np.asarray(sub.coef_, np.float64).T.ravel()
-        if self.fit_intercept:
-            w0[n_w:] = np.asarray(sub.intercept_, np.float64)
-        return w0
-
-
-def subsample(yi: np.ndarray, n_classes: int, seed) -> np.ndarray:
-    """Sorted indices of a seeded random 1/:data:`SUBSAMPLE_DIVISOR` of each class's rows (at least one
-    per class, :data:`SUBSAMPLE_MIN` rows in all): every class keeps its share."""
-    fraction = max(1.0 / SUBSAMPLE_DIVISOR, SUBSAMPLE_MIN / len(yi))
-    rng = np.random.default_rng(seed if isinstance(seed, int | np.integer) else 0)
-    order = np.argsort(yi, kind="stable")
-    bounds = np.searchsorted(yi[order], np.arange(n_classes + 1))
-    picks = []
-    for c in range(n_classes):
-        rows = order[bounds[c] : bounds[c + 1]]
-        picks.append(rng.choice(rows, max(1, round(len(rows) * fraction)), replace=False))
-    return np.sort(np.concatenate(picks))
 
 
 class Objective:
