@@ -21,6 +21,8 @@ from pipeline.utils.config import SPLITS
 from pipeline.utils.errors import FeatcacheError
 from pipeline.utils.runs import SEARCH_PREFIX, list_runs, read_metrics
 
+STATE_BLOCK = 1 << 18  # rows hashed at a time: memory stays at a block's lines, whatever the cache's size
+
 
 def cache_state(cache) -> dict[str, dict[str, Any]]:
     """``{split: {"n": rows, "digest": "sha256:..."}}`` for train, val and test of an open cache.
@@ -43,9 +45,10 @@ def cache_state(cache) -> dict[str, dict[str, Any]]:
         else:
             labels = names[cache.labels[rows]]
         h = hashlib.sha256()
-        if len(rows):  # the rows' "<content id>\t<label names>\n" lines, sorted (bytes sort as the text)
-            order = np.lexsort((labels, ids[rows]))
-            lines = np.char.add(np.char.add(ids[rows][order], b"\t"), np.char.add(labels[order], b"\n"))
+        order = np.lexsort((labels, ids[rows])) if len(rows) else rows
+        for lo in range(0, len(order), STATE_BLOCK):  # "<content id>\t<label names>\n", sorted, in blocks
+            at = order[lo : lo + STATE_BLOCK]
+            lines = np.char.add(np.char.add(ids[rows[at]], b"\t"), np.char.add(labels[at], b"\n"))
             h.update(b"".join(lines.tolist()))
         out[split] = {"n": int(len(rows)), "digest": "sha256:" + h.hexdigest()}
     return out
