@@ -43,7 +43,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "search": (
         *PICK,
         *("search.space", "search.strategy", "search.n_trials", "search.n_jobs", "search.cv"),
-        *("cluster.address", "search.convertible", "search.refit"),
+        *("cluster.address", "search.convertible", "search.refit", "search.halving_rows"),
     ),
     "finetune": (
         *("finetune.run", "finetune.epochs", "finetune.unfreeze", "finetune.learning_rate"),

@@ -156,7 +156,11 @@ def choose_thresholds(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
             continue
         prec, rec, thr = precision_recall_curve(Y[:, c], P[:, c])
         f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
-        out[c] = float(thr[int(np.argmax(f1))])
+        i = int(np.argmax(f1))
+        # halfway to the next lower score: the same predictions on these rows, and no row sits exactly on
+        # the threshold, where an exported model's rounding (1e-6) would flip it
+        below = thr[i - 1] if i else max(0.0, 2 * thr[0] - thr[1] if len(thr) > 1 else thr[0])
+        out[c] = float((below + thr[i]) / 2)
     return out
 
 
