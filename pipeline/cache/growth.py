@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.h5 import write_error
+from pipeline.cache.match import key_rows
 from pipeline.cache.segments import segment_dir, segment_name
 from pipeline.cache.store import FeatureCache
 from pipeline.cache.write import PartRows, Row, write_cache
@@ -58,11 +59,9 @@ def new_rows(old: FeatureCache, rows: list[Row], class_names: list[str]) -> list
     if old.class_names != class_names or not rows:
         return None
     keys, ids, labels, split = row_columns(rows)
-    order = np.argsort(old.keys.raw, kind="stable")
-    sorted_keys = old.keys.raw[order]
-    pos = np.clip(np.searchsorted(sorted_keys, keys), 0, max(len(sorted_keys) - 1, 0))
-    found = sorted_keys[pos] == keys if len(sorted_keys) else np.zeros(len(keys), bool)
-    at = order[pos[found]]
+    at = key_rows(old, keys)
+    found = at >= 0
+    at = at[found]
     if int(found.sum()) != old.n_rows or len(np.unique(at)) != old.n_rows:
         return None  # a cached row is gone (or a key repeats)
     same = (old.ids.raw[at] == ids[found]) & (old.split[at] == split[found])

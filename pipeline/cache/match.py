@@ -43,15 +43,21 @@ def file_stats(paths: Sequence[str], threads: int = 0) -> tuple[np.ndarray, np.n
     return sizes, mtimes
 
 
-def cached_rows(cache, keys: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray) -> np.ndarray:
-    """Per listed file, the cache row with its key, size and mtime; -1 where there is none."""
+def key_rows(cache, keys: np.ndarray) -> np.ndarray:
+    """Per key (UTF-8 bytes), the cache row holding it; -1 where there is none: one sort, one search."""
     raw = cache.keys.raw
     if not len(raw) or not len(keys):
         return np.full(len(keys), -1, np.int64)
     order = np.argsort(raw, kind="stable")
-    pos = np.clip(np.searchsorted(raw[order], keys), 0, len(raw) - 1)
-    rows = order[pos]
-    same = (raw[rows] == keys) & (cache.sizes[rows] == sizes) & (cache.mtimes[rows] == mtimes) & (sizes >= 0)
+    rows = order[np.clip(np.searchsorted(raw[order], keys), 0, len(raw) - 1)]
+    return np.where(raw[rows] == keys, rows, -1)
+
+
+def cached_rows(cache, keys: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray) -> np.ndarray:
+    """Per listed file, the cache row with its key, size and mtime; -1 where there is none."""
+    rows = key_rows(cache, keys)
+    at = np.maximum(rows, 0)
+    same = (rows >= 0) & (cache.sizes[at] == sizes) & (cache.mtimes[at] == mtimes) & (sizes >= 0)
     return np.where(same, rows, -1)
 
 
