@@ -113,6 +113,8 @@ def test_find_rows_and_read_rows(digits_cache, as_array):
         layer = cache.default_layer()
         everything = cache.features(layer)
         rng = np.random.default_rng(0)
-        for rows in (rng.permutation(cache.n_rows), rng.choice(cache.n_rows, 9), np.array([5, 3, 5, 0])):
+        spread = np.sort(rng.choice(cache.n_rows, cache.n_rows // 3, replace=False))
+        orders = (rng.permutation(cache.n_rows), rng.choice(cache.n_rows, 9), np.array([5, 3, 5, 0]))
+        for rows in (*orders, np.arange(cache.n_rows), np.arange(3, 40), spread):  # the last: in place
             np.testing.assert_array_equal(cache.features(layer, rows), everything[rows])
         assert cache.features(layer, np.zeros(0, int)).shape == (0, everything.shape[1])

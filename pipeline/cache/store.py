@@ -108,18 +108,34 @@ def _read_rows(ds, rows: np.ndarray, out: np.ndarray) -> None:
     chunk: on a 1M × 1280 float32 cache (2 shared cores, warm), 65,536 consecutive rows took 1.5 s as a
     slice and 3.7 s as an index list; 20,000 sorted random rows 53 s as an index list, 10–15 s as slices."""
     chunk = (getattr(ds, "chunks", None) or (1,))[0]
-    order = np.argsort(rows, kind="stable")
-    s = rows[order]
+    ordered = bool(np.all(rows[1:] > rows[:-1]))  # the usual case: written in place, no scatter
+    order = np.arange(len(rows)) if ordered else np.argsort(rows, kind="stable")
+    s = rows if ordered else rows[order]
     i = 0
     while i < len(s):
         j = int(np.searchsorted(s, s[i] + SPAN, "left"))
         lo, hi = int(s[i]), int(s[j - 1]) + 1
-        if j - i > 2 * (hi - lo) / chunk:
-            out[order[i:j]] = ds[lo:hi][s[i:j] - lo]
+        if ordered and hi - lo == j - i:
+            _read_slice(ds, lo, hi, out[i:j])
+        elif j - i > 2 * (hi - lo) / chunk:
+            block = ds[lo:hi]
+            if ordered:
+                np.take(block, s[i:j] - lo, axis=0, out=out[i:j])
+            else:
+                out[order[i:j]] = block[s[i:j] - lo]
         else:
             uniq, inverse = np.unique(s[i:j], return_inverse=True)
             out[order[i:j]] = ds[uniq][inverse]
         i = j
+
+
+def _read_slice(ds, lo: int, hi: int, out: np.ndarray) -> None:
+    """``out[:] = ds[lo:hi]``, straight into ``out`` where h5py can (same dtype): every row of a 1M × 1280
+    cache in 2.6 s warm, against 18 s through a temporary and a scatter."""
+    if hasattr(ds, "read_direct") and ds.dtype == out.dtype:
+        ds.read_direct(out, np.s_[lo:hi])
+    else:
+        out[:] = ds[lo:hi]
 
 
 #: attributes that describe one segment, not the cache it extends
