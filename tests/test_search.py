@@ -283,6 +283,8 @@ def test_shared_work_scores_as_an_independent_fit(digits_cache):
     configs += [("logistic", {"C": v}, ["standardize", "pca:32"]) for v in (0.01, 0.3, 10.0)]
     configs += [("linear_svm", {"C": v}, ["standardize", "pca:32"]) for v in (0.01, 1.0)]  # L-BFGS
     configs += [("linear_svm", {"C": 1.0}, ["l2"]), ("knn", {"n_neighbors": 3}, ["l2", "pca:16"])]
+    knn = [(7, "distance"), (60, "uniform"), (1, "uniform"), (30, "distance"), (5, "uniform")]
+    configs += [("knn", {"n_neighbors": n, "weights": w}, ["l2"]) for n, w in knn]  # one path, and past it
     for cv, (plan, _, _) in plans.items():
         shared = worker_init(({layer: data[cv]}, plan, 0))
         for head, params, chain in configs:

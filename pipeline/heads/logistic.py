@@ -6,9 +6,9 @@ the largest gradient entry falls under ``tol`` — on a few hundred thousand sta
 its iteration cap (1,000) though the predictions stopped changing long before. Here each evaluation is
 two BLAS products over the rows (threaded, float32: the features' own precision; the weights, the
 objective and the L-BFGS state stay float64) and the fit stops when the objective stops moving
-(it fell by less than ``tol``, relative, per iteration on average over the last :data:`WINDOW`; the
-``logistic`` head's ``tol`` is :data:`HEAD_TOL`, where the test accuracy has long been flat) or its largest
-gradient entry is under ``tol`` (scikit-learn's own rule).
+(it fell by less than :data:`PROGRESS` × ``tol``, relative, per iteration on average over the last
+:data:`WINDOW`, where the test accuracy has long been flat) or its largest gradient entry is under ``tol``
+(scikit-learn's own rule, with its default ``tol`` = 1e-4).
 The rows come in blocks — views of the in-memory matrix, or chunks read from HDF5
 (:meth:`BlasLogisticRegression.fit_chunks`) — so streaming gives the in-memory result to float rounding,
 and no float64 copy of the features is ever made.
@@ -29,10 +29,11 @@ BLOCK_BYTES = 1 << 20
 #: (e^-46 ≈ 1e-20; the loss keeps the exact value): tinier float32 probabilities make denormal products
 #: in ``X.T @ G``, which ran up to 9× slower per pass late in a fit (54k × 1280 demo rows: 1.4 s against 0.16 s)
 LOGIT_FLOOR = 46.0
-#: the ``logistic`` head's ``tol`` (scikit-learn's default, 1e-4, stays the class's): measured test
-#: accuracy against 1e-4, same rows: 1M-row cache (800k fit rows) 52 iterations against 86+, 0.7677 against
-#: 0.7685; the demo (54k) 123 against 217, 0.8899 against 0.8918 (benchmarks/notes/stage2.md)
-HEAD_TOL = 5e-4
+#: the fit stops when the objective fell by less than this × ``tol`` (relative) per iteration: at the default
+#: ``tol`` (1e-4), 5e-4. Measured test accuracy against 1e-4 per iteration, same rows: a 1M-row cache (800k
+#: fit rows) 52 iterations against 86+, 0.7677 against 0.7685; the demo (54k) 123 against 217, 0.8899
+#: against 0.8918 (benchmarks/notes/stage2.md)
+PROGRESS = 5.0
 WINDOW = 10  # stop when the objective fell, on average, by less than tol (relative) per iteration over these
 
 Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]]]
@@ -132,7 +133,7 @@ class BlasLogisticRegression(LogisticRegression):
             w0[:n_w] = np.asarray(coef, np.float64).T.ravel()
             if self.fit_intercept:
                 w0[n_w:] = np.asarray(self.intercept_, np.float64)
-        stop = _Stop(WINDOW * float(self.tol), WINDOW)
+        stop = _Stop(WINDOW * PROGRESS * float(self.tol), WINDOW)
         res = minimize(
             objective, w0, jac=True, method="L-BFGS-B", callback=stop,
             options={"maxiter": int(self.max_iter), "gtol": float(self.tol), "ftol": 0.0, "maxcor": 20, "maxls": 50},
@@ -217,7 +218,8 @@ def _binary(Z: np.ndarray, yi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class _Stop:
     """Ends L-BFGS when the objective fell by less than ``rtol`` (relative) over the last ``window``
-    iterations (``window`` × ``tol``: ``tol`` per iteration): the predictions stopped changing long before the gradient reaches scikit-learn's ``tol``."""
+    iterations (``rtol`` / ``window`` per iteration): the predictions stopped changing long before the
+    gradient reaches scikit-learn's ``tol``."""
 
     def __init__(self, rtol: float, window: int):
         self.rtol, self.window, self.values, self.stopped = rtol, window, [], False

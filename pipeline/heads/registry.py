@@ -64,11 +64,10 @@ def _set(est, params: dict[str, Any], head: str):
 
 def _logistic(p, seed, n_train=None):
     """Float32-BLAS L-BFGS on scikit-learn's objective (:mod:`pipeline.heads.logistic`), in memory or
-    streamed; 1000 iterations are a cap, not the rule: it stops when the objective stops moving
-    (:data:`~pipeline.heads.logistic.HEAD_TOL`)."""
-    from pipeline.heads.logistic import HEAD_TOL, BlasLogisticRegression
+    streamed; 1000 iterations are a cap, not the rule: it stops when the objective stops moving."""
+    from pipeline.heads.logistic import BlasLogisticRegression
 
-    return _set(BlasLogisticRegression(max_iter=1000, tol=HEAD_TOL, random_state=seed), p, "logistic")
+    return _set(BlasLogisticRegression(max_iter=1000, random_state=seed), p, "logistic")
 
 
 def _sgd(loss: str, head: str):
