@@ -133,7 +133,7 @@ class BlasLogisticRegression(LogisticRegression):
             w0[:n_w] = np.asarray(coef, np.float64).T.ravel()
             if self.fit_intercept:
                 w0[n_w:] = np.asarray(self.intercept_, np.float64)
-        stop = _Stop(WINDOW * PROGRESS * float(self.tol), WINDOW)
+        stop = ProgressStop(float(self.tol))
         res = minimize(
             objective, w0, jac=True, method="L-BFGS-B", callback=stop,
             options={"maxiter": int(self.max_iter), "gtol": float(self.tol), "ftol": 0.0, "maxcor": 20, "maxls": 50},
@@ -216,13 +216,13 @@ def _binary(Z: np.ndarray, yi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return loss, G
 
 
-class _Stop:
-    """Ends L-BFGS when the objective fell by less than ``rtol`` (relative) over the last ``window``
-    iterations (``rtol`` / ``window`` per iteration): the predictions stopped changing long before the
-    gradient reaches scikit-learn's ``tol``."""
+class ProgressStop:
+    """An L-BFGS callback (scipy's ``minimize``) that ends the fit when the objective fell by less than
+    :data:`PROGRESS` × ``tol`` (relative) per iteration over the last :data:`WINDOW` iterations: the
+    predictions stopped changing long before the gradient reaches scikit-learn's ``tol``."""
 
-    def __init__(self, rtol: float, window: int):
-        self.rtol, self.window, self.values, self.stopped = rtol, window, [], False
+    def __init__(self, tol: float, window: int = WINDOW):
+        self.rtol, self.window, self.values, self.stopped = window * PROGRESS * tol, window, [], False
 
     def __call__(self, intermediate_result):
         f = float(intermediate_result.fun)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.heads.logistic import ProgressStop
+
 # LinearSVC parameters the squared-hinge solver below reproduces (the others: LinearSVC's own fit)
 SVM_PARAMS = frozenset({"C", "tol", "max_iter", "intercept_scaling"})
 LIBLINEAR_QUICK = 10.0  # C · mean |x|² up to which linear_svm keeps liblinear (dual)
@@ -323,13 +325,14 @@ class SquaredHingeSVM:
 
         w0 = np.zeros(d * Y.shape[1]) if coef0 is None else np.asarray(coef0, np.float64).ravel()
         g0 = np.abs(f(np.zeros_like(w0))[1]).max()
+        stop = ProgressStop(self.tol)  # large C on standardized rows: hundreds of iterations of a flat tail
         res = minimize(
-            f, w0, jac=True, method="L-BFGS-B",
+            f, w0, jac=True, method="L-BFGS-B", callback=stop,
             options={"maxiter": self.max_iter, "gtol": self.tol * g0, "ftol": 1e-12, "maxcor": 20},
         )  # fmt: skip
         self.W, self.converged, self.n_iter_ = (
             res.x.reshape(d, Y.shape[1]),
-            bool(res.success),
+            stop.stopped or bool(res.success),
             res.nit,
         )
         if not self.converged:
