@@ -1,12 +1,14 @@
 """A rerun over local files that finds every cached row unchanged: only the new files are looked at.
 
 Decided on arrays (:mod:`pipeline.cache.match`): each listed file's key, size and mtime against the cache's
-columns, the labels against the cached labels. When every cached row is listed again as it was (same key,
-stat and label, the same split settings, so the same split), the run narrows its dataset to the files the
-cache does not have: digests, the backbone, the rows and the write (a segment,
-:mod:`pipeline.cache.growth`) then cost those files only, and a rerun with nothing new costs a listing and
-a stat per file. Anything else (a removed, changed or relabelled file, other classes or split settings,
-shards, arrays, multi-label, augmented views) takes the general path, which looks at every row.
+columns, the labels against the cached labels. A folder source gives them from its listing
+(:class:`pipeline.data.listing.FileListing`) without a :class:`Sample` per file. When every cached row is
+listed again as it was (same key, stat and label, the same split settings, so the same split), the run
+narrows its dataset to the files the cache does not have: samples, digests, the backbone, the rows and the
+write (a segment, :mod:`pipeline.cache.growth`) then cost those files only, and a rerun with nothing new
+costs a listing and a stat per file. Anything else (a removed, changed or relabelled file, other classes
+or split settings, shards, arrays, multi-label, augmented views) takes the general path, which looks at
+every row.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.cache.match import cached_rows, file_stats, known_keys, utf8_keys
+from pipeline.cache.match import key_rows, unchanged, utf8_keys
+from pipeline.data.listing import file_stats
+from pipeline.data.samples import Dataset
 from pipeline.data.storage import is_url
 from pipeline.stages.extract.job import ExtractJob
 
@@ -29,26 +33,35 @@ def narrow_to_new(job: ExtractJob) -> bool:
         return False
     old, ds = job.old, job.ds
     try:
-        sizes, mtimes = file_stats([s.path for s in ds.samples], job.cfg.extract.threads)
+        keys, sizes, mtimes, labels = _columns(ds, job.cfg.extract.threads)
     except OSError:
         return False  # a file gone since the listing: the general path says which
-    keys = utf8_keys([s.key for s in ds.samples])
-    rows = cached_rows(old, keys, sizes, mtimes)
-    hit = rows >= 0
+    rows = key_rows(old, keys)
+    hit = unchanged(old, rows, sizes, mtimes)
     seen = np.zeros(old.n_rows, bool)
     seen[rows[hit]] = True
     if int(hit.sum()) != old.n_rows or not seen.all():
         return False  # a cached file is gone or changed
-    label_of = ds.label_index()
-    labels = np.fromiter((label_of[s.label] for s in ds.samples), np.int64, len(ds.samples))
     if not np.array_equal(labels[hit], old.labels[rows[hit]]):
         return False  # relabelled (moved between class folders)
     new = np.flatnonzero(~hit)
-    if len(new) and known_keys(old, keys[new]).any():
+    if (rows[new] >= 0).any():
         return False  # a cached file's content may have changed
-    job.ds = dataclasses.replace(ds, samples=[ds.samples[i] for i in new.tolist()])
+    samples = ds.listing.samples(new) if ds.listing is not None else [ds.samples[i] for i in new.tolist()]
+    job.ds = dataclasses.replace(ds, samples=samples)
     job.narrowed = True
     return True
+
+
+def _columns(ds: Dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every listed file's key (UTF-8), size, mtime and class index: a folder's from its listing."""
+    if ds.listing is not None:
+        sizes, mtimes = ds.listing.stats(threads)
+        return ds.listing.keys(), sizes, mtimes, ds.listing.labels(ds.class_names)
+    sizes, mtimes = file_stats([s.path for s in ds.samples], threads)
+    label_of = ds.label_index()
+    labels = np.fromiter((label_of[s.label] for s in ds.samples), np.int64, len(ds.samples))
+    return utf8_keys([s.key for s in ds.samples]), sizes, mtimes, labels
 
 
 def _applies(job: ExtractJob) -> bool:
@@ -63,6 +76,8 @@ def _applies(job: ExtractJob) -> bool:
     now = job.cfg.to_dict()["data"]
     if any(recorded.get(k) != now.get(k) for k in SPLIT_SETTINGS):
         return False
+    if ds.listing is not None:
+        return True  # local files, listed from a folder
     return all(s.path and not (s.digest or s.member or s.index >= 0 or s.stamp) for s in ds.samples)
 
 
