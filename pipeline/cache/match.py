@@ -32,3 +32,21 @@ def unchanged(cache, rows: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray) ->
     """Per listed file with cache row ``rows`` (-1: none), whether that row has its size and mtime."""
     at = np.maximum(rows, 0)
     return (rows >= 0) & (cache.sizes[at] == sizes) & (cache.mtimes[at] == mtimes) & (sizes >= 0)
+
+
+def among(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Per value, whether ``pool`` holds it (``np.isin``), sorting only the smaller of the two: ten thousand
+    new digests against a million cached ones cost a search per cached one, not a sort of them all."""
+    if not len(values) or not len(pool):
+        return np.zeros(len(values), bool)
+    if len(pool) <= len(values):
+        s = np.sort(pool)
+        return s[np.clip(np.searchsorted(s, values), 0, len(s) - 1)] == values
+    order = np.argsort(values, kind="stable")
+    s = values[order]
+    at = np.clip(np.searchsorted(s, pool), 0, len(s) - 1)
+    hit = np.zeros(len(s), bool)
+    hit[at[s[at] == pool]] = True  # the first of equal values is the one found
+    out = np.empty(len(values), bool)
+    out[order] = hit[np.searchsorted(s, s)]
+    return out

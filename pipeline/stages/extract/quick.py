@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.cache.match import key_rows, unchanged, utf8_keys
+from pipeline.cache.match import among, key_rows, unchanged, utf8_keys
 from pipeline.data.listing import file_stats
 from pipeline.data.samples import Dataset
 from pipeline.data.storage import is_url
@@ -86,4 +86,4 @@ def cached_among(job: ExtractJob) -> set[str]:
     digests = np.asarray([d.encode() for d, _, _ in job.digests.values()], dtype="S")
     if not len(digests):
         return set()
-    return {d.decode() for d in digests[np.isin(digests, job.old.ids.raw)].tolist()}
+    return {d.decode() for d in digests[among(digests, job.old.ids.raw)].tolist()}
