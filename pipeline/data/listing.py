@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from pipeline.data.samples import Sample
 from pipeline.data.splits import group_of
 
 #: an image name ends with one of these, then the NUL that joins the names of a folder
-_SUFFIXES = tuple(e.encode() + b"\0" for e in sorted(IMAGE_EXTENSIONS))
+_SUFFIXES = tuple(
+    e.encode() + b"\0" for e in sorted(IMAGE_EXTENSIONS, key=lambda e: (e not in (".jpg", ".png"), e))
+)
 
 
 def storable_key(path: str) -> str:
@@ -36,17 +39,19 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
-def _image_names(names: list[bytes]) -> list[bytes]:
-    """The image names among ``names``. All of them, the usual case, is told by counting suffixes in the
-    names joined by NUL (in C); otherwise each name is checked by :func:`is_image_name`."""
+def _image_names(names: list[bytes]) -> tuple[list[bytes], bytes | None]:
+    """The image names among ``names``, and when that is all of them (the usual case, told by counting
+    suffixes in the names joined by NUL, in C) that joined string; otherwise each name is checked by
+    :func:`is_image_name`."""
     joined = b"\0".join(names) + b"\0"
-    hidden = joined.startswith(b".") or b"\0." in joined
-    if not hidden and (
-        sum(joined.count(s) for s in _SUFFIXES) == len(names)  # lower-case extensions: no copy
-        or sum(joined.lower().count(s) for s in _SUFFIXES) == len(names)
-    ):
-        return names
-    return [n for n in names if is_image_name(os.fsdecode(n))]
+    if not (joined.startswith(b".") or b"\0." in joined):  # no hidden name
+        for lower in (False, True):  # lower-case extensions need no lower-cased copy
+            text, found = joined.lower() if lower else joined, 0
+            for suffix in _SUFFIXES:  # at most one per name: all are images once they add up to all
+                found += text.count(suffix)
+                if found == len(names):
+                    return names, joined
+    return [n for n in names if is_image_name(os.fsdecode(n))], None
 
 
 @dataclass
@@ -62,11 +67,13 @@ class Folder:
     utf8: bool = True  # every name is UTF-8: ``tails`` is ``names``
 
 
-def folder_of(path: bytes, images: list[bytes], prefix: str, label: str, split: str | None) -> Folder:
-    """A :class:`Folder` of ``images`` (names in ``path``), sorted as the names' strings sort."""
-    joined = b"\0".join(images)
+def folder_of(
+    path: bytes, images: list[bytes], prefix: str, label: str, split: str | None, joined: bytes | None = None
+) -> Folder:
+    """A :class:`Folder` of ``images`` (names in ``path``; ``joined``: them joined by NUL, when at hand),
+    sorted as the names' strings sort."""
     try:
-        joined.decode("utf-8")
+        (b"\0".join(images) if joined is None else joined).decode("utf-8")
     except UnicodeDecodeError:  # names that are not UTF-8: sorted and escaped one by one, as str
         images = sorted(images, key=os.fsdecode)
         tails = [storable_key(os.fsdecode(n)).encode("utf-8") for n in images]
@@ -154,11 +161,10 @@ class FileListing:
             else:
                 paths = [os.fsdecode(n) for n in names]
                 tails = [t.decode("utf-8") for t in f.tails[take].tolist()]
-            base, prefix, label, split = os.fsdecode(f.path) + os.sep, f.prefix, f.label, f.split
-            for tail, name in zip(tails, paths, strict=True):
-                key = prefix + tail
-                group = None if self.pattern is None else group_of(key, self.pattern)
-                out.append(Sample(key, label, split, group, base + name))
+            base, prefix = os.fsdecode(f.path) + os.sep, f.prefix
+            keys = [prefix + t for t in tails]
+            groups = [group_of(k, self.pattern) for k in keys] if self.pattern else repeat(None)
+            out += map(Sample, keys, repeat(f.label), repeat(f.split), groups, [base + n for n in paths])
         return out
 
 
@@ -205,13 +211,13 @@ def scan_class_folders(
         n_before = sum(len(f.names) for f in folders)
         for dirpath, names, exact in walk_images(os.fsencode(str(class_dir)), listed):
             prefix = storable_key(os.fsdecode(os.path.relpath(dirpath, base))) + "/"
-            images = _image_names(names)
+            images, joined = _image_names(names)
             if len(images) < len(names):
                 kept = set(images)
                 for n in sorted(set(names) - kept, key=os.fsdecode):
                     if exact or not os.path.isdir(dirpath + b"/" + n):
                         ignored.append(prefix + storable_key(os.fsdecode(n)))
-            folders.append(folder_of(dirpath, images, prefix, class_dir.name, split))
+            folders.append(folder_of(dirpath, images, prefix, class_dir.name, split, joined))
         if sum(len(f.names) for f in folders) == n_before:
             empty.append(str(class_dir))
         classes.add(class_dir.name)
