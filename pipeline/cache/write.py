@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.h5 import attrs_digest, fixed_strings, h5py_module, write_error
+from pipeline.cache.match import among
 from pipeline.cache.quarantine import quarantine_path
 from pipeline.cache.schema import FORMAT
 from pipeline.cache.store import FeatureCache, partial_dir
@@ -296,7 +297,7 @@ def _write_features(f, rows: list[Row], layer_dims, sources, parts, dtype: str, 
     index: dict[str, tuple[int, int]] = {}  # digest → (source, row): the first source that has it wins
     wanted = np.asarray(sorted({r.digest.encode() for r in rows}), dtype="S")
     for k, cache in enumerate(sources):
-        hits = np.flatnonzero(np.isin(cache.ids.raw, wanted))  # a million cached rows: one vector op
+        hits = np.flatnonzero(among(cache.ids.raw, wanted))  # a million cached rows: one search each
         for i, d in zip(hits.tolist(), cache.ids.raw[hits].tolist(), strict=True):
             index.setdefault(d.decode(), (k, i))
     reader = PartReader()

@@ -8,6 +8,7 @@ their open files in a per-process registry (:mod:`pipeline.data.webdataset`, :mo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,15 +36,24 @@ class Sample:
 
 @dataclass
 class Dataset:
+    """A source's samples and how to read them. A folder source's ``samples`` are built from its
+    ``listing`` (:class:`pipeline.data.listing.FileListing`, arrays) when first asked for: a rerun that
+    finds every file cached never builds them."""
+
     name: str
     source: str
-    samples: list[Sample]
+    samples: list[Sample]  # None with a ``listing``; setting a list drops the listing
     class_names: list[str]
     arrays: np.ndarray | None = None  # N×H×W[×C] uint8 for array sources
     ignored: list[str] = field(default_factory=list)  # non-image or hidden files seen while scanning
     problems: list[tuple[Sample, str]] = field(default_factory=list)  # unusable samples found while listing
     storage_options: dict = field(default_factory=dict)  # fsspec options for URL sources
     multilabel: bool = False  # samples carry ``labels`` (a set, maybe empty) rather than one ``label``
+    listing: Any = field(default=None, repr=False, compare=False)  # a folder's files, as arrays
+
+    def __post_init__(self) -> None:
+        if self.__dict__.get("_samples") is not None:
+            self.listing = None  # samples given (``dataclasses.replace``): they are the dataset
 
     @property
     def is_files(self) -> bool:
@@ -90,3 +100,19 @@ class Dataset:
         """A multi-label sample's row of the N×C label matrix: 1 for each of its classes."""
         have = set(sample.labels or ())
         return tuple(int(c in have) for c in self.class_names)
+
+
+def _samples(ds: Dataset) -> list[Sample]:
+    if ds.__dict__.get("_samples") is None:
+        ds.__dict__["_samples"] = ds.listing.samples() if ds.listing is not None else []
+    return ds.__dict__["_samples"]
+
+
+def _set_samples(ds: Dataset, samples: list[Sample] | None) -> None:
+    ds.__dict__["_samples"] = samples
+    if samples is not None and "listing" in ds.__dict__:
+        ds.listing = None  # the samples given are the dataset now
+
+
+# after the dataclass is made, so that ``samples`` stays an ordinary argument of ``Dataset(...)``
+Dataset.samples = property(_samples, _set_samples)  # type: ignore[assignment]

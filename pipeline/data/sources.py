@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.decode import IMAGE_EXTENSIONS
 from pipeline.data.labels_csv import read_rows
+from pipeline.data.listing import FileListing, Folder, scan_class_folders, storable_key
 from pipeline.data.samples import Dataset, Sample, label_sets
-from pipeline.data.splits import group_of
 from pipeline.data.storage import digest_bytes, expand_braces, filesystem, has_magic, is_url
 from pipeline.utils.config import SPLITS, DataConfig
 from pipeline.utils.errors import FeatcacheError
@@ -55,84 +54,40 @@ def fashion_mnist_dirs() -> list[Path]:
     return dirs
 
 
-def storable_key(path: str) -> str:
-    """A key that survives HDF5's UTF-8 strings: undecodable file-name bytes become ``\\xNN`` escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace").replace(os.sep, "/")
-
-
 def _check_classes(name: str, class_names: list[str]) -> None:
     if len(class_names) < 2:
         found = f"only {class_names[0]!r}" if class_names else "none"
         raise FeatcacheError(f"{name}: need at least 2 classes to train a classifier, found {found}")
 
 
-def _walk_files(top: str):
-    """``(folder, sorted names, exact)`` under ``top``, as ``os.walk`` (sorted, hidden folders and links to
-    folders not entered). A folder whose link count says it has no sub-folders (2 on ext4/XFS) is read by
-    ``os.listdir``, in C, rather than entry by entry: its names are not ``exact`` (one may be a link to a
-    folder; the caller checks the few names that are not images)."""
-    try:
-        no_subfolders = os.stat(top).st_nlink == 2
-        names = sorted(os.listdir(top)) if no_subfolders else []
-    except OSError:
-        no_subfolders = False
-    if no_subfolders:
-        yield top, names, False
-        return
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield dirpath, sorted(filenames), True
-
-
-def _scan_class_folders(root: Path, split: str | None, pattern, samples, ignored, empty) -> set[str]:
-    """Append each class folder's images as samples (keys relative to the dataset root), the rest to
-    ``ignored``. A million files: one key and one path string each, built by concatenation."""
-    classes = set()
-    base = root.parent if split else root
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        n_before = len(samples)
-        label = class_dir.name
-        for dirpath, filenames, exact in _walk_files(str(class_dir)):
-            prefix = storable_key(os.path.relpath(dirpath, base)) + "/"
-            for fn in filenames:
-                key = prefix + (fn if fn.isascii() else storable_key(fn))
-                dot = fn.rfind(".")
-                if fn.startswith(".") or dot <= 0 or fn[dot:].lower() not in IMAGE_EXTENSIONS:
-                    if exact or not os.path.isdir(dirpath + os.sep + fn):
-                        ignored.append(key)
-                    continue
-                group = None if pattern is None else group_of(key, pattern)
-                samples.append(Sample(key, label, split, group, dirpath + os.sep + fn))
-        if len(samples) == n_before:
-            empty.append(str(class_dir))
-        classes.add(class_dir.name)
-    return classes
-
-
-def _folder(root: Path, cfg: DataConfig) -> Dataset:
+def _folder(root: Path, cfg: DataConfig, listed: dict[bytes, list[bytes]]) -> Dataset:
+    """A folder of class folders (or of split folders of class folders), listed as arrays: its samples
+    are built when a stage asks for them (:mod:`pipeline.data.listing`). ``listed``: folders whose names
+    were read already."""
     pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
-    samples: list[Sample] = []
+    folders: list[Folder] = []
     ignored: list[str] = []
     empty: list[str] = []
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     classes: set[str] = set()
     if split_dirs:
         for d in split_dirs:
-            classes |= _scan_class_folders(d, d.name, pattern, samples, ignored, empty)
+            classes |= scan_class_folders(d, d.name, listed, folders, ignored, empty)
     else:
-        classes = _scan_class_folders(root, None, pattern, samples, ignored, empty)
+        classes = scan_class_folders(root, None, listed, folders, ignored, empty)
+    listing = FileListing(folders, pattern)
     if empty:
         raise FeatcacheError(
             f"class folder has no images: {empty[0]}"
             + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
         )
-    if not samples:
+    if not len(listing):
         raise FeatcacheError(
             f"{root}: no images found (expected one sub-folder per class, e.g. {root}/cats/*.jpg)"
         )
     class_names = sorted(classes)
     _check_classes(str(root), class_names)
-    return Dataset(cfg.name or root.name, str(root), samples, class_names, ignored=ignored)
+    return Dataset(cfg.name or root.name, str(root), None, class_names, ignored=ignored, listing=listing)
 
 
 def _csv(path: Path, cfg: DataConfig) -> Dataset:
@@ -251,24 +206,26 @@ def _parquet_folder(fs, path: str) -> bool:
         return False
 
 
-_PARQUET_NAME = re.compile(r"(?:^|\0)[^.\0][^\0]*\.parquet(?=\0|$)")  # in names joined by NUL
+_PARQUET_NAME = re.compile(rb"(?:^|\0)[^.\0][^\0]*\.parquet(?=\0|$)")  # in names joined by NUL
 
 
-def _has_parquet(root: str | Path, depth: int = 2) -> bool:
+def _has_parquet(root: bytes, listed: dict[bytes, list[bytes]], depth: int = 2) -> bool:
     """A ``*.parquet`` file at most ``depth`` folders below ``root`` (names starting with a dot skipped, as
     a glob would). A million-image folder costs one ``listdir`` and one regex pass per folder, in C; a
-    folder whose link count says it has no sub-folders (2 on ext4/XFS) is not looked into further."""
+    folder whose link count says it has no sub-folders (2 on ext4/XFS) is not looked into further. The
+    names read are kept in ``listed`` (folder → names), for the listing of a folder source."""
     try:
-        names = os.listdir(root)
+        names = listed[root] = os.listdir(root)
         leaf = os.stat(root).st_nlink == 2
     except OSError:
         return False
-    if _PARQUET_NAME.search("\0".join(names)):
+    joined = b"\0".join(names)
+    if b".parquet" in joined and _PARQUET_NAME.search(joined):  # the search only where it can match
         return True
     if depth == 0 or leaf:
         return False
-    subs = (os.path.join(root, n) for n in names if not n.startswith("."))
-    return any(_has_parquet(p, depth - 1) for p in subs if os.path.isdir(p))
+    subs = (os.path.join(root, n) for n in names if not n.startswith(b"."))
+    return any(_has_parquet(p, listed, depth - 1) for p in subs if os.path.isdir(p))
 
 
 def _load(src: str, cfg: DataConfig, index_dir) -> Dataset:
@@ -294,9 +251,10 @@ def _load(src: str, cfg: DataConfig, index_dir) -> Dataset:
             )
         raise FeatcacheError(f"data source not found: {src}")
     if p.is_dir():
-        if _has_parquet(p):
+        listed: dict[bytes, list[bytes]] = {}
+        if _has_parquet(os.fsencode(str(p)), listed):
             return load_shards(cfg, "parquet", index_dir, str(p))
-        return _folder(p, cfg)
+        return _folder(p, cfg, listed)
     if p.suffix.lower() == ".csv":
         return _csv(p, cfg)
     if p.suffix.lower() == ".npz":
