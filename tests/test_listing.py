@@ -16,9 +16,8 @@ from pipeline.cache.match import among
 from pipeline.cache.store import FeatureCache
 from pipeline.data.listing import is_image_name, storable_key
 from pipeline.data.sources import load_dataset
-from pipeline.stages.extract import extract, quick
+from pipeline.stages.extract import extract
 from pipeline.utils.config import DataConfig
-from pipeline.utils.forked import can_fork, in_child
 
 
 def _png(path: Path, seed: int) -> None:
@@ -100,29 +99,6 @@ def test_among_is_isin_whichever_side_is_larger():
         np.testing.assert_array_equal(among(values, pool), np.isin(values, pool))
 
 
-@pytest.mark.skipif(not can_fork(), reason="forks on Linux only")
-def test_a_child_fills_shared_rows_and_a_failed_child_leaves_the_work_to_the_caller(tmp_path):
-    files = []
-    for i in range(5):
-        files.append(tmp_path / f"{i}.png")
-        files[-1].write_bytes(b"x" * i)
-    pids = []
-
-    def fill(out, forked):
-        pids.append((os.getpid(), forked))  # seen here only when it runs in this process
-        for i, f in enumerate(files):
-            out[0, i] = os.stat(f).st_size
-
-    with in_child(fill, (1, len(files))) as child:
-        assert child()[0].tolist() == [0, 1, 2, 3, 4]
-    assert pids == []  # filled by the child
-
-    files[2].unlink()  # the child fails (a file gone): the caller runs fill and gets the error itself
-    with pytest.raises(FileNotFoundError), in_child(fill, (1, len(files))) as child:
-        child()
-    assert pids == [(os.getpid(), False)]
-
-
 def _settings(data: Path, cache: Path) -> dict:
     return dict(
         data__source=str(data),
@@ -140,11 +116,7 @@ def _features(path: Path) -> dict[str, tuple[str, int, np.ndarray]]:
         return {k: (c.ids[i], int(c.labels[i]), feats[i]) for i, k in enumerate(c.keys)}
 
 
-@pytest.mark.parametrize("forked", [False, True], ids=["stat-here", "stat-in-child"])
-def test_rerun_over_thousands_of_files_finds_an_edit_in_place_and_a_new_file(tmp_path, monkeypatch, forked):
-    # a million files are stat'ed by a forked child (utils.forked); here the threshold is lowered to take
-    # that path at a few thousand
-    monkeypatch.setattr(quick, "FORK_FROM", 0 if forked else 10**12)
+def test_rerun_over_thousands_of_files_finds_an_edit_in_place_and_a_new_file(tmp_path):
     data, per_class = tmp_path / "data", 600
     for c, cls in enumerate(("ant", "bee", "cow")):
         (data / cls).mkdir(parents=True)

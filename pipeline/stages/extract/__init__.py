@@ -49,7 +49,7 @@ from pipeline.features.backbones.hub_presets import settle
 from pipeline.features.backbones.registry import check_engine, dynamic_hint, get_spec
 from pipeline.features.calibration import Calibration, for_config
 from pipeline.stages.extract.cluster import run_on_cluster
-from pipeline.stages.extract.job import ExtractJob, ExtractResult, backbone_pass, start_backbone
+from pipeline.stages.extract.job import ExtractJob, ExtractResult, backbone_pass
 from pipeline.stages.extract.quick import cached_among, narrow_to_new
 from pipeline.stages.extract.views import augmented_views
 from pipeline.utils.collector import frozen_gc
@@ -252,9 +252,12 @@ def _run_pending(job: ExtractJob) -> tuple[dict[str, int], dict]:
 
 def _run_here(job: ExtractJob) -> tuple[dict[str, int], dict]:
     """``job.pending`` through the backbone in this process."""
+    from pipeline.data import area
     from pipeline.features.backbones.build import build_feature_model
+    from pipeline.features.engines import configure_tf_threads
 
-    start_backbone(job.cfg)
+    area.prepare()
+    configure_tf_threads(job.cfg.extract.threads)
     fm = job.model or build_feature_model(job.cfg.backbone, job.cfg.extract.precision)
     writer = job.part_writer(fm.dims)
     try:

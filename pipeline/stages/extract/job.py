@@ -27,16 +27,6 @@ GROWTH = {
 }
 
 
-def start_backbone(cfg: Config) -> None:
-    """What a backbone pass in this process starts with: the compiled resize loading on a thread, and
-    TensorFlow (seconds to import) with its thread pools set. Called again, it does nothing new."""
-    from pipeline.data import area
-    from pipeline.features.engines import configure_tf_threads
-
-    area.prepare()
-    configure_tf_threads(cfg.extract.threads)
-
-
 @dataclass
 class ExtractResult:
     path: Path

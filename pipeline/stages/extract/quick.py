@@ -21,14 +21,10 @@ from pipeline.cache.match import among, key_rows, unchanged, utf8_keys
 from pipeline.data.listing import file_stats
 from pipeline.data.samples import Dataset
 from pipeline.data.storage import is_url
-from pipeline.stages.extract.job import ExtractJob, start_backbone
-from pipeline.utils.forked import in_child
+from pipeline.stages.extract.job import ExtractJob
 
 #: the ``[data]`` settings a cached row's split follows besides its key and content
 SPLIT_SETTINGS = ("val_fraction", "test_fraction", "group_pattern")
-
-#: listings this long have their files stat'ed by a forked child (shorter ones: not worth a fork)
-FORK_FROM = 50_000
 
 
 def narrow_to_new(job: ExtractJob) -> bool:
@@ -36,18 +32,17 @@ def narrow_to_new(job: ExtractJob) -> bool:
     if not _applies(job):
         return False
     old, ds = job.old, job.ds
-    keys = ds.listing.keys() if ds.listing is not None else utf8_keys([s.key for s in ds.samples])
-    rows = key_rows(old, keys)
     try:
-        sizes, mtimes = _stats(job, rows)
+        keys, sizes, mtimes, labels = _columns(ds, job.cfg.extract.threads)
     except OSError:
         return False  # a file gone since the listing: the general path says which
+    rows = key_rows(old, keys)
     hit = unchanged(old, rows, sizes, mtimes)
     seen = np.zeros(old.n_rows, bool)
     seen[rows[hit]] = True
     if int(hit.sum()) != old.n_rows or not seen.all():
         return False  # a cached file is gone or changed
-    if not np.array_equal(_labels(ds)[hit], old.labels[rows[hit]]):
+    if not np.array_equal(labels[hit], old.labels[rows[hit]]):
         return False  # relabelled (moved between class folders)
     new = np.flatnonzero(~hit)
     if (rows[new] >= 0).any():
@@ -58,39 +53,15 @@ def narrow_to_new(job: ExtractJob) -> bool:
     return True
 
 
-def _stats(job: ExtractJob, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every listed file's size and mtime. A folder's are taken by a forked child (:mod:`pipeline.utils.forked`)
-    while this process goes on: when files are new and every cached key is listed (growth, most likely) it
-    imports the backbone meanwhile (seconds of TensorFlow the pass needs anyway), else it takes half the
-    files itself."""
-    ds, threads = job.ds, job.cfg.extract.threads
-    if ds.listing is None:
-        return file_stats([s.path for s in ds.samples], threads)
-    listing, n = ds.listing, len(rows)
-    found = rows >= 0
-    grows = found.sum() == job.old.n_rows and not found.all() and not job.cfg.cluster.address
-    cut = n if grows else n // 2  # the child's files: [0, cut)
-    if n < FORK_FROM:
-        return listing.stats(threads)
-
-    def fill(out: np.ndarray, forked: bool) -> None:
-        listing.stats_into(out, 0, cut, 1 if forked else threads)
-
-    with in_child(fill, (2, n)) as child:
-        if grows:
-            start_backbone(job.cfg)
-        mine = np.empty((2, n), np.int64)
-        listing.stats_into(mine, cut, n, threads)
-        mine[:, :cut] = child()[:, :cut]
-    return mine[0], mine[1]
-
-
-def _labels(ds: Dataset) -> np.ndarray:
-    """Every listed file's class index."""
+def _columns(ds: Dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every listed file's key (UTF-8), size, mtime and class index: a folder's from its listing."""
     if ds.listing is not None:
-        return ds.listing.labels(ds.class_names)
+        sizes, mtimes = ds.listing.stats(threads)
+        return ds.listing.keys(), sizes, mtimes, ds.listing.labels(ds.class_names)
+    sizes, mtimes = file_stats([s.path for s in ds.samples], threads)
     label_of = ds.label_index()
-    return np.fromiter((label_of[s.label] for s in ds.samples), np.int64, len(ds.samples))
+    labels = np.fromiter((label_of[s.label] for s in ds.samples), np.int64, len(ds.samples))
+    return utf8_keys([s.key for s in ds.samples]), sizes, mtimes, labels
 
 
 def _applies(job: ExtractJob) -> bool:
