@@ -316,6 +316,7 @@ def test_a_runaway_trial_is_cut_and_the_result_is_readable(digits_cache, tmp_pat
 
     monkeypatch.setattr(scheduler, "BUDGET_FLOOR_S", 1.0)
     monkeypatch.setattr(scheduler, "TRIAL_BUDGET_FACTOR", 5)
+    monkeypatch.setattr(scheduler, "BUDGET_EARLY_S", 5.0)  # knn is one path: mlp's is the second first trial
     space = write_space(
         tmp_path / "slow.toml",
         """
@@ -482,3 +483,16 @@ def test_row_halving_starts_small_and_grows_three_times_per_rung(n_fit, n_cands,
     assert f"in {len(sizes)} rungs of {', '.join(f'{k:,}' for k in sizes)} rows" in row_halving_note(
         n_fit, 100_000, n_cands, 10
     )
+
+
+def test_a_paths_first_trial_is_budgeted_against_other_first_trials(tmp_path):
+    from pipeline.tuning.scheduler import BUDGET_FLOOR_S, TRIAL_BUDGET_FACTOR, Task, TrialRunner
+    from pipeline.tuning.space import Candidate
+
+    runner = TrialRunner(tmp_path / "trials.jsonl", {}, None, "fp", 0, 0, 1, None)
+    knn = [Candidate.make("knn", {"n_neighbors": k}, ["l2"], "top") for k in (3, 5, 7)]
+    task = Task(tuple(knn), 1.0)
+    runner.times = [0.05] * 9  # steps along paths: votes from neighbours found once
+    runner.first_times = [30.0, 25.0, 40.0, 35.0, 20.0]  # trials that prepared a chain, started a path
+    assert runner._budget(task, 0) == TRIAL_BUDGET_FACTOR * 30.0  # the neighbour search is not cut
+    assert runner._budget(task, 1) == BUDGET_FLOOR_S  # a step that runs long is

@@ -25,6 +25,8 @@ HALVING_FACTOR = 3
 
 # A trial's time budget: TRIAL_BUDGET_FACTOR × the median finished trial, never under BUDGET_FLOOR_S; until
 # BUDGET_MIN_TRIALS have finished, BUDGET_EARLY_S. Keras heads (TensorFlow's import, epochs) get KERAS_BUDGET_SCALE ×.
+# A task's first trial (it prepares the chain and starts the path: a knn path's neighbour search) is measured
+# against the other first trials, the rest against the rest: steps along a path cost a fraction of a second.
 TRIAL_BUDGET_FACTOR = 20
 BUDGET_FLOOR_S = 10.0
 BUDGET_MIN_TRIALS = 5
@@ -93,7 +95,8 @@ class TrialRunner:
         self.fingerprint, self.cv, self.seed, self.n_jobs = fingerprint, cv, seed, n_jobs
         self.progress = progress
         self.n_run = self.n_reused = 0
-        self.times: list[float] = []  # seconds of the trials finished by this call
+        self.times: list[float] = []  # seconds of the trials finished by this call, after a task's first
+        self.first_times: list[float] = []  # the same of the tasks' first trials
         self.leader: float | None = None
         self._pool = None
         self.client = client
@@ -129,8 +132,8 @@ class TrialRunner:
             return results
         counter = {"total": len(cands), "finished": len(results)}
 
-        def record(cand: Candidate, res: dict[str, Any]) -> None:
-            self._record(cand, res, keys[cand], fraction, results)
+        def record(cand: Candidate, res: dict[str, Any], first: bool = False) -> None:
+            self._record(cand, res, keys[cand], fraction, results, first)
             counter["finished"] += 1
             if self.progress:
                 rec = results[cand]
@@ -144,7 +147,7 @@ class TrialRunner:
 
         self._get_pool().map(
             plan_tasks(todo, fraction),
-            on_item=lambda task, item: record(*item),
+            on_item=lambda task, item: record(*item, first=item[0] == task.cands[0]),
             budget=self._budget,
             on_stop=lambda stop: self._stopped(stop, record),
             on_error=lambda task, items, msg: [
@@ -158,12 +161,13 @@ class TrialRunner:
     def _with_leader(self, task: Task) -> Task:
         return Task(task.cands, task.fraction, self.leader if self.cv else None)
 
-    def _median(self) -> float | None:
-        return float(np.median(self.times)) if len(self.times) >= BUDGET_MIN_TRIALS else None
+    def _median(self, first: bool = False) -> float | None:
+        times = self.first_times if first else self.times
+        return float(np.median(times)) if len(times) >= BUDGET_MIN_TRIALS else None
 
     def _budget(self, task: Task, n_done: int) -> float:
         keras = _is_keras(task.cands[min(n_done, len(task.cands) - 1)])
-        median = self._median()
+        median = self._median(first=n_done == 0)
         if median is None:
             return BUDGET_EARLY_S * (KERAS_BUDGET_SCALE if keras else 1)
         return max(TRIAL_BUDGET_FACTOR * median, BUDGET_FLOOR_S) * (KERAS_BUDGET_SCALE if keras else 1)
@@ -172,7 +176,7 @@ class TrialRunner:
         task: Task = stop.task
         cand, rest = task.cands[len(stop.items)], task.cands[len(stop.items) + 1 :]
         if stop.reason == "budget":
-            median = self._median()
+            median = self._median(first=not stop.items)
             spent = f"{stop.cpu:.1f} CPU s" if stop.cpu is not None else f"{stop.seconds:.1f} s"
             why = (
                 f"cut after {spent}: over the per-trial budget of {TRIAL_BUDGET_FACTOR}× the median "
@@ -190,7 +194,9 @@ class TrialRunner:
         if rec.get("status") == "ok" and (self.leader is None or rec["score"] > self.leader):
             self.leader = float(rec["score"])
 
-    def _record(self, cand: Candidate, res: dict[str, Any], key: str, fraction: float, results) -> None:
+    def _record(
+        self, cand: Candidate, res: dict[str, Any], key: str, fraction: float, results, first: bool = False
+    ) -> None:
         """Journal first, then count: a kill between the two only costs a recount, never a lost trial."""
         rec = {
             "key": key,
@@ -208,7 +214,9 @@ class TrialRunner:
         results[cand] = rec
         self.n_run += 1
         if rec["status"] in ("ok", "pruned"):
-            self.times.append(float(rec.get("cpu_seconds") or rec["seconds"]))
+            (self.first_times if first else self.times).append(
+                float(rec.get("cpu_seconds") or rec["seconds"])
+            )
         self._lead(rec)
 
 
