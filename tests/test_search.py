@@ -496,3 +496,5 @@ def test_a_paths_first_trial_is_budgeted_against_other_first_trials(tmp_path):
     runner.first_times = [30.0, 25.0, 40.0, 35.0, 20.0]  # trials that prepared a chain, started a path
     assert runner._budget(task, 0) == TRIAL_BUDGET_FACTOR * 30.0  # the neighbour search is not cut
     assert runner._budget(task, 1) == BUDGET_FLOOR_S  # a step that runs long is
+    rung = Task(tuple(knn), 1 / 27)  # halving's first rung: times count per row
+    assert runner._budget(rung, 0) == max(TRIAL_BUDGET_FACTOR * 30.0 / 27, BUDGET_FLOOR_S)

@@ -27,6 +27,7 @@ HALVING_FACTOR = 3
 # BUDGET_MIN_TRIALS have finished, BUDGET_EARLY_S. Keras heads (TensorFlow's import, epochs) get KERAS_BUDGET_SCALE ×.
 # A task's first trial (it prepares the chain and starts the path: a knn path's neighbour search) is measured
 # against the other first trials, the rest against the rest: steps along a path cost a fraction of a second.
+# Times count per row: a halving rung on 27× the rows of the first gets 27× the budget.
 TRIAL_BUDGET_FACTOR = 20
 BUDGET_FLOOR_S = 10.0
 BUDGET_MIN_TRIALS = 5
@@ -161,13 +162,15 @@ class TrialRunner:
     def _with_leader(self, task: Task) -> Task:
         return Task(task.cands, task.fraction, self.leader if self.cv else None)
 
-    def _median(self, first: bool = False) -> float | None:
+    def _median(self, first: bool = False, fraction: float = 1.0) -> float | None:
+        """The median finished trial's seconds (first trials of tasks, or the others) at ``fraction`` of
+        the rows (the times are kept per row: :meth:`_record`)."""
         times = self.first_times if first else self.times
-        return float(np.median(times)) if len(times) >= BUDGET_MIN_TRIALS else None
+        return float(np.median(times)) * fraction if len(times) >= BUDGET_MIN_TRIALS else None
 
     def _budget(self, task: Task, n_done: int) -> float:
         keras = _is_keras(task.cands[min(n_done, len(task.cands) - 1)])
-        median = self._median(first=n_done == 0)
+        median = self._median(first=n_done == 0, fraction=task.fraction)
         if median is None:
             return BUDGET_EARLY_S * (KERAS_BUDGET_SCALE if keras else 1)
         return max(TRIAL_BUDGET_FACTOR * median, BUDGET_FLOOR_S) * (KERAS_BUDGET_SCALE if keras else 1)
@@ -176,7 +179,7 @@ class TrialRunner:
         task: Task = stop.task
         cand, rest = task.cands[len(stop.items)], task.cands[len(stop.items) + 1 :]
         if stop.reason == "budget":
-            median = self._median(first=not stop.items)
+            median = self._median(first=not stop.items, fraction=task.fraction)
             spent = f"{stop.cpu:.1f} CPU s" if stop.cpu is not None else f"{stop.seconds:.1f} s"
             why = (
                 f"cut after {spent}: over the per-trial budget of {TRIAL_BUDGET_FACTOR}× the median "
@@ -214,9 +217,8 @@ class TrialRunner:
         results[cand] = rec
         self.n_run += 1
         if rec["status"] in ("ok", "pruned"):
-            (self.first_times if first else self.times).append(
-                float(rec.get("cpu_seconds") or rec["seconds"])
-            )
+            spent = float(rec.get("cpu_seconds") or rec["seconds"])
+            (self.first_times if first else self.times).append(spent / max(fraction, 1e-9))
         self._lead(rec)
 
 
