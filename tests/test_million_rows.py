@@ -110,6 +110,8 @@ def test_find_rows_and_read_rows(digits_cache, as_array):
         want = [cache.keys[7], cache.keys[0], "no/such/key"]
         assert find_rows(keys, want) == {cache.keys[7]: 7, cache.keys[0]: 0}
         assert find_rows(keys, []) == {}
+        longest = max(cache.keys, key=len)
+        assert find_rows(keys, [longest + "x"]) == {}  # not cut to the column's width
         layer = cache.default_layer()
         everything = cache.features(layer)
         rng = np.random.default_rng(0)

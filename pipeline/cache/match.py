@@ -16,16 +16,21 @@ def utf8_keys(keys: Sequence[str]) -> np.ndarray:
     return np.asarray([k.encode("utf-8") for k in keys], dtype="S")
 
 
+def positions(pool: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per value, the first position in ``pool`` holding it; -1 where there is none: one sort, one search."""
+    if not len(pool) or not len(values):
+        return np.full(len(values), -1, np.int64)
+    order = np.argsort(pool, kind="stable")
+    at = order[np.clip(np.searchsorted(pool[order], values), 0, len(pool) - 1)]
+    return np.where(pool[at] == values, at, -1)
+
+
 def key_rows(cache, keys: np.ndarray) -> np.ndarray:
-    """Per key (UTF-8 bytes), the cache row holding it; -1 where there is none: one sort, one search."""
+    """Per key (UTF-8 bytes), the cache row holding it; -1 where there is none."""
     raw = cache.keys.raw
-    if not len(raw) or not len(keys):
-        return np.full(len(keys), -1, np.int64)
     if len(raw) == len(keys) and np.array_equal(raw, keys):  # listed in the cache's order: a rerun
         return np.arange(len(keys), dtype=np.int64)
-    order = np.argsort(raw, kind="stable")
-    rows = order[np.clip(np.searchsorted(raw[order], keys), 0, len(raw) - 1)]
-    return np.where(raw[rows] == keys, rows, -1)
+    return positions(raw, keys)
 
 
 def unchanged(cache, rows: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.cache.match import among
+
 
 def find_rows(column, wanted) -> dict[str, int]:
     """``{value: row}`` for the values of ``wanted`` found in ``column`` (a cache's ``ids`` or ``keys``: a
@@ -12,20 +14,14 @@ def find_rows(column, wanted) -> dict[str, int]:
     wanted = set(wanted)
     if not wanted:
         return {}
-    if hasattr(column, "raw"):  # the cache's own column: UTF-8 bytes, compared as such
-        raw = column.raw
-        rows = np.flatnonzero(np.isin(raw, np.asarray(sorted(w.encode() for w in wanted), dtype="S")))
-        found: dict[str, int] = {}
-        for r in rows.tolist():
-            found.setdefault(raw[r].decode(), r)
+    found: dict[str, int] = {}
+    raw = hasattr(column, "raw")  # the cache's own column: UTF-8 bytes, compared as such
+    if raw or isinstance(column, np.ndarray):
+        values = column.raw if raw else column
+        want = np.asarray(sorted(w.encode() if raw else w for w in wanted))  # its own width: none cut short
+        for r in np.flatnonzero(among(values, want)).tolist():
+            found.setdefault(values[r].decode() if raw else str(values[r]), r)
         return found
-    if isinstance(column, np.ndarray):
-        rows = np.flatnonzero(np.isin(column, np.asarray(sorted(wanted), dtype=column.dtype)))
-        found: dict[str, int] = {}
-        for r in rows.tolist():
-            found.setdefault(str(column[r]), r)
-        return found
-    found = {}
     for r, v in enumerate(column):
         if v in wanted and v not in found:
             found[v] = r

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.cache.match import positions
 from pipeline.index.kinds import IndexKind, choose_kind
 from pipeline.index.neighbours import SimilarityScan, cosine_scan, cosine_topk, l2_normalize
 from pipeline.index.store import index_dir, load, row_identities, save
@@ -224,11 +225,8 @@ def _known_rows(stored, ident: np.ndarray, kind: IndexKind) -> np.ndarray | None
     cache has grown into another kind of index): a rebuild."""
     if stored.meta.get("kind") != kind.factory:
         return None
-    order = np.argsort(ident, kind="stable")  # arrays, not a dict of every row
-    at = np.minimum(np.searchsorted(ident[order], stored.rows), len(ident) - 1)
-    rows = order[at] if len(ident) else np.zeros(len(stored.rows), np.int64)
-    found = len(ident) > 0 and bool((ident[rows] == stored.rows).all())
-    return rows.astype(np.int64) if found or not len(stored.rows) else None
+    rows = positions(ident, stored.rows)  # arrays, not a dict of every row
+    return None if (rows < 0).any() else rows
 
 
 def _new_faiss(idx: CacheIndex, d: int, progress: bool):
