@@ -76,6 +76,11 @@ def small_config(cache_dir: Path, source: str | Path, **extra) -> dict:
     }
 
 
+def small_keywords(cache_dir: Path, source: str | Path, **extra) -> dict:
+    """:func:`small_config` as the API's keywords (``section__key``), for ``extract(**...)``."""
+    return {k.replace(".", "__"): v for k, v in small_config(cache_dir, source).items()} | extra
+
+
 def make_digits_cache(base: Path) -> Path:
     """The shared real cache: ~1800 digits, 64 px, default backbone; idempotent (a rerun is a cache hit)."""
     from sklearn.datasets import load_digits

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_photo_folder
+from conftest import run_cli, small_keywords, write_photo_folder
 
 import pipeline.cache.growth as growth
 from pipeline.cache.segments import segment_dir
@@ -19,14 +19,7 @@ from pipeline.utils.errors import FeatcacheError
 
 
 def _settings(data: Path, cache: Path) -> dict:
-    return dict(
-        data__source=str(data),
-        extract__cache_dir=str(cache),
-        backbone__image_size=64,
-        extract__batch_size=8,
-        extract__progress=False,
-        extract__engine="tflite",
-    )
+    return small_keywords(cache, data, extract__engine="tflite")
 
 
 def _by_key(path: Path) -> dict[str, tuple]:

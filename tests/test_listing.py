@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small_keywords
 from PIL import Image
 
 from pipeline.cache.match import among
@@ -100,13 +101,8 @@ def test_among_is_isin_whichever_side_is_larger():
 
 
 def _settings(data: Path, cache: Path) -> dict:
-    return dict(
-        data__source=str(data),
-        extract__cache_dir=str(cache),
-        backbone__image_size=32,
-        extract__batch_size=64,
-        extract__progress=False,
-        extract__engine="tflite",
+    return small_keywords(
+        cache, data, backbone__image_size=32, extract__batch_size=64, extract__engine="tflite"
     )
 
 
