@@ -485,6 +485,31 @@ def test_row_halving_starts_small_and_grows_three_times_per_rung(n_fit, n_cands,
     )
 
 
+def test_halving_rungs_score_on_a_nested_share_of_the_val_rows():
+    """At 1M rows (800k fit, 100k val) the first rungs fit 1/81, 1/27, ... of the fit rows: each scores on
+    the same share of the val rows, at least EVAL_FLOOR, nested like the fit rows; the last on every val
+    row. Early stopping (the val rows when cv = 0) uses the same rows; ties are judged on what was scored."""
+    import numpy as np
+
+    from pipeline.tuning.folds import EVAL_FLOOR, Plan
+    from pipeline.tuning.scheduler import min_rung_rows, rung_count, rung_fractions
+
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(1_000_000)
+    fit, val = np.sort(rows[:800_000]), np.sort(rows[800_000:900_000])
+    plan = Plan([(fit, val, val)], rng.permutation(1_000_000), 10)
+    fractions = rung_fractions(rung_count(100, len(fit), min_rung_rows(10, 100_000)))
+    scored = [plan.scored_rows(0, f) for f in fractions]
+    assert [len(e) for e, _ in scored] == [EVAL_FLOOR, EVAL_FLOOR, 11_112, 33_334, 100_000]
+    assert all(es is not None and np.array_equal(e, es) for e, es in scored)
+    for (small, _), (large, _) in zip(scored, scored[1:]):
+        assert np.isin(small, large).all() and np.isin(small, val).all()
+    assert np.array_equal(scored[-1][0], val)
+    assert plan.resolution_at(fractions[0]) == 1 / EVAL_FLOOR and plan.resolution == 1 / len(val)
+    few = Plan([(fit, val[:5000], None)], plan.rank, 10)  # under the floor: every row on every rung
+    assert np.array_equal(few.scored_rows(0, 1 / 81)[0], val[:5000]) and few.scored_rows(0, 1 / 81)[1] is None
+
+
 def test_a_paths_first_trial_is_budgeted_against_other_first_trials(tmp_path):
     from pipeline.tuning.scheduler import BUDGET_FLOOR_S, TRIAL_BUDGET_FACTOR, Task, TrialRunner
     from pipeline.tuning.space import Candidate

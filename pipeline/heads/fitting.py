@@ -67,8 +67,11 @@ def fit_model(
     *,
     seed: int = 0,
     chunk_rows: int = 1024,
+    train_X: np.ndarray | None = None,
 ) -> Fitted:
-    """Fit ``transforms`` + head on ``train_rows``; ``val_rows`` (may be None) only steers early stopping."""
+    """Fit ``transforms`` + head on ``train_rows``; ``val_rows`` (may be None) only steers early stopping.
+    ``train_X``: the features of the sorted ``train_rows``, already read, which the fit may overwrite (the
+    transforms run in place): ``data`` then need not hold the train rows."""
     from sklearn.pipeline import Pipeline
 
     t0 = time.perf_counter()
@@ -96,7 +99,8 @@ def fit_model(
                 data, train_rows, val_rows if has_val else None, head, steps, fitted, chunk_rows, seed
             )
         else:
-            _fit_memory(data, train_rows, val_rows if has_val else None, head, steps, fitted)
+            val = val_rows if has_val and head.val_kwargs is not None else None
+            fit_prepared(head, prepare(data, train_rows, val, steps, train_X))
     fitted.notes = warning_notes(caught, fitted.notes)
     fitted.model = Pipeline(steps + [("head", head.estimator)])
     fitted.history = getattr(head.estimator, "history_", None)
@@ -124,9 +128,11 @@ class Prepared:
     y_val: np.ndarray | None = None
 
 
-def prepare(data: Data, train_rows, val_rows, steps) -> Prepared:
-    """Fit ``steps`` (unfitted transforms) on ``train_rows`` and transform them and ``val_rows`` (may be None)."""
-    X, y = data.take(train_rows), data.labels[train_rows]  # a fresh array: transformed in place
+def prepare(data: Data, train_rows, val_rows, steps, train_X: np.ndarray | None = None) -> Prepared:
+    """Fit ``steps`` (unfitted transforms) on ``train_rows`` and transform them and ``val_rows`` (may be
+    None); ``train_X``: the train rows' features already read, transformed in place (else read here)."""
+    X = data.take(train_rows) if train_X is None else train_X  # a fresh array: transformed in place
+    y = data.labels[train_rows]
     for _, est in steps:
         X = fit_transform_owned(est, X)
     prep = Prepared(steps, X, y)
@@ -150,10 +156,6 @@ def fit_prepared(head: Head, prep: Prepared) -> None:
     if head.class_weight is not None:
         kwargs["sample_weight"] = _sample_weight(head, np.unique(prep.y), prep.y, prep.y)
     _fit_head(head, prep.X, prep.y, kwargs)
-
-
-def _fit_memory(data: Data, train_rows, val_rows, head: Head, steps, fitted: Fitted) -> None:
-    fit_prepared(head, prepare(data, train_rows, val_rows if head.val_kwargs is not None else None, steps))
 
 
 def _fit_streamed(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.locate import runs_root
-from pipeline.cache.reader import Data, close_cache, use_streaming
+from pipeline.cache.reader import READ_BLOCK, Data, close_cache, read_rows, use_streaming
 from pipeline.cache.state import cache_state
 from pipeline.data.splits import small_class_note
 from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
@@ -119,7 +119,7 @@ def fit_run(
         train_rows, val_rows, test_rows = cache.rows("train"), cache.rows("val"), cache.rows("test")
         dim = int(cache.dataset(layer).shape[1])
         streamed = use_streaming(t.streaming, cache.n_rows * dim * 4, multilabel=cache.multilabel)
-        data = Data.from_cache(cache, layer, np.arange(cache.n_rows), streamed)
+        data, train_X, novelty = _read(cache, layer, cfg, streamed)
         if t.head in TEXT_HEADS:  # the class names through the text tower; no transforms before it
             cfg = text_head_config(cfg)
             t = cfg.train
@@ -130,7 +130,10 @@ def fit_run(
             task |= text
         else:
             fit_params, task = {**params, **extras}, text
-            fitted = fit_model(data, train_rows, val_rows, t.head, fit_params, t.transforms, seed=t.seed)
+            fitted = fit_model(
+                data, train_rows, val_rows, t.head, fit_params, t.transforms, seed=t.seed, train_X=train_X
+            )
+            del train_X
             if task:
                 task["zeroshot"].update(text_head_info(fitted.model.steps[-1][1]))
             n_classes = len(cache.class_names)
@@ -151,7 +154,7 @@ def fit_run(
         metrics = {
             **_metrics(cfg, cache, layer, params, fitted, preds, scores, notes, out),
             **task,
-            **run_novelty(cache, layer, cfg, data),
+            **novelty,
             **(extra or {}),
         }
         _write_run(out, fitted, metrics, preds, cache)
@@ -168,26 +171,53 @@ def fit_run(
     )
 
 
+def _read(cache, layer: str, cfg: Config, streamed: bool) -> tuple[Data, np.ndarray | None, dict[str, Any]]:
+    """The rows a run reads, and the novelty threshold (:func:`run_novelty`). A single-label fit in memory
+    reads its train rows once, into the array its transforms then overwrite (at 1M rows no copy beside
+    every row: peak memory about the features), the novelty pass running on them as they are read; the
+    val and test rows apart. Otherwise every row, in memory or streamed."""
+    if streamed or cache.multilabel:
+        data = Data.from_cache(cache, layer, np.arange(cache.n_rows), streamed)
+        return data, None, run_novelty(cache, layer, cfg, data)
+    data = Data.from_cache(cache, layer, np.union1d(cache.rows("val"), cache.rows("test")), False)
+    nearest = _nearest_train(cache, cfg, data)
+    train_X = read_rows(cache, layer, cache.rows("train"), None if nearest is None else nearest.add)
+    if nearest is None:
+        return data, train_X, run_novelty(cache, layer, cfg, data)
+    return data, train_X, {"novelty": nearest.threshold(cfg.index.novelty_percentile, len(cache.rows("val")))}
+
+
 def run_novelty(cache, layer: str, cfg: Config, data: Data) -> dict[str, Any]:
     """``{"novelty": ...}``: the threshold ``predict`` flags novel images above, set on the val split
     (:func:`pipeline.index.novelty.val_threshold`); ``{}`` without val or train rows. From
     ``index.exact_below`` rows on, a sample of the val rows against every train row, read from ``data``
-    block by block (:func:`~pipeline.index.novelty.sampled_threshold`): a run never waits for an index."""
-    from pipeline.index.novelty import VAL_SAMPLE, sampled_threshold, val_threshold
+    block by block (:class:`~pipeline.index.novelty.NearestTrain`): a run never waits for an index."""
+    from pipeline.index.novelty import val_threshold
     from pipeline.index.search import open_index
 
-    pct = cfg.index.novelty_percentile
     if cache.n_rows < cfg.index.exact_below:
-        found = val_threshold(open_index(cache, layer, cfg.index), pct)
+        found = val_threshold(open_index(cache, layer, cfg.index), cfg.index.novelty_percentile)
         return {"novelty": found} if found else {}
-    train, val = cache.rows("train"), cache.rows("val")
-    if not len(train) or not len(val):
+    nearest = _nearest_train(cache, cfg, data)
+    if nearest is None:
         return {}
+    train = cache.rows("train")
+    for i in range(0, len(train), READ_BLOCK):
+        nearest.add(data.take(train[i : i + READ_BLOCK]))
+    return {"novelty": nearest.threshold(cfg.index.novelty_percentile, len(cache.rows("val")))}
+
+
+def _nearest_train(cache, cfg: Config, data: Data):
+    """A large cache's novelty pass, waiting for the train rows: a sample of the val rows (read from
+    ``data``); None below ``index.exact_below`` rows (the index sets the threshold) or without train or
+    val rows."""
+    from pipeline.index.novelty import VAL_SAMPLE, NearestTrain
+
+    train, val = cache.rows("train"), cache.rows("val")
+    if cache.n_rows < cfg.index.exact_below or not len(train) or not len(val):
+        return None
     rng = np.random.default_rng(cfg.train.seed)
-    sample = np.sort(rng.choice(val, min(len(val), VAL_SAMPLE), replace=False))
-    step = 16384
-    blocks = (data.take(train[i : i + step]) for i in range(0, len(train), step))
-    return {"novelty": sampled_threshold(blocks, data.take(sample), pct, len(val))}
+    return NearestTrain(data.take(np.sort(rng.choice(val, min(len(val), VAL_SAMPLE), replace=False))))
 
 
 def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any], extras: dict[str, Any]):

@@ -79,20 +79,35 @@ def build_transforms(
                     raise FeatcacheError(
                         f"transform {t}: a variance fraction needs the whole matrix; use pca:K when streaming"
                     )
-                steps.append((name, PCA(n_components=k, svd_solver="full", random_state=seed)))
+                steps.append(
+                    (name, PCA(n_components=k, svd_solver=pca_solver(n_samples, n_features, "full")))
+                )
                 continue
             # never more components than rows or columns
             limit = min(x for x in (n_samples, n_features, k) if x)
             pca = (
                 IncrementalPCA(n_components=limit)
                 if streaming
-                else PCA(n_components=limit, random_state=seed)
+                else PCA(n_components=limit, svd_solver=pca_solver(n_samples, n_features), random_state=seed)
             )
             steps.append((name, pca))
     return steps
 
 
-FIT_BLOCK_ROWS = 2048  # StandardScaler learns mean and variance in blocks: float64 temporaries of ~20 MB
+#: PCA of a matrix with at least this many times more rows than columns eigendecomposes its covariance
+TALL = 10
+
+
+def pca_solver(n_samples: int | None, n_features: int | None, other: str = "auto") -> str:
+    """``covariance_eigh`` for a tall matrix: ``Xᵀ X`` needs no centered copy of the rows (scikit-learn's
+    ``auto`` picks it only up to 1,000 features; at 800k × 1280 its randomized SVD copied 4 GB and made
+    ~11 passes over them), the exact components; ``other`` otherwise."""
+    if n_samples and n_features and n_samples >= TALL * n_features:
+        return "covariance_eigh"
+    return other
+
+
+FIT_BLOCK_ROWS = 4096  # StandardScaler learns mean and variance in blocks: float32 temporaries of ~20 MB
 
 
 def transform_owned(est, X):
@@ -111,12 +126,38 @@ def fit_transform_owned(est, X):
     from sklearn.preprocessing import Normalizer, StandardScaler
 
     if isinstance(est, StandardScaler) and isinstance(X, np.ndarray) and len(X) > FIT_BLOCK_ROWS:
-        for i in range(0, len(X), FIT_BLOCK_ROWS):
-            est.partial_fit(X[i : i + FIT_BLOCK_ROWS])
-        return transform_owned(est, X)
+        return transform_owned(fit_scaler(est, X), X)
     if isinstance(est, (StandardScaler, Normalizer)):
         return transform_owned(est.fit(X), X)
     return est.fit_transform(X)
+
+
+def fit_scaler(scaler, X: np.ndarray):
+    """``scaler.fit(X)`` (a StandardScaler with both centering and scaling) without a full-size temporary:
+    sums of ``X`` minus its first block's mean, block by block in ``X``'s float32, totals in float64 (the
+    shift keeps the variance free of cancellation). 800k × 1280 rows: 2.8 s against 5.6 s for its
+    ``partial_fit`` per block; the variances agree to 1e-5 (float32 sums within a block)."""
+    if not (scaler.with_mean and scaler.with_std):
+        return scaler.fit(X)
+    n, d = X.shape
+    shift = X[:FIT_BLOCK_ROWS].mean(axis=0, dtype=np.float64).astype(X.dtype)
+    s1, s2 = np.zeros(d), np.zeros(d)
+    D, ones = np.empty((min(n, FIT_BLOCK_ROWS), d), X.dtype), np.ones(min(n, FIT_BLOCK_ROWS), X.dtype)
+    for i in range(0, n, FIT_BLOCK_ROWS):
+        m = min(FIT_BLOCK_ROWS, n - i)
+        np.subtract(X[i : i + m], shift, out=D[:m])
+        s1 += ones[:m] @ D[:m]
+        s2 += np.einsum("ij,ij->j", D[:m], D[:m])
+    mean = s1 / n
+    var = np.maximum(s2 / n - mean * mean, 0.0)
+    scaler.mean_, scaler.var_ = shift + mean, var
+    scale = np.sqrt(var)
+    scale[scale < 10 * np.finfo(scale.dtype).eps] = (
+        1.0  # a constant feature is left as it is, as sklearn does
+    )
+    scaler.scale_ = scale
+    scaler.n_samples_seen_, scaler.n_features_in_ = n, d
+    return scaler
 
 
 def describe_transforms(steps: list[tuple[str, Any]]) -> list[dict[str, Any]]:

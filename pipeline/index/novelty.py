@@ -19,6 +19,7 @@ from pipeline.utils.config import SPLITS
 
 #: val rows a threshold is estimated on from ``index.exact_below`` cache rows on (every train row is searched)
 VAL_SAMPLE = 500
+PRODUCT_ROWS = 2048  # train rows a val sample is multiplied with at once (500 × 2048 float32: 4 MB)
 
 
 def novelty_scores(index, X: np.ndarray) -> np.ndarray:
@@ -47,21 +48,31 @@ def val_threshold(index, percentile: float) -> dict[str, Any] | None:
     }
 
 
-def sampled_threshold(train_blocks, val: np.ndarray, percentile: float, n_val: int) -> dict[str, Any]:
-    """:func:`val_threshold` for a large cache, without building its index: the novelty of ``val`` (a
-    sample of the ``n_val`` val rows' features) to the nearest of *every* train row, the train rows
-    streamed in ``train_blocks`` (memory: one block), exact."""
-    Q = l2_normalize(val)
-    best = np.full(len(Q), -np.inf, np.float32)
-    for block in train_blocks:
-        best = np.maximum(best, (Q @ l2_normalize(block).T).max(axis=1))
-    scores = 1.0 - best.astype(np.float64)
-    threshold = float(np.percentile(scores, percentile))
-    return {
-        "threshold": round(threshold, 6),
-        "percentile": percentile,
-        "score": "1 - cosine to the nearest train row",
-        "index": f"exact, on {len(Q)} of the {n_val} val rows",
-        "val_sample": len(Q),
-        "val_flagged": round(float((scores > threshold).mean()), 4),
-    }
+class NearestTrain:
+    """The best cosine of each of a few val rows to the train rows seen so far, fed block by block (a
+    block is never copied: its norms divide the products): a large cache's threshold without its index,
+    exact against every train row (memory: one block), e.g. while they are read."""
+
+    def __init__(self, val: np.ndarray):
+        self.Q = l2_normalize(val)
+        self.best = np.full(len(self.Q), -np.inf, np.float32)
+
+    def add(self, block: np.ndarray) -> None:
+        for i in range(0, len(block), PRODUCT_ROWS):  # products of a few MB, whatever the block
+            part = block[i : i + PRODUCT_ROWS]
+            S = self.Q @ part.T
+            S /= np.maximum(np.sqrt(np.einsum("ij,ij->i", part, part)), 1e-12)
+            np.maximum(self.best, S.max(axis=1), out=self.best)
+
+    def threshold(self, percentile: float, n_val: int) -> dict[str, Any]:
+        """What a run records (see :func:`val_threshold`), from the ``n_val`` val rows' sample fed here."""
+        scores = 1.0 - self.best.astype(np.float64)
+        threshold = float(np.percentile(scores, percentile))
+        return {
+            "threshold": round(threshold, 6),
+            "percentile": percentile,
+            "score": "1 - cosine to the nearest train row",
+            "index": f"exact, on {len(self.Q)} of the {n_val} val rows",
+            "val_sample": len(self.Q),
+            "val_flagged": round(float((scores > threshold).mean()), 4),
+        }

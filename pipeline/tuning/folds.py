@@ -35,7 +35,21 @@ class Plan:
     def resolution(self) -> float:
         """The smallest score difference the scored rows can resolve: 1/n for an accuracy on n rows (a
         difference under it is a tie); a macro mAP has no such step (only equal scores tie)."""
-        return 0.0 if self.multilabel else 1.0 / max(self.n_eval, 1)
+        return self.resolution_at(1.0)
+
+    def resolution_at(self, fraction: float) -> float:
+        """:attr:`resolution` of a halving rung on ``fraction`` of the fit rows (scored on
+        :meth:`scored_rows`)."""
+        n = sum(len(eval_subset(f[1], self.rank, fraction)) for f in self.folds)
+        return 0.0 if self.multilabel else 1.0 / max(n, 1)
+
+    def scored_rows(self, fold: int, fraction: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """A fold's scoring and early-stopping rows on a rung that fits ``fraction`` of its fit rows
+        (:func:`eval_subset`)."""
+        _, eval_rows, es_rows = self.folds[fold]
+        if es_rows is not None:
+            es_rows = eval_subset(es_rows, self.rank, fraction)
+        return eval_subset(eval_rows, self.rank, fraction), es_rows
 
 
 def subset_rows(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarray:
@@ -44,6 +58,20 @@ def subset_rows(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarr
         return rows
     keep = subset_size(len(rows), fraction)
     return np.sort(rows[np.argsort(rank[rows], kind="stable")[:keep]])
+
+
+#: a halving rung scores on the same share of the scoring rows as of the fit rows, but at least this many
+#: (accuracy's standard error about 0.4 point): at 1M rows the first rung's 100 candidates fitted 9.9k rows
+#: and each scored 100k val rows; the last rung scores every row
+EVAL_FLOOR = 10_000
+
+
+def eval_subset(rows: np.ndarray, rank: np.ndarray, fraction: float) -> np.ndarray:
+    """The scoring (or early-stopping) rows of a rung on ``fraction`` of the fit rows: that fraction of
+    ``rows`` and at least :data:`EVAL_FLOOR`, nested like :func:`subset_rows`."""
+    if fraction >= 1.0 or len(rows) <= EVAL_FLOOR:
+        return rows
+    return subset_rows(rows, rank, max(fraction, EVAL_FLOOR / len(rows)))
 
 
 def subset_size(n: int, fraction: float) -> int:

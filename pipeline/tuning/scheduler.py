@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.tuning.folds import Plan, subset_size
+from pipeline.tuning.folds import EVAL_FLOOR, Plan, subset_size
 from pipeline.tuning.leaderboard import rank_records
 from pipeline.tuning.space import Candidate
 from pipeline.tuning.trials import worker_init, worker_run
@@ -265,7 +265,8 @@ def row_halving_note(n_fit: int, threshold: int, n_cands: int, n_classes: int) -
     return (
         f"{n_fit} fit rows >= search.halving_rows ({threshold}): successive halving over rows in {rungs}"
         f" rungs of {sizes} rows (the first at least search.halving_rows / {ROW_START_DIVISOR}), every"
-        f" candidate on the first, the best third of each rung on the next (set search.halving_rows = 0"
+        f" candidate on the first, the best third of each rung on the next, each rung scored on the same"
+        f" share of the scoring rows (at least {EVAL_FLOOR:,}; the last on all) (set search.halving_rows = 0"
         " to score every candidate on all rows)"
     )
 
@@ -291,7 +292,7 @@ def halving(
         for c in alive:
             results[c] = (fraction, got[c])
         if r < rungs - 1:
-            order = rank_records([(c, fraction, got[c]) for c in alive], runner.plan.resolution)
+            order = rank_records([(c, fraction, got[c]) for c in alive], runner.plan.resolution_at(fraction))
             ranked = [alive[i] for i in order]
             alive = ranked[: max(1, int(math.ceil(len(alive) / HALVING_FACTOR)))]
     return results

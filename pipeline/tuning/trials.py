@@ -72,8 +72,9 @@ def run_trial(data, cand: Candidate, plan: Plan, fraction: float, seed: int) -> 
     scores: dict[str, list[float]] = {}
     notes: list[str] = []
     try:
-        for fit_rows, eval_rows, es_rows in plan.folds:
+        for fold, (fit_rows, _, _) in enumerate(plan.folds):
             rows = subset_rows(fit_rows, plan.rank, fraction)
+            eval_rows, es_rows = plan.scored_rows(fold, fraction)
             params = plan.fit_params(cand.head, cand.params)
             fitted = fit_model(data, rows, es_rows, cand.head, params, list(cand.transforms), seed=seed)
             notes += [n for n in fitted.notes if n not in notes]
@@ -149,8 +150,8 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
         shared.prepared[key] = shared.prepared.pop(key)  # most recently used last
         return key, shared.prepared[key]
     data = shared.data[cand.layer]
-    fit_rows, eval_rows, es_rows = shared.plan.folds[fold]
-    rows = subset_rows(fit_rows, shared.plan.rank, fraction)
+    rows = subset_rows(shared.plan.folds[fold][0], shared.plan.rank, fraction)
+    eval_rows, es_rows = shared.plan.scored_rows(fold, fraction)
     _make_room(shared, len(rows) * data.n_features * 4, data)
     steps = build_transforms(
         list(cand.transforms), n_samples=len(rows), n_features=data.n_features, seed=shared.seed
