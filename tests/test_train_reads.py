@@ -13,34 +13,40 @@ import pytest
 from tests.test_train import train_cfg
 
 
-def test_read_rows_hands_over_every_block_in_order_while_reading(digits_cache):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_read_parts_reads_each_part_in_one_pass_handing_over_the_first(digits_cache, monkeypatch, sparse):
+    """Train and val+test rows in one pass over the file (slices of a few rows here), every row where it
+    belongs, ``each`` fed the first part's rows in order as they land; parts covering under half the rows
+    they span are read row by row, the same values."""
     from pipeline.cache import reader
     from pipeline.cache.store import FeatureCache
 
+    monkeypatch.setattr(reader, "READ_BYTES", 37 * 1280 * 4)  # many slices of the small cache
+    monkeypatch.setattr(reader, "HANDOVER_ROWS", 100)
     with FeatureCache(digits_cache) as cache:
-        rows = cache.rows("train")
-        expected = cache.features(None, rows)
+        layer = cache.layer_name(None)
+        train, rest = cache.rows("train"), np.union1d(cache.rows("val"), cache.rows("test"))
+        if sparse:
+            train, rest = train[::5], rest[::5]
         seen = []
-        old = reader.READ_BLOCK
-        reader.READ_BLOCK = 100  # a few blocks of the small cache
-        try:
-            got = reader.read_rows(cache, cache.layer_name(None), rows, lambda b: seen.append(b.copy()))
-        finally:
-            reader.READ_BLOCK = old
-    assert np.array_equal(got, expected)
-    assert len(seen) == -(-len(rows) // 100) and np.array_equal(np.concatenate(seen), expected)
+        got = reader.read_parts(cache, layer, [train, rest], lambda b: seen.append(b.copy()))
+        assert np.array_equal(got[0], cache.features(layer, train))
+        assert np.array_equal(got[1], cache.features(layer, rest))
+    assert np.array_equal(np.concatenate(seen), got[0])
+    assert all(len(b) >= 100 for b in seen[:-1])
 
 
-def test_a_failure_on_a_block_stops_the_read_and_is_raised(digits_cache):
+def test_a_failure_on_a_block_stops_the_read_and_is_raised(digits_cache, monkeypatch):
     from pipeline.cache import reader
     from pipeline.cache.store import FeatureCache
 
     def fail(block):
         raise ValueError("no room")
 
+    monkeypatch.setattr(reader, "HANDOVER_ROWS", 100)
     with FeatureCache(digits_cache) as cache:
         with pytest.raises(ValueError, match="no room"):
-            reader.read_rows(cache, cache.layer_name(None), cache.rows("train"), fail)
+            reader.read_parts(cache, cache.layer_name(None), [cache.rows("train")], fail)
 
 
 def test_train_holds_the_features_about_once(digits_cache, tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.locate import runs_root
-from pipeline.cache.reader import READ_BLOCK, Data, close_cache, read_rows, use_streaming
+from pipeline.cache.reader import HANDOVER_ROWS, Data, close_cache, read_parts, use_streaming
 from pipeline.cache.state import cache_state
 from pipeline.data.splits import small_class_note
 from pipeline.heads.fitting import Fitted, Predictions, fit_model, predict_rows
@@ -179,9 +179,12 @@ def _read(cache, layer: str, cfg: Config, streamed: bool) -> tuple[Data, np.ndar
     if streamed or cache.multilabel:
         data = Data.from_cache(cache, layer, np.arange(cache.n_rows), streamed)
         return data, None, run_novelty(cache, layer, cfg, data)
-    data = Data.from_cache(cache, layer, np.union1d(cache.rows("val"), cache.rows("test")), False)
-    nearest = _nearest_train(cache, cfg, data)
-    train_X = read_rows(cache, layer, cache.rows("train"), None if nearest is None else nearest.add)
+    scored = np.union1d(cache.rows("val"), cache.rows("test"))
+    nearest = _nearest_train(cache, cfg, layer)
+    train_X, scored_X = read_parts(
+        cache, layer, [cache.rows("train"), scored], None if nearest is None else nearest.add
+    )
+    data = Data(str(cache.path), layer, cache.labels, train_X.shape[1], scored, scored_X)
     if nearest is None:
         return data, train_X, run_novelty(cache, layer, cfg, data)
     return data, train_X, {"novelty": nearest.threshold(cfg.index.novelty_percentile, len(cache.rows("val")))}
@@ -198,26 +201,26 @@ def run_novelty(cache, layer: str, cfg: Config, data: Data) -> dict[str, Any]:
     if cache.n_rows < cfg.index.exact_below:
         found = val_threshold(open_index(cache, layer, cfg.index), cfg.index.novelty_percentile)
         return {"novelty": found} if found else {}
-    nearest = _nearest_train(cache, cfg, data)
+    nearest = _nearest_train(cache, cfg, layer)
     if nearest is None:
         return {}
     train = cache.rows("train")
-    for i in range(0, len(train), READ_BLOCK):
-        nearest.add(data.take(train[i : i + READ_BLOCK]))
+    for i in range(0, len(train), HANDOVER_ROWS):
+        nearest.add(data.take(train[i : i + HANDOVER_ROWS]))
     return {"novelty": nearest.threshold(cfg.index.novelty_percentile, len(cache.rows("val")))}
 
 
-def _nearest_train(cache, cfg: Config, data: Data):
-    """A large cache's novelty pass, waiting for the train rows: a sample of the val rows (read from
-    ``data``); None below ``index.exact_below`` rows (the index sets the threshold) or without train or
-    val rows."""
+def _nearest_train(cache, cfg: Config, layer: str):
+    """A large cache's novelty pass, waiting for the train rows: a sample of the val rows (read here); None
+    below ``index.exact_below`` rows (the index sets the threshold) or without train or val rows."""
     from pipeline.index.novelty import VAL_SAMPLE, NearestTrain
 
     train, val = cache.rows("train"), cache.rows("val")
     if cache.n_rows < cfg.index.exact_below or not len(train) or not len(val):
         return None
     rng = np.random.default_rng(cfg.train.seed)
-    return NearestTrain(data.take(np.sort(rng.choice(val, min(len(val), VAL_SAMPLE), replace=False))))
+    sample = np.sort(rng.choice(val, min(len(val), VAL_SAMPLE), replace=False))
+    return NearestTrain(cache.features(layer, sample))
 
 
 def _fit_multilabel(cache, data: Data, t: TrainConfig, params: dict[str, Any], extras: dict[str, Any]):
