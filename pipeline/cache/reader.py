@@ -61,11 +61,12 @@ def read_parts(
 ) -> list[np.ndarray]:
     """The features of each of ``parts`` (sorted, disjoint rows) in a new array, in one pass over the file:
     consecutive slices read on a thread into one buffer, each part's rows copied out of it, while
-    ``each(block)`` runs here on the first part's rows already read. Reading the val and test rows apart
-    read every slice twice (their spans cover the file), and the work on the rows waited for the read: at
-    1M rows × 1280, 3.3 s + 4.2 s warm for the two reads, and a cold read of 4 GB took 23 s before a 14 s
-    pass of work on it (overlapped: 28 s in all). Sparse parts (under half the rows they span) are read
-    row by row as :meth:`~pipeline.cache.store.FeatureCache.features` reads them."""
+    ``each(block)`` runs here on the first part's rows already read. Read apart, a run's val and test rows
+    took every slice of the file again (their rows spread over all of it): at 1M rows × 1280 the one pass
+    costs what the two did warm (7.5 s: checksums and copies) and reads the disk once, not twice, cold; and
+    work on the rows no longer waits for the read (a cold 4 GB read, 23 s, then 14 s of work: 28 s in all
+    overlapped). Sparse parts (under half the rows they span) are read as
+    :meth:`~pipeline.cache.store.FeatureCache.features` reads rows."""
     parts = [np.asarray(p, np.int64) for p in parts]
     dim = int(cache.dataset(layer).shape[1])
     outs = [np.empty((len(p), dim), np.float32) for p in parts]

@@ -174,8 +174,9 @@ def fit_run(
 def _read(cache, layer: str, cfg: Config, streamed: bool) -> tuple[Data, np.ndarray | None, dict[str, Any]]:
     """The rows a run reads, and the novelty threshold (:func:`run_novelty`). A single-label fit in memory
     reads its train rows once, into the array its transforms then overwrite (at 1M rows no copy beside
-    every row: peak memory about the features), the novelty pass running on them as they are read; the
-    val and test rows apart. Otherwise every row, in memory or streamed."""
+    every row: peak memory about the features), and its val and test rows into another, in one pass over
+    the file (:func:`~pipeline.cache.reader.read_parts`), the novelty pass running on the train rows as
+    they land. Otherwise every row, in memory or streamed."""
     if streamed or cache.multilabel:
         data = Data.from_cache(cache, layer, np.arange(cache.n_rows), streamed)
         return data, None, run_novelty(cache, layer, cfg, data)

@@ -152,9 +152,8 @@ def fit_scaler(scaler, X: np.ndarray):
     var = np.maximum(s2 / n - mean * mean, 0.0)
     scaler.mean_, scaler.var_ = shift + mean, var
     scale = np.sqrt(var)
-    scale[scale < 10 * np.finfo(scale.dtype).eps] = (
-        1.0  # a constant feature is left as it is, as sklearn does
-    )
+    # a constant feature is only centered, as scikit-learn leaves it
+    scale[scale < 10 * np.finfo(scale.dtype).eps] = 1.0
     scaler.scale_ = scale
     scaler.n_samples_seen_, scaler.n_features_in_ = n, d
     return scaler
