@@ -2,7 +2,8 @@
 
 Images: benchmarks/scale_data.py (N unique 32 px PNGs in class folders, hard links of one big folder).
 Backbone: efficientnet_lite0 (the default) at ``--image-size 32``. For each N, in ``<work>/n<N>/``, real
-``featcache`` subprocesses (wall time; peak RSS as the child's own VmHWM, benchmarks/peak_rss.py):
+``featcache`` subprocesses (wall time; peak RSS as the child's own VmHWM, benchmarks/peak_rss.py, and the
+peak of its process group's summed PSS, polled every 0.5 s: a search's trial workers are other processes):
 
 - ``extract``: the first extraction of N images into an empty cache folder. The only slow step, so it is
   *reused*: a later run keeps the cache it built (and its time) unless ``--scale-fresh`` (needed when the
@@ -67,6 +68,25 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
+def _group_pss_kib(pgid: int) -> int:
+    """Proportional set size of every process in group ``pgid`` together (a search's trial workers
+    included; pages they share, such as the features in shared memory, counted once)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            for line in (entry / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except (OSError, ProcessLookupError):
+            continue
+    return total
+
+
 def child(args: list[str], timeout: float) -> dict[str, Any]:
     """Wall time, peak RSS and output of ``python ARGS``, stopped (its whole group) after ``timeout`` s.
 
@@ -84,7 +104,7 @@ def child(args: list[str], timeout: float) -> dict[str, Any]:
             text=True,
             start_new_session=True,
         )
-        polled, timed_out = 0, False
+        polled, group, timed_out = 0, 0, False
         try:
             while True:
                 try:
@@ -92,6 +112,7 @@ def child(args: list[str], timeout: float) -> dict[str, Any]:
                     break
                 except subprocess.TimeoutExpired:
                     polled = max(polled, _vm_hwm_kib(proc.pid))
+                    group = max(group, _group_pss_kib(proc.pid))
                     if time.perf_counter() - t0 > timeout:
                         os.killpg(proc.pid, signal.SIGKILL)
                         out, err = proc.communicate()
@@ -106,6 +127,7 @@ def child(args: list[str], timeout: float) -> dict[str, Any]:
     r = {
         "s": round(secs, 2),
         "rss_mib": round((int(written) if written else polled) / 1024),
+        "group_pss_mib": round(group / 1024),  # polled every 0.5 s: the process and its workers
         "status": status,
     }
     if status == "failed":
@@ -510,6 +532,16 @@ def _goals(s: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 "train peak RSS ≤ 2× float32 features",
                 f"{s['train']['rss_mib'] / feats:.1f}×",
                 s["train"]["rss_mib"] <= 2 * feats,
+            )
+        )
+    if ok("search") and s["search"].get("group_pss_mib"):
+        read = n * 0.9 * DIM * 4 / 2**20  # a search reads its train and val rows
+        pss = s["search"]["group_pss_mib"]
+        out.append(
+            (
+                "search peak memory (its workers too) ≤ 2× float32 features read",
+                f"{pss / read:.1f}×",
+                pss <= 2 * read,
             )
         )
     if s.get("search") and ok("extract"):

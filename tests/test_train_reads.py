@@ -105,3 +105,37 @@ def test_pca_of_a_tall_matrix_eigendecomposes_its_covariance():
     exact = PCA(8, svd_solver="full").fit(X.astype(np.float64))
     got = tall.fit(X)
     assert np.allclose(np.abs(got.components_ @ exact.components_.T), np.eye(8), atol=1e-3)
+
+
+def test_shared_data_reaches_a_worker_process_by_name_not_by_copy(digits_cache):
+    """A search's features in shared memory: the pickled object is a few kilobytes (the labels and rows, not
+    the features), a spawned process reads the same values through it, and release frees the block."""
+    import multiprocessing as mp
+    import pickle
+    from multiprocessing.shared_memory import SharedMemory
+
+    from pipeline.cache.reader import Data
+    from pipeline.cache.store import FeatureCache
+
+    with FeatureCache(digits_cache) as cache:
+        rows = cache.rows("train")
+        plain = Data.from_cache(cache, cache.layer_name(None), rows, False)
+        shared = Data.from_cache(cache, cache.layer_name(None), rows, False, shared=True)
+    assert np.array_equal(shared.X, plain.X)
+    blob = pickle.dumps(shared)
+    assert len(blob) < len(pickle.dumps(plain)) - plain.X.nbytes + 4096
+    with mp.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_row_sums, (blob,)) == pytest.approx(plain.X.sum(axis=1).tolist(), rel=1e-6)
+    name = shared.shm.name
+    shared.release()
+    assert shared.X is None and shared.shm is None
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name)
+
+
+def _row_sums(blob: bytes) -> list[float]:
+    import pickle
+
+    data = pickle.loads(blob)
+    assert not data.X.flags.writeable  # a worker reads the block, never writes it
+    return data.X.sum(axis=1).tolist()

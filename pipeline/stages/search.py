@@ -99,7 +99,7 @@ def search(
         layers = sorted({c.layer for c in candidates})
         n_bytes = sum(len(rows) * int(cache.dataset(layer).shape[1]) * 4 for layer in layers)
         streamed = use_streaming(cfg.train.streaming, n_bytes, multilabel=cache.multilabel)
-        data = {layer: Data.from_cache(cache, layer, rows, streamed) for layer in layers}
+        shared = not cfg.cluster.address  # local trial workers attach to the features, a cluster gets copies
         fingerprint, scored_on = cache.fingerprint, cache_state(cache)
         text_id = add_extras(plan, cfg, cache, [c.head for c in candidates])  # a text head's class embeddings
         data_id = searched_data(fingerprint, scored_on)  # trials are reused only on the same rows
@@ -107,8 +107,11 @@ def search(
         out = runs_root(cfg, cache_path) / f"search-{search_id(space, data_id, cfg)}"
         out.mkdir(parents=True, exist_ok=True)
         busy = f"{out}: another featcache search is running this search; wait for it or use another space"
+        data = {}
         try:
             with file_lock(out / "search.lock", busy):
+                for layer in layers:
+                    data[layer] = Data.from_cache(cache, layer, rows, streamed, shared)
                 if fresh:
                     for name in (TRIALS_FILE, "leaderboard.csv", "best.toml", "search.json"):
                         (out / name).unlink(missing_ok=True)
@@ -128,6 +131,8 @@ def search(
                     search_config = cfg.to_dict()["search"]
                     write_summary(run, space, cache_path, fingerprint, search_config, streamed, scored_on)
         finally:
+            for d in data.values():
+                d.release()
             close_cache(cache_path)
     return run
 
