@@ -114,6 +114,7 @@ def test_shared_data_reaches_a_worker_process_by_name_not_by_copy(digits_cache):
     import pickle
     from multiprocessing.shared_memory import SharedMemory
 
+    from pipeline.cache import reader
     from pipeline.cache.reader import Data
     from pipeline.cache.store import FeatureCache
 
@@ -128,6 +129,7 @@ def test_shared_data_reaches_a_worker_process_by_name_not_by_copy(digits_cache):
         assert pool.apply(_row_sums, (blob,)) == pytest.approx(plain.X.sum(axis=1).tolist(), rel=1e-6)
     name = shared.shm.name
     shared.release()
+    assert not reader.shared_memory_room(1 << 60)  # no room: workers get a pickled copy, never a SIGBUS
     assert shared.X is None and shared.shm is None
     with pytest.raises(FileNotFoundError):
         SharedMemory(name)

@@ -120,6 +120,17 @@ def read_parts(
     return outs
 
 
+def shared_memory_room(size: int) -> bool:
+    """Whether POSIX shared memory can hold ``size`` more bytes: a container's ``/dev/shm`` is often 64 MB,
+    and writing past its end kills the process (SIGBUS) instead of failing; without room, workers get a
+    pickled copy as before."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:  # no /dev/shm (macOS, Windows): shared memory is not a small tmpfs there
+        return True
+    return st.f_bavail * st.f_frsize >= size + (64 << 20)
+
+
 _OPEN: dict[tuple[int, str], Any] = {}  # (pid, path) → FeatureCache: one handle per process
 
 
@@ -171,7 +182,12 @@ class Data:
         n_features = int(cache.dataset(layer).shape[1])
         if streamed:
             return cls(str(cache.path), layer, cache.labels, n_features, rows)
-        shm = SharedMemory(create=True, size=len(rows) * n_features * 4) if shared and len(rows) else None
+        size = len(rows) * n_features * 4
+        shm = (
+            SharedMemory(create=True, size=size)
+            if shared and len(rows) and shared_memory_room(size)
+            else None
+        )
         X = None if shm is None else np.ndarray((len(rows), n_features), np.float32, buffer=shm.buf)
         X = cache.features(layer, rows, out=X)
         return cls(str(cache.path), layer, cache.labels, n_features, rows, X, shm)
