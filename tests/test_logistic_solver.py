@@ -119,6 +119,26 @@ def test_a_warm_start_reaches_the_same_answer_in_fewer_iterations(digits):
     assert abs(_objective(warm, X, y) - _objective(cold, X, y)) <= 1e-5 * _objective(cold, X, y)
 
 
+def test_the_fit_is_the_same_on_one_thread_or_several(digits, monkeypatch):
+    """Parts summed on threads (BLAS on one each) in a cut that does not depend on the thread count, in
+    order: the same steps, bit for bit, on a laptop, a search worker limited to one thread and a server."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.heads import logistic
+
+    monkeypatch.setattr(logistic, "PART_BYTES", 300 * 1280 * 4)  # several parts of the digits' rows
+    X, y, _, _ = digits
+    fits = {}
+    for threads in (1, 2):
+        with threadpool_limits(threads), logistic.part_threads() as (pool, ahead):
+            assert (pool is None) == (threads == 1) and ahead == threads
+        with threadpool_limits(threads):
+            fits[threads] = logistic.BlasLogisticRegression(C=0.1).fit(X, y)
+    assert fits[1].n_iter_[0] == fits[2].n_iter_[0] > 5
+    np.testing.assert_array_equal(fits[1].coef_, fits[2].coef_)
+    np.testing.assert_array_equal(fits[1].intercept_, fits[2].intercept_)
+
+
 def test_streamed_fit_equals_the_in_memory_fit(digits_cache, monkeypatch):
     """Full-batch over HDF5 chunks: the same objective summed in pieces, so the same fit to float rounding."""
     from pipeline.cache.reader import Data
