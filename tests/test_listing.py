@@ -143,3 +143,41 @@ def test_rerun_over_thousands_of_files_finds_an_edit_in_place_and_a_new_file(tmp
     for k, (cid, label, feat) in whole.items():
         assert got[k][:2] == (cid, label)
         np.testing.assert_allclose(got[k][2], feat, atol=1e-6, rtol=0)
+
+    # a new file and an edit in place in one run: the new file goes through the backbone while the cached
+    # files' stats are read (on a forked child); the edit found, every row is looked at again and the new
+    # file's row comes from the part the first pass wrote
+    _png(data / "ant" / "newer.png", 30_000)
+    edited = data / "ant" / "00007.png"
+    _png(edited, 40_000)
+    os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 1_000_000_000))
+    both = extract(**_settings(data, tmp_path / "c"))
+    assert (both.written, both.extracted, both.rows, both.removed) == ("rewritten", 2, 3 * per_class + 2, 1)
+    fresh = extract(**_settings(data, tmp_path / "fresh2"))
+    assert fresh.extracted == 3 * per_class + 2
+    got, whole = _features(first.path), _features(fresh.path)
+    assert got.keys() == whole.keys()
+    for k, (cid, label, feat) in whole.items():
+        assert got[k][:2] == (cid, label)
+        np.testing.assert_allclose(got[k][2], feat, atol=1e-6, rtol=0)
+
+
+def test_a_forked_fill_answers_or_fails_as_an_oserror():
+    from pipeline.utils.forked import ForkedFill, can_fork
+
+    if not can_fork():
+        pytest.skip("fork is used on Linux only")
+
+    def squares(a, b):
+        a[:] = np.arange(len(a)) ** 2
+        b[:] = -1
+
+    a, b = ForkedFill(squares, [(1000, np.int64), (3, np.float32)]).result()
+    np.testing.assert_array_equal(a, np.arange(1000) ** 2)
+    np.testing.assert_array_equal(b, [-1, -1, -1])
+
+    def gone(a):
+        os.stat("/nonexistent/featcache-file")
+
+    with pytest.raises(OSError, match="exit code 1"):
+        ForkedFill(gone, [(1, np.int64)]).result()

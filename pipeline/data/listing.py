@@ -10,6 +10,7 @@ always had: class folders sorted, then each folder's names sorted.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ import numpy as np
 from pipeline.data.decode import IMAGE_EXTENSIONS
 from pipeline.data.samples import Sample
 from pipeline.data.splits import group_of
+from pipeline.utils.forked import ForkedFill, can_fork
+from pipeline.utils.workers import usable_cores
+
+#: files a stat worker takes at least: forking costs milliseconds, a thousand stats about two
+PART_FILES = 50_000
 
 #: an image name ends with one of these, then the NUL that joins the names of a folder
 _SUFFIXES = tuple(
@@ -123,28 +129,29 @@ class FileListing:
         index = {c: i for i, c in enumerate(class_names)}
         return np.repeat([index[f.label] for f in self.folders], np.diff(self.starts)).astype(np.int64)
 
-    def stats(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Every file's size and mtime (ns): one ``stat`` each, on ``threads`` threads (0: up to 4; ``stat``
-        releases the GIL). Raises the first OSError (a file gone since the listing)."""
-        sizes = np.empty(len(self), np.int64)
-        mtimes = np.empty(len(self), np.int64)
+    def stats(self, workers: int = 0, out: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every file's size and mtime (ns), one ``stat`` each (into ``out`` when given), shared among
+        ``workers`` processes (:func:`stat_in_parts`). Raises OSError for a file gone since the listing."""
         use_fd = os.stat in os.supports_dir_fd
         fds = [os.open(f.path, os.O_RDONLY) if use_fd else None for f in self.folders]
 
-        def block(k: int, lo: int, hi: int) -> None:
-            folder, at, stat = self.folders[k], int(self.starts[k]), os.stat
-            base = folder.path + b"/"
-            for i, name in enumerate(folder.names[lo:hi].tolist(), at + lo):
-                st = stat(name, dir_fd=fds[k]) if use_fd else stat(base + name)
-                sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+        def fill(lo: int, hi: int, sizes: np.ndarray, mtimes: np.ndarray) -> None:
+            stat = os.stat
+            for k, folder in enumerate(self.folders):
+                start, end = int(self.starts[k]), int(self.starts[k + 1])
+                if end <= lo or start >= hi:
+                    continue
+                base, a = folder.path + b"/", max(lo, start)
+                for i, name in enumerate(folder.names[a - start : min(hi, end) - start].tolist(), a - lo):
+                    st = stat(name, dir_fd=fds[k]) if use_fd else stat(base + name)
+                    sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
 
         try:
-            _in_threads(block, [len(f.names) for f in self.folders], threads)
+            return stat_in_parts(fill, len(self), workers, out)
         finally:
             for fd in fds:
                 if fd is not None:
                     os.close(fd)
-        return sizes, mtimes
 
     def samples(self, rows: np.ndarray | None = None) -> list[Sample]:
         """The :class:`Sample` of each of ``rows`` (positions in listing order, ascending; None: all)."""
@@ -168,35 +175,35 @@ class FileListing:
         return out
 
 
-def file_stats(paths: list[str], threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def file_stats(paths: list[str], workers: int = 0, out: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sizes and mtimes (ns) of local files named by path, as :meth:`FileListing.stats` (a CSV's files)."""
-    sizes = np.empty(len(paths), np.int64)
-    mtimes = np.empty(len(paths), np.int64)
 
-    def block(_: int, lo: int, hi: int) -> None:
-        for i in range(lo, hi):
-            st = os.stat(paths[i])
+    def fill(lo: int, hi: int, sizes: np.ndarray, mtimes: np.ndarray) -> None:
+        for i, path in enumerate(paths[lo:hi]):
+            st = os.stat(path)
             sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
 
-    _in_threads(block, [len(paths)], threads)
+    return stat_in_parts(fill, len(paths), workers, out)
+
+
+def stat_in_parts(fill, n: int, workers: int, out: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+    """``fill(lo, hi, sizes, mtimes)`` (files ``lo``..``hi`` into arrays of ``hi - lo``) over ``n`` files in
+    ``workers`` contiguous parts (0: one per core, at most 4, from :data:`PART_FILES` files a part): one in
+    this process, the others on forked children. Not threads: the loop holds the GIL between ``stat`` calls,
+    and on 2 cores a million files took 3.0 s on 4 threads, 1.9 s on one, 0.96 s in two processes."""
+    sizes, mtimes = out or (np.empty(n, np.int64), np.empty(n, np.int64))
+    if not can_fork():
+        workers = 1
+    workers = max(1, min(workers or min(4, usable_cores()), -(-n // PART_FILES)))
+    cuts = [n * w // workers for w in range(workers + 1)]
+    children = [
+        (lo, hi, ForkedFill(functools.partial(fill, lo, hi), [(hi - lo, np.int64)] * 2))
+        for lo, hi in zip(cuts[1:-1], cuts[2:], strict=True)
+    ]
+    fill(0, cuts[1], sizes, mtimes)
+    for lo, hi, child in children:
+        sizes[lo:hi], mtimes[lo:hi] = child.result()
     return sizes, mtimes
-
-
-def _in_threads(block, sizes: list[int], threads: int) -> None:
-    """``block(k, lo, hi)`` over spans of each of the lists of ``sizes``, on ``threads`` threads (0: up to
-    4; ``stat`` releases the GIL, so two cores stat a million files ~1.5× faster)."""
-    workers = threads or min(4, os.cpu_count() or 1)
-    step = max(4096, -(-sum(sizes) // (workers * 8)))
-    spans = [(k, lo, min(n, lo + step)) for k, n in enumerate(sizes) for lo in range(0, n, step)]
-    if workers <= 1 or len(spans) <= 1:
-        for span in spans:
-            block(*span)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        for done in [pool.submit(block, *span) for span in spans]:
-            done.result()
 
 
 def scan_class_folders(

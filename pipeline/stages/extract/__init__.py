@@ -129,11 +129,11 @@ def extract(
                     c.close()
 
 
-def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResult:
+def _update(job: ExtractJob, t_start: float, keep_missing: bool, narrow: bool = True) -> ExtractResult:
     """Digest the samples, run the backbone on those not cached yet, and write the new cache if it changed."""
     cfg, ds, old, result = job.cfg, job.ds, job.old, job.result
-    if not keep_missing:
-        narrow_to_new(job)  # a rerun that finds every cached row as it was: only new files from here on
+    # a rerun that lists every cached file again: only new files from here on, once their stats agree
+    unchanged = narrow_to_new(job) if narrow and not keep_missing else None
     known = old.file_stats() if old is not None and not job.narrowed else {}
     job.digests, found = content_digests(job.ds, known)
     if old is not None:
@@ -151,6 +151,8 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
         layer_dims, map_shapes = _run_pending(job)
     finally:
         ds.close()  # shard readers: their streams end with this pass
+    if unchanged is not None and not unchanged():  # a cached file changed: every row is looked at again
+        return _update(_widen(job, ds), t_start, keep_missing, narrow=False)  # the new rows are in parts
     have = job.cached | set(job.parts)
     skip = job.unreadable.keys()
     rows = cache_rows(job.ds, job.digests, have, skip, job.cfg.data, job.old if keep_missing else None)
@@ -190,6 +192,15 @@ def _update(job: ExtractJob, t_start: float, keep_missing: bool) -> ExtractResul
     clear_partial(job.final)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _widen(job: ExtractJob, ds: Dataset) -> ExtractJob:
+    """``job`` back on the whole dataset ``ds`` after a narrowed pass (whose new rows wait in parts)."""
+    for c in job.donors:
+        c.close()
+    job.ds, job.narrowed, job.unreadable = ds, False, Unreadable(job.cfg.data.on_error)
+    job.digests, job.cached, job.parts, job.pending, job.donors, job.donated = {}, set(), {}, [], [], set()
+    return job
 
 
 def _tally(job: ExtractJob, rows: list) -> None:

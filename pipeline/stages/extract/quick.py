@@ -14,6 +14,7 @@ every row.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,46 +23,78 @@ from pipeline.data.listing import file_stats
 from pipeline.data.samples import Dataset
 from pipeline.data.storage import is_url
 from pipeline.stages.extract.job import ExtractJob
+from pipeline.utils.forked import ForkedFill, can_fork
 
 #: the ``[data]`` settings a cached row's split follows besides its key and content
 SPLIT_SETTINGS = ("val_fraction", "test_fraction", "group_pattern")
 
 
-def narrow_to_new(job: ExtractJob) -> bool:
-    """Narrow ``job.ds`` to the files ``job.old`` lacks, when every cached row is listed as it is."""
+def narrow_to_new(job: ExtractJob) -> Callable[[], bool] | None:
+    """Narrow ``job.ds`` to the files ``job.old`` lacks, when every cached file is listed again with its
+    label; None when not. Returns the check that those files are also unchanged (size and mtime): done here
+    when nothing is new (a no-op answers at once); otherwise started on a forked child, where there is fork,
+    to run beside the backbone's start-up, and the caller must ask it before anything is written."""
     if not _applies(job):
-        return False
+        return None
     old, ds = job.old, job.ds
-    try:
-        keys, sizes, mtimes, labels = _columns(ds, job.cfg.extract.threads)
-    except OSError:
-        return False  # a file gone since the listing: the general path says which
+    keys, labels = _keys_labels(ds)
     rows = key_rows(old, keys)
-    hit = unchanged(old, rows, sizes, mtimes)
+    listed = rows >= 0
     seen = np.zeros(old.n_rows, bool)
-    seen[rows[hit]] = True
-    if int(hit.sum()) != old.n_rows or not seen.all():
-        return False  # a cached file is gone or changed
-    if not np.array_equal(labels[hit], old.labels[rows[hit]]):
-        return False  # relabelled (moved between class folders)
-    new = np.flatnonzero(~hit)
-    if (rows[new] >= 0).any():
-        return False  # a cached file's content may have changed
+    seen[rows[listed]] = True
+    if int(listed.sum()) != old.n_rows or not seen.all():
+        return None  # a cached file is gone
+    if not np.array_equal(labels[listed], old.labels[rows[listed]]):
+        return None  # relabelled (moved between class folders)
+    new = np.flatnonzero(~listed)
+    check = _stat_check(job, rows, listed, later=len(new) > 0)
+    if not len(new) and not check():
+        return None  # a cached file changed: the general path says which and takes it again
     samples = ds.listing.samples(new) if ds.listing is not None else [ds.samples[i] for i in new.tolist()]
     job.ds = dataclasses.replace(ds, samples=samples)
     job.narrowed = True
-    return True
+    return check
 
 
-def _columns(ds: Dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every listed file's key (UTF-8), size, mtime and class index: a folder's from its listing."""
+def _stat_check(job: ExtractJob, rows: np.ndarray, listed: np.ndarray, later: bool) -> Callable[[], bool]:
+    """Whether every listed cached file has its cached size and mtime: read now, or (``later``) on a
+    forked child whose answer the returned function waits for."""
+    ds, n = job.ds, len(rows)
+    later = later and can_fork()
+    workers = 1 if later else job.cfg.extract.threads  # later: one core, the other starts the backbone
+
+    def fill(sizes, mtimes):
+        if ds.listing is not None:
+            ds.listing.stats(workers, out=(sizes, mtimes))
+        else:
+            file_stats([s.path for s in ds.samples], workers, out=(sizes, mtimes))
+
+    pending = ForkedFill(fill, [(n, np.int64), (n, np.int64)]) if later else None
+
+    def check() -> bool:
+        try:
+            if pending is not None:
+                sizes, mtimes = pending.result()
+            else:
+                sizes, mtimes = np.empty(n, np.int64), np.empty(n, np.int64)
+                fill(sizes, mtimes)
+        except OSError:
+            return False  # a file gone since the listing
+        return bool(unchanged(job.old, rows[listed], sizes[listed], mtimes[listed]).all())
+
+    if pending is None:  # now: nothing new (no start-up to run beside), or no fork here
+        answer = check()
+        return lambda: answer
+    return check
+
+
+def _keys_labels(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Every listed file's key (UTF-8) and class index: a folder's from its listing."""
     if ds.listing is not None:
-        sizes, mtimes = ds.listing.stats(threads)
-        return ds.listing.keys(), sizes, mtimes, ds.listing.labels(ds.class_names)
-    sizes, mtimes = file_stats([s.path for s in ds.samples], threads)
+        return ds.listing.keys(), ds.listing.labels(ds.class_names)
     label_of = ds.label_index()
     labels = np.fromiter((label_of[s.label] for s in ds.samples), np.int64, len(ds.samples))
-    return utf8_keys([s.key for s in ds.samples]), sizes, mtimes, labels
+    return utf8_keys([s.key for s in ds.samples]), labels
 
 
 def _applies(job: ExtractJob) -> bool:
