@@ -23,6 +23,11 @@ import re
 from dataclasses import dataclass
 
 GIB = 1024**3
+#: HNSW breadth of the audit's pass over every row, which looks for near copies only (cosine ≥ 0.85 among
+#: each row's nearest): a near copy is the easiest neighbour to find. 10,000 queries into a 1M-row
+#: HNSW32 index (1280-d): efSearch 256 1,104 µs a query, 64 378 µs, finding 99.8 % of the pairs ≥ 0.85
+#: 256 found and the same nearest row for 99.9 % of the queries (32: 226 µs, 99.1 %)
+SCAN_EF_SEARCH = 64
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.cache.match import positions
-from pipeline.index.kinds import IndexKind, choose_kind
+from pipeline.index.kinds import SCAN_EF_SEARCH, IndexKind, choose_kind
 from pipeline.index.neighbours import SimilarityScan, cosine_scan, cosine_topk, l2_normalize
 from pipeline.index.store import index_dir, load, row_identities, save
 
@@ -63,11 +63,16 @@ class CacheIndex:
         return l2_normalize(self.cache.features(self.layer, rows))
 
     def search(
-        self, Q: np.ndarray, k: int, allowed: np.ndarray | None = None, exclude: np.ndarray | None = None
+        self,
+        Q: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None = None,
+        exclude: np.ndarray | None = None,
+        ef_search: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest rows to each query: (cosine similarities, cache rows), best first, padded with
         -inf / -1. ``allowed``: a boolean mask of the rows that may be answered; ``exclude``: one row per
-        query never answered for it (-1: none)."""
+        query never answered for it (-1: none); ``ef_search``: an HNSW index's breadth, when not its own."""
         Q = l2_normalize(Q)
         extra = 0 if exclude is None else 1
         sub = None if allowed is None else np.flatnonzero(allowed)
@@ -76,15 +81,15 @@ class CacheIndex:
             sims, idx = cosine_topk(Q, X, min(k + extra, max(len(X), 1)))
             rows = np.where(idx >= 0, idx if sub is None else sub[np.maximum(idx, 0)], -1)
         else:
-            sims, rows = self._faiss_search(Q, k + extra, allowed)
+            sims, rows = self._faiss_search(Q, k + extra, allowed, ef_search)
         return _drop(sims, rows, exclude, k)
 
-    def _faiss_search(self, Q, k, allowed):
+    def _faiss_search(self, Q, k, allowed, ef_search=None):
         share = 1.0 if allowed is None else max(allowed.mean(), 1e-9)
         want = k * (4 if self.kind.quantized else 1)
         fetch = min(self.faiss_index.ntotal, math.ceil(want / share * 1.5))
         while True:
-            self._breadth(fetch)
+            self._breadth(fetch, ef_search)
             sims, ids = self.faiss_index.search(np.ascontiguousarray(Q, np.float32), fetch)
             rows = np.where(ids >= 0, self.row_of[np.maximum(ids, 0)], -1)
             if self.kind.quantized:
@@ -112,12 +117,13 @@ class CacheIndex:
         rows[:] = np.take_along_axis(rows, order, 1)
         return np.take_along_axis(sims, order, 1)
 
-    def _breadth(self, fetch: int) -> None:
+    def _breadth(self, fetch: int, ef_search: int | None = None) -> None:
         import faiss
 
         space = faiss.ParameterSpace()
         if self.kind.ef_search:
-            space.set_index_parameter(self.faiss_index, "efSearch", max(self.kind.ef_search, fetch))
+            ef = self.kind.ef_search if ef_search is None else ef_search
+            space.set_index_parameter(self.faiss_index, "efSearch", max(ef, fetch))
         if self.kind.nprobe:
             space.set_index_parameter(self.faiss_index, "nprobe", self.kind.nprobe)
 
@@ -132,7 +138,7 @@ class CacheIndex:
         found_a, found_b, found_s = [], [], []
         for start in range(0, self.n, BLOCK):
             rows = np.arange(start, min(start + BLOCK, self.n))
-            sims, nb = self.search(self.vectors(rows), neighbours, exclude=rows)
+            sims, nb = self.search(self.vectors(rows), neighbours, exclude=rows, ef_search=SCAN_EF_SEARCH)
             top_sim[rows], top_idx[rows] = sims[:, :2], nb[:, :2]
             hit = (nb > rows[:, None]) & (sims >= floor)  # each pair once, from its smaller row
             r, c = np.nonzero(hit)
