@@ -107,6 +107,70 @@ def test_pca_of_a_tall_matrix_eigendecomposes_its_covariance():
     assert np.allclose(np.abs(got.components_ @ exact.components_.T), np.eye(8), atol=1e-3)
 
 
+def test_pca_from_blocks_is_scikit_learns_covariance_eigh():
+    """The same attributes, signs and float32 results as scikit-learn's own fit of the whole matrix."""
+    from sklearn.decomposition import PCA
+
+    from pipeline.heads.transforms import pca_from_blocks
+
+    rng = np.random.default_rng(2)
+    X = (rng.standard_normal((3000, 48)) @ rng.standard_normal((48, 48)) + 5).astype(np.float32)
+    want = PCA(6, svd_solver="covariance_eigh").fit(X)
+    got = pca_from_blocks(PCA(6, svd_solver="covariance_eigh"), (X[i : i + 700] for i in range(0, 3000, 700)))
+    for name in (
+        "components_",
+        "mean_",
+        "explained_variance_",
+        "explained_variance_ratio_",
+        "singular_values_",
+    ):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype == np.float32, name
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * np.abs(b).max(), err_msg=name)
+    assert (got.n_components_, got.n_samples_, got.n_features_in_) == (6, 3000, 48)
+    assert got.noise_variance_ == pytest.approx(want.noise_variance_, rel=1e-3)
+    np.testing.assert_allclose(
+        got.transform(X), want.transform(X), atol=2e-3 * np.abs(want.transform(X)).max()
+    )
+
+
+@pytest.mark.parametrize("chain", [["standardize", "pca:8"], ["l2", "pca:8"], ["l2", "standardize", "pca:8"]])
+def test_a_chain_ending_in_pca_is_fitted_in_blocks_as_on_the_read_matrix(chain):
+    """A search worker's chain read a block at a time from the shared features equals the one ``train``
+    fits on the matrix it read, bit for bit, and holds no full-size copy while it is fitted."""
+    from sklearn.pipeline import make_pipeline
+
+    from pipeline.cache.reader import Data
+    from pipeline.heads.fitting import prepare, transform_rows
+    from pipeline.heads.transforms import blocked_pca, build_transforms
+
+    rng = np.random.default_rng(3)
+    n, d = 60_000, 64
+    X = (rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 3).astype(np.float32)
+    data = Data("", "", rng.integers(0, 3, n), d, np.arange(n), X)
+    val = np.arange(3, n, 70)
+    fit_rows = np.setdiff1d(np.arange(n), val)
+
+    def steps():
+        return build_transforms(chain, n_samples=len(fit_rows), n_features=d)
+
+    assert blocked_pca(steps())
+    tracemalloc.start()
+    try:
+        blocked = prepare(data, fit_rows, val, steps())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * len(fit_rows) * d * 4  # blocks and the PCA's output, not the fit rows' copy
+    read = prepare(data, fit_rows, val, steps(), train_X=data.take(fit_rows))
+    np.testing.assert_array_equal(blocked.X, read.X)
+    np.testing.assert_array_equal(blocked.X_val, read.X_val)
+    np.testing.assert_array_equal(transform_rows(blocked.steps, data, val), blocked.X_val)
+    sk = make_pipeline(*[est for _, est in steps()])  # scikit-learn's own fit of the whole matrix
+    want = sk.fit_transform(data.take(fit_rows))
+    np.testing.assert_allclose(blocked.X, want, atol=2e-3 * np.abs(want).max())
+
+
 def test_shared_data_reaches_a_worker_process_by_name_not_by_copy(digits_cache):
     """A search's features in shared memory: the pickled object is a few kilobytes (the labels and rows, not
     the features), a spawned process reads the same values through it, and release frees the block."""

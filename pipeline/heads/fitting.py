@@ -12,7 +12,13 @@ import numpy as np
 from pipeline.cache.reader import Data
 from pipeline.heads.keras_head import class_weights
 from pipeline.heads.registry import Head, make_head, sgd_step
-from pipeline.heads.transforms import build_transforms, fit_transform_owned, transform_owned
+from pipeline.heads.transforms import (
+    blocked_pca,
+    build_transforms,
+    fit_transform_blocks,
+    fit_transform_owned,
+    transform_blocks,
+)
 from pipeline.utils.errors import FeatcacheError, first_line
 
 FULL_BATCH_BYTES = 64 << 20  # a full-batch streamed fit reads chunks of about this many bytes
@@ -130,22 +136,31 @@ class Prepared:
 
 def prepare(data: Data, train_rows, val_rows, steps, train_X: np.ndarray | None = None) -> Prepared:
     """Fit ``steps`` (unfitted transforms) on ``train_rows`` and transform them and ``val_rows`` (may be
-    None); ``train_X``: the train rows' features already read, transformed in place (else read here)."""
-    X = data.take(train_rows) if train_X is None else train_X  # a fresh array: transformed in place
+    None); ``train_X``: the train rows' features already read, transformed in place (else read here: in
+    blocks when the chain ends in a PCA, :func:`~pipeline.heads.transforms.blocked_pca`)."""
     y = data.labels[train_rows]
-    for _, est in steps:
-        X = fit_transform_owned(est, X)
+    blocked = blocked_pca(steps)
+    if train_X is None and blocked:  # read a block at a time: only the PCA's output is held
+        X = fit_transform_blocks(steps, lambda lo, hi: data.take(train_rows[lo:hi]), len(train_rows))
+    else:
+        X = data.take(train_rows) if train_X is None else train_X  # a fresh array: transformed in place
+        for _, est in steps[:-1] if blocked else steps:
+            X = fit_transform_owned(est, X)
+        if blocked:  # the PCA fitted on the same blocks as the path above: both give the same matrix
+            X = fit_transform_blocks(steps[-1:], lambda lo, hi, X=X: X[lo:hi], len(X))
     prep = Prepared(steps, X, y)
     if val_rows is not None:
         val_rows = val_rows[
             np.isin(data.labels[val_rows], y)
         ]  # a class unseen in train cannot steer stopping
         if len(val_rows):
-            X_val = data.take(val_rows)
-            for _, est in steps:
-                X_val = transform_owned(est, X_val)
-            prep.X_val, prep.y_val = X_val, data.labels[val_rows]
+            prep.X_val, prep.y_val = transform_rows(steps, data, val_rows), data.labels[val_rows]
     return prep
+
+
+def transform_rows(steps, data: Data, rows: np.ndarray) -> np.ndarray:
+    """Fitted ``steps`` applied to ``rows`` (at least one) of ``data``, read a block at a time."""
+    return transform_blocks(steps, lambda lo, hi: data.take(rows[lo:hi]), len(rows))
 
 
 def fit_prepared(head: Head, prep: Prepared) -> None:

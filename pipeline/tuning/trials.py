@@ -141,9 +141,9 @@ def worker_run(shared: WorkerState, task, emit) -> None:
 
 def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
     """Transforms of ``cand``'s chain fitted on this fold's fit rows, once per worker (a few kept)."""
-    from pipeline.heads.fitting import prepare
+    from pipeline.heads.fitting import prepare, transform_rows
     from pipeline.heads.multilabel import prepare_multilabel
-    from pipeline.heads.transforms import build_transforms
+    from pipeline.heads.transforms import blocked_pca, build_transforms
 
     key = (cand.layer, cand.transforms, fold, fraction)
     if key in shared.prepared:
@@ -152,19 +152,18 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
     data = shared.data[cand.layer]
     rows = subset_rows(shared.plan.folds[fold][0], shared.plan.rank, fraction)
     eval_rows, es_rows = shared.plan.scored_rows(fold, fraction)
-    _make_room(shared, len(rows) * data.n_features * 4, data)
     steps = build_transforms(
         list(cand.transforms), n_samples=len(rows), n_features=data.n_features, seed=shared.seed
     )
+    width = steps[-1][1].n_components if blocked_pca(steps) else data.n_features  # what the chain holds
+    _make_room(shared, len(rows) * width * 4, data)
     es_rows = es_rows if es_rows is not None and len(es_rows) else None
     if shared.plan.multilabel:
         prep = prepare_multilabel(data, np.sort(rows), None if es_rows is None else np.sort(es_rows), steps)
     else:
         prep = prepare(data, np.sort(rows), es_rows, steps)
     eval_rows = np.sort(eval_rows)
-    X_eval = data.take(eval_rows)
-    for _, est in steps:
-        X_eval = est.transform(X_eval)
+    X_eval = transform_rows(steps, data, eval_rows)
     shared.prepared[key] = (prep, X_eval, data.labels[eval_rows])
     return key, shared.prepared[key]
 
