@@ -98,6 +98,11 @@ def test_among_is_isin_whichever_side_is_larger():
         values = rng.integers(0, 500, n).astype("S")  # with repeats
         pool = rng.integers(0, 500, m).astype("S")
         np.testing.assert_array_equal(among(values, pool), np.isin(values, pool))
+    # long strings that share their first 8 bytes: the integer prefix meets, the whole string decides
+    values = np.asarray([b"digest--%d" % i for i in rng.integers(0, 500, 40)], "S")
+    pool = np.asarray([b"digest--%d" % i for i in rng.integers(250, 900, 2000)] + [b"d"], "S")
+    np.testing.assert_array_equal(among(values, pool), np.isin(values, pool))
+    assert 0 < among(values, pool).sum() < len(values)
 
 
 def _settings(data: Path, cache: Path) -> dict:
