@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -35,7 +36,9 @@ class ForkedFill:
             at += size
         sys.stdout.flush()
         sys.stderr.flush()
-        self.pid = os.fork()
+        with warnings.catch_warnings():  # 3.12+ warns of forking with threads: this child only fills arrays
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - the child: its coverage is not collected
             code = 1
             try:
