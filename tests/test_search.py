@@ -523,3 +523,24 @@ def test_a_paths_first_trial_is_budgeted_against_other_first_trials(tmp_path):
     assert runner._budget(task, 1) == BUDGET_FLOOR_S  # a step that runs long is
     rung = Task(tuple(knn), 1 / 27)  # halving's first rung: times count per row
     assert runner._budget(rung, 0) == max(TRIAL_BUDGET_FACTOR * 30.0 / 27, BUDGET_FLOOR_S)
+
+
+def test_a_large_knn_path_searches_with_faiss_and_votes_as_scikit_learn(monkeypatch):
+    """Past ``FAISS_KNN_FROM`` distances a knn path's neighbours come from FAISS's exact search: the same
+    votes and probabilities as a scikit-learn fit of each configuration."""
+    import numpy as np
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from pipeline.heads.paths import KnnPath
+    from pipeline.index import neighbours
+
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((3000, 16)).astype(np.float32), rng.integers(0, 4, 3000)
+    X_eval = rng.standard_normal((400, 16)).astype(np.float32)
+    monkeypatch.setattr(neighbours, "FAISS_KNN_FROM", 0)
+    path = KnnPath(X, y, X_eval, 30)
+    for n, weights in [(1, "uniform"), (7, "distance"), (30, "uniform"), (12, "distance")]:
+        want = KNeighborsClassifier(n, weights=weights).fit(X, y)
+        labels, proba = path.predict(n, weights)
+        np.testing.assert_array_equal(labels, want.predict(X_eval))
+        np.testing.assert_allclose(proba, want.predict_proba(X_eval), atol=1e-5)

@@ -232,10 +232,11 @@ class Objective:
 def part_threads() -> Iterator[tuple[Executor | None, int]]:
     """A pool of threads for the parts and how many may be in flight, with the BLAS on one thread while it
     lasts; no pool where the BLAS has one thread (a search worker on a busy machine)."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-    blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-    threads = max(1, min(max(blas, default=1), MAX_THREADS))
+    from pipeline.utils.workers import current_blas_threads
+
+    threads = max(1, min(current_blas_threads(), MAX_THREADS))
     if threads == 1:
         yield None, 1
         return

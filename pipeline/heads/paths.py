@@ -11,6 +11,7 @@
 * k-nearest neighbours: the evaluated rows' nearest fit rows found once (:data:`KNN_PATH_K` of them); every
   ``n_neighbors`` then votes from the first columns, as :class:`~sklearn.neighbors.KNeighborsClassifier`
   does (a search's knn trials cost ~13 s each at 9,600 fit rows × 30,000 val rows, 1280-d; now the first).
+  From :data:`~pipeline.index.neighbours.FAISS_KNN_FROM` distances on, FAISS's exact search finds them.
 
 :func:`fit_predict_on_path` is the one entry: a search calls it for any head and keeps what it returns for
 the next configuration on the same path, so no search code needs to know which heads have paths.
@@ -204,9 +205,15 @@ class KnnPath:
     def __init__(self, X: np.ndarray, y: np.ndarray, X_eval: np.ndarray, k: int):
         from sklearn.neighbors import KNeighborsClassifier
 
+        from pipeline.index.neighbours import FAISS_KNN_FROM, euclidean_topk
+        from pipeline.utils.workers import current_blas_threads
+
         self.k = min(int(k), len(y))
         self.classes, self.y = np.unique(y, return_inverse=True)
-        self.dist, self.ind = KNeighborsClassifier(self.k).fit(X, y).kneighbors(X_eval)
+        if len(X) * len(X_eval) >= FAISS_KNN_FROM:  # a search's last rungs: FAISS's exact search, faster
+            self.dist, self.ind = euclidean_topk(X_eval, X, self.k, current_blas_threads())
+        else:
+            self.dist, self.ind = KNeighborsClassifier(self.k).fit(X, y).kneighbors(X_eval)
 
     def predict(self, n: int, weights: str) -> tuple[np.ndarray, np.ndarray]:
         """Labels and class probabilities (columns: the sorted classes) from the ``n`` nearest."""

@@ -41,6 +41,13 @@ def blas_threads(n_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, n_workers))
 
 
+def current_blas_threads() -> int:
+    """The threads the BLAS may use in this process now (a search worker's limit included)."""
+    from threadpoolctl import threadpool_info
+
+    return max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"], default=1)
+
+
 def cpu_seconds(pid: int) -> float | None:
     """CPU time (user + system, all threads) of process ``pid`` so far; None where /proc is not there."""
     try:
