@@ -42,10 +42,11 @@ def blas_threads(n_workers: int) -> int:
 
 
 def current_blas_threads() -> int:
-    """The threads the BLAS may use in this process now (a search worker's limit included)."""
+    """The threads the BLAS may use in this process now (a search worker's limit included): the fewest of
+    the BLAS libraries loaded, since one loaded after the limit was set (FAISS's own) is not limited."""
     from threadpoolctl import threadpool_info
 
-    return max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"], default=1)
+    return max(1, min([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"], default=1))
 
 
 def cpu_seconds(pid: int) -> float | None:
