@@ -155,7 +155,8 @@ def _prepared(shared: WorkerState, cand: Candidate, fold: int, fraction: float):
     steps = build_transforms(
         list(cand.transforms), n_samples=len(rows), n_features=data.n_features, seed=shared.seed
     )
-    width = steps[-1][1].n_components if blocked_pca(steps) else data.n_features  # what the chain holds
+    blocked = blocked_pca(steps) and not shared.plan.multilabel  # prepare_multilabel reads its rows whole
+    width = steps[-1][1].n_components if blocked else data.n_features  # what the chain holds
     _make_room(shared, len(rows) * width * 4, data)
     es_rows = es_rows if es_rows is not None and len(es_rows) else None
     if shared.plan.multilabel:
