@@ -43,4 +43,5 @@ if __name__ == "__main__":
     atexit.register(lambda: Path(os.environ["FEATCACHE_PEAK_FILE"]).write_text(str(_vm_hwm_kib())))
     from pipeline.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    sys.argv = ["featcache", *sys.argv[1:]]
+    sys.exit(main())  # as the console script calls it: a process of its own (pipeline.cli.main)

@@ -473,8 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if argv is None:  # a real process, not a call from Python code: we own its file descriptors and its exit
         from pipeline.utils.collector import skip_gc_at_exit
+        from pipeline.utils.pages import base_pages
         from pipeline.utils.quiet import filter_native_stderr
 
+        base_pages()  # before numpy is imported
         filter_native_stderr()
         skip_gc_at_exit()
     try:

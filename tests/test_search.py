@@ -502,7 +502,7 @@ def test_halving_rungs_score_on_a_nested_share_of_the_val_rows():
     scored = [plan.scored_rows(0, f) for f in fractions]
     assert [len(e) for e, _ in scored] == [EVAL_FLOOR, EVAL_FLOOR, 11_112, 33_334, 100_000]
     assert all(es is not None and np.array_equal(e, es) for e, es in scored)
-    for (small, _), (large, _) in zip(scored, scored[1:]):
+    for (small, _), (large, _) in zip(scored, scored[1:], strict=False):
         assert np.isin(small, large).all() and np.isin(small, val).all()
     assert np.array_equal(scored[-1][0], val)
     assert plan.resolution_at(fractions[0]) == 1 / EVAL_FLOOR and plan.resolution == 1 / len(val)

@@ -205,3 +205,26 @@ def _row_sums(blob: bytes) -> list[float]:
     data = pickle.loads(blob)
     assert not data.X.flags.writeable  # a worker reads the block, never writes it
     return data.X.sum(axis=1).tolist()
+
+
+@pytest.mark.parametrize("env, huge", [(None, False), ("1", True)])
+def test_a_featcache_process_takes_fresh_arrays_on_base_pages(tmp_path, env, huge):
+    """numpy's huge pages cost 3–5× more to fault in on a lazily backed VM (``pipeline.utils.pages``): a
+    ``featcache`` process turns them off for itself and its workers, unless the user set
+    ``NUMPY_MADVISE_HUGEPAGE``."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pipeline.cli import main; sys.argv = ['featcache', 'cache', 'ls', '--cache-dir',"
+        f" {str(tmp_path)!r}]; main(); import numpy._core.multiarray as m; print(m._get_madvise_hugepage())"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if env is not None:
+        environ["NUMPY_MADVISE_HUGEPAGE"] = env
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == str(huge)

@@ -123,13 +123,20 @@ def _read_rows(ds, rows: np.ndarray, out: np.ndarray) -> None:
         elif j - i > 2 * (hi - lo) / chunk:
             block = ds[lo:hi]
             if ordered:
-                np.take(block, s[i:j] - lo, axis=0, out=out[i:j])
+                take_rows(block, s[i:j] - lo, out[i:j])
             else:
                 out[order[i:j]] = block[s[i:j] - lo]
         else:
             uniq, inverse = np.unique(s[i:j], return_inverse=True)
             out[order[i:j]] = ds[uniq][inverse]
         i = j
+
+
+def take_rows(block: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = block[rows]`` for rows known in range. ``np.take``'s default ``mode="raise"`` copies
+    into a temporary ``out``-sized buffer first: at 1M × 1280, gathering a run's rows out of 8 MB slices
+    took 5–11.6 s that way, 3.7 s straight into ``out``."""
+    np.take(block, rows, axis=0, out=out, mode="clip")
 
 
 def _read_slice(ds, lo: int, hi: int, out: np.ndarray) -> None:
